@@ -1,0 +1,166 @@
+"""The document store contract: CouchDB semantics behind one async interface.
+
+Every backend (embedded SQLite, a real CouchDB server) implements `Store` and passes the
+same contract suite (`tests/store/test_contract.py`). Documents are JSON objects with an
+`_id` and a `_rev` (`N-<32 hex>`); an update makes a new revision; revisions form a tree
+per document whose leaves are the conflicts; the winner is chosen as CouchDB does
+(non-deleted first, then highest generation, then highest hash in byte order).
+
+Sequences (`Seq`) are opaque: a backend hands one out in `changes()` and takes it back as
+`since`. `0` always means "from the start". Callers only store and return them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import attrs
+
+Seq = int | str
+Doc = dict[str, Any]
+
+LOCAL_PREFIX = "_local/"
+
+# Top-level fields a caller may send; every other field starting with "_" is refused.
+RESERVED_FIELDS = frozenset({"_id", "_rev", "_deleted", "_revisions", "_conflicts"})
+
+
+class StoreError(Exception):
+    """Base of every store failure; `status`/`error` map it onto the HTTP API."""
+
+    status = 500
+    error = "store_error"
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadRequest(StoreError):
+    status = 400
+    error = "bad_request"
+
+
+class NotFound(StoreError):
+    status = 404
+    error = "not_found"
+
+
+class Conflict(StoreError):
+    status = 409
+    error = "conflict"
+
+
+class Unavailable(StoreError):
+    """The backend cannot be reached (e.g. the CouchDB server is down)."""
+
+    status = 503
+    error = "unavailable"
+
+
+@attrs.frozen
+class Change:
+    """One row of the changes feed: a document and all its leaf revisions."""
+
+    seq: Seq
+    id: str
+    revs: tuple[str, ...]  # every leaf revision, the winner first
+    deleted: bool  # the winning revision is a tombstone
+
+
+@attrs.frozen
+class ChangesPage:
+    results: list[Change]
+    last_seq: Seq  # pass back as `since` to continue after this page
+
+
+class Store(abc.ABC):
+    """A database of JSON documents with CouchDB semantics. All methods are async (trio)."""
+
+    backend: str  # "sqlite" or "couchdb"
+    revs_limit: int  # revision stemming: how many ancestors each leaf keeps (default 1000)
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections/files. Idempotent."""
+
+    @abc.abstractmethod
+    async def info(self) -> dict[str, Any]:
+        """`{"backend", "doc_count" (live docs), "update_seq"}`."""
+
+    # -- documents (new_edits=True: the store makes the revision) --------------------
+
+    @abc.abstractmethod
+    async def put(self, doc: Doc) -> str:
+        """Create or update `doc` and return its new rev.
+
+        `_id` is required; `_rev` must name the current winning leaf to update (missing `_rev`
+        on a live doc, or a stale one -> `Conflict`). A doc whose winner is a tombstone may be
+        recreated without `_rev`. `_deleted: true` writes a tombstone. An id starting with
+        `_local/` stores a local document (see `put_local`); other ids starting with `_`, a
+        non-object doc or an unknown `_field` -> `BadRequest`.
+        """
+
+    @abc.abstractmethod
+    async def get(
+        self, doc_id: str, *, rev: str | None = None, conflicts: bool = False, revs: bool = False
+    ) -> Doc:
+        """The winning revision (or `rev`). `NotFound` when missing or when the winner is deleted
+        (a given `rev` that is a tombstone is returned as `{"_id", "_rev", "_deleted": True}`).
+        `conflicts=True` adds `_conflicts` (the other non-deleted leaves, in winner order) when
+        there are any; `revs=True` adds `_revisions: {"start": N, "ids": [hash, ...]}`."""
+
+    @abc.abstractmethod
+    async def delete(self, doc_id: str, rev: str) -> str:
+        """Write a tombstone on top of `rev` (must be the current winner) and return its rev."""
+
+    @abc.abstractmethod
+    async def all_docs(self) -> list[Doc]:
+        """Every live document's winning revision, sorted by `_id` (no local docs)."""
+
+    # -- replication ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def revs_diff(self, revs: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        """CouchDB `_revs_diff`: for each id with revisions this store lacks,
+        `{"missing": [...], "possible_ancestors": [...]}`; ids with nothing missing are omitted."""
+
+    @abc.abstractmethod
+    async def bulk_docs(self, docs: list[Doc], *, new_edits: bool = True) -> list[dict[str, Any]]:
+        """Write many docs; one result per input doc, in order: `{"id", "rev", "ok": True}` or
+        `{"id", "error", "reason"}` (a bad doc never stops the others).
+
+        With `new_edits=False` (replication) each doc carries `_rev` and `_revisions`
+        (`{"start", "ids"}`, newest first) and is inserted as-is into the revision tree,
+        merging with what is there; an already known revision is a no-op, never an error.
+        The write is durable when the call returns."""
+
+    @abc.abstractmethod
+    async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
+        """The given (id, rev) pairs with `_revisions`, ready for `bulk_docs(new_edits=False)`
+        on another store. A pair this store does not have (or has stemmed) is skipped."""
+
+    @abc.abstractmethod
+    async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:
+        """Documents changed after `since`, oldest first, one row per doc (its latest change),
+        listing all leaf revisions. Local docs never appear."""
+
+    @abc.abstractmethod
+    async def wait_for_change(self, since: Seq) -> None:
+        """Return as soon as the feed has a change after `since` (immediately if it already
+        has). Never polls in a busy loop; cancel it with a trio cancel scope."""
+
+    # -- local documents: checkpoints, never replicated, no revision tree --------------
+
+    @abc.abstractmethod
+    async def get_local(self, local_id: str) -> Doc:
+        """The local doc `_local/<local_id>`; `NotFound` when missing."""
+
+    @abc.abstractmethod
+    async def put_local(self, local_id: str, doc: Doc) -> None:
+        """Store (replace) a local doc; durable when the call returns."""
+
+    @abc.abstractmethod
+    async def delete_local(self, local_id: str) -> None:
+        """Remove a local doc; `NotFound` when missing."""
