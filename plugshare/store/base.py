@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 
+from plugshare.errors import PlugshareError
+
 Seq = int | str
 Doc = dict[str, Any]
 
@@ -26,7 +28,7 @@ LOCAL_PREFIX = "_local/"
 RESERVED_FIELDS = frozenset({"_id", "_rev", "_deleted", "_revisions", "_conflicts"})
 
 
-class StoreError(Exception):
+class StoreError(PlugshareError):
     """Base of every store failure; `status`/`error` map it onto the HTTP API."""
 
     status = 500

@@ -1,0 +1,264 @@
+"""`plugshare`: the command line. Thin: it parses, talks to the node (or creates its home) and
+prints. Exit 0 on success, 2 on usage errors, 1 on any other error with one clear line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import click
+
+from plugshare import __version__
+from plugshare.config import Address, Config, NodeSection, PeerSection, StoreSection, ApiSection
+from plugshare.errors import PlugshareError
+from plugshare.node.home import Home, default_home
+
+
+@attrs.define
+class Context:
+    home: Home
+    as_json: bool
+
+    def emit(self, data: Any, human: str | None = None) -> None:
+        """One JSON document with --json, else the human text (or a readable dump)."""
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            click.echo(human if human is not None else json.dumps(data, indent=2))
+
+    def client(self):
+        from plugshare.node.client import NodeClient
+
+        return NodeClient(self.home)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class _Group(click.Group):
+    """Turns the project's errors into one clear line and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PlugshareError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node's home directory [default: $PLUGSHARE_HOME, else the user data dir].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON doc).")
+@click.version_option(__version__, prog_name="plugshare")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, as_json: bool) -> None:
+    """A personal-cloud sharing node: your documents, shared with your peers' nodes,
+    every access decided by your secure token."""
+    ctx.obj = Context(Home(home or default_home()), as_json)
+
+
+def _address(_ctx, param, value: str | None) -> Address | None:
+    if value is None:
+        return None
+    try:
+        return Address.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+@cli.command()
+@click.option("--name", help="The node's name, shown to peers [default: the home's folder name].")
+@click.option("--store", "backend", type=click.Choice(["sqlite", "couchdb"]), default="sqlite",
+              show_default=True, help="Embedded SQLite, or a CouchDB-compatible server.")
+@click.option("--couchdb-url", help="URL of the CouchDB server (with --store couchdb).")
+@click.option("--peer-listen", callback=_address, help="HOST:PORT for peers [0.0.0.0:7415].")
+@click.option("--api-listen", callback=_address, help="HOST:PORT of the local API [127.0.0.1:7414].")
+@click.option("--no-discovery", is_flag=True, help="Do not announce or browse on the LAN.")
+@pass_ctx
+def init(ctx: Context, name, backend, couchdb_url, peer_listen, api_listen, no_discovery) -> None:
+    """Create a node's home: node.toml, token state and identity, owner credential."""
+    if backend == "couchdb" and not couchdb_url:
+        raise click.UsageError("--store couchdb needs --couchdb-url URL")
+    if couchdb_url and backend != "couchdb":
+        raise click.UsageError("--couchdb-url goes with --store couchdb")
+    config = _initial_config(ctx.home, name, backend, couchdb_url, peer_listen, api_listen,
+                             no_discovery)
+    node_id = ctx.home.create(config)
+    ctx.emit(
+        {"home": str(ctx.home.root), "name": config.node.name, "node_id": node_id},
+        f"created node {config.node.name!r} in {ctx.home.root}\nnode id: {node_id}\n"
+        f"start it with: plugshare --home {ctx.home.root} run",
+    )
+
+
+def _initial_config(home: Home, name, backend, couchdb_url, peer_listen, api_listen,
+                    no_discovery) -> Config:
+    from plugshare.config import ConfigError
+
+    defaults = Config()
+    try:
+        return Config(
+            node=NodeSection(name=name or _default_name(home)),
+            store=StoreSection(backend=backend, url=couchdb_url),
+            peer=PeerSection(listen=peer_listen or defaults.peer.listen,
+                             discovery=not no_discovery),
+            api=ApiSection(listen=api_listen or defaults.api.listen),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bad option: {exc}") from None
+
+
+def _default_name(home: Home) -> str:
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", home.root.name).strip("-._")
+    return name[:63] or "node"
+
+
+@cli.command()
+@click.option("-v", "--verbose", is_flag=True, help="Log more (debug).")
+@pass_ctx
+def run(ctx: Context, verbose: bool) -> None:
+    """Run the node in the foreground until Ctrl-C / SIGTERM."""
+    import trio
+
+    from plugshare.node.node import run_node
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("hypercorn.error", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not ctx.home.exists():
+        node_id = ctx.home.create(_initial_config(ctx.home, None, "sqlite", None, None, None,
+                                                  False))
+        click.echo(f"created a new node in {ctx.home.root} (node id {node_id})", err=True)
+
+    def ready(node, api_url: str) -> None:
+        click.echo(f"node {node.config.node.name} is running; local API on {api_url} "
+                   "(Ctrl-C to stop)", err=True)
+
+    trio.run(lambda: run_node(ctx.home, on_ready=ready))
+    click.echo("node stopped", err=True)
+
+
+@cli.command()
+@pass_ctx
+def status(ctx: Context) -> None:
+    """The node's name, id, addresses, store, peers and shares."""
+    with ctx.client() as client:
+        info = client.request("GET", "/status")
+    store = info["store"]
+    ctx.emit(
+        info,
+        "\n".join([
+            f"node     {info['name']}",
+            f"id       {info['node_id']}",
+            f"api      {info['api']}",
+            f"store    {store['backend']} ({store['doc_count']} docs, seq {store['update_seq']})",
+            f"peers    {len(info['peers'])}",
+            f"shares   {len(info['shares'])}",
+        ]),
+    )
+
+
+# -- documents ------------------------------------------------------------------------
+
+
+@cli.group()
+def doc() -> None:
+    """Read and write documents through the running node."""
+
+
+def _parse_body(text: str) -> dict:
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlugshareError(f"the document is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise PlugshareError("the document must be a JSON object, e.g. '{\"title\": \"hi\"}'")
+    return body
+
+
+def _quote(doc_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(doc_id, safe="")
+
+
+@doc.command("put")
+@click.argument("doctype")
+@click.argument("document", metavar="JSON|-")
+@click.option("--id", "doc_id", help="The document id [default: a new random id].")
+@click.option("--rev", help="The current rev, to update an existing document.")
+@pass_ctx
+def doc_put(ctx: Context, doctype: str, document: str, doc_id: str | None, rev: str | None):
+    """Create or update a document; prints its id and new rev."""
+    body = _parse_body(document)
+    if rev:
+        body["_rev"] = rev
+    with ctx.client() as client:
+        if doc_id:
+            result = client.request("PUT", f"/data/{_quote(doctype)}/{_quote(doc_id)}", json=body)
+        else:
+            result = client.request("POST", f"/data/{_quote(doctype)}/", json=body)
+    ctx.emit(result, f"{result['id']} {result['rev']}")
+
+
+@doc.command("get")
+@click.argument("doc_id", metavar="ID")
+@click.option("--rev", help="A given revision instead of the winner.")
+@click.option("--conflicts", is_flag=True, help="Also list the conflicting revisions.")
+@pass_ctx
+def doc_get(ctx: Context, doc_id: str, rev: str | None, conflicts: bool) -> None:
+    """Print a document (its winning revision, or the one asked)."""
+    params = {"conflicts": "true"} if conflicts else {}
+    if rev:
+        params["rev"] = rev
+    with ctx.client() as client:
+        result = client.request("GET", f"/docs/{_quote(doc_id)}", params=params)
+    ctx.emit(result, json.dumps(result, indent=2, ensure_ascii=False))
+
+
+@doc.command("list")
+@click.option("--doctype", help="Only documents of this doctype.")
+@pass_ctx
+def doc_list(ctx: Context, doctype: str | None) -> None:
+    """List live documents."""
+    with ctx.client() as client:
+        if doctype:
+            result = client.request("GET", f"/data/{_quote(doctype)}/")
+        else:
+            result = client.request("GET", "/docs/")
+    lines = [f"{d['_id']}  {d['_rev']}  {d.get('doctype', '')}" for d in result["docs"]]
+    ctx.emit(result, "\n".join(lines) if lines else "(no documents)")
+
+
+@doc.command("rm")
+@click.argument("doc_id", metavar="ID")
+@click.option("--rev", required=True, help="The current rev of the document.")
+@pass_ctx
+def doc_rm(ctx: Context, doc_id: str, rev: str) -> None:
+    """Delete a document (writes a tombstone revision)."""
+    with ctx.client() as client:
+        result = client.request("DELETE", f"/docs/{_quote(doc_id)}", params={"rev": rev})
+    ctx.emit(result, f"{result['id']} {result['rev']} (deleted)")
+
+
+def main() -> None:
+    cli(prog_name="plugshare")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The local app API: HTTP on 127.0.0.1, a bearer credential on every request.
+
+This module only maps HTTP onto the node: authentication and every decision belong to the
+token (through `Access`), document semantics to `Documents`. Errors are JSON
+`{"error": ..., "reason": ...}` with a 4xx status (409 stale rev, 403 refused, 404 missing).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from plugshare.errors import PlugshareError
+from plugshare.node.access import AuthenticationFailed
+from plugshare.store import StoreError
+
+if TYPE_CHECKING:
+    from plugshare.node.node import Node
+
+MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
+
+
+class ApiError(PlugshareError):
+    def __init__(self, status: int, error: str, reason: str):
+        super().__init__(reason)
+        self.status, self.error, self.reason = status, error, reason
+
+
+def _error(status: int, error: str, reason: str) -> JSONResponse:
+    return JSONResponse({"error": error, "reason": reason}, status_code=status)
+
+
+async def _json_body(request: Request) -> Any:
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "false").lower() in ("true", "1", "yes")
+
+
+def create_app(node: Node) -> Starlette:
+    docs = node.documents
+
+    async def get_doc(request: Request, doctype: str | None = None) -> Response:
+        doc = await docs.get(
+            request.state.principal,
+            request.path_params["doc_id"],
+            doctype=doctype,
+            rev=request.query_params.get("rev"),
+            conflicts=_flag(request, "conflicts"),
+        )
+        return JSONResponse(doc)
+
+    async def delete_doc(request: Request, doctype: str | None = None) -> Response:
+        rev = await docs.delete(
+            request.state.principal,
+            request.path_params["doc_id"],
+            request.query_params.get("rev", ""),
+            doctype=doctype,
+        )
+        return JSONResponse({"id": request.path_params["doc_id"], "rev": rev, "ok": True})
+
+    async def typed_doc(request: Request) -> Response:
+        doctype = request.path_params["doctype"]
+        if request.method == "GET":
+            return await get_doc(request, doctype)
+        if request.method == "DELETE":
+            return await delete_doc(request, doctype)
+        body = await _json_body(request)
+        doc_id, rev = await docs.put(
+            request.state.principal, doctype, request.path_params["doc_id"], body
+        )
+        return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
+
+    async def typed_collection(request: Request) -> Response:
+        doctype = request.path_params["doctype"]
+        if request.method == "POST":
+            body = await _json_body(request)
+            doc_id, rev = await docs.put(request.state.principal, doctype, None, body)
+            return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
+        rows = await docs.list(request.state.principal, doctype)
+        return JSONResponse({"docs": rows, "total": len(rows)})
+
+    async def any_doc(request: Request) -> Response:
+        if request.method == "DELETE":
+            return await delete_doc(request)
+        return await get_doc(request)
+
+    async def all_docs(request: Request) -> Response:
+        rows = await docs.list(request.state.principal, request.query_params.get("doctype"))
+        return JSONResponse({"docs": rows, "total": len(rows)})
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(await node.status())
+
+    routes = [
+        Route("/status", status, methods=["GET"]),
+        Route("/data/{doctype}/", typed_collection, methods=["GET", "POST"]),
+        Route("/data/{doctype}/{doc_id:path}", typed_doc, methods=["GET", "PUT", "DELETE"]),
+        Route("/docs/", all_docs, methods=["GET"]),
+        Route("/docs/{doc_id:path}", any_doc, methods=["GET", "DELETE"]),
+    ]
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        names = {404: "not_found", 405: "method_not_allowed"}
+        return _error(exc.status_code, names.get(exc.status_code, "bad_request"), exc.detail)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return _Guard(app, node)
+
+
+class _Guard:
+    """ASGI middleware: authenticate every request with the token, map errors onto JSON, and
+    let the token flush its audit log after each request."""
+
+    def __init__(self, app: Starlette, node: Node):
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        try:
+            principal = self.node.access.authenticate(request.headers.get("authorization"))
+        except AuthenticationFailed as exc:
+            response = _error(401, "unauthorized", str(exc))
+            response.headers["www-authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = principal
+        try:
+            await self.app(scope, receive, send)
+        except (StoreError, ApiError) as exc:
+            await _error(exc.status, exc.error, exc.reason)(scope, receive, send)
+        except PlugshareError as exc:
+            status = getattr(exc, "status", 400)
+            await _error(status, getattr(exc, "error", "bad_request"), str(exc))(
+                scope, receive, send
+            )
+        finally:
+            self.node.access.flush()

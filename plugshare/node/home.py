@@ -1,0 +1,104 @@
+"""The node's home directory: what lives where, and creating it (`plugshare init`).
+
+    <home>/node.toml          configuration (see the example node.toml in the project root)
+    <home>/owner.credential   the owner's bearer credential for the local API (mode 0600)
+    <home>/token/             the token's sealed state (only ciphertext)
+    <home>/store.sqlite       the embedded store (when backend = "sqlite")
+    <home>/run.json           written by a running node: its pid and API address
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import attrs
+import platformdirs
+
+from plugshare.config import Config, dump_config, load_config
+from plugshare.errors import PlugshareError
+
+
+class HomeError(PlugshareError):
+    """The home is missing, already initialised, or unreadable."""
+
+
+def default_home() -> Path:
+    env = os.environ.get("PLUGSHARE_HOME")
+    return Path(env) if env else platformdirs.user_data_path("plugshare")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only the owner can read, atomically (temp file + fsync + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@attrs.frozen
+class Home:
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "node.toml"
+
+    @property
+    def owner_credential_file(self) -> Path:
+        return self.root / "owner.credential"
+
+    @property
+    def token_dir(self) -> Path:
+        return self.root / "token"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    def exists(self) -> bool:
+        return self.config_file.exists()
+
+    def load_config(self) -> Config:
+        return load_config(self.config_file)
+
+    def owner_credential(self) -> str:
+        try:
+            return self.owner_credential_file.read_text().strip()
+        except FileNotFoundError:
+            raise HomeError(
+                f"{self.owner_credential_file} is missing; is {self.root} a plugshare home?"
+            ) from None
+
+    def runtime(self) -> dict | None:
+        """What the running node wrote in run.json, or None when no node has written it."""
+        try:
+            return json.loads(self.run_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_runtime(self, info: dict) -> None:
+        write_private(self.run_file, json.dumps(info).encode())
+
+    def clear_runtime(self) -> None:
+        self.run_file.unlink(missing_ok=True)
+
+    def create(self, config: Config) -> str:
+        """Create the home: node.toml, the token (identity, sealed state) and the owner's
+        credential file. Refuses a home that already exists. Returns the node id."""
+        from plugshare.node.access import create_token  # the token decides what it stores
+
+        if self.exists() or self.token_dir.exists():
+            raise HomeError(
+                f"{self.root} already holds a plugshare node; use another --home or remove it"
+            )
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token, credential = create_token(self, config)
+        write_private(self.owner_credential_file, credential.encode() + b"\n")
+        self.config_file.write_text(dump_config(config))
+        return token.node_id

@@ -1,0 +1,131 @@
+"""The node: composition of config, token, store and servers, and its run loop."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from plugshare import __version__
+from plugshare.config import Address, Config
+from plugshare.errors import PlugshareError
+from plugshare.node.access import Access, open_access
+from plugshare.node.documents import Documents
+from plugshare.node.home import Home
+from plugshare.store import Store, open_store
+
+log = logging.getLogger("plugshare.node")
+
+
+class ListenError(PlugshareError):
+    """A listening address cannot be bound (port in use, no permission, bad host)."""
+
+
+def bind_listener(address: Address, what: str) -> socket.socket:
+    """Bind and listen on `address` now, so a port in use is one clear error at start-up."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((address.host, address.port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        hint = {
+            errno.EADDRINUSE: "is another node running? pick another port in node.toml",
+            errno.EACCES: "ports below 1024 need privileges; pick another port",
+        }.get(exc.errno, "check the address in node.toml")
+        raise ListenError(f"cannot listen on {address} for the {what}: {exc.strerror} ({hint})")
+    sock.setblocking(False)
+    return sock
+
+
+class Node:
+    def __init__(self, home: Home, config: Config, store: Store, access: Access):
+        self.home = home
+        self.config = config
+        self.store = store
+        self.access = access
+        self.documents = Documents(store, access)
+        self.api_url: str | None = None
+        self.started_at = time.time()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, home: Home) -> AsyncIterator[Node]:
+        config = home.load_config()
+        access = open_access(home, config)
+        store = await open_store(config.store, home.root, config.node.name)
+        try:
+            yield cls(home, config, store, access)
+        finally:
+            await store.aclose()
+            access.flush()
+
+    async def status(self) -> dict:
+        return {
+            "name": self.config.node.name,
+            "node_id": self.access.node_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "api": self.api_url,
+            "store": await self.store.info(),
+            "peers": [],
+            "shares": [],
+        }
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `task_status.started(api_url)` once listening. run.json tells
+        the command line where the API is while the node runs."""
+        from plugshare.node.api import create_app
+
+        api_sock = bind_listener(self.config.api.listen, "local API")
+        host, port = api_sock.getsockname()[:2]
+        self.api_url = f"http://{Address(host, port)}"
+        hconfig = HypercornConfig()
+        hconfig.bind = [f"fd://{api_sock.fileno()}"]
+        hconfig.accesslog = None
+        hconfig.graceful_timeout = 2.0
+        shutdown = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: hypercorn_serve(
+                        create_app(self), hconfig, shutdown_trigger=shutdown.wait,
+                        task_status=task_status,
+                    )
+                )
+                self.home.write_runtime({"pid": os.getpid(), "api": self.api_url})
+                log.info("node %s (%s) serving the local API on %s",
+                         self.config.node.name, self.access.node_id, self.api_url)
+                task_status.started(self.api_url)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    shutdown.set()
+        finally:
+            self.home.clear_runtime()
+            api_sock.close()
+
+
+async def run_node(home: Home, *, on_ready=None) -> None:
+    """`plugshare run`: serve until SIGINT/SIGTERM, then stop cleanly."""
+    async with Node.open(home) as node:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                api_url = await nursery.start(node.serve)
+                if on_ready is not None:
+                    on_ready(node, api_url)
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break

@@ -1,0 +1,178 @@
+"""A real CouchDB-compatible server for tests and benchmarks: pouchdb-server from npm.
+
+`running_pouchdb_server()` installs pouchdb-server into the repo's ignored `.cache/` on first
+use (under a file lock, so parallel sessions don't race), starts it in memory on a free
+loopback port with its config and log in a temporary directory, and stops its whole process
+group at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+POUCHDB_SERVER_VERSION = "4.2.0"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INSTALL_DIR = REPO_ROOT / ".cache" / "pouchdb-server"
+STARTUP_TIMEOUT = 60.0  # seconds; a cold node start on a loaded CI machine is slow
+INSTALL_TIMEOUT = 900.0
+_PORT_ATTEMPTS = 5
+
+
+class PouchDBServerError(RuntimeError):
+    """pouchdb-server could not be installed or started."""
+
+
+def server_executable(install_dir: Path = INSTALL_DIR) -> Path:
+    return install_dir / "node_modules" / ".bin" / "pouchdb-server"
+
+
+def ensure_installed(install_dir: Path = INSTALL_DIR) -> Path:
+    """Install pouchdb-server with npm unless it is there already; return its executable."""
+    executable = server_executable(install_dir)
+    if executable.exists():
+        return executable
+    install_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = install_dir.parent / (install_dir.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing right now
+        if not executable.exists():
+            _npm_install(install_dir)
+    if not executable.exists():
+        raise PouchDBServerError(
+            f"npm finished but {executable} is missing; remove {install_dir} and retry"
+        )
+    return executable
+
+
+def _npm_install(install_dir: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise PouchDBServerError(
+            "npm is not on PATH: install Node.js (>= 18) and npm to run the CouchDB tests"
+        )
+    install_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        npm, "install", "--no-audit", "--no-fund", "--prefix", str(install_dir),
+        f"pouchdb-server@{POUCHDB_SERVER_VERSION}",
+    ]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise PouchDBServerError(
+            f"`{' '.join(command)}` did not finish within {INSTALL_TIMEOUT:.0f}s"
+        ) from exc
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip()[-2000:]
+        raise PouchDBServerError(
+            f"`{' '.join(command)}` failed with exit code {done.returncode}:\n{tail}"
+        )
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str, server_uuid: str) -> bool:
+    """True if *our* server answers on `url` (not another one that grabbed the port)."""
+    try:
+        with urllib.request.urlopen(url + "/", timeout=2) as response:
+            return json.loads(response.read()).get("uuid") == server_uuid
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the server's whole process group (node may have spawned helpers)."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _start(executable: Path, workdir: Path, port: int) -> subprocess.Popen:
+    output = open(workdir / "server.out", "wb")
+    try:
+        return subprocess.Popen(
+            [
+                str(executable), "--in-memory", "--host", "127.0.0.1", "--port", str(port),
+                "--dir", str(workdir), "--config", str(workdir / "config.json"),
+                "--no-stdout-logs", "--no-color",
+            ],
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so _stop reaches every child
+        )
+    finally:
+        output.close()
+
+
+def _wait_until_answering(
+    process: subprocess.Popen, url: str, server_uuid: str, workdir: Path
+) -> bool:
+    """True once the server answers; False if it exited (e.g. the port was taken meanwhile)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if _answers(url, server_uuid):
+            return True
+        time.sleep(0.1)
+    _stop(process)
+    output = (workdir / "server.out").read_text(errors="replace")[-2000:]
+    raise PouchDBServerError(
+        f"pouchdb-server did not answer on {url} within {STARTUP_TIMEOUT:.0f}s:\n{output}"
+    )
+
+
+@contextlib.contextmanager
+def running_pouchdb_server() -> Iterator[str]:
+    """Run an in-memory pouchdb-server on a free loopback port; yield `http://127.0.0.1:PORT`."""
+    executable = ensure_installed()
+    with tempfile.TemporaryDirectory(prefix="pouchdb-server-") as tmp:
+        workdir = Path(tmp)
+        server_uuid = uuid.uuid4().hex
+        config = {
+            "couchdb": {"uuid": server_uuid},  # tells our server apart from any other
+            "log": {"level": "warning"},  # "info" costs a log-file write per request
+        }
+        (workdir / "config.json").write_text(json.dumps(config))
+        for _ in range(_PORT_ATTEMPTS):
+            port = _free_loopback_port()
+            url = f"http://127.0.0.1:{port}"
+            process = _start(executable, workdir, port)
+            if _wait_until_answering(process, url, server_uuid, workdir):
+                break
+        else:
+            output = (workdir / "server.out").read_text(errors="replace")[-2000:]
+            raise PouchDBServerError(
+                f"pouchdb-server exited at startup {_PORT_ATTEMPTS} times; last output:\n{output}"
+            )
+        try:
+            yield url
+        finally:
+            _stop(process)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from plugshare.config import Address, Config, ConfigError, dump_config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_node_toml_is_valid_and_documents_every_key():
+    config = load_config(ROOT / "node.toml")
+    assert config.node.name == "alice-laptop"
+    text = (ROOT / "node.toml").read_text()
+    for section in Config.__attrs_attrs__:
+        for field in getattr(Config(), section.name).__attrs_attrs__:
+            assert f"{field.name} =" in text, f"node.toml lacks [{section.name}] {field.name}"
+
+
+def test_dump_then_load_round_trips(tmp_path):
+    config = parse_config(
+        {"node": {"name": "bob"}, "store": {"backend": "couchdb", "url": "http://h:5984"},
+         "peer": {"static": ["[::1]:7000", "10.1.2.3:7415"]}},
+        tmp_path / "x.toml",
+    )
+    file = tmp_path / "node.toml"
+    file.write_text(dump_config(config))
+    assert load_config(file) == config
+    assert config.peer.static == [Address("::1", 7000), Address("10.1.2.3", 7415)]
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"store": {"bogus": 1}}, "[store]: unknown key(s) bogus"),
+        ({"zzz": {}}, "top level: unknown key(s) zzz"),
+        ({"store": {"backend": "mongo"}}, "[store] backend: 'mongo' is not one of"),
+        ({"store": {"backend": "couchdb"}}, "backend 'couchdb' needs url"),
+        ({"store": {"url": "ftp://x"}}, "must be an http:// or https:// URL"),
+        ({"api": {"listen": "10.0.0.1:80"}}, "must be a loopback address"),
+        ({"peer": {"listen": "nope"}}, "[peer] listen: 'nope' is not HOST:PORT"),
+        ({"peer": {"discovery": "yes"}}, "[peer] discovery: 'yes' is not true or false"),
+        ({"peer": {"static": ["a:1", "b"]}}, "[peer] static.1: 'b' is not HOST:PORT"),
+        ({"node": {"name": 5}}, "[node] name: 5 is not a string"),
+        ({"node": {"name": "a b"}}, "name 'a b' must be"),
+        ({"node": "x"}, "[node]: must be a table"),
+        ({"store": {"revs_limit": 0}}, "'revs_limit' must be >= 1"),
+        ({"token": {"keystore": "tpm"}}, "[token] keystore: 'tpm' is not one of"),
+        ({"token": {"pin": "1234"}}, "must be env:VARIABLE or file:PATH"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, data, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, tmp_path / "node.toml")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'node.toml'}: ")
+    assert expected in message
+
+
+def test_unreadable_or_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; create a home with `plugshare init`"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "node.toml"
+    bad.write_text("[node\nname=")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)
