@@ -1,0 +1,528 @@
+"""Peer links over TCP + TLS on trio: the I/O around the sans-I/O `Link`.
+
+* `serve_peers` listens, runs the accepting handshake on every connection, asks `accept_peer`
+  about the authenticated fingerprint, and runs `handler(connection)` for each accepted peer.
+  A connection that misbehaves (bad frames, failed handshake, silence) is dropped and logged;
+  the listener keeps serving everyone else.
+* `connect_peer` dials a peer, pins its certificate's fingerprint, proves our key, and yields a
+  `PeerConnection` for the duration of an ``async with`` block.
+* `keep_connected` keeps a link to one peer up, trying its known addresses with back-off.
+
+A `PeerConnection` runs three tasks: a receiver (feeds the link, queues application messages in
+a bounded inbox, answers pings), a sender (writes whatever the link has queued) and a keepalive
+timer (pings, and declares the peer dead when nothing arrives for `LinkConfig.dead_after`).
+`send` waits while more than `TransportConfig.send_buffer_size` bytes are queued, and the
+receiver stops reading while the inbox is full, so memory stays bounded in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import attrs
+import trio
+
+from plugshare.replication.backoff import Backoff
+from plugshare.replication.link import (
+    ApplicationMessage,
+    Event,
+    HandshakeTimeout,
+    Link,
+    LinkConfig,
+    LinkError,
+    LinkState,
+    LocalNode,
+    PeerAuthenticated,
+    PeerClosed,
+    PeerHello,
+    RemoteProtocolError,
+    node_id,
+)
+from plugshare.token.tls import ALPN_PROTOCOL, InvalidPeerCertificate, certificate_public_key
+
+__all__ = [
+    "FingerprintMismatch",
+    "PeerConnectError",
+    "PeerConnection",
+    "PeerConnectionClosed",
+    "PeerRefused",
+    "TransportConfig",
+    "connect_peer",
+    "keep_connected",
+    "serve_peers",
+]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[["PeerConnection"], Awaitable[None]]
+
+
+@attrs.frozen
+class TransportConfig:
+    """Buffers and timers of peer connections (bytes, messages, seconds)."""
+
+    link: LinkConfig = LinkConfig()
+    send_buffer_size: int = 1024 * 1024
+    receive_queue_size: int = 16
+    receive_chunk_size: int = 64 * 1024
+    close_timeout: float = 2.0
+    max_pending_handshakes: int = 64
+
+
+class PeerConnectionClosed(Exception):
+    """The connection is closed; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PeerConnectError(Exception):
+    """A link to a peer could not be established; the message says why."""
+
+
+class FingerprintMismatch(PeerConnectError):
+    """The peer's TLS certificate is not for the node we meant to reach."""
+
+
+class PeerRefused(PeerConnectError):
+    """The peer closed the link during the handshake (it does not accept us, or gave up)."""
+
+
+def _describe(error: BaseException) -> str:
+    """A readable line for an error; trio wraps TLS failures with an empty message."""
+    text = str(error)
+    if not text and error.__cause__ is not None:
+        text = str(error.__cause__) or type(error.__cause__).__name__
+    return text or type(error).__name__
+
+
+# Errors that end one connection; anything else is a bug and propagates.
+_CONNECTION_ERRORS = (LinkError, InvalidPeerCertificate, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class PeerConnection:
+    """An established, authenticated link to one peer.
+
+    Created by `serve_peers` and `connect_peer`; its I/O tasks run for as long as they keep it.
+    """
+
+    def __init__(self, stream: trio.SSLStream, link: Link, *, remote_address: str, config: TransportConfig) -> None:
+        assert link.state is LinkState.ESTABLISHED and link.peer is not None
+        self._stream = stream
+        self._link = link
+        self._config = config
+        self.remote_address = remote_address
+        """The ``host:port`` this connection runs to (a hint, not an identity)."""
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[dict[str | bytes, Any]](
+            config.receive_queue_size
+        )
+        self._close_reason: str | None = None
+        self._close_error: BaseException | None = None
+        self._closed = trio.Event()
+        self._output_ready = trio.Event()
+        self._drained = trio.Event()
+        self._receive_scope = trio.CancelScope()
+        self._send_scope = trio.CancelScope()
+
+    @property
+    def peer_fingerprint(self) -> bytes:
+        """The peer's authenticated node id (SHA-256 of its Ed25519 public key)."""
+        return self.peer_hello.node_id
+
+    @property
+    def peer_hello(self) -> PeerHello:
+        """What the peer said about itself in the handshake."""
+        assert self._link.peer is not None
+        return self._link.peer
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time in seconds, from keepalive pings; None before the first."""
+        return self._link.rtt
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection closed, or None while it is open."""
+        return self._close_reason
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Queue an application message, waiting while the send buffer is full.
+
+        Raises PeerConnectionClosed once the connection is closed, LocalProtocolError for a
+        link-level ``type``, and a FrameError subclass for a message that cannot be framed.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._close_reason is None and self._link.pending_output >= self._config.send_buffer_size:
+            await self._drained.wait()
+        if self._close_reason is not None:
+            raise PeerConnectionClosed(self._close_reason) from self._close_error
+        self._link.send_message(message)
+        self._output_ready.set()
+
+    async def receive(self) -> dict[str | bytes, Any]:
+        """The next application message. Messages that arrived before a close are still
+        delivered; after them this raises PeerConnectionClosed."""
+        try:
+            return await self._inbox_receive.receive()
+        except trio.EndOfChannel:
+            assert self._close_reason is not None
+            raise PeerConnectionClosed(self._close_reason) from self._close_error
+
+    def __aiter__(self) -> PeerConnection:
+        return self
+
+    async def __anext__(self) -> dict[str | bytes, Any]:
+        """Iteration ends when the connection closes; see `close_reason` for why."""
+        try:
+            return await self.receive()
+        except PeerConnectionClosed:
+            raise StopAsyncIteration from None
+
+    async def aclose(self, reason: str = "closed") -> None:
+        """Close the link, telling the peer `reason`, and wait until the stream is closed."""
+        self._terminate(reason)
+        await self._closed.wait()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, for whatever reason."""
+        await self._closed.wait()
+
+    # -- I/O tasks --------------------------------------------------------------------------
+
+    def _terminate(self, reason: str, error: BaseException | None = None) -> None:
+        """Begin closing (synchronous, idempotent): stop receiving, flush the close frame."""
+        if self._close_reason is not None:
+            return
+        self._close_reason = reason
+        self._close_error = error
+        peer = f"{self.peer_fingerprint.hex()} at {self.remote_address}"
+        if error is None:
+            logger.info("link to peer %s closed: %s", peer, reason)
+        else:
+            logger.warning("dropped link to peer %s: %s", peer, reason)
+        self._link.close(reason)
+        self._receive_scope.cancel()
+        self._send_scope.deadline = min(self._send_scope.deadline, trio.current_time() + self._config.close_timeout)
+        self._inbox_send.close()
+        self._output_ready.set()
+        self._drained.set()
+
+    async def _run(self) -> None:
+        """Run the connection's I/O until it is closed, then close the stream."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop)
+                nursery.start_soon(self._receive_side)
+        finally:
+            self._terminate("the connection's tasks were cancelled")
+            with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout):
+                try:
+                    await self._stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            self._closed.set()
+
+    async def _receive_side(self) -> None:
+        with self._receive_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive_loop)
+                await self._receive_loop()
+
+    async def _receive_loop(self) -> None:
+        try:
+            while True:
+                event = self._link.next_event()
+                self._output_ready.set()  # pongs
+                if event is None:
+                    data = await self._stream.receive_some(self._config.receive_chunk_size)
+                    self._link.receive_data(data, trio.current_time())
+                elif isinstance(event, ApplicationMessage):
+                    await self._inbox_send.send(event.message)
+                elif isinstance(event, PeerClosed):
+                    self._terminate(f"closed by the peer: {event.reason}")
+                    return
+                else:  # the link yields handshake events only during the handshake
+                    raise AssertionError(f"unexpected link event after the handshake: {event!r}")
+        except _CONNECTION_ERRORS as error:
+            self._terminate(_describe(error), error)
+
+    async def _keepalive_loop(self) -> None:
+        while (deadline := self._link.next_deadline()) is not None:
+            await trio.sleep_until(deadline)
+            try:
+                self._link.tick(trio.current_time())
+            except LinkError as error:
+                self._terminate(str(error), error)
+                return
+            self._output_ready.set()
+
+    async def _send_loop(self) -> None:
+        with self._send_scope:
+            try:
+                while True:
+                    data = self._link.data_to_send()
+                    if data:
+                        await self._stream.send_all(data)
+                        self._drained.set()
+                        self._drained = trio.Event()
+                    elif self._link.state is LinkState.CLOSED:
+                        return
+                    else:
+                        await self._output_ready.wait()
+                        self._output_ready = trio.Event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                self._terminate(f"sending failed: {_describe(error)}", error)
+            finally:
+                self._drained.set()  # wake senders so they see the close
+
+
+# --- handshakes -------------------------------------------------------------------------------
+
+
+def _remote_address(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "an unknown address"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _tls_handshake(stream: trio.SSLStream, deadline: float, timeout: float) -> None:
+    """Complete TLS by `deadline` and check that the peer speaks our protocol."""
+    with trio.move_on_at(deadline) as scope:
+        await stream.do_handshake()
+    if scope.cancelled_caught:
+        raise HandshakeTimeout(f"TLS handshake not complete after {timeout}s")
+    selected = stream.selected_alpn_protocol()
+    if selected != ALPN_PROTOCOL:
+        raise RemoteProtocolError(f"the peer did not negotiate ALPN {ALPN_PROTOCOL!r} (got {selected!r})")
+
+
+async def _link_handshake(stream: trio.SSLStream, link: Link) -> Event:
+    """Exchange handshake messages until the link yields an event, by the link's handshake
+    deadline. Raises LinkError (HandshakeTimeout on time-out)."""
+    deadline = link.next_deadline()
+    assert deadline is not None
+    with trio.move_on_at(deadline):
+        while True:
+            event = link.next_event()
+            if link.pending_output:
+                await stream.send_all(link.data_to_send())
+            if event is not None:
+                return event
+            link.receive_data(await stream.receive_some(64 * 1024), trio.current_time())
+    link.tick(max(trio.current_time(), deadline))  # raises HandshakeTimeout
+    raise AssertionError("the link did not time out at its handshake deadline")
+
+
+async def _close_after_failure(
+    stream: trio.SSLStream, link: Link | None, config: TransportConfig, *, tls_up: bool
+) -> None:
+    """Best effort: tell the peer why (the link queued a close frame), then close."""
+    if tls_up:
+        with trio.move_on_after(config.close_timeout):
+            try:
+                if link is not None and link.pending_output:
+                    await stream.send_all(link.data_to_send())
+                await stream.aclose()
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    await trio.aclose_forcefully(stream)
+
+
+async def _run_with_handler(connection: PeerConnection, handler: Handler) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection._run)
+        try:
+            await handler(connection)
+        except PeerConnectionClosed as closed:
+            logger.debug("link to %s ended: %s", connection.peer_fingerprint.hex(), closed.reason)
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+
+
+# --- listening ----------------------------------------------------------------------------------
+
+
+async def serve_peers(
+    handler: Handler,
+    *,
+    host: str | None,
+    port: int,
+    ssl_context: Any,
+    local: LocalNode,
+    accept_peer: Callable[[bytes], bool],
+    config: TransportConfig = TransportConfig(),
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Accept peer links on `host`:`port` (port 0 picks a free one) until cancelled.
+
+    `ssl_context` comes from `plugshare.token.tls.server_ssl_context` for `local`'s key. Each
+    connection is authenticated; `accept_peer(fingerprint)` decides whether the peer may stay,
+    and `handler(connection)` then runs for it (the connection closes when the handler returns;
+    a PeerConnectionClosed escaping the handler is expected and swallowed, any other exception
+    propagates). With ``nursery.start``, the started value is the list of listeners.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    pending_handshakes = 0
+
+    async def serve_one(tcp_stream: trio.SocketStream) -> None:
+        nonlocal pending_handshakes
+        remote = _remote_address(tcp_stream)
+        if pending_handshakes >= config.max_pending_handshakes:
+            logger.warning("dropped peer connection from %s: %d handshakes already pending", remote, pending_handshakes)
+            await trio.aclose_forcefully(tcp_stream)
+            return
+        pending_handshakes += 1
+        stream = trio.SSLStream(tcp_stream, ssl_context, server_side=True)
+        accepted_at = trio.current_time()
+        link = Link.accepting(local, now=accepted_at, config=config.link)
+        tls_up = False
+        try:
+            await _tls_handshake(stream, accepted_at + config.link.handshake_timeout, config.link.handshake_timeout)
+            tls_up = True
+            event = await _link_handshake(stream, link)
+            if isinstance(event, PeerClosed):
+                raise PeerRefused(f"the peer gave up during the handshake: {event.reason}")
+            assert isinstance(event, PeerAuthenticated)
+            fingerprint = event.peer.node_id
+            if not accept_peer(fingerprint):
+                link.refuse("this node does not accept your node id")
+                logger.info("refused peer %s from %s: not an accepted peer", fingerprint.hex(), remote)
+                await _close_after_failure(stream, link, config, tls_up=True)
+                return
+            link.accept()
+        except BaseException as error:
+            with trio.CancelScope(shield=True):
+                await _close_after_failure(stream, link, config, tls_up=tls_up)
+            if not isinstance(error, (*_CONNECTION_ERRORS, PeerRefused)):
+                raise
+            logger.warning("dropped peer connection from %s: %s", remote, _describe(error))
+            return
+        finally:
+            pending_handshakes -= 1
+        logger.info("accepted peer %s (%r) from %s", fingerprint.hex(), event.peer.name, remote)
+        await _run_with_handler(PeerConnection(stream, link, remote_address=remote, config=config), handler)
+
+    await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+
+
+# --- connecting ---------------------------------------------------------------------------------
+
+
+async def _establish(
+    host: str, port: int, *, expected_fingerprint: bytes, ssl_context: Any, local: LocalNode, config: TransportConfig
+) -> PeerConnection:
+    where = f"{host}:{port}"
+    started = trio.current_time()
+    tcp_stream: trio.SocketStream | None = None
+    with trio.move_on_at(started + config.link.handshake_timeout):
+        try:
+            tcp_stream = await trio.open_tcp_stream(host, port)
+        except OSError as error:
+            raise PeerConnectError(f"cannot connect to {where}: {_describe(error)}") from error
+    if tcp_stream is None:
+        raise PeerConnectError(f"cannot connect to {where}: no answer in {config.link.handshake_timeout}s")
+    stream = trio.SSLStream(tcp_stream, ssl_context, server_side=False)
+    link: Link | None = None
+    tls_up = False
+    try:
+        await _tls_handshake(stream, started + config.link.handshake_timeout, config.link.handshake_timeout)
+        tls_up = True
+        # Pin the server's key before sending any application byte.
+        fingerprint = node_id(certificate_public_key(stream.getpeercert(binary_form=True)))
+        if fingerprint != expected_fingerprint:
+            raise FingerprintMismatch(
+                f"{where} is node {fingerprint.hex()}, not the expected {expected_fingerprint.hex()}"
+            )
+        link = Link.connecting(local, pinned_peer_id=fingerprint, now=started, config=config.link)
+        event = await _link_handshake(stream, link)
+        if isinstance(event, PeerClosed):
+            raise PeerRefused(f"{where} refused the link: {event.reason}")
+    except BaseException as error:
+        with trio.CancelScope(shield=True):
+            await _close_after_failure(stream, link, config, tls_up=tls_up)
+        if isinstance(error, _CONNECTION_ERRORS):
+            raise PeerConnectError(f"link to {where} failed: {_describe(error)}") from error
+        raise
+    return PeerConnection(stream, link, remote_address=where, config=config)
+
+
+@asynccontextmanager
+async def connect_peer(
+    host: str,
+    port: int,
+    *,
+    expected_fingerprint: bytes,
+    ssl_context: Any,
+    local: LocalNode,
+    config: TransportConfig = TransportConfig(),
+) -> AsyncIterator[PeerConnection]:
+    """Connect to the node `expected_fingerprint` at `host`:`port`; use as ``async with``.
+
+    `ssl_context` comes from `plugshare.token.tls.client_ssl_context`; `local.sign` proves our
+    key. Raises PeerConnectError (FingerprintMismatch, PeerRefused, or with the network, TLS or
+    protocol failure as its cause). The connection closes when the block exits.
+    """
+    connection = await _establish(
+        host, port, expected_fingerprint=expected_fingerprint, ssl_context=ssl_context, local=local, config=config
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection._run)
+        try:
+            yield connection
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+
+
+async def keep_connected(
+    handler: Handler,
+    *,
+    addresses: Callable[[], Iterable[tuple[str, int]]],
+    expected_fingerprint: bytes,
+    ssl_context: Any,
+    local: LocalNode,
+    config: TransportConfig = TransportConfig(),
+    backoff: Backoff = Backoff(),
+    rng: random.Random | None = None,
+) -> NoReturn:
+    """Keep a link to one peer up until cancelled, running `handler` on each connection.
+
+    Each round tries the peer's addresses (`addresses()` is asked again every round, so
+    discovery can update them) in order; when none answers, or after a link ends, it waits
+    per `backoff` (the schedule restarts after every established link) and tries again.
+    """
+    rng = rng or random.Random()
+    attempt = 0
+    peer = expected_fingerprint.hex()
+    while True:
+        for host, port in list(addresses()):
+            try:
+                async with connect_peer(
+                    host,
+                    port,
+                    expected_fingerprint=expected_fingerprint,
+                    ssl_context=ssl_context,
+                    local=local,
+                    config=config,
+                ) as connection:
+                    attempt = 0
+                    try:
+                        await handler(connection)
+                    except PeerConnectionClosed:
+                        pass
+                logger.info("link to peer %s at %s:%s ended: %s", peer, host, port, connection.close_reason)
+                break
+            except PeerConnectError as error:
+                logger.info("cannot reach peer %s: %s", peer, error)
+        delay = backoff.delay(attempt, rng)
+        attempt += 1
+        await trio.sleep(delay)

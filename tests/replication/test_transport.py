@@ -1,0 +1,600 @@
+"""Peer links over real TLS sockets on 127.0.0.1: handshakes, refusals, bad peers, keepalive,
+back-pressure and reconnecting."""
+
+import datetime
+import logging
+import os
+import random
+import ssl
+import struct
+import tempfile
+from functools import partial
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from plugshare.replication.backoff import Backoff
+from plugshare.replication.frames import FRAME_VERSION, FrameDecoder, encode
+from plugshare.replication.link import (
+    Established,
+    Link,
+    LinkConfig,
+    LocalNode,
+    PeerAuthenticated,
+    node_id,
+)
+from plugshare.replication.transport import (
+    FingerprintMismatch,
+    PeerConnectError,
+    PeerConnectionClosed,
+    PeerRefused,
+    TransportConfig,
+    connect_peer,
+    keep_connected,
+    serve_peers,
+)
+from plugshare.token.tls import (
+    ALPN_PROTOCOL,
+    InvalidPeerCertificate,
+    certificate_public_key,
+    client_ssl_context,
+    self_signed_certificate,
+    server_ssl_context,
+)
+
+LOGGER = "plugshare.replication.transport"
+# Generous liveness limits: a loaded CI machine must not make healthy links look dead.
+CONFIG = TransportConfig(link=LinkConfig(handshake_timeout=5.0, ping_interval=0.2, dead_after=5.0), close_timeout=1.0)
+# Tight limits, for the tests about timeouts.
+FAST = TransportConfig(link=LinkConfig(handshake_timeout=0.5, ping_interval=0.1, dead_after=0.5), close_timeout=0.5)
+
+
+class Node:
+    def __init__(self, name: str) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        public_key = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.local = LocalNode(public_key=public_key, name=name, addresses=("127.0.0.1:0",), sign=self.key.sign)
+        self.id = self.local.node_id
+
+
+@pytest.fixture(scope="module")
+def server_node():
+    return Node("server")
+
+
+@pytest.fixture(scope="module")
+def client_node():
+    return Node("client")
+
+
+async def echo(connection):
+    async for message in connection:
+        await connection.send({"type": "echo", "of": message})
+
+
+async def start_server(nursery, node, handler=echo, *, accept_peer=lambda fingerprint: True, config=CONFIG, port=0):
+    """Start serve_peers in `nursery`; return (port, cancel scope that stops it)."""
+    scope = trio.CancelScope()
+
+    async def run(task_status):
+        with scope:
+            await serve_peers(
+                handler,
+                host="127.0.0.1",
+                port=port,
+                ssl_context=server_ssl_context(node.key),
+                local=node.local,
+                accept_peer=accept_peer,
+                config=config,
+                task_status=task_status,
+            )
+
+    listeners = await nursery.start(run)
+    return listeners[0].socket.getsockname()[1], scope
+
+
+def connect(port, server, client, config=CONFIG):
+    return connect_peer(
+        "127.0.0.1",
+        port,
+        expected_fingerprint=server.id,
+        ssl_context=client_ssl_context(),
+        local=client.local,
+        config=config,
+    )
+
+
+async def connect_fails(port, server, client, error, match, config=CONFIG):
+    with pytest.raises(error, match=match) as raised:
+        async with connect(port, server, client, config):
+            pytest.fail("the link should not have been established")
+    return raised.value
+
+
+async def assert_echo_works(port, server, client):
+    async with connect(port, server, client) as connection:
+        await connection.send({"type": "probe", "n": 1})
+        with trio.fail_after(10):
+            assert await connection.receive() == {"type": "echo", "of": {"type": "probe", "n": 1}}
+
+
+async def raw_tls(port) -> trio.SSLStream:
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), client_ssl_context())
+    await stream.do_handshake()
+    return stream
+
+
+async def raw_established(port, server, client) -> tuple[trio.SSLStream, Link]:
+    """A hand-driven client (the pure Link over a TLS stream) that completes the handshake."""
+    stream = await raw_tls(port)
+    link = Link.connecting(client.local, pinned_peer_id=server.id, now=trio.current_time())
+    with trio.fail_after(10):
+        while True:
+            event = link.next_event()
+            await stream.send_all(link.data_to_send())
+            if isinstance(event, Established):
+                return stream, link
+            link.receive_data(await stream.receive_some(), trio.current_time())
+
+
+async def read_until_closed(stream) -> list[dict]:
+    """Everything the other end sends until it closes, as messages."""
+    data = bytearray()
+    with trio.fail_after(10):
+        try:
+            while chunk := await stream.receive_some():
+                data += chunk
+        except trio.BrokenResourceError:
+            pass
+    decoder = FrameDecoder()
+    decoder.feed(bytes(data))
+    return list(decoder)
+
+
+# --- happy paths ----------------------------------------------------------------------------
+
+
+async def test_two_nodes_exchange_messages_both_ways(server_node, client_node):
+    seen = {}
+
+    async def greet_then_echo(connection):
+        seen["peer"] = connection.peer_fingerprint
+        seen["hello"] = connection.peer_hello
+        await connection.send({"type": "greeting", "blob": b"\x00\x01"})
+        await echo(connection)
+
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, greet_then_echo)
+        async with connect(port, server_node, client_node) as connection:
+            assert connection.peer_fingerprint == server_node.id
+            assert connection.peer_hello.name == "server"
+            with trio.fail_after(10):
+                assert await connection.receive() == {"type": "greeting", "blob": b"\x00\x01"}
+                for n in range(50):
+                    await connection.send({"type": "doc", "n": n, "body": b"b" * n})
+                for n in range(50):
+                    echoed = await connection.receive()
+                    assert echoed == {"type": "echo", "of": {"type": "doc", "n": n, "body": b"b" * n}}
+        assert seen["peer"] == client_node.id
+        assert seen["hello"].name == "client" and seen["hello"].addresses == ("127.0.0.1:0",)
+        server.cancel()
+
+
+async def test_keepalive_measures_rtt_and_keeps_an_idle_link_up(server_node, client_node):
+    config = TransportConfig(link=LinkConfig(ping_interval=0.05, dead_after=1.5), close_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, config=config)
+        async with connect(port, server_node, client_node, config) as connection:
+            await trio.sleep(3.5)  # idle for more than twice dead_after: pings keep it alive
+            assert connection.close_reason is None
+            assert connection.rtt is not None and connection.rtt > 0
+            await connection.send({"type": "still-there"})
+            with trio.fail_after(10):
+                assert (await connection.receive())["of"] == {"type": "still-there"}
+        server.cancel()
+
+
+async def test_an_orderly_close_delivers_earlier_messages_and_the_reason(server_node, client_node):
+    async def say_goodbye(connection):
+        await connection.send({"type": "last-words"})
+        await connection.aclose("maintenance")
+
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, say_goodbye)
+        async with connect(port, server_node, client_node) as connection:
+            with trio.fail_after(10):
+                assert await connection.receive() == {"type": "last-words"}
+                with pytest.raises(PeerConnectionClosed, match="closed by the peer: maintenance"):
+                    await connection.receive()
+                await connection.wait_closed()
+            with pytest.raises(PeerConnectionClosed):
+                await connection.send({"type": "too-late"})
+        server.cancel()
+
+
+async def test_send_is_back_pressured_and_loses_nothing(server_node, client_node):
+    release = trio.Event()
+    received = []
+
+    async def slow_reader(connection):
+        await release.wait()
+        async for message in connection:
+            received.append(message["n"])
+
+    config = TransportConfig(link=CONFIG.link, send_buffer_size=64 * 1024, receive_queue_size=2, close_timeout=1.0)
+    blob = b"x" * (256 * 1024)
+    total = 400  # 100 MiB: far more than the buffers can hold
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, slow_reader, config=config)
+        async with connect(port, server_node, client_node, config) as connection:
+            sent = 0  # a cancelled send queues nothing
+            with trio.move_on_after(1.0):
+                while sent < total:
+                    await connection.send({"type": "bulk", "n": sent, "blob": blob})
+                    sent += 1
+            assert sent < total  # send blocked: the reader is not reading
+            release.set()
+            for n in range(sent, total):
+                await connection.send({"type": "bulk", "n": n, "blob": blob})
+            await connection.send({"type": "bulk", "n": -1, "blob": b""})
+            with trio.fail_after(30):
+                while not received or received[-1] != -1:
+                    await trio.sleep(0.01)
+        assert received == [*range(total), -1]
+        server.cancel()
+
+
+# --- authentication -------------------------------------------------------------------------
+
+
+async def test_a_wrong_pinned_fingerprint_is_refused_before_sending_anything(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    handled = []
+
+    async def handler(connection):
+        handled.append(connection)
+
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, handler)
+        await connect_fails(
+            port, Node("someone-else"), client_node, FingerprintMismatch, f"is node {server_node.id.hex()}, not the expected"
+        )
+        with trio.fail_after(10):
+            while "dropped peer connection" not in caplog.text:
+                await trio.sleep(0.01)
+        server.cancel()
+    assert handled == []
+    # The server saw the stream end with not one byte of the link protocol from the client.
+    assert "the peer ended the connection without closing\n" in caplog.text
+
+
+async def test_an_unknown_peer_is_refused_with_a_logged_reason(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    asked = []
+
+    def accept_peer(fingerprint):
+        asked.append(fingerprint)
+        return False
+
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, accept_peer=accept_peer)
+        await connect_fails(port, server_node, client_node, PeerRefused, "does not accept your node id")
+        server.cancel()
+    assert asked == [client_node.id]
+    assert f"refused peer {client_node.id.hex()}" in caplog.text
+
+
+def rsa_server_context() -> ssl.SSLContext:
+    """A TLS 1.3 server speaking our ALPN but with an RSA certificate: not a plugshare node."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_alpn_protocols([ALPN_PROTOCOL])
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "rsa.pem")
+        with open(path, "wb") as file:
+            file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+            file.write(certificate.public_bytes(serialization.Encoding.PEM))
+        context.load_cert_chain(path)
+    return context
+
+
+async def test_a_server_whose_certificate_is_not_ed25519_is_refused(server_node, client_node):
+    context = rsa_server_context()
+
+    async def tls_only(tcp_stream):
+        stream = trio.SSLStream(tcp_stream, context, server_side=True)
+        try:
+            await stream.do_handshake()
+            await stream.receive_some()
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(trio.serve_listeners, tls_only, listeners)
+        port = listeners[0].socket.getsockname()[1]
+        error = await connect_fails(
+            port, server_node, client_node, PeerConnectError, "RSAPublicKey, not an Ed25519 key"
+        )
+        assert isinstance(error.__cause__, InvalidPeerCertificate)
+        nursery.cancel_scope.cancel()
+
+
+def test_certificate_public_key_refuses_a_missing_certificate():
+    with pytest.raises(InvalidPeerCertificate, match="no certificate"):
+        certificate_public_key(None)
+    with pytest.raises(InvalidPeerCertificate, match="cannot be parsed"):
+        certificate_public_key(b"not DER")
+
+
+def test_the_certificate_carries_the_nodes_key(server_node):
+    certificate = self_signed_certificate(server_node.key)
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    assert node_id(certificate_public_key(der)) == server_node.id
+
+
+def insecure_client_context(**settings) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    for name, value in settings.items():
+        setattr(context, name, value)
+    return context
+
+
+async def test_tls_below_1_3_is_refused(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node)
+        context = insecure_client_context(maximum_version=ssl.TLSVersion.TLSv1_2)
+        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.do_handshake()
+        await assert_echo_works(port, server_node, client_node)
+        server.cancel()
+    assert "UNSUPPORTED_PROTOCOL" in caplog.text
+
+
+async def test_a_tls_client_of_another_protocol_is_dropped(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node)
+        context = insecure_client_context()
+        context.set_alpn_protocols(["http/1.1"])
+        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+        await stream.do_handshake()
+        assert await read_until_closed(stream) == []  # not even our hello
+        await assert_echo_works(port, server_node, client_node)
+        server.cancel()
+    assert "did not negotiate ALPN 'plugshare/1' (got None)" in caplog.text
+
+
+# --- bad peers drop only their own connection -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage, reason",
+    [
+        (struct.pack(">BI", FRAME_VERSION, CONFIG.link.max_frame_size + 1), "over the cap"),
+        (struct.pack(">BI", FRAME_VERSION, 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
+        (struct.pack(">BI", 9, 1) + b"\x00", "frame version 9"),
+    ],
+)
+async def test_bad_frames_drop_that_connection_only(server_node, client_node, caplog, garbage, reason):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node)
+        async with connect(port, server_node, client_node) as good:
+            bad_stream, _ = await raw_established(port, server_node, Node("bad"))
+            await bad_stream.send_all(garbage)
+            closing = await read_until_closed(bad_stream)
+            assert closing[-1]["type"] == "close" and reason in closing[-1]["reason"]
+            # The good client kept its link through all of this, and new clients are served.
+            await good.send({"type": "after"})
+            with trio.fail_after(10):
+                assert await good.receive() == {"type": "echo", "of": {"type": "after"}}
+            await assert_echo_works(port, server_node, client_node)
+        server.cancel()
+    assert reason in caplog.text
+
+
+async def test_garbage_during_the_handshake_drops_that_connection(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node)
+        stream = await raw_tls(port)
+        await stream.send_all(b"GET / HTTP/1.1\r\n\r\n")
+        messages = await read_until_closed(stream)
+        assert [message["type"] for message in messages] == ["hello", "close"]
+        await assert_echo_works(port, server_node, client_node)
+        server.cancel()
+    assert "dropped peer connection" in caplog.text
+
+
+async def test_silent_and_half_sent_handshakes_time_out(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, config=FAST)
+        silent_tcp = await trio.open_tcp_stream("127.0.0.1", port)  # never starts TLS
+        half_hello = await raw_tls(port)
+        await half_hello.send_all(encode({"type": "hello", "pad": b"p" * 100})[:20])  # stops mid-frame
+        # Meanwhile, the listener serves others.
+        await assert_echo_works(port, server_node, client_node)
+        with trio.fail_after(10):
+            assert await silent_tcp.receive_some() == b""
+        messages = await read_until_closed(half_hello)
+        assert messages[-1]["type"] == "close" and "handshake not complete" in messages[-1]["reason"]
+        await assert_echo_works(port, server_node, client_node)
+        server.cancel()
+    assert "TLS handshake not complete" in caplog.text
+
+
+async def test_connections_beyond_the_pending_handshake_limit_are_dropped(server_node, client_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    config = TransportConfig(link=CONFIG.link, max_pending_handshakes=1, close_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, config=config)
+        pending = await raw_tls(port)  # TLS is up, so the server is handling it; no hello follows
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            assert await extra.receive_some() == b""
+        await pending.aclose()
+        with trio.fail_after(10):
+            while "dropped peer connection" not in caplog.text.split("handshakes already pending")[-1]:
+                await trio.sleep(0.01)  # until the server has let go of the pending one
+        await assert_echo_works(port, server_node, client_node)
+        server.cancel()
+    assert "1 handshakes already pending" in caplog.text
+
+
+async def test_an_established_peer_that_stops_mid_frame_is_dropped(server_node, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    ended = []
+
+    async def handler(connection):
+        try:
+            await connection.receive()
+        except PeerConnectionClosed as closed:
+            ended.append(closed.reason)
+
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, handler, config=FAST)
+        stream, link = await raw_established(port, server_node, Node("stuck"))
+        link.send_message({"type": "doc", "body": b"d" * 1000})
+        await stream.send_all(link.data_to_send()[:500])  # and then nothing, not even pongs
+        messages = await read_until_closed(stream)
+        assert messages[-1]["type"] == "close" and "nothing received" in messages[-1]["reason"]
+        server.cancel()
+    assert len(ended) == 1 and "nothing received from the peer" in ended[0]
+
+
+async def test_keepalive_detects_a_dead_server(server_node, client_node):
+    """A server that completes the handshake and then stops answering."""
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        context = server_ssl_context(server_node.key)
+
+        async def zombie(tcp_stream):
+            stream = trio.SSLStream(tcp_stream, context, server_side=True)
+            link = Link.accepting(server_node.local, now=trio.current_time())
+            await stream.do_handshake()
+            while True:
+                event = link.next_event()
+                await stream.send_all(link.data_to_send())
+                if isinstance(event, PeerAuthenticated):
+                    link.accept()
+                    await stream.send_all(link.data_to_send())
+                    await trio.sleep_forever()  # holds the socket open, reads nothing
+                if event is None:
+                    link.receive_data(await stream.receive_some(), trio.current_time())
+
+        nursery.start_soon(partial(trio.serve_listeners, zombie, listeners))
+        async with connect(port, server_node, client_node, FAST) as connection:
+            with trio.fail_after(10):
+                with pytest.raises(PeerConnectionClosed, match="nothing received from the peer"):
+                    await connection.receive()
+                await connection.wait_closed()
+        nursery.cancel_scope.cancel()
+
+
+async def unused_port() -> int:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+async def test_connecting_to_a_closed_port_fails_clearly(server_node, client_node):
+    port = await unused_port()
+    await connect_fails(port, server_node, client_node, PeerConnectError, f"cannot connect to 127.0.0.1:{port}")
+
+
+# --- reconnecting ---------------------------------------------------------------------------
+
+
+async def test_keep_connected_comes_back_after_the_listener_restarts(server_node, client_node):
+    links = []
+    link_up = trio.Event()
+
+    async def on_link(connection):
+        links.append(connection.peer_fingerprint)
+        link_up.set()
+        async for _ in connection:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node)
+        dead_port = await unused_port()
+        nursery.start_soon(
+            partial(
+                keep_connected,
+                on_link,
+                addresses=lambda: [("127.0.0.1", dead_port), ("127.0.0.1", port)],  # the first is stale
+                expected_fingerprint=server_node.id,
+                ssl_context=client_ssl_context(),
+                local=client_node.local,
+                config=CONFIG,
+                backoff=Backoff(initial=0.05, maximum=0.2),
+            )
+        )
+        with trio.fail_after(10):
+            await link_up.wait()
+        server.cancel()  # the listener and its links go away...
+        link_up = trio.Event()
+        await trio.sleep(0.5)  # ...long enough for a few failed attempts
+        assert len(links) == 1
+        port, server = await start_server(nursery, server_node, port=port)
+        with trio.fail_after(10):
+            await link_up.wait()
+        assert links == [server_node.id, server_node.id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_connecting_to_a_server_that_never_speaks_tls_times_out(server_node, client_node):
+    async def mute(tcp_stream):
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(trio.serve_listeners, mute, listeners)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            await connect_fails(port, server_node, client_node, PeerConnectError, "TLS handshake not complete", FAST)
+        nursery.cancel_scope.cancel()
+
+
+def test_backoff_grows_exponentially_up_to_its_maximum():
+    backoff = Backoff(initial=0.5, maximum=10.0, multiplier=2.0, jitter=0.0)
+    assert [backoff.ceiling(n) for n in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert backoff.ceiling(10**9) == 10.0  # no overflow for a peer that has been away for long
+    assert backoff.delay(3, random.Random(0)) == 4.0
+
+
+def test_backoff_jitter_stays_within_its_band():
+    backoff = Backoff(initial=1.0, maximum=60.0, jitter=0.5)
+    rng = random.Random(42)
+    delays = [backoff.delay(4, rng) for _ in range(1000)]
+    assert all(8.0 <= delay <= 16.0 for delay in delays)
+    assert len(set(delays)) > 900  # spread out, not in lock-step
+
+
+@pytest.mark.parametrize(
+    "kwargs, problem",
+    [({"initial": 0}, "initial"), ({"initial": 5, "maximum": 1}, "maximum"), ({"multiplier": 0.5}, "multiplier"),
+     ({"jitter": 1.5}, "jitter")],
+)
+def test_backoff_refuses_nonsensical_settings(kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        Backoff(**kwargs)
