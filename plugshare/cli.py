@@ -47,6 +47,20 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PlugshareError as exc:
             raise click.ClickException(str(exc)) from None
+        except BaseExceptionGroup as group:  # a failure inside the node's task tree
+            cause = _first_error(group)
+            if cause is None:
+                raise
+            raise click.ClickException(str(cause)) from None
+
+
+def _first_error(group: BaseExceptionGroup) -> PlugshareError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, PlugshareError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first_error(exc)):
+            return found
+    return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,7 +18,6 @@ from starlette.routing import Route
 
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed
-from plugshare.store import StoreError
 
 if TYPE_CHECKING:
     from plugshare.node.node import Node
@@ -118,13 +117,20 @@ def create_app(node: Node) -> Starlette:
         names = {404: "not_found", 405: "method_not_allowed"}
         return _error(exc.status_code, names.get(exc.status_code, "bad_request"), exc.detail)
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    async def plugshare_error(request: Request, exc: PlugshareError) -> Response:
+        return _error(getattr(exc, "status", 400), getattr(exc, "error", "bad_request"),
+                      getattr(exc, "reason", str(exc)))
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, PlugshareError: plugshare_error},
+    )
     return _Guard(app, node)
 
 
 class _Guard:
-    """ASGI middleware: authenticate every request with the token, map errors onto JSON, and
-    let the token flush its audit log after each request."""
+    """ASGI middleware: authenticate every request with the token, and let the token flush
+    its audit log after each request."""
 
     def __init__(self, app: Starlette, node: Node):
         self.app = app
@@ -137,18 +143,12 @@ class _Guard:
         try:
             principal = self.node.access.authenticate(request.headers.get("authorization"))
         except AuthenticationFailed as exc:
+            self.node.access.flush()  # the refusal is in the audit log
             response = _error(401, "unauthorized", str(exc))
             response.headers["www-authenticate"] = "Bearer"
             return await response(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
         try:
             await self.app(scope, receive, send)
-        except (StoreError, ApiError) as exc:
-            await _error(exc.status, exc.error, exc.reason)(scope, receive, send)
-        except PlugshareError as exc:
-            status = getattr(exc, "status", 400)
-            await _error(status, getattr(exc, "error", "bad_request"), str(exc))(
-                scope, receive, send
-            )
         finally:
             self.node.access.flush()

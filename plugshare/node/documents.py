@@ -10,21 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from plugshare.errors import PlugshareError
+from plugshare.node.access import Access, Forbidden, Principal
 from plugshare.store import BadRequest, Doc, NotFound, Store
-from plugshare.node.access import Access, Principal
-
-
-class Forbidden(PlugshareError):
-    """The token refused the access."""
-
-    status = 403
-    error = "forbidden"
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
 
 def _check_doctype(doctype: str) -> None:
     if not doctype or doctype.startswith("_") or "/" in doctype or len(doctype) > 200:

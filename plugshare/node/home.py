@@ -3,6 +3,7 @@
     <home>/node.toml          configuration (see the example node.toml in the project root)
     <home>/owner.credential   the owner's bearer credential for the local API (mode 0600)
     <home>/token/             the token's sealed state (only ciphertext)
+    <home>/keystore/          the soft keystore's sealed master key (keystore = "soft")
     <home>/store.sqlite       the embedded store (when backend = "sqlite")
     <home>/run.json           written by a running node: its pid and API address
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import attrs
@@ -58,6 +60,10 @@ class Home:
         return self.root / "token"
 
     @property
+    def keystore_dir(self) -> Path:
+        return self.root / "keystore"
+
+    @property
     def run_file(self) -> Path:
         return self.root / "run.json"
 
@@ -93,12 +99,19 @@ class Home:
         credential file. Refuses a home that already exists. Returns the node id."""
         from plugshare.node.access import create_token  # the token decides what it stores
 
-        if self.exists() or self.token_dir.exists():
+        if self.exists() or self.token_dir.exists() or self.keystore_dir.exists():
             raise HomeError(
                 f"{self.root} already holds a plugshare node; use another --home or remove it"
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token, credential = create_token(self, config)
-        write_private(self.owner_credential_file, credential.encode() + b"\n")
-        self.config_file.write_text(dump_config(config))
-        return token.node_id
+        try:
+            node_id, credential = create_token(self, config)
+            write_private(self.owner_credential_file, credential.encode() + b"\n")
+            self.config_file.write_text(dump_config(config))  # written last: marks a whole home
+        except BaseException:
+            for leftover in (self.owner_credential_file, self.config_file):
+                leftover.unlink(missing_ok=True)
+            shutil.rmtree(self.token_dir, ignore_errors=True)
+            shutil.rmtree(self.keystore_dir, ignore_errors=True)
+            raise
+        return node_id

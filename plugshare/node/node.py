@@ -25,6 +25,8 @@ from plugshare.store import Store, open_store
 
 log = logging.getLogger("plugshare.node")
 
+GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
+
 
 class ListenError(PlugshareError):
     """A listening address cannot be bound (port in use, no permission, bad host)."""
@@ -57,18 +59,23 @@ class Node:
         self.documents = Documents(store, access)
         self.api_url: str | None = None
         self.started_at = time.time()
+        self._stopping = trio.Event()
 
     @classmethod
     @asynccontextmanager
     async def open(cls, home: Home) -> AsyncIterator[Node]:
         config = home.load_config()
         access = open_access(home, config)
-        store = await open_store(config.store, home.root, config.node.name)
+        try:
+            store = await open_store(config.store, home.root, config.node.name)
+        except BaseException:
+            access.close()
+            raise
         try:
             yield cls(home, config, store, access)
         finally:
             await store.aclose()
-            access.flush()
+            access.close()
 
     async def status(self) -> dict:
         return {
@@ -83,38 +90,46 @@ class Node:
             "shares": [],
         }
 
+    def stop(self) -> None:
+        """Ask `serve` to drain its requests and return."""
+        self._stopping.set()
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; `task_status.started(api_url)` once listening. run.json tells
-        the command line where the API is while the node runs."""
+        """Serve until `stop()` (or cancellation); `task_status.started(api_url)` once
+        listening. run.json tells the command line where the API is while the node runs."""
         from plugshare.node.api import create_app
 
         api_sock = bind_listener(self.config.api.listen, "local API")
         host, port = api_sock.getsockname()[:2]
         self.api_url = f"http://{Address(host, port)}"
         hconfig = HypercornConfig()
-        hconfig.bind = [f"fd://{api_sock.fileno()}"]
+        hconfig.bind = [f"fd://{api_sock.detach()}"]  # hypercorn owns (and closes) the fd now
         hconfig.accesslog = None
-        hconfig.graceful_timeout = 2.0
-        shutdown = trio.Event()
+        hconfig.errorlog = logging.getLogger("plugshare.api")  # one logging setup, not two
+        hconfig.graceful_timeout = GRACEFUL_TIMEOUT
+        api_done = trio.Event()
+
+        async def serve_api(task_status) -> None:
+            try:
+                await hypercorn_serve(create_app(self), hconfig,
+                                      shutdown_trigger=self._stopping.wait,
+                                      task_status=task_status)
+            finally:
+                api_done.set()
+
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    lambda task_status: hypercorn_serve(
-                        create_app(self), hconfig, shutdown_trigger=shutdown.wait,
-                        task_status=task_status,
-                    )
-                )
+                await nursery.start(serve_api)
                 self.home.write_runtime({"pid": os.getpid(), "api": self.api_url})
                 log.info("node %s (%s) serving the local API on %s",
                          self.config.node.name, self.access.node_id, self.api_url)
                 task_status.started(self.api_url)
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    shutdown.set()
+                await self._stopping.wait()
+                with trio.move_on_after(GRACEFUL_TIMEOUT + 1):
+                    await api_done.wait()  # requests in flight finish first
+                nursery.cancel_scope.cancel()
         finally:
             self.home.clear_runtime()
-            api_sock.close()
 
 
 async def run_node(home: Home, *, on_ready=None) -> None:
@@ -127,5 +142,5 @@ async def run_node(home: Home, *, on_ready=None) -> None:
                     on_ready(node, api_url)
                 async for signum in signals:
                     log.info("received %s, stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
+                    node.stop()
                     break
