@@ -109,8 +109,9 @@ class Access:
 
     @staticmethod
     def metadata(stored: Mapping[str, Any]) -> dict[str, Any]:
-        """What the rules may look at: the fields in clear (all of them, unless sealed)."""
-        return {k: v for k, v in stored.items() if not k.startswith("_")}
+        """What the rules may look at (and the audit log names): the id and the fields in
+        clear (all of them, unless the doc is sealed)."""
+        return {k: v for k, v in stored.items() if k == "_id" or not k.startswith("_")}
 
     def decide(self, principal: Principal, action: str, doc: Mapping[str, Any]) -> Decision:
         return self.token.decide(principal, action, self.metadata(doc))

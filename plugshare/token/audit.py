@@ -1,0 +1,319 @@
+"""The token's decision log: hash-chained, sealed, append-only, in bounded memory.
+
+Every entry carries `hash = SHA-256(previous hash || entry)`, starting from a genesis hash
+bound to the node's fingerprint, so an exported tail can be checked and any edit, removal or
+reordering shows. On disk the log is a series of segment files (`audit/00000001.seg`...),
+each a run of records `u32 length | nonce | AES-GCM(entries)` whose associated data binds
+the segment number and the first sequence number of the record. The token state records,
+for each segment, its length, entry count and last hash; since that state is itself sealed
+and rollback-checked, truncating or swapping a segment is detected.
+
+`record()` is the hot path (called by every decision): it appends a tuple, nothing more.
+Hashing and sealing happen in `stage()`, called by the token's flush.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import TokenStateError
+from .files import fsync_dir
+
+SEGMENT_MAX_BYTES = 1 << 20  # start a new segment file past 1 MiB
+MAX_UNFLUSHED = 16384  # the token flushes by itself past this many unflushed entries
+_NONCE = 12
+_LEN = struct.Struct(">I")
+_RECORD_AD = struct.Struct(">IQ")
+_GENESIS_DOMAIN = b"plugshare/audit/genesis/v1\x00"
+_RECORD_DOMAIN = b"plugshare/audit/record/v1\x00"
+
+
+@attrs.frozen(slots=True)
+class AuditEntry:
+    """One logged decision or refusal."""
+
+    seq: int
+    time: float  # Unix time
+    principal: str  # "app:notes", "peer:<node id>", "owner:owner", "anonymous"...
+    action: str  # read, write, list, authenticate, peer-auth, add_rule...
+    doctype: str | None
+    doc_id: str | None
+    allowed: bool
+    reason: str
+    hash: bytes
+
+    def fields(self) -> list:
+        return [self.seq, self.time, self.principal, self.action, self.doctype, self.doc_id,
+                self.allowed, self.reason]
+
+
+@attrs.frozen
+class SegmentRef:
+    """What the sealed state knows about one segment file."""
+
+    index: int
+    first_seq: int
+    entries: int
+    length: int  # bytes of complete records
+    last_hash: bytes
+
+
+@attrs.frozen
+class AuditMeta:
+    """The log's committed position, kept in the sealed token state."""
+
+    next_seq: int
+    head: bytes
+    segments: tuple[SegmentRef, ...]
+
+
+@attrs.frozen
+class StagedAppend:
+    """A record written to disk but not yet referenced by a committed state."""
+
+    meta: AuditMeta
+    count: int
+    path: Path
+    old_length: int
+
+
+def genesis_hash(fingerprint: bytes) -> bytes:
+    return hashlib.sha256(_GENESIS_DOMAIN + fingerprint).digest()
+
+
+def new_meta(fingerprint: bytes) -> AuditMeta:
+    return AuditMeta(0, genesis_hash(fingerprint), ())
+
+
+def chain_hash(previous: bytes, fields: list) -> bytes:
+    return hashlib.sha256(previous + msgpack.packb(fields, use_bin_type=True)).digest()
+
+
+class _Damaged(Exception):
+    def __init__(self, first_seq: int, why: str):
+        super().__init__(why)
+        self.first_seq = first_seq
+        self.why = why
+
+
+class AuditLog:
+    """The log of one token: committed segments on disk plus unflushed entries in memory."""
+
+    def __init__(self, directory: Path, aead: AESGCM, meta: AuditMeta, genesis: bytes):
+        self._dir = directory
+        self._aead = aead
+        self._genesis = genesis
+        self.meta = meta
+        self._pending: list[tuple] = []  # (time, principal, action, doctype, doc_id, allowed, reason)
+        # hashed rows [seq, time, principal, action, doctype, doc_id, allowed, reason, hash],
+        # not yet on disk (rows, not AuditEntry objects: this runs for every decision)
+        self._chained: list[list] = []
+        self._head = meta.head
+        self._next_seq = meta.next_seq
+
+    # --- hot path --------------------------------------------------------------------------
+
+    def record(
+        self,
+        principal: str,
+        action: str,
+        doctype: str | None,
+        doc_id: str | None,
+        allowed: bool,
+        reason: str,
+    ) -> int:
+        """Append one entry; returns how many entries are waiting for a flush."""
+        pending = self._pending
+        pending.append((time.time(), principal, action, doctype, doc_id, allowed, reason))
+        return len(pending) + len(self._chained)
+
+    @property
+    def unflushed(self) -> int:
+        return len(self._pending) + len(self._chained)
+
+    def _chain(self) -> None:
+        if not self._pending:
+            return
+        head, seq, out = self._head, self._next_seq, self._chained
+        for t, principal, action, doctype, doc_id, allowed, reason in self._pending:
+            fields = [seq, t, principal, action, doctype, doc_id, allowed, reason]
+            head = chain_hash(head, fields)
+            fields.append(head)
+            out.append(fields)
+            seq += 1
+        self._pending.clear()
+        self._head, self._next_seq = head, seq
+
+    # --- files -----------------------------------------------------------------------------
+
+    def segment_path(self, index: int) -> Path:
+        return self._dir / f"{index:08d}.seg"
+
+    def check_open_segment(self) -> None:
+        """At open: the segment being appended to must hold at least the recorded bytes;
+        bytes past that (a flush that crashed before its state was written) are dropped."""
+        if not self.meta.segments:
+            return
+        seg = self.meta.segments[-1]
+        path = self.segment_path(seg.index)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise TokenStateError(f"audit segment {path} is missing") from None
+        if size < seg.length:
+            raise TokenStateError(
+                f"audit segment {path} holds {size} bytes but the sealed state records "
+                f"{seg.length}: it was truncated"
+            )
+        if size > seg.length:
+            with open(path, "r+b") as f:
+                f.truncate(seg.length)
+                os.fsync(f.fileno())
+
+    def stage(self) -> StagedAppend | None:
+        """Seal every unflushed entry into one record appended (durably) to the current
+        segment. The result is not committed until the token state referencing it is."""
+        self._chain()
+        entries = self._chained
+        if not entries:
+            return None
+        segments = list(self.meta.segments)
+        if not segments or segments[-1].length >= SEGMENT_MAX_BYTES:
+            index = segments[-1].index + 1 if segments else 1
+            segments.append(SegmentRef(index, entries[0][0], 0, 0, self.meta.head))
+        seg = segments[-1]
+        payload = msgpack.packb(entries, use_bin_type=True)
+        nonce = os.urandom(_NONCE)
+        ad = _RECORD_DOMAIN + _RECORD_AD.pack(seg.index, entries[0][0])
+        sealed = nonce + self._aead.encrypt(nonce, payload, ad)
+        record = _LEN.pack(len(sealed)) + sealed
+        path = self.segment_path(seg.index)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size < seg.length:
+                raise TokenStateError(
+                    f"audit segment {path} holds {size} bytes but the sealed state records "
+                    f"{seg.length}: it was truncated"
+                )
+            os.ftruncate(fd, seg.length)
+            os.pwrite(fd, record, seg.length)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if seg.length == 0:
+            fsync_dir(self._dir)
+        segments[-1] = SegmentRef(
+            seg.index, seg.first_seq, seg.entries + len(entries), seg.length + len(record),
+            entries[-1][8],
+        )
+        meta = AuditMeta(entries[-1][0] + 1, entries[-1][8], tuple(segments))
+        return StagedAppend(meta, len(entries), path, seg.length)
+
+    def commit(self, staged: StagedAppend) -> None:
+        self.meta = staged.meta
+        del self._chained[: staged.count]
+
+    def abort(self, staged: StagedAppend) -> None:
+        """Undo a staged append whose state could not be written (best effort: the bytes
+        past the recorded length are ignored and cut at the next open anyway)."""
+        try:
+            with open(staged.path, "r+b") as f:
+                f.truncate(staged.old_length)
+        except OSError:
+            pass
+
+    def _read_segment(self, seg: SegmentRef) -> Iterator[list[list]]:
+        """The records of one segment, decrypted; raises `_Damaged` at the first bad one."""
+        path = self.segment_path(seg.index)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _Damaged(seg.first_seq, f"cannot read {path}: {exc.strerror}") from None
+        if len(data) < seg.length:
+            raise _Damaged(seg.first_seq, f"{path} is truncated")
+        offset, seq = 0, seg.first_seq
+        while offset < seg.length:
+            if offset + _LEN.size > seg.length:
+                raise _Damaged(seq, f"{path}: record at byte {offset} is cut short")
+            (n,) = _LEN.unpack_from(data, offset)
+            start, end = offset + _LEN.size, offset + _LEN.size + n
+            if n <= _NONCE or end > seg.length:
+                raise _Damaged(seq, f"{path}: record at byte {offset} has a bad length")
+            nonce, ct = data[start : start + _NONCE], data[start + _NONCE : end]
+            try:
+                payload = self._aead.decrypt(
+                    nonce, ct, _RECORD_DOMAIN + _RECORD_AD.pack(seg.index, seq)
+                )
+                rows = msgpack.unpackb(payload, raw=False)
+                if not isinstance(rows, list) or not all(
+                    isinstance(row, list) and len(row) == 9 for row in rows
+                ):
+                    raise ValueError("not a list of audit rows")
+            except (InvalidTag, ValueError, TypeError):
+                raise _Damaged(seq, f"{path}: record at byte {offset} fails authentication") from None
+            if not rows:
+                raise _Damaged(seq, f"{path}: empty record at byte {offset}")
+            yield rows
+            seq += len(rows)
+            offset = end
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def tail(self, n: int) -> list[AuditEntry]:
+        """The last `n` entries, oldest first (including those not flushed yet)."""
+        if n <= 0:
+            return []
+        self._chain()
+        out = list(self._chained[-n:])  # rows
+        for seg in reversed(self.meta.segments):
+            if len(out) >= n:
+                break
+            try:
+                rows = [row for record in self._read_segment(seg) for row in record]
+            except _Damaged as exc:
+                raise TokenStateError(
+                    f"audit log damaged near entry {exc.first_seq}: {exc.why} "
+                    "(run an audit verification)"
+                ) from None
+            out = rows[-(n - len(out)) :] + out
+        return [AuditEntry(*row) for row in out[-n:]]
+
+    def verify(self) -> tuple[bool, int, int | None]:
+        """(ok, number of entries, index of the first bad entry or None): re-reads every
+        segment, recomputes the whole hash chain and checks it against the sealed state."""
+        self._chain()
+        total = self._next_seq
+        head, seq = self._genesis, 0
+        for seg in self.meta.segments:
+            if seg.first_seq != seq:
+                return False, total, seq
+            try:
+                for record in self._read_segment(seg):
+                    for row in record:
+                        if row[0] != seq or chain_hash(head, row[:8]) != row[8]:
+                            return False, total, seq
+                        head = row[8]
+                        seq += 1
+            except _Damaged as exc:
+                return False, total, exc.first_seq
+            if seq != seg.first_seq + seg.entries or head != seg.last_hash:
+                return False, total, min(seq, seg.first_seq + seg.entries)
+        if head != self.meta.head or seq != self.meta.next_seq:
+            return False, total, seq
+        for row in self._chained:
+            if row[0] != seq or chain_hash(head, row[:8]) != row[8]:
+                return False, total, seq
+            head = row[8]
+            seq += 1
+        return True, total, None

@@ -1,0 +1,85 @@
+"""The token's state as data: what `vault` seals and `Token` works on."""
+
+from __future__ import annotations
+
+import attrs
+import cattrs
+import msgpack
+
+from .audit import AuditMeta
+from .credentials import CredentialRecord
+from .errors import TokenStateError
+from .rules import Rule
+
+STATE_FORMAT = 1
+
+
+@attrs.define
+class AppRecord:
+    name: str
+    credential: CredentialRecord
+    roles: list[str]
+    grant_rule: str | None  # id of the rule made by add_app
+
+
+@attrs.define
+class PeerRecord:
+    node_id: str
+    public_key: bytes  # raw Ed25519, pinned
+    name: str
+    roles: list[str]
+
+
+@attrs.define
+class DataKeyRecord:
+    kid: str
+    scope: str  # "doctype:<name>" | "share:<id>"
+    master_id: int
+    wrapped: bytes
+
+
+@attrs.define
+class TokenState:
+    name: str
+    signing_key: bytes
+    agreement_key: bytes
+    audit_key: bytes
+    owner: CredentialRecord
+    current_master: int
+    next_rule: int
+    apps: dict[str, AppRecord] = attrs.Factory(dict)
+    peers: dict[str, PeerRecord] = attrs.Factory(dict)
+    rules: list[Rule] = attrs.Factory(list)
+    sensitive: list[str] = attrs.Factory(list)
+    data_keys: dict[str, DataKeyRecord] = attrs.Factory(dict)
+    doctype_keys: dict[str, str] = attrs.Factory(dict)  # doctype -> kid
+    share_keys: dict[str, list[str]] = attrs.Factory(dict)  # share id -> kids, newest last
+
+
+_converter = cattrs.Converter()
+
+
+def encode(state: TokenState, audit: AuditMeta) -> bytes:
+    return msgpack.packb(
+        {
+            "format": STATE_FORMAT,
+            "state": _converter.unstructure(state),
+            "audit": _converter.unstructure(audit),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode(plaintext: bytes, where: str) -> tuple[TokenState, AuditMeta]:
+    try:
+        doc = msgpack.unpackb(plaintext, raw=False)
+        if doc.get("format") != STATE_FORMAT:
+            raise TokenStateError(f"{where}: unknown state format {doc.get('format')!r}")
+        return (
+            _converter.structure(doc["state"], TokenState),
+            _converter.structure(doc["audit"], AuditMeta),
+        )
+    except TokenStateError:
+        raise
+    except Exception as exc:  # an authentic blob of an unexpected shape: a version mismatch
+        raise TokenStateError(f"{where}: state content has an unexpected shape ({exc})") from None

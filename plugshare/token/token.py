@@ -1,0 +1,944 @@
+"""The secure token: the one object the node asks for every decision and every key.
+
+Modelled on PlugDB (a secure microcontroller: trusted code and keys inside, only encrypted
+data outside). Here the "inside" is this object plus its keystore; the "outside" is the state
+directory, which holds only sealed blobs:
+
+    <state_dir>/token.state        the whole token state, AES-256-GCM under the state key
+    <state_dir>/audit/NNNNNNNN.seg the decision log, sealed records (see audit.py)
+
+The state key is wrapped by a keystore master key (a file keystore or a PKCS#11 device) and
+every write bumps a version counter that the keystore also records, so an old copy of the
+state put back is refused. All methods are synchronous (CPU work and small durable writes)
+and meant to be called directly from the node's Trio code, from that one thread: a token is
+not thread-safe, and only one process may have a state directory open at a time.
+
+Nothing outside the token package should touch attributes starting with `_`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import sharekey, state as state_codec, tls, vault
+from .audit import MAX_UNFLUSHED, AuditEntry, AuditLog, AuditMeta, genesis_hash, new_meta
+from .credentials import matches, new_credential, parse_credential
+from .envelope import DocKey, is_sealed, key_id, open_doc, seal_doc, sealed_kid
+from .errors import (
+    AccessDenied,
+    AlreadyExists,
+    AuthenticationError,
+    IntegrityError,
+    InvalidArgument,
+    KeystoreError,
+    NotFound,
+    TokenBusyError,
+    TokenStateError,
+)
+from .identity import (
+    CHALLENGE_DOMAIN,
+    Identity,
+    challenge_message,
+    coerce_fingerprint,
+    fingerprint_of,
+    format_node_id,
+    verify_signature,
+)
+from .keystore import KEY_SIZE, Keystore
+from .principal import APP_KIND, OWNER, OWNER_KIND, PEER_KIND, Decision, Principal
+from .rules import ACTION_LEVEL, ROLE_KIND, Rule, RuleSet, check_name
+from .state import AppRecord, DataKeyRecord, PeerRecord, TokenState
+
+AUDIT_DIR = "audit"
+CHALLENGE_SIZE = 32
+CHALLENGE_TTL = 120.0  # seconds a challenge stays answerable
+MAX_OUTSTANDING_CHALLENGES = 1024
+_STATE_KEY_CONTEXT = b"plugshare/state-key/v1"
+_OWNER_ALLOWED = Decision(True, "the owner may do everything")
+_ADMIN = OWNER.label
+_RESERVED_SIGNING_PREFIXES = (CHALLENGE_DOMAIN, sharekey.SIGNING_DOMAIN)
+
+
+@attrs.frozen
+class AppInfo:
+    name: str
+    doctype: str | None  # from the app's own grant rule (None if that rule was removed)
+    perm: str | None
+    selector: dict[str, Any] | None
+    roles: tuple[str, ...]
+
+
+@attrs.frozen
+class PeerInfo:
+    node_id: str
+    name: str
+    public_key: bytes
+    roles: tuple[str, ...]
+
+
+@attrs.frozen
+class TokenInfo:
+    name: str
+    node_id: str
+    keystore: str
+    state_version: int
+    master_keys: tuple[int, ...]
+    audit_entries: int
+
+
+def _data_key_context(kid: str, scope: str) -> bytes:
+    return b"plugshare/data-key/v1\x00" + kid.encode("ascii") + b"\x00" + scope.encode("utf-8")
+
+
+def _check_roles(roles: Iterable[str]) -> list[str]:
+    if isinstance(roles, str):
+        raise InvalidArgument("roles is a list of role names, not one string")
+    return sorted({check_name("role name", r) for r in roles})
+
+
+def _lock_dir(state_dir: Path) -> int:
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TokenBusyError(
+            f"token state {state_dir} is in use by another process (is `plugshare run` going?)"
+        ) from None
+    return fd
+
+
+class Token:
+    """The narrow interface of the trusted side. Make one with `Token.create` or
+    `Token.open`; call `flush()` after each request and `close()` at the end."""
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        keystore: Keystore,
+        lock_fd: int,
+        state: TokenState,
+        audit_meta: AuditMeta,
+        state_key: bytes,
+        state_master: int,
+        wrapped_state_key: bytes,
+        counter: int,
+    ):
+        """Private: use `Token.create` or `Token.open`."""
+        self._dir = state_dir
+        self._keystore = keystore
+        self._lock_fd: int | None = lock_fd
+        self._state = state
+        self._identity = Identity._from_private_bytes(state.signing_key, state.agreement_key)
+        self._state_aead = AESGCM(state_key)
+        self._state_master = state_master
+        self._wrapped_state_key = wrapped_state_key
+        self._counter = counter
+        self._dirty = False
+        self._audit = AuditLog(
+            state_dir / AUDIT_DIR, AESGCM(state.audit_key), audit_meta,
+            genesis_hash(self._identity.fingerprint),
+        )
+        self._keys: dict[str, tuple[bytes, DocKey]] = {}  # kid -> unwrapped key (cache)
+        self._challenges: OrderedDict[bytes, float] = OrderedDict()
+        self._denials: dict[tuple, Decision] = {}
+        self._rules = RuleSet(())
+        self._subjects: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self._rebuild_rules()
+        self._rebuild_subjects()
+
+    @classmethod
+    def create(
+        cls, state_dir: str | os.PathLike[str], keystore: Keystore, *, name: str
+    ) -> tuple[Token, str]:
+        """A new token in an empty (or absent) `state_dir`, with a new master key in
+        `keystore`. Returns the open token and the owner credential, which is shown once
+        and never stored (only its hash is)."""
+        check_name("token name", name)
+        state_dir = Path(state_dir)
+        if state_dir.exists() and any(state_dir.iterdir()):
+            raise TokenStateError(
+                f"refusing to create a token in {state_dir}: the directory is not empty"
+            )
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = _lock_dir(state_dir)
+        try:
+            master_id = keystore.create()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            (state_dir / AUDIT_DIR).mkdir(mode=0o700)
+            identity = Identity.generate()
+            signing, agreement = identity._private_bytes()
+            owner_credential, owner_record = new_credential()
+            state_key = os.urandom(KEY_SIZE)
+            state = TokenState(
+                name=name,
+                signing_key=signing,
+                agreement_key=agreement,
+                audit_key=os.urandom(KEY_SIZE),
+                owner=owner_record,
+                current_master=master_id,
+                next_rule=1,
+            )
+            token = cls(
+                state_dir=state_dir,
+                keystore=keystore,
+                lock_fd=lock_fd,
+                state=state,
+                audit_meta=new_meta(identity.fingerprint),
+                state_key=state_key,
+                state_master=master_id,
+                wrapped_state_key=keystore.wrap(master_id, state_key, _STATE_KEY_CONTEXT),
+                counter=0,
+            )
+            token._admin("create", None, f"token {name!r} created, node id {token.node_id}")
+            token._dirty = True
+            token.flush()
+        except BaseException:
+            keystore.destroy()
+            (state_dir / vault.STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(state_dir / AUDIT_DIR, ignore_errors=True)
+            os.close(lock_fd)
+            raise
+        return token, owner_credential
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike[str], keystore: Keystore) -> Token:
+        """The token whose state is in `state_dir`, unlocked with `keystore`.
+
+        Raises `TokenStateError` if the state is missing, truncated or tampered with,
+        `RollbackError` if it is an older copy, `WrongSecretError`/`KeystoreError` if the
+        keystore will not open, `TokenBusyError` if another process has it open."""
+        state_dir = Path(state_dir)
+        path = state_dir / vault.STATE_FILE
+        if not path.exists():
+            raise TokenStateError(f"no token state at {path} (create the token first)")
+        lock_fd = _lock_dir(state_dir)
+        try:
+            keystore.open()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            sealed = vault.read(path)
+            try:
+                state_key = keystore.unwrap(
+                    sealed.master_id, sealed.wrapped_state_key, _STATE_KEY_CONTEXT
+                )
+            except IntegrityError:
+                raise TokenStateError(
+                    f"token state {path}: its state key fails authentication (file altered, "
+                    f"or it belongs to another keystore than {keystore.describe()})"
+                ) from None
+            except KeystoreError as exc:
+                raise TokenStateError(f"token state {path} cannot be unlocked: {exc}") from None
+            plaintext = vault.unseal(AESGCM(state_key), sealed, path)
+            anchor = keystore.read_anchor()
+            vault.check_anchor(sealed.counter, anchor, path)
+            state, audit_meta = state_codec.decode(plaintext, str(path))
+            token = cls(
+                state_dir=state_dir,
+                keystore=keystore,
+                lock_fd=lock_fd,
+                state=state,
+                audit_meta=audit_meta,
+                state_key=state_key,
+                state_master=sealed.master_id,
+                wrapped_state_key=sealed.wrapped_state_key,
+                counter=sealed.counter,
+            )
+            token._audit.check_open_segment()
+            if sealed.counter > anchor:  # a crash came between state write and anchor
+                keystore.advance_anchor(sealed.counter)
+        except BaseException:
+            keystore.close()
+            os.close(lock_fd)
+            raise
+        return token
+
+    def close(self) -> None:
+        """Flush, forget the keys and release the state directory. Idempotent."""
+        if self._lock_fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._keys.clear()
+            self._keystore.close()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Token:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Seal what changed (state and new audit entries) to disk, durably. Does nothing
+        (and costs nothing) when nothing changed since the last flush."""
+        if not self._dirty and not self._audit.unflushed:
+            return
+        if self._lock_fd is None:
+            raise TokenStateError("the token is closed")
+        staged = self._audit.stage()
+        meta = staged.meta if staged is not None else self._audit.meta
+        counter = self._counter + 1
+        blob = vault.seal(
+            self._state_aead, counter, self._state_master, self._wrapped_state_key,
+            state_codec.encode(self._state, meta),
+        )
+        try:
+            vault.write(self._dir / vault.STATE_FILE, blob)
+        except BaseException:
+            if staged is not None:
+                self._audit.abort(staged)
+            raise
+        self._counter = counter
+        self._dirty = False
+        if staged is not None:
+            self._audit.commit(staged)
+        self._keystore.advance_anchor(counter)
+        self._retire_masters()
+
+    def info(self) -> TokenInfo:
+        return TokenInfo(
+            name=self._state.name,
+            node_id=self.node_id,
+            keystore=self._keystore.describe(),
+            state_version=self._counter,
+            master_keys=tuple(self._keystore.master_key_ids()),
+            audit_entries=self._audit.meta.next_seq + self._audit.unflushed,
+        )
+
+    # --- identity --------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._state.name
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the raw Ed25519 public key (32 bytes)."""
+        return self._identity.fingerprint
+
+    @property
+    def node_id(self) -> str:
+        """The fingerprint in its readable, check-summed form."""
+        return self._identity.node_id
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        """Raw Ed25519 public key (32 bytes)."""
+        return self._identity.public_key_bytes
+
+    @property
+    def x25519_public_bytes(self) -> bytes:
+        """Raw X25519 public key (32 bytes), for wrapping share keys to this node."""
+        return self._identity.x25519_public_bytes
+
+    def sign(self, data: bytes) -> bytes:
+        """Ed25519 signature of `data` by this node (e.g. a share manifest). Callers put their
+        own domain prefix first; the token's own prefixes are refused, so nothing signed
+        here can pass for a challenge answer or a wrapped share key."""
+        if data.startswith(_RESERVED_SIGNING_PREFIXES):
+            raise InvalidArgument("data starts with a prefix reserved for the token's own signatures")
+        return self._identity.sign(data)
+
+    @staticmethod
+    def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:
+        """True when `signature` is a valid Ed25519 signature of `data` by `public_key`."""
+        return verify_signature(public_key, data, signature)
+
+    def verify_from(self, peer: str | bytes, data: bytes, signature: bytes) -> bool:
+        """True when `signature` over `data` verifies with the pinned key of a known peer
+        (named by node id or fingerprint), or with this node's own key."""
+        fp = coerce_fingerprint(peer)
+        if fp == self.fingerprint:
+            return verify_signature(self.public_key_bytes, data, signature)
+        record = self._state.peers.get(format_node_id(fp))
+        if record is None:
+            raise NotFound(f"unknown peer {format_node_id(fp)}: its key is not pinned")
+        return verify_signature(record.public_key, data, signature)
+
+    def ssl_context(self, server_side: bool) -> ssl.SSLContext:
+        """A TLS 1.3 context for peer links (see tls.py). The server side presents a
+        self-signed certificate for this node's Ed25519 key. The client side verifies no
+        chain: the caller pins the server's fingerprint (`tls.certificate_public_key` of the
+        peer certificate) before sending anything, and proves its own key in the link
+        handshake with `sign`."""
+        if server_side:
+            return tls.server_ssl_context(self._tls_private_key())
+        return tls.client_ssl_context()
+
+    def _tls_private_key(self) -> Ed25519PrivateKey:
+        """The signing key object, for this package's TLS helpers only."""
+        return self._identity._signing_key()
+
+    # --- principals: owner and apps --------------------------------------------------------
+
+    @property
+    def owner(self) -> Principal:
+        return OWNER
+
+    def authenticate(self, credential: str) -> Principal:
+        """The owner or app holding `credential`; `AuthenticationError` (and an audit
+        entry) if it is malformed or unknown."""
+        try:
+            cid, secret = parse_credential(credential)
+        except AuthenticationError as exc:
+            self._refuse_auth(str(exc))
+            raise
+        state = self._state
+        if cid == state.owner.id:
+            if matches(state.owner, secret):
+                return OWNER
+        else:
+            for app in state.apps.values():
+                if app.credential.id == cid:
+                    if matches(app.credential, secret):
+                        return Principal(APP_KIND, app.name)
+                    break
+        self._refuse_auth("unknown or revoked credential")
+        raise AuthenticationError("unknown or revoked credential")
+
+    def _refuse_auth(self, reason: str) -> None:
+        self._audit_record("anonymous", "authenticate", None, None, False, reason)
+
+    def add_app(
+        self,
+        name: str,
+        doctype: str,
+        perm: str,
+        selector: Mapping[str, Any] | None = None,
+        *,
+        roles: Iterable[str] = (),
+    ) -> str:
+        """Register a local app with its grant (a rule whose subject is the app) and return
+        its credential, shown once."""
+        check_name("app name", name)
+        if name in self._state.apps:
+            raise AlreadyExists(f"an app named {name!r} already exists")
+        role_list = _check_roles(roles)
+        rule = self._new_rule(doctype, APP_KIND, name, perm, selector)
+        credential, record = new_credential()
+        self._state.apps[name] = AppRecord(name, record, role_list, rule.id)
+        self._state.rules.append(rule)
+        self._changed(rules=True)
+        self._admin("add_app", doctype, f"app {name!r} added with rule {rule.id} ({perm})")
+        return credential
+
+    def list_apps(self) -> list[AppInfo]:
+        rules = self._rules.rules
+        out = []
+        for app in self._state.apps.values():
+            grant = rules.get(app.grant_rule) if app.grant_rule else None
+            out.append(AppInfo(
+                app.name,
+                grant.doctype if grant else None,
+                grant.perm if grant else None,
+                grant.selector if grant else None,
+                tuple(app.roles),
+            ))
+        return out
+
+    def remove_app(self, name: str) -> None:
+        """Forget an app: its credential stops working and its rules are removed."""
+        if name not in self._state.apps:
+            raise NotFound(f"no app named {name!r}")
+        del self._state.apps[name]
+        self._drop_subject_rules(APP_KIND, name)
+        self._changed(rules=True)
+        self._admin("remove_app", None, f"app {name!r} removed with its rules")
+
+    # --- principals: peers -----------------------------------------------------------------
+
+    def add_peer(self, public_key: bytes, *, name: str, roles: Iterable[str] = ()) -> str:
+        """Pin a peer's Ed25519 public key; returns its node id. Re-adding the same key
+        updates name and roles; a node id is never re-pinned to another key."""
+        node_id = format_node_id(fingerprint_of(public_key))
+        check_name("peer name", name)
+        role_list = _check_roles(roles)
+        if node_id == self.node_id:
+            raise InvalidArgument("a node cannot add itself as a peer")
+        self._state.peers[node_id] = PeerRecord(node_id, bytes(public_key), name, role_list)
+        self._changed()
+        self._admin("add_peer", None, f"peer {node_id} ({name!r}) pinned, roles {role_list}")
+        return node_id
+
+    def list_peers(self) -> list[PeerInfo]:
+        return [
+            PeerInfo(p.node_id, p.name, p.public_key, tuple(p.roles))
+            for p in self._state.peers.values()
+        ]
+
+    def remove_peer(self, peer: str | bytes) -> None:
+        """Unpin a peer: it can no longer authenticate and its rules are removed."""
+        node_id = format_node_id(coerce_fingerprint(peer))
+        if node_id not in self._state.peers:
+            raise NotFound(f"unknown peer {node_id}")
+        del self._state.peers[node_id]
+        self._drop_subject_rules(PEER_KIND, node_id)
+        self._changed(rules=True)
+        self._admin("remove_peer", None, f"peer {node_id} removed with its rules")
+
+    def set_roles(self, principal: Principal, roles: Iterable[str]) -> None:
+        """Replace the roles of an app or peer."""
+        role_list = _check_roles(roles)
+        if principal.kind == APP_KIND and principal.id in self._state.apps:
+            self._state.apps[principal.id].roles = role_list
+        elif principal.kind == PEER_KIND and principal.id in self._state.peers:
+            self._state.peers[principal.id].roles = role_list
+        else:
+            raise NotFound(f"no app or peer {principal.label} to give roles to")
+        self._changed()
+        self._admin("set_roles", None, f"{principal.label} now has roles {role_list}")
+
+    def new_challenge(self) -> bytes:
+        """A fresh random challenge for a peer to sign; single use, valid for 2 minutes."""
+        now = time.monotonic()
+        challenges = self._challenges
+        while challenges and (
+            len(challenges) >= MAX_OUTSTANDING_CHALLENGES
+            or next(iter(challenges.values())) < now
+        ):
+            challenges.popitem(last=False)
+        challenge = secrets.token_bytes(CHALLENGE_SIZE)
+        challenges[challenge] = now + CHALLENGE_TTL
+        return challenge
+
+    def sign_challenge(self, challenge: bytes, context: bytes = b"") -> bytes:
+        """This node's answer to a peer's challenge. `context` must be what the verifier
+        passes too: the verifier's fingerprint and, where available, a TLS channel
+        binding, so the answer is good for that verifier and connection only."""
+        if len(challenge) != CHALLENGE_SIZE:
+            raise InvalidArgument(f"a challenge is {CHALLENGE_SIZE} bytes, got {len(challenge)}")
+        return self._identity.sign(challenge_message(challenge, context))
+
+    def verify_peer(
+        self, peer: str | bytes, challenge: bytes, signature: bytes, context: bytes = b""
+    ) -> Principal:
+        """The peer principal if `signature` answers `challenge` (issued by this token, not
+        used before, not expired) under the pinned key of `peer`. Otherwise
+        `AuthenticationError`, and the refusal is logged."""
+        try:
+            node_id = format_node_id(coerce_fingerprint(peer))
+        except InvalidArgument as exc:
+            self._audit_record("anonymous", "peer-auth", None, None, False, str(exc))
+            raise AuthenticationError(f"peer authentication refused: {exc}") from None
+        label = f"{PEER_KIND}:{node_id}"
+        expiry = self._challenges.pop(bytes(challenge), None)
+        record = self._state.peers.get(node_id)
+        if record is None:
+            reason = "unknown peer: its key is not pinned"
+        elif expiry is None:
+            reason = "challenge was not issued by this token or was already used"
+        elif expiry < time.monotonic():
+            reason = "challenge expired"
+        elif not verify_signature(
+            record.public_key, challenge_message(challenge, context), signature
+        ):
+            reason = "signature does not verify with the pinned key"
+        else:
+            self._audit_record(label, "peer-auth", None, None, True, "challenge answered")
+            return Principal(PEER_KIND, node_id)
+        self._audit_record(label, "peer-auth", None, None, False, reason)
+        raise AuthenticationError(f"peer {node_id}: {reason}")
+
+    # --- rules and decisions ---------------------------------------------------------------
+
+    def _new_rule(
+        self,
+        doctype: str,
+        subject_kind: str,
+        subject: str | bytes,
+        perm: str,
+        selector: Mapping[str, Any] | None,
+    ) -> Rule:
+        rule = Rule.make(f"r{self._state.next_rule}", doctype, selector, subject_kind, subject, perm)
+        self._state.next_rule += 1
+        return rule
+
+    def add_rule(
+        self,
+        doctype: str,
+        subject_kind: str,
+        subject: str | bytes,
+        perm: str,
+        selector: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Grant `perm` ("read" | "write") on documents of `doctype` matching `selector`
+        (None: all) to a subject: ("app", name), ("role", name), ("peer", node id or
+        fingerprint) or ("owner", ...). Returns the rule id; `RuleError` if malformed."""
+        rule = self._new_rule(doctype, subject_kind, subject, perm, selector)
+        self._state.rules.append(rule)
+        self._changed(rules=True)
+        self._admin(
+            "add_rule", rule.doctype, f"rule {rule.id}: {rule.perm} to {rule.subject_label}"
+        )
+        return rule.id
+
+    def list_rules(self) -> list[Rule]:
+        return list(self._state.rules)
+
+    def remove_rule(self, rule_id: str) -> None:
+        rules = self._state.rules
+        kept = [r for r in rules if r.id != rule_id]
+        if len(kept) == len(rules):
+            raise NotFound(f"no rule {rule_id!r}")
+        self._state.rules = kept
+        self._changed(rules=True)
+        self._admin("remove_rule", None, f"rule {rule_id} removed")
+
+    def decide(self, principal: Principal, action: str, doc_metadata: Mapping[str, Any]) -> Decision:
+        """May `principal` do `action` ("read" | "write" | "list", list meaning read) on the
+        document described by `doc_metadata` (its `doctype` and the fields rules look at,
+        e.g. the document itself)? Deny by default; the owner may do everything. Every
+        answer is logged."""
+        level = ACTION_LEVEL.get(action)
+        if level is None:
+            raise InvalidArgument(f"action must be read, write or list, got {action!r}")
+        try:
+            doctype = doc_metadata["doctype"]
+        except (KeyError, TypeError):
+            raise InvalidArgument("doc_metadata needs a 'doctype'") from None
+        kind = principal.kind
+        if kind == OWNER_KIND and principal == OWNER:
+            decision = _OWNER_ALLOWED
+        else:
+            subjects = self._subjects.get((kind, principal.id))
+            decision = (
+                subjects is not None and self._rules.match(subjects, level, doctype, doc_metadata)
+            ) or self._denial(principal, subjects is not None, action, doctype)
+        doc_id = doc_metadata.get("_id")
+        if doc_id is not None and type(doc_id) is not str:
+            doc_id = repr(doc_id)
+        if self._audit.record(
+            principal.label, action, doctype, doc_id, decision.allowed, decision.reason
+        ) >= MAX_UNFLUSHED:
+            self.flush()
+        return decision
+
+    def _denial(self, principal: Principal, known: bool, action: str, doctype: Any) -> Decision:
+        """The (cached) refusal for a principal, action and doctype no rule allows."""
+        key = (principal.label, known, action, doctype)
+        decision = self._denials.get(key)
+        if decision is None:
+            if len(self._denials) >= 4096:
+                self._denials.clear()
+            reason = (
+                f"no rule lets {principal.label} {action} this {doctype!r} document"
+                if known else f"unknown principal {principal.label}"
+            )
+            decision = self._denials[key] = Decision(False, reason)
+        return decision
+
+    def may_access_doctype(self, principal: Principal, action: str, doctype: str) -> Decision:
+        """May `principal` do `action` on at least some documents of `doctype` (for a whole
+        listing)? Allowed when a rule grants it, with or without a selector; the listing
+        must still check each document with `decide`. Logged."""
+        level = ACTION_LEVEL.get(action)
+        if level is None:
+            raise InvalidArgument(f"action must be read, write or list, got {action!r}")
+        if principal.kind == OWNER_KIND and principal == OWNER:
+            decision = _OWNER_ALLOWED
+        else:
+            subjects = self._subjects.get((principal.kind, principal.id))
+            found = self._rules.match_doctype(subjects, level, doctype) if subjects else None
+            if subjects is None:
+                decision = Decision(False, f"unknown principal {principal.label}")
+            elif found is None:
+                decision = Decision(
+                    False, f"no rule lets {principal.label} {action} {doctype!r} documents"
+                )
+            else:
+                allow, restricted = found
+                decision = (
+                    Decision(True, allow.reason + " (only documents matching its selector)")
+                    if restricted else allow
+                )
+        self._audit_record(principal.label, action, doctype, None, decision.allowed, decision.reason)
+        return decision
+
+    # --- encryption ------------------------------------------------------------------------
+
+    def mark_sensitive(self, doctype: str) -> None:
+        """From now on documents of `doctype` are to be stored sealed (makes its data key)."""
+        check_name("doctype", doctype)
+        if doctype in self._state.doctype_keys:
+            return
+        kid = self._new_data_key(f"doctype:{doctype}")
+        self._state.doctype_keys[doctype] = kid
+        self._state.sensitive.append(doctype)
+        self._changed()
+        self._admin("mark_sensitive", doctype, f"documents of {doctype!r} are sealed (key {kid})")
+
+    def is_sensitive(self, doctype: str) -> bool:
+        return doctype in self._state.doctype_keys
+
+    def sensitive_doctypes(self) -> list[str]:
+        return list(self._state.sensitive)
+
+    def encrypt_doc(
+        self, doc: Mapping[str, Any], *, generation: int, share_id: str | None = None
+    ) -> dict[str, Any]:
+        """`doc` sealed for storage as revision generation `generation` (parent generation
+        + 1), under its doctype's key, or under the newest key of share `share_id`. The
+        caller has already decided the write."""
+        if share_id is None:
+            doctype = doc.get("doctype") if isinstance(doc, Mapping) else None
+            kid = self._state.doctype_keys.get(doctype) if isinstance(doctype, str) else None
+            if kid is None:
+                raise InvalidArgument(
+                    f"doctype {doctype!r} is not marked sensitive; there is no key to seal with"
+                )
+        else:
+            kids = self._state.share_keys.get(share_id)
+            if not kids:
+                raise NotFound(f"no key for share {share_id!r}")
+            kid = kids[-1]
+        return seal_doc(doc, self._doc_key(kid)[1], generation)
+
+    def decrypt_doc(self, stored: Mapping[str, Any], principal: Principal) -> dict[str, Any]:
+        """Sealed mode: decide a read of `stored` (on its clear metadata) and, if allowed,
+        return the plaintext document. `AccessDenied` if the rules say no; `IntegrityError`
+        if it was altered or moved (logged too)."""
+        key = self._release(stored, principal)
+        if key is None:
+            return dict(stored)
+        try:
+            return open_doc(stored, key)
+        except IntegrityError as exc:
+            self._integrity_failure(principal, stored, exc)
+            raise
+
+    def release_doc_key(self, stored: Mapping[str, Any], principal: Principal) -> DocKey | None:
+        """Release mode: decide a read of `stored` and, if allowed, return its data key
+        (None for a document stored in clear) for the caller to open with
+        `envelope.open_doc`. Faster for bulk reads, at the cost of the key leaving."""
+        return self._release(stored, principal)
+
+    def _release(self, stored: Mapping[str, Any], principal: Principal) -> DocKey | None:
+        decision = self.decide(principal, "read", stored)
+        if not decision.allowed:
+            raise AccessDenied(decision, f"read refused: {decision.reason}")
+        if not is_sealed(stored):
+            if self.is_sensitive(stored["doctype"]) and not stored.get("_deleted"):
+                exc = IntegrityError(
+                    f"document {stored.get('_id')!r} of sensitive doctype "
+                    f"{stored['doctype']!r} is stored in clear (injected or never sealed)"
+                )
+                self._integrity_failure(principal, stored, exc)
+                raise exc
+            return None
+        try:
+            return self._doc_key(sealed_kid(stored))[1]
+        except (IntegrityError, NotFound) as exc:
+            self._integrity_failure(principal, stored, exc)
+            raise
+
+    def _integrity_failure(self, principal: Principal, stored: Mapping[str, Any], exc: Exception) -> None:
+        self._audit_record(
+            principal.label, "decrypt", stored.get("doctype"), stored.get("_id"), False, str(exc)
+        )
+
+    def create_share_key(self, share_id: str) -> str:
+        """A new key for share `share_id` (a share's first key, or a newer one after a
+        member left); returns its key id. Documents sealed for the share use the newest."""
+        check_name("share id", share_id)
+        kid = self._new_data_key(f"share:{share_id}")
+        self._state.share_keys.setdefault(share_id, []).append(kid)
+        self._changed()
+        self._admin("create_share_key", None, f"share {share_id!r}: new key {kid}")
+        return kid
+
+    def has_share_key(self, share_id: str) -> bool:
+        return bool(self._state.share_keys.get(share_id))
+
+    def wrap_share_key_for(
+        self, share_id: str, recipient_x25519_public: bytes, recipient_fingerprint: bytes | str
+    ) -> bytes:
+        """Every key of share `share_id`, sealed to one recipient and signed by this node
+        (see sharekey.py). The recipient's X25519 key must come over a channel
+        authenticated as `recipient_fingerprint` (the pinned TLS link)."""
+        kids = self._state.share_keys.get(share_id)
+        if not kids:
+            raise NotFound(f"no key for share {share_id!r}")
+        keys = [self._doc_key(kid)[0] for kid in kids]
+        recipient_fp = coerce_fingerprint(recipient_fingerprint)
+        wrapped = sharekey.wrap_keys(
+            self._identity, share_id, keys, recipient_x25519_public, recipient_fp
+        )
+        self._admin(
+            "wrap_share_key", None,
+            f"share {share_id!r}: {len(keys)} key(s) wrapped for {format_node_id(recipient_fp)}",
+        )
+        return wrapped
+
+    def accept_share_key(
+        self, share_id: str, wrapped: bytes, sender_fingerprint: bytes | str
+    ) -> str:
+        """Take in the keys of share `share_id` wrapped by `wrap_share_key_for` on the
+        sender's token; returns the newest key id. `AuthenticationError` if not made by
+        that sender for this node and share."""
+        check_name("share id", share_id)
+        sender_fp = coerce_fingerprint(sender_fingerprint)
+        sender = f"{PEER_KIND}:{format_node_id(sender_fp)}"
+        try:
+            keys = sharekey.unwrap_keys(self._identity, share_id, wrapped, sender_fp)
+        except (AuthenticationError, IntegrityError) as exc:
+            self._audit_record(sender, "accept_share_key", None, None, False, str(exc))
+            raise
+        scope = f"share:{share_id}"
+        kids = self._state.share_keys.setdefault(share_id, [])
+        for key in keys:
+            kid = key_id(scope, key)
+            if kid not in self._state.data_keys:
+                self._store_data_key(kid, scope, key)
+            if kid not in kids:
+                kids.append(kid)
+        self._changed()
+        self._audit_record(
+            sender, "accept_share_key", None, None, True,
+            f"share {share_id!r}: {len(keys)} key(s) accepted",
+        )
+        return key_id(scope, keys[-1])
+
+    def discard_share_key(self, share_id: str) -> None:
+        """Forget every key of share `share_id` (after leaving it)."""
+        kids = self._state.share_keys.pop(share_id, None)
+        if kids is None:
+            raise NotFound(f"no key for share {share_id!r}")
+        for kid in kids:
+            self._state.data_keys.pop(kid, None)
+            self._keys.pop(kid, None)
+        self._changed()
+        self._admin("discard_share_key", None, f"share {share_id!r}: keys discarded")
+
+    def rotate_master_key(self) -> int:
+        """Make a new master key and use it from now on: the state is sealed under a new
+        state key wrapped by it at once, data keys are re-wrapped lazily when next used, and
+        an old master key is destroyed once nothing is wrapped by it. Returns its id."""
+        master_id = self._keystore.new_master_key()
+        state_key = os.urandom(KEY_SIZE)
+        self._wrapped_state_key = self._keystore.wrap(master_id, state_key, _STATE_KEY_CONTEXT)
+        self._state_aead = AESGCM(state_key)
+        self._state_master = master_id
+        self._state.current_master = master_id
+        self._keys.clear()  # so each data key is re-wrapped under the new master on next use
+        self._changed()
+        self._admin("rotate_master_key", None, f"master key {master_id} in use")
+        self.flush()
+        return master_id
+
+    def _new_data_key(self, scope: str) -> str:
+        key = os.urandom(KEY_SIZE)
+        kid = key_id(scope, key)
+        self._store_data_key(kid, scope, key)
+        return kid
+
+    def _store_data_key(self, kid: str, scope: str, key: bytes) -> None:
+        master = self._state.current_master
+        wrapped = self._keystore.wrap(master, key, _data_key_context(kid, scope))
+        self._state.data_keys[kid] = DataKeyRecord(kid, scope, master, wrapped)
+        self._keys[kid] = (key, DocKey(kid, key))
+
+    def _doc_key(self, kid: str) -> tuple[bytes, DocKey]:
+        """An unwrapped data key (cached); re-wrapped under the current master if needed."""
+        cached = self._keys.get(kid)
+        if cached is not None:
+            return cached
+        record = self._state.data_keys.get(kid)
+        if record is None:
+            raise NotFound(f"this token holds no key {kid} (share key not accepted, or discarded)")
+        key = self._keystore.unwrap(record.master_id, record.wrapped, _data_key_context(kid, record.scope))
+        if key_id(record.scope, key) != kid:
+            raise IntegrityError(f"data key {kid} unwraps to a key with another id")
+        current = self._state.current_master
+        if record.master_id != current:
+            record.wrapped = self._keystore.wrap(current, key, _data_key_context(kid, record.scope))
+            record.master_id = current
+            self._dirty = True
+        entry = (key, DocKey(kid, key))
+        self._keys[kid] = entry
+        return entry
+
+    def _retire_masters(self) -> None:
+        """Destroy master keys nothing refers to any more (only after a durable flush)."""
+        in_use = {self._state_master, self._state.current_master}
+        in_use.update(r.master_id for r in self._state.data_keys.values())
+        for master_id in self._keystore.master_key_ids():
+            if master_id not in in_use:
+                self._keystore.destroy_master_key(master_id)
+
+    # --- audit -----------------------------------------------------------------------------
+
+    def _audit_record(
+        self, principal: str, action: str, doctype: str | None, doc_id: Any,
+        allowed: bool, reason: str,
+    ) -> None:
+        if not isinstance(doc_id, str):
+            doc_id = None if doc_id is None else repr(doc_id)
+        if self._audit.record(principal, action, doctype, doc_id, allowed, reason) >= MAX_UNFLUSHED:
+            self.flush()  # keeps memory bounded between the caller's flushes
+
+    def _admin(self, action: str, doctype: str | None, reason: str) -> None:
+        self._audit_record(_ADMIN, action, doctype, None, True, reason)
+
+    def audit_tail(self, n: int) -> list[AuditEntry]:
+        """The last `n` audit entries, oldest first."""
+        return self._audit.tail(n)
+
+    def audit_verify(self) -> tuple[bool, int, int | None]:
+        """(ok, number of entries, index of the first bad entry or None): re-reads the
+        whole log and checks every seal and the hash chain."""
+        return self._audit.verify()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _changed(self, *, rules: bool = False) -> None:
+        self._dirty = True
+        if rules:
+            self._rebuild_rules()
+        self._rebuild_subjects()
+
+    def _drop_subject_rules(self, kind: str, subject: str) -> None:
+        self._state.rules = [
+            r for r in self._state.rules if not (r.subject_kind == kind and r.subject == subject)
+        ]
+
+    def _rebuild_rules(self) -> None:
+        self._rules = RuleSet(self._state.rules, self._rules)
+
+    def _rebuild_subjects(self) -> None:
+        subjects: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        for app in self._state.apps.values():
+            subjects[(APP_KIND, app.name)] = ((APP_KIND, app.name),) + tuple(
+                (ROLE_KIND, r) for r in app.roles
+            )
+        for peer in self._state.peers.values():
+            subjects[(PEER_KIND, peer.node_id)] = ((PEER_KIND, peer.node_id),) + tuple(
+                (ROLE_KIND, r) for r in peer.roles
+            )
+        self._subjects = subjects
+
+
+__all__ = ["AppInfo", "PeerInfo", "Token", "TokenInfo"]
