@@ -13,7 +13,15 @@ import attrs
 import click
 
 from plugshare import __version__
-from plugshare.config import Address, Config, NodeSection, PeerSection, StoreSection, ApiSection
+from plugshare.config import (
+    Address,
+    ApiSection,
+    Config,
+    NodeSection,
+    PeerSection,
+    StoreSection,
+    TokenSection,
+)
 from plugshare.errors import PlugshareError
 from plugshare.node.home import Home, default_home
 
@@ -95,15 +103,36 @@ def _address(_ctx, param, value: str | None) -> Address | None:
 @click.option("--peer-listen", callback=_address, help="HOST:PORT for peers [0.0.0.0:7415].")
 @click.option("--api-listen", callback=_address, help="HOST:PORT of the local API [127.0.0.1:7414].")
 @click.option("--no-discovery", is_flag=True, help="Do not announce or browse on the LAN.")
+@click.option("--keystore", type=click.Choice(["soft", "pkcs11"]), default="soft",
+              show_default=True, help="Where the token's master key lives.")
+@click.option("--passphrase-from", metavar="env:VAR|file:PATH",
+              help="soft keystore: read a passphrase from there [default: a key file].")
+@click.option("--pkcs11-module", metavar="PATH", help="pkcs11: the PKCS#11 library.")
+@click.option("--pkcs11-token", metavar="LABEL", help="pkcs11: the device token's label.")
+@click.option("--pkcs11-pin", metavar="env:VAR|file:PATH", help="pkcs11: the user PIN's source.")
 @pass_ctx
-def init(ctx: Context, name, backend, couchdb_url, peer_listen, api_listen, no_discovery) -> None:
+def init(ctx: Context, name, backend, couchdb_url, peer_listen, api_listen, no_discovery,
+         keystore, passphrase_from, pkcs11_module, pkcs11_token, pkcs11_pin) -> None:
     """Create a node's home: node.toml, token state and identity, owner credential."""
     if backend == "couchdb" and not couchdb_url:
         raise click.UsageError("--store couchdb needs --couchdb-url URL")
     if couchdb_url and backend != "couchdb":
         raise click.UsageError("--couchdb-url goes with --store couchdb")
+    if keystore == "soft" and (pkcs11_module or pkcs11_token or pkcs11_pin):
+        raise click.UsageError("--pkcs11-* options go with --keystore pkcs11")
+    if keystore == "pkcs11" and passphrase_from:
+        raise click.UsageError("--passphrase-from goes with --keystore soft")
+    token = {"keystore": keystore, "passphrase": passphrase_from, "pin": pkcs11_pin}
+    if pkcs11_module:
+        token["module"] = pkcs11_module
+    if pkcs11_token:
+        token["token_label"] = pkcs11_token
+    if keystore == "pkcs11":  # several nodes may share one device: each its own objects
+        import secrets
+
+        token["key_label"] = f"plugshare-{name or _default_name(ctx.home)}-{secrets.token_hex(4)}"
     config = _initial_config(ctx.home, name, backend, couchdb_url, peer_listen, api_listen,
-                             no_discovery)
+                             no_discovery, token)
     node_id = ctx.home.create(config)
     ctx.emit(
         {"home": str(ctx.home.root), "name": config.node.name, "node_id": node_id},
@@ -113,7 +142,7 @@ def init(ctx: Context, name, backend, couchdb_url, peer_listen, api_listen, no_d
 
 
 def _initial_config(home: Home, name, backend, couchdb_url, peer_listen, api_listen,
-                    no_discovery) -> Config:
+                    no_discovery, token: dict | None = None) -> Config:
     from plugshare.config import ConfigError
 
     defaults = Config()
@@ -124,6 +153,7 @@ def _initial_config(home: Home, name, backend, couchdb_url, peer_listen, api_lis
             peer=PeerSection(listen=peer_listen or defaults.peer.listen,
                              discovery=not no_discovery),
             api=ApiSection(listen=api_listen or defaults.api.listen),
+            token=TokenSection(**(token or {})),
         )
     except ValueError as exc:
         raise ConfigError(f"bad option: {exc}") from None
@@ -268,6 +298,152 @@ def doc_rm(ctx: Context, doc_id: str, rev: str) -> None:
     with ctx.client() as client:
         result = client.request("DELETE", f"/docs/{_quote(doc_id)}", params={"rev": rev})
     ctx.emit(result, f"{result['id']} {result['rev']} (deleted)")
+
+
+# -- the token: apps, rules, encryption, audit ------------------------------------------
+
+
+def _parse_selector(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        selector = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlugshareError(f"--selector is not valid JSON: {exc}") from None
+    if not isinstance(selector, dict):
+        raise PlugshareError('--selector must be a JSON object, e.g. \'{"tags": {"$in": ["x"]}}\'')
+    return selector
+
+
+_PERM = click.Choice(["read", "write"])
+
+
+@cli.group()
+def app() -> None:
+    """Local apps: each gets a credential and the access its grant allows."""
+
+
+@app.command("add")
+@click.argument("name")
+@click.option("--doctype", required=True, help="The doctype the app may use.")
+@click.option("--perm", type=_PERM, required=True, help="read, or write (implies read).")
+@click.option("--selector", help="Only documents matching this Mango-style JSON selector.")
+@pass_ctx
+def app_add(ctx: Context, name: str, doctype: str, perm: str, selector: str | None) -> None:
+    """Register an app; prints its credential once (keep it: it is stored only as a hash)."""
+    body = {"name": name, "doctype": doctype, "perm": perm,
+            "selector": _parse_selector(selector)}
+    with ctx.client() as client:
+        result = client.request("POST", "/token/apps", json=body)
+    ctx.emit(result, f"app {name!r} added; its credential (shown once):\n{result['credential']}")
+
+
+@app.command("list")
+@pass_ctx
+def app_list(ctx: Context) -> None:
+    """List the registered apps and their grants."""
+    with ctx.client() as client:
+        result = client.request("GET", "/token/apps")
+    lines = [f"{a['name']}  {a['perm']} {a['doctype']}"
+             + (f"  {json.dumps(a['selector'])}" if a["selector"] else "")
+             for a in result["apps"]]
+    ctx.emit(result, "\n".join(lines) or "(no apps)")
+
+
+@app.command("rm")
+@click.argument("name")
+@pass_ctx
+def app_rm(ctx: Context, name: str) -> None:
+    """Remove an app: its credential stops working and its rules go."""
+    with ctx.client() as client:
+        result = client.request("DELETE", f"/token/apps/{_quote(name)}")
+    ctx.emit(result, f"app {name!r} removed")
+
+
+@cli.group()
+def rule() -> None:
+    """Access rules held by the token (deny by default)."""
+
+
+@rule.command("add")
+@click.option("--doctype", required=True, help="The doctype the rule covers.")
+@click.option("--selector", help="Only documents matching this Mango-style JSON selector.")
+@click.option("--app", "app_name", help="Grant to this app.")
+@click.option("--role", help="Grant to every app or peer with this role.")
+@click.option("--peer", help="Grant to this peer (its node id).")
+@click.option("--perm", type=_PERM, required=True, help="read, or write (implies read).")
+@pass_ctx
+def rule_add(ctx: Context, doctype, selector, app_name, role, peer, perm) -> None:
+    """Grant a permission on documents to an app, a role or a peer."""
+    subjects = [(k, v) for k, v in (("app", app_name), ("role", role), ("peer", peer)) if v]
+    if len(subjects) != 1:
+        raise click.UsageError("give exactly one of --app, --role, --peer")
+    (kind, subject), = subjects
+    body = {"doctype": doctype, "subject_kind": kind, "subject": subject, "perm": perm,
+            "selector": _parse_selector(selector)}
+    with ctx.client() as client:
+        result = client.request("POST", "/token/rules", json=body)
+    ctx.emit(result, f"rule {result['id']} added")
+
+
+@rule.command("list")
+@pass_ctx
+def rule_list(ctx: Context) -> None:
+    """List the rules."""
+    with ctx.client() as client:
+        result = client.request("GET", "/token/rules")
+    lines = [f"{r['id']}  {r['subject_kind']}:{r['subject']}  {r['perm']} {r['doctype']}"
+             + (f"  {json.dumps(r['selector'])}" if r["selector"] else "")
+             for r in result["rules"]]
+    ctx.emit(result, "\n".join(lines) or "(no rules)")
+
+
+@rule.command("rm")
+@click.argument("rule_id", metavar="ID")
+@pass_ctx
+def rule_rm(ctx: Context, rule_id: str) -> None:
+    """Remove a rule."""
+    with ctx.client() as client:
+        result = client.request("DELETE", f"/token/rules/{_quote(rule_id)}")
+    ctx.emit(result, f"rule {rule_id} removed")
+
+
+@cli.command()
+@click.argument("doctype")
+@pass_ctx
+def encrypt(ctx: Context, doctype: str) -> None:
+    """Store DOCTYPE encrypted from now on (existing docs are re-written encrypted)."""
+    with ctx.client() as client:
+        result = client.request("POST", f"/token/encrypt/{_quote(doctype)}")
+    ctx.emit(result, f"{doctype}: stored encrypted from now on "
+                     f"({result['rewritten']} existing documents re-written)")
+
+
+@cli.command()
+@click.option("--tail", default=20, show_default=True, type=click.IntRange(1, 100_000),
+              help="How many of the latest entries to show.")
+@click.option("--verify", is_flag=True, help="Check every seal and the whole hash chain.")
+@pass_ctx
+def audit(ctx: Context, tail: int, verify: bool) -> None:
+    """The token's decision log."""
+    import datetime
+
+    params = {"tail": tail, "verify": "true" if verify else "false"}
+    with ctx.client() as client:
+        result = client.request("GET", "/token/audit", params=params)
+    lines = []
+    for e in result["entries"]:
+        when = datetime.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds")
+        what = " ".join(x for x in (e["doctype"], e["doc_id"]) if x)
+        lines.append(f"{e['seq']:>6} {when} {'allow' if e['allowed'] else 'DENY ':5} "
+                     f"{e['principal']} {e['action']} {what} - {e['reason']}")
+    if verify:
+        v = result["verify"]
+        lines.append(f"chain verified: {v['entries']} entries intact" if v["ok"] else
+                     f"CHAIN BROKEN at entry {v['first_bad']} ({v['entries']} entries)")
+    ctx.emit(result, "\n".join(lines))
+    if verify and not result["verify"]["ok"]:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -105,6 +105,7 @@ class TokenSection:
     module: str = "/usr/lib/softhsm/libsofthsm2.so"  # pkcs11
     token_label: str = "plugshare"  # pkcs11
     pin: str | None = attrs.field(default=None, validator=_check_pin_source)  # pkcs11
+    key_label: str | None = None  # pkcs11: this node's objects on the device (set by init)
 
 
 @attrs.frozen

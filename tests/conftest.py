@@ -12,3 +12,12 @@ def couchdb_url():
 
     with running_pouchdb_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory):
+    """Path of a softhsm2.conf whose token directory holds token 'plugshare-test' (user PIN
+    in $PLUGSHARE_TEST_HSM_PIN); SOFTHSM2_CONF is set for this process and its children."""
+    from tests.support.softhsm import make_softhsm
+
+    return make_softhsm(tmp_path_factory.mktemp("softhsm"))

@@ -55,7 +55,7 @@ def keystore_for(section: TokenSection, home, node_name: str) -> Keystore:
     if section.keystore == "pkcs11":
         pin = section.pin or "env:PLUGSHARE_PKCS11_PIN"
         return Pkcs11Keystore(section.module, section.token_label, pin,
-                              key_label=f"plugshare-{node_name}")
+                              key_label=section.key_label or f"plugshare-{node_name}")
     passphrase = None
     if section.passphrase:
         passphrase = read_secret_source(section.passphrase, "the token passphrase")

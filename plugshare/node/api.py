@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from plugshare import token
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed
 
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
     from plugshare.node.node import Node
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
+
+# The token speaks in its own errors; this is how they read over HTTP.
+_TOKEN_ERRORS = [
+    (token.NotFound, (404, "not_found")),
+    (token.AlreadyExists, (409, "conflict")),
+    (token.AccessDenied, (403, "forbidden")),
+    (token.IntegrityError, (502, "integrity")),
+    (token.InvalidArgument, (400, "bad_request")),
+]
 
 
 class ApiError(PlugshareError):
@@ -45,6 +55,26 @@ async def _json_body(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def _text(body: dict, key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "bad_request", f"{key!r} is required (a non-empty string)")
+    return value
+
+
+def _selector(body: dict) -> dict | None:
+    selector = body.get("selector")
+    if selector is not None and not isinstance(selector, dict):
+        raise ApiError(400, "bad_request", "'selector' must be a JSON object")
+    return selector
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -106,20 +136,71 @@ def create_app(node: Node) -> Starlette:
     async def status(request: Request) -> Response:
         return JSONResponse(await node.status())
 
+    admin = node.admin
+
+    async def apps(request: Request) -> Response:
+        who = request.state.principal
+        if request.method == "POST":
+            body = _object(await _json_body(request))
+            credential = admin.add_app(who, _text(body, "name"), _text(body, "doctype"),
+                                       _text(body, "perm"), _selector(body))
+            return JSONResponse({"name": body["name"], "credential": credential},
+                                status_code=201)
+        return JSONResponse({"apps": admin.list_apps(who)})
+
+    async def app_item(request: Request) -> Response:
+        admin.remove_app(request.state.principal, request.path_params["name"])
+        return JSONResponse({"ok": True})
+
+    async def rules(request: Request) -> Response:
+        who = request.state.principal
+        if request.method == "POST":
+            body = _object(await _json_body(request))
+            rule = admin.add_rule(who, _text(body, "doctype"), _text(body, "subject_kind"),
+                                  _text(body, "subject"), _text(body, "perm"), _selector(body))
+            return JSONResponse(rule, status_code=201)
+        return JSONResponse({"rules": admin.list_rules(who)})
+
+    async def rule_item(request: Request) -> Response:
+        admin.remove_rule(request.state.principal, request.path_params["rule_id"])
+        return JSONResponse({"ok": True})
+
+    async def encrypt(request: Request) -> Response:
+        return JSONResponse(
+            await admin.encrypt(request.state.principal, request.path_params["doctype"])
+        )
+
+    async def audit(request: Request) -> Response:
+        tail = request.query_params.get("tail", "20")
+        if not tail.isdigit() or not 0 < int(tail) <= 100_000:
+            raise ApiError(400, "bad_request", f"tail must be a number from 1 to 100000")
+        return JSONResponse(
+            admin.audit(request.state.principal, int(tail), _flag(request, "verify"))
+        )
+
     routes = [
         Route("/status", status, methods=["GET"]),
         Route("/data/{doctype}/", typed_collection, methods=["GET", "POST"]),
         Route("/data/{doctype}/{doc_id:path}", typed_doc, methods=["GET", "PUT", "DELETE"]),
         Route("/docs/", all_docs, methods=["GET"]),
         Route("/docs/{doc_id:path}", any_doc, methods=["GET", "DELETE"]),
+        Route("/token/apps", apps, methods=["GET", "POST"]),
+        Route("/token/apps/{name}", app_item, methods=["DELETE"]),
+        Route("/token/rules", rules, methods=["GET", "POST"]),
+        Route("/token/rules/{rule_id}", rule_item, methods=["DELETE"]),
+        Route("/token/encrypt/{doctype}", encrypt, methods=["POST"]),
+        Route("/token/audit", audit, methods=["GET"]),
     ]
     async def http_error(request: Request, exc: HTTPException) -> Response:
         names = {404: "not_found", 405: "method_not_allowed"}
         return _error(exc.status_code, names.get(exc.status_code, "bad_request"), exc.detail)
 
     async def plugshare_error(request: Request, exc: PlugshareError) -> Response:
-        return _error(getattr(exc, "status", 400), getattr(exc, "error", "bad_request"),
-                      getattr(exc, "reason", str(exc)))
+        status, error = next(
+            (mapped for kind, mapped in _TOKEN_ERRORS if isinstance(exc, kind)),
+            (getattr(exc, "status", 400), getattr(exc, "error", "bad_request")),
+        )
+        return _error(status, error, getattr(exc, "reason", str(exc)))
 
     app = Starlette(
         routes=routes,

@@ -19,6 +19,7 @@ from plugshare import __version__
 from plugshare.config import Address, Config
 from plugshare.errors import PlugshareError
 from plugshare.node.access import Access, open_access
+from plugshare.node.admin import Admin
 from plugshare.node.documents import Documents
 from plugshare.node.home import Home
 from plugshare.store import Store, open_store
@@ -57,6 +58,7 @@ class Node:
         self.store = store
         self.access = access
         self.documents = Documents(store, access)
+        self.admin = Admin(store, access)
         self.api_url: str | None = None
         self.started_at = time.time()
         self._stopping = trio.Event()

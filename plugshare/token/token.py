@@ -651,6 +651,16 @@ class Token:
             decision = self._denials[key] = Decision(False, reason)
         return decision
 
+    def decide_admin(self, principal: Principal, action: str) -> Decision:
+        """May `principal` manage the token (apps, rules, encryption, audit)? Only the owner
+        may; every answer is logged."""
+        if principal == OWNER:
+            decision = Decision(True, "the owner manages the token")
+        else:
+            decision = Decision(False, f"only the owner may {action}; {principal.label} may not")
+        self._audit_record(principal.label, action, None, None, decision.allowed, decision.reason)
+        return decision
+
     def may_access_doctype(self, principal: Principal, action: str, doctype: str) -> Decision:
         """May `principal` do `action` on at least some documents of `doctype` (for a whole
         listing)? Allowed when a rule grants it, with or without a selector; the listing

@@ -7,43 +7,21 @@ its own key label on that device token, and its objects are destroyed afterwards
 
 from __future__ import annotations
 
-import os
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pkcs11
 import pytest
 
 from plugshare.token import Keystore, Pkcs11Keystore, SoftKeystore, Token
 from plugshare.token.pkcs11_keystore import DEFAULT_MODULE
 
-REPO = Path(__file__).resolve().parents[2]
-HSM_TOKEN_LABEL = "plugshare-test"
-HSM_PIN = "1234"
-PIN_ENV = "PLUGSHARE_TEST_HSM_PIN"
+from tests.support.softhsm import HSM_PIN, HSM_TOKEN_LABEL, PIN_ENV  # noqa: F401 (re-exported)
+
 PASSPHRASE = "correct horse battery staple"
 TEST_SCRYPT_N = 1 << 14  # the default (2^17) is exercised once in test_keystore.py
 
 KeystoreFactory = Callable[[], Keystore]
-
-
-@pytest.fixture(scope="session")
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path of a softhsm2.conf whose token directory holds token 'plugshare-test'."""
-    directory = tmp_path_factory.mktemp("softhsm")
-    out = subprocess.run(
-        [str(REPO / ".ci" / "softhsm.sh"), str(directory)],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    conf = out.strip().splitlines()[-1].split("=", 1)[1]
-    os.environ["SOFTHSM2_CONF"] = conf
-    os.environ[PIN_ENV] = HSM_PIN
-    lib = pkcs11.lib(DEFAULT_MODULE)
-    if not list(lib.get_tokens(token_label=HSM_TOKEN_LABEL)):
-        lib.reinitialize()  # the module was loaded earlier with another configuration
-    return Path(conf)
 
 
 def _pkcs11_factory(softhsm: Path) -> tuple[KeystoreFactory, Callable[[], None]]:
