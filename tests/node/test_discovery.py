@@ -85,10 +85,11 @@ async def test_malformed_announcements_are_ignored_and_a_fixed_one_is_taken() ->
                 services = {p.service for p in a.peers.values()}
                 assert bad_id.name not in services and no_id.name not in services
 
-                # The announcement is corrected: now it names a node, and is taken.
+                # The announcement is corrected: now it names a node, and is taken (its name
+                # shown without the control character it carries).
                 fixed = ServiceInfo(
                     SERVICE_TYPE, bad_id.name, port=7417, parsed_addresses=["127.0.0.1"],
-                    properties={"id": gamma.node_id, "name": "gamma"}, server=bad_id.server,
+                    properties={"id": gamma.node_id, "name": "gam\x07ma"}, server=bad_id.server,
                 )
                 await trio.to_thread.run_sync(zc.update_service, fixed)
                 assert await a.wait_for(gamma.fingerprint) == [("127.0.0.1", 7417)]
