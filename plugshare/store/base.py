@@ -97,9 +97,10 @@ class Store(abc.ABC):
     async def put(self, doc: Doc) -> str:
         """Create or update `doc` and return its new rev.
 
-        `_id` is required; `_rev` must name the current winning leaf to update (missing `_rev`
-        on a live doc, or a stale one -> `Conflict`). A doc whose winner is a tombstone may be
-        recreated without `_rev`. `_deleted: true` writes a tombstone. An id starting with
+        `_id` is required; `_rev` must name a current leaf to update (missing `_rev` on a live
+        doc, or a stale one -> `Conflict`); editing or deleting a losing leaf is how a conflict
+        is resolved. A doc whose winner is a tombstone may be recreated without `_rev`.
+        `_deleted: true` writes a tombstone, which keeps the fields sent with it. An id starting with
         `_local/` stores a local document (see `put_local`); other ids starting with `_`, a
         non-object doc or an unknown `_field` -> `BadRequest`.
         """
@@ -115,7 +116,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, doc_id: str, rev: str) -> str:
-        """Write a tombstone on top of `rev` (must be the current winner) and return its rev."""
+        """Write an empty tombstone on top of leaf `rev` and return its rev."""
 
     @abc.abstractmethod
     async def all_docs(self) -> list[Doc]:

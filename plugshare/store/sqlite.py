@@ -1,0 +1,652 @@
+"""The embedded store: CouchDB document semantics on one SQLite file.
+
+Layout: one `docs` row per document holds its revision tree, the bodies of its leaves and a
+denormalised list of leaf revs (winner first) so the changes feed and plain reads never decode
+the tree. The row's `seq` (its rowid) is the document's latest change, so the changes feed is
+a range scan. Non-leaf bodies are not kept (like CouchDB after compaction). Local documents
+live in `local_docs`, outside the feed.
+
+Concurrency: one connection, used by one worker thread at a time (a capacity limiter of 1),
+so every SQLite call runs off the trio thread and writes are serialised. The file is opened in
+WAL mode with `synchronous=FULL` (a write is on disk when the call returns) and an exclusive
+lock, so a second store (in this process or another) cannot open it while this one is open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgpack
+import trio
+
+from plugshare.store import revtree
+from plugshare.store.base import (
+    LOCAL_PREFIX,
+    BadRequest,
+    Change,
+    ChangesPage,
+    Conflict,
+    Doc,
+    NotFound,
+    Seq,
+    Store,
+    StoreError,
+)
+from plugshare.store.revtree import ParsedDoc, RevTree
+
+T = TypeVar("T")
+
+APPLICATION_ID = 0x706C7368  # "plsh": marks the file as a plugshare store
+SCHEMA_VERSION = 1
+_SQL_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's variable limit
+
+_SCHEMA = """
+CREATE TABLE docs (
+    seq     INTEGER PRIMARY KEY,  -- the document's latest change
+    id      TEXT NOT NULL UNIQUE,
+    deleted INTEGER NOT NULL,     -- the winning revision is a tombstone
+    leaves  TEXT NOT NULL,        -- every leaf rev, the winner first, space-separated
+    tree    BLOB NOT NULL,        -- msgpack of RevTree.to_obj()
+    bodies  BLOB NOT NULL         -- msgpack {leaf rev: JSON text, or nil for a tombstone}
+);
+CREATE TABLE local_docs (
+    id      TEXT PRIMARY KEY,     -- without the "_local/" prefix
+    version INTEGER NOT NULL,     -- shown as the rev "0-<version>"
+    body    TEXT NOT NULL
+);
+"""
+
+
+class _Record:
+    """A document as stored: its revision tree and the bodies of its leaves."""
+
+    __slots__ = ("tree", "bodies")
+
+    def __init__(self, tree: RevTree, bodies: dict[str, str | None]):
+        self.tree = tree
+        self.bodies = bodies  # leaf rev -> stored body (see _stored_body)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _dump_body(body: dict[str, Any]) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+_TOMBSTONE = "~"  # prefix of a tombstone's stored body (a live body is a JSON object: "{")
+
+
+def _stored_body(body: dict[str, Any], deleted: bool) -> str:
+    """A leaf's body as stored. Tombstones keep their body too, as CouchDB's do: a deletion
+    can carry fields (e.g. its doctype, so shares of that doctype replicate it)."""
+    return (_TOMBSTONE if deleted else "") + _dump_body(body)
+
+
+def _is_tombstone(stored: str | None) -> bool:
+    return stored is None or stored.startswith(_TOMBSTONE)
+
+
+def _document(doc_id: str, rev: str, stored: str | None) -> Doc:
+    if stored is None:
+        return {"_id": doc_id, "_rev": rev, "_deleted": True}
+    deleted = stored.startswith(_TOMBSTONE)
+    try:
+        body = json.loads(stored[1:] if deleted else stored)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"the stored body of {doc_id!r} {rev} is corrupt: {exc}") from exc
+    if deleted:
+        return {"_id": doc_id, "_rev": rev, "_deleted": True, **body}
+    return {"_id": doc_id, "_rev": rev, **body}
+
+
+def _parse_seq(since: object) -> int:
+    if type(since) is int and since >= 0:
+        return since
+    if isinstance(since, str) and since.isascii() and since.isdigit():
+        return int(since)
+    raise BadRequest(f"invalid sequence {since!r}: expected one handed out by this store")
+
+
+def _check_local_id(local_id: object) -> str:
+    if not isinstance(local_id, str) or not local_id:
+        raise BadRequest(f"a local document id must be a non-empty string, not {local_id!r}")
+    revtree.check_doc_id(LOCAL_PREFIX + local_id)
+    return local_id
+
+
+def _local_body(local_id: str, doc: object) -> dict[str, Any]:
+    """The fields of a local document, checked like any document's."""
+    if not isinstance(doc, dict):
+        raise BadRequest(f"a document must be a JSON object, not {type(doc).__name__}")
+    full_id = LOCAL_PREFIX + local_id
+    if doc.get("_id", full_id) != full_id:
+        raise BadRequest(f"_id {doc['_id']!r} does not match the local document {full_id!r}")
+    body = {}
+    for key, value in doc.items():
+        if type(key) is not str:
+            raise BadRequest(f"document {full_id!r} has a non-string key {key!r}")
+        if not key.startswith("_"):
+            body[key] = value
+        elif key not in ("_id", "_rev"):
+            raise BadRequest(f"document {full_id!r}: unknown special field {key!r}")
+    revtree.check_json(body, f"document {full_id!r}")
+    return body
+
+
+class SQLiteStore(Store):
+    """A `Store` in one SQLite file. Open with `await SQLiteStore.open(path)`."""
+
+    backend = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int):
+        """Use `open()`; this takes an already opened and checked connection."""
+        self.path = path
+        self.revs_limit = revs_limit
+        self._conn: sqlite3.Connection | None = conn
+        self._limiter = trio.CapacityLimiter(1)
+        self._seq = update_seq  # last committed seq; advanced by the worker after COMMIT
+        self._notified_seq = update_seq
+        self._changed = trio.Event()  # set (and replaced) when the feed grows
+
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, revs_limit: int = revtree.DEFAULT_REVS_LIMIT
+    ) -> SQLiteStore:
+        """Open the store at `path`, creating the file if it does not exist.
+
+        A file that is not a plugshare store, is corrupt, is unreadable or is held open by
+        another store is a `StoreError` saying which."""
+        if type(revs_limit) is not int or revs_limit < 1:
+            raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
+        path = Path(path)
+        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path)
+        return cls(conn, path, revs_limit, update_seq)
+
+    async def aclose(self) -> None:
+        if self._conn is None:
+            return
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+        self._wake_waiters()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- running SQLite off the trio thread ----------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` on the worker; then wake `wait_for_change` if it wrote."""
+        try:
+            return await trio.to_thread.run_sync(self._call, fn, args, limiter=self._limiter)
+        finally:
+            if self._seq > self._notified_seq:
+                self._notified_seq = self._seq
+                self._wake_waiters()
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StoreError(f"the store {self.path} is closed")
+        try:
+            return fn(conn, *args)
+        except sqlite3.Error as exc:
+            if "malformed" in str(exc):
+                raise StoreError(
+                    f"the store file {self.path} is corrupt ({exc}): restore it from a backup, "
+                    "or move it away and sync again from peers"
+                ) from exc
+            raise StoreError(f"SQLite store {self.path} failed: {exc}") from exc
+
+    def _wake_waiters(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _write(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in one write transaction (in the worker thread)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    # -- reading records -------------------------------------------------------------------
+
+    def _decode(self, doc_id: str, tree: bytes, bodies: bytes) -> _Record:
+        try:
+            rev_tree = RevTree.from_obj(msgpack.unpackb(tree))
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise StoreError(f"the record of {doc_id!r} in {self.path} is corrupt: {exc}") from exc
+        return _Record(rev_tree, self._bodies(doc_id, bodies))
+
+    def _load_records(self, conn: sqlite3.Connection, ids: Iterable[str]) -> dict[str, _Record]:
+        records = {}
+        wanted = list(dict.fromkeys(ids))
+        for start in range(0, len(wanted), _SQL_CHUNK):
+            chunk = wanted[start : start + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT id, tree, bodies FROM docs WHERE id IN ({marks})"
+            for doc_id, tree, bodies in conn.execute(query, chunk):
+                records[doc_id] = self._decode(doc_id, tree, bodies)
+        return records
+
+    def _bodies(self, doc_id: str, raw: bytes) -> dict[str, str | None]:
+        try:
+            bodies = msgpack.unpackb(raw)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise StoreError(f"the record of {doc_id!r} in {self.path} is corrupt: {exc}") from exc
+        if not isinstance(bodies, dict):
+            raise StoreError(f"the record of {doc_id!r} in {self.path} is corrupt")
+        return bodies
+
+    # -- writing documents -----------------------------------------------------------------
+
+    def _apply(
+        self, conn: sqlite3.Connection, docs: list[ParsedDoc | StoreError], new_edits: bool
+    ) -> tuple[list[str | StoreError], int]:
+        """Write the parsed docs in the current transaction: the new rev or the error of each,
+        and the last seq used."""
+        records = self._load_records(
+            conn, (doc.id for doc in docs if isinstance(doc, ParsedDoc) and not doc.is_local)
+        )
+        changed: dict[str, None] = {}  # ids to save, in order
+        results: list[str | StoreError] = []
+        for doc in docs:
+            if isinstance(doc, StoreError):
+                results.append(doc)
+                continue
+            try:
+                if doc.is_local:
+                    rev = self._write_local_doc(conn, doc)
+                else:
+                    record = records.get(doc.id) or _Record(RevTree(), {})
+                    if new_edits:
+                        rev = self._edit(record, doc)
+                        modified = True
+                    else:
+                        rev, modified = self._merge(record, doc)
+                    if modified:
+                        records[doc.id] = record
+                        changed[doc.id] = None
+                results.append(rev)
+            except StoreError as exc:
+                results.append(exc)
+        last_seq = self._save(conn, [(doc_id, records[doc_id]) for doc_id in changed])
+        return results, last_seq
+
+    def _edit(self, record: _Record, doc: ParsedDoc) -> str:
+        """A new revision made here, on top of `doc.rev` (which must be a leaf)."""
+        tree = record.tree
+        if not tree:
+            if doc.rev is not None:
+                raise Conflict(f"document {doc.id!r} has no revision {doc.rev}")
+            parent = None
+        elif doc.rev is None:
+            winner = tree.winner()
+            if not winner.deleted:
+                raise Conflict(
+                    f"document {doc.id!r} exists: pass its current _rev ({winner.rev}) to update"
+                )
+            parent = winner.rev  # recreating a deleted document continues its history
+        elif tree.is_leaf(doc.rev):
+            parent = doc.rev
+        else:
+            raise Conflict(
+                f"revision {doc.rev} of {doc.id!r} is not current (the winner is "
+                f"{tree.winner().rev})"
+            )
+        rev = revtree.compute_rev(parent, doc.deleted, doc.body)
+        tree.add_child(parent, rev, doc.deleted)
+        tree.stem(self.revs_limit)
+        record.bodies[rev] = _stored_body(doc.body, doc.deleted)
+        return rev
+
+    def _merge(self, record: _Record, doc: ParsedDoc) -> tuple[str, bool]:
+        """Insert a replicated revision with its history; a known one changes nothing."""
+        assert doc.path is not None and doc.rev is not None
+        tree = record.tree
+        before = tree.copy() if tree else None
+        known = doc.rev in tree
+        if not tree.merge(doc.path, doc.deleted):
+            return doc.rev, False
+        if tree.stem(self.revs_limit) and before is not None and tree == before:
+            return doc.rev, False  # what the path added was stemmed away again
+        if not known:
+            record.bodies[doc.rev] = _stored_body(doc.body, doc.deleted)
+        return doc.rev, True
+
+    def _save(self, conn: sqlite3.Connection, records: list[tuple[str, _Record]]) -> int:
+        """Write the records, each with a new seq; return the last one."""
+        rows = []
+        seq = self._seq
+        for doc_id, record in records:
+            leaves = record.tree.leaves()
+            bodies = {leaf.rev: record.bodies.get(leaf.rev) for leaf in leaves}
+            seq += 1
+            rows.append((
+                seq,
+                doc_id,
+                leaves[0].deleted,
+                " ".join(leaf.rev for leaf in leaves),
+                _pack(record.tree.to_obj()),
+                _pack(bodies),
+            ))
+        conn.executemany(
+            "INSERT OR REPLACE INTO docs (seq, id, deleted, leaves, tree, bodies) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return seq
+
+    def _write_docs(
+        self, conn: sqlite3.Connection, docs: list[ParsedDoc | StoreError], new_edits: bool
+    ) -> list[str | StoreError]:
+        results, self._seq = self._write(conn, self._apply, docs, new_edits)  # once committed
+        return results
+
+    # -- documents (Store API) -------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        def count(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT count(*) FROM docs WHERE deleted = 0").fetchone()[0]
+
+        doc_count = await self._run(count)
+        return {"backend": self.backend, "doc_count": doc_count, "update_seq": self._seq}
+
+    async def put(self, doc: Doc) -> str:
+        parsed = revtree.parse_doc(doc)
+        [result] = await self._run(self._write_docs, [parsed], True)
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def delete(self, doc_id: str, rev: str) -> str:
+        revtree.check_doc_id(doc_id)
+        if doc_id.startswith(LOCAL_PREFIX):
+            await self.delete_local(doc_id[len(LOCAL_PREFIX) :])
+            return "0-0"
+        revtree.parse_rev(rev)
+        parsed = ParsedDoc(doc_id, rev, True, {}, None)
+
+        def delete(conn: sqlite3.Connection) -> list[str | StoreError]:
+            if conn.execute("SELECT 1 FROM docs WHERE id = ?", (doc_id,)).fetchone() is None:
+                raise NotFound(f"document {doc_id!r} does not exist")
+            return self._write_docs(conn, [parsed], True)
+
+        [result] = await self._run(delete)
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def get(
+        self, doc_id: str, *, rev: str | None = None, conflicts: bool = False, revs: bool = False
+    ) -> Doc:
+        revtree.check_doc_id(doc_id)
+        if doc_id.startswith(LOCAL_PREFIX):
+            return await self.get_local(doc_id[len(LOCAL_PREFIX) :])
+        if rev is not None:
+            revtree.parse_rev(rev)
+
+        def read(conn: sqlite3.Connection) -> Doc:
+            row = conn.execute(
+                "SELECT deleted, leaves, tree, bodies FROM docs WHERE id = ?", (doc_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"document {doc_id!r} does not exist")
+            deleted, leaves, tree, raw_bodies = row
+            leaf_revs = leaves.split(" ")
+            bodies = self._bodies(doc_id, raw_bodies)
+            wanted = rev
+            if wanted is None:
+                if deleted:
+                    raise NotFound(f"document {doc_id!r} is deleted")
+                wanted = leaf_revs[0]
+            if wanted not in bodies:
+                raise NotFound(f"revision {wanted} of {doc_id!r} is not available")
+            doc = _document(doc_id, wanted, bodies[wanted])
+            if conflicts:
+                others = [r for r in leaf_revs
+                          if r != wanted and r in bodies and not _is_tombstone(bodies[r])]
+                if others:
+                    doc["_conflicts"] = others
+            if revs:
+                doc["_revisions"] = self._decode(doc_id, tree, raw_bodies).tree.history(wanted)
+            return doc
+
+        return await self._run(read)
+
+    async def all_docs(self) -> list[Doc]:
+        def read(conn: sqlite3.Connection) -> list[Doc]:
+            rows = conn.execute("SELECT id, leaves, bodies FROM docs WHERE deleted = 0 ORDER BY id")
+            docs = []
+            for doc_id, leaves, raw_bodies in rows:
+                winner = leaves.partition(" ")[0]
+                docs.append(_document(doc_id, winner, self._bodies(doc_id, raw_bodies)[winner]))
+            return docs
+
+        return await self._run(read)
+
+    # -- replication -----------------------------------------------------------------------
+
+    async def revs_diff(self, revs: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        if not isinstance(revs, dict):
+            raise BadRequest("revs_diff takes {doc id: [rev, ...]}")
+        for doc_id, doc_revs in revs.items():
+            revtree.check_doc_id(doc_id)
+            if not isinstance(doc_revs, (list, tuple)):
+                raise BadRequest(f"revs_diff: the revs of {doc_id!r} must be a list")
+            for rev in doc_revs:
+                revtree.parse_rev(rev)
+
+        def diff(conn: sqlite3.Connection) -> dict[str, dict[str, list[str]]]:
+            records = self._load_records(conn, revs)
+            answer = {}
+            for doc_id, doc_revs in revs.items():
+                record = records.get(doc_id)
+                tree = record.tree if record is not None else RevTree()
+                missing, ancestors = tree.revs_diff(doc_revs)
+                if missing:
+                    answer[doc_id] = {"missing": missing, "possible_ancestors": ancestors}
+            return answer
+
+        return await self._run(diff)
+
+    async def bulk_docs(self, docs: list[Doc], *, new_edits: bool = True) -> list[dict[str, Any]]:
+        if not isinstance(docs, list):
+            raise BadRequest("bulk_docs takes a list of documents")
+        if type(new_edits) is not bool:
+            raise BadRequest(f"new_edits must be true or false, not {new_edits!r}")
+        return await self._run(self._bulk_docs, docs, new_edits)
+
+    def _bulk_docs(
+        self, conn: sqlite3.Connection, docs: list[Doc], new_edits: bool
+    ) -> list[dict[str, Any]]:
+        parsed: list[ParsedDoc | StoreError] = []
+        for doc in docs:
+            try:
+                parsed.append(revtree.parse_doc(doc, new_edits=new_edits))
+            except StoreError as exc:
+                parsed.append(exc)
+        results = self._write_docs(conn, parsed, new_edits)
+        answer = []
+        for doc, result in zip(docs, results):
+            doc_id = doc.get("_id") if isinstance(doc, dict) else None
+            if isinstance(result, StoreError):
+                answer.append({"id": doc_id, "error": result.error, "reason": result.reason})
+            else:
+                answer.append({"id": doc_id, "rev": result, "ok": True})
+        return answer
+
+    async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
+        pairs = []
+        for pair in wanted:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise BadRequest(f"bulk_get takes (id, rev) pairs, not {pair!r}")
+            doc_id, rev = pair
+            revtree.check_doc_id(doc_id)
+            revtree.parse_rev(rev)
+            pairs.append((doc_id, rev))
+
+        def read(conn: sqlite3.Connection) -> list[Doc]:
+            records = self._load_records(conn, (doc_id for doc_id, _ in pairs))
+            docs = []
+            for doc_id, rev in pairs:
+                record = records.get(doc_id)
+                if record is None or rev not in record.bodies:
+                    continue
+                doc = _document(doc_id, rev, record.bodies[rev])
+                doc["_revisions"] = record.tree.history(rev)
+                docs.append(doc)
+            return docs
+
+        return await self._run(read)
+
+    async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:
+        after = _parse_seq(since)
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise BadRequest(f"limit must be a positive integer or None, not {limit!r}")
+
+        def read(conn: sqlite3.Connection) -> list[Change]:
+            rows = conn.execute(
+                "SELECT seq, id, deleted, leaves FROM docs WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, -1 if limit is None else limit),
+            )
+            return [
+                Change(seq, doc_id, tuple(leaves.split(" ")), bool(deleted))
+                for seq, doc_id, deleted, leaves in rows
+            ]
+
+        results = await self._run(read)
+        return ChangesPage(results, results[-1].seq if results else after)
+
+    async def wait_for_change(self, since: Seq) -> None:
+        after = _parse_seq(since)
+        while self._seq <= after:
+            if self._conn is None:
+                raise StoreError(f"the store {self.path} is closed")
+            await self._changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    # -- local documents -------------------------------------------------------------------
+
+    async def get_local(self, local_id: str) -> Doc:
+        _check_local_id(local_id)
+
+        def read(conn: sqlite3.Connection) -> Doc:
+            row = conn.execute(
+                "SELECT version, body FROM local_docs WHERE id = ?", (local_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"local document {local_id!r} does not exist")
+            version, body = row
+            return _document(LOCAL_PREFIX + local_id, f"0-{version}", body)
+
+        return await self._run(read)
+
+    async def put_local(self, local_id: str, doc: Doc) -> None:
+        _check_local_id(local_id)
+        body = _local_body(local_id, doc)
+        await self._run(self._write, _put_local, local_id, body)
+
+    async def delete_local(self, local_id: str) -> None:
+        _check_local_id(local_id)
+        await self._run(self._write, _delete_local, local_id)
+
+    def _write_local_doc(self, conn: sqlite3.Connection, doc: ParsedDoc) -> str:
+        """A `_local/` document written through `put`/`bulk_docs` (inside a transaction)."""
+        local_id = doc.id[len(LOCAL_PREFIX) :]
+        if doc.deleted:
+            _delete_local(conn, local_id)
+            return "0-0"
+        return f"0-{_put_local(conn, local_id, doc.body)}"
+
+
+def _put_local(conn: sqlite3.Connection, local_id: str, body: dict[str, Any]) -> int:
+    (version,) = conn.execute(
+        "INSERT INTO local_docs (id, version, body) VALUES (?, 1, ?) "
+        "ON CONFLICT (id) DO UPDATE SET version = version + 1, body = excluded.body "
+        "RETURNING version",
+        (local_id, _dump_body(body)),
+    ).fetchone()
+    return version
+
+
+def _delete_local(conn: sqlite3.Connection, local_id: str) -> None:
+    if conn.execute("DELETE FROM local_docs WHERE id = ?", (local_id,)).rowcount == 0:
+        raise NotFound(f"local document {local_id!r} does not exist")
+
+
+# -- opening the file ----------------------------------------------------------------------
+
+
+def _open_connection(path: Path) -> tuple[sqlite3.Connection, int]:
+    """Open and check (or create) the store file; return the connection and its update seq."""
+    if path.is_dir():
+        raise StoreError(f"cannot open store {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot open store {path}: the directory {path.parent} does not exist")
+    try:
+        # timeout=0: a file held by another store fails at once instead of hanging.
+        conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open store {path}: {exc}") from exc
+    try:
+        update_seq = _prepare(conn, path)
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise StoreError(
+                f"cannot open store {path}: another store has it open (one writer at a time)"
+            ) from exc
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        raise
+    return conn, update_seq
+
+
+def _prepare(conn: sqlite3.Connection, path: Path) -> int:
+    # Exclusive locking before WAL: no shared-memory index, and no other connection may use
+    # the file while this one is open.
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    new = application_id == 0 and version == 0 and tables == 0
+    if not new and application_id != APPLICATION_ID:  # checked before anything is changed
+        raise StoreError(f"cannot open store {path}: it is an SQLite file of another program")
+    if not new and version != SCHEMA_VERSION:
+        raise StoreError(
+            f"cannot open store {path}: schema version {version}, this program reads "
+            f"version {SCHEMA_VERSION}"
+        )
+    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    if mode != "wal":
+        raise StoreError(f"cannot open store {path}: WAL journal mode refused ({mode})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA journal_size_limit = 67108864")  # trim the WAL after checkpoints
+    conn.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
+    try:
+        if new:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return update_seq
