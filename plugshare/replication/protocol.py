@@ -1,0 +1,847 @@
+"""Pushing one share's documents from a SOURCE store to a TARGET store (pure, sans-I/O).
+
+Both directions of a share between two nodes are two independent pushes: A pushes to B and
+B pushes to A, over the same peer connection. One push is a *stream*, named by the share and a
+stream id the source picks; every message carries both (`share`, `stream`), and its `type`
+says which end it is for, so one connection carries any number of streams.
+
+A push, message by message (the source reads its changes feed from its checkpoint)::
+
+    source                                             target
+      rep.open {v}                                 ->
+                                                   <-  rep.opened {store, window}
+      rep.diff {batch, revs: {id: [rev]}}          ->  (its store's revs_diff)
+                                                   <-  rep.missing {batch, missing: {id: [rev]}}
+      rep.docs {batch, docs: [doc], last}  (x n)   ->  (accept(peer, doc), bulk_docs new_edits=false)
+                                                   <-  rep.ack {batch, written, refused: [[id, rev, reason]]}
+      rep.caught_up {}                             ->  (the source had nothing newer)
+      rep.end {reason}                             ->  (the source stops)
+                                                   <-  rep.refuse {reason}  (the target stops)
+
+* A batch covers one page of the source's changes feed; the source offers every leaf revision
+  its `in_scope(doc)` admits, with the seq the page ends at kept on its side only.
+* An empty `missing` completes the batch. Otherwise the source sends the asked revisions it
+  offered (with `_revisions`) in one or more `rep.docs` messages, the final one with `last`
+  (possibly with no docs), and the target acknowledges once every accepted doc is durable.
+* Up to `window` batches are in flight (the source's limit, lowered to the target's). The
+  checkpoint moves only to the seq of a completed batch whose earlier batches are all complete,
+  so it never runs ahead of what the target has durably written.
+* Everything that arrives is checked. A message that breaks the protocol (malformed, for a
+  batch that is not waiting for it, over the window) raises `ProtocolError`: the stream is then
+  ended, nothing of that message is written. Single items are refused on their own and the rest
+  of the batch goes on: a doc the target did not ask for in that batch, a forged or malformed
+  `_revisions`, a doc `accept` refuses (target side); a revision the target asks for that the
+  batch did not offer (source side, so nothing outside the share's scope ever leaves).
+* Resending a batch is harmless: the target may see any batch number again once it is closed,
+  and writes with `new_edits=false` are idempotent.
+
+`SourceStream` and `TargetStream` hold no socket, store or clock: the driver
+(`plugshare.replication.replicator`) feeds them messages, store results and the time, and
+carries out what they return (`Send`, `SaveCheckpoint`, `DiffRevs`, `WriteDocs`); everything
+else they return is an event to report (`ReplicationEvent` subclasses).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import attrs
+import msgpack
+
+from plugshare.errors import PlugshareError
+from plugshare.replication.frames import DEFAULT_MAX_FRAME_SIZE
+from plugshare.store.base import BadRequest, Doc, Seq
+from plugshare.store.revtree import check_doc_id, parse_history, parse_rev
+
+__all__ = [
+    "CAUGHT_UP",
+    "DIFF",
+    "DOCS",
+    "END",
+    "MISSING",
+    "OPEN",
+    "OPENED",
+    "PROTOCOL_VERSION",
+    "PeerEndedStream",
+    "REFUSE",
+    "TO_SOURCE",
+    "TO_TARGET",
+    "ACK",
+    "Accept",
+    "BatchAcked",
+    "BatchReceived",
+    "BatchSent",
+    "CaughtUp",
+    "CheckpointSaved",
+    "DiffRevs",
+    "DocRefused",
+    "DocWithheld",
+    "InScope",
+    "Lag",
+    "LocalProtocolError",
+    "Opened",
+    "ProtocolError",
+    "ReplicationError",
+    "ReplicationEvent",
+    "SaveCheckpoint",
+    "Send",
+    "SourceStream",
+    "StreamEnded",
+    "StreamStarted",
+    "TargetStream",
+    "WriteDocs",
+    "check_open",
+    "parse_stream_key",
+    "refusal",
+]
+
+PROTOCOL_VERSION = 1
+
+# Source -> target.
+OPEN = "rep.open"
+DIFF = "rep.diff"
+DOCS = "rep.docs"
+CAUGHT_UP = "rep.caught_up"
+END = "rep.end"
+# Target -> source.
+OPENED = "rep.opened"
+MISSING = "rep.missing"
+ACK = "rep.ack"
+REFUSE = "rep.refuse"
+
+TO_TARGET = frozenset({OPEN, DIFF, DOCS, CAUGHT_UP, END})
+TO_SOURCE = frozenset({OPENED, MISSING, ACK, REFUSE})
+
+MAX_SHARE_ID_LENGTH = 256
+MAX_STREAM_ID_LENGTH = 64
+MAX_STORE_ID_LENGTH = 128
+MAX_REASON_LENGTH = 500
+MAX_WINDOW = 64
+MAX_BATCH_NUMBER = 2**63 - 1
+# Docs over this size are not sent: with the message envelope they would exceed a frame.
+DEFAULT_MAX_DOC_BYTES = DEFAULT_MAX_FRAME_SIZE - 64 * 1024
+DEFAULT_DOCS_MESSAGE_BYTES = 1024 * 1024
+
+Direction = Literal["push", "pull"]
+InScope = Callable[[Doc], bool]
+"""`in_scope(doc) -> bool`: may this leaf revision (as `bulk_get` gives it, tombstones
+included) leave in this share?"""
+Accept = Callable[[str, Doc], "tuple[bool, str]"]
+"""`accept(peer, doc) -> (ok, reason)`: may this incoming revision from `peer` be written?"""
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class ReplicationError(PlugshareError):
+    """Base of replication failures."""
+
+
+class ProtocolError(ReplicationError):
+    """The peer sent a message that breaks the replication protocol; the stream must end."""
+
+
+class PeerEndedStream(ReplicationError):
+    """The peer ended the stream (`rep.end` or `rep.refuse`); `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LocalProtocolError(ReplicationError):
+    """This side's driver used a state machine out of order (a bug in the caller)."""
+
+
+# --- what the state machines return ------------------------------------------------------------
+
+
+@attrs.frozen
+class Send:
+    """Send `message` to the peer."""
+
+    message: dict[str, Any]
+
+
+@attrs.frozen
+class SaveCheckpoint:
+    """Source: every change up to `seq` is durable at the target; store it."""
+
+    seq: Seq
+
+
+@attrs.frozen
+class DiffRevs:
+    """Target: ask the store's `revs_diff(revs)` and hand the answer to `diff_result`."""
+
+    batch: int
+    revs: dict[str, list[str]]
+
+
+@attrs.frozen
+class WriteDocs:
+    """Target: `bulk_docs(docs, new_edits=False)` and hand the results to `write_result`
+    (call it even when `docs` is empty)."""
+
+    batch: int
+    docs: list[Doc]
+    last: bool
+
+
+@attrs.frozen(kw_only=True)
+class ReplicationEvent:
+    """Something to report (log, `watch`, tests). `peer` is the peer's node id as given."""
+
+    share: str
+    peer: str
+
+
+@attrs.frozen(kw_only=True)
+class Opened(ReplicationEvent):
+    """Source: the target accepted the stream; `store` identifies the target's store."""
+
+    store: str
+    window: int
+
+
+@attrs.frozen(kw_only=True)
+class BatchSent(ReplicationEvent):
+    """Source: a batch's missing revisions are sent (`offered` revisions, `sent` of them)."""
+
+    batch: int
+    offered: int
+    sent: int
+
+
+@attrs.frozen(kw_only=True)
+class BatchAcked(ReplicationEvent):
+    """Source: the target wrote a batch: `written` docs, `refused` refused."""
+
+    batch: int
+    written: int
+    refused: int
+
+
+@attrs.frozen(kw_only=True)
+class BatchReceived(ReplicationEvent):
+    """Target: a batch is written: `written` docs, `refused` refused (here or by the store)."""
+
+    batch: int
+    written: int
+    refused: int
+
+
+@attrs.frozen(kw_only=True)
+class DocRefused(ReplicationEvent):
+    """A revision was not written. `pull`: this node refused an incoming one; `push`: the peer
+    refused one of ours (the reason is then the peer's)."""
+
+    direction: Direction
+    doc_id: str
+    rev: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class DocWithheld(ReplicationEvent):
+    """Source: a revision the target asked for was not sent (not offered, or unsendable)."""
+
+    doc_id: str
+    rev: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class CaughtUp(ReplicationEvent):
+    """The target has everything the source's feed had. `push`: our changes reached the peer;
+    `pull`: the peer says we have all of its changes."""
+
+    direction: Direction
+
+
+@attrs.frozen(kw_only=True)
+class Lag(ReplicationEvent):
+    """Source: `pending_docs` revisions read from the feed are not yet confirmed by the peer;
+    the oldest was read `seconds` ago (0.0 when none are pending)."""
+
+    pending_docs: int
+    seconds: float
+
+
+@attrs.frozen(kw_only=True)
+class StreamStarted(ReplicationEvent):
+    """A stream is open. `push`: reading our feed from `since`; `pull`: the peer pushes to us
+    (`since` is None: the position is the peer's)."""
+
+    direction: Direction
+    since: Seq | None
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointSaved(ReplicationEvent):
+    """Source: the checkpoint of this (share, peer) is now `seq`."""
+
+    seq: Seq
+
+
+@attrs.frozen(kw_only=True)
+class StreamEnded(ReplicationEvent):
+    """A stream ended for `reason` (the peer's or ours); the checkpoint stays where it was."""
+
+    direction: Direction
+    reason: str
+
+
+Output = Send | SaveCheckpoint | DiffRevs | WriteDocs | ReplicationEvent
+
+
+# --- message checks ----------------------------------------------------------------------------
+
+
+def _text(value: object, *, limit: int) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= limit:
+        return value
+    return None
+
+
+def _reason(value: object) -> str:
+    """A peer's reason, shortened; never trusted to be text."""
+    return value[:MAX_REASON_LENGTH] if isinstance(value, str) else repr(value)[:MAX_REASON_LENGTH]
+
+
+def parse_stream_key(message: Mapping[Any, Any]) -> tuple[str, str, str]:
+    """`(type, share, stream)` of a replication message; `ProtocolError` when it lacks them."""
+    message_type = message.get("type")
+    if message_type not in TO_TARGET and message_type not in TO_SOURCE:
+        raise ProtocolError(f"{message_type!r} is not a replication message type")
+    share = _text(message.get("share"), limit=MAX_SHARE_ID_LENGTH)
+    stream = _text(message.get("stream"), limit=MAX_STREAM_ID_LENGTH)
+    if share is None or stream is None:
+        raise ProtocolError(
+            f"{message_type} needs a share id (1..{MAX_SHARE_ID_LENGTH} chars) and a stream id "
+            f"(1..{MAX_STREAM_ID_LENGTH} chars), got {message.get('share')!r} and {message.get('stream')!r}"
+        )
+    return message_type, share, stream
+
+
+def refusal(share: str, stream: str, reason: str) -> dict[str, Any]:
+    """The `rep.refuse` ending (or declining) the stream `share`/`stream` on the target side."""
+    return {"type": REFUSE, "share": share, "stream": stream, "reason": reason[:MAX_REASON_LENGTH]}
+
+
+def check_open(message: Mapping[Any, Any]) -> tuple[str, str]:
+    """`(share, stream)` of a `rep.open`; `ProtocolError` for a bad one or another version."""
+    message_type, share, stream = parse_stream_key(message)
+    if message_type != OPEN:
+        raise ProtocolError(f"expected {OPEN}, got {message_type}")
+    if message.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"replication protocol version {message.get('v')!r} is not supported "
+            f"(this node speaks {PROTOCOL_VERSION})"
+        )
+    return share, stream
+
+
+def _batch_number(message: Mapping[Any, Any]) -> int:
+    number = message.get("batch")
+    if type(number) is not int or not 0 <= number <= MAX_BATCH_NUMBER:
+        raise ProtocolError(f"{message['type']}: batch must be an integer in 0..2**63-1, not {number!r}")
+    return number
+
+
+def _revs_map(message: Mapping[Any, Any], field: str) -> dict[str, list[str]]:
+    """`{doc id: [rev, ...]}` with valid ids (no local docs) and revs, each list non-empty."""
+    value = message.get(field)
+    where = f"{message['type']} {field}"
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a map of doc id to revisions, not {type(value).__name__}")
+    revs_map: dict[str, list[str]] = {}
+    for doc_id, revs in value.items():
+        try:
+            check_doc_id(doc_id)
+        except BadRequest as error:
+            raise ProtocolError(f"{where}: {error.reason}") from None
+        if doc_id.startswith("_"):
+            raise ProtocolError(f"{where}: {doc_id!r} is a local document, never replicated")
+        if not isinstance(revs, list) or not revs:
+            raise ProtocolError(f"{where}: the revisions of {doc_id!r} must be a non-empty list")
+        for rev in revs:
+            try:
+                parse_rev(rev)
+            except BadRequest as error:
+                raise ProtocolError(f"{where}: {doc_id!r}: {error.reason}") from None
+        revs_map[doc_id] = list(dict.fromkeys(revs))
+    return revs_map
+
+
+def _pair(doc: object) -> tuple[str, str]:
+    """A doc's `(_id, _rev)` for reports, whatever it holds."""
+    if not isinstance(doc, dict):
+        return "", ""
+    doc_id, rev = doc.get("_id"), doc.get("_rev")
+    return (doc_id if isinstance(doc_id, str) else "", rev if isinstance(rev, str) else "")
+
+
+# --- source ------------------------------------------------------------------------------------
+
+
+class _Phase(enum.Enum):
+    DIFFING = "waiting for rep.missing"
+    SENDING = "waiting for rep.ack"
+    DONE = "complete"
+
+
+@attrs.frozen
+class _Offer:
+    doc: Doc
+    size: int | None  # its msgpack size, None when msgpack cannot encode it
+    error: str = ""
+
+
+def _measure(doc: Doc) -> _Offer:
+    try:
+        return _Offer(doc, len(msgpack.packb(doc, use_bin_type=True)))
+    except (TypeError, ValueError, OverflowError) as error:
+        return _Offer(doc, None, str(error))
+
+
+@attrs.define
+class _OutgoingBatch:
+    number: int
+    seq: Seq  # the changes feed position this batch reads up to
+    read_at: float
+    offered: dict[tuple[str, str], _Offer]  # emptied once the target has answered
+    offered_count: int
+    phase: _Phase
+    sent: int = 0
+
+
+class _StreamState(enum.Enum):
+    OPENING = "opening"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class SourceStream:
+    """The source end of one push (one share to one peer).
+
+    Use: send `open_message()`; hand every message from the peer to `receive`; once it
+    returned `Opened` (which names the target's store), `resume_from` the checkpoint saved for
+    that store, add batches read from the changes feed with `add_batch` while `can_add_batch`,
+    and call `feed_drained` when the feed has nothing after the last batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        share: str,
+        stream: str,
+        peer: str,
+        in_scope: InScope,
+        max_in_flight: int = 4,
+        docs_message_bytes: int = DEFAULT_DOCS_MESSAGE_BYTES,
+        max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    ) -> None:
+        if not 1 <= max_in_flight <= MAX_WINDOW:
+            raise ValueError(f"max_in_flight must be in 1..{MAX_WINDOW}, not {max_in_flight}")
+        if docs_message_bytes < 1 or max_doc_bytes < 1:
+            raise ValueError("docs_message_bytes and max_doc_bytes must be positive")
+        self.share = share
+        self.stream = stream
+        self.peer = peer
+        self._in_scope = in_scope
+        self.checkpoint: Seq = 0
+        """Every change up to here is durable at the target (as far as this stream knows)."""
+        self.window = max_in_flight
+        """Batches allowed in flight: `max_in_flight`, lowered to the target's window."""
+        self._docs_message_bytes = docs_message_bytes
+        self._max_doc_bytes = max_doc_bytes
+        self._state = _StreamState.OPENING
+        self._pending: dict[int, _OutgoingBatch] = {}  # batch order, oldest first
+        self._next_batch = 0
+        self._drained = False  # the feed had nothing after the last batch added
+        self._caught_up_reported = False
+        self.target_store: str | None = None
+        self.average_doc_bytes: float | None = None
+        """The mean encoded size of the revisions offered in the last batch that had any."""
+
+    def _common(self, message_type: str) -> dict[str, Any]:
+        return {"type": message_type, "share": self.share, "stream": self.stream}
+
+    def open_message(self) -> dict[str, Any]:
+        return {**self._common(OPEN), "v": PROTOCOL_VERSION}
+
+    def end_message(self, reason: str) -> dict[str, Any]:
+        """The message ending this stream; the stream accepts nothing more afterwards."""
+        self._state = _StreamState.ENDED
+        return {**self._common(END), "reason": reason[:MAX_REASON_LENGTH]}
+
+    def resume_from(self, since: Seq) -> None:
+        """Start reading the feed at `since` (a checkpoint); only before the first batch."""
+        if self._next_batch:
+            raise LocalProtocolError("resume_from is only allowed before the first batch")
+        self.checkpoint = since
+
+    # -- state
+
+    @property
+    def opened(self) -> bool:
+        return self._state is _StreamState.RUNNING
+
+    @property
+    def in_flight(self) -> int:
+        """Batches added and not yet behind the checkpoint."""
+        return len(self._pending)
+
+    @property
+    def can_add_batch(self) -> bool:
+        return self._state is _StreamState.RUNNING and len(self._pending) < self.window
+
+    @property
+    def pending_docs(self) -> int:
+        """Revisions offered in batches the checkpoint has not passed."""
+        return sum(batch.offered_count for batch in self._pending.values())
+
+    def lag(self, now: float) -> Lag:
+        oldest = next(iter(self._pending.values()), None)
+        seconds = max(0.0, now - oldest.read_at) if oldest is not None else 0.0
+        return Lag(share=self.share, peer=self.peer, pending_docs=self.pending_docs, seconds=seconds)
+
+    # -- feeding
+
+    def add_batch(self, docs: list[Doc], seq: Seq, now: float) -> list[Output]:
+        """A page of the changes feed ending at `seq`: `docs` are its leaf revisions as
+        `bulk_get` returned them (with `_revisions`). Offers those in scope."""
+        if not self.can_add_batch:
+            raise LocalProtocolError(
+                f"cannot add a batch: the stream is {self._state.value} with "
+                f"{len(self._pending)} of {self.window} batches in flight"
+            )
+        offered = {(doc["_id"], doc["_rev"]): _measure(doc) for doc in docs if self._in_scope(doc)}
+        if offered:
+            self.average_doc_bytes = sum(offer.size or 0 for offer in offered.values()) / len(offered)
+        number = self._next_batch
+        self._next_batch += 1
+        self._drained = False
+        batch = _OutgoingBatch(number, seq, now, offered, len(offered), _Phase.DIFFING)
+        self._pending[number] = batch
+        if not offered:  # nothing in scope: the batch is complete as it stands
+            batch.phase = _Phase.DONE
+            return self._advance(now)
+        self._caught_up_reported = False
+        revs: dict[str, list[str]] = {}
+        for doc_id, rev in offered:
+            revs.setdefault(doc_id, []).append(rev)
+        return [Send({**self._common(DIFF), "batch": number, "revs": revs})]
+
+    def feed_drained(self) -> list[Output]:
+        """The changes feed has nothing after the last batch added."""
+        self._drained = True
+        return self._caught_up()
+
+    # -- receiving
+
+    def receive(self, message: Mapping[Any, Any], now: float) -> list[Output]:
+        """Handle a message from the target. Raises `ProtocolError` for one that breaks the
+        protocol and `PeerEndedStream` for `rep.refuse`."""
+        message_type, share, stream = parse_stream_key(message)
+        if (share, stream) != (self.share, self.stream) or message_type not in TO_SOURCE:
+            raise LocalProtocolError(f"{message_type} for stream {share}/{stream} routed to {self.share}/{self.stream}")
+        if self._state is _StreamState.ENDED:
+            raise LocalProtocolError("the stream has ended")
+        if message_type == REFUSE:
+            self._state = _StreamState.ENDED
+            raise PeerEndedStream(_reason(message.get("reason")))
+        if message_type == OPENED:
+            return self._receive_opened(message)
+        if self._state is not _StreamState.RUNNING:
+            raise ProtocolError(f"{message_type} before {OPENED}")
+        if message_type == MISSING:
+            return self._receive_missing(message, now)
+        return self._receive_ack(message, now)
+
+    def _receive_opened(self, message: Mapping[Any, Any]) -> list[Output]:
+        if self._state is not _StreamState.OPENING:
+            raise ProtocolError(f"a second {OPENED}")
+        store = _text(message.get("store"), limit=MAX_STORE_ID_LENGTH)
+        if store is None:
+            raise ProtocolError(f"{OPENED}: store must be a non-empty id of at most {MAX_STORE_ID_LENGTH} chars")
+        window = message.get("window")
+        if type(window) is not int or not 1 <= window <= MAX_WINDOW:
+            raise ProtocolError(f"{OPENED}: window must be an integer in 1..{MAX_WINDOW}, not {window!r}")
+        self._state = _StreamState.RUNNING
+        self.window = min(self.window, window)
+        self.target_store = store
+        return [Opened(share=self.share, peer=self.peer, store=store, window=self.window)]
+
+    def _batch_in(self, message: Mapping[Any, Any], phase: _Phase) -> _OutgoingBatch:
+        number = _batch_number(message)
+        batch = self._pending.get(number)
+        if batch is None or batch.phase is not phase:
+            state = "unknown" if batch is None else batch.phase.value
+            raise ProtocolError(f"{message['type']} for batch {number}, which is {state}")
+        return batch
+
+    def _receive_missing(self, message: Mapping[Any, Any], now: float) -> list[Output]:
+        batch = self._batch_in(message, _Phase.DIFFING)
+        missing = _revs_map(message, "missing")
+        offered, batch.offered = batch.offered, {}
+        outputs: list[Output] = []
+        wanted = []
+        for doc_id, revs in missing.items():
+            for rev in revs:
+                offer = offered.pop((doc_id, rev), None)
+                if offer is None:
+                    reason = f"the peer asked for a revision batch {batch.number} did not offer"
+                    outputs.append(self._withheld(doc_id, rev, reason))
+                else:
+                    wanted.append(offer)
+        if not missing:
+            batch.phase = _Phase.DONE
+            outputs.append(BatchSent(share=self.share, peer=self.peer, batch=batch.number,
+                                     offered=batch.offered_count, sent=0))
+            return outputs + self._advance(now)
+        outputs += self._docs_messages(batch, wanted)
+        batch.phase = _Phase.SENDING
+        outputs.append(BatchSent(share=self.share, peer=self.peer, batch=batch.number,
+                                 offered=batch.offered_count, sent=batch.sent))
+        return outputs
+
+    def _withheld(self, doc_id: str, rev: str, reason: str) -> DocWithheld:
+        return DocWithheld(share=self.share, peer=self.peer, doc_id=doc_id, rev=rev, reason=reason)
+
+    def _docs_messages(self, batch: _OutgoingBatch, offers: list[_Offer]) -> list[Output]:
+        """`rep.docs` messages of about `docs_message_bytes` each, the final one `last`."""
+        outputs: list[Output] = []
+        chunk: list[Doc] = []
+        size = 0
+        for offer in offers:
+            doc = offer.doc
+            if offer.size is None:
+                outputs.append(self._withheld(doc["_id"], doc["_rev"], f"it cannot be encoded: {offer.error}"))
+                continue
+            if offer.size > self._max_doc_bytes:
+                reason = f"it is {offer.size} bytes, over the limit of {self._max_doc_bytes}"
+                outputs.append(self._withheld(doc["_id"], doc["_rev"], reason))
+                continue
+            if chunk and size + offer.size > self._docs_message_bytes:
+                outputs.append(Send({**self._common(DOCS), "batch": batch.number, "docs": chunk, "last": False}))
+                chunk, size = [], 0
+            chunk.append(doc)
+            size += offer.size
+            batch.sent += 1
+        outputs.append(Send({**self._common(DOCS), "batch": batch.number, "docs": chunk, "last": True}))
+        return outputs
+
+    def _receive_ack(self, message: Mapping[Any, Any], now: float) -> list[Output]:
+        batch = self._batch_in(message, _Phase.SENDING)
+        written = message.get("written")
+        refused = message.get("refused")
+        if type(written) is not int or not 0 <= written <= batch.sent:
+            raise ProtocolError(f"{ACK}: written must be an integer in 0..{batch.sent}, not {written!r}")
+        if not isinstance(refused, list) or written + len(refused) > batch.sent:
+            raise ProtocolError(
+                f"{ACK}: refused must be a list of at most {batch.sent - written} [id, rev, reason] entries"
+            )
+        outputs: list[Output] = []
+        for entry in refused:
+            if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(item, str) for item in entry)):
+                raise ProtocolError(f"{ACK}: a refused entry must be [id, rev, reason], not {entry!r}")
+            doc_id, rev, reason = entry
+            outputs.append(DocRefused(share=self.share, peer=self.peer, direction="push",
+                                      doc_id=doc_id, rev=rev, reason=_reason(reason)))
+        batch.phase = _Phase.DONE
+        outputs.append(BatchAcked(share=self.share, peer=self.peer, batch=batch.number,
+                                  written=written, refused=len(refused)))
+        return outputs + self._advance(now)
+
+    def _advance(self, now: float) -> list[Output]:
+        """Move the checkpoint over the complete batches at the front, in batch order."""
+        moved = False
+        while self._pending:
+            number, batch = next(iter(self._pending.items()))
+            if batch.phase is not _Phase.DONE:
+                break
+            del self._pending[number]
+            self.checkpoint = batch.seq
+            moved = True
+        if not moved:
+            return []
+        return [SaveCheckpoint(self.checkpoint), self.lag(now), *self._caught_up()]
+
+    def _caught_up(self) -> list[Output]:
+        if self._drained and not self._pending and not self._caught_up_reported:
+            self._caught_up_reported = True
+            return [CaughtUp(share=self.share, peer=self.peer, direction="push"), Send(self._common(CAUGHT_UP))]
+        return []
+
+
+# --- target ------------------------------------------------------------------------------------
+
+
+@attrs.define
+class _IncomingBatch:
+    number: int
+    asked: set[tuple[str, str]] = attrs.Factory(set)  # asked and not yet received
+    written: int = 0
+    refused: list[list[str]] = attrs.Factory(list)
+
+
+class TargetStream:
+    """The target end of one push: checks what the source sends and says what to write.
+
+    Use: send `opened_message(store_id)`; hand every message from the source to `receive` and
+    carry out what it returns: a `DiffRevs` is answered with `diff_result`, a `WriteDocs` with
+    `write_result`, before the next message is received.
+    """
+
+    def __init__(self, *, share: str, stream: str, peer: str, accept: Accept, window: int = 8) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be in 1..{MAX_WINDOW}, not {window}")
+        self.share = share
+        self.stream = stream
+        self.peer = peer
+        self.window = window
+        self._accept = accept
+        self._open: dict[int, _IncomingBatch] = {}
+        self._awaiting: DiffRevs | WriteDocs | None = None  # the action the driver owes us
+        self._ended = False
+
+    def _common(self, message_type: str) -> dict[str, Any]:
+        return {"type": message_type, "share": self.share, "stream": self.stream}
+
+    def opened_message(self, store_id: str) -> dict[str, Any]:
+        return {**self._common(OPENED), "store": store_id, "window": self.window}
+
+    def refuse_message(self, reason: str) -> dict[str, Any]:
+        """The message ending this stream; the stream accepts nothing more afterwards."""
+        self._ended = True
+        return refusal(self.share, self.stream, reason)
+
+    @property
+    def open_batches(self) -> int:
+        return len(self._open)
+
+    def receive(self, message: Mapping[Any, Any]) -> list[Output]:
+        """Handle a message from the source. Raises `ProtocolError` for one that breaks the
+        protocol and `PeerEndedStream` for `rep.end`."""
+        message_type, share, stream = parse_stream_key(message)
+        if (share, stream) != (self.share, self.stream) or message_type not in TO_TARGET:
+            raise LocalProtocolError(f"{message_type} for stream {share}/{stream} routed to {self.share}/{self.stream}")
+        if self._ended:
+            raise LocalProtocolError("the stream has ended")
+        if self._awaiting is not None:
+            raise LocalProtocolError(f"the result of {self._awaiting!r} is still owed")
+        if message_type == END:
+            self._ended = True
+            raise PeerEndedStream(_reason(message.get("reason")))
+        if message_type == OPEN:
+            raise ProtocolError(f"a second {OPEN} for stream {stream}")
+        if message_type == CAUGHT_UP:
+            return [CaughtUp(share=self.share, peer=self.peer, direction="pull")]
+        if message_type == DIFF:
+            return self._receive_diff(message)
+        return self._receive_docs(message)
+
+    def _receive_diff(self, message: Mapping[Any, Any]) -> list[Output]:
+        number = _batch_number(message)
+        if number in self._open:
+            raise ProtocolError(f"{DIFF} for batch {number}, which is already open")
+        if len(self._open) >= self.window:
+            raise ProtocolError(f"{DIFF} for batch {number} while {len(self._open)} batches are open (window {self.window})")
+        revs = _revs_map(message, "revs")
+        self._open[number] = _IncomingBatch(number)
+        self._awaiting = DiffRevs(number, revs)
+        return [self._awaiting]
+
+    def diff_result(self, batch: int, answer: Mapping[str, Mapping[str, Any]]) -> list[Output]:
+        """The store's `revs_diff` answer for the `DiffRevs` of `batch`."""
+        action = self._awaiting
+        if not isinstance(action, DiffRevs) or action.batch != batch:
+            raise LocalProtocolError(f"no revs_diff is owed for batch {batch}")
+        self._awaiting = None
+        incoming = self._open[batch]
+        missing: dict[str, list[str]] = {}
+        for doc_id, offered in action.revs.items():
+            lacking = set(answer.get(doc_id, {}).get("missing", ()))
+            revs = [rev for rev in offered if rev in lacking]  # only ever ask for what was offered
+            if revs:
+                missing[doc_id] = revs
+                incoming.asked.update((doc_id, rev) for rev in revs)
+        if not missing:
+            del self._open[batch]
+        return [Send({**self._common(MISSING), "batch": batch, "missing": missing})]
+
+    def _receive_docs(self, message: Mapping[Any, Any]) -> list[Output]:
+        number = _batch_number(message)
+        docs = message.get("docs")
+        last = message.get("last")
+        if not isinstance(docs, list) or type(last) is not bool:
+            raise ProtocolError(f"{DOCS} needs docs (a list) and last (true or false)")
+        incoming = self._open.get(number)
+        outputs: list[Output] = []
+        accepted = []
+        for doc in docs:
+            if incoming is None:
+                reason = f"not asked for: batch {number} is not open"
+            else:
+                reason = self._check_doc(incoming, doc)
+            if reason is None:
+                accepted.append(doc)
+                continue
+            doc_id, rev = _pair(doc)
+            outputs.append(DocRefused(share=self.share, peer=self.peer, direction="pull",
+                                      doc_id=doc_id, rev=rev, reason=reason))
+            if incoming is not None:
+                incoming.refused.append([doc_id, rev, reason])
+        if incoming is None:
+            return outputs  # nothing is written, and there is no batch to acknowledge
+        self._awaiting = WriteDocs(number, accepted, last)
+        return [*outputs, self._awaiting]
+
+    def _check_doc(self, incoming: _IncomingBatch, doc: object) -> str | None:
+        """Why `doc` is refused, or None to write it."""
+        if not isinstance(doc, dict):
+            return f"not a document but a {type(doc).__name__}"
+        pair = _pair(doc)
+        if pair not in incoming.asked:
+            return f"not asked for in batch {incoming.number} (or sent twice)"
+        incoming.asked.discard(pair)
+        if "_revisions" not in doc:
+            return "no _revisions: a replicated revision must carry its history"
+        try:
+            parse_history(doc["_rev"], doc["_revisions"])
+        except BadRequest as error:
+            return f"forged or malformed history: {error.reason}"
+        ok, reason = self._accept(self.peer, doc)
+        if not ok:
+            return f"refused: {reason}"
+        return None
+
+    def write_result(self, batch: int, results: list[Mapping[str, Any]]) -> list[Output]:
+        """The store's `bulk_docs` results for the `WriteDocs` of `batch` (in its doc order)."""
+        action = self._awaiting
+        if not isinstance(action, WriteDocs) or action.batch != batch:
+            raise LocalProtocolError(f"no write is owed for batch {batch}")
+        if len(results) != len(action.docs):
+            raise LocalProtocolError(f"{len(results)} write results for {len(action.docs)} docs")
+        self._awaiting = None
+        incoming = self._open[batch]
+        outputs: list[Output] = []
+        for doc, result in zip(action.docs, results):
+            if result.get("ok"):
+                incoming.written += 1
+                continue
+            doc_id, rev = _pair(doc)
+            reason = f"the store refused it: {result.get('error')}: {result.get('reason')}"
+            incoming.refused.append([doc_id, rev, reason])
+            outputs.append(DocRefused(share=self.share, peer=self.peer, direction="pull",
+                                      doc_id=doc_id, rev=rev, reason=reason))
+        if not action.last:
+            return outputs
+        del self._open[batch]
+        ack = {**self._common(ACK), "batch": batch, "written": incoming.written, "refused": incoming.refused}
+        return [*outputs, Send(ack), BatchReceived(share=self.share, peer=self.peer, batch=batch,
+                                                   written=incoming.written, refused=len(incoming.refused))]

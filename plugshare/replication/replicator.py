@@ -1,0 +1,555 @@
+"""Replication with one peer over one connection, on trio: the I/O around `protocol`.
+
+`PeerReplication` runs on a peer connection (anything with async `send(dict)` and `receive()`,
+such as `transport.PeerConnection`) and a store. It routes every incoming replication message
+to its stream: our pushes (one per share we send to this peer, started with `start_push`) and
+the peer's pushes to us (accepted per share by `accept_share`, each incoming doc decided by the
+`accept` it returns). Non-replication messages go to `other_message`.
+
+A push reads the changes feed from its checkpoint in batches, keeps up to `max_in_flight`
+batches in flight, then follows `store.wait_for_change` (no polling) and sends each new change
+as it lands. The checkpoint (a `_local` doc per share and peer, see `checkpoint_id`) records
+the source seq, the target's store id and the caller's scope tag; a push resumes from it only
+when both still match, else from the start (so a target whose store was replaced, or a share
+whose rule changed, is sent everything again; writes are idempotent).
+
+Deadlock freedom with both nodes pushing at once over one connection: the receive loop never
+waits on the network. Replies to our pushes (at most two per batch in flight) go into inboxes
+without waiting, and an overflowing inbox is the peer breaking the protocol. Incoming pushes
+only wait on our store: their replies go through a per-stream queue that holds every reply a
+well-behaved source can have outstanding, drained by its own sender task.
+
+A connection failure ends `run` (it returns; the caller reconnects); a push or an incoming
+stream that breaks down (protocol error, refused share, store failure) ends alone with a
+`StreamEnded` event and leaves the others running. Every event goes to `on_event`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from plugshare.replication.protocol import (
+    DEFAULT_DOCS_MESSAGE_BYTES,
+    DEFAULT_MAX_DOC_BYTES,
+    MAX_WINDOW,
+    OPEN,
+    TO_SOURCE,
+    Accept,
+    CheckpointSaved,
+    DiffRevs,
+    InScope,
+    LocalProtocolError,
+    Output,
+    PeerEndedStream,
+    ProtocolError,
+    ReplicationEvent,
+    SaveCheckpoint,
+    Send,
+    SourceStream,
+    StreamEnded,
+    StreamStarted,
+    TargetStream,
+    WriteDocs,
+    check_open,
+    parse_stream_key,
+    refusal,
+)
+from plugshare.replication.transport import PeerConnectionClosed
+from plugshare.store.base import NotFound, Seq, Store, StoreError
+
+__all__ = [
+    "STORE_ID_DOC",
+    "Checkpoint",
+    "MessageConnection",
+    "PeerReplication",
+    "ReplicationConfig",
+    "checkpoint_id",
+    "load_checkpoint",
+    "page_limit",
+    "store_instance_id",
+]
+
+logger = logging.getLogger(__name__)
+
+STORE_ID_DOC = "plugshare-store-id"
+"""The `_local` doc holding a store's random instance id, sent to sources as `store`."""
+
+
+@attrs.frozen
+class ReplicationConfig:
+    """Batching and bounds of replication with one peer."""
+
+    batch_size: int = attrs.field(default=200, validator=attrs.validators.ge(1))
+    """Changes read from the feed per batch, at most."""
+    batch_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=attrs.validators.ge(1))
+    """About how many bytes of docs a batch should hold: with big docs, batches get fewer
+    changes (a batch's docs stay in memory until the target has answered)."""
+    max_in_flight: int = attrs.field(default=4, validator=[attrs.validators.ge(1), attrs.validators.le(MAX_WINDOW)])
+    """Batches a push keeps in flight (lowered to the peer's window)."""
+    window: int = attrs.field(default=8, validator=[attrs.validators.ge(1), attrs.validators.le(MAX_WINDOW)])
+    """Batches a peer's push may have open here at once."""
+    docs_message_bytes: int = attrs.field(default=DEFAULT_DOCS_MESSAGE_BYTES, validator=attrs.validators.ge(1))
+    """About how many bytes of docs one `rep.docs` message carries."""
+    max_doc_bytes: int = attrs.field(default=DEFAULT_MAX_DOC_BYTES, validator=attrs.validators.ge(1))
+    """Docs bigger than this (encoded) are not sent; keep it under the link's frame size."""
+    inbox_size: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    """Messages queued for one incoming stream before the receive loop waits for it."""
+    end_timeout: float = 2.0
+    """Seconds to try telling the peer why a stream ends."""
+
+
+class MessageConnection(Protocol):
+    """What replication needs of a peer connection (`transport.PeerConnection` is one): both
+    methods raise `PeerConnectionClosed` once it is closed."""
+
+    async def send(self, message: dict[str, Any]) -> None: ...
+
+    async def receive(self) -> Mapping[Any, Any]: ...
+
+
+EventSink = Callable[[ReplicationEvent], None]
+
+
+# --- store ids and checkpoints ----------------------------------------------------------------
+
+
+async def store_instance_id(store: Store) -> str:
+    """This store's random instance id, made on first use and kept in `_local/plugshare-store-id`.
+    Call it once per store and pass the result to every `PeerReplication`."""
+    try:
+        doc = await store.get_local(STORE_ID_DOC)
+        if isinstance(doc.get("id"), str) and doc["id"]:
+            return doc["id"]
+    except NotFound:
+        pass
+    store_id = secrets.token_hex(16)
+    await store.put_local(STORE_ID_DOC, {"id": store_id})
+    return store_id
+
+
+def checkpoint_id(share: str, peer: str) -> str:
+    """The `_local` id of the checkpoint of our push of `share` to `peer`."""
+    digest = hashlib.sha256(json.dumps([share, peer]).encode()).hexdigest()[:40]
+    return f"plugshare-push-{digest}"
+
+
+@attrs.frozen
+class Checkpoint:
+    """Where a push of `share` to `peer` may resume: every change up to `seq` is durable in
+    the target store `target_store`, for the share's scope `scope`."""
+
+    seq: Seq
+    target_store: str
+    scope: str
+
+
+async def load_checkpoint(store: Store, share: str, peer: str) -> Checkpoint | None:
+    """The saved checkpoint, or None (none yet, or unreadable: then the push starts over)."""
+    try:
+        doc = await store.get_local(checkpoint_id(share, peer))
+    except NotFound:
+        return None
+    seq, target_store, scope = doc.get("seq"), doc.get("target_store"), doc.get("scope")
+    if not (isinstance(seq, (int, str)) and isinstance(target_store, str) and isinstance(scope, str)):
+        logger.warning("ignoring the malformed checkpoint of share %r to peer %s: %r", share, peer, doc)
+        return None
+    return Checkpoint(seq, target_store, scope)
+
+
+def page_limit(config: ReplicationConfig, average_doc_bytes: float | None) -> int:
+    """How many changes to read for the next batch: `batch_size`, fewer when docs are big
+    (by the size of the last batch's docs) so a batch holds about `batch_bytes`."""
+    if not average_doc_bytes:
+        return config.batch_size
+    return max(1, min(config.batch_size, int(config.batch_bytes // average_doc_bytes)))
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Push:
+    """Our push of one share: its state machine and its inbox of replies."""
+
+    share: str
+    scope_tag: str
+    machine: SourceStream
+    inbox: trio.MemorySendChannel[Mapping[Any, Any]]
+    replies: trio.MemoryReceiveChannel[Mapping[Any, Any]]
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    progress: trio.Event = attrs.Factory(trio.Event)  # set when a reply was handled
+    checkpoint_lock: trio.Lock = attrs.Factory(trio.Lock)
+    saved_seq: Seq | None = None
+    end_reason: str | None = None
+    tell_peer: bool = False  # send rep.end with end_reason
+
+    def end(self, reason: str, *, tell_peer: bool) -> None:
+        """Stop this push for `reason` (the first reason given wins)."""
+        if self.end_reason is None:
+            self.end_reason, self.tell_peer = reason, tell_peer
+        self.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class _Pull:
+    """A peer's push to us: its state machine, its inbox and its reply queue."""
+
+    machine: TargetStream
+    inbox: trio.MemorySendChannel[Mapping[Any, Any]]
+    messages: trio.MemoryReceiveChannel[Mapping[Any, Any]]
+    replies: trio.MemorySendChannel[dict[str, Any]]
+    outgoing: trio.MemoryReceiveChannel[dict[str, Any]]
+
+
+class PeerReplication:
+    """Every replication stream with one peer over one connection.
+
+    Run it with ``await nursery.start(replication.run)``; then `start_push` each share to send
+    to this peer. `accept_share(share)` is asked when the peer opens a push of `share`: it
+    returns the `accept(peer, doc) -> (ok, reason)` deciding each incoming doc, or None to
+    refuse the share. `store_id` is `await store_instance_id(store)`.
+    """
+
+    def __init__(
+        self,
+        connection: MessageConnection,
+        store: Store,
+        *,
+        peer: str,
+        store_id: str,
+        accept_share: Callable[[str], Accept | None],
+        on_event: EventSink | None = None,
+        other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
+        config: ReplicationConfig = ReplicationConfig(),
+    ) -> None:
+        self._connection = connection
+        self._store = store
+        self.peer = peer
+        self._store_id = store_id
+        self._accept_share = accept_share
+        self._on_event = on_event
+        self._other_message = other_message
+        self.config = config
+        self._pushes: dict[str, _Push] = {}  # by share
+        self._pushes_by_stream: dict[tuple[str, str], _Push] = {}
+        self._pulls: dict[tuple[str, str], _Pull] = {}
+        self._stream_ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        # Refusals of streams that never opened; dropped (and logged) if the peer stops reading.
+        self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](64)
+
+    @property
+    def pushing(self) -> frozenset[str]:
+        """The shares we are pushing to this peer right now."""
+        return frozenset(self._pushes)
+
+    def _emit(self, event: ReplicationEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Route incoming messages until the connection closes, then stop every stream and
+        return. Pushes can be started once this has started."""
+        reason = "replication stopped"
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._send_control)
+            task_status.started()
+            try:
+                while True:
+                    await self._route(await self._connection.receive())
+            except PeerConnectionClosed as closed:
+                reason = f"the connection closed: {closed.reason}"
+            finally:
+                self._nursery = None
+                self._end_all(reason)
+            nursery.cancel_scope.cancel()
+
+    def _end_all(self, reason: str) -> None:
+        """Report every stream as ended (their tasks are about to be cancelled)."""
+        for push in self._pushes.values():
+            self._emit(StreamEnded(share=push.share, peer=self.peer, direction="push", reason=reason))
+        for pull in self._pulls.values():
+            self._emit(StreamEnded(share=pull.machine.share, peer=self.peer, direction="pull", reason=reason))
+        self._pushes.clear()
+        self._pushes_by_stream.clear()
+        self._pulls.clear()
+
+    async def _route(self, message: Mapping[Any, Any]) -> None:
+        message_type = message.get("type")
+        if not (isinstance(message_type, str) and message_type.startswith("rep.")):
+            if self._other_message is not None:
+                await self._other_message(message)
+            else:
+                logger.warning("peer %s sent a message of unknown type %r; dropped", self.peer, message_type)
+            return
+        try:
+            message_type, share, stream = parse_stream_key(message)
+        except ProtocolError as error:
+            logger.warning("peer %s sent a malformed replication message; dropped: %s", self.peer, error)
+            return
+        if message_type in TO_SOURCE:
+            push = self._pushes_by_stream.get((share, stream))
+            if push is None:
+                logger.debug("dropped %s for stream %s/%s, which is not ours (any more)", message_type, share, stream)
+                return
+            try:
+                push.inbox.send_nowait(message)
+            except trio.WouldBlock:
+                push.end("protocol error: the peer sent more replies than batches in flight", tell_peer=True)
+            return
+        pull = self._pulls.get((share, stream))
+        if pull is None:
+            if message_type == OPEN:
+                self._open_pull(message, share, stream)
+            else:
+                logger.debug("dropped %s for stream %s/%s, which is not open", message_type, share, stream)
+            return
+        try:
+            await pull.inbox.send(message)
+        except trio.BrokenResourceError:
+            logger.debug("dropped %s for stream %s/%s, which just ended", message_type, share, stream)
+
+    # -- the peer's pushes to us ------------------------------------------------------------
+
+    def _refuse(self, share: str, stream: str, reason: str) -> None:
+        try:
+            self._control_send.send_nowait(refusal(share, stream, reason))
+        except trio.WouldBlock:
+            logger.warning("peer %s is not reading; dropped the refusal of stream %s/%s", self.peer, share, stream)
+        self._emit(StreamEnded(share=share, peer=self.peer, direction="pull", reason=reason))
+
+    async def _send_control(self) -> None:
+        try:
+            async for message in self._control_receive:
+                await self._connection.send(message)
+        except PeerConnectionClosed:
+            pass
+
+    def _open_pull(self, message: Mapping[Any, Any], share: str, stream: str) -> None:
+        try:
+            check_open(message)
+        except ProtocolError as error:
+            self._refuse(share, stream, f"protocol error: {error}")
+            return
+        accept = self._accept_share(share)
+        if accept is None:
+            self._refuse(share, stream, f"this node does not accept share {share!r} from you")
+            return
+        machine = TargetStream(share=share, stream=stream, peer=self.peer, accept=accept, window=self.config.window)
+        inbox, messages = trio.open_memory_channel[Mapping[Any, Any]](self.config.inbox_size)
+        # Each batch a source has in flight gets at most two replies (rep.missing, rep.ack);
+        # plus rep.opened and rep.refuse. A queue that size never blocks a well-behaved peer.
+        replies, outgoing = trio.open_memory_channel[dict[str, Any]](2 * self.config.window + 2)
+        pull = _Pull(machine, inbox, messages, replies, outgoing)
+        self._pulls[(share, stream)] = pull
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_pull, pull)
+
+    async def _run_pull(self, pull: _Pull) -> None:
+        machine = pull.machine
+        key = (machine.share, machine.stream)
+        reason: str | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_replies, pull.outgoing)
+                async with pull.replies:  # closing it lets the sender finish the queue and stop
+                    reason = await self._serve_pull(pull)
+        finally:
+            pull.messages.close()  # a router blocked on a full inbox gets unstuck
+            # Without a reason the connection is closing: run() reports the end, with its cause.
+            if reason is not None and self._pulls.get(key) is pull:
+                del self._pulls[key]
+                self._emit(StreamEnded(share=machine.share, peer=self.peer, direction="pull", reason=reason))
+
+    async def _send_replies(self, outgoing: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+        # Closing `outgoing` when the connection is gone makes a stream waiting to queue a
+        # reply fail at once (BrokenResourceError) instead of waiting forever.
+        async with outgoing:
+            try:
+                async for message in outgoing:
+                    await self._connection.send(message)
+            except PeerConnectionClosed:
+                pass
+
+    async def _serve_pull(self, pull: _Pull) -> str | None:
+        """Serve one incoming stream until it ends; the reason it ended, or None when the
+        connection went away (then `run` reports it)."""
+        machine = pull.machine
+        try:
+            await pull.replies.send(machine.opened_message(self._store_id))
+            self._emit(StreamStarted(share=machine.share, peer=self.peer, direction="pull", since=None))
+            try:
+                while True:
+                    await self._carry_out_pull(pull, machine.receive(await pull.messages.receive()))
+            except PeerEndedStream as ended:
+                return f"the peer ended it: {ended.reason}"
+            except ProtocolError as error:
+                reason = f"protocol error: {error}"
+            except StoreError as error:
+                reason = f"this node's store failed: {error.reason}"
+            await pull.replies.send(machine.refuse_message(reason))
+            return reason
+        except trio.BrokenResourceError:  # the reply sender stopped: the connection is closed
+            return None
+
+    async def _carry_out_pull(self, pull: _Pull, outputs: list[Output]) -> None:
+        machine = pull.machine
+        for output in outputs:
+            if isinstance(output, Send):
+                await pull.replies.send(output.message)
+            elif isinstance(output, DiffRevs):
+                answer = await self._store.revs_diff(output.revs)
+                await self._carry_out_pull(pull, machine.diff_result(output.batch, answer))
+            elif isinstance(output, WriteDocs):
+                results = await self._store.bulk_docs(output.docs, new_edits=False) if output.docs else []
+                await self._carry_out_pull(pull, machine.write_result(output.batch, results))
+            elif isinstance(output, ReplicationEvent):
+                self._emit(output)
+            else:
+                raise AssertionError(f"a target stream asked for {output!r}")
+
+    # -- our pushes -------------------------------------------------------------------------
+
+    def start_push(self, share: str, *, in_scope: InScope, scope_tag: str = "") -> None:
+        """Start pushing `share` to this peer: every leaf revision `in_scope(doc)` admits.
+        `scope_tag` names the share's scope (e.g. a hash of its rule): the checkpoint is only
+        resumed under the same tag. Requires `run` to have started."""
+        if self._nursery is None:
+            raise LocalProtocolError("start_push needs run() to have started")
+        if share in self._pushes:
+            raise LocalProtocolError(f"share {share!r} is already being pushed to peer {self.peer}")
+        config = self.config
+        machine = SourceStream(
+            share=share,
+            stream=str(next(self._stream_ids)),
+            peer=self.peer,
+            in_scope=in_scope,
+            max_in_flight=config.max_in_flight,
+            docs_message_bytes=config.docs_message_bytes,
+            max_doc_bytes=config.max_doc_bytes,
+        )
+        # The target sends at most rep.opened, rep.refuse and two replies per batch in flight.
+        inbox, replies = trio.open_memory_channel[Mapping[Any, Any]](2 * config.max_in_flight + 2)
+        push = _Push(share, scope_tag, machine, inbox, replies)
+        self._pushes[share] = push
+        self._pushes_by_stream[(share, machine.stream)] = push
+        self._nursery.start_soon(self._run_push, push)
+
+    def stop_push(self, share: str, reason: str = "its source stopped pushing it") -> None:
+        """Stop pushing `share`, telling the peer `reason`; a no-op if it is not pushed."""
+        push = self._pushes.get(share)
+        if push is not None:
+            push.end(reason, tell_peer=True)
+
+    async def _run_push(self, push: _Push) -> None:
+        try:
+            with push.cancel_scope:
+                await self._guarded(push, partial(self._push, push))
+            if push.end_reason is not None and push.tell_peer:
+                with trio.move_on_after(self.config.end_timeout):
+                    try:
+                        await self._connection.send(push.machine.end_message(push.end_reason))
+                    except PeerConnectionClosed:
+                        pass
+        finally:
+            if self._pushes.get(push.share) is push:  # else run() has reported the end already
+                del self._pushes[push.share]
+                del self._pushes_by_stream[(push.share, push.machine.stream)]
+                if push.end_reason is not None:
+                    self._emit(StreamEnded(share=push.share, peer=self.peer, direction="push", reason=push.end_reason))
+
+    async def _push(self, push: _Push) -> None:
+        machine = push.machine
+        await self._connection.send(machine.open_message())
+        while not machine.opened:
+            await self._carry_out_push(push, machine.receive(await push.replies.receive(), trio.current_time()))
+        checkpoint = await load_checkpoint(self._store, push.share, self.peer)
+        since: Seq = 0
+        if checkpoint is not None and (checkpoint.target_store, checkpoint.scope) == (machine.target_store, push.scope_tag):
+            since = checkpoint.seq
+            push.saved_seq = since
+        machine.resume_from(since)
+        self._emit(StreamStarted(share=push.share, peer=self.peer, direction="push", since=since))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._guarded, push, partial(self._feed, push, since))
+            await self._guarded(push, partial(self._handle_replies, push))
+
+    async def _guarded(self, push: _Push, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one of a push's tasks; an error ending the push ends it (and its sibling) here,
+        so it reaches `_run_push` as a reason rather than as an exception group."""
+        try:
+            await work()
+        except PeerEndedStream as ended:
+            push.end(f"the peer ended it: {ended.reason}", tell_peer=False)
+        except ProtocolError as error:
+            push.end(f"protocol error: {error}", tell_peer=True)
+        except StoreError as error:
+            push.end(f"this node's store failed: {error.reason}", tell_peer=True)
+        except PeerConnectionClosed as closed:
+            push.end(f"the connection closed: {closed.reason}", tell_peer=False)
+
+    async def _feed(self, push: _Push, since: Seq) -> None:
+        """Read the changes feed in batches while the window allows, then follow it live."""
+        machine = push.machine
+        store = self._store
+        read_seq = since
+        while True:
+            while not machine.can_add_batch:
+                await push.progress.wait()
+            limit = page_limit(self.config, machine.average_doc_bytes)
+            page = await store.changes(read_seq, limit=limit)
+            if not page.results:
+                await self._carry_out_push(push, machine.feed_drained())
+                await store.wait_for_change(read_seq)
+                continue
+            docs = await store.bulk_get([(change.id, rev) for change in page.results for rev in change.revs])
+            read_seq = page.last_seq
+            await self._carry_out_push(push, machine.add_batch(docs, read_seq, trio.current_time()))
+
+    async def _handle_replies(self, push: _Push) -> None:
+        machine = push.machine
+        async for message in push.replies:
+            await self._carry_out_push(push, machine.receive(message, trio.current_time()))
+            push.progress.set()  # the window may have room again
+            push.progress = trio.Event()
+
+    async def _carry_out_push(self, push: _Push, outputs: list[Output]) -> None:
+        for output in outputs:
+            if isinstance(output, Send):
+                await self._connection.send(output.message)
+            elif isinstance(output, SaveCheckpoint):
+                await self._save_checkpoint(push)
+            elif isinstance(output, ReplicationEvent):
+                self._emit(output)
+            else:
+                raise AssertionError(f"a source stream asked for {output!r}")
+
+    async def _save_checkpoint(self, push: _Push) -> None:
+        # Both push tasks may complete batches; one writer at a time, always the latest
+        # checkpoint, so a slower write can never put an older one back.
+        async with push.checkpoint_lock:
+            seq = push.machine.checkpoint
+            if seq == push.saved_seq:
+                return
+            assert push.machine.target_store is not None
+            await self._store.put_local(
+                checkpoint_id(push.share, self.peer),
+                {"seq": seq, "target_store": push.machine.target_store, "scope": push.scope_tag,
+                 "share": push.share, "peer": self.peer},
+            )
+            push.saved_seq = seq
+        self._emit(CheckpointSaved(share=push.share, peer=self.peer, seq=seq))
+
