@@ -27,13 +27,15 @@ from .keystore import Keystore
 from .pkcs11_keystore import Pkcs11Keystore
 from .principal import OWNER, Decision, Principal
 from .rules import Rule
+from .shares import InvitationRefused, LeaveRequestRefused
 from .soft_keystore import SoftKeystore
 from .token import AppInfo, PeerInfo, Token, TokenInfo
 
 __all__ = [
     "AccessDenied", "AlreadyExists", "AppInfo", "AuditEntry", "AuthenticationError",
     "CLEAR_FIELDS", "Decision", "DocKey", "ENVELOPE_FIELD", "IntegrityError", "InvalidArgument",
-    "InvalidNodeIdError", "Keystore", "KeystoreError", "NotFound", "OWNER", "PeerInfo",
+    "InvalidNodeIdError", "InvitationRefused", "Keystore", "KeystoreError", "LeaveRequestRefused",
+    "NotFound", "OWNER", "PeerInfo",
     "Pkcs11Keystore", "Principal", "RollbackError", "Rule", "RuleError", "SoftKeystore",
     "Token", "TokenBusyError", "TokenError", "TokenInfo", "TokenStateError", "WrongSecretError",
     "fingerprint_of", "format_node_id", "open_doc", "parse_node_id",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import cattrs
 import msgpack
@@ -39,6 +41,27 @@ class DataKeyRecord:
 
 
 @attrs.define
+class ShareRecord:
+    """One share this token knows: its newest accepted manifest, and local bookkeeping."""
+
+    manifest: dict[str, Any]  # Manifest.to_dict() of the newest manifest accepted
+    left: bool = False  # this node left the share (it keeps the manifest for `status`)
+    # At the owner only: member fingerprint (hex) -> the manifest version that (re)admitted
+    # it. A leave request signed on an older version predates that admission: a replay.
+    admitted: dict[str, int] = attrs.Factory(dict)
+
+
+@attrs.define
+class InvitationRecord:
+    """An invitation issued by this token (at the owner); the secret itself is not kept."""
+
+    share_id: str
+    permission: str  # "read" | "write"
+    expires_at: int  # unix seconds
+    used_by: bytes | None = None  # fingerprint of the node that redeemed it (single use)
+
+
+@attrs.define
 class TokenState:
     name: str
     signing_key: bytes
@@ -54,6 +77,9 @@ class TokenState:
     data_keys: dict[str, DataKeyRecord] = attrs.Factory(dict)
     doctype_keys: dict[str, str] = attrs.Factory(dict)  # doctype -> kid
     share_keys: dict[str, list[str]] = attrs.Factory(dict)  # share id -> kids, newest last
+    shares: dict[str, ShareRecord] = attrs.Factory(dict)  # share id -> record
+    # secret digest (hex, see sharing.invitation.secret_digest) -> record
+    invitations: dict[str, InvitationRecord] = attrs.Factory(dict)
 
 
 _converter = cattrs.Converter()

@@ -27,13 +27,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import sharekey, state as state_codec, tls, vault
+from plugshare.sharing import manifest as _manifest
+
+from . import sharekey, shares as sharebook, state as state_codec, tls, vault
 from .audit import MAX_UNFLUSHED, AuditEntry, AuditLog, AuditMeta, genesis_hash, new_meta
 from .credentials import matches, new_credential, parse_credential
 from .envelope import DocKey, is_sealed, key_id, open_doc, seal_doc, sealed_kid
@@ -60,7 +62,12 @@ from .identity import (
 from .keystore import KEY_SIZE, Keystore
 from .principal import APP_KIND, OWNER, OWNER_KIND, PEER_KIND, Decision, Principal
 from .rules import ACTION_LEVEL, ROLE_KIND, Rule, RuleSet, check_name
+from .shares import InvitationRefused, LeaveRequestRefused, ShareBook
 from .state import AppRecord, DataKeyRecord, PeerRecord, TokenState
+
+if TYPE_CHECKING:
+    from plugshare.sharing.invitation import HostPort, Invitation
+    from plugshare.sharing.manifest import Manifest
 
 AUDIT_DIR = "audit"
 CHALLENGE_SIZE = 32
@@ -162,6 +169,9 @@ class Token:
         self._subjects: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._rebuild_rules()
         self._rebuild_subjects()
+        self._book = ShareBook(state, self._identity.fingerprint)
+        self._reserved_prefixes = _RESERVED_SIGNING_PREFIXES + sharebook.reserved_signing_prefixes()
+        self._peer_labels: dict[bytes, str] = {}  # fingerprint -> audit label (cache)
 
     @classmethod
     def create(
@@ -358,8 +368,9 @@ class Token:
     def sign(self, data: bytes) -> bytes:
         """Ed25519 signature of `data` by this node (e.g. a share manifest). Callers put their
         own domain prefix first; the token's own prefixes are refused, so nothing signed
-        here can pass for a challenge answer or a wrapped share key."""
-        if data.startswith(_RESERVED_SIGNING_PREFIXES):
+        here can pass for a challenge answer, a wrapped share key, a share manifest or a
+        leave request (the token signs those itself, after deciding)."""
+        if data.startswith(self._reserved_prefixes):
             raise InvalidArgument("data starts with a prefix reserved for the token's own signatures")
         return self._identity.sign(data)
 
@@ -740,6 +751,31 @@ class Token:
             self._integrity_failure(principal, stored, exc)
             raise
 
+    def check_sealed(self, stored: Mapping[str, Any], *, share_id: str) -> None:
+        """Authenticate a sealed document of encrypted share `share_id` as it arrives from a
+        peer, releasing nothing: `IntegrityError` (logged) if it was altered, moved to
+        another id, doctype or generation, or sealed under a key that is not the share's."""
+        try:
+            kid = sealed_kid(stored)
+            if kid not in self._state.share_keys.get(share_id, ()):
+                raise IntegrityError(
+                    f"document {stored.get('_id')!r} is sealed under key {kid}, "
+                    f"not a key of share {share_id}")
+            open_doc(stored, self._doc_key(kid)[1])  # authenticates; the plaintext is dropped
+        except (IntegrityError, NotFound) as exc:
+            self._audit_record(f"share:{share_id}", "check-sealed", stored.get("doctype"),
+                               stored.get("_id"), False, str(exc))
+            raise IntegrityError(str(exc)) from None
+
+    def encrypted_share_for(self, doc_metadata: Mapping[str, Any]) -> str | None:
+        """The encrypted share (id) whose rule covers this document, if any: such a document
+        is sealed under that share's key, so every member can open it."""
+        for share_id, record in self._state.shares.items():
+            if (record.manifest.get("encrypted") and share_id in self._state.share_keys
+                    and self.share_in_scope(share_id, doc_metadata)):
+                return share_id
+        return None
+
     def release_doc_key(self, stored: Mapping[str, Any], principal: Principal) -> DocKey | None:
         """Release mode: decide a read of `stored` and, if allowed, return its data key
         (None for a document stored in clear) for the caller to open with
@@ -898,6 +934,484 @@ class Token:
         for master_id in self._keystore.master_key_ids():
             if master_id not in in_use:
                 self._keystore.destroy_master_key(master_id)
+
+    # --- shares: the manifests this token holds ---------------------------------------------
+
+    def create_share(
+        self,
+        name: str,
+        doctype: str,
+        selector: Mapping[str, Any] | None = None,
+        *,
+        encrypted: bool = False,
+    ) -> Manifest:
+        """A new share of the `doctype` documents matching `selector` (None: all), owned by
+        this node: manifest version 1, signed, with this node (named as the token) its only
+        member. `RuleError` for a malformed selector (or, for an encrypted share, one that
+        tests sealed fields), `AlreadyExists` if a share of that name is known here. An
+        encrypted share gets its first share key."""
+        check_name("share name", name)
+        check_name("doctype", doctype)
+        if not isinstance(encrypted, bool):
+            raise InvalidArgument(f"encrypted is True or False, got {encrypted!r}")
+        rule = sharebook.share_rule(doctype, selector, encrypted=encrypted)
+        if self._book.name_taken(name):
+            raise AlreadyExists(f"a share named {name!r} is already known here; pick another name")
+        manifest = sharebook.new_manifest(
+            name, self.public_key_bytes, self.name, rule, encrypted, self._identity.sign
+        )
+        if encrypted:
+            self.create_share_key(manifest.share_id)
+        self._book.put(manifest)
+        self._changed()
+        self._admin(
+            "create_share", doctype,
+            f"share {name!r} ({manifest.share_id}) created{', encrypted' if encrypted else ''}",
+        )
+        return manifest
+
+    def shares(self) -> list[Manifest]:
+        """Every share this token knows: owned, joined, and those it left or was revoked from."""
+        return self._book.manifests()
+
+    def share(self, name_or_id: str) -> Manifest:
+        """A share by id or name; `NotFound` if unknown, `InvalidArgument` if several known
+        shares bear that name (then name it by id)."""
+        return self._book.find(name_or_id)
+
+    def share_status(self, name_or_id: str) -> str:
+        """This node's standing in a share: "owner", "active", "revoked" (by the owner),
+        "left" (it left), or "removed" (no longer listed: the owner applied its leave)."""
+        return self._book.status(self._book.find(name_or_id).share_id)
+
+    def _owned(self, share: str, action: str, verb: str) -> Manifest:
+        try:
+            return self._book.owned(share, verb)
+        except AccessDenied as exc:
+            self._audit_record(_ADMIN, action, None, None, False, str(exc))
+            raise
+
+    # --- shares: invitations and membership --------------------------------------------------
+
+    def issue_invitation(
+        self,
+        share: str,
+        *,
+        permission: str,
+        ttl: int,
+        addresses: Iterable[HostPort],
+        now: float | None = None,
+    ) -> Invitation:
+        """An invitation for one new member of `share` (owned here) with `permission` ("read"
+        or "write"), valid `ttl` seconds from `now`, naming `addresses` where this node
+        listens. Only its secret's digest is kept; print `.encode()`. `AccessDenied` for a
+        share this node does not own; `InvitationError`/`InvalidTtl` for bad fields."""
+        manifest = self._owned(share, "issue_invitation", "invite members to")
+        now = time.time() if now is None else now
+        invitation = sharebook.new_invitation(
+            self.fingerprint, addresses, manifest.share_id, permission, ttl, now
+        )
+        self._book.prune_invitations(now)
+        self._book.add_invitation(invitation)
+        self._changed()
+        self._admin(
+            "issue_invitation", manifest.rule.doctype,
+            f"share {manifest.name!r}: invitation for one {permission} member, valid until "
+            f"{invitation.expires_at} (unix time)",
+        )
+        return invitation
+
+    def redeem_invitation(
+        self,
+        share_id: str,
+        secret: bytes,
+        *,
+        joiner_public_key: bytes,
+        joiner_name: str,
+        joiner_x25519: bytes,
+        now: float | None = None,
+    ) -> tuple[Manifest, bytes | None]:
+        """At the owner: admit the node whose keys are given (its Ed25519 key must be the one
+        the link authenticated) for presenting `secret`. Returns the new signed manifest and,
+        for an encrypted share, the share keys wrapped to the joiner (else None).
+
+        `InvitationRefused` for an unknown secret, one for another share, an expired one, one
+        used by another node (single use), a share not owned here, or a joiner already an
+        active member; `InvalidArgument` for malformed keys or name. A refusal uses nothing
+        up. The same joiner presenting the same secret again (its answer was lost) gets the
+        current manifest again. The joiner's key is pinned as a peer. Audited."""
+        label = "anonymous"
+        try:
+            joiner = sharebook.check_joiner(
+                joiner_public_key, joiner_name, joiner_x25519, self.fingerprint
+            )
+            label = self._peer_label(joiner)
+            if not isinstance(share_id, str) or not isinstance(secret, bytes):
+                raise InvalidArgument(
+                    "an invitation is redeemed with its share id (text) and secret (bytes)"
+                )
+            now = time.time() if now is None else now
+            _, record = self._book.claim_invitation(share_id, secret, joiner, now)
+            manifest = self._book.get(share_id)
+            if manifest is None or manifest.owner != self.fingerprint:
+                raise InvitationRefused(f"share {share_id!r} is not owned by this node")
+            if record.used_by is None:
+                try:
+                    admitted = _manifest.with_member(
+                        manifest, joiner, joiner_name, record.permission  # type: ignore[arg-type]
+                    )
+                except _manifest.MembershipError as exc:
+                    raise InvitationRefused(f"{exc}; the invitation stays unused") from None
+                admitted = _manifest.sign(admitted, self._identity.sign)
+            elif manifest.is_active_member(joiner):
+                admitted = manifest
+            else:
+                raise InvitationRefused(
+                    "this invitation was already used, and its member has since been revoked "
+                    "or left; ask the share's owner for a new one"
+                )
+            wrapped = (
+                self.wrap_share_key_for(share_id, joiner_x25519, joiner)
+                if admitted.encrypted else None
+            )
+        except (InvitationRefused, InvalidArgument, NotFound) as exc:
+            self._audit_record(label, "redeem_invitation", None, None, False, str(exc))
+            raise
+        if admitted is not manifest:
+            record.used_by = joiner
+            self._book.put(admitted)
+            self._book.admit(share_id, joiner, admitted.version)
+            self._book.prune_invitations(now)
+            if format_node_id(joiner) not in self._state.peers:
+                self.add_peer(joiner_public_key, name=joiner_name)
+            self._changed()
+            reason = (
+                f"share {admitted.name!r}: {joiner_name!r} admitted with "
+                f"{record.permission} permission, manifest v{admitted.version}"
+            )
+        else:
+            reason = (
+                f"share {admitted.name!r}: manifest v{admitted.version} sent again to the "
+                "member that redeemed this invitation"
+            )
+        self._audit_record(label, "redeem_invitation", admitted.rule.doctype, None, True, reason)
+        return admitted, wrapped
+
+    def join_share(
+        self, invitation: Invitation, manifest: Manifest, wrapped_key: bytes | None
+    ) -> Manifest:
+        """At the joiner: take the owner's answer to a redeemed `invitation`. The manifest must
+        be signed by the owner the invitation names, for its share, newer than any held, and
+        list this node as an active member; an encrypted share's keys must come wrapped by
+        the owner for this node. Stores the manifest and pins the owner's key. Refusals
+        (manifest errors, `InvalidArgument`, `AuthenticationError`) change nothing and are
+        audited."""
+        if not sharebook.is_invitation(invitation):
+            raise InvalidArgument("join_share takes the decoded Invitation (Invitation.decode)")
+        share_id = invitation.share_id
+        label = self._peer_label(invitation.owner_fingerprint)
+        try:
+            if invitation.owner_fingerprint == self.fingerprint:
+                raise InvalidArgument("this node owns that share; it cannot join it")
+            accepted = sharebook.accept(
+                self._book.get(share_id), manifest, verify_signature,
+                share_id=share_id, owner=invitation.owner_fingerprint,
+            )
+            if accepted.owner != invitation.owner_fingerprint:  # held here under another owner
+                raise _manifest.OwnerChanged(
+                    f"share {share_id!r} is held here as owned by "
+                    f"{format_node_id(accepted.owner)}, not by {invitation.owner_node_id} as "
+                    "the invitation says"
+                )
+            if not accepted.is_active_member(self.fingerprint):
+                raise _manifest.MembershipError(
+                    f"manifest v{accepted.version} of share {accepted.name!r} does not list this "
+                    "node as an active member: the owner did not admit it"
+                )
+            self._book.check(accepted)
+            if accepted.encrypted and not isinstance(wrapped_key, bytes):
+                raise InvalidArgument(
+                    f"share {accepted.name!r} is encrypted but its key did not come with it"
+                )
+            if not accepted.encrypted and wrapped_key is not None:
+                raise InvalidArgument(
+                    f"share {accepted.name!r} is not encrypted, yet a share key came with it"
+                )
+        except (_manifest.ManifestError, InvalidArgument) as exc:
+            self._audit_record(label, "join_share", None, None, False, str(exc))
+            raise
+        if accepted.encrypted:
+            self.accept_share_key(share_id, wrapped_key, accepted.owner)  # type: ignore[arg-type]
+        self._book.put(accepted, left=False)
+        if format_node_id(accepted.owner) not in self._state.peers:
+            self.add_peer(accepted.owner_key, name=accepted.members[0].name)
+        self._changed()
+        permission = accepted.member(self.fingerprint).permission  # type: ignore[union-attr]
+        self._audit_record(
+            label, "join_share", accepted.rule.doctype, None, True,
+            f"joined share {accepted.name!r} ({share_id}) with {permission} permission, "
+            f"manifest v{accepted.version}",
+        )
+        return accepted
+
+    def accept_manifest(
+        self, manifest: Manifest, *, sender: bytes | str | None = None
+    ) -> tuple[Manifest, bool]:
+        """A newer manifest of a share held here, from any peer (`sender`, for the audit).
+        Returns (the manifest now held, whether it changed). Unknown share: `NotFound` (a
+        node learns shares only by creating or joining them); unsigned, forged, older or
+        conflicting: the manifest module's errors. Refusals are audited. If the new version
+        revokes or removes this node, its share keys are discarded; the manifest is kept."""
+        label = self._peer_label(self._fp(sender)) if sender is not None else "peer:unknown"
+        current = (
+            self._book.get(manifest.share_id)
+            if isinstance(manifest, _manifest.Manifest) else None
+        )
+        try:
+            if current is None and isinstance(manifest, _manifest.Manifest):
+                raise NotFound(
+                    f"share {manifest.share_id!r} is unknown here: a node learns a share only "
+                    "by creating or joining it"
+                )
+            accepted = sharebook.accept(current, manifest, verify_signature)
+            if accepted is current:
+                return accepted, False
+            self._book.check(accepted)
+        except (_manifest.ManifestError, NotFound, InvalidArgument) as exc:
+            self._audit_record(label, "accept_manifest", None, None, False, str(exc))
+            raise
+        share_id, held_version = accepted.share_id, current.version  # type: ignore[union-attr]
+        self._book.put(accepted)
+        if not accepted.is_active_member(self.fingerprint) and self.has_share_key(share_id):
+            self.discard_share_key(share_id)
+        self._changed()
+        self._audit_record(
+            label, "accept_manifest", accepted.rule.doctype, None, True,
+            f"share {accepted.name!r}: manifest v{accepted.version} replaces v{held_version} "
+            f"(this node: {self._book.status(share_id)})",
+        )
+        return accepted, True
+
+    def revoke_member(self, share: str, member: str | bytes) -> Manifest:
+        """At the owner: the next signed manifest with `member` (node id, fingerprint or
+        member name) revoked. It stays listed, so its later writes are refused with a
+        reason. `AccessDenied` if not the owner; `MembershipError` for the owner itself or a
+        member already revoked."""
+        manifest = self._owned(share, "revoke_member", "revoke members of")
+        target = sharebook.resolve_member(manifest, member)
+        revoked = _manifest.sign(
+            _manifest.revoke(manifest, target.fingerprint), self._identity.sign
+        )
+        self._book.put(revoked)
+        self._changed()
+        self._admin(
+            "revoke_member", manifest.rule.doctype,
+            f"share {manifest.name!r}: member {target.name!r} ({target.node_id}) revoked, "
+            f"manifest v{revoked.version}",
+        )
+        return revoked
+
+    def leave_share(self, share: str) -> None:
+        """At a member: stop being one. The share's keys are discarded and the manifest kept,
+        marked left (this node neither sends nor accepts its documents any more). The owner
+        learns it from `leave_request`, sent to it; the owner itself cannot leave
+        (`MembershipError`). Leaving twice does nothing."""
+        manifest = self._book.find(share)
+        if manifest.owner == self.fingerprint:
+            raise _manifest.MembershipError(
+                f"the owner cannot leave share {manifest.name!r}; it lives as long as its owner "
+                "(revoke its members instead)"
+            )
+        share_id = manifest.share_id
+        if self._book.status(share_id) == "left":
+            return
+        self._book.set_left(share_id)
+        if self.has_share_key(share_id):
+            self.discard_share_key(share_id)
+        self._changed()
+        self._admin(
+            "leave_share", manifest.rule.doctype, f"left share {manifest.name!r} ({share_id})"
+        )
+
+    def leave_request(self, share: str) -> dict[str, Any]:
+        """A statement signed by this node asking the owner of `share` to remove it, bound to
+        the manifest version held: {"purpose", "share_id", "member", "version", "signature"}.
+        Send it to the owner (again later if it was offline: it stays good until this node is
+        admitted again). `MembershipError` for the owner or a node no longer listed."""
+        manifest = self._book.find(share)
+        if manifest.owner == self.fingerprint:
+            raise _manifest.MembershipError(
+                f"the owner cannot leave share {manifest.name!r}; it lives as long as its owner"
+            )
+        if manifest.member(self.fingerprint) is None:
+            raise _manifest.MembershipError(
+                f"this node is no longer listed in share {manifest.name!r}; there is nothing "
+                "to leave"
+            )
+        statement = sharebook.leave_statement(manifest.share_id, self.fingerprint, manifest.version)
+        signature = self._identity.sign(statement)
+        self._admin(
+            "leave_request", manifest.rule.doctype,
+            f"share {manifest.name!r}: leave request signed at manifest v{manifest.version}",
+        )
+        return sharebook.leave_request(
+            manifest.share_id, self.fingerprint, manifest.version, signature
+        )
+
+    def apply_leave_request(
+        self, request: Mapping[str, Any], sender_fingerprint: bytes | str
+    ) -> Manifest:
+        """At the owner: the next signed manifest without the member that signed `request`
+        (see `leave_request`) and sent it (`sender_fingerprint`, from the authenticated link).
+        The signature must verify with that member's pinned key. A member already gone gets
+        the current manifest back. `AuthenticationError` (not from that member),
+        `LeaveRequestRefused` (a replay from before it was admitted again, or a version never
+        made), `InvalidArgument` (malformed), `AccessDenied` (not the owner). Audited."""
+        label = "anonymous"
+        try:
+            sender = self._fp(sender_fingerprint)
+            label = self._peer_label(sender)
+            share_id, member, version, signature = sharebook.parse_leave_request(request)
+            if member != sender:
+                raise AuthenticationError(
+                    "the leave request names another member than the node that sent it"
+                )
+            manifest = self._book.owned(share_id, "apply leave requests to")
+            pinned = self._state.peers.get(format_node_id(member))
+            if pinned is None or not verify_signature(
+                pinned.public_key, sharebook.leave_statement(share_id, member, version), signature
+            ):
+                raise AuthenticationError(
+                    f"the leave request for share {manifest.name!r} is not signed by the pinned "
+                    f"key of {format_node_id(member)}"
+                )
+            if version > manifest.version:
+                raise LeaveRequestRefused(
+                    f"the leave request names manifest v{version} of share {manifest.name!r}, "
+                    f"which is only at v{manifest.version}"
+                )
+            if manifest.member(member) is None:
+                self._audit_record(
+                    label, "apply_leave_request", manifest.rule.doctype, None, True,
+                    f"share {manifest.name!r}: {format_node_id(member)} had already left",
+                )
+                return manifest
+            admitted = self._book.admitted_version(share_id, member)
+            if version < admitted:
+                raise LeaveRequestRefused(
+                    f"the leave request was signed at manifest v{version} of share "
+                    f"{manifest.name!r}, before the member was admitted again at v{admitted}: "
+                    "a replay"
+                )
+            gone = manifest.member(member).name  # type: ignore[union-attr]
+            smaller = _manifest.sign(_manifest.leave(manifest, member), self._identity.sign)
+        except (
+            InvalidArgument, AuthenticationError, AccessDenied, NotFound, LeaveRequestRefused,
+            _manifest.ManifestError,
+        ) as exc:
+            self._audit_record(label, "apply_leave_request", None, None, False, str(exc))
+            raise
+        self._book.put(smaller)
+        self._book.forget_admission(share_id, member)
+        self._changed()
+        self._audit_record(
+            label, "apply_leave_request", smaller.rule.doctype, None, True,
+            f"share {smaller.name!r}: member {gone!r} left, manifest v{smaller.version}",
+        )
+        return smaller
+
+    # --- shares: decisions for the network and replication layers ---------------------------
+
+    def may_connect(self, fingerprint: bytes | str, *, now: float | None = None) -> bool:
+        """May this peer hold a link with this node? Yes for an active member of a share in
+        which this node is active too (not audited: asked often); yes while an invitation is
+        open, but then only for the join exchange (the caller enforces that: see
+        `is_known_member`); otherwise no, audited."""
+        fp = self._fp(fingerprint)
+        if self._book.is_connectable(fp):
+            return True
+        label = self._peer_label(fp)
+        now = time.time() if now is None else now
+        if fp != self.fingerprint and self._book.has_open_invitation(now):
+            self._audit_record(
+                label, "connect", None, None, True,
+                "not a member of any share held here; only to redeem an open invitation",
+            )
+            return True
+        self._audit_record(
+            label, "connect", None, None, False,
+            "not an active member of any share in which this node is active, and no "
+            "invitation is open",
+        )
+        return False
+
+    def is_known_member(self, fingerprint: bytes | str) -> bool:
+        """An active member of a share in which this node is active too (may sync)."""
+        return self._book.is_connectable(self._fp(fingerprint))
+
+    def common_shares(self, fingerprint: bytes | str) -> list[Manifest]:
+        """The shares in which both this node and the peer are active members: what to sync
+        with that peer."""
+        return self._book.common(self._fp(fingerprint))
+
+    def share_in_scope(self, share_id: str, doc_metadata: Mapping[str, Any]) -> bool:
+        """Does the document (its doctype and clear fields) fall under the share's rule? A
+        tombstone (`_deleted`) does when it carries the share's doctype. Pure and fast (for
+        the sender's filter); not audited. False for an unknown share."""
+        return self._book.in_scope(share_id, doc_metadata)
+
+    def decide_incoming(
+        self,
+        share_id: str,
+        sender_fingerprint: bytes | str,
+        doc_metadata: Mapping[str, Any],
+        *,
+        existing: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """At the receiver: may the peer write this document (as received: stored form) into
+        share `share_id` here? Allowed only if this token holds the share, this node and the
+        sender are active members of the manifest held, the sender has write permission,
+        and the document is in scope: its doctype is the share's and it matches the selector
+        (a tombstone needs only the doctype: it carries no other field), and for an encrypted
+        share it is sealed under one of the share's keys (tombstones excepted). Pass
+        `existing`, the metadata of the local winning revision of that document id if there
+        is one: a document that exists here outside the share is never overwritten or
+        deleted by a member. Every answer is audited with the document id."""
+        sender = self._fp(sender_fingerprint)
+        decision = self._book.incoming(share_id, sender, doc_metadata, existing)
+        doctype = doc_metadata.get("doctype") if isinstance(doc_metadata, Mapping) else None
+        doc_id = doc_metadata.get("_id") if isinstance(doc_metadata, Mapping) else None
+        self._audit_record(
+            self._peer_label(sender), "share-receive",
+            doctype if isinstance(doctype, str) else None, doc_id,
+            decision.allowed, decision.reason,
+        )
+        return decision
+
+    def decide_outgoing(self, share_id: str, peer_fingerprint: bytes | str) -> Decision:
+        """May this node send share `share_id`'s documents to the peer? Both must be active
+        members of the manifest held (this node not having left), and this node must have
+        write permission (the peer refuses documents from a read-only member). Audited."""
+        peer = self._fp(peer_fingerprint)
+        decision = self._book.outgoing(share_id, peer)
+        self._audit_record(
+            self._peer_label(peer), "share-send", None, None, decision.allowed, decision.reason
+        )
+        return decision
+
+    def _peer_label(self, fingerprint: bytes) -> str:
+        label = self._peer_labels.get(fingerprint)
+        if label is None:
+            if len(self._peer_labels) >= 4096:
+                self._peer_labels.clear()
+            label = self._peer_labels[fingerprint] = f"{PEER_KIND}:{format_node_id(fingerprint)}"
+        return label
+
+    @staticmethod
+    def _fp(value: bytes | str) -> bytes:
+        if type(value) is bytes and len(value) == 32:
+            return value
+        return coerce_fingerprint(value)
 
     # --- audit -----------------------------------------------------------------------------
 
