@@ -446,6 +446,136 @@ def audit(ctx: Context, tail: int, verify: bool) -> None:
         sys.exit(1)
 
 
+# -- shares and peers -----------------------------------------------------------------
+
+
+@cli.group()
+def share() -> None:
+    """Share documents with other people's nodes."""
+
+
+def _share_summary(s: dict) -> str:
+    who = "owner" if s["role"] == "owner" else f"member ({s['permission'] or '-'})"
+    active = sum(1 for m in s["members"] if m["status"] == "active")
+    return (f"{s['name']}  {s['doctype']}  {who}  {s['status']}  {active} members  "
+            f"{s['docs']} docs" + ("  encrypted" if s["encrypted"] else ""))
+
+
+@share.command("create")
+@click.argument("name")
+@click.option("--doctype", required=True, help="Share every document of this doctype...")
+@click.option("--selector", help="...or only those matching this Mango-style JSON selector.")
+@click.option("--encrypt", is_flag=True, help="Members store and send it only encrypted.")
+@pass_ctx
+def share_create(ctx: Context, name: str, doctype: str, selector: str | None, encrypt: bool):
+    """Create a share (this node is its owner)."""
+    body = {"name": name, "doctype": doctype, "selector": _parse_selector(selector),
+            "encrypt": encrypt}
+    with ctx.client() as client:
+        result = client.request("POST", "/shares", json=body)
+    ctx.emit(result, f"share {name!r} created ({doctype}); invite members with "
+                     f"`plugshare share invite {name}`")
+
+
+@share.command("invite")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="The new member may read but not write.")
+@click.option("--ttl", default="1h", show_default=True, help="How long the code is valid.")
+@pass_ctx
+def share_invite(ctx: Context, name: str, read_only: bool, ttl: str) -> None:
+    """Print a one-line invitation code for one new member (single use)."""
+    with ctx.client() as client:
+        result = client.request("POST", f"/shares/{_quote(name)}/invite",
+                                json={"read_only": read_only, "ttl": ttl})
+    ctx.emit(result, result["code"])
+
+
+@share.command("accept")
+@click.argument("code")
+@click.option("--no-progress", is_flag=True, help="Return at once; do not wait for the sync.")
+@pass_ctx
+def share_accept(ctx: Context, code: str, no_progress: bool) -> None:
+    """Join a share with an invitation code; its initial sync starts at once."""
+    with ctx.client() as client:
+        result = client.request("POST", "/join", json={"code": code.strip()})
+    if ctx.as_json or no_progress:
+        ctx.emit(result, _share_summary(result))
+        return
+    click.echo(f"joined {result['name']!r} ({result['doctype']}); syncing...", err=True)
+    from plugshare.node.progress import follow_initial_sync
+
+    follow_initial_sync(ctx.home, result["name"])
+    click.echo(_share_summary(result))
+
+
+@share.command("revoke")
+@click.argument("name")
+@click.argument("member")
+@pass_ctx
+def share_revoke(ctx: Context, name: str, member: str) -> None:
+    """Remove MEMBER (its name or node id) from a share you own."""
+    with ctx.client() as client:
+        result = client.request("POST", f"/shares/{_quote(name)}/revoke",
+                                json={"member": member})
+    ctx.emit(result, f"{member} revoked from {name!r} (manifest v{result['version']})")
+
+
+@share.command("leave")
+@click.argument("name")
+@pass_ctx
+def share_leave(ctx: Context, name: str) -> None:
+    """Leave a share you are a member of (your local copy stays)."""
+    with ctx.client() as client:
+        result = client.request("POST", f"/shares/{_quote(name)}/leave")
+    note = "" if result.get("owner_notified") else " (the owner is offline and was not told)"
+    ctx.emit(result, f"left {name!r}{note}")
+
+
+@share.command("list")
+@pass_ctx
+def share_list(ctx: Context) -> None:
+    """List shares."""
+    with ctx.client() as client:
+        result = client.request("GET", "/shares")
+    ctx.emit(result, "\n".join(_share_summary(s) for s in result["shares"]) or "(no shares)")
+
+
+@share.command("show")
+@click.argument("name")
+@pass_ctx
+def share_show(ctx: Context, name: str) -> None:
+    """A share's rule and members (name, id, permission, status) and sync state."""
+    with ctx.client() as client:
+        s = client.request("GET", f"/shares/{_quote(name)}")
+    lines = [_share_summary(s), f"id       {s['id']} (manifest v{s['version']})",
+             f"rule     doctype {s['doctype']}"
+             + (f", selector {json.dumps(s['selector'])}" if s["selector"] else "")]
+    for m in s["members"]:
+        lines.append(f"member   {m['name']:<16} {m['id']}  {m['permission']:<5}  {m['status']}"
+                     + ("  connected" if m["connected"] else ""))
+    for p in s["peers"]:
+        lines.append(f"sync     {p['peer']:<16} {p['state']}")
+    ctx.emit(s, "\n".join(lines))
+
+
+@cli.command()
+@pass_ctx
+def peers(ctx: Context) -> None:
+    """Known peers: id, name, addresses, connected or not, last seen."""
+    import datetime
+
+    with ctx.client() as client:
+        result = client.request("GET", "/peers")
+    lines = []
+    for p in result["peers"]:
+        seen = (datetime.datetime.fromtimestamp(p["last_seen"]).isoformat(timespec="seconds")
+                if p["last_seen"] else "never")
+        lines.append(f"{p['name'] or '?':<16} {p['id']}  "
+                     f"{'connected' if p['connected'] else 'offline':<9}  "
+                     f"{', '.join(p['addresses']) or '-'}  last seen {seen}")
+    ctx.emit(result, "\n".join(lines) or "(no peers yet)")
+
+
 def main() -> None:
     cli(prog_name="plugshare")
 

@@ -134,8 +134,14 @@ class Access:
         except IntegrityError as exc:
             raise Tampered(f"document {stored.get('_id')!r}: {exc}") from None
 
-    def is_sealed(self, doctype: str) -> bool:
-        return self.token.is_sensitive(doctype)
+    def sealing_scope(self, doc: Mapping[str, Any]) -> str | None:
+        """How `doc` is to be stored: "share:<id>" (sealed under an encrypted share's key, so
+        its members can open it), "doctype" (a sensitive doctype), or None (in clear)."""
+        share_id = self.token.encrypted_share_for(self.metadata(doc))
+        if share_id is not None:
+            return f"share:{share_id}"
+        return "doctype" if self.token.is_sensitive(doc["doctype"]) else None
 
-    def seal(self, doc: Mapping[str, Any], generation: int) -> dict[str, Any]:
-        return self.token.encrypt_doc(doc, generation=generation)
+    def seal(self, doc: Mapping[str, Any], generation: int, scope: str) -> dict[str, Any]:
+        share_id = scope.removeprefix("share:") if scope.startswith("share:") else None
+        return self.token.encrypt_doc(doc, generation=generation, share_id=share_id)

@@ -84,7 +84,7 @@ class Admin:
             if doc.get("doctype") != doctype or is_sealed(doc):
                 continue
             generation = int(doc["_rev"].partition("-")[0]) + 1
-            await self.store.put(self.access.seal(doc, generation))
+            await self.store.put(self.access.seal(doc, generation, "doctype"))
             rewritten += 1
         return {"doctype": doctype, "sensitive": True, "rewritten": rewritten}
 

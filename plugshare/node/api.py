@@ -170,6 +170,51 @@ def create_app(node: Node) -> Starlette:
             await admin.encrypt(request.state.principal, request.path_params["doctype"])
         )
 
+    sharing = node.sharing
+
+    async def shares(request: Request) -> Response:
+        if request.method == "POST":
+            body = _object(await _json_body(request))
+            encrypted = body.get("encrypt", False)
+            if not isinstance(encrypted, bool):
+                raise ApiError(400, "bad_request", "'encrypt' must be true or false")
+            share = await sharing.create(request.state.principal, _text(body, "name"),
+                                         _text(body, "doctype"), _selector(body), encrypted)
+            return JSONResponse(share, status_code=201)
+        return JSONResponse({"shares": await sharing.list()})
+
+    async def share_item(request: Request) -> Response:
+        return JSONResponse(await sharing.show(request.path_params["name"]))
+
+    async def share_invite(request: Request) -> Response:
+        body = _object(await _json_body(request))
+        read_only = body.get("read_only", False)
+        if not isinstance(read_only, bool):
+            raise ApiError(400, "bad_request", "'read_only' must be true or false")
+        ttl = body.get("ttl") or "1h"
+        if not isinstance(ttl, str):
+            raise ApiError(400, "bad_request", "'ttl' must be a duration such as 1h or 30m")
+        return JSONResponse(sharing.invite(request.state.principal, request.path_params["name"],
+                                           read_only=read_only, ttl=ttl), status_code=201)
+
+    async def share_revoke(request: Request) -> Response:
+        body = _object(await _json_body(request))
+        return JSONResponse(await sharing.revoke(request.state.principal,
+                                                 request.path_params["name"],
+                                                 _text(body, "member")))
+
+    async def share_leave(request: Request) -> Response:
+        return JSONResponse(await sharing.leave(request.state.principal,
+                                                request.path_params["name"]))
+
+    async def join(request: Request) -> Response:
+        body = _object(await _json_body(request))
+        return JSONResponse(await sharing.accept(request.state.principal, _text(body, "code")),
+                            status_code=201)
+
+    async def peers(request: Request) -> Response:
+        return JSONResponse({"peers": node.peers.status()})
+
     async def audit(request: Request) -> Response:
         tail = request.query_params.get("tail", "20")
         if not tail.isdigit() or not 0 < int(tail) <= 100_000:
@@ -190,6 +235,13 @@ def create_app(node: Node) -> Starlette:
         Route("/token/rules/{rule_id}", rule_item, methods=["DELETE"]),
         Route("/token/encrypt/{doctype}", encrypt, methods=["POST"]),
         Route("/token/audit", audit, methods=["GET"]),
+        Route("/shares", shares, methods=["GET", "POST"]),
+        Route("/shares/{name}", share_item, methods=["GET"]),
+        Route("/shares/{name}/invite", share_invite, methods=["POST"]),
+        Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
+        Route("/shares/{name}/leave", share_leave, methods=["POST"]),
+        Route("/join", join, methods=["POST"]),
+        Route("/peers", peers, methods=["GET"]),
     ]
     async def http_error(request: Request, exc: HTTPException) -> Response:
         names = {404: "not_found", 405: "method_not_allowed"}

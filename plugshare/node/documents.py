@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from plugshare.node.access import Access, Forbidden, Principal
+from plugshare.node.events import EventBus
 from plugshare.store import BadRequest, Doc, NotFound, Store
 
 def _check_doctype(doctype: str) -> None:
@@ -26,9 +27,10 @@ def _rev_generation(rev: str) -> int:
 
 
 class Documents:
-    def __init__(self, store: Store, access: Access):
+    def __init__(self, store: Store, access: Access, events: EventBus):
         self.store = store
         self.access = access
+        self.events = events
 
     # -- reads ----------------------------------------------------------------------
 
@@ -85,9 +87,12 @@ class Documents:
             raise BadRequest(f"document ids may not start with '_' ({doc_id!r})")
         await self._check_may_replace(principal, doc_id, doc.get("_rev"))
         self._require(self.access.decide(principal, "write", doc))
-        if self.access.is_sealed(doctype):
-            doc = self.access.seal(doc, await self._next_generation(doc_id, doc.get("_rev")))
+        scope = self.access.sealing_scope(doc)
+        if scope is not None:
+            generation = await self._next_generation(doc_id, doc.get("_rev"))
+            doc = self.access.seal(doc, generation, scope)
         rev = await self.store.put(doc)
+        self.events.publish("doc.written", id=doc_id, doctype=doctype, rev=rev)
         return doc_id, rev
 
     async def delete(
@@ -99,7 +104,12 @@ class Documents:
         if doctype is not None and current.get("doctype") != doctype:
             raise NotFound(f"no document {doc_id!r} of doctype {doctype!r}")
         self._require(self.access.decide(principal, "write", self.access.metadata(current)))
-        return await self.store.delete(doc_id, rev)
+        # The tombstone keeps the doctype, so shares of that doctype replicate the deletion.
+        new_rev = await self.store.put(
+            {"_id": doc_id, "_rev": rev, "_deleted": True, "doctype": current["doctype"]})
+        self.events.publish("doc.written", id=doc_id, doctype=current["doctype"], rev=new_rev,
+                            deleted=True)
+        return new_rev
 
     async def _check_may_replace(self, principal: Principal, doc_id: str, rev: str | None) -> None:
         """A writer may not overwrite a doc it could not write (e.g. one outside its selector)

@@ -20,6 +20,11 @@ from plugshare.config import Address, Config
 from plugshare.errors import PlugshareError
 from plugshare.node.access import Access, open_access
 from plugshare.node.admin import Admin
+from plugshare.node.discovery import Discovery, local_addresses
+from plugshare.node.events import EventBus
+from plugshare.node.peers import PeerManager
+from plugshare.node.session import PeerSession
+from plugshare.node.sharing import Sharing
 from plugshare.node.documents import Documents
 from plugshare.node.home import Home
 from plugshare.store import Store, open_store
@@ -57,8 +62,12 @@ class Node:
         self.config = config
         self.store = store
         self.access = access
-        self.documents = Documents(store, access)
+        self.events = EventBus()
+        self.documents = Documents(store, access, self.events)
         self.admin = Admin(store, access)
+        self.sharing = Sharing(self)
+        self.peers = PeerManager(self, lambda conn, dialed: PeerSession(self, conn, dialed))
+        self.discovery: Discovery | None = None
         self.api_url: str | None = None
         self.started_at = time.time()
         self._stopping = trio.Event()
@@ -87,9 +96,12 @@ class Node:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "api": self.api_url,
+            "peer_address": str(self.peers.listen_address) if self.peers.listen_address else None,
+            "discovery": self.discovery is not None,
             "store": await self.store.info(),
-            "peers": [],
-            "shares": [],
+            "peers": self.peers.status(),
+            "shares": await self.sharing.list(),
+            "events_dropped": self.events.dropped,
         }
 
     def stop(self) -> None:
@@ -121,8 +133,14 @@ class Node:
 
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.peers.run)
+                if self.config.peer.discovery:
+                    await nursery.start(self._discover)
                 await nursery.start(serve_api)
-                self.home.write_runtime({"pid": os.getpid(), "api": self.api_url})
+                self.home.write_runtime({"pid": os.getpid(), "api": self.api_url,
+                                         "peer": str(self.peers.listen_address)})
+                self.events.publish("node.started", api=self.api_url,
+                                    peer_address=str(self.peers.listen_address))
                 log.info("node %s (%s) serving the local API on %s",
                          self.config.node.name, self.access.node_id, self.api_url)
                 task_status.started(self.api_url)
@@ -132,6 +150,26 @@ class Node:
                 nursery.cancel_scope.cancel()
         finally:
             self.home.clear_runtime()
+
+
+    async def _discover(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Announce this node and find members' current addresses on the LAN."""
+        listen = self.peers.listen_address
+        loopback = listen.host in ("127.0.0.1", "localhost")
+        addresses = ["127.0.0.1"] if loopback else (
+            [listen.host] if listen.host not in ("0.0.0.0", "::") else local_addresses())
+        if not addresses:
+            log.info("discovery off: no LAN address to announce")
+            task_status.started()
+            return
+        async with Discovery(self.access.token.fingerprint, self.config.node.name, listen.port,
+                             addresses, interfaces=["127.0.0.1"] if loopback else None) as found:
+            self.discovery = found
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.discovery = None
 
 
 async def run_node(home: Home, *, on_ready=None) -> None:

@@ -360,9 +360,11 @@ async def serve_peers(
     local: LocalNode,
     accept_peer: Callable[[bytes], bool],
     config: TransportConfig = TransportConfig(),
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Accept peer links on `host`:`port` (port 0 picks a free one) until cancelled.
+    """Accept peer links on `host`:`port` (port 0 picks a free one) until cancelled, or on
+    `listeners` the caller already bound (so it knows the port before the first hello).
 
     `ssl_context` comes from `plugshare.token.tls.server_ssl_context` for `local`'s key. Each
     connection is authenticated; `accept_peer(fingerprint)` decides whether the peer may stay,
@@ -370,7 +372,8 @@ async def serve_peers(
     a PeerConnectionClosed escaping the handler is expected and swallowed, any other exception
     propagates). With ``nursery.start``, the started value is the list of listeners.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     pending_handshakes = 0
 
     async def serve_one(tcp_stream: trio.SocketStream) -> None:

@@ -1,0 +1,316 @@
+"""Peer links of a node: the listener, the dialers, one live session per peer, and where
+peers were last seen.
+
+Peers are known by key fingerprint only; an address is a hint (from an invitation, a
+peer's hello, discovery or node.toml) and never decides who a peer is: the pinned TLS link
+does. The token says who may connect (`may_connect`) and whom to keep a link to (the active
+members of shares in common).
+
+Both nodes of a pair dial each other. If two links come up at once, both ends keep the one
+dialed by the lower fingerprint, so they agree without talking. A dialer does not dial while
+a link to its peer is up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from plugshare.config import Address
+from plugshare.node.home import write_private
+from plugshare.replication.backoff import Backoff
+from plugshare.replication.link import LocalNode
+from plugshare.replication.transport import (
+    PeerConnectError,
+    PeerConnection,
+    TransportConfig,
+    connect_peer,
+    keep_connected,
+    serve_peers,
+)
+from plugshare.token import format_node_id
+
+if TYPE_CHECKING:
+    from plugshare.node.node import Node
+    from plugshare.node.session import PeerSession
+
+log = logging.getLogger("plugshare.peers")
+
+REDIAL = Backoff(initial=0.5, maximum=30.0)
+
+
+def parse_host_port(text: str) -> tuple[str, int] | None:
+    try:
+        address = Address.parse(text)
+    except ValueError:
+        return None
+    return (address.host, address.port) if address.port else None
+
+
+@attrs.define
+class PeerInfo:
+    """What this node knows of a peer: hints and live state (nothing here is trusted)."""
+
+    fingerprint: bytes
+    name: str = ""
+    addresses: list[str] = attrs.Factory(list)  # "host:port", most recently useful first
+    last_seen: float | None = None
+
+    def to_json(self) -> dict:
+        return {"fingerprint": self.fingerprint.hex(), "name": self.name,
+                "addresses": self.addresses, "last_seen": self.last_seen}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PeerInfo:
+        return cls(bytes.fromhex(data["fingerprint"]), str(data.get("name", "")),
+                   [str(a) for a in data.get("addresses", [])][:16], data.get("last_seen"))
+
+
+class AddressBook:
+    """Where peers were seen, kept in `<home>/peers.json` across restarts."""
+
+    MAX_ADDRESSES = 8
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.peers: dict[bytes, PeerInfo] = {}
+        try:
+            for item in json.loads(path.read_text()):
+                info = PeerInfo.from_json(item)
+                self.peers[info.fingerprint] = info
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s (%s); peers will be found again", path, exc)
+
+    def get(self, fingerprint: bytes) -> PeerInfo:
+        return self.peers.setdefault(fingerprint, PeerInfo(fingerprint))
+
+    def learn(self, fingerprint: bytes, *, name: str | None = None,
+              addresses: list[str] = (), seen: bool = False) -> None:
+        info = self.get(fingerprint)
+        if name:
+            info.name = name
+        for address in reversed([a for a in addresses if parse_host_port(a)]):
+            if address in info.addresses:
+                info.addresses.remove(address)
+            info.addresses.insert(0, address)
+        del info.addresses[self.MAX_ADDRESSES:]
+        if seen:
+            info.last_seen = time.time()
+        self.save()
+
+    def save(self) -> None:
+        data = [info.to_json() for info in self.peers.values()]
+        write_private(self.path, json.dumps(data, indent=1).encode())
+
+
+class PeerManager:
+    def __init__(self, node: Node, new_session: Callable[[PeerConnection, bool], PeerSession]):
+        self.node = node
+        self.token = node.access.token
+        self.book = AddressBook(node.home.root / "peers.json")
+        self.sessions: dict[bytes, PeerSession] = {}
+        self._new_session = new_session
+        self._dialers: dict[bytes, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self.local: LocalNode | None = None
+        self.listen_address: Address | None = None
+        self.config = TransportConfig()
+
+    # -- what other nodes are told about this one ---------------------------------------
+
+    def advertised_addresses(self) -> list[str]:
+        """Addresses a peer may use to reach this node (listener bound to 0.0.0.0: this
+        host's IPv4 addresses, loopback last)."""
+        assert self.listen_address is not None
+        host, port = self.listen_address.host, self.listen_address.port
+        if host not in ("0.0.0.0", "::"):
+            return [str(Address(host, port))]
+        from plugshare.node.discovery import local_addresses
+
+        return [str(Address(h, port)) for h in local_addresses()] + [f"127.0.0.1:{port}"]
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from plugshare.node.node import bind_listener
+
+        sock = bind_listener(self.node.config.peer.listen, "peer listener")
+        host, port = sock.getsockname()[:2]
+        self.listen_address = Address(self.node.config.peer.listen.host, port)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self.local = LocalNode(
+            public_key=self.token.public_key_bytes,
+            name=self.node.config.node.name,
+            addresses=self.advertised_addresses(),
+            sign=self.token.sign,
+        )
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(lambda task_status: serve_peers(
+                self._accepted, host=None, port=0, ssl_context=self.token.ssl_context(True),
+                local=self.local, accept_peer=self._may_connect, config=self.config,
+                listeners=[listener], task_status=task_status))
+            log.info("listening for peers on %s", self.listen_address)
+            self.refresh()
+            task_status.started(self.listen_address)
+
+    def _may_connect(self, fingerprint: bytes) -> bool:
+        allowed = self.token.may_connect(fingerprint)
+        if not allowed:
+            log.info("refused a link from unknown node %s", format_node_id(fingerprint))
+        return allowed
+
+    def refresh(self) -> None:
+        """Keep a dialer for every peer the token says we share with; stop the others'."""
+        if self._nursery is None:
+            return
+        wanted = {m.fingerprint for share in self.token.shares()
+                  for m in share.active_members()} - {self.token.fingerprint}
+        wanted = {fp for fp in wanted if self.token.common_shares(fp)}
+        for fp in set(self._dialers) - wanted:
+            self._dialers.pop(fp).cancel()
+        for fp in wanted - set(self._dialers):
+            scope = trio.CancelScope()
+            self._dialers[fp] = scope
+            self._nursery.start_soon(self._dial_forever, fp, scope)
+        for fp, session in list(self.sessions.items()):
+            if fp not in wanted and not session.joining:
+                session.close("no share in common any more")
+            else:
+                session.refresh()
+
+    def _addresses_for(self, fingerprint: bytes) -> list[tuple[str, int]]:
+        if fingerprint in self.sessions:
+            return []  # a link is up: nothing to dial
+        hints = list(self.book.get(fingerprint).addresses)
+        discovery = getattr(self.node, "discovery", None)
+        if discovery is not None:
+            hints = [str(Address(h, p)) for h, p in discovery.addresses_of(fingerprint)] + hints
+        hints += [str(a) for a in self.node.config.peer.static]
+        seen: list[tuple[str, int]] = []
+        for hint in hints:
+            parsed = parse_host_port(hint)
+            if parsed and parsed not in seen:
+                seen.append(parsed)
+        return seen
+
+    async def _dial_forever(self, fingerprint: bytes, scope: trio.CancelScope) -> None:
+        with scope:
+            await keep_connected(
+                lambda conn: self._run_session(conn, dialed=True),
+                addresses=lambda: self._addresses_for(fingerprint),
+                expected_fingerprint=fingerprint, ssl_context=self.token.ssl_context(False),
+                local=self.local, config=self.config, backoff=REDIAL,
+            )
+
+    async def open_session(self, fingerprint: bytes,
+                           addresses: list[tuple[str, int]]) -> PeerSession:
+        """Dial a peer we may not know yet (accepting an invitation) and return its session
+        once the link is up; the session then lives on in the background like any other.
+        `PeerConnectError` if no address answers."""
+        assert self._nursery is not None, "the peer manager is not running"
+        ready = trio.Event()
+        result: dict[str, object] = {}
+
+        def up(session: PeerSession) -> None:
+            result["session"] = session
+            ready.set()
+
+        async def dial() -> None:
+            errors = []
+            try:
+                for host, port in addresses:
+                    try:
+                        async with connect_peer(host, port, expected_fingerprint=fingerprint,
+                                                ssl_context=self.token.ssl_context(False),
+                                                local=self.local, config=self.config) as conn:
+                            await self._run_session(conn, dialed=True, on_session=up)
+                            return
+                    except PeerConnectError as exc:
+                        errors.append(str(exc))
+                result["error"] = PeerConnectError(
+                    "; ".join(errors) or "the invitation names no address")
+            finally:
+                ready.set()
+
+        self._nursery.start_soon(dial)
+        await ready.wait()
+        if "session" in result:
+            return result["session"]  # type: ignore[return-value]
+        raise result["error"]  # type: ignore[misc]
+
+    async def _accepted(self, conn: PeerConnection) -> None:
+        await self._run_session(conn, dialed=False)
+
+    async def _run_session(self, conn: PeerConnection, *, dialed: bool,
+                           on_session: Callable[[PeerSession], None] | None = None) -> None:
+        fp = conn.peer_fingerprint
+        existing = self.sessions.get(fp)
+        if existing is not None:
+            # Two links at once: keep the one dialed by the lower fingerprint (both ends agree).
+            dialer_of_new = self.token.fingerprint if dialed else fp
+            if dialer_of_new != min(self.token.fingerprint, fp):
+                log.debug("dropping a duplicate link to %s", format_node_id(fp))
+                return
+            existing.close("replaced by a simultaneous link")
+        hello = conn.peer_hello
+        remote = [conn.remote_address] if dialed else []
+        self.book.learn(fp, name=hello.name, addresses=remote + list(hello.addresses), seen=True)
+        session = self._new_session(conn, dialed)
+        self.sessions[fp] = session
+        self.node.events.publish("peer.connected", peer=hello.name,
+                                 address=conn.remote_address, rtt_ms=None)
+        reason = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(session.run)
+                if on_session is not None:
+                    on_session(session)
+                await session.wait_closed()
+                nursery.cancel_scope.cancel()
+            reason = session.close_reason or conn.close_reason or "closed"
+        finally:
+            if self.sessions.get(fp) is session:
+                del self.sessions[fp]
+            self.book.learn(fp, seen=True)
+            self.node.events.publish("peer.disconnected", peer=hello.name, reason=reason)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        """Every peer we share with or have seen, for /status and `plugshare peers`."""
+        fps = set(self.book.peers) | set(self.sessions)
+        fps |= {m.fingerprint for s in self.token.shares() for m in s.members}
+        fps.discard(self.token.fingerprint)
+        rows = []
+        for fp in fps:
+            info = self.book.get(fp)
+            session = self.sessions.get(fp)
+            rtt = session.connection.rtt if session else None
+            rows.append({
+                "id": format_node_id(fp),
+                "name": info.name or _member_name(self.token, fp),
+                "addresses": info.addresses,
+                "connected": session is not None,
+                "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
+                "last_seen": time.time() if session else info.last_seen,
+                "shares": [s.name for s in self.token.common_shares(fp)],
+            })
+        return sorted(rows, key=lambda r: (not r["connected"], r["name"]))
+
+
+def _member_name(token, fingerprint: bytes) -> str:
+    for share in token.shares():
+        member = share.member(fingerprint)
+        if member is not None:
+            return member.name
+    return ""

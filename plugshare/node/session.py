@@ -1,0 +1,319 @@
+"""One live link with one peer: manifests, joins and replication of every share in common.
+
+On a new link both ends send the manifests of the shares they have in common, start pushing
+each share their token lets them send, and let the peer push to them; every incoming doc is
+decided by this node's token. Share messages (`share.*`) ride the same link:
+
+    share.manifest  {manifest}                         a newer manifest (signed by the owner)
+    share.join      {share, secret, name, public_key, x25519}    joiner -> owner
+    share.joined    {share, manifest, key}             owner -> joiner (key: wrapped share key)
+    share.join_refused {share, reason}
+    share.leave     {share, request}                   member -> owner (signed leave request)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from plugshare.errors import PlugshareError
+from plugshare.replication import protocol as rp
+from plugshare.replication.replicator import PeerReplication, store_instance_id
+from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
+from plugshare.sharing.invitation import Invitation
+from plugshare.sharing.manifest import Manifest
+from plugshare.token import TokenError, format_node_id
+from plugshare.token.envelope import is_sealed
+
+if TYPE_CHECKING:
+    from plugshare.node.node import Node
+
+log = logging.getLogger("plugshare.session")
+
+JOIN_TIMEOUT = 30.0
+
+
+class JoinRefused(PlugshareError):
+    """The share's owner refused the invitation."""
+
+
+def _metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k == "_id" or not k.startswith("_")}
+
+
+def _scope_tag(manifest: Manifest) -> str:
+    """Names the share's rule: a checkpoint is resumed only under the same rule."""
+    rule = json.dumps(manifest.rule.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(manifest.share_id.encode() + rule).hexdigest()[:16]
+
+
+@attrs.define
+class SyncState:
+    """How one share stands with this peer, for /status and `watch`."""
+
+    state: str = "initial"  # initial | live | offline | error
+    sent: int = 0
+    received: int = 0
+    refused: int = 0
+    pending_out: int = 0
+    lag_ms: float | None = None
+    last_sync: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return attrs.asdict(self)
+
+
+class PeerSession:
+    def __init__(self, node: Node, conn: PeerConnection, dialed: bool):
+        self.node = node
+        self.token = node.access.token
+        self.connection = conn
+        self.dialed = dialed
+        self.fingerprint = conn.peer_fingerprint
+        self.peer_id = format_node_id(self.fingerprint)
+        self.name = conn.peer_hello.name
+        self.close_reason: str | None = None
+        self.sync: dict[str, SyncState] = {}  # by share id
+        self.joining = not self.token.common_shares(self.fingerprint)
+        self._closed = trio.Event()
+        self._joins: dict[str, tuple[trio.Event, dict]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.replication: PeerReplication | None = None
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        store = self.node.store
+        self.replication = PeerReplication(
+            self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
+            accept_share=self._accept_share, on_event=self._on_event,
+            other_message=self._on_message,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.replication.run)
+                await self._send_manifests()
+                self.refresh()
+                task_status.started()
+        except PeerConnectionClosed as closed:
+            self.close_reason = self.close_reason or closed.reason
+        finally:
+            self.close_reason = self.close_reason or self.connection.close_reason or "closed"
+            for share_id, state in self.sync.items():
+                state.state = "offline"
+                self._publish_state(share_id, state)
+            for event, _ in self._joins.values():
+                event.set()
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def close(self, reason: str) -> None:
+        self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.start_soon(self.connection.aclose, reason)
+
+    # -- which shares flow on this link ---------------------------------------------------
+
+    def refresh(self) -> None:
+        """Push every share the token lets us send to this peer; stop the others."""
+        if self.replication is None or self._nursery is None:
+            return
+        common = {m.share_id: m for m in self.token.common_shares(self.fingerprint)}
+        if common:
+            self.joining = False
+        for share_id in self.replication.pushing - set(common):
+            self.replication.stop_push(share_id, "the share is no longer in common")
+        for share_id, manifest in common.items():
+            self.sync.setdefault(share_id, SyncState())
+            if share_id in self.replication.pushing:
+                continue
+            if not self.token.decide_outgoing(share_id, self.fingerprint).allowed:
+                continue  # e.g. we are a read-only member: nothing of ours may land there
+            self.replication.start_push(
+                share_id, in_scope=self._scope_filter(share_id), scope_tag=_scope_tag(manifest)
+            )
+        for share_id in set(self.sync) - set(common):
+            state = self.sync.pop(share_id)
+            state.state = "offline"
+            self._publish_state(share_id, state)
+
+    def _scope_filter(self, share_id: str):
+        token = self.token
+
+        def in_scope(doc: Mapping[str, Any]) -> bool:
+            return token.share_in_scope(share_id, _metadata(doc))
+
+        return in_scope
+
+    def _accept_share(self, share_id: str):
+        """The peer opens a push of `share_id` to us: decide each doc with our token."""
+        if share_id not in {m.share_id for m in self.token.common_shares(self.fingerprint)}:
+            return None
+        token, fp = self.token, self.fingerprint
+        encrypted = token.share(share_id).encrypted
+
+        def accept(_peer: str, doc: Mapping[str, Any]) -> tuple[bool, str]:
+            decision = token.decide_incoming(share_id, fp, _metadata(doc))
+            if not decision.allowed:
+                return False, decision.reason
+            if encrypted and not doc.get("_deleted"):
+                if not is_sealed(doc):
+                    return False, "a document of an encrypted share arrived in clear"
+                try:
+                    token.check_sealed(doc, share_id=share_id)
+                except TokenError as exc:
+                    return False, f"tampered ciphertext: {exc}"
+            return True, decision.reason
+
+        return accept
+
+    # -- manifests and joins ------------------------------------------------------------
+
+    async def _send_manifests(self) -> None:
+        for manifest in self.token.shares():
+            if manifest.member(self.fingerprint) is not None:
+                await self.send_manifest(manifest)
+
+    async def send_manifest(self, manifest: Manifest) -> None:
+        await self.connection.send({"type": "share.manifest", "manifest": manifest.to_dict()})
+
+    async def request_join(self, invitation: Invitation) -> tuple[Manifest, bytes | None]:
+        """Joiner side: prove the invitation's secret to the owner; wait for its answer."""
+        share = invitation.share_id
+        done, answer = trio.Event(), {}
+        self._joins[share] = (done, answer)
+        try:
+            await self.connection.send({
+                "type": "share.join", "share": share, "secret": invitation.secret,
+                "name": self.node.config.node.name,
+                "public_key": self.token.public_key_bytes,
+                "x25519": self.token.x25519_public_bytes,
+            })
+            with trio.move_on_after(JOIN_TIMEOUT):
+                await done.wait()
+        finally:
+            self._joins.pop(share, None)
+        if "manifest" in answer:
+            return answer["manifest"], answer.get("key")
+        if "reason" in answer:
+            raise JoinRefused(f"the owner refused the invitation: {answer['reason']}")
+        raise JoinRefused(f"no answer from the owner: {self.close_reason or 'timed out'}")
+
+    async def _on_message(self, message: Mapping[Any, Any]) -> None:
+        kind = message.get("type")
+        try:
+            if kind == "share.manifest":
+                await self._on_manifest(message)
+            elif kind == "share.join":
+                await self._on_join(message)
+            elif kind in ("share.joined", "share.join_refused"):
+                self._on_join_answer(message)
+            elif kind == "share.leave":
+                await self._on_leave(message)
+            else:
+                log.info("peer %s sent an unknown message type %r; ignored", self.name, kind)
+        except (PlugshareError, ValueError, TypeError, KeyError) as exc:
+            # A bad message costs the peer that message, never the link or the node.
+            log.warning("refused %r from peer %s: %s", kind, self.name, exc)
+            self.node.events.publish("share.refused", peer=self.name, message=str(kind),
+                                     reason=str(exc))
+
+    async def _on_manifest(self, message: Mapping[Any, Any]) -> None:
+        manifest = Manifest.from_dict(message["manifest"])
+        current, changed = self.token.accept_manifest(manifest)
+        if changed:
+            await self.node.sharing.manifest_changed(current, source=self)
+
+    async def _on_join(self, message: Mapping[Any, Any]) -> None:
+        share = str(message["share"])
+        public_key = bytes(message["public_key"])
+        if hashlib.sha256(public_key).digest() != self.fingerprint:
+            raise ValueError("the joiner's public key is not the one its link proved")
+        try:
+            manifest, key = self.token.redeem_invitation(
+                share, bytes(message["secret"]), joiner_public_key=public_key,
+                joiner_name=str(message["name"]), joiner_x25519=bytes(message["x25519"]),
+            )
+        except PlugshareError as exc:
+            await self.connection.send({"type": "share.join_refused", "share": share,
+                                        "reason": str(exc)})
+            self.node.events.publish("share.join_refused", peer=self.name, reason=str(exc))
+            return
+        await self.connection.send({"type": "share.joined", "share": share,
+                                    "manifest": manifest.to_dict(), "key": key})
+        self.node.events.publish("share.joined", share=manifest.name, peer=self.name,
+                                 member=str(message["name"]))
+        await self.node.sharing.manifest_changed(manifest, source=None)
+
+    def _on_join_answer(self, message: Mapping[Any, Any]) -> None:
+        waiting = self._joins.get(str(message.get("share")))
+        if waiting is None:
+            raise ValueError("an answer to a join this node did not ask for")
+        done, answer = waiting
+        if message["type"] == "share.joined":
+            answer["manifest"] = Manifest.from_dict(message["manifest"])
+            key = message.get("key")
+            answer["key"] = bytes(key) if key is not None else None
+        else:
+            answer["reason"] = str(message.get("reason", "no reason given"))
+        done.set()
+
+    async def _on_leave(self, message: Mapping[Any, Any]) -> None:
+        manifest = self.token.apply_leave_request(dict(message["request"]), self.fingerprint)
+        self.node.events.publish("share.left", share=manifest.name, peer=self.name)
+        await self.node.sharing.manifest_changed(manifest, source=None)
+
+    # -- replication events -> status and the events stream -------------------------------
+
+    def _share_name(self, share_id: str) -> str:
+        try:
+            return self.token.share(share_id).name
+        except TokenError:
+            return share_id
+
+    def _publish_state(self, share_id: str, state: SyncState) -> None:
+        self.node.events.publish(
+            "sync.state", share=self._share_name(share_id), peer=self.name, state=state.state,
+            done=state.sent + state.received, total=None, pending_in=None,
+            pending_out=state.pending_out,
+        )
+
+    def _on_event(self, event: rp.ReplicationEvent) -> None:
+        state = self.sync.setdefault(event.share, SyncState())
+        share, publish = self._share_name(event.share), self.node.events.publish
+        if isinstance(event, rp.BatchAcked):
+            state.sent += event.written
+            publish("sync.batch_sent", share=share, peer=self.name, docs=event.written,
+                    refused=event.refused)
+        elif isinstance(event, rp.BatchReceived):
+            state.received += event.written
+            state.refused += event.refused
+            state.last_sync = time.time()
+            publish("sync.batch_received", share=share, peer=self.name, docs=event.written,
+                    written=event.written, refused=event.refused)
+        elif isinstance(event, rp.DocRefused):
+            publish("sync.doc_refused", share=share, peer=self.name, id=event.doc_id,
+                    rev=event.rev, reason=event.reason, direction=event.direction)
+        elif isinstance(event, rp.Lag):
+            state.pending_out = event.pending_docs
+            state.lag_ms = round(event.seconds * 1000, 1)
+        elif isinstance(event, rp.CaughtUp):
+            state.last_sync = time.time()
+            if state.state != "live":
+                state.state = "live"
+                self._publish_state(event.share, state)
+        elif isinstance(event, rp.StreamEnded):
+            state.error = event.reason
+            publish("sync.stream_ended", share=share, peer=self.name,
+                    direction=event.direction, reason=event.reason)
