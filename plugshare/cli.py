@@ -492,12 +492,13 @@ def share_invite(ctx: Context, name: str, read_only: bool, ttl: str) -> None:
 
 @share.command("accept")
 @click.argument("code")
+@click.option("--as", "as_name", help="Your name in the share [default: the node's name].")
 @click.option("--no-progress", is_flag=True, help="Return at once; do not wait for the sync.")
 @pass_ctx
-def share_accept(ctx: Context, code: str, no_progress: bool) -> None:
+def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool) -> None:
     """Join a share with an invitation code; its initial sync starts at once."""
     with ctx.client() as client:
-        result = client.request("POST", "/join", json={"code": code.strip()})
+        result = client.request("POST", "/join", json={"code": code.strip(), "as": as_name})
     if ctx.as_json or no_progress:
         ctx.emit(result, _share_summary(result))
         return

@@ -209,8 +209,11 @@ def create_app(node: Node) -> Starlette:
 
     async def join(request: Request) -> Response:
         body = _object(await _json_body(request))
-        return JSONResponse(await sharing.accept(request.state.principal, _text(body, "code")),
-                            status_code=201)
+        as_name = body.get("as")
+        if as_name is not None and not isinstance(as_name, str):
+            raise ApiError(400, "bad_request", "'as' must be a name")
+        return JSONResponse(await sharing.accept(request.state.principal, _text(body, "code"),
+                                                 as_name=as_name), status_code=201)
 
     async def peers(request: Request) -> Response:
         return JSONResponse({"peers": node.peers.status()})

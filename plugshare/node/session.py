@@ -43,6 +43,9 @@ JOIN_TIMEOUT = 30.0
 class JoinRefused(PlugshareError):
     """The share's owner refused the invitation."""
 
+    status = 403
+    error = "refused"
+
 
 def _metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k == "_id" or not k.startswith("_")}
@@ -188,7 +191,8 @@ class PeerSession:
     async def send_manifest(self, manifest: Manifest) -> None:
         await self.connection.send({"type": "share.manifest", "manifest": manifest.to_dict()})
 
-    async def request_join(self, invitation: Invitation) -> tuple[Manifest, bytes | None]:
+    async def request_join(self, invitation: Invitation,
+                           name: str) -> tuple[Manifest, bytes | None]:
         """Joiner side: prove the invitation's secret to the owner; wait for its answer."""
         share = invitation.share_id
         done, answer = trio.Event(), {}
@@ -196,7 +200,7 @@ class PeerSession:
         try:
             await self.connection.send({
                 "type": "share.join", "share": share, "secret": invitation.secret,
-                "name": self.node.config.node.name,
+                "name": name,
                 "public_key": self.token.public_key_bytes,
                 "x25519": self.token.x25519_public_bytes,
             })

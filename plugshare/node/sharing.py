@@ -11,7 +11,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from plugshare.errors import PlugshareError
 from plugshare.node.access import Forbidden, Principal
+from plugshare.node.session import JoinRefused
+from plugshare.replication.transport import PeerConnectError, PeerRefused
 from plugshare.sharing.invitation import Invitation, parse_ttl
 from plugshare.sharing.manifest import Manifest
 from plugshare.token import format_node_id
@@ -23,6 +26,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("plugshare.sharing")
 
 DEFAULT_TTL = "1h"
+
+
+class OwnerUnreachable(PlugshareError):
+    """No address of the invitation answers as the share's owner."""
+
+    status = 502
+    error = "unreachable"
 
 
 class Sharing:
@@ -55,7 +65,7 @@ class Sharing:
         return {"share": self.token.share(name).name, "code": invitation.encode(),
                 "permission": invitation.permission, "expires_at": invitation.expires_at}
 
-    async def accept(self, principal: Principal, code: str) -> dict:
+    async def accept(self, principal: Principal, code: str, *, as_name: str | None = None) -> dict:
         """Join a share with an invitation code: reach its owner, prove the secret, take the
         manifest (and the share key); the initial sync starts at once on the same link."""
         self._require_owner(principal, "share_accept")
@@ -66,9 +76,20 @@ class Sharing:
             raise Forbidden("this invitation was made by this very node")
         session = self.node.peers.sessions.get(owner)
         if session is None:
-            session = await self.node.peers.open_session(owner, list(invitation.owner_addresses))
+            try:
+                session = await self.node.peers.open_session(
+                    owner, list(invitation.owner_addresses))
+            except PeerRefused as exc:
+                raise JoinRefused(
+                    f"the share's owner refused the link ({exc}); the invitation was probably "
+                    "used already or has expired: ask for a new one") from None
+            except PeerConnectError as exc:
+                raise OwnerUnreachable(
+                    f"cannot reach the share's owner at the invitation's addresses: {exc}"
+                ) from None
         session.joining = True
-        manifest, key = await session.request_join(invitation)
+        manifest, key = await session.request_join(
+            invitation, as_name or self.node.config.node.name)
         manifest = self.token.join_share(invitation, manifest, key)
         self.node.events.publish("share.joined", share=manifest.name, peer=session.name,
                                  member=self.node.config.node.name)
@@ -158,7 +179,7 @@ class Sharing:
             "owner": format_node_id(manifest.owner),
             "role": "owner" if manifest.owner == me else "member",
             "permission": mine.permission if mine else None,
-            "status": mine.status if mine else "left",
+            "status": self.token.share_status(manifest.share_id),
             "members": [
                 {"name": m.name, "id": m.node_id, "permission": m.permission,
                  "status": m.status, "connected": m.fingerprint in sessions}
