@@ -4,6 +4,25 @@
 use (under a file lock, so parallel sessions don't race), starts it in memory on a free
 loopback port with its config and log in a temporary directory, and stops its whole process
 group at exit.
+
+pouchdb-server 4.2.0 departs from CouchDB where the store relies on it; the launcher below
+(JavaScript that patches pouchdb-server's modules before starting it) brings it in line:
+
+- it has no per-database `_revs_limit` (GET/PUT `/{db}/_revs_limit`); PouchDB does stem
+  revision trees, but to a limit fixed when a database object is made. The launcher adds the
+  endpoint and feeds the limit to PouchDB's write path, so stemming is done by the server;
+- its `_revs_diff` reports revisions it knows only as ancestors (without a body) as missing,
+  and never sends `possible_ancestors`. CouchDB reports a revision missing only when it is not
+  in the revision tree at all, and lists the leaves of a lower generation as possible
+  ancestors (leaving the key out when there are none). The launcher answers that way;
+- it skips a replicated revision it already knows without merging the history that came
+  with it, so a stemmed or partial tree is never re-joined to ancestors delivered later.
+  CouchDB merges every delivered path into the tree. The launcher lets PouchDB merge, and
+  writes nothing when the merge changed nothing (a known revision stays a no-op);
+- it finds whether a revision is a tombstone by its hash alone, so a tree where one hash
+  appears at two generations (never made by real edits: a hash covers its parent, but made by
+  the contract suite's random histories) gets the wrong flag. The launcher matches the
+  generation too.
 """
 
 from __future__ import annotations
@@ -31,30 +50,36 @@ INSTALL_TIMEOUT = 900.0
 _PORT_ATTEMPTS = 5
 
 
+# Runs pouchdb-server (its main module is argv[2]) with `/{db}/_revs_limit` added. The limit
+# reaches PouchDB through `processDocs(revLimit, docInfos, db, ...)`, which the LevelDB-based
+# adapters (the in-memory one included) call through the module object for every write.
+_LAUNCHER_JS = (Path(__file__).parent / "pouchdb_launcher.js").read_text()
+
+
 class PouchDBServerError(RuntimeError):
     """pouchdb-server could not be installed or started."""
 
 
-def server_executable(install_dir: Path = INSTALL_DIR) -> Path:
-    return install_dir / "node_modules" / ".bin" / "pouchdb-server"
+def server_main(install_dir: Path = INSTALL_DIR) -> Path:
+    return install_dir / "node_modules" / "pouchdb-server" / "lib" / "index.js"
 
 
 def ensure_installed(install_dir: Path = INSTALL_DIR) -> Path:
-    """Install pouchdb-server with npm unless it is there already; return its executable."""
-    executable = server_executable(install_dir)
-    if executable.exists():
-        return executable
+    """Install pouchdb-server with npm unless it is there already; return its main module."""
+    main = server_main(install_dir)
+    if main.exists():
+        return main
     install_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = install_dir.parent / (install_dir.name + ".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing right now
-        if not executable.exists():
+        if not main.exists():
             _npm_install(install_dir)
-    if not executable.exists():
+    if not main.exists():
         raise PouchDBServerError(
-            f"npm finished but {executable} is missing; remove {install_dir} and retry"
+            f"npm finished but {main} is missing; remove {install_dir} and retry"
         )
-    return executable
+    return main
 
 
 def _npm_install(install_dir: Path) -> None:
@@ -112,12 +137,15 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _start(executable: Path, workdir: Path, port: int) -> subprocess.Popen:
+def _start(node: str, main: Path, workdir: Path, port: int) -> subprocess.Popen:
+    launcher = workdir / "launch.js"
+    launcher.write_text(_LAUNCHER_JS)
     output = open(workdir / "server.out", "wb")
     try:
         return subprocess.Popen(
             [
-                str(executable), "--in-memory", "--host", "127.0.0.1", "--port", str(port),
+                node, str(launcher), str(main),
+                "--in-memory", "--host", "127.0.0.1", "--port", str(port),
                 "--dir", str(workdir), "--config", str(workdir / "config.json"),
                 "--no-stdout-logs", "--no-color",
             ],
@@ -152,7 +180,10 @@ def _wait_until_answering(
 @contextlib.contextmanager
 def running_pouchdb_server() -> Iterator[str]:
     """Run an in-memory pouchdb-server on a free loopback port; yield `http://127.0.0.1:PORT`."""
-    executable = ensure_installed()
+    node = shutil.which("node")
+    if node is None:
+        raise PouchDBServerError("node is not on PATH: install Node.js (>= 18) and npm")
+    main = ensure_installed()
     with tempfile.TemporaryDirectory(prefix="pouchdb-server-") as tmp:
         workdir = Path(tmp)
         server_uuid = uuid.uuid4().hex
@@ -164,15 +195,25 @@ def running_pouchdb_server() -> Iterator[str]:
         for _ in range(_PORT_ATTEMPTS):
             port = _free_loopback_port()
             url = f"http://127.0.0.1:{port}"
-            process = _start(executable, workdir, port)
+            process = _start(node, main, workdir, port)
             if _wait_until_answering(process, url, server_uuid, workdir):
                 break
-        else:
             output = (workdir / "server.out").read_text(errors="replace")[-2000:]
+            if "already in use" not in output:  # only a port taken meanwhile is worth a retry
+                raise PouchDBServerError(f"pouchdb-server exited at startup:\n{output}")
+        else:
             raise PouchDBServerError(
-                f"pouchdb-server exited at startup {_PORT_ATTEMPTS} times; last output:\n{output}"
+                f"pouchdb-server found no free port in {_PORT_ATTEMPTS} attempts:\n{output}"
             )
         try:
             yield url
         finally:
             _stop(process)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--install"]:
+        sys.exit("usage: python -m tests.support.pouchdb --install")
+    print(f"pouchdb-server {POUCHDB_SERVER_VERSION}: {ensure_installed()}")

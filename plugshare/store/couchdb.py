@@ -1,0 +1,602 @@
+"""The store on a CouchDB server over HTTP (Apache CouchDB 2.x/3.x; pouchdb-server in tests).
+
+The server owns the revision trees: it makes revisions, detects conflicts atomically, merges
+replicated histories and stems them to `_revs_limit`. This module maps `base.Store` onto the
+CouchDB HTTP API and smooths over where servers differ from the contract:
+
+- input is checked client-side with the helpers the SQLite backend uses (`revtree.parse_doc`
+  and friends), so both backends refuse the same things, and one bad doc in a batch never
+  reaches the server (which would refuse the whole request);
+- `_changes` rows, `_conflicts` and `_revs_diff` answers are normalised to the contract's
+  order and shape (pouchdb-server lists leaves in tree order and omits `possible_ancestors`);
+- `_local` docs need their current `_rev` to be updated on CouchDB; the store remembers the
+  last one it saw and refetches it on a conflict, so callers simply replace them;
+- `_design/` documents (which this store never writes) are left out of every answer.
+
+HTTP goes through httpcore's async connection pool (httpx's own transport layer), which runs
+natively on trio: requests are cancellable, and `aclose()` closes every connection. It costs
+less client CPU per request than httpx.AsyncClient and keeps up with couchdb-python run in
+worker threads, which could not be cancelled or closed (`python bench/store.py --clients`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+from urllib.parse import quote, unquote, urlencode, urlsplit
+
+import httpcore
+
+from plugshare.store.base import (
+    LOCAL_PREFIX,
+    BadRequest,
+    Change,
+    ChangesPage,
+    Conflict,
+    Doc,
+    NotFound,
+    Seq,
+    Store,
+    StoreError,
+    Unavailable,
+)
+from plugshare.store.revtree import (
+    DEFAULT_REVS_LIMIT,
+    ParsedDoc,
+    check_doc_id,
+    check_json,
+    history_of,
+    parse_doc,
+    parse_rev,
+)
+
+CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails within this
+READ_TIMEOUT = 120.0  # a large _bulk_docs on a busy server can take a while
+HEARTBEAT_MS = 10_000  # longpoll keep-alive newlines; a feed silent for 3x this is dead
+KEEPALIVE_EXPIRY = 4.0  # below Node's 5 s server-side keep-alive: never reuse a closing socket
+MAX_CONNECTIONS = 100  # every waiting `wait_for_change` holds one
+LOCAL_WRITE_ATTEMPTS = 10  # a local doc rewritten concurrently this often is a Conflict
+
+DESIGN_PREFIX = "_design/"
+_DB_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
+_JSON_HEADERS = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+_REQUEST_FAILURES = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
+
+
+class CouchDBStore(Store):
+    """A `Store` in one database of a CouchDB server. Open with `await CouchDBStore.open(...)`."""
+
+    backend = "couchdb"
+
+    def __init__(
+        self,
+        pool: httpcore.AsyncConnectionPool,
+        db_url: str,
+        headers: list[tuple[bytes, bytes]],
+        revs_limit: int,
+    ):
+        """Use `open()`; this takes a pool and the database's URL as `open()` prepared them."""
+        self.revs_limit = revs_limit
+        self._pool = pool
+        self._db_url = db_url  # no trailing slash, no credentials: safe to show in messages
+        self._headers = headers  # JSON content type, and Basic auth when the url had a user
+        self._local_revs: dict[str, str] = {}  # local id -> the last `_rev` seen
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, url: str, db_name: str, *, revs_limit: int = DEFAULT_REVS_LIMIT
+    ) -> CouchDBStore:
+        """Connect to the server at `url` (`http[s]://[user:password@]host[:port][/prefix]`),
+        create database `db_name` if it is missing and set its `_revs_limit`."""
+        if type(revs_limit) is not int or revs_limit < 1:
+            raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
+        if not isinstance(db_name, str) or _DB_NAME.fullmatch(db_name) is None:
+            raise BadRequest(
+                f"invalid CouchDB database name {db_name!r}: it must match [a-z][a-z0-9_$()+/-]*"
+            )
+        server_url, headers = _parse_server_url(url)
+        db_url = server_url + "/" + quote(db_name, safe="")
+        pool = httpcore.AsyncConnectionPool(
+            max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
+        store = cls(pool, db_url, headers, revs_limit)
+        try:
+            await store._create_database()
+            if await store._call("GET", "/_revs_limit") != revs_limit:
+                await store._call("PUT", "/_revs_limit", body=revs_limit)
+        except BaseException:
+            await store.aclose()
+            raise
+        return store
+
+    async def _create_database(self) -> None:
+        status, data = await self._request("GET", "")
+        if status == 404:
+            status, data = await self._request("PUT", "")
+            if status == 412:  # made meanwhile by someone else
+                return
+        if status >= 400:
+            raise self._error(status, data, "open the database")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._pool.aclose()
+
+    async def info(self) -> dict[str, Any]:
+        info = await self._call("GET", "")
+        # CouchDB counts design documents too; this store's documents never include them.
+        design = await self._call(
+            "GET", "/_all_docs", params={"startkey": '"_design/"', "endkey": '"_design0"'}
+        )
+        doc_count = info["doc_count"] - len(design["rows"])
+        return {"backend": self.backend, "doc_count": doc_count, "update_seq": info["update_seq"]}
+
+    # -- documents ------------------------------------------------------------------------
+
+    async def put(self, doc: Doc) -> str:
+        parsed = parse_doc(doc)
+        if parsed.is_local:
+            return await self._write_local_doc(parsed)
+        answer = await self._call(
+            "PUT", _doc_path(parsed.id), body=_wire_doc(parsed), action=f"write {parsed.id!r}"
+        )
+        return answer["rev"]
+
+    async def get(
+        self, doc_id: str, *, rev: str | None = None, conflicts: bool = False, revs: bool = False
+    ) -> Doc:
+        check_doc_id(doc_id)
+        if doc_id.startswith(LOCAL_PREFIX):
+            return await self.get_local(doc_id[len(LOCAL_PREFIX) :])
+        params = {}
+        if rev is not None:
+            parse_rev(rev)
+            params["rev"] = rev
+        if conflicts:
+            params["conflicts"] = "true"
+        if revs:
+            params["revs"] = "true"
+        doc = await self._call("GET", _doc_path(doc_id), params=params, action=f"get {doc_id!r}")
+        if "_conflicts" in doc:
+            doc["_conflicts"] = _live_winner_order(doc["_conflicts"])
+        return doc
+
+    async def delete(self, doc_id: str, rev: str) -> str:
+        check_doc_id(doc_id)
+        if doc_id.startswith(LOCAL_PREFIX):
+            await self.delete_local(doc_id[len(LOCAL_PREFIX) :])
+            return "0-0"
+        parse_rev(rev)
+        answer = await self._call(
+            "DELETE", _doc_path(doc_id), params={"rev": rev}, action=f"delete {doc_id!r}"
+        )
+        return answer["rev"]
+
+    async def all_docs(self) -> list[Doc]:
+        answer = await self._call("GET", "/_all_docs", params={"include_docs": "true"})
+        docs = [row["doc"] for row in answer["rows"] if not _is_design(row["id"])]
+        # Servers collate ids differently (CouchDB raw bytes, PouchDB UTF-16): code point order.
+        docs.sort(key=lambda doc: doc["_id"])
+        return docs
+
+    # -- replication ----------------------------------------------------------------------
+
+    async def revs_diff(self, revs: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        if not isinstance(revs, dict):
+            raise BadRequest("revs_diff takes {doc id: [rev, ...]}")
+        for doc_id, doc_revs in revs.items():
+            check_doc_id(doc_id)
+            if not isinstance(doc_revs, list):
+                raise BadRequest(f"revs_diff: the revs of {doc_id!r} must be a list")
+            for rev in doc_revs:
+                parse_rev(rev)
+        asked = {doc_id: doc_revs for doc_id, doc_revs in revs.items() if doc_revs}
+        if not asked:
+            return {}
+        answer = await self._call("POST", "/_revs_diff", body=asked)
+        diff: dict[str, dict[str, list[str]]] = {}
+        for doc_id, entry in answer.items():
+            missing = set(entry.get("missing", ()))
+            if missing:
+                diff[doc_id] = {
+                    "missing": [rev for rev in dict.fromkeys(asked[doc_id]) if rev in missing],
+                    # CouchDB leaves the key out when there are none.
+                    "possible_ancestors": entry.get("possible_ancestors", []),
+                }
+        return diff
+
+    async def bulk_docs(self, docs: list[Doc], *, new_edits: bool = True) -> list[dict[str, Any]]:
+        if not isinstance(docs, list):
+            raise BadRequest("bulk_docs takes a list of documents")
+        results: list[dict[str, Any] | None] = [None] * len(docs)
+        remote: list[tuple[int, ParsedDoc]] = []
+        for i, doc in enumerate(docs):
+            try:
+                parsed = parse_doc(doc, new_edits=new_edits)
+                if parsed.is_local:
+                    results[i] = _ok(parsed.id, await self._write_local_doc(parsed))
+                else:
+                    remote.append((i, parsed))
+            except StoreError as exc:
+                doc_id = doc.get("_id") if isinstance(doc, dict) else None
+                results[i] = _failed(doc_id, exc.error, exc.reason)
+        if remote:
+            wire = [_wire_doc(parsed, with_history=not new_edits) for _, parsed in remote]
+            answer = await self._call(
+                "POST", "/_bulk_docs", body={"docs": wire, "new_edits": new_edits}
+            )
+            if new_edits:
+                # One answer per doc, in order: {"id", "rev", "ok"} or {"id", "error", "reason"}.
+                for (i, parsed), entry in zip(remote, answer, strict=True):
+                    results[i] = _bulk_result(parsed.id, entry)
+            else:
+                # Only failures are listed (CouchDB >= 2, PouchDB); match them by (id, rev).
+                failures = {(e.get("id"), e.get("rev")): e for e in answer if "error" in e}
+                for i, parsed in remote:
+                    failure = failures.get((parsed.id, parsed.rev))
+                    results[i] = (
+                        _ok(parsed.id, parsed.rev)
+                        if failure is None
+                        else _bulk_result(parsed.id, failure)
+                    )
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
+        pairs = []
+        for pair in wanted:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise BadRequest(f"bulk_get takes (id, rev) pairs, not {pair!r}")
+            doc_id, rev = pair
+            check_doc_id(doc_id)
+            parse_rev(rev)
+            pairs.append({"id": doc_id, "rev": rev})
+        if not pairs:
+            return []
+        answer = await self._call(
+            "POST", "/_bulk_get", params={"revs": "true"}, body={"docs": pairs}
+        )
+        # Each result holds {"ok": doc}, or {"error": ...} / {"missing": rev} for what is not here.
+        return [
+            item["ok"]
+            for result in answer["results"]
+            for item in result["docs"]
+            if "ok" in item
+        ]
+
+    async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:
+        params = {"style": "all_docs", "since": _seq_param(since)}
+        if limit is not None:
+            if type(limit) is not int or limit < 1:
+                raise BadRequest(f"limit must be a positive integer or None, not {limit!r}")
+            params["limit"] = str(limit)
+        answer = await self._call("GET", "/_changes", params=params)
+        rows = [row for row in answer["results"] if not _is_design(row["id"])]
+        winners = await self._winners(
+            [row["id"] for row in rows if len(row["changes"]) > 1 and not row.get("deleted")]
+        )
+        results = [
+            Change(
+                seq=row["seq"],
+                id=row["id"],
+                revs=_leaves_in_winner_order(
+                    [c["rev"] for c in row["changes"]], winners.get(row["id"])
+                ),
+                deleted=bool(row.get("deleted", False)),
+            )
+            for row in rows
+        ]
+        return ChangesPage(results, answer["last_seq"])
+
+    async def _winners(self, doc_ids: list[str]) -> dict[str, tuple[str, list[str]]]:
+        """For live conflicted docs: (winning rev, live losing revs). `_changes` does not say
+        which leaves are tombstones, and pouchdb-server does not list the winner first."""
+        if not doc_ids:
+            return {}
+        answer = await self._call(
+            "POST",
+            "/_all_docs",
+            params={"include_docs": "true", "conflicts": "true"},
+            body={"keys": doc_ids},
+        )
+        return {
+            row["id"]: (row["value"]["rev"], row["doc"].get("_conflicts", []))
+            for row in answer["rows"]
+            if "value" in row and row.get("doc")
+        }
+
+    async def wait_for_change(self, since: Seq) -> None:
+        since = _seq_param(since)
+        while True:
+            # With a heartbeat the server keeps the request open (sending newlines) until a
+            # change comes; a connection silent for three heartbeats is taken as dead.
+            answer = await self._call(
+                "GET",
+                "/_changes",
+                params={"feed": "longpoll", "since": since, "limit": "1",
+                        "heartbeat": str(HEARTBEAT_MS)},
+                read_timeout=3 * HEARTBEAT_MS / 1000,
+            )
+            if any(not _is_design(row["id"]) for row in answer["results"]):
+                return
+            since = _seq_param(answer["last_seq"])
+
+    # -- local documents ------------------------------------------------------------------
+
+    async def get_local(self, local_id: str) -> Doc:
+        path = _local_path(_check_local_id(local_id))
+        doc = await self._call("GET", path, action=f"get local document {local_id!r}")
+        self._local_revs[local_id] = doc["_rev"]
+        return doc
+
+    async def put_local(self, local_id: str, doc: Doc) -> None:
+        _check_local_id(local_id)
+        await self._put_local(local_id, _local_body(local_id, doc))
+
+    async def delete_local(self, local_id: str) -> None:
+        path = _local_path(_check_local_id(local_id))
+        for _ in range(LOCAL_WRITE_ATTEMPTS):
+            rev = self._local_revs.get(local_id) or await self._local_rev(local_id)
+            if rev is None:
+                raise NotFound(f"local document {local_id!r} does not exist")
+            status, data = await self._request("DELETE", path, params={"rev": rev})
+            if status in (404, 409):  # our remembered rev is stale: look again
+                self._local_revs.pop(local_id, None)
+                continue
+            if status >= 400:
+                raise self._error(status, data, f"delete local document {local_id!r}")
+            self._local_revs.pop(local_id, None)
+            return
+        raise Conflict(f"local document {local_id!r} kept changing while being deleted")
+
+    async def _put_local(self, local_id: str, body: dict[str, Any]) -> str:
+        path = _local_path(local_id)
+        rev = self._local_revs.get(local_id)
+        for _ in range(LOCAL_WRITE_ATTEMPTS):
+            status, data = await self._request(
+                "PUT", path, body=body if rev is None else {**body, "_rev": rev}
+            )
+            if status in (404, 409):  # changed elsewhere, or not seen by us: replace it
+                rev = await self._local_rev(local_id)
+                continue
+            if status >= 400:
+                raise self._error(status, data, f"write local document {local_id!r}")
+            self._local_revs[local_id] = data["rev"]
+            return data["rev"]
+        raise Conflict(f"local document {local_id!r} kept changing while being written")
+
+    async def _local_rev(self, local_id: str) -> str | None:
+        status, data = await self._request("GET", _local_path(local_id))
+        if status == 404:
+            return None
+        if status >= 400:
+            raise self._error(status, data, f"read local document {local_id!r}")
+        return data["_rev"]
+
+    async def _write_local_doc(self, parsed: ParsedDoc) -> str:
+        """A `_local/` document written through `put`/`bulk_docs`."""
+        local_id = parsed.id[len(LOCAL_PREFIX) :]
+        if parsed.deleted:
+            await self.delete_local(local_id)
+            return "0-0"
+        return await self._put_local(local_id, parsed.body)
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        read_timeout: float = READ_TIMEOUT,
+        action: str | None = None,
+    ) -> Any:
+        """Send a request to the database and return the decoded answer; an error status
+        raises the matching `StoreError`, its message starting with `action`."""
+        status, data = await self._request(
+            method, path, params=params, body=body, read_timeout=read_timeout
+        )
+        if status >= 400:
+            raise self._error(status, data, action or f"{method} {path or '/'}")
+        return data
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> tuple[int, Any]:
+        if self._closed:
+            raise StoreError(f"the store on {self._db_url} is closed")
+        url = self._db_url + path
+        if params:
+            url += "?" + urlencode(params)
+        content = None
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        timeouts = {
+            "connect": CONNECT_TIMEOUT,
+            "read": read_timeout,
+            "write": READ_TIMEOUT,
+            "pool": READ_TIMEOUT,
+        }
+        try:
+            response = await self._pool.request(
+                method, url, headers=self._headers, content=content,
+                extensions={"timeout": timeouts},
+            )
+        except _REQUEST_FAILURES as exc:
+            raise Unavailable(
+                f"CouchDB at {self._db_url} is unreachable ({type(exc).__name__}: {exc})"
+            ) from exc
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            if response.status < 400:
+                raise StoreError(
+                    f"CouchDB at {self._db_url} answered {method} {path or '/'} with "
+                    f"HTTP {response.status} and a body that is not JSON"
+                ) from None
+            data = None  # e.g. an HTML error page from a proxy: the status says enough
+        return response.status, data
+
+    def _error(self, status: int, data: Any, action: str) -> StoreError:
+        error, reason = "", ""
+        if isinstance(data, dict):
+            error, reason = str(data.get("error", "")), str(data.get("reason", ""))
+        detail = f"{error}: {reason}" if reason else error or f"HTTP {status}"
+        if status == 400 or status == 413:
+            return BadRequest(f"{action}: {detail}")
+        if status == 404:
+            return NotFound(f"{action}: {detail}")
+        if status == 409:
+            return Conflict(f"{action}: {detail}")
+        if status in (401, 403):
+            return Unavailable(
+                f"CouchDB at {self._db_url} refused to {action} ({detail}): "
+                "check the user and password in the store url"
+            )
+        if status in (502, 503, 504):
+            return Unavailable(f"CouchDB at {self._db_url} cannot {action} now ({detail})")
+        return StoreError(
+            f"CouchDB at {self._db_url} failed to {action}: HTTP {status} {detail}"
+        )
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+
+
+def _parse_server_url(url: str) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """Split a server url into (url without credentials, request headers)."""
+    if not isinstance(url, str):
+        raise BadRequest(f"the CouchDB url must be a string, not {url!r}")
+    parts = urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no password
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"invalid CouchDB url {shown!r}: expected http[s]://host[:port]")
+    try:
+        port = parts.port
+    except ValueError:
+        raise BadRequest(f"invalid CouchDB url {shown!r}: bad port") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if port is None else f"{host}:{port}"
+    server_url = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+    headers = list(_JSON_HEADERS)
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        token = base64.b64encode(credentials.encode()).decode()
+        headers.append((b"Authorization", f"Basic {token}".encode()))
+    return server_url, headers
+
+
+def _doc_path(doc_id: str) -> str:
+    return "/" + quote(doc_id, safe="")  # ids may hold "/" or any Unicode
+
+
+def _local_path(local_id: str) -> str:
+    return "/_local/" + quote(local_id, safe="")
+
+
+def _is_design(doc_id: str) -> bool:
+    return doc_id.startswith(DESIGN_PREFIX)
+
+
+def _seq_param(since: Seq) -> str:
+    if type(since) is int and since >= 0:
+        return str(since)
+    if isinstance(since, str) and since:
+        return since
+    raise BadRequest(f"invalid sequence {since!r}: expected one handed out by this store")
+
+
+def _wire_doc(parsed: ParsedDoc, *, with_history: bool = False) -> dict[str, Any]:
+    """A parsed doc as CouchDB takes it. `_revisions` is only sent for replicated writes:
+    with new_edits=true CouchDB would take it, not `_rev`, as the revision to update."""
+    doc: dict[str, Any] = {"_id": parsed.id, **parsed.body}
+    if parsed.rev is not None:
+        doc["_rev"] = parsed.rev
+    if parsed.deleted:
+        doc["_deleted"] = True
+    if with_history:
+        assert parsed.path is not None
+        doc["_revisions"] = history_of(parsed.path)
+    return doc
+
+
+def _rev_key(rev: str) -> tuple[int, str]:
+    pos, _, rev_hash = rev.partition("-")
+    return int(pos), rev_hash
+
+
+def _live_winner_order(revs: list[str]) -> list[str]:
+    """Live leaves in winner order: highest generation, then highest hash."""
+    return sorted(revs, key=_rev_key, reverse=True)
+
+
+def _leaves_in_winner_order(
+    leaves: list[str], winner: tuple[str, list[str]] | None
+) -> tuple[str, ...]:
+    """Order a `_changes` row's leaves as the contract does: live before deleted, then by
+    generation, then by hash. `winner` is (winning rev, live losers) for a live conflicted doc;
+    without it every leaf has the same liveness (a single leaf, or all deleted)."""
+    if winner is None or winner[0] not in leaves:  # (the doc changed since the row was read)
+        return tuple(_live_winner_order(leaves))
+    winning, live = winner[0], set(winner[1])
+    others = [rev for rev in leaves if rev != winning]
+    return (
+        winning,
+        *_live_winner_order([rev for rev in others if rev in live]),
+        *_live_winner_order([rev for rev in others if rev not in live]),
+    )
+
+
+def _ok(doc_id: str, rev: str) -> dict[str, Any]:
+    return {"id": doc_id, "rev": rev, "ok": True}
+
+
+def _failed(doc_id: Any, error: str, reason: str) -> dict[str, Any]:
+    return {"id": doc_id, "error": error, "reason": reason}
+
+
+def _bulk_result(doc_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+    if "error" not in entry:
+        return _ok(doc_id, entry["rev"])
+    error = entry["error"]
+    reason = entry.get("reason") or error
+    if error not in ("conflict", "not_found", "bad_request"):
+        reason = f"{error}: {reason}"
+        error = "forbidden" if error in ("forbidden", "unauthorized") else "store_error"
+    return _failed(doc_id, error, reason)
+
+
+def _check_local_id(local_id: object) -> str:
+    if not isinstance(local_id, str) or not local_id:
+        raise BadRequest(f"a local document id must be a non-empty string, not {local_id!r}")
+    check_doc_id(LOCAL_PREFIX + local_id)
+    return local_id
+
+
+def _local_body(local_id: str, doc: object) -> dict[str, Any]:
+    """The fields of a local document, checked as the SQLite backend checks them."""
+    if not isinstance(doc, dict):
+        raise BadRequest(f"a document must be a JSON object, not {type(doc).__name__}")
+    full_id = LOCAL_PREFIX + local_id
+    if doc.get("_id", full_id) != full_id:
+        raise BadRequest(f"_id {doc['_id']!r} does not match the local document {full_id!r}")
+    body = {}
+    for key, value in doc.items():
+        if type(key) is not str:
+            raise BadRequest(f"document {full_id!r} has a non-string key {key!r}")
+        if not key.startswith("_"):
+            body[key] = value
+        elif key not in ("_id", "_rev"):
+            raise BadRequest(f"document {full_id!r}: unknown special field {key!r}")
+    check_json(body, f"document {full_id!r}")
+    return body

@@ -1,0 +1,271 @@
+"""What only the CouchDB backend has to show: the documents really live on the server, the
+server's own settings are made, several clients share one database, and a server that is
+away is reported as `Unavailable` quickly.
+
+Runs against a real pouchdb-server (the session's `couchdb_url`, or a private one where a
+test stops it or changes its settings); server-side state is checked with plain HTTP.
+"""
+
+import itertools
+import os
+import socket
+from urllib.parse import quote
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from plugshare.store import couchdb
+from plugshare.store.base import BadRequest, NotFound, StoreError, Unavailable
+from plugshare.store.couchdb import CouchDBStore
+from plugshare.store.revtree import history_of
+from tests.support.pouchdb import running_pouchdb_server
+
+_names = itertools.count()
+HANG_GUARD = 30  # seconds; a hang guard, not a timing assertion
+
+
+def fresh_name() -> str:
+    return f"backend-{next(_names)}"
+
+
+async def server_get(url: str, path: str, **params) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url) as client:
+        return await client.get(path, params=params)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def established_sockets(port: int) -> set[int]:
+    """Inodes of this process's TCP sockets connected to 127.0.0.1:`port` (Linux /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # closed since listed
+            continue
+        if target.startswith("socket:["):
+            ours.add(int(target[8:-1]))
+    found = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            remote, state, inode = fields[2], fields[3], int(fields[9])
+            if state == "01" and int(remote.split(":")[1], 16) == port and inode in ours:
+                found.add(inode)
+    return found
+
+
+async def test_documents_live_on_the_server(couchdb_url):
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        odd_id = "notes/2024 50% done?#ünï"
+        rev1 = await store.put({"_id": odd_id, "text": "hello"})
+        raw = await server_get(couchdb_url, f"/{name}/{quote(odd_id, safe='')}")
+        assert raw.status_code == 200
+        assert raw.json() == {"_id": odd_id, "_rev": rev1, "text": "hello"}
+
+        history = ("3-" + "c" * 32, "2-" + "b" * 32, "1-" + "a" * 32)
+        await store.bulk_docs(
+            [{"_id": "copied", "_rev": history[0], "_revisions": history_of(history), "v": 3}],
+            new_edits=False,
+        )
+        raw = await server_get(couchdb_url, f"/{name}/copied", revs="true")
+        assert raw.json()["_revisions"] == history_of(history)
+
+        await store.put_local("checkpoint", {"seq": 7})
+        raw = await server_get(couchdb_url, f"/{name}/_local/checkpoint")
+        assert raw.json()["seq"] == 7
+
+        await store.delete(odd_id, rev1)
+        raw = await server_get(couchdb_url, f"/{name}/{quote(odd_id, safe='')}")
+        assert raw.status_code == 404
+    finally:
+        await store.aclose()
+
+
+async def test_open_sets_revs_limit_on_the_server(couchdb_url):
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name, revs_limit=7)
+    await store.aclose()
+    assert (await server_get(couchdb_url, f"/{name}/_revs_limit")).json() == 7
+    store = await CouchDBStore.open(couchdb_url, name)  # reopening sets it again
+    await store.aclose()
+    assert store.revs_limit == 1000
+    assert (await server_get(couchdb_url, f"/{name}/_revs_limit")).json() == 1000
+
+
+async def test_open_keeps_an_existing_database(couchdb_url):
+    name = fresh_name()
+    first = await CouchDBStore.open(couchdb_url, name)
+    rev1 = await first.put({"_id": "kept"})
+    await first.aclose()
+    again = await CouchDBStore.open(couchdb_url, name)
+    try:
+        assert (await again.get("kept"))["_rev"] == rev1
+    finally:
+        await again.aclose()
+
+
+async def test_two_clients_share_a_database(couchdb_url):
+    name = fresh_name()
+    one = await CouchDBStore.open(couchdb_url, name)
+    two = await CouchDBStore.open(couchdb_url, name)
+    try:
+        rev1 = await one.put({"_id": "shared", "by": "one"})
+        assert (await two.get("shared"))["by"] == "one"
+        rev2 = await two.put({"_id": "shared", "_rev": rev1, "by": "two"})
+        assert (await one.get("shared"))["_rev"] == rev2
+
+        since = (await one.changes(0)).last_seq
+        woke = trio.Event()
+
+        async def wait_on_one():
+            await one.wait_for_change(since)
+            woke.set()
+
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_on_one)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not woke.is_set()
+                await two.put({"_id": "from-two"})
+                await woke.wait()
+        assert [c.id for c in (await one.changes(since)).results] == ["from-two"]
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_local_docs_are_replaced_whoever_wrote_them_last(couchdb_url):
+    """CouchDB wants a local doc's current `_rev` to replace it; the store hides that, even
+    when another client changed it since (so its remembered rev is stale)."""
+    name = fresh_name()
+    one = await CouchDBStore.open(couchdb_url, name)
+    two = await CouchDBStore.open(couchdb_url, name)
+    try:
+        await one.put_local("checkpoint", {"seq": 1})
+        await two.put_local("checkpoint", {"seq": 2})  # never saw it: no rev to send
+        await one.put_local("checkpoint", {"seq": 3})  # its remembered rev is stale now
+        assert (await two.get_local("checkpoint"))["seq"] == 3
+        await two.delete_local("checkpoint")
+        await one.put_local("checkpoint", {"seq": 4})  # deleted meanwhile: made anew
+        assert (await two.get_local("checkpoint"))["seq"] == 4
+        await one.delete_local("checkpoint")
+        with pytest.raises(NotFound):
+            await two.delete_local("checkpoint")
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_design_documents_on_the_server_are_left_out(couchdb_url):
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        await store.put({"_id": "doc"})
+        async with httpx.AsyncClient(base_url=couchdb_url) as client:
+            made = await client.put(f"/{name}/_design/views", json={"views": {}})
+            assert made.status_code == 201
+        assert [d["_id"] for d in await store.all_docs()] == ["doc"]
+        assert [c.id for c in (await store.changes(0)).results] == ["doc"]
+        assert (await store.info())["doc_count"] == 1
+        with pytest.raises(BadRequest):
+            await store.get("_design/views")
+    finally:
+        await store.aclose()
+
+
+async def test_wait_for_change_outlives_quiet_periods(couchdb_url, monkeypatch):
+    """The longpoll request stays open on heartbeats: a quiet feed is not a dead server."""
+    monkeypatch.setattr(couchdb, "HEARTBEAT_MS", 100)  # read timeout 0.3 s, heartbeats 0.1 s
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        since = (await store.changes(0)).last_seq
+        woke = trio.Event()
+
+        async def waiter():
+            await store.wait_for_change(since)
+            woke.set()
+
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                await trio.sleep(1)  # several heartbeats, longer than the read timeout
+                assert not woke.is_set()
+                await store.put({"_id": "late"})
+                await woke.wait()
+    finally:
+        await store.aclose()
+
+
+async def test_unreachable_server_is_unavailable_and_named():
+    url = f"http://127.0.0.1:{closed_port()}"
+    with trio.fail_after(HANG_GUARD):
+        with pytest.raises(Unavailable) as caught:
+            await CouchDBStore.open(url, "anything")
+    assert url in caught.value.reason
+
+
+async def test_a_server_that_goes_away_is_unavailable():
+    with running_pouchdb_server() as url:
+        store = await CouchDBStore.open(url, "going")
+        await store.put({"_id": "doc"})
+    try:
+        with trio.fail_after(HANG_GUARD):
+            with pytest.raises(Unavailable) as caught:
+                await store.get("doc")
+        assert url in caught.value.reason
+    finally:
+        await store.aclose()
+
+
+async def test_credentials_are_sent_and_never_shown(couchdb_url):
+    """pouchdb-server lets anonymous clients in but checks credentials that are sent."""
+    host = couchdb_url.removeprefix("http://")
+    with pytest.raises(Unavailable) as caught:
+        await CouchDBStore.open(f"http://nobody:s3cret-pw@{host}", fresh_name())
+    assert "user and password" in caught.value.reason
+    assert "s3cret-pw" not in caught.value.reason and host in caught.value.reason
+
+
+async def test_aclose_closes_every_connection(couchdb_url):
+    port = int(couchdb_url.rsplit(":", 1)[1])
+    before = established_sockets(port)
+    store = await CouchDBStore.open(couchdb_url, fresh_name())
+    async with trio.open_nursery() as nursery:  # several requests at once: several sockets
+        for i in range(4):
+            nursery.start_soon(store.put, {"_id": f"d{i}"})
+    assert established_sockets(port) - before
+    await store.aclose()
+    assert not established_sockets(port) - before
+    with pytest.raises(StoreError):
+        await store.get("d0")
+    await store.aclose()  # idempotent
+
+
+@pytest.mark.parametrize(
+    "url, db_name, revs_limit",
+    [
+        pytest.param("ftp://me:pw-secret@127.0.0.1:5984", "db", 1000, id="scheme"),
+        pytest.param("http://me:pw-secret@", "db", 1000, id="no-host"),
+        pytest.param("http://me:pw-secret@127.0.0.1:99999", "db", 1000, id="port"),
+        pytest.param("http://127.0.0.1:5984", "Upper", 1000, id="db-upper"),
+        pytest.param("http://127.0.0.1:5984", "_users", 1000, id="db-underscore"),
+        pytest.param("http://127.0.0.1:5984", "db", 0, id="revs-limit-0"),
+        pytest.param("http://127.0.0.1:5984", "db", True, id="revs-limit-bool"),
+    ],
+)
+async def test_bad_open_arguments_are_bad_requests(url, db_name, revs_limit):
+    with pytest.raises(BadRequest) as caught:
+        await CouchDBStore.open(url, db_name, revs_limit=revs_limit)
+    assert "pw-secret" not in caught.value.reason
