@@ -19,6 +19,7 @@ from starlette.routing import Route
 from plugshare import token
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed
+from plugshare.node.events import events_route
 
 if TYPE_CHECKING:
     from plugshare.node.node import Node
@@ -245,6 +246,7 @@ def create_app(node: Node) -> Starlette:
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
         Route("/join", join, methods=["POST"]),
         Route("/peers", peers, methods=["GET"]),
+        events_route(node.events, authorize=_owner_only(node)),
     ]
     async def http_error(request: Request, exc: HTTPException) -> Response:
         names = {404: "not_found", 405: "method_not_allowed"}
@@ -262,6 +264,17 @@ def create_app(node: Node) -> Starlette:
         exception_handlers={HTTPException: http_error, PlugshareError: plugshare_error},
     )
     return _Guard(app, node)
+
+
+def _owner_only(node: Node):
+    """Sync events name every share and peer: only the owner may follow them."""
+
+    def authorize(request: Request) -> None:
+        decision = node.access.token.decide_admin(request.state.principal, "watch")
+        if not decision.allowed:
+            raise ApiError(403, "forbidden", decision.reason)
+
+    return authorize
 
 
 class _Guard:

@@ -145,6 +145,7 @@ class Node:
                          self.config.node.name, self.access.node_id, self.api_url)
                 task_status.started(self.api_url)
                 await self._stopping.wait()
+                self.events.close()  # ends the /events streams, so the API can drain
                 with trio.move_on_after(GRACEFUL_TIMEOUT + 1):
                     await api_done.wait()  # requests in flight finish first
                 nursery.cancel_scope.cancel()
