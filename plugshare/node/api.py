@@ -222,7 +222,7 @@ def create_app(node: Node) -> Starlette:
     async def audit(request: Request) -> Response:
         tail = request.query_params.get("tail", "20")
         if not tail.isdigit() or not 0 < int(tail) <= 100_000:
-            raise ApiError(400, "bad_request", f"tail must be a number from 1 to 100000")
+            raise ApiError(400, "bad_request", "tail must be a number from 1 to 100000")
         return JSONResponse(
             admin.audit(request.state.principal, int(tail), _flag(request, "verify"))
         )

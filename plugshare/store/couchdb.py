@@ -46,9 +46,10 @@ from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
     ParsedDoc,
     check_doc_id,
-    check_json,
+    check_local_id,
     history_of,
     parse_doc,
+    parse_local_doc,
     parse_rev,
 )
 
@@ -326,17 +327,17 @@ class CouchDBStore(Store):
     # -- local documents ------------------------------------------------------------------
 
     async def get_local(self, local_id: str) -> Doc:
-        path = _local_path(_check_local_id(local_id))
+        path = _local_path(check_local_id(local_id))
         doc = await self._call("GET", path, action=f"get local document {local_id!r}")
         self._local_revs[local_id] = doc["_rev"]
         return doc
 
     async def put_local(self, local_id: str, doc: Doc) -> None:
-        _check_local_id(local_id)
-        await self._put_local(local_id, _local_body(local_id, doc))
+        check_local_id(local_id)
+        await self._put_local(local_id, parse_local_doc(local_id, doc))
 
     async def delete_local(self, local_id: str) -> None:
-        path = _local_path(_check_local_id(local_id))
+        path = _local_path(check_local_id(local_id))
         for _ in range(LOCAL_WRITE_ATTEMPTS):
             rev = self._local_revs.get(local_id) or await self._local_rev(local_id)
             if rev is None:
@@ -576,27 +577,3 @@ def _bulk_result(doc_id: str, entry: dict[str, Any]) -> dict[str, Any]:
     return _failed(doc_id, error, reason)
 
 
-def _check_local_id(local_id: object) -> str:
-    if not isinstance(local_id, str) or not local_id:
-        raise BadRequest(f"a local document id must be a non-empty string, not {local_id!r}")
-    check_doc_id(LOCAL_PREFIX + local_id)
-    return local_id
-
-
-def _local_body(local_id: str, doc: object) -> dict[str, Any]:
-    """The fields of a local document, checked as the SQLite backend checks them."""
-    if not isinstance(doc, dict):
-        raise BadRequest(f"a document must be a JSON object, not {type(doc).__name__}")
-    full_id = LOCAL_PREFIX + local_id
-    if doc.get("_id", full_id) != full_id:
-        raise BadRequest(f"_id {doc['_id']!r} does not match the local document {full_id!r}")
-    body = {}
-    for key, value in doc.items():
-        if type(key) is not str:
-            raise BadRequest(f"document {full_id!r} has a non-string key {key!r}")
-        if not key.startswith("_"):
-            body[key] = value
-        elif key not in ("_id", "_rev"):
-            raise BadRequest(f"document {full_id!r}: unknown special field {key!r}")
-    check_json(body, f"document {full_id!r}")
-    return body

@@ -216,6 +216,33 @@ def parse_doc(doc: object, *, new_edits: bool = True) -> ParsedDoc:
     return ParsedDoc(doc_id, rev, deleted, body, None if new_edits else path)
 
 
+def check_local_id(local_id: object) -> str:
+    """A local document's id (without `_local/`); `BadRequest` if unusable."""
+    if not isinstance(local_id, str) or not local_id:
+        raise BadRequest(f"a local document id must be a non-empty string, not {local_id!r}")
+    check_doc_id(LOCAL_PREFIX + local_id)
+    return local_id
+
+
+def parse_local_doc(local_id: str, doc: object) -> dict[str, Any]:
+    """The fields of a local document, checked like any document's (both backends)."""
+    if not isinstance(doc, dict):
+        raise BadRequest(f"a document must be a JSON object, not {type(doc).__name__}")
+    full_id = LOCAL_PREFIX + local_id
+    if doc.get("_id", full_id) != full_id:
+        raise BadRequest(f"_id {doc['_id']!r} does not match the local document {full_id!r}")
+    body = {}
+    for key, value in doc.items():
+        if type(key) is not str:
+            raise BadRequest(f"document {full_id!r} has a non-string key {key!r}")
+        if not key.startswith("_"):
+            body[key] = value
+        elif key not in ("_id", "_rev"):
+            raise BadRequest(f"document {full_id!r}: unknown special field {key!r}")
+    check_json(body, f"document {full_id!r}")
+    return body
+
+
 # -- the tree -----------------------------------------------------------------------------
 
 

@@ -114,32 +114,6 @@ def _parse_seq(since: object) -> int:
     raise BadRequest(f"invalid sequence {since!r}: expected one handed out by this store")
 
 
-def _check_local_id(local_id: object) -> str:
-    if not isinstance(local_id, str) or not local_id:
-        raise BadRequest(f"a local document id must be a non-empty string, not {local_id!r}")
-    revtree.check_doc_id(LOCAL_PREFIX + local_id)
-    return local_id
-
-
-def _local_body(local_id: str, doc: object) -> dict[str, Any]:
-    """The fields of a local document, checked like any document's."""
-    if not isinstance(doc, dict):
-        raise BadRequest(f"a document must be a JSON object, not {type(doc).__name__}")
-    full_id = LOCAL_PREFIX + local_id
-    if doc.get("_id", full_id) != full_id:
-        raise BadRequest(f"_id {doc['_id']!r} does not match the local document {full_id!r}")
-    body = {}
-    for key, value in doc.items():
-        if type(key) is not str:
-            raise BadRequest(f"document {full_id!r} has a non-string key {key!r}")
-        if not key.startswith("_"):
-            body[key] = value
-        elif key not in ("_id", "_rev"):
-            raise BadRequest(f"document {full_id!r}: unknown special field {key!r}")
-    revtree.check_json(body, f"document {full_id!r}")
-    return body
-
-
 class SQLiteStore(Store):
     """A `Store` in one SQLite file. Open with `await SQLiteStore.open(path)`."""
 
@@ -541,7 +515,7 @@ class SQLiteStore(Store):
     # -- local documents -------------------------------------------------------------------
 
     async def get_local(self, local_id: str) -> Doc:
-        _check_local_id(local_id)
+        revtree.check_local_id(local_id)
 
         def read(conn: sqlite3.Connection) -> Doc:
             row = conn.execute(
@@ -555,12 +529,12 @@ class SQLiteStore(Store):
         return await self._run(read)
 
     async def put_local(self, local_id: str, doc: Doc) -> None:
-        _check_local_id(local_id)
-        body = _local_body(local_id, doc)
+        revtree.check_local_id(local_id)
+        body = revtree.parse_local_doc(local_id, doc)
         await self._run(self._write, _put_local, local_id, body)
 
     async def delete_local(self, local_id: str) -> None:
-        _check_local_id(local_id)
+        revtree.check_local_id(local_id)
         await self._run(self._write, _delete_local, local_id)
 
     def _write_local_doc(self, conn: sqlite3.Connection, doc: ParsedDoc) -> str:
