@@ -89,13 +89,17 @@ def _npm_install(install_dir: Path) -> None:
             "npm is not on PATH: install Node.js (>= 18) and npm to run the CouchDB tests"
         )
     install_dir.mkdir(parents=True, exist_ok=True)
+    manifest = install_dir / "package.json"
+    if not manifest.exists():  # npm wants a project to install into
+        manifest.write_text('{"name": "plugshare-test-servers", "private": true}\n')
     command = [
         npm, "install", "--no-audit", "--no-fund", "--prefix", str(install_dir),
         f"pouchdb-server@{POUCHDB_SERVER_VERSION}",
     ]
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False
+            command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False,
+            cwd=install_dir,
         )
     except subprocess.TimeoutExpired as exc:
         raise PouchDBServerError(
