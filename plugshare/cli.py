@@ -48,7 +48,21 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 class _Group(click.Group):
-    """Turns the project's errors into one clear line and exit 1."""
+    """Turns the project's errors into one clear line and exit 1, and loads the terminal
+    views (textual is heavy) only when they are asked for."""
+
+    _LAZY = {"watch": ("plugshare.node.watch", "watch"), "demo": ("plugshare.node.demo", "demo")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._LAZY:
+            import importlib
+
+            module, attr = self._LAZY[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

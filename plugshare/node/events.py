@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import inspect
 import json
+import secrets
 import time
 from typing import Any, Callable
 
@@ -55,17 +56,20 @@ class BadEvent(StreamBroken):
 @attrs.frozen
 class Event:
     """One thing that happened on the node. `share` is a share's name, `peer` a peer's name
-    (or short node id); both are None when the event is about neither."""
+    (or short node id); both are None when the event is about neither. `seq` numbers the
+    events of one bus from 1 (0: not numbered, e.g. `events.dropped`), so a reader that
+    reconnects can tell what it already has."""
 
     time: float
     type: str
     share: str | None = None
     peer: str | None = None
     data: dict[str, Any] = attrs.field(factory=dict)
+    seq: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"time": self.time, "type": self.type, "share": self.share, "peer": self.peer,
-                "data": self.data}
+        return {"seq": self.seq, "time": self.time, "type": self.type, "share": self.share,
+                "peer": self.peer, "data": self.data}
 
     def to_json(self) -> str:
         """One compact JSON object (no newline). Values JSON cannot hold are written as
@@ -85,13 +89,14 @@ def decode_event(line: bytes | str) -> Event:
     kind = obj.get("type")
     if not isinstance(kind, str) or not kind:
         raise BadEvent(f"an event line has no 'type': {_excerpt(line)}")
-    when = obj.get("time", 0.0)
+    when, seq = obj.get("time", 0.0), obj.get("seq", 0)
     data = obj.get("data") or {}
-    if not isinstance(when, (int, float)) or not isinstance(data, dict):
-        raise BadEvent(f"an event line has a bad 'time' or 'data': {_excerpt(line)}")
+    if (not isinstance(when, (int, float)) or not isinstance(data, dict)
+            or not isinstance(seq, int) or isinstance(seq, bool)):
+        raise BadEvent(f"an event line has a bad 'time', 'seq' or 'data': {_excerpt(line)}")
     share, peer = obj.get("share"), obj.get("peer")
     return Event(float(when), kind, share if isinstance(share, str) else None,
-                 peer if isinstance(peer, str) else None, data)
+                 peer if isinstance(peer, str) else None, data, seq)
 
 
 def _excerpt(line: bytes | str) -> str:
@@ -199,6 +204,8 @@ class EventBus:
         if history < 0:
             raise ValueError(f"history must be >= 0, got {history}")
         self._clock = clock
+        self.instance = secrets.token_hex(8)  # readers tell a node restart by a new one
+        self._seq = 0
         self._history: collections.deque[Event] = collections.deque(maxlen=history)
         self._subscriptions: set[Subscription] = set()
         self._dropped_total = 0
@@ -222,7 +229,8 @@ class EventBus:
         """Record an event and hand it to every matching subscriber; returns it."""
         if not isinstance(type, str) or not type:
             raise ValueError(f"an event type is a non-empty string, got {type!r}")
-        event = Event(self._clock(), type, share, peer, data)
+        self._seq += 1
+        event = Event(self._clock(), type, share, peer, data, self._seq)
         self._history.append(event)
         for subscription in list(self._subscriptions):
             subscription._offer(event)
@@ -262,9 +270,11 @@ def events_route(bus: EventBus, *, heartbeat: float = HEARTBEAT_S,
     """The route streaming `bus` as NDJSON, one event per line.
 
     Query: `share=NAME`, `peer=NAME` (filters), `recent=N` (first the last N matching events
-    the bus remembers). A `{"type": "heartbeat"}` line comes first and then whenever
-    `heartbeat` seconds pass without an event. `authorize(request)`, if given, runs first and
-    raises to refuse (e.g. only the owner may watch)."""
+    the bus remembers). A `{"type": "heartbeat", "data": {"bus": ID}}` line comes first (ID
+    names this run of the bus) and then whenever `heartbeat` seconds pass without an event.
+    Every event published after that first line reaches the reader, or is counted in an
+    `events.dropped` if the reader falls behind. `authorize(request)`, if given, runs first
+    and raises to refuse (e.g. only the owner may watch)."""
     import trio
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -281,12 +291,13 @@ def events_route(bus: EventBus, *, heartbeat: float = HEARTBEAT_S,
                  "reason": f"recent must be a whole number of events, got {recent_text!r}"},
                 status_code=400)
         share, peer = params.get("share") or None, params.get("peer") or None
-        # Taken together, with no await between: nothing is missed or sent twice.
-        backlog = bus.recent(min(int(recent_text), bus.history_size), share=share, peer=peer)
-        subscription = bus.subscribe(share=share, peer=peer)
+        recent = min(int(recent_text), bus.history_size)
 
         async def lines():
-            with subscription:
+            # Taken together, with no await between: nothing is missed or sent twice. And
+            # only once the response streams, so a reader gone before leaves nothing behind.
+            backlog = bus.recent(recent, share=share, peer=peer)
+            with bus.subscribe(share=share, peer=peer) as subscription:
                 yield _heartbeat_line(bus)
                 for event in backlog:
                     yield event.to_json() + "\n"
@@ -308,7 +319,8 @@ def events_route(bus: EventBus, *, heartbeat: float = HEARTBEAT_S,
 
 
 def _heartbeat_line(bus: EventBus) -> str:
-    return json.dumps({"type": HEARTBEAT, "time": bus._clock()}) + "\n"
+    return json.dumps({"type": HEARTBEAT, "time": bus._clock(),
+                       "data": {"bus": bus.instance}}) + "\n"
 
 
 # -- reading the stream (httpx; trio or asyncio) ----------------------------------------
@@ -462,7 +474,7 @@ async def follow_events(client, target: ApiTarget, on_event: Callable[[Event], A
     `refused_retry` s, or raised (`AccessRefused`) with `give_up_when_refused`."""
     import anyio
 
-    last_time = float("-inf")
+    bus, last_seq = None, 0  # what was given: events up to last_seq of that bus
     reported: tuple[bool, type | None] | None = None
 
     async def state(connected: bool, kind: type | None, message: str) -> None:
@@ -472,13 +484,15 @@ async def follow_events(client, target: ApiTarget, on_event: Callable[[Event], A
             await _maybe_await(on_state(connected, message))
 
     async def deliver(event: Event) -> None:
-        nonlocal last_time
+        nonlocal bus, last_seq
         if event.type == HEARTBEAT:
+            if event.data.get("bus") != bus:  # a stream's first line; a new run: all is new
+                bus, last_seq = event.data.get("bus"), 0
             return
-        if event.type != DROPPED:
-            if event.time <= last_time:
+        if event.seq:
+            if event.seq <= last_seq:
                 return  # already given before the reconnection
-            last_time = event.time
+            last_seq = event.seq
         await _maybe_await(on_event(event))
 
     while True:

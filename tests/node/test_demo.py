@@ -1,0 +1,122 @@
+"""`plugshare demo`: real throwaway nodes, cleaned up however the demo ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from plugshare.node.demo import DOCTYPE, DemoCluster, DemoError
+from plugshare.node.home import Home
+from tests.node.test_watch import Output, interrupt, plugshare_cli
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+def test_the_cluster_runs_real_nodes_and_leaves_nothing_behind():
+    with DemoCluster(3) as cluster:
+        root = cluster.root
+        cluster.start_nodes()
+        for node in cluster.nodes:
+            assert node.process.poll() is None
+            status = httpx.get(f"{node.api_url}/status", timeout=10,
+                               headers={"authorization": f"Bearer {node.credential()}"}).json()
+            assert status["name"] == node.name
+        pids = [node.process.pid for node in cluster.nodes]
+        assert [n.name for n in cluster.nodes] == ["alice", "bob", "carol"]
+    assert not root.exists()
+    assert all(wait_gone(pid) for pid in pids)
+
+
+def test_an_interrupt_or_a_failed_step_still_cleans_up():
+    with pytest.raises(KeyboardInterrupt):
+        with DemoCluster(1) as cluster:
+            cluster.start_nodes()
+            pid = cluster.nodes[0].process.pid
+            raise KeyboardInterrupt
+    assert not cluster.root.exists() and wait_gone(pid)
+
+    with pytest.raises(DemoError, match="`plugshare share invite no-such-share` on alice "
+                                        "failed: "):
+        with DemoCluster(1) as cluster:
+            cluster.start_nodes()
+            pid = cluster.nodes[0].process.pid
+            cluster._plugshare(cluster.nodes[0], "share", "invite", "no-such-share")
+    assert not cluster.root.exists() and wait_gone(pid)
+    with pytest.raises(DemoError, match="1 to 3 nodes, not 4"):
+        DemoCluster(4)
+
+
+def _demo_dir(output: Output) -> Path:
+    line = output.wait_for("demo: starting")
+    return Path(re.search(r" in (\S+)$", line).group(1))
+
+
+def test_ctrl_c_while_the_demo_starts_stops_everything(tmp_path):
+    demo = plugshare_cli("demo", "--plain")
+    try:
+        output = Output(demo)
+        root = _demo_dir(output)
+        line = output.wait_for("demo: alice is running")
+        alice_pid = int(re.search(r"pid (\d+)", line).group(1))
+        assert interrupt(demo) == 0  # bob is still starting
+        output.wait_for("demo: stopped the nodes and removed")
+        assert "Traceback" not in "".join(output.errors)
+        assert not root.exists()
+        assert wait_gone(alice_pid)
+    finally:
+        interrupt(demo)
+
+
+def _notes(node_dir: Path) -> list[dict]:
+    home = Home(node_dir)
+    api = home.runtime()["api"]
+    answer = httpx.get(f"{api}/data/{DOCTYPE}/", timeout=10,
+                       headers={"authorization": f"Bearer {home.owner_credential()}"})
+    answer.raise_for_status()
+    return answer.json()["docs"]
+
+
+def test_the_demo_syncs_both_ways_and_ctrl_c_removes_it(tmp_path):
+    """Needs the share commands and the replication engine wired into the node."""
+    demo = plugshare_cli("demo", "--plain", "--nodes", "2")
+    try:
+        output = Output(demo)
+        root = _demo_dir(output)
+        output.wait_for("demo: bob joined 'notes'", timeout=120)
+        output.wait_for("demo: watching")
+        pids = [json.loads((root / name / "run.json").read_text())["pid"]
+                for name in ("alice", "bob")]
+        output.wait_for("doc.written")
+        deadline = time.monotonic() + 60
+        while True:  # each side has the other's notes
+            at_alice = {note.get("from") for note in _notes(root / "alice")}
+            at_bob = {note.get("from") for note in _notes(root / "bob")}
+            if at_alice == at_bob == {"alice", "bob"}:
+                break
+            assert time.monotonic() < deadline, f"alice has {at_alice}, bob has {at_bob}"
+            time.sleep(0.2)
+        assert interrupt(demo) == 0
+        assert "Traceback" not in "".join(output.errors)
+        assert not root.exists()
+        assert all(wait_gone(pid) for pid in pids)
+    finally:
+        interrupt(demo)
