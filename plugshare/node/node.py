@@ -20,7 +20,7 @@ from plugshare.config import Address, Config
 from plugshare.errors import PlugshareError
 from plugshare.node.access import Access, open_access
 from plugshare.node.admin import Admin
-from plugshare.node.discovery import Discovery, local_addresses
+from plugshare.node.discovery import Discovery, DiscoveryError, local_addresses
 from plugshare.node.events import EventBus
 from plugshare.node.peers import PeerManager
 from plugshare.node.session import PeerSession
@@ -42,6 +42,8 @@ def bind_listener(address: Address, what: str) -> socket.socket:
     """Bind and listen on `address` now, so a port in use is one clear error at start-up."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":  # a restarted node rebinds its port despite old links in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((address.host, address.port))
         sock.listen(128)
@@ -163,14 +165,24 @@ class Node:
             log.info("discovery off: no LAN address to announce")
             task_status.started()
             return
-        async with Discovery(self.access.token.fingerprint, self.config.node.name, listen.port,
-                             addresses, interfaces=["127.0.0.1"] if loopback else None) as found:
-            self.discovery = found
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self.discovery = None
+        discovery = Discovery(self.access.token.fingerprint, self.config.node.name, listen.port,
+                              addresses, interfaces=["127.0.0.1"] if loopback else None)
+        started = False
+        try:
+            async with discovery as found:
+                self.discovery = found
+                task_status.started()
+                started = True
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self.discovery = None
+        except (OSError, DiscoveryError) as exc:
+            # No multicast here (a container, a locked-down network): peers are still reached
+            # through invitations, hellos and static addresses.
+            log.warning("LAN discovery is off: %s", exc)
+            if not started:
+                task_status.started()
 
 
 async def run_node(home: Home, *, on_ready=None) -> None:

@@ -6,6 +6,9 @@ peer's hello, discovery or node.toml) and never decides who a peer is: the pinne
 does. The token says who may connect (`may_connect`) and whom to keep a link to (the active
 members of shares in common).
 
+Members learn where the other members of their shares are from any member they are linked
+to (`peer.addresses` hints, see `session`), so they can link directly while the owner is away.
+
 Both nodes of a pair dial each other. If two links come up at once, both ends keep the one
 dialed by the lower fingerprint, so they agree without talking. A dialer does not dial while
 a link to its peer is up.
@@ -107,6 +110,18 @@ class AddressBook:
             info.last_seen = time.time()
         self.save()
 
+    def add_hints(self, fingerprint: bytes, addresses: list[str]) -> bool:
+        """Addresses another node gave for `fingerprint`, kept after the ones seen first-hand;
+        True if any was new."""
+        info = self.get(fingerprint)
+        new = [a for a in dict.fromkeys(addresses) if parse_host_port(a) and a not in info.addresses]
+        room = self.MAX_ADDRESSES - len(info.addresses)
+        if not new or room <= 0:
+            return False
+        info.addresses.extend(new[:room])
+        self.save()
+        return True
+
     def save(self) -> None:
         data = [info.to_json() for info in self.peers.values()]
         write_private(self.path, json.dumps(data, indent=1).encode())
@@ -179,14 +194,27 @@ class PeerManager:
         for fp in set(self._dialers) - wanted:
             self._dialers.pop(fp).cancel()
         for fp in wanted - set(self._dialers):
-            scope = trio.CancelScope()
-            self._dialers[fp] = scope
-            self._nursery.start_soon(self._dial_forever, fp, scope)
+            self._start_dialer(fp)
         for fp, session in list(self.sessions.items()):
             if fp not in wanted and not session.joining:
                 session.close("no share in common any more")
             else:
                 session.refresh()
+
+    def _start_dialer(self, fingerprint: bytes) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._dialers[fingerprint] = scope
+        self._nursery.start_soon(self._dial_forever, fingerprint, scope)
+
+    def learn_hints(self, fingerprint: bytes, addresses: list[str]) -> None:
+        """Where another member last saw `fingerprint`. A dialer of that peer with no link up
+        starts over at once, rather than after a back-off grown while it had no address."""
+        if not self.book.add_hints(fingerprint, addresses):
+            return
+        if fingerprint in self._dialers and fingerprint not in self.sessions:
+            self._dialers.pop(fingerprint).cancel()
+            self._start_dialer(fingerprint)
 
     def _addresses_for(self, fingerprint: bytes) -> list[tuple[str, int]]:
         if fingerprint in self.sessions:

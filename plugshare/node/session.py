@@ -9,6 +9,9 @@ decided by this node's token. Share messages (`share.*`) ride the same link:
     share.joined    {share, manifest, key}             owner -> joiner (key: wrapped share key)
     share.join_refused {share, reason}
     share.leave     {share, request}                   member -> owner (signed leave request)
+    peer.addresses  {peers: [[fingerprint, [host:port, ...]], ...]}
+                    where this node last saw the other active members of a share (hints only:
+                    the pinned link decides who answers), sent with each manifest
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("plugshare.session")
 
 JOIN_TIMEOUT = 30.0
+MAX_ADDRESS_HINTS = 1024  # peers one peer.addresses message may name
 
 
 class JoinRefused(PlugshareError):
@@ -100,16 +104,23 @@ class PeerSession:
             accept_share=self._accept_share, on_event=self._on_event,
             other_message=self._on_message,
         )
+        started = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.close_reason is not None:  # close() came while we were starting
+                    nursery.start_soon(self.connection.aclose, self.close_reason)
                 await nursery.start(self.replication.run)
                 await self._send_manifests()
                 self.refresh()
                 task_status.started()
-        except PeerConnectionClosed as closed:
-            self.close_reason = self.close_reason or closed.reason
+                started = True
+        # The link closing (e.g. the peer dropped a duplicate link) ends this session only:
+        # nursery errors come grouped, and a stray group would take the whole node down.
+        except* PeerConnectionClosed as closed:
+            self.close_reason = self.close_reason or closed.exceptions[0].reason
         finally:
+            self._nursery = None  # close() after the end is a no-op, not a closed nursery
             self.close_reason = self.close_reason or self.connection.close_reason or "closed"
             for share_id, state in self.sync.items():
                 state.state = "offline"
@@ -117,6 +128,8 @@ class PeerSession:
             for event, _ in self._joins.values():
                 event.set()
             self._closed.set()
+        if not started:
+            task_status.started()  # closed while starting: the caller sees it closed at once
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -190,6 +203,18 @@ class PeerSession:
 
     async def send_manifest(self, manifest: Manifest) -> None:
         await self.connection.send({"type": "share.manifest", "manifest": manifest.to_dict()})
+        await self._send_address_hints(manifest)
+
+    async def _send_address_hints(self, manifest: Manifest) -> None:
+        """Tell the peer where the share's other members were last seen, so members find
+        each other without discovery and keep syncing while this node is away."""
+        known = self.node.peers.book.peers
+        hints = [[m.fingerprint, list(known[m.fingerprint].addresses)]
+                 for m in manifest.active_members()
+                 if m.fingerprint not in (self.fingerprint, self.token.fingerprint)
+                 and m.fingerprint in known and known[m.fingerprint].addresses]
+        if hints:
+            await self.connection.send({"type": "peer.addresses", "peers": hints})
 
     async def request_join(self, invitation: Invitation,
                            name: str) -> tuple[Manifest, bytes | None]:
@@ -225,6 +250,8 @@ class PeerSession:
                 self._on_join_answer(message)
             elif kind == "share.leave":
                 await self._on_leave(message)
+            elif kind == "peer.addresses":
+                self._on_addresses(message)
             else:
                 log.info("peer %s sent an unknown message type %r; ignored", self.name, kind)
         except (PlugshareError, ValueError, TypeError, KeyError) as exc:
@@ -272,6 +299,20 @@ class PeerSession:
         else:
             answer["reason"] = str(message.get("reason", "no reason given"))
         done.set()
+
+    def _on_addresses(self, message: Mapping[Any, Any]) -> None:
+        peers = message["peers"]
+        if not isinstance(peers, list) or len(peers) > MAX_ADDRESS_HINTS:
+            raise ValueError(f"peer.addresses must list at most {MAX_ADDRESS_HINTS} peers")
+        # Only about members of shares we have in common with the sender: a peer cannot make
+        # this node dial out on behalf of strangers.
+        members = {m.fingerprint for share in self.token.common_shares(self.fingerprint)
+                   for m in share.active_members()} - {self.token.fingerprint, self.fingerprint}
+        for fingerprint, addresses in peers:
+            if not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
+                raise ValueError("peer.addresses: addresses must be a list of host:port texts")
+            if bytes(fingerprint) in members:
+                self.node.peers.learn_hints(bytes(fingerprint), addresses[:8])
 
     async def _on_leave(self, message: Mapping[Any, Any]) -> None:
         manifest = self.token.apply_leave_request(dict(message["request"]), self.fingerprint)
