@@ -101,7 +101,8 @@ class PeerSession:
         store = self.node.store
         self.replication = PeerReplication(
             self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
-            accept_share=self._accept_share, on_event=self._on_event,
+            accept_share=self._accept_share, guard_existing=self._guard_existing,
+            on_event=self._on_event,
             other_message=self._on_message,
         )
         started = False
@@ -193,6 +194,16 @@ class PeerSession:
             return True, decision.reason
 
         return accept
+
+    def _guard_existing(self, share_id: str, doc: Mapping[str, Any],
+                        existing: Mapping[str, Any]) -> str | None:
+        """An incoming doc may not land on a local doc outside the share (same id, another
+        doctype or outside the selector): the token refuses it, and logs it."""
+        if self.token.share_in_scope(share_id, _metadata(existing)):
+            return None
+        decision = self.token.decide_incoming(share_id, self.fingerprint, _metadata(doc),
+                                              existing=_metadata(existing))
+        return None if decision.allowed else decision.reason
 
     # -- manifests and joins ------------------------------------------------------------
 

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 from plugshare.errors import PlugshareError
 from plugshare.node.access import Forbidden, Principal
 from plugshare.node.session import JoinRefused
-from plugshare.replication.transport import PeerConnectError, PeerRefused
+from plugshare.replication.transport import PeerConnectError, PeerConnectionClosed, PeerRefused
 from plugshare.sharing.invitation import Invitation, parse_ttl
 from plugshare.sharing.manifest import Manifest
 from plugshare.token import format_node_id
+from plugshare.token.envelope import is_sealed, sealed_kid
 
 if TYPE_CHECKING:
     from plugshare.node.node import Node
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("plugshare.sharing")
 
 DEFAULT_TTL = "1h"
+COUNT_EVERY = 5.0  # seconds between two counts of a share's docs while its feed moves...
+COUNT_EXACTLY_UP_TO = 10_000  # ...on a store with more docs than this
 
 
 class OwnerUnreachable(PlugshareError):
@@ -39,7 +42,8 @@ class Sharing:
     def __init__(self, node: Node):
         self.node = node
         self.token = node.access.token
-        self._doc_counts: dict[str, tuple[Any, int]] = {}  # share id -> (update_seq, docs)
+        # share id -> (update_seq, docs, when counted)
+        self._doc_counts: dict[str, tuple[Any, int, float]] = {}
 
     def _require_owner(self, principal: Principal, action: str) -> None:
         decision = self.token.decide_admin(principal, action)
@@ -52,9 +56,28 @@ class Sharing:
                      selector: dict | None, encrypted: bool) -> dict:
         self._require_owner(principal, "share_create")
         manifest = self.token.create_share(name, doctype, selector, encrypted=encrypted)
+        resealed = await self._seal_existing(manifest) if encrypted else 0
         self.node.events.publish("share.created", share=name, doctype=doctype,
-                                 encrypted=encrypted)
+                                 encrypted=encrypted, resealed=resealed)
         return await self.describe(manifest)
+
+    async def _seal_existing(self, manifest: Manifest) -> int:
+        """Docs already in the scope of a new encrypted share are re-written sealed under its
+        key (a new revision each), so members can open them and receive them at all."""
+        access, count = self.node.access, 0
+        for doc in await self.node.store.all_docs():
+            if is_sealed(doc) and sealed_kid(doc) in self.token.share_key_ids(manifest.share_id):
+                continue
+            if not self.token.share_in_scope(manifest.share_id, access.metadata(doc)):
+                continue
+            plain = access.read(self.token.owner, doc) if is_sealed(doc) else doc
+            generation = int(doc["_rev"].partition("-")[0]) + 1
+            sealed = access.seal(plain, generation, f"share:{manifest.share_id}")
+            await self.node.store.put(sealed)
+            count += 1
+        if count:
+            await self.node.store.compact()  # no clear revision stays in the history
+        return count
 
     def invite(self, principal: Principal, name: str, *, read_only: bool, ttl: str) -> dict:
         self._require_owner(principal, "share_invite")
@@ -112,9 +135,12 @@ class Sharing:
         notified = False
         session = self.node.peers.sessions.get(manifest.owner)
         if session is not None:
-            await session.connection.send({"type": "share.leave", "share": manifest.share_id,
-                                           "request": request})
-            notified = True
+            try:
+                await session.connection.send({"type": "share.leave",
+                                               "share": manifest.share_id, "request": request})
+                notified = True
+            except PeerConnectionClosed:
+                pass  # the owner went away meanwhile: leave locally all the same
         self.token.leave_share(name)
         self.node.events.publish("share.left", share=manifest.name)
         self.node.peers.refresh()
@@ -145,16 +171,20 @@ class Sharing:
     # -- reading ------------------------------------------------------------------------
 
     async def _doc_count(self, manifest: Manifest) -> int:
-        seq = (await self.node.store.info())["update_seq"]
+        """Docs in the share's scope. Counting reads every doc, so on a large store whose feed
+        keeps moving (a sync) the count is refreshed at most every COUNT_EVERY seconds."""
+        info = await self.node.store.info()
+        seq = info["update_seq"]
         cached = self._doc_counts.get(manifest.share_id)
-        if cached and cached[0] == seq:
+        if cached and (cached[0] == seq or (info["doc_count"] > COUNT_EXACTLY_UP_TO
+                                            and time.monotonic() - cached[2] < COUNT_EVERY)):
             return cached[1]
         count = sum(
             1 for doc in await self.node.store.all_docs()
             if self.token.share_in_scope(manifest.share_id,
                                          {k: v for k, v in doc.items() if not k.startswith("_")})
         )
-        self._doc_counts[manifest.share_id] = (seq, count)
+        self._doc_counts[manifest.share_id] = (seq, count, time.monotonic())
         return count
 
     async def describe(self, manifest: Manifest) -> dict:

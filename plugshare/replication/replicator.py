@@ -65,7 +65,7 @@ from plugshare.replication.protocol import (
     refusal,
 )
 from plugshare.replication.transport import PeerConnectionClosed
-from plugshare.store.base import NotFound, Seq, Store, StoreError
+from plugshare.store.base import Doc, NotFound, Seq, Store, StoreError
 
 __all__ = [
     "STORE_ID_DOC",
@@ -118,6 +118,10 @@ class MessageConnection(Protocol):
 
 
 EventSink = Callable[[ReplicationEvent], None]
+GuardExisting = Callable[[str, Doc, Doc], "str | None"]
+"""`guard(share, incoming, local_winner) -> refusal reason | None`: asked, just before a
+batch is written, for each incoming doc whose id already names a live local doc; a reason
+keeps the doc out (e.g. the local doc lies outside the share: a peer may not overwrite it)."""
 
 
 # --- store ids and checkpoints ----------------------------------------------------------------
@@ -228,6 +232,7 @@ class PeerReplication:
         peer: str,
         store_id: str,
         accept_share: Callable[[str], Accept | None],
+        guard_existing: GuardExisting | None = None,
         on_event: EventSink | None = None,
         other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
         config: ReplicationConfig = ReplicationConfig(),
@@ -237,6 +242,7 @@ class PeerReplication:
         self.peer = peer
         self._store_id = store_id
         self._accept_share = accept_share
+        self._guard_existing = guard_existing
         self._on_event = on_event
         self._other_message = other_message
         self.config = config
@@ -384,6 +390,24 @@ class PeerReplication:
             except PeerConnectionClosed:
                 pass
 
+    async def _write_guarded(self, share: str, docs: list[Doc]) -> list[dict[str, Any]]:
+        """Write a batch with new_edits=false, after `guard_existing` has looked at the local
+        docs it would land on; a guarded-out doc gets a refusal result and is not written."""
+        if not docs:
+            return []
+        refusals: dict[int, dict[str, Any]] = {}
+        if self._guard_existing is not None:
+            local = await self._store.winners([doc["_id"] for doc in docs])
+            for index, doc in enumerate(docs):
+                existing = local.get(doc["_id"])
+                reason = existing is not None and self._guard_existing(share, doc, existing)
+                if reason:
+                    refusals[index] = {"id": doc["_id"], "error": "forbidden", "reason": reason}
+        written = iter(await self._store.bulk_docs(
+            [doc for index, doc in enumerate(docs) if index not in refusals], new_edits=False))
+        return [refusals[index] if index in refusals else next(written)
+                for index in range(len(docs))]
+
     async def _serve_pull(self, pull: _Pull) -> str | None:
         """Serve one incoming stream until it ends; the reason it ended, or None when the
         connection went away (then `run` reports it)."""
@@ -414,7 +438,7 @@ class PeerReplication:
                 answer = await self._store.revs_diff(output.revs)
                 await self._carry_out_pull(pull, machine.diff_result(output.batch, answer))
             elif isinstance(output, WriteDocs):
-                results = await self._store.bulk_docs(output.docs, new_edits=False) if output.docs else []
+                results = await self._write_guarded(machine.share, output.docs)
                 await self._carry_out_pull(pull, machine.write_result(output.batch, results))
             elif isinstance(output, ReplicationEvent):
                 self._emit(output)

@@ -119,6 +119,16 @@ class Store(abc.ABC):
         """Write an empty tombstone on top of leaf `rev` and return its rev."""
 
     @abc.abstractmethod
+    async def compact(self) -> None:
+        """Drop the bodies of non-leaf revisions (e.g. after re-writing docs encrypted, so no
+        clear copy stays behind in the database's history)."""
+
+    @abc.abstractmethod
+    async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
+        """The winning revision of each of `doc_ids` that exists and is live (missing and
+        deleted docs are left out): what a replicated write would land on."""
+
+    @abc.abstractmethod
     async def all_docs(self) -> list[Doc]:
         """Every live document's winning revision, sorted by `_id` (no local docs)."""
 

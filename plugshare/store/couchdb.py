@@ -176,6 +176,20 @@ class CouchDBStore(Store):
         )
         return answer["rev"]
 
+    async def compact(self) -> None:
+        """Ask the server to compact the database (it does so in the background)."""
+        await self._call("POST", "/_compact", body={})
+
+    async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
+        for doc_id in doc_ids:
+            check_doc_id(doc_id)
+        if not doc_ids:
+            return {}
+        answer = await self._call("POST", "/_all_docs", params={"include_docs": "true"},
+                                  body={"keys": list(dict.fromkeys(doc_ids))})
+        return {row["id"]: row["doc"] for row in answer["rows"]
+                if row.get("doc") and not row.get("value", {}).get("deleted")}
+
     async def all_docs(self) -> list[Doc]:
         answer = await self._call("GET", "/_all_docs", params={"include_docs": "true"})
         docs = [row["doc"] for row in answer["rows"] if not _is_design(row["id"])]

@@ -767,6 +767,10 @@ class Token:
                                stored.get("_id"), False, str(exc))
             raise IntegrityError(str(exc)) from None
 
+    def share_key_ids(self, share_id: str) -> tuple[str, ...]:
+        """The ids (not the keys) of a share's data keys, oldest first."""
+        return tuple(self._state.share_keys.get(share_id, ()))
+
     def encrypted_share_for(self, doc_metadata: Mapping[str, Any]) -> str | None:
         """The encrypted share (id) whose rule covers this document, if any: such a document
         is sealed under that share's key, so every member can open it."""

@@ -285,6 +285,20 @@ def test_docs_outside_the_shares_doctype_or_selector_never_cross(cluster: Cluste
     assert a.share("public-notes")["docs"] == b.share("public-notes")["docs"] == 2
 
 
+def test_a_member_cannot_overwrite_a_private_doc_with_the_same_id(cluster: Cluster):
+    a, b = cluster.add("a"), cluster.add("b")
+    private_rev = b.put("io.private", {"secret": "b's own"}, "x")
+    share_between(a, [b], name="notes", doctype=NOTES)
+    a.put(NOTES, {"title": "a's note with b's id"}, "x")
+    a.put(NOTES, {"title": "marker"}, "after-x")  # written after x: once here, x was handled
+    arrived(b, "after-x")
+    doc = b.get("x", conflicts=True)
+    assert doc["_rev"] == private_rev and doc["secret"] == "b's own"
+    assert not doc.get("_conflicts") and doc["doctype"] == "io.private"
+    audit = b.cli_json("audit", "--tail", "200")["entries"]
+    assert any(e["doc_id"] == "x" and not e["allowed"] for e in audit)
+
+
 def test_a_revoked_member_gets_no_new_changes_and_keeps_its_copy(cluster: Cluster):
     a, b = cluster.add("a"), cluster.add("b")
     share_between(a, [b], name="notes", doctype=NOTES)
@@ -316,9 +330,12 @@ def test_an_encrypted_share_reads_in_clear_and_is_stored_as_ciphertext(
     tag = uuid.uuid4().hex[:6]
     store = ("--store", "couchdb", "--couchdb-url", couchdb_url)
     a, b = cluster.add(f"enc-a-{tag}", *store), cluster.add(f"enc-b-{tag}", *store)
-    share_between(a, [b], name="diary", doctype="io.diary", encrypt=True)
     secrets = {f"{field}-{side}": f"{field}-{side}-{uuid.uuid4().hex}"
-               for field in ("title", "mood") for side in ("a", "b")}
+               for field in ("title", "mood") for side in ("a", "b", "old")}
+    # written in clear before the share exists: creating the share re-seals it
+    old_rev = a.put("io.diary", {"title": secrets["title-old"], "mood": secrets["mood-old"]},
+                    "old-entry")
+    share_between(a, [b], name="diary", doctype="io.diary", encrypt=True)
     a_rev = a.put("io.diary", {"title": secrets["title-a"], "mood": secrets["mood-a"]},
                   "a-entry")
     b_rev = b.put("io.diary", {"title": secrets["title-b"], "mood": secrets["mood-b"]},
@@ -329,15 +346,21 @@ def test_an_encrypted_share_reads_in_clear_and_is_stored_as_ciphertext(
     assert arrived(a, "b-entry", b_rev)["title"] == secrets["title-b"]
     assert b.get("a-entry")["mood"] == secrets["mood-a"]
     assert a.get("b-entry")["mood"] == secrets["mood-b"]
+    assert arrived(b, "old-entry")["title"] == secrets["title-old"]
 
     # The server holds only ciphertext: no clear value anywhere in either database.
     for node in (a, b):
         db = couchdb_database_name("plugshare", node.name)
         raw = httpx.get(f"{couchdb_url}/{db}/_all_docs", params={"include_docs": "true"})
         docs = {row["id"]: row["doc"] for row in raw.json()["rows"]}
-        assert set(docs) >= {"a-entry", "b-entry"}
-        for doc_id in ("a-entry", "b-entry"):
+        assert set(docs) >= {"a-entry", "b-entry", "old-entry"}
+        for doc_id in ("a-entry", "b-entry", "old-entry"):
             assert "plugshare:sealed" in docs[doc_id] and docs[doc_id]["doctype"] == "io.diary"
             assert "title" not in docs[doc_id] and "mood" not in docs[doc_id]
         for secret in secrets.values():
             assert secret not in raw.text, f"{secret!r} in clear in {db}"
+    # nor in the history: the clear first revision was compacted away
+    db = couchdb_database_name("plugshare", a.name)
+    wait_until(lambda: httpx.get(f"{couchdb_url}/{db}/old-entry",
+                                 params={"rev": old_rev}).status_code == 404,
+               10, what="the clear revision to be compacted away")

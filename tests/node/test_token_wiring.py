@@ -4,6 +4,7 @@ against real nodes (subprocesses) on both keystores."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -123,7 +124,7 @@ def test_encrypted_doctype_is_ciphertext_on_the_server(tmp_path, couchdb_url):
     node = start_node(home)
     try:
         with _api(node) as owner:
-            owner.put("/data/io.health/before", json={"diagnosis": "plain-before-7431"})
+            first = owner.put("/data/io.health/before", json={"diagnosis": "plain-before-7431"})
         done = node.cli("--json", "encrypt", "io.health")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["rewritten"] == 1
@@ -140,6 +141,14 @@ def test_encrypted_doctype_is_ciphertext_on_the_server(tmp_path, couchdb_url):
             assert secret not in raw and "diagnosis" not in raw
             assert "io.health" in raw  # the rule fields stay in clear
         assert "checkup" in httpx.get(f"{couchdb_url}/plugshare-carol/after").text
+        # the clear first revision does not linger in the server's history
+        old = f"{couchdb_url}/plugshare-carol/before?rev={first.json()['rev']}"
+        for _ in range(100):
+            if httpx.get(old).status_code == 404:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the clear revision is still on the server")
     finally:
         node.stop()
 
