@@ -353,6 +353,7 @@ class PeerSession:
             publish("sync.batch_sent", share=share, peer=self.name, docs=event.written,
                     refused=event.refused)
         elif isinstance(event, rp.BatchReceived):
+            self.token.flush()  # the batch's decisions reach the sealed audit log with it
             state.received += event.written
             state.refused += event.refused
             state.last_sync = time.time()
