@@ -41,7 +41,7 @@ import httpx  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.node.cluster import Cluster, ClusterNode, share_between, wait_until  # noqa: E402
+from tests.node.cluster import Cluster, ClusterNode, wait_until  # noqa: E402
 from tests.support.pouchdb import running_pouchdb_server  # noqa: E402
 
 DOCTYPE = "bench.notes"
