@@ -495,13 +495,28 @@ def share_create(ctx: Context, name: str, doctype: str, selector: str | None, en
 @click.argument("name")
 @click.option("--read-only", is_flag=True, help="The new member may read but not write.")
 @click.option("--ttl", default="1h", show_default=True, help="How long the code is valid.")
+@click.option("--qr", is_flag=True, help="Also draw the code as a QR code (to scan from a phone).")
 @pass_ctx
-def share_invite(ctx: Context, name: str, read_only: bool, ttl: str) -> None:
+def share_invite(ctx: Context, name: str, read_only: bool, ttl: str, qr: bool) -> None:
     """Print a one-line invitation code for one new member (single use)."""
     with ctx.client() as client:
         result = client.request("POST", f"/shares/{_quote(name)}/invite",
                                 json={"read_only": read_only, "ttl": ttl})
+    if qr and not ctx.as_json:
+        click.echo(_qr_text(result["code"]), err=True)  # stdout stays the bare code
     ctx.emit(result, result["code"])
+
+
+def _qr_text(text: str) -> str:
+    import io
+
+    import qrcode
+
+    code = qrcode.QRCode(border=2, error_correction=qrcode.constants.ERROR_CORRECT_L)
+    code.add_data(text)
+    out = io.StringIO()
+    code.print_ascii(out=out, invert=True)
+    return out.getvalue()
 
 
 @share.command("accept")

@@ -140,6 +140,9 @@ def test_invitation_codes_are_single_use_short_lived_and_checked(trio_nodes):
     expired = carol.cli("share", "accept", "--no-progress", short)
     assert expired.returncode == 1 and "expired" in expired.stderr
 
+    drawn = alice.cli("share", "invite", "notes", "--qr")
+    assert drawn.returncode == 0 and drawn.stdout.startswith("plugshare1:")
+    assert drawn.stdout.count("\n") == 1 and "█" in drawn.stderr  # stdout stays pipeable
     bad_ttl = alice.cli("share", "invite", "notes", "--ttl", "soon")
     assert bad_ttl.returncode == 1 and "soon" in bad_ttl.stderr
     unknown = alice.cli("share", "invite", "nope")
