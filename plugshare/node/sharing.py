@@ -209,7 +209,8 @@ class Sharing:
             "owner": format_node_id(manifest.owner),
             "role": "owner" if manifest.owner == me else "member",
             "permission": mine.permission if mine else None,
-            "status": self.token.share_status(manifest.share_id),
+            # active | revoked | left | removed ("role" says who owns it)
+            "status": _status(self.token.share_status(manifest.share_id)),
             "members": [
                 {"name": m.name, "id": m.node_id, "permission": m.permission,
                  "status": m.status, "connected": m.fingerprint in sessions}
@@ -224,6 +225,10 @@ class Sharing:
 
     async def show(self, name: str) -> dict:
         return await self.describe(self.token.share(name))
+
+
+def _status(token_status: str) -> str:
+    return "active" if token_status == "owner" else token_status
 
 
 def _split(address: str) -> tuple[str, int] | None:
