@@ -5,8 +5,10 @@ The node says how the sync goes in two ways, and both are followed: its event st
 state as it is now: covers what happened before the stream opened, or a node without
 `/events`). `SyncTracker` is the pure part that folds both into one picture.
 
-On a terminal: a rich progress bar (docs done of total, bytes, rate, ETA). Anywhere else:
-nothing while it runs, one summary line at the end.
+On a terminal: a rich progress bar: docs done, and once the sending peer has said how many
+changes are still coming (`total`), a percentage and an ETA; bytes moved and their rate once
+batches report them. Anywhere else: nothing while it runs, one summary line at the end (docs
+and bytes).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class SyncSummary:
     done: int  # documents done, as the node counts them
     total: int | None
     docs: int  # documents received in batches while followed
-    bytes: int  # bytes moved in batches while followed (both ways)
+    bytes: int  # bytes of documents moved (both ways)
     seconds: float
     reason: str  # why following ended: "live", "timeout", "stalled", "interrupted"
 
@@ -58,10 +60,11 @@ class SyncSummary:
         if self.live:
             return f"{self.share}: initial sync done — {moved} in {self.seconds:.1f} s; live"
         progress = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
+        progress += " docs" + (f", {fmt_bytes(self.bytes)}" if self.bytes else "")
         why = {"timeout": f"not live after {self.seconds:.0f} s",
                "stalled": f"no progress for a while ({self.seconds:.0f} s in)",
                "interrupted": "stopped watching"}.get(self.reason, self.reason)
-        return (f"{self.share}: {why} (state {self.state or 'unknown'}, {progress} docs); the "
+        return (f"{self.share}: {why} (state {self.state or 'unknown'}, {progress}); the "
                 "sync goes on in the background — `plugshare watch` shows it")
 
 
@@ -80,9 +83,12 @@ class SyncTracker:
 
     share: str
     started: float = attrs.field(factory=time.monotonic)
-    links: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # peer -> state, done, total
+    links: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # peer -> state, done, total, bytes
     docs: int = 0
-    bytes: int = 0
+    event_bytes: int = 0  # bytes the batch events told of while followed
+    # When and at how many bytes the first news came: the rate counts from there, so bytes
+    # moved before the following began do not inflate it.
+    bytes_base: tuple[float, int] | None = None
     last_progress: float = attrs.field(factory=time.monotonic)
     # Sticky: a /status answer sent before the share went live may arrive after the event
     # saying it did; the initial sync is over either way.
@@ -111,14 +117,35 @@ class SyncTracker:
         known = [t for t in totals if isinstance(t, int)]
         return max(known) if known else None
 
-    def _link(self, peer: str | None, state: Any, done: Any, total: Any) -> bool:
+    @property
+    def bytes(self) -> int:
+        """Bytes moved: as the batch events told, or as `/status` counts them for a link
+        (which also covers batches from before the following began), whichever is more."""
+        return max([self.event_bytes, *(link.get("bytes") or 0 for link in self.links.values())])
+
+    def bytes_per_second(self, now: float | None = None) -> float | None:
+        """The average rate since the first news; None until bytes moved after it."""
+        if self.bytes_base is None:
+            return None
+        since, base = self.bytes_base
+        elapsed, moved = (time.monotonic() if now is None else now) - since, self.bytes - base
+        return moved / elapsed if moved > 0 and elapsed > 0 else None
+
+    def _mark_bytes(self) -> None:
+        if self.bytes_base is None:
+            self.bytes_base = (time.monotonic(), self.bytes)
+
+    def _link(self, peer: str | None, state: Any, done: Any, total: Any,
+              size: Any = None) -> bool:
         key = peer or "?"
-        new = {"state": state if isinstance(state, str) else None,
-               "done": done if isinstance(done, int) and not isinstance(done, bool) else 0,
-               "total": total if isinstance(total, int) and not isinstance(total, bool)
-               else None}
         old = self.links.get(key)
+        new = {"state": state if isinstance(state, str) else None,
+               "done": done if _count(done) else 0,
+               "total": total if _count(total) else None,
+               # A state event carries no bytes: keep what /status said.
+               "bytes": size if _count(size) else (old or {}).get("bytes", 0)}
         self.links[key] = new
+        self._mark_bytes()
         self.went_live |= new["state"] == "live"
         if old is None or new["done"] > (old.get("done") or 0) or new["state"] != old["state"]:
             self.last_progress = time.monotonic()
@@ -138,7 +165,8 @@ class SyncTracker:
                 count = data.get("written", data.get("docs", 0))
                 self.docs += count if isinstance(count, int) else 0
             size = data.get("bytes", 0)
-            self.bytes += size if isinstance(size, int) else 0
+            self._mark_bytes()
+            self.event_bytes += size if _count(size) else 0
             self.last_progress = time.monotonic()
             return True
         return False
@@ -156,13 +184,46 @@ class SyncTracker:
                         done = sum(n for n in (link.get("sent"), link.get("received"))
                                    if isinstance(n, int))
                     changed |= self._link(link.get("peer"), link.get("state"), done,
-                                          link.get("total"))
+                                          link.get("total"), link.get("bytes"))
         return changed
 
     def summary(self, reason: str) -> SyncSummary:
         return SyncSummary(self.share, self.live, self.state, self.done, self.total,
                            self.docs, self.bytes, round(time.monotonic() - self.started, 3),
                            reason)
+
+
+def _count(value: Any) -> bool:
+    """Is `value` a count (a non-negative int, not a bool)?"""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _Percent(ProgressColumn):
+    """The share done, once the total is known (rich would show 0% without one)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.percentage:>3.0f}%" if task.total else "", style="progress.percentage")
+
+
+class _Bytes(ProgressColumn):
+    """Bytes moved and their average rate, once batches report them."""
+
+    def render(self, task: Task) -> Text:
+        moved, rate = task.fields.get("moved") or 0, task.fields.get("rate")
+        if not moved:
+            return Text("")
+        return Text(fmt_bytes(moved) + (f" ({fmt_bytes(rate)}/s)" if rate else ""),
+                    style="progress.download")
+
+
+class _Eta(TimeRemainingColumn):
+    """`ETA h:mm:ss` once the total is known."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        remaining = super().render(task)
+        return Text("ETA ", style=remaining.style) + remaining
 
 
 class _DocsRate(ProgressColumn):
@@ -180,18 +241,19 @@ class _Display:
         self.progress: Progress | None = None
         if file.isatty():
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("docs {task.fields[moved]}"), _DocsRate(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=Console(file=file), transient=True)
+                TextColumn("[bold]{task.description}"), BarColumn(), _Percent(),
+                MofNCompleteColumn(), TextColumn("docs"), _DocsRate(), _Bytes(), _Eta(),
+                console=Console(file=file), transient=True)
             self.progress.start()
-            self.task = self.progress.add_task(f"{share} (connecting)", total=None, moved="")
+            self.task = self.progress.add_task(f"{share} (connecting)", total=None, moved=0,
+                                               rate=None)
 
     def update(self, tracker: SyncTracker) -> None:
         if self.progress is None:
             return
         self.progress.update(self.task, description=f"{tracker.share} ({tracker.state or '…'})",
                              completed=tracker.done, total=tracker.total,
-                             moved=fmt_bytes(tracker.bytes) if tracker.bytes else "")
+                             moved=tracker.bytes, rate=tracker.bytes_per_second())
 
     def finish(self, summary: SyncSummary) -> None:
         if self.progress is not None:

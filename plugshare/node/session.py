@@ -66,16 +66,30 @@ class SyncState:
     """How one share stands with this peer, for /status and `watch`."""
 
     state: str = "initial"  # initial | live | offline | error
-    sent: int = 0
-    received: int = 0
+    sent: int = 0  # docs the peer wrote from us
+    received: int = 0  # docs we wrote from the peer
     refused: int = 0
+    bytes: int = 0  # msgpack size of the docs sent and received
+    pending_in: int | None = None  # the peer's estimate of the changes it has yet to send us
     pending_out: int = 0
     lag_ms: float | None = None
     last_sync: float | None = None
     error: str | None = None
+    caught_up: set[str] = attrs.field(factory=set)  # directions ("push", "pull") caught up
+
+    @property
+    def done(self) -> int:
+        """Docs moved either way."""
+        return self.sent + self.received
+
+    @property
+    def total(self) -> int | None:
+        """`done` plus what the peer says is still coming; None until it has said."""
+        return None if self.pending_in is None else self.done + self.pending_in
 
     def to_json(self) -> dict:
-        return attrs.asdict(self)
+        fields = attrs.asdict(self, filter=lambda field, _: field.name != "caught_up")
+        return {**fields, "done": self.done, "total": self.total}
 
 
 class PeerSession:
@@ -341,24 +355,45 @@ class PeerSession:
     def _publish_state(self, share_id: str, state: SyncState) -> None:
         self.node.events.publish(
             "sync.state", share=self._share_name(share_id), peer=self.name, state=state.state,
-            done=state.sent + state.received, total=None, pending_in=None,
+            done=state.done, total=state.total, pending_in=state.pending_in,
             pending_out=state.pending_out,
         )
+
+    def _in_step(self, share_id: str, state: SyncState) -> bool:
+        """Has every push of the share on this link caught up: ours if we push it, the
+        peer's if it may write (a peer with nothing to send catches up at once, long before
+        the other way has)."""
+        pushing = self.replication is not None and share_id in self.replication.pushing
+        try:
+            peer_pushes = self.token.share(share_id).may_write(self.fingerprint)
+        except TokenError:
+            peer_pushes = False
+        return ((not pushing or "push" in state.caught_up)
+                and (not peer_pushes or "pull" in state.caught_up))
 
     def _on_event(self, event: rp.ReplicationEvent) -> None:
         state = self.sync.setdefault(event.share, SyncState())
         share, publish = self._share_name(event.share), self.node.events.publish
         if isinstance(event, rp.BatchAcked):
             state.sent += event.written
+            state.bytes += event.bytes
             publish("sync.batch_sent", share=share, peer=self.name, docs=event.written,
-                    refused=event.refused)
+                    refused=event.refused, bytes=event.bytes)
+            if state.state == "initial":
+                self._publish_state(event.share, state)
         elif isinstance(event, rp.BatchReceived):
             self.token.flush()  # the batch's decisions reach the sealed audit log with it
             state.received += event.written
             state.refused += event.refused
+            state.bytes += event.bytes
+            if event.pending is not None:  # else the last estimate stands (an older peer)
+                state.pending_in = event.pending
             state.last_sync = time.time()
             publish("sync.batch_received", share=share, peer=self.name, docs=event.written,
-                    written=event.written, refused=event.refused)
+                    written=event.written, refused=event.refused, bytes=event.bytes,
+                    pending=event.pending)
+            if state.state == "initial":
+                self._publish_state(event.share, state)
         elif isinstance(event, rp.DocRefused):
             publish("sync.doc_refused", share=share, peer=self.name, id=event.doc_id,
                     rev=event.rev, reason=event.reason, direction=event.direction)
@@ -367,7 +402,10 @@ class PeerSession:
             state.lag_ms = round(event.seconds * 1000, 1)
         elif isinstance(event, rp.CaughtUp):
             state.last_sync = time.time()
-            if state.state != "live":
+            state.caught_up.add(event.direction)
+            if event.direction == "pull" and state.pending_in is not None:
+                state.pending_in = 0  # the peer says we have everything it has
+            if state.state != "live" and self._in_step(event.share, state):
                 state.state = "live"
                 self._publish_state(event.share, state)
         elif isinstance(event, rp.StreamEnded):

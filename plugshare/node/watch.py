@@ -39,6 +39,7 @@ from plugshare.node.events import (
     fetch_status,
     follow_events,
 )
+from plugshare.node.progress import fmt_bytes
 
 POLL_S = 1.0  # /status refresh
 RETRY_S = 1.0  # reconnecting to a node that went away
@@ -89,13 +90,75 @@ def fmt_ms(ms: float | None) -> str:
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
-def progress_text(done: int, total: int | None, width: int = 10) -> str:
-    """An initial sync's progress as a bar: `▰▰▰▰▱▱▱▱▱▱ 40% 400/1000`."""
+def fmt_duration(seconds: float) -> str:
+    """`45s`, `3m05s`, `2h07m`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_text(done: int, total: int | None, width: int = 10, *, size: int = 0,
+                  rate: Rate | None = None) -> str:
+    """An initial sync's progress as a bar: `▰▰▰▰▱▱▱▱▱▱ 40% 400/1000`, then what is known of
+    `size` (bytes moved) and `rate`: ` 98.6 kB 24.1 kB/s ETA 25s`."""
     if not total:
-        return f"initial {done} docs"
-    fraction = min(1.0, max(0.0, done / total))
-    filled = math.floor(fraction * width)
-    return f"{'▰' * filled}{'▱' * (width - filled)} {fraction:.0%} {done}/{total}"
+        text = f"initial {done} docs"
+    else:
+        fraction = min(1.0, max(0.0, done / total))
+        filled = math.floor(fraction * width)
+        text = f"{'▰' * filled}{'▱' * (width - filled)} {fraction:.0%} {done}/{total}"
+    if size:
+        text += f" {fmt_bytes(size)}"
+    if rate is not None and rate.bytes > 0:
+        text += f" {fmt_bytes(rate.bytes)}/s"
+    if rate is not None and rate.docs > 0 and total and total > done:
+        text += f" ETA {fmt_duration((total - done) / rate.docs)}"
+    return text
+
+
+@attrs.frozen
+class Rate:
+    """How fast an initial sync goes, per second."""
+
+    docs: float
+    bytes: float
+
+
+@attrs.define
+class SyncRates:
+    """The rate of each link's initial sync, averaged since the view first saw it in that
+    state (pure: fed the successive `/status` answers)."""
+
+    _first: dict[tuple[str, str], tuple[float, int, int]] = attrs.field(factory=dict)
+    _rates: dict[tuple[str, str], Rate] = attrs.field(factory=dict)
+
+    def observe(self, status: dict[str, Any], now: float) -> None:
+        seen = set()
+        for share in _get(status, "shares", list, []):
+            name = _get(share, "name", str) or _get(share, "id", str, "?")
+            for link in _get(share, "peers", list, []):
+                if _get(link, "state", str) != "initial":
+                    continue
+                key = (name, _get(link, "peer", str, "?"))
+                seen.add(key)
+                done, size = _link_done(link), _get(link, "bytes", int, 0)
+                first = self._first.get(key)
+                if first is None or done < first[1]:  # new, or restarted: measure afresh
+                    self._first[key] = (now, done, size)
+                    self._rates.pop(key, None)
+                elif now > first[0]:
+                    elapsed = now - first[0]
+                    self._rates[key] = Rate((done - first[1]) / elapsed,
+                                            max(0, size - first[2]) / elapsed)
+        for key in set(self._first) - seen:
+            del self._first[key]
+            self._rates.pop(key, None)
+
+    def get(self, share: str, peer: str) -> Rate | None:
+        return self._rates.get((share, peer))
 
 
 def details(data: dict[str, Any]) -> str:
@@ -167,8 +230,10 @@ SHARE_COLUMNS = ("Share", "Peer", "Role", "Access", "Members", "Docs", "In", "Ou
 PEER_COLUMNS = ("Peer", "Id", "Address", "Connected", "RTT", "Last seen")
 
 
-def share_rows(status: dict[str, Any], now: float) -> list[tuple[str, ...]]:
-    """Rows of the shares table: one per (share, peer), or one for a share with no peer."""
+def share_rows(status: dict[str, Any], now: float,
+               rates: SyncRates | None = None) -> list[tuple[str, ...]]:
+    """Rows of the shares table: one per (share, peer), or one for a share with no peer;
+    `rates` adds speed and ETA to the initial syncs."""
     rows = []
     for share in _get(status, "shares", list, []):
         name = _get(share, "name", str) or _get(share, "id", str, "?")
@@ -191,7 +256,8 @@ def share_rows(status: dict[str, Any], now: float) -> list[tuple[str, ...]]:
                 str(_get(link, "pending_out", int, "—")),
                 fmt_ms(_get(link, "lag_ms", _NUMBER)),
                 ago(_get(link, "last_sync", _NUMBER), now),
-                ended or link_state(link),
+                ended or link_state(link, rates.get(name, _get(link, "peer", str, "?"))
+                                    if rates is not None else None),
             ))
     return rows
 
@@ -205,13 +271,18 @@ def _member_count(share: dict[str, Any]) -> int | None:
     return _get(share, "members", int)
 
 
-def link_state(link: dict[str, Any]) -> str:
+def _link_done(link: dict[str, Any]) -> int:
+    done = _get(link, "done", int)
+    if done is None:  # a node that counts each direction apart
+        done = _get(link, "sent", int, 0) + _get(link, "received", int, 0)
+    return done
+
+
+def link_state(link: dict[str, Any], rate: Rate | None = None) -> str:
     state = _get(link, "state", str, "?")
     if state == "initial":
-        done = _get(link, "done", int)
-        if done is None:  # a node that counts each direction apart
-            done = _get(link, "sent", int, 0) + _get(link, "received", int, 0)
-        return progress_text(done, _get(link, "total", int))
+        return progress_text(_link_done(link), _get(link, "total", int),
+                             size=_get(link, "bytes", int, 0), rate=rate)
     if state == "error" and (why := _get(link, "error", str)):
         return f"✖ error: {why[:40]}" + ("…" if len(why) > 40 else "")
     return {"live": "● live", "offline": "○ offline", "error": "✖ error"}.get(state, state)
@@ -314,6 +385,7 @@ class NodeView(Vertical):
         self.paused = False
         self._held = 0  # matching events that came in while paused
         self._events: collections.deque[Event] = collections.deque(maxlen=LOG_KEPT)
+        self._rates = SyncRates()
         self._client = None
 
     def compose(self) -> ComposeResult:
@@ -371,13 +443,14 @@ class NodeView(Vertical):
         self.query_one(".banner", Static).remove_class("shown")
         self.query_one(".summary", Static).update(summary_text(status))
         now = time.time()
+        self._rates.observe(status, now)
         peers = self.query_one(".peers", DataTable)
         peers.clear()
         for row in peer_rows(status, now):
             peers.add_row(*row[:3], _styled_state(row[3]), *row[4:])
         shares = self.query_one(".shares", DataTable)
         shares.clear()
-        for row in share_rows(status, now):
+        for row in share_rows(status, now, self._rates):
             shares.add_row(*row[:-1], _styled_state(row[-1]))
 
     # -- the event log ----------------------------------------------------------------------

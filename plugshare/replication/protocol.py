@@ -10,7 +10,7 @@ A push, message by message (the source reads its changes feed from its checkpoin
     source                                             target
       rep.open {v}                                 ->
                                                    <-  rep.opened {store, window}
-      rep.diff {batch, revs: {id: [rev]}}          ->  (its store's revs_diff)
+      rep.diff {batch, revs: {id: [rev]}, pending?} ->  (its store's revs_diff)
                                                    <-  rep.missing {batch, missing: {id: [rev]}}
       rep.docs {batch, docs: [doc], last}  (x n)   ->  (accept(peer, doc), bulk_docs new_edits=false)
                                                    <-  rep.ack {batch, written, refused: [[id, rev, reason]]}
@@ -20,6 +20,10 @@ A push, message by message (the source reads its changes feed from its checkpoin
 
 * A batch covers one page of the source's changes feed; the source offers every leaf revision
   its `in_scope(doc)` admits, with the seq the page ends at kept on its side only.
+* `pending` (optional, a non-negative integer) is the source's estimate of the changes its
+  feed still holds after this batch, for the target's progress display only: nothing depends
+  on it being right (it counts updates, out-of-scope ones too, so it tends to run high; 0 on
+  the page that ends the feed). A source that does not know, or an older one, leaves it out.
 * An empty `missing` completes the batch. Otherwise the source sends the asked revisions it
   offered (with `_revisions`) in one or more `rep.docs` messages, the final one with `last`
   (possibly with no docs), and the target acknowledges once every accepted doc is durable.
@@ -120,6 +124,7 @@ MAX_STORE_ID_LENGTH = 128
 MAX_REASON_LENGTH = 500
 MAX_WINDOW = 64
 MAX_BATCH_NUMBER = 2**63 - 1
+MAX_PENDING = 2**63 - 1
 # Docs over this size are not sent: with the message envelope they would exceed a frame.
 DEFAULT_MAX_DOC_BYTES = DEFAULT_MAX_FRAME_SIZE - 64 * 1024
 DEFAULT_DOCS_MESSAGE_BYTES = 1024 * 1024
@@ -217,20 +222,27 @@ class BatchSent(ReplicationEvent):
 
 @attrs.frozen(kw_only=True)
 class BatchAcked(ReplicationEvent):
-    """Source: the target wrote a batch: `written` docs, `refused` refused."""
+    """Source: the target wrote a batch: `written` docs, `refused` refused; `bytes` is the
+    msgpack size of the docs sent in it."""
 
     batch: int
     written: int
     refused: int
+    bytes: int = 0
 
 
 @attrs.frozen(kw_only=True)
 class BatchReceived(ReplicationEvent):
-    """Target: a batch is written: `written` docs, `refused` refused (here or by the store)."""
+    """Target: a batch is written: `written` docs, `refused` refused (here or by the store).
+    `bytes` is the msgpack size of the docs written (about what they took on the wire);
+    `pending` the source's estimate of the changes still to come after this batch, None when
+    it gave none."""
 
     batch: int
     written: int
     refused: int
+    pending: int | None = None
+    bytes: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -351,6 +363,17 @@ def _batch_number(message: Mapping[Any, Any]) -> int:
     return number
 
 
+def _pending(message: Mapping[Any, Any]) -> int | None:
+    """A `rep.diff`'s optional `pending` count: absent is None, anything but an integer in
+    0..2**63-1 breaks the protocol."""
+    if "pending" not in message:
+        return None
+    pending = message["pending"]
+    if type(pending) is not int or not 0 <= pending <= MAX_PENDING:
+        raise ProtocolError(f"{message['type']}: pending must be an integer in 0..2**63-1 or absent, not {pending!r}")
+    return pending
+
+
 def _revs_map(message: Mapping[Any, Any], field: str) -> dict[str, list[str]]:
     """`{doc id: [rev, ...]}` with valid ids (no local docs) and revs, each list non-empty."""
     value = message.get(field)
@@ -416,6 +439,7 @@ class _OutgoingBatch:
     offered_count: int
     phase: _Phase
     sent: int = 0
+    sent_bytes: int = 0
 
 
 class _StreamState(enum.Enum):
@@ -511,9 +535,13 @@ class SourceStream:
 
     # -- feeding
 
-    def add_batch(self, docs: list[Doc], seq: Seq, now: float) -> list[Output]:
+    def add_batch(self, docs: list[Doc], seq: Seq, now: float, pending: int | None = None) -> list[Output]:
         """A page of the changes feed ending at `seq`: `docs` are its leaf revisions as
-        `bulk_get` returned them (with `_revisions`). Offers those in scope."""
+        `bulk_get` returned them (with `_revisions`). Offers those in scope. `pending`, when
+        known, estimates the changes the feed holds after `seq` (sent along for the target's
+        progress display)."""
+        if pending is not None and (type(pending) is not int or not 0 <= pending <= MAX_PENDING):
+            raise ValueError(f"pending must be an integer in 0..2**63-1 or None, not {pending!r}")
         if not self.can_add_batch:
             raise LocalProtocolError(
                 f"cannot add a batch: the stream is {self._state.value} with "
@@ -534,7 +562,10 @@ class SourceStream:
         revs: dict[str, list[str]] = {}
         for doc_id, rev in offered:
             revs.setdefault(doc_id, []).append(rev)
-        return [Send({**self._common(DIFF), "batch": number, "revs": revs})]
+        diff = {**self._common(DIFF), "batch": number, "revs": revs}
+        if pending is not None:
+            diff["pending"] = pending
+        return [Send(diff)]
 
     def feed_drained(self) -> list[Output]:
         """The changes feed has nothing after the last batch added."""
@@ -632,6 +663,7 @@ class SourceStream:
             chunk.append(doc)
             size += offer.size
             batch.sent += 1
+            batch.sent_bytes += offer.size
         outputs.append(Send({**self._common(DOCS), "batch": batch.number, "docs": chunk, "last": True}))
         return outputs
 
@@ -654,7 +686,7 @@ class SourceStream:
                                       doc_id=doc_id, rev=rev, reason=_reason(reason)))
         batch.phase = _Phase.DONE
         outputs.append(BatchAcked(share=self.share, peer=self.peer, batch=batch.number,
-                                  written=written, refused=len(refused)))
+                                  written=written, refused=len(refused), bytes=batch.sent_bytes))
         return outputs + self._advance(now)
 
     def _advance(self, now: float) -> list[Output]:
@@ -684,8 +716,10 @@ class SourceStream:
 @attrs.define
 class _IncomingBatch:
     number: int
+    pending: int | None  # the source's estimate of the changes after this batch
     asked: set[tuple[str, str]] = attrs.Factory(set)  # asked and not yet received
     written: int = 0
+    written_bytes: int = 0
     refused: list[list[str]] = attrs.Factory(list)
 
 
@@ -752,7 +786,8 @@ class TargetStream:
         if len(self._open) >= self.window:
             raise ProtocolError(f"{DIFF} for batch {number} while {len(self._open)} batches are open (window {self.window})")
         revs = _revs_map(message, "revs")
-        self._open[number] = _IncomingBatch(number)
+        pending = _pending(message)
+        self._open[number] = _IncomingBatch(number, pending)
         self._awaiting = DiffRevs(number, revs)
         return [self._awaiting]
 
@@ -833,6 +868,8 @@ class TargetStream:
         for doc, result in zip(action.docs, results):
             if result.get("ok"):
                 incoming.written += 1
+                # It came in msgpack, so it goes back out: this is the size it had there.
+                incoming.written_bytes += len(msgpack.packb(doc, use_bin_type=True))
                 continue
             doc_id, rev = _pair(doc)
             reason = f"the store refused it: {result.get('error')}: {result.get('reason')}"
@@ -843,5 +880,7 @@ class TargetStream:
             return outputs
         del self._open[batch]
         ack = {**self._common(ACK), "batch": batch, "written": incoming.written, "refused": incoming.refused}
-        return [*outputs, Send(ack), BatchReceived(share=self.share, peer=self.peer, batch=batch,
-                                                   written=incoming.written, refused=len(incoming.refused))]
+        received = BatchReceived(share=self.share, peer=self.peer, batch=batch, written=incoming.written,
+                                 refused=len(incoming.refused), pending=incoming.pending,
+                                 bytes=incoming.written_bytes)
+        return [*outputs, Send(ack), received]

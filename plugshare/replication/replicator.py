@@ -19,6 +19,10 @@ without waiting, and an overflowing inbox is the peer breaking the protocol. Inc
 only wait on our store: their replies go through a per-stream queue that holds every reply a
 well-behaved source can have outstanding, drained by its own sender task.
 
+Each batch tells the target about how many changes the feed still holds after it (`pending`,
+see `changes_after`), so a joining node can show a total: read from the store's `update_seq`
+once per catch-up, not per batch.
+
 A connection failure ends `run` (it returns; the caller reconnects); a push or an incoming
 stream that breaks down (protocol error, refused share, store failure) ends alone with a
 `StreamEnded` event and leaves the others running. Every event goes to `on_event`.
@@ -30,6 +34,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -41,6 +46,7 @@ import trio
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
     DEFAULT_MAX_DOC_BYTES,
+    MAX_PENDING,
     MAX_WINDOW,
     OPEN,
     TO_SOURCE,
@@ -73,9 +79,11 @@ __all__ = [
     "MessageConnection",
     "PeerReplication",
     "ReplicationConfig",
+    "changes_after",
     "checkpoint_id",
     "load_checkpoint",
     "page_limit",
+    "seq_number",
     "store_instance_id",
 ]
 
@@ -178,6 +186,30 @@ def page_limit(config: ReplicationConfig, average_doc_bytes: float | None) -> in
     return max(1, min(config.batch_size, int(config.batch_bytes // average_doc_bytes)))
 
 
+_COUCHDB_SEQ = re.compile(r"([0-9]+)(?:-|\Z)")
+
+
+def seq_number(seq: object) -> int | None:
+    """How many updates a seq counts: an integer seq itself (SQLite, pouchdb-server), the
+    leading N of a CouchDB `N-...` seq; None when it says no number."""
+    if type(seq) is int:
+        return seq if seq >= 0 else None
+    if isinstance(seq, str) and seq.isascii() and (match := _COUCHDB_SEQ.match(seq)):
+        return int(match.group(1))
+    return None
+
+
+def changes_after(update_seq: object, seq: object) -> int | None:
+    """The `pending` estimate for a batch ending at `seq` in a feed whose newest seq is
+    `update_seq`: the updates between the two, an upper bound on the changes left (a doc
+    updated twice is one change; out-of-scope changes count too). None when either seq says
+    no number."""
+    newest, position = seq_number(update_seq), seq_number(seq)
+    if newest is None or position is None:
+        return None
+    return min(MAX_PENDING, max(0, newest - position))
+
+
 # --- streams ------------------------------------------------------------------------------------
 
 
@@ -194,6 +226,7 @@ class _Push:
     progress: trio.Event = attrs.Factory(trio.Event)  # set when a reply was handled
     checkpoint_lock: trio.Lock = attrs.Factory(trio.Lock)
     saved_seq: Seq | None = None
+    update_seq: Seq | None = None  # the store's newest seq, as last read for `pending`
     end_reason: str | None = None
     tell_peer: bool = False  # send rep.end with end_reason
 
@@ -541,7 +574,21 @@ class PeerReplication:
                 continue
             docs = await store.bulk_get([(change.id, rev) for change in page.results for rev in change.revs])
             read_seq = page.last_seq
-            await self._carry_out_push(push, machine.add_batch(docs, read_seq, trio.current_time()))
+            # A short page ends the feed as it stands: nothing is pending, and the store need
+            # not be asked (the common case once live).
+            pending = 0 if len(page.results) < limit else await self._pending_after(push, read_seq)
+            await self._carry_out_push(push, machine.add_batch(docs, read_seq, trio.current_time(), pending))
+
+    async def _pending_after(self, push: _Push, seq: Seq) -> int | None:
+        """`changes_after` the store's update_seq, read again only once the feed has reached
+        the last one read: a long catch-up asks the store about once, not once per batch."""
+        if seq_number(seq) is None:
+            return None
+        pending = changes_after(push.update_seq, seq)  # None before the first read
+        if not pending:
+            push.update_seq = (await self._store.info()).get("update_seq")
+            pending = changes_after(push.update_seq, seq)
+        return pending
 
     async def _handle_replies(self, push: _Push) -> None:
         machine = push.machine

@@ -23,11 +23,14 @@ from starlette.routing import Route
 
 from plugshare.node.events import ApiTarget, Event, EventBus
 from plugshare.node.home import Home
-from plugshare.node.progress import SyncTracker, follow_sync
+from plugshare.node.progress import SyncSummary, SyncTracker, follow_sync
 from plugshare.node.watch import (
     LogFilter,
+    Rate,
+    SyncRates,
     WatchApp,
     event_line,
+    fmt_duration,
     follow_plain,
     peer_rows,
     progress_text,
@@ -111,6 +114,31 @@ def test_an_older_or_newer_status_still_renders():
         ("", "c", "owner", "read-write", "2", "9", "—", "—", "—", "—",
          "✖ error: " + "x" * 40 + "…"),
     ]
+
+
+def test_an_initial_sync_shows_its_size_rate_and_eta_when_known():
+    assert progress_text(400, 1000, size=98_600, rate=Rate(docs=20.0, bytes=4_930.0)) == (
+        "▰▰▰▰▱▱▱▱▱▱ 40% 400/1000 98.6 kB 4.9 kB/s ETA 30s")
+    assert progress_text(7, None, size=500, rate=Rate(docs=2.0, bytes=100.0)) == (
+        "initial 7 docs 500 B 100 B/s")  # no total: no ETA
+    assert progress_text(10, 10, rate=Rate(docs=0.0, bytes=0.0)) == "▰▰▰▰▰▰▰▰▰▰ 100% 10/10"
+    assert [fmt_duration(s) for s in (0.4, 59, 185, 7620)] == ["0s", "59s", "3m05s", "2h07m"]
+
+    def status(done, size, state="initial"):
+        return {"shares": [{"name": "notes", "peers": [
+            {"peer": "bob", "state": state, "done": done, "total": 100, "bytes": size}]}]}
+
+    rates = SyncRates()
+    rates.observe(status(10, 1_000), NOW)
+    assert rates.get("notes", "bob") is None  # one look gives no rate
+    rates.observe(status(50, 9_000), NOW + 2)
+    assert rates.get("notes", "bob") == Rate(docs=20.0, bytes=4_000.0)
+    [row] = share_rows(status(50, 9_000), NOW + 2, rates)
+    assert row[-1] == "▰▰▰▰▰▱▱▱▱▱ 50% 50/100 9.0 kB 4.0 kB/s ETA 2s"
+    rates.observe(status(5, 500), NOW + 3)  # fewer done: a new sync, measured afresh
+    assert rates.get("notes", "bob") is None
+    rates.observe(status(100, 20_000, "live"), NOW + 4)
+    assert rates.get("notes", "bob") is None
 
 
 def test_progress_event_lines_and_filters():
@@ -495,9 +523,16 @@ def test_the_tracker_folds_events_and_status_into_one_picture():
     tracker.on_event(Event(NOW, "sync.state", "notes", "bob", {"state": "live", "done": 50,
                                                                "total": 50}))
     assert tracker.live and tracker.state == "live"
+    # /status counts the bytes of batches from before the following began, too
+    tracker.on_status({"shares": [{"name": "notes", "peers": [
+        {"peer": "bob", "state": "live", "done": 50, "total": 50, "bytes": 9000}]}]})
+    assert tracker.bytes == 9000
     summary = tracker.summary("live")
-    assert summary.line().startswith("notes: initial sync done — 50 docs, 4.0 kB in ")
+    assert summary.line().startswith("notes: initial sync done — 50 docs, 9.0 kB in ")
     assert summary.line().endswith(" s; live")
+    stopped = SyncSummary("notes", False, "initial", 20, 50, 19, 4000, 61.0, "timeout")
+    assert stopped.line() == ("notes: not live after 61 s (state initial, 20/50 docs, 4.0 kB); "
+                              "the sync goes on in the background — `plugshare watch` shows it")
 
 
 class Terminal(io.StringIO):
@@ -561,7 +596,7 @@ async def test_progress_when_live_already_or_when_nothing_moves(nursery):
 
 async def test_progress_without_an_events_stream_polls_status(nursery):
     status: dict = {"shares": [{"name": "notes", "peers": [
-        {"peer": "alice", "state": "initial", "done": 1, "total": 4}]}]}
+        {"peer": "alice", "state": "initial", "done": 1, "total": 4, "bytes": 2500}]}]}
 
     async def get_status(request):
         return JSONResponse(status)
@@ -579,8 +614,9 @@ async def test_progress_without_an_events_stream_polls_status(nursery):
         with trio.fail_after(20):
             while "notes (initial)" not in out.getvalue():  # the bar, on a terminal
                 await trio.sleep(0.02)
-        assert "1/4" in out.getvalue()
+        bar = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())  # the text, not its styles
+        assert "25% 1/4 docs" in bar and "2.5 kB" in bar and "ETA" in bar
         status["shares"][0]["peers"][0].update(state="live", done=4)
     assert result["summary"].live
     bar_cleared, summary_line = out.getvalue().splitlines()[-1].rsplit("\x1b[2K", 1)
-    assert summary_line.startswith("notes: initial sync done — 4 docs in ")
+    assert summary_line.startswith("notes: initial sync done — 4 docs, 2.5 kB in ")

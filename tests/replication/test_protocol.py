@@ -4,6 +4,7 @@ revisions."""
 
 from collections import deque
 
+import msgpack
 import pytest
 
 from plugshare.replication.frames import FrameDecoder, encode
@@ -574,3 +575,62 @@ def test_caught_up_is_reported_once_the_feed_is_drained_and_every_batch_complete
     harness.from_source(harness.source.feed_drained())
     assert len(harness.of_type(harness.source_events, CaughtUp)) == 2
     assert [message["type"] for message in harness.to_target] == [CAUGHT_UP]
+
+
+# --- progress: pending and bytes --------------------------------------------------------------
+
+
+def packed_size(doc):
+    return len(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_pending_and_sizes_reach_the_target_with_each_batch():
+    a1, b1, c1 = revision("a", {"n": 1}), revision("b", {"n": 2}), revision("c", {"t": "x" * 300})
+    harness = opened_harness(known={("b", b1["_rev"])})
+    harness.from_source(harness.source.add_batch([a1, b1], 10, now=0.0, pending=7))
+    harness.from_source(harness.source.add_batch([c1], 11, now=0.0, pending=0))
+    assert [message["pending"] for message in harness.to_target] == [7, 0]
+    harness.settle()
+
+    received = harness.of_type(harness.target_events, BatchReceived)
+    assert [(event.batch, event.written, event.pending) for event in received] == [(0, 1, 7), (1, 1, 0)]
+    # b was not sent, so only a's size counts; each end measures the same encoding.
+    assert [event.bytes for event in received] == [packed_size(a1), packed_size(c1)]
+    acked = harness.of_type(harness.source_events, BatchAcked)
+    assert [event.bytes for event in acked] == [packed_size(a1), packed_size(c1)]
+    assert received[1].bytes > received[0].bytes > 0
+
+
+def test_a_diff_without_pending_is_fine_and_says_nothing_of_it():
+    harness = opened_harness()
+    doc = revision("a", {"n": 1})
+    harness.from_source(harness.source.add_batch([doc], 1, now=0.0))
+    assert "pending" not in harness.to_target[0]  # what an older source sends
+    harness.settle()
+    [received] = harness.of_type(harness.target_events, BatchReceived)
+    assert (received.written, received.pending, received.bytes) == (1, None, packed_size(doc))
+
+
+def test_only_written_docs_count_in_the_bytes_received():
+    blocked = revision("blocked", {"v": 1})
+    target = asked_target(GOOD, blocked, accept=lambda peer, doc: (doc["_id"] != "blocked", "no"))
+    outputs = target.receive(request(DOCS, batch=0, docs=[GOOD, blocked], last=True))
+    assert outputs[-1] == WriteDocs(0, [GOOD], True)
+    [received] = [o for o in target.write_result(0, [{"ok": True}]) if isinstance(o, BatchReceived)]
+    assert (received.written, received.refused, received.bytes) == (1, 1, packed_size(GOOD))
+
+
+@pytest.mark.parametrize("pending", [-1, 2**63, 1.5, "3", True, None, [1]])
+def test_a_malformed_pending_breaks_the_protocol_and_opens_no_batch(pending):
+    target = TargetStream(share=SHARE, stream=STREAM, peer=PEER_A, accept=accept_all)
+    with pytest.raises(ProtocolError, match=r"rep.diff: pending must be an integer in 0\.\.2\*\*63-1 or absent"):
+        target.receive(request(DIFF, batch=0, revs={"a": ["1-" + "a" * 32]}, pending=pending))
+    assert target.open_batches == 0
+
+
+@pytest.mark.parametrize("pending", [-1, 1.5, True])
+def test_the_source_refuses_to_send_a_malformed_pending(pending):
+    harness = opened_harness()
+    with pytest.raises(ValueError, match="pending must be"):
+        harness.source.add_batch([revision("a", {})], 1, now=0.0, pending=pending)
+    assert harness.source.in_flight == 0

@@ -10,6 +10,7 @@ import itertools
 from contextlib import asynccontextmanager
 
 import attrs
+import msgpack
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +26,7 @@ from plugshare.replication.protocol import (
     OPEN,
     OPENED,
     PROTOCOL_VERSION,
+    BatchAcked,
     BatchReceived,
     BatchSent,
     CaughtUp,
@@ -37,9 +39,11 @@ from plugshare.replication.protocol import (
 from plugshare.replication.replicator import (
     PeerReplication,
     ReplicationConfig,
+    changes_after,
     checkpoint_id,
     load_checkpoint,
     page_limit,
+    seq_number,
     store_instance_id,
 )
 from plugshare.replication.transport import PeerConnectionClosed, TransportConfig, connect_peer, serve_peers
@@ -388,6 +392,44 @@ def test_big_docs_make_smaller_batches():
     assert page_limit(config, 1.5) == 200
     assert page_limit(config, 100.0) == 10
     assert page_limit(config, 5000.0) == 1
+
+
+@both_backends
+async def test_each_batch_tells_the_target_how_much_is_still_coming_and_its_size(stores):
+    store_a, store_b = stores
+    a = Side("a", store_a)
+    b = Side("b", store_b, pushes={"notes": everything})  # b's store may be CouchDB: it sends
+    revs = await put_many(store_b, [{"_id": f"n{n:03}", "doctype": "note", "n": n} for n in range(230)])
+
+    def received():
+        return sorted(a.events.of(BatchReceived), key=lambda event: event.batch)
+
+    async with linked(a, b):
+        await until(lambda: sum(event.written for event in received()) == 230, a.events)
+        await until(lambda: a.events.of(CaughtUp, direction="pull"), a.events)
+        sent = await store_b.bulk_get(list(revs.items()))
+    batches = received()
+    # Batches of 50 from a feed of fresh inserts: the estimate is exact, down to 0 at the end.
+    assert len(batches) == 5
+    assert [event.pending for event in batches] == [230 - done for done in
+                                                   itertools.accumulate(e.written for e in batches)]
+    assert batches[-1].pending == 0
+    assert all(event.bytes > 0 for event in batches)
+    # What arrived is the size of what the source read and sent, both ends agreeing.
+    assert sum(event.bytes for event in batches) == sum(
+        len(msgpack.packb(doc, use_bin_type=True)) for doc in sent)
+    assert [event.bytes for event in b.events.of(BatchAcked)] == [event.bytes for event in batches]
+
+
+def test_pending_counts_the_updates_between_two_seqs_whatever_their_form():
+    assert changes_after(230, 50) == 180 and changes_after(50, 50) == 0
+    assert changes_after(40, 50) == 0  # an update_seq read before the page: never negative
+    assert changes_after("230", "50") == 180  # integer seqs passed as text
+    assert changes_after("230-g1AAAAJTeJzLYWBgYMpgTmEQTM4vTc5ISXIwNDLXMzQwMtIzMjY1Mdc", "50-g1AAAAJTeJzL") == 180
+    assert changes_after(2**70, 0) == 2**63 - 1  # kept within what the message may carry
+    for unknown in (None, "", "abc", "-5", -5, True, 1.5, "12x"):
+        assert changes_after(unknown, 10) is None and changes_after(10, unknown) is None
+    assert seq_number("12-abc") == 12 and seq_number(0) == 0 and seq_number("٣") is None
 
 
 class PipeEnd:
