@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from plugshare.errors import PlugshareError
+from plugshare.node.access import Access
 from plugshare.replication import protocol as rp
 from plugshare.replication.replicator import PeerReplication, store_instance_id
 from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
@@ -37,6 +38,8 @@ from plugshare.token.envelope import is_sealed
 
 if TYPE_CHECKING:
     from plugshare.node.node import Node
+
+metadata = Access.metadata  # what the token's rules look at: the id and the fields in clear
 
 log = logging.getLogger("plugshare.session")
 
@@ -49,10 +52,6 @@ class JoinRefused(PlugshareError):
 
     status = 403
     error = "refused"
-
-
-def _metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k == "_id" or not k.startswith("_")}
 
 
 def _scope_tag(manifest: Manifest) -> str:
@@ -183,7 +182,7 @@ class PeerSession:
         token = self.token
 
         def in_scope(doc: Mapping[str, Any]) -> bool:
-            return token.share_in_scope(share_id, _metadata(doc))
+            return token.share_in_scope(share_id, metadata(doc))
 
         return in_scope
 
@@ -195,7 +194,7 @@ class PeerSession:
         encrypted = token.share(share_id).encrypted
 
         def accept(_peer: str, doc: Mapping[str, Any]) -> tuple[bool, str]:
-            decision = token.decide_incoming(share_id, fp, _metadata(doc))
+            decision = token.decide_incoming(share_id, fp, metadata(doc))
             if not decision.allowed:
                 return False, decision.reason
             if encrypted and not doc.get("_deleted"):
@@ -213,10 +212,10 @@ class PeerSession:
                         existing: Mapping[str, Any]) -> str | None:
         """An incoming doc may not land on a local doc outside the share (same id, another
         doctype or outside the selector): the token refuses it, and logs it."""
-        if self.token.share_in_scope(share_id, _metadata(existing)):
+        if self.token.share_in_scope(share_id, metadata(existing)):
             return None
-        decision = self.token.decide_incoming(share_id, self.fingerprint, _metadata(doc),
-                                              existing=_metadata(existing))
+        decision = self.token.decide_incoming(share_id, self.fingerprint, metadata(doc),
+                                              existing=metadata(existing))
         return None if decision.allowed else decision.reason
 
     # -- manifests and joins ------------------------------------------------------------

@@ -181,8 +181,7 @@ class Sharing:
             return cached[1]
         count = sum(
             1 for doc in await self.node.store.all_docs()
-            if self.token.share_in_scope(manifest.share_id,
-                                         {k: v for k, v in doc.items() if not k.startswith("_")})
+            if self.token.share_in_scope(manifest.share_id, self.node.access.metadata(doc))
         )
         self._doc_counts[manifest.share_id] = (seq, count, time.monotonic())
         return count
