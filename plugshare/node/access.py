@@ -116,6 +116,13 @@ class Access:
     def decide(self, principal: Principal, action: str, doc: Mapping[str, Any]) -> Decision:
         return self.token.decide(principal, action, self.metadata(doc))
 
+    def require_owner(self, principal: Principal, action: str) -> None:
+        """Managing the token, shares or the events stream is the owner's; the token decides
+        (and logs) it. `Forbidden` for anyone else."""
+        decision = self.token.decide_admin(principal, action)
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
+
     def may_access_doctype(self, principal: Principal, action: str, doctype: str) -> Decision:
         return self.token.may_access_doctype(principal, action, doctype)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import attrs
 
-from plugshare.node.access import Access, Forbidden, Principal
-from plugshare.store import Store
+from plugshare.node.access import Principal
+from plugshare.node.documents import Documents
 from plugshare.token import AuditEntry, Rule
 from plugshare.token.envelope import is_sealed
 
@@ -31,45 +31,40 @@ def _audit_json(entry: AuditEntry) -> dict[str, Any]:
 
 
 class Admin:
-    def __init__(self, store: Store, access: Access):
-        self.store = store
-        self.access = access
-        self.token = access.token
-
-    def _require_owner(self, principal: Principal, action: str) -> None:
-        decision = self.token.decide_admin(principal, action)
-        if not decision.allowed:
-            raise Forbidden(decision.reason)
+    def __init__(self, documents: Documents):
+        self.documents = documents
+        self.access = documents.access
+        self.token = documents.access.token
 
     # -- apps ---------------------------------------------------------------------------
 
     def add_app(self, principal: Principal, name: str, doctype: str, perm: str,
                 selector: dict | None) -> str:
-        self._require_owner(principal, "add_app")
+        self.access.require_owner(principal, "add_app")
         return self.token.add_app(name, doctype, perm, selector)
 
     def list_apps(self, principal: Principal) -> list[dict[str, Any]]:
-        self._require_owner(principal, "list_apps")
+        self.access.require_owner(principal, "list_apps")
         return [attrs.asdict(app) for app in self.token.list_apps()]
 
     def remove_app(self, principal: Principal, name: str) -> None:
-        self._require_owner(principal, "remove_app")
+        self.access.require_owner(principal, "remove_app")
         self.token.remove_app(name)
 
     # -- rules --------------------------------------------------------------------------
 
     def add_rule(self, principal: Principal, doctype: str, subject_kind: str, subject: str,
                  perm: str, selector: dict | None) -> dict[str, Any]:
-        self._require_owner(principal, "add_rule")
+        self.access.require_owner(principal, "add_rule")
         rule_id = self.token.add_rule(doctype, subject_kind, subject, perm, selector)
         return next(_rule_json(r) for r in self.token.list_rules() if r.id == rule_id)
 
     def list_rules(self, principal: Principal) -> list[dict[str, Any]]:
-        self._require_owner(principal, "list_rules")
+        self.access.require_owner(principal, "list_rules")
         return [_rule_json(r) for r in self.token.list_rules()]
 
     def remove_rule(self, principal: Principal, rule_id: str) -> None:
-        self._require_owner(principal, "remove_rule")
+        self.access.require_owner(principal, "remove_rule")
         self.token.remove_rule(rule_id)
 
     # -- sensitive doctypes -------------------------------------------------------------
@@ -77,23 +72,16 @@ class Admin:
     async def encrypt(self, principal: Principal, doctype: str) -> dict[str, Any]:
         """From now on `doctype` is stored sealed; its existing live docs are re-written
         sealed (a new revision each), so the database keeps no clear copy of a winner."""
-        self._require_owner(principal, "encrypt")
+        self.access.require_owner(principal, "encrypt")
         self.token.mark_sensitive(doctype)
-        rewritten = 0
-        for doc in await self.store.all_docs():
-            if doc.get("doctype") != doctype or is_sealed(doc):
-                continue
-            generation = int(doc["_rev"].partition("-")[0]) + 1
-            await self.store.put(self.access.seal(doc, generation, "doctype"))
-            rewritten += 1
-        if rewritten:
-            await self.store.compact()  # the clear revisions go from the database's history
+        rewritten = await self.documents.reseal(
+            lambda doc: doc.get("doctype") == doctype and not is_sealed(doc), "doctype")
         return {"doctype": doctype, "sensitive": True, "rewritten": rewritten}
 
     # -- audit --------------------------------------------------------------------------
 
     def audit(self, principal: Principal, tail: int, verify: bool) -> dict[str, Any]:
-        self._require_owner(principal, "audit")
+        self.access.require_owner(principal, "audit")
         self.token.flush()  # so the tail includes this very request's decision
         result: dict[str, Any] = {"entries": [_audit_json(e) for e in self.token.audit_tail(tail)]}
         if verify:

@@ -270,9 +270,7 @@ def _owner_only(node: Node):
     """Sync events name every share and peer: only the owner may follow them."""
 
     def authorize(request: Request) -> None:
-        decision = node.access.token.decide_admin(request.state.principal, "watch")
-        if not decision.allowed:
-            raise ApiError(403, "forbidden", decision.reason)
+        node.access.require_owner(request.state.principal, "watch")
 
     return authorize
 

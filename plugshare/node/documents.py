@@ -12,6 +12,7 @@ from typing import Any
 
 from plugshare.node.access import Access, Forbidden, Principal
 from plugshare.node.events import EventBus
+from plugshare.token.envelope import is_sealed
 from plugshare.store import BadRequest, Doc, NotFound, Store
 
 def _check_doctype(doctype: str) -> None:
@@ -110,6 +111,22 @@ class Documents:
         self.events.publish("doc.written", id=doc_id, doctype=current["doctype"], rev=new_rev,
                             deleted=True)
         return new_rev
+
+    async def reseal(self, wanted, scope: str) -> int:
+        """Re-write sealed (a new revision each) every live doc `wanted(doc)` selects, under
+        `scope` ("doctype" or "share:<id>"), then compact so no clear revision stays in the
+        database's history. Returns how many were re-written."""
+        count = 0
+        for doc in await self.store.all_docs():
+            if not wanted(doc):
+                continue
+            plain = self.access.read(self.access.token.owner, doc) if is_sealed(doc) else doc
+            generation = int(doc["_rev"].partition("-")[0]) + 1
+            await self.store.put(self.access.seal(plain, generation, scope))
+            count += 1
+        if count:
+            await self.store.compact()
+        return count
 
     async def _check_may_replace(self, principal: Principal, doc_id: str, rev: str | None) -> None:
         """A writer may not overwrite a doc it could not write (e.g. one outside its selector)

@@ -66,7 +66,7 @@ class Node:
         self.access = access
         self.events = EventBus()
         self.documents = Documents(store, access, self.events)
-        self.admin = Admin(store, access)
+        self.admin = Admin(self.documents)
         self.sharing = Sharing(self)
         self.peers = PeerManager(self, lambda conn, dialed: PeerSession(self, conn, dialed))
         self.discovery: Discovery | None = None

@@ -45,16 +45,11 @@ class Sharing:
         # share id -> (update_seq, docs, when counted)
         self._doc_counts: dict[str, tuple[Any, int, float]] = {}
 
-    def _require_owner(self, principal: Principal, action: str) -> None:
-        decision = self.token.decide_admin(principal, action)
-        if not decision.allowed:
-            raise Forbidden(decision.reason)
-
     # -- the owner's commands -----------------------------------------------------------
 
     async def create(self, principal: Principal, name: str, doctype: str,
                      selector: dict | None, encrypted: bool) -> dict:
-        self._require_owner(principal, "share_create")
+        self.node.access.require_owner(principal, "share_create")
         manifest = self.token.create_share(name, doctype, selector, encrypted=encrypted)
         resealed = await self._seal_existing(manifest) if encrypted else 0
         self.node.events.publish("share.created", share=name, doctype=doctype,
@@ -63,24 +58,18 @@ class Sharing:
 
     async def _seal_existing(self, manifest: Manifest) -> int:
         """Docs already in the scope of a new encrypted share are re-written sealed under its
-        key (a new revision each), so members can open them and receive them at all."""
-        access, count = self.node.access, 0
-        for doc in await self.node.store.all_docs():
-            if is_sealed(doc) and sealed_kid(doc) in self.token.share_key_ids(manifest.share_id):
-                continue
-            if not self.token.share_in_scope(manifest.share_id, access.metadata(doc)):
-                continue
-            plain = access.read(self.token.owner, doc) if is_sealed(doc) else doc
-            generation = int(doc["_rev"].partition("-")[0]) + 1
-            sealed = access.seal(plain, generation, f"share:{manifest.share_id}")
-            await self.node.store.put(sealed)
-            count += 1
-        if count:
-            await self.node.store.compact()  # no clear revision stays in the history
-        return count
+        key, so members can open them and receive them at all."""
+        share_id, token, access = manifest.share_id, self.token, self.node.access
+
+        def wanted(doc) -> bool:
+            if is_sealed(doc) and sealed_kid(doc) in token.share_key_ids(share_id):
+                return False  # already sealed for this share
+            return token.share_in_scope(share_id, access.metadata(doc))
+
+        return await self.node.documents.reseal(wanted, f"share:{share_id}")
 
     def invite(self, principal: Principal, name: str, *, read_only: bool, ttl: str) -> dict:
-        self._require_owner(principal, "share_invite")
+        self.node.access.require_owner(principal, "share_invite")
         seconds = parse_ttl(ttl)
         addresses = [a for a in (_split(x) for x in self.node.peers.advertised_addresses()) if a]
         invitation = self.token.issue_invitation(
@@ -91,7 +80,7 @@ class Sharing:
     async def accept(self, principal: Principal, code: str, *, as_name: str | None = None) -> dict:
         """Join a share with an invitation code: reach its owner, prove the secret, take the
         manifest (and the share key); the initial sync starts at once on the same link."""
-        self._require_owner(principal, "share_accept")
+        self.node.access.require_owner(principal, "share_accept")
         invitation = Invitation.decode(code)
         invitation.check_not_expired(time.time())
         owner = invitation.owner_fingerprint
@@ -120,7 +109,7 @@ class Sharing:
         return await self.describe(manifest)
 
     async def revoke(self, principal: Principal, name: str, member: str) -> dict:
-        self._require_owner(principal, "share_revoke")
+        self.node.access.require_owner(principal, "share_revoke")
         manifest = self.token.revoke_member(name, member)
         revoked = [m for m in manifest.members if m.status == "revoked"]
         self.node.events.publish("share.revoked", share=manifest.name, member=member)
@@ -129,7 +118,7 @@ class Sharing:
         return await self.describe(manifest)
 
     async def leave(self, principal: Principal, name: str) -> dict:
-        self._require_owner(principal, "share_leave")
+        self.node.access.require_owner(principal, "share_leave")
         manifest = self.token.share(name)
         request = self.token.leave_request(name)
         notified = False
