@@ -2,14 +2,18 @@
 
 A `Link` is a state machine in the style of h11: the I/O layer feeds it received bytes
 (`receive_data`), pulls events out (`next_event`), tells it the time (`tick`), and writes whatever
-`data_to_send` returns. It owns no socket and no clock.
+`data_to_send` returns. It owns no socket, no clock and no key.
 
 Handshake, after TLS is up (the accepting side is the TLS server)::
 
     accepting                                      connecting
         hello {version, node_id, name, addresses, nonce}  ->
-                                                   checks node_id == the fingerprint it pinned
-                                                   from the server's TLS certificate
+                                                   checks node_id == the identity fingerprint it
+                                                   pinned from the server's TLS certificate;
+                                                   emits ProofRequested(server_id, nonce); the
+                                                   I/O layer has the token sign
+                                                   client_auth_payload and calls
+                                                   send_proof(signature)
         <- hello {version, node_id, name, addresses, public_key, signature}
     checks node_id == sha256(public_key) and the
     signature over (context, server id, nonce, client id);
@@ -17,10 +21,13 @@ Handshake, after TLS is up (the accepting side is the TLS server)::
         accept()  -> ready                         emits Established
         refuse()  -> close {reason}                emits PeerClosed
 
-The signature proves the connecting node holds its key and is fresh (the nonce is the server's,
+The signature proves the connecting node's identity and is fresh (the nonce is the server's,
 random per connection). A relay cannot reuse it elsewhere: it names the server fingerprint the
-client itself verified against the TLS certificate. See `plugshare.token.tls` for why this is
-done in-band rather than with TLS client certificates.
+client itself verified against the TLS certificate. The identity key lives in the token, a round
+trip away, so the link asks for the proof (`ProofRequested`) and waits in ``AWAIT_PROOF`` for
+`Link.send_proof`; the handshake deadline keeps running meanwhile. See `plugshare.token.tls` for
+the server's delegated TLS key and for why the client is authenticated in-band rather than with
+a TLS client certificate.
 
 Once established, either side sends application messages (any ``type`` not in
 `LINK_MESSAGE_TYPES`), ``ping``/``pong`` keepalives (round-trip time is measured from them, and a
@@ -35,7 +42,7 @@ import enum
 import hashlib
 import math
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import attrs
@@ -43,6 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from plugshare.replication.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FrameError, encode
+from plugshare.token.tls import client_auth_payload
 
 __all__ = [
     "LINK_MESSAGE_TYPES",
@@ -64,6 +72,7 @@ __all__ = [
     "PeerClosed",
     "PeerHello",
     "PeerUnresponsive",
+    "ProofRequested",
     "RemoteProtocolError",
     "Role",
     "client_auth_payload",
@@ -82,24 +91,11 @@ MAX_ADDRESSES = 32
 MAX_ADDRESS_LENGTH = 256
 MAX_REASON_LENGTH = 512
 
-_AUTH_CONTEXT = b"plugshare link v1 client authentication\x00"
-
-
 def node_id(public_key: bytes) -> bytes:
     """A node's id: the SHA-256 of its raw 32-byte Ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise ValueError(f"an Ed25519 public key is {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}")
     return hashlib.sha256(public_key).digest()
-
-
-def client_auth_payload(server_id: bytes, nonce: bytes, client_id: bytes) -> bytes:
-    """The bytes the connecting node signs to prove its key to the accepting node.
-
-    Every field has a fixed size, so the concatenation is unambiguous.
-    """
-    if (len(server_id), len(nonce), len(client_id)) != (NODE_ID_SIZE, NONCE_SIZE, NODE_ID_SIZE):
-        raise ValueError("server id, nonce and client id must be 32 bytes each")
-    return _AUTH_CONTEXT + server_id + nonce + client_id
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -160,16 +156,15 @@ def _check_addresses(addresses: tuple[str, ...]) -> None:
 
 @attrs.frozen
 class LocalNode:
-    """What this node says about itself on a link.
+    """What this node says about itself on a link: its identity public key, name and addresses.
 
-    `sign` signs bytes with the node's Ed25519 key (the token does it; the key never comes
-    here). Only the connecting side of a link needs it.
+    It holds no key and no signer: the connecting side's proof comes through
+    `ProofRequested` / `Link.send_proof`.
     """
 
     public_key: bytes
     name: str
     addresses: tuple[str, ...] = attrs.field(default=(), converter=_to_addresses)
-    sign: Callable[[bytes], bytes] | None = attrs.field(default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
         node_id(self.public_key)  # checks the size
@@ -213,6 +208,19 @@ class LinkConfig:
 
 
 @attrs.frozen
+class ProofRequested:
+    """Connecting side: the server's hello checked out; prove our identity to it.
+
+    Have the token sign ``client_auth_payload(server_id, nonce, <our node id>)`` and call
+    `Link.send_proof` with the signature (or `Link.close` to give up). The handshake deadline
+    keeps running while the token works.
+    """
+
+    server_id: bytes
+    nonce: bytes
+
+
+@attrs.frozen
 class PeerAuthenticated:
     """Accepting side: the peer proved its key. Call `Link.accept` or `Link.refuse` next."""
 
@@ -240,7 +248,7 @@ class PeerClosed:
     reason: str
 
 
-Event = PeerAuthenticated | Established | ApplicationMessage | PeerClosed
+Event = ProofRequested | PeerAuthenticated | Established | ApplicationMessage | PeerClosed
 
 
 class Role(enum.Enum):
@@ -250,6 +258,7 @@ class Role(enum.Enum):
 
 class LinkState(enum.Enum):
     AWAIT_HELLO = "awaiting hello"
+    AWAIT_PROOF = "awaiting local proof"
     AWAIT_DECISION = "awaiting local accept/refuse"
     AWAIT_READY = "awaiting ready"
     ESTABLISHED = "established"
@@ -291,7 +300,7 @@ class Link:
         self._ping_sent: tuple[int, float] | None = None  # (id, sent at) of the unanswered ping
         self._ping_counter = 0
         self._pinned_peer_id = pinned_peer_id
-        self._nonce = nonce
+        self._nonce = nonce  # ours when accepting; the server's once its hello came when connecting
 
     @classmethod
     def accepting(
@@ -309,9 +318,8 @@ class Link:
     def connecting(
         cls, local: LocalNode, *, pinned_peer_id: bytes, now: float, config: LinkConfig = LinkConfig()
     ) -> Link:
-        """The connecting (TLS client) end, given the peer id taken from the server's certificate."""
-        if local.sign is None:
-            raise ValueError("the connecting side needs LocalNode.sign to prove its key")
+        """The connecting (TLS client) end, given the peer id taken from the server's certificate
+        (the fingerprint of the identity that `plugshare.token.tls.certificate_identity` returned)."""
         if len(pinned_peer_id) != NODE_ID_SIZE:
             raise ValueError(f"a node id is {NODE_ID_SIZE} bytes, got {len(pinned_peer_id)}")
         return cls(Role.CONNECTING, local, now=now, config=config, pinned_peer_id=pinned_peer_id)
@@ -333,10 +341,13 @@ class Link:
         """Process buffered frames until one yields an event; None when more bytes are needed.
 
         Link-level messages (pings, the connecting side's hello) are handled here, queueing
-        their answers. Raises RemoteProtocolError (and subclasses) or ConnectionLost.
+        their answers. Raises RemoteProtocolError (and subclasses) or ConnectionLost; and
+        LocalProtocolError while a `ProofRequested` or `PeerAuthenticated` awaits its answer.
         """
         if self.state is LinkState.AWAIT_DECISION:
             raise LocalProtocolError("the peer is authenticated: call accept() or refuse() first")
+        if self.state is LinkState.AWAIT_PROOF:
+            raise LocalProtocolError("a proof was requested: call send_proof() first")
         while self.state is not LinkState.CLOSED:
             try:
                 message = self._decoder.next_message()
@@ -390,6 +401,30 @@ class Link:
         return min(self._last_received_at + self.config.dead_after, self._next_ping_at)
 
     # -- local decisions and output ---------------------------------------------------------
+
+    def send_proof(self, signature: bytes) -> None:
+        """Connecting side, after `ProofRequested`: queue our hello with `signature`, the token's
+        Ed25519 signature of ``client_auth_payload(server_id, nonce, local.node_id)``.
+
+        Raises LocalProtocolError (the link is unchanged) out of turn, or when the signature is
+        not 64 bytes or does not verify with `local.public_key`: a token holding another key, or
+        a signature of other bytes, fails here rather than as the peer's "bad signature".
+        """
+        self._require(LinkState.AWAIT_PROOF, "send a proof")
+        if not isinstance(signature, bytes) or len(signature) != SIGNATURE_SIZE:
+            size = f"{len(signature)} bytes" if isinstance(signature, bytes) else type(signature).__name__
+            raise LocalProtocolError(f"the proof must be a {SIGNATURE_SIZE}-byte signature, got {size}")
+        assert self.peer is not None and self._nonce is not None
+        payload = client_auth_payload(self.peer.node_id, self._nonce, self.local.node_id)
+        try:
+            Ed25519PublicKey.from_public_bytes(self.local.public_key).verify(signature, payload)
+        except (InvalidSignature, ValueError):
+            raise LocalProtocolError(
+                "the proof does not verify with this node's public key: the token signed with "
+                "another key or signed other bytes"
+            ) from None
+        self._queue({**self._hello_fields(), "public_key": self.local.public_key, "signature": signature})
+        self.state = LinkState.AWAIT_READY
 
     def accept(self) -> None:
         """Accepting side: let the authenticated peer in."""
@@ -519,13 +554,9 @@ class Link:
             if len(nonce) != NONCE_SIZE:
                 self._fail(RemoteProtocolError(f"hello nonce must be {NONCE_SIZE} bytes, got {len(nonce)}"))
             self.peer = hello
-            assert self.local.sign is not None
-            signature = self.local.sign(client_auth_payload(hello.node_id, nonce, self.local.node_id))
-            self._queue(
-                {**self._hello_fields(), "public_key": self.local.public_key, "signature": signature}
-            )
-            self.state = LinkState.AWAIT_READY
-            return None
+            self._nonce = nonce
+            self.state = LinkState.AWAIT_PROOF
+            return ProofRequested(server_id=hello.node_id, nonce=nonce)
         # ACCEPTING: the connecting node must prove its key.
         public_key = self._field(message, "public_key", bytes)
         signature = self._field(message, "signature", bytes)

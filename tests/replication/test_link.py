@@ -26,18 +26,28 @@ from plugshare.replication.link import (
     PeerAuthenticated,
     PeerClosed,
     PeerUnresponsive,
+    ProofRequested,
     RemoteProtocolError,
     client_auth_payload,
     node_id,
 )
+from plugshare.token import tls
 
 CONFIG = LinkConfig(handshake_timeout=10.0, ping_interval=5.0, dead_after=20.0)
+KEYS: dict[bytes, Ed25519PrivateKey] = {}  # public key -> private key: the tests' stand-in for tokens
 
 
 def make_node(name: str, addresses=("10.0.0.1:7000",)) -> tuple[Ed25519PrivateKey, LocalNode]:
     key = Ed25519PrivateKey.generate()
     public_key = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return key, LocalNode(public_key=public_key, name=name, addresses=addresses, sign=key.sign)
+    KEYS[public_key] = key
+    return key, LocalNode(public_key=public_key, name=name, addresses=addresses)
+
+
+def prove(link: Link, request: ProofRequested) -> bytes:
+    """What the connecting node's token does for a ProofRequested."""
+    payload = client_auth_payload(request.server_id, request.nonce, link.local.node_id)
+    return KEYS[link.local.public_key].sign(payload)
 
 
 def frames_of(data: bytes) -> list[dict]:
@@ -48,11 +58,14 @@ def frames_of(data: bytes) -> list[dict]:
 
 def move(source: Link, target: Link, now: float = 0.0) -> list:
     """Deliver everything `source` queued to `target`; return the events it yields (up to a
-    PeerAuthenticated, after which the target must decide before reading on)."""
+    PeerAuthenticated, after which the target must decide before reading on). A
+    ProofRequested is answered at once, as the token would."""
     target.receive_data(source.data_to_send(), now)
     events = []
     while (event := target.next_event()) is not None:
         events.append(event)
+        if isinstance(event, ProofRequested):
+            target.send_proof(prove(target, event))
         if isinstance(event, PeerAuthenticated):
             break
     return events
@@ -74,7 +87,8 @@ def start(nodes, *, now: float = 0.0, pinned: bytes | None = None) -> tuple[Link
 
 def establish(nodes, now: float = 0.0) -> tuple[Link, Link]:
     server, client = start(nodes, now=now)
-    assert move(server, client, now) == []  # the server's hello; the client answers
+    [proof] = move(server, client, now)  # the server's hello; the client proves its identity
+    assert isinstance(proof, ProofRequested)
     [authenticated] = move(client, server, now)
     assert isinstance(authenticated, PeerAuthenticated)
     server.accept()
@@ -89,7 +103,12 @@ def establish(nodes, now: float = 0.0) -> tuple[Link, Link]:
 def test_handshake_authenticates_both_sides_and_exchanges_hellos(nodes):
     (_, server_node), (_, client_node) = nodes
     server, client = start(nodes)
-    assert move(server, client) == []
+    data = server.data_to_send()
+    client.receive_data(data, 0)
+    request = client.next_event()
+    assert request == ProofRequested(server_node.node_id, frames_of(data)[0]["nonce"])
+    assert client.state is LinkState.AWAIT_PROOF
+    client.send_proof(prove(client, request))
     assert client.state is LinkState.AWAIT_READY
     [authenticated] = move(client, server)
     assert authenticated == PeerAuthenticated(server.peer)
@@ -103,22 +122,91 @@ def test_handshake_authenticates_both_sides_and_exchanges_hellos(nodes):
     assert server.state is client.state is LinkState.ESTABLISHED
 
 
-def test_the_client_signs_the_server_id_the_nonce_and_its_own_id(nodes):
+def test_the_client_asks_for_a_proof_of_the_server_id_and_nonce_and_waits_for_it(nodes):
     (_, server_node), (client_key, client_node) = nodes
-    signed = []
-
-    def sign(payload: bytes) -> bytes:
-        signed.append(payload)
-        return client_key.sign(payload)
-
-    client_node = LocalNode(client_node.public_key, "client", sign=sign)
     nonce = bytes(range(32))
     server = Link.accepting(server_node, now=0, config=CONFIG, nonce=nonce)
     client = Link.connecting(client_node, pinned_peer_id=server_node.node_id, now=0, config=CONFIG)
-    move(server, client)
-    assert signed == [client_auth_payload(server_node.node_id, nonce, client_node.node_id)]
+    client.receive_data(server.data_to_send(), 0)
+    assert client.next_event() == ProofRequested(server_id=server_node.node_id, nonce=nonce)
+    assert client.state is LinkState.AWAIT_PROOF and client.pending_output == 0  # nothing sent yet
+    with pytest.raises(LocalProtocolError, match="send_proof"):
+        client.next_event()
+    client.tick(9.0)  # time passes while the token signs; still within the handshake deadline
+    payload = client_auth_payload(server_node.node_id, nonce, client_node.node_id)
+    assert payload == tls.CLIENT_AUTH_DOMAIN + server_node.node_id + nonce + client_node.node_id
+    client.send_proof(client_key.sign(payload))
+    assert client.state is LinkState.AWAIT_READY
     [hello] = frames_of(client.data_to_send())
-    Ed25519PublicKey.from_public_bytes(hello["public_key"]).verify(hello["signature"], signed[0])
+    assert hello["public_key"] == client_node.public_key and hello["node_id"] == client_node.node_id
+    Ed25519PublicKey.from_public_bytes(hello["public_key"]).verify(hello["signature"], payload)
+    server.receive_data(encode(hello), 0)
+    assert isinstance(server.next_event(), PeerAuthenticated)
+
+
+def test_client_auth_payload_is_the_token_modules(nodes):
+    assert client_auth_payload is tls.client_auth_payload  # re-exported for compatibility
+    with pytest.raises(ValueError, match="32 bytes each"):
+        client_auth_payload(bytes(32), bytes(31), bytes(32))
+
+
+def test_a_proof_out_of_turn_or_that_does_not_verify_is_a_local_error(nodes):
+    (_, server_node), (client_key, client_node) = nodes
+    server, client = start(nodes)
+    with pytest.raises(LocalProtocolError, match="cannot send a proof: the link is awaiting hello"):
+        client.send_proof(bytes(64))
+    client.receive_data(server.data_to_send(), 0)
+    request = client.next_event()
+    with pytest.raises(LocalProtocolError, match="64-byte signature, got 63 bytes"):
+        client.send_proof(bytes(63))
+    with pytest.raises(LocalProtocolError, match="64-byte signature, got str"):
+        client.send_proof("signature")
+    other_key, _ = make_node("other")
+    good_payload = client_auth_payload(request.server_id, request.nonce, client_node.node_id)
+    for wrong in (other_key.sign(good_payload), client_key.sign(b"something else")):
+        with pytest.raises(LocalProtocolError, match="does not verify with this node's public key"):
+            client.send_proof(wrong)
+    assert client.state is LinkState.AWAIT_PROOF and client.pending_output == 0  # unchanged
+    client.send_proof(prove(client, request))
+    with pytest.raises(LocalProtocolError, match="cannot send a proof: the link is awaiting ready"):
+        client.send_proof(prove(client, request))
+    assert isinstance(move(client, server)[0], PeerAuthenticated)
+
+
+def test_a_proof_that_never_comes_hits_the_handshake_timeout(nodes):
+    server, client = start(nodes, now=100.0)
+    client.receive_data(server.data_to_send(), 100.0)
+    assert isinstance(client.next_event(), ProofRequested)
+    assert client.next_deadline() == 110.0
+    client.tick(109.9)
+    with pytest.raises(HandshakeTimeout, match=r"10.0s \(awaiting local proof\)"):
+        client.tick(110.0)
+    assert client.state is LinkState.CLOSED
+    [close] = frames_of(client.data_to_send())  # no hello, only the close
+    assert close["type"] == "close" and "handshake not complete" in close["reason"]
+    # The server, which never got the client's hello, times out on its own.
+    with pytest.raises(HandshakeTimeout, match="awaiting hello"):
+        server.tick(110.0)
+
+
+def test_a_close_that_arrives_while_awaiting_the_proof_is_read_after_it(nodes):
+    server, client = start(nodes)
+    client.receive_data(server.data_to_send(), 0)
+    request = client.next_event()
+    server.close("going away")
+    client.receive_data(server.data_to_send(), 0)  # buffered: the link waits for the proof first
+    client.send_proof(prove(client, request))
+    assert client.next_event() == PeerClosed("going away")
+    assert client.state is LinkState.CLOSED
+
+
+def test_the_connecting_side_may_give_up_instead_of_proving(nodes):
+    server, client = start(nodes)
+    client.receive_data(server.data_to_send(), 0)
+    client.next_event()
+    client.close("the token is locked")
+    assert client.state is LinkState.CLOSED
+    assert move(client, server) == [PeerClosed("the token is locked")]
 
 
 def test_each_accepting_link_uses_a_fresh_nonce(nodes):
@@ -185,7 +273,7 @@ def test_a_signature_cannot_be_relayed_to_another_server(nodes):
     relay = Link.accepting(relay_node, now=0, config=CONFIG, nonce=server_frames[0]["nonce"])
     relay.data_to_send()
     client.receive_data(encode(server_frames[0]), 0)
-    client.next_event()
+    client.send_proof(prove(client, client.next_event()))
     # ...but the client signed the server's id, so the relay's side cannot accept it.
     relay.receive_data(client.data_to_send(), 0)
     with pytest.raises(AuthenticationError, match="bad signature"):
@@ -416,7 +504,7 @@ def test_garbage_at_any_stage_raises_link_errors_only(garbage, after_handshake):
         link.data_to_send()
         link.receive_data(garbage, 1.0)
         try:
-            while link.next_event() is not None:
+            while (event := link.next_event()) is not None and not isinstance(event, ProofRequested):
                 pass
         except LinkError:
             assert link.state is LinkState.CLOSED
@@ -459,11 +547,11 @@ def test_local_node_refuses_bad_values(kwargs, problem):
         LocalNode(**values)
 
 
-def test_the_connecting_side_needs_a_signer_and_a_pinned_id():
+def test_the_connecting_side_needs_a_pinned_id_and_no_signer():
     _, node = make_node("n")
-    unsigned = LocalNode(node.public_key, "n")
-    with pytest.raises(ValueError, match="sign"):
-        Link.connecting(unsigned, pinned_peer_id=bytes(32), now=0)
+    with pytest.raises(TypeError):
+        LocalNode(node.public_key, "n", sign=lambda data: b"")  # the key stays in the token
+    assert Link.connecting(node, pinned_peer_id=bytes(32), now=0).state is LinkState.AWAIT_HELLO
     with pytest.raises(ValueError, match="32 bytes"):
         Link.connecting(node, pinned_peer_id=b"short", now=0)
 
@@ -484,5 +572,7 @@ def test_hello_extra_fields_are_ignored_for_forward_compatibility(nodes):
     server, client = start(nodes)
     [hello] = frames_of(server.data_to_send())
     client.receive_data(encode({**hello, "features": ["future"]}), 0)
-    assert client.next_event() is None and client.state is LinkState.AWAIT_READY
+    request = client.next_event()
+    assert isinstance(request, ProofRequested) and client.state is LinkState.AWAIT_PROOF
+    client.send_proof(prove(client, request))
     assert msgpack.unpackb(client.data_to_send()[5:])["type"] == "hello"
