@@ -64,11 +64,12 @@ Both signed formats start with a domain prefix (`DELEGATION_DOMAIN`, `CLIENT_AUT
 the token must keep for itself: it builds these bytes from their fields and signs them, and
 refuses to sign caller-supplied data that starts with either prefix.
 
-Everything here is pure computation except `server_ssl_context`, which must hand the ephemeral
-private key to OpenSSL through a file (``SSLContext`` loads keys only from files): the only copy
-that touches disk is encrypted with a one-time random password, in a private temporary
-directory, and deleted as soon as OpenSSL has loaded it. No identity private key ever comes
-here; the identity is only ever reached through a signing callable.
+Nothing here does I/O or keeps state (the functions compute, and `new_delegation_request`
+draws a fresh key) except `server_ssl_context`, which must hand the ephemeral private key to
+OpenSSL through a file (``SSLContext`` loads keys only from files): the only copy that touches
+disk is encrypted with a one-time random password, in a private temporary directory, and
+deleted as soon as OpenSSL has loaded it. No identity private key ever comes here: the identity
+is reached only through a signature made elsewhere (the token) or a signing callable.
 """
 
 from __future__ import annotations
