@@ -38,13 +38,28 @@ from plugshare.replication.replicator import PeerReplication, ReplicationConfig,
 from plugshare.replication.transport import connect_peer, serve_peers  # noqa: E402
 from plugshare.store.base import NotFound  # noqa: E402
 from plugshare.store.sqlite import SQLiteStore  # noqa: E402
-from plugshare.token.tls import client_ssl_context, server_ssl_context  # noqa: E402
+from plugshare.token.tls import (  # noqa: E402
+    client_auth_payload,
+    client_ssl_context,
+    make_tls_credentials,
+    server_ssl_context,
+)
 
 
 def make_node(name: str) -> tuple[Ed25519PrivateKey, LocalNode]:
+    """An identity key (a token would hold it) and the node's LocalNode."""
     key = Ed25519PrivateKey.generate()
     public_key = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return key, LocalNode(public_key=public_key, name=name, addresses=("127.0.0.1:0",), sign=key.sign)
+    return key, LocalNode(public_key=public_key, name=name, addresses=("127.0.0.1:0",))
+
+
+def prover(key: Ed25519PrivateKey, node: LocalNode):
+    """The connecting side's proof, as the token would give it."""
+
+    async def prove(server_id: bytes, nonce: bytes) -> bytes:
+        return key.sign(client_auth_payload(server_id, nonce, node.node_id))
+
+    return prove
 
 
 class Signal:
@@ -92,7 +107,8 @@ async def run(args: argparse.Namespace, store_a, store_b) -> None:
         listeners = await nursery.start(partial_serve(serve, key_b, node_b))
         port = listeners[0].socket.getsockname()[1]
         async with connect_peer("127.0.0.1", port, expected_fingerprint=node_b.node_id,
-                                ssl_context=client_ssl_context(), local=node_a) as connection:
+                                ssl_context=client_ssl_context(), local=node_a,
+                                prove=prover(key_a, node_a)) as connection:
             replication = PeerReplication(connection, store_a, peer=node_b.node_id.hex(), store_id=id_a,
                                           accept_share=lambda share: None, on_event=events_a, config=config)
             await nursery.start(replication.run)
@@ -119,9 +135,11 @@ async def run(args: argparse.Namespace, store_a, store_b) -> None:
 
 
 def partial_serve(handler, key, node):
+    tls_key, delegation = make_tls_credentials(node.public_key, key.sign)
+
     async def serve(task_status=trio.TASK_STATUS_IGNORED):
-        await serve_peers(handler, host="127.0.0.1", port=0, ssl_context=server_ssl_context(key), local=node,
-                          accept_peer=lambda fingerprint: True, task_status=task_status)
+        await serve_peers(handler, host="127.0.0.1", port=0, ssl_context=server_ssl_context(tls_key, delegation),
+                          local=node, accept_peer=lambda fingerprint: True, task_status=task_status)
 
     return serve
 

@@ -4,9 +4,15 @@
   about the authenticated fingerprint, and runs `handler(connection)` for each accepted peer.
   A connection that misbehaves (bad frames, failed handshake, silence) is dropped and logged;
   the listener keeps serving everyone else.
-* `connect_peer` dials a peer, pins its certificate's fingerprint, proves our key, and yields a
+* `connect_peer` dials a peer, checks the delegation in its certificate and pins the identity's
+  fingerprint, proves our identity with `prove` (an async call to the token), and yields a
   `PeerConnection` for the duration of an ``async with`` block.
 * `keep_connected` keeps a link to one peer up, trying its known addresses with back-off.
+
+The node process holds no identity key: the server presents an ephemeral TLS key certified by
+the token (`plugshare.token.tls.server_ssl_context`), and the connecting side's proof is
+``await prove(server_id, nonce)``, the token's signature of
+``client_auth_payload(server_id, nonce, local.node_id)``, awaited within the handshake timeout.
 
 A `PeerConnection` runs three tasks: a receiver (feeds the link, queues application messages in
 a bounded inbox, answers pings), a sender (writes whatever the link has queued) and a keepalive
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
@@ -39,10 +46,11 @@ from plugshare.replication.link import (
     PeerAuthenticated,
     PeerClosed,
     PeerHello,
+    ProofRequested,
     RemoteProtocolError,
     node_id,
 )
-from plugshare.token.tls import ALPN_PROTOCOL, InvalidPeerCertificate, certificate_public_key
+from plugshare.token.tls import ALPN_PROTOCOL, InvalidPeerCertificate, certificate_identity
 
 __all__ = [
     "FingerprintMismatch",
@@ -50,6 +58,8 @@ __all__ = [
     "PeerConnection",
     "PeerConnectionClosed",
     "PeerRefused",
+    "ProofFailed",
+    "Prove",
     "TransportConfig",
     "connect_peer",
     "keep_connected",
@@ -59,6 +69,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Handler = Callable[["PeerConnection"], Awaitable[None]]
+Prove = Callable[[bytes, bytes], Awaitable[bytes]]
+"""``await prove(server_id, nonce)``: the token's Ed25519 signature of
+``client_auth_payload(server_id, nonce, local.node_id)`` (see `plugshare.token.tls`)."""
 
 
 @attrs.frozen
@@ -91,6 +104,11 @@ class FingerprintMismatch(PeerConnectError):
 
 class PeerRefused(PeerConnectError):
     """The peer closed the link during the handshake (it does not accept us, or gave up)."""
+
+
+class ProofFailed(PeerConnectError):
+    """`prove` raised (the token refused, or could not be reached) or returned a signature that
+    does not verify with our key; the error is the cause."""
 
 
 def _describe(error: BaseException) -> str:
@@ -303,9 +321,10 @@ async def _tls_handshake(stream: trio.SSLStream, deadline: float, timeout: float
         raise RemoteProtocolError(f"the peer did not negotiate ALPN {ALPN_PROTOCOL!r} (got {selected!r})")
 
 
-async def _link_handshake(stream: trio.SSLStream, link: Link) -> Event:
-    """Exchange handshake messages until the link yields an event, by the link's handshake
-    deadline. Raises LinkError (HandshakeTimeout on time-out)."""
+async def _link_handshake(stream: trio.SSLStream, link: Link, prove: Prove | None = None) -> Event:
+    """Exchange handshake messages until the link yields an event other than ProofRequested
+    (which `prove` answers), by the link's handshake deadline. Raises LinkError
+    (HandshakeTimeout on time-out, including a `prove` that takes too long) or ProofFailed."""
     deadline = link.next_deadline()
     assert deadline is not None
     with trio.move_on_at(deadline):
@@ -313,6 +332,15 @@ async def _link_handshake(stream: trio.SSLStream, link: Link) -> Event:
             event = link.next_event()
             if link.pending_output:
                 await stream.send_all(link.data_to_send())
+            if isinstance(event, ProofRequested):
+                assert prove is not None, "only the connecting side is asked for a proof"
+                try:
+                    # LocalProtocolError from send_proof: a signature by another key, or of other bytes.
+                    link.send_proof(await prove(event.server_id, event.nonce))
+                except Exception as error:
+                    link.close("the connecting node could not prove its identity")
+                    raise ProofFailed(f"cannot prove our identity: {_describe(error)}") from error
+                continue
             if event is not None:
                 return event
             link.receive_data(await stream.receive_some(64 * 1024), trio.current_time())
@@ -356,7 +384,7 @@ async def serve_peers(
     *,
     host: str | None,
     port: int,
-    ssl_context: Any,
+    ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
     local: LocalNode,
     accept_peer: Callable[[bytes], bool],
     config: TransportConfig = TransportConfig(),
@@ -366,7 +394,10 @@ async def serve_peers(
     """Accept peer links on `host`:`port` (port 0 picks a free one) until cancelled, or on
     `listeners` the caller already bound (so it knows the port before the first hello).
 
-    `ssl_context` comes from `plugshare.token.tls.server_ssl_context` for `local`'s key. Each
+    `ssl_context` comes from ``plugshare.token.tls.server_ssl_context(tls_key, delegation)``, with a
+    delegation signed by `local`'s identity key (clients refuse anything else); or it is a
+    function returning the current such context, asked for each new connection, so a node can
+    certify a new TLS key before the delegation expires without closing its listener. Each
     connection is authenticated; `accept_peer(fingerprint)` decides whether the peer may stay,
     and `handler(connection)` then runs for it (the connection closes when the handler returns;
     a PeerConnectionClosed escaping the handler is expected and swallowed, any other exception
@@ -383,8 +414,9 @@ async def serve_peers(
             logger.warning("dropped peer connection from %s: %d handshakes already pending", remote, pending_handshakes)
             await trio.aclose_forcefully(tcp_stream)
             return
+        context = ssl_context() if callable(ssl_context) else ssl_context
         pending_handshakes += 1
-        stream = trio.SSLStream(tcp_stream, ssl_context, server_side=True)
+        stream = trio.SSLStream(tcp_stream, context, server_side=True)
         accepted_at = trio.current_time()
         link = Link.accepting(local, now=accepted_at, config=config.link)
         tls_up = False
@@ -421,7 +453,14 @@ async def serve_peers(
 
 
 async def _establish(
-    host: str, port: int, *, expected_fingerprint: bytes, ssl_context: Any, local: LocalNode, config: TransportConfig
+    host: str,
+    port: int,
+    *,
+    expected_fingerprint: bytes,
+    ssl_context: ssl.SSLContext,
+    local: LocalNode,
+    prove: Prove,
+    config: TransportConfig,
 ) -> PeerConnection:
     where = f"{host}:{port}"
     started = trio.current_time()
@@ -439,14 +478,15 @@ async def _establish(
     try:
         await _tls_handshake(stream, started + config.link.handshake_timeout, config.link.handshake_timeout)
         tls_up = True
-        # Pin the server's key before sending any application byte.
-        fingerprint = node_id(certificate_public_key(stream.getpeercert(binary_form=True)))
+        # Check the server's delegated certificate and pin its identity before sending any
+        # application byte.
+        fingerprint = node_id(certificate_identity(stream.getpeercert(binary_form=True)))
         if fingerprint != expected_fingerprint:
             raise FingerprintMismatch(
                 f"{where} is node {fingerprint.hex()}, not the expected {expected_fingerprint.hex()}"
             )
         link = Link.connecting(local, pinned_peer_id=fingerprint, now=started, config=config.link)
-        event = await _link_handshake(stream, link)
+        event = await _link_handshake(stream, link, prove)
         if isinstance(event, PeerClosed):
             raise PeerRefused(f"{where} refused the link: {event.reason}")
     except BaseException as error:
@@ -464,18 +504,28 @@ async def connect_peer(
     port: int,
     *,
     expected_fingerprint: bytes,
-    ssl_context: Any,
+    ssl_context: ssl.SSLContext,
     local: LocalNode,
+    prove: Prove,
     config: TransportConfig = TransportConfig(),
 ) -> AsyncIterator[PeerConnection]:
     """Connect to the node `expected_fingerprint` at `host`:`port`; use as ``async with``.
 
-    `ssl_context` comes from `plugshare.token.tls.client_ssl_context`; `local.sign` proves our
-    key. Raises PeerConnectError (FingerprintMismatch, PeerRefused, or with the network, TLS or
-    protocol failure as its cause). The connection closes when the block exits.
+    `ssl_context` comes from `plugshare.token.tls.client_ssl_context`. The server's certificate
+    must carry a current delegation from the identity whose fingerprint is
+    `expected_fingerprint`; then ``await prove(server_id, nonce)`` (the token) proves our
+    identity, `local.public_key`. Raises PeerConnectError (FingerprintMismatch, PeerRefused,
+    ProofFailed, or with the network, TLS, certificate or protocol failure as its cause). The
+    connection closes when the block exits.
     """
     connection = await _establish(
-        host, port, expected_fingerprint=expected_fingerprint, ssl_context=ssl_context, local=local, config=config
+        host,
+        port,
+        expected_fingerprint=expected_fingerprint,
+        ssl_context=ssl_context,
+        local=local,
+        prove=prove,
+        config=config,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection._run)
@@ -491,8 +541,9 @@ async def keep_connected(
     *,
     addresses: Callable[[], Iterable[tuple[str, int]]],
     expected_fingerprint: bytes,
-    ssl_context: Any,
+    ssl_context: ssl.SSLContext,
     local: LocalNode,
+    prove: Prove,
     config: TransportConfig = TransportConfig(),
     backoff: Backoff = Backoff(),
     rng: random.Random | None = None,
@@ -502,6 +553,7 @@ async def keep_connected(
     Each round tries the peer's addresses (`addresses()` is asked again every round, so
     discovery can update them) in order; when none answers, or after a link ends, it waits
     per `backoff` (the schedule restarts after every established link) and tries again.
+    `prove` is as for `connect_peer`; its failures (ProofFailed) are retried like any other.
     """
     rng = rng or random.Random()
     attempt = 0
@@ -515,6 +567,7 @@ async def keep_connected(
                     expected_fingerprint=expected_fingerprint,
                     ssl_context=ssl_context,
                     local=local,
+                    prove=prove,
                     config=config,
                 ) as connection:
                     attempt = 0

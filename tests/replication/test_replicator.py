@@ -50,7 +50,7 @@ from plugshare.replication.transport import PeerConnectionClosed, TransportConfi
 from plugshare.store.base import NotFound
 from plugshare.store.revtree import compute_rev, history_of
 from plugshare.store.sqlite import SQLiteStore
-from plugshare.token.tls import client_ssl_context, server_ssl_context
+from plugshare.token.tls import client_auth_payload, client_ssl_context, make_tls_credentials, server_ssl_context
 
 TRANSPORT = TransportConfig(link=LinkConfig(handshake_timeout=5.0, ping_interval=1.0, dead_after=10.0), close_timeout=1.0)
 SMALL_BATCHES = ReplicationConfig(batch_size=50, max_in_flight=4)
@@ -59,11 +59,17 @@ _names = itertools.count()
 
 
 class Node:
+    """`key` is the identity key a token would hold; `prove` and the delegation stand in for it."""
+
     def __init__(self, name: str) -> None:
         self.key = Ed25519PrivateKey.generate()
         public_key = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.local = LocalNode(public_key=public_key, name=name, addresses=("127.0.0.1:0",), sign=self.key.sign)
+        self.local = LocalNode(public_key=public_key, name=name, addresses=("127.0.0.1:0",))
         self.id = self.local.node_id
+        self.tls_key, self.delegation = make_tls_credentials(public_key, self.key.sign)
+
+    async def prove(self, server_id: bytes, nonce: bytes) -> bytes:
+        return self.key.sign(client_auth_payload(server_id, nonce, self.id))
 
 
 class EventLog:
@@ -151,8 +157,8 @@ async def start_listener(nursery, node, handler, transport=TRANSPORT):
     async def run(task_status):
         with scope:
             await serve_peers(
-                handler, host="127.0.0.1", port=0, ssl_context=server_ssl_context(node.key), local=node.local,
-                accept_peer=lambda fingerprint: True, config=transport, task_status=task_status,
+                handler, host="127.0.0.1", port=0, ssl_context=server_ssl_context(node.tls_key, node.delegation),
+                local=node.local, accept_peer=lambda fingerprint: True, config=transport, task_status=task_status,
             )
 
     listeners = await nursery.start(run)
@@ -161,7 +167,7 @@ async def start_listener(nursery, node, handler, transport=TRANSPORT):
 
 def dial(port, server: Node, client: Node, transport=TRANSPORT):
     return connect_peer("127.0.0.1", port, expected_fingerprint=server.id, ssl_context=client_ssl_context(),
-                        local=client.local, config=transport)
+                        local=client.local, prove=client.prove, config=transport)
 
 
 @asynccontextmanager
