@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from plugshare.config import (
@@ -11,6 +9,7 @@ from plugshare.config import (
     example_config,
     explain_config,
     load_config,
+    default_node_name,
     make_name,
     parse_config,
 )
@@ -114,9 +113,18 @@ def test_check_name_suggests_a_valid_spelling():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("vm", "vm"), ("alice-laptop.local", "alice-laptop"), ("My Laptop", "My-Laptop"),
+    ("vm", "vm"), ("alice-laptop.local", "alice-laptop.local"), ("My Laptop", "My-Laptop"),
     ("  ", "node"), ("--x--", "x"), ("é" * 3, "node"), ("a" * 80, "a" * 63),
 ])
 def test_make_name_makes_any_text_a_valid_name(text, expected):
     assert make_name(text) == expected
     assert check_name(make_name(text))
+
+
+def test_the_default_node_name_is_the_host_name_made_valid(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "Alice's MacBook.local")
+    assert default_node_name() == "Alice-s-MacBook"
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    assert default_node_name() == "node"
