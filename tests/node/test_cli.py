@@ -211,10 +211,11 @@ def test_rules_for_unknown_subjects_are_refused(node):
     assert json.loads(node.cli("rule", "list", "--json").stdout)["rules"] == []
     # a known app and any role are fine
     assert node.cli("app", "add", "notes", "--doctype", "io.notes", "--perm", "read").returncode == 0
+    before = len(json.loads(node.cli("rule", "list", "--json").stdout)["rules"])  # its grant
     for subject in (("--app", "notes"), ("--role", "family")):
-        done = node.cli("rule", "add", "--doctype", "io.notes", *subject, "--perm", "read")
+        done = node.cli("rule", "add", "--doctype", "io.tasks", *subject, "--perm", "read")
         assert done.returncode == 0, done.stderr
-    assert len(json.loads(node.cli("rule", "list", "--json").stdout)["rules"]) == 2
+    assert len(json.loads(node.cli("rule", "list", "--json").stdout)["rules"]) == before + 2
 
 
 def test_one_rule_for_names(tmp_path):
