@@ -91,7 +91,7 @@ def _check_pin_source(_inst, attr, value: str | None) -> None:
 
 @attrs.frozen
 class NodeSection:
-    name: str = attrs.field(default="node", validator=_check_name)
+    name: str = attrs.field(factory=lambda: default_node_name(), validator=_check_name)
 
 
 @attrs.frozen

@@ -90,7 +90,7 @@ def test_explain_config_names_the_source_of_every_value(tmp_path):
     assert explained["peer"]["listen"] == ("0.0.0.0:7415", "default")
     assert set(explained) == {s.name for s in Config.__attrs_attrs__}
     missing = explain_config(tmp_path / "nothing.toml")
-    assert missing["node"]["name"] == ("node", "default")
+    assert missing["node"]["name"] == (default_node_name(), "default")
     file.write_text("[store]\nrevs_limit = 0\n")
     with pytest.raises(ConfigError, match="revs_limit"):
         explain_config(file)
