@@ -77,7 +77,7 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context, ensure=True)
 
-_JSON_HELP = 'One JSON document on stdout: the result, or {"error", "reason"} on failure.'
+_JSON_HELP = 'JSON on stdout: the result, or {"error", "reason"} on failure.'
 _HOME_HELP = "The node's home directory [default: $PLUGSHARE_HOME, else the user data dir]."
 
 
