@@ -1,16 +1,24 @@
 """`plugshare`: the command line. Thin: it parses, talks to the node (or creates its home) and
-prints. Exit 0 on success, 2 on usage errors, 1 on any other error with one clear line."""
+prints. Exit 0 on success, 2 on usage errors, 1 on any other error with one clear line (with
+--json: one JSON document `{"error": ..., "reason": ...}` on stdout instead).
+
+Every command, group and the root take `--home` and `--json` (`_shared_options`), anywhere on
+the line: their callbacks store into the one `Context` object all click contexts share."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import attrs
 import click
+import tomli_w
 
 from plugshare import __version__
 from plugshare.config import (
@@ -21,6 +29,8 @@ from plugshare.config import (
     PeerSection,
     StoreSection,
     TokenSection,
+    check_name,
+    default_node_name,
 )
 from plugshare.errors import PlugshareError
 from plugshare.node.home import Home, default_home
@@ -28,8 +38,29 @@ from plugshare.node.home import Home, default_home
 
 @attrs.define
 class Context:
-    home: Home
-    as_json: bool
+    """What the shared options set, wherever they were on the line."""
+
+    home_path: Path | None = None  # --home
+    as_json: bool = False  # --json
+
+    @property
+    def home(self) -> Home:
+        return Home(self.home_path or default_home())
+
+    @property
+    def home_source(self) -> str:
+        if self.home_path is not None:
+            return "--home"
+        return "environment" if os.environ.get("PLUGSHARE_HOME") else "default"
+
+    def hint(self, *words: str) -> str:
+        """`plugshare WORDS...` as a command to copy: quoted, with `--home DIR` unless the
+        home is the one a plain `plugshare` would use."""
+        extra = []
+        if self.home_path is not None and (
+                os.path.abspath(self.home_path) != os.path.abspath(default_home())):
+            extra = ["--home", str(self.home_path)]
+        return shlex.join(["plugshare", *words, *extra])
 
     def emit(self, data: Any, human: str | None = None) -> None:
         """One JSON document with --json, else the human text (or a readable dump)."""
@@ -44,14 +75,120 @@ class Context:
         return NodeClient(self.home)
 
 
-pass_ctx = click.make_pass_decorator(Context)
+pass_ctx = click.make_pass_decorator(Context, ensure=True)
+
+_JSON_HELP = 'JSON on stdout: the result, or {"error", "reason"} on failure.'
+_HOME_HELP = "The node's home directory [default: $PLUGSHARE_HOME, else the user data dir]."
+
+
+def _set_home(ctx: click.Context, _param, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Context).home_path = value
+
+
+def _set_json(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Context).as_json = True
+
+
+def _shared_options(command: click.Command) -> click.Command:
+    """Give `command` the options every command takes (once). Eager, so that --json is known
+    before any other value is checked (a usage error is then JSON too)."""
+    if not any("--json" in p.opts for p in command.params):
+        command.params += [
+            click.Option(["--home", "_home"], type=click.Path(file_okay=False, path_type=Path),
+                         metavar="DIR",
+                         expose_value=False, is_eager=True, callback=_set_home, help=_HOME_HELP),
+            click.Option(["--json", "_json"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_json, help=_JSON_HELP),
+        ]
+    return command
+
+
+class CliError(click.ClickException):
+    """A failure to show: one line, or `{"error": code, "reason": message}` with --json."""
+
+    def __init__(self, message: str, error: str, reason: str | None, as_json: bool):
+        super().__init__(message)
+        self.error = error
+        self.reason = reason or message
+        self.as_json = as_json
+
+
+def _error_code(exc: Exception) -> str:
+    code = getattr(exc, "error", None)  # the API's own code, e.g. not_found
+    if isinstance(code, str) and code:
+        return code
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()  # HomeError: home_error
+
+
+def _failure(ctx: click.Context, exc: PlugshareError) -> CliError:
+    """The error as the person should read it: hints naming `plugshare run`/`init` become
+    the command to type for this very home."""
+    state = ctx.ensure_object(Context)
+    message = re.sub(r"`plugshare (run|init)`", lambda m: f"`{state.hint(m.group(1))}`",
+                     str(exc))
+    reason = getattr(exc, "reason", None)  # an API refusal: its reason, the code apart
+    return CliError(message, _error_code(exc), reason if isinstance(reason, str) else None,
+                    state.as_json)
+
+
+def _json_asked(exc: click.ClickException, args: list[str]) -> bool:
+    """Was --json on the line? The shared Context knows once its option was processed; a
+    line that failed to parse before that is read as given (up to a `--`)."""
+    if isinstance(exc, CliError):
+        return exc.as_json
+    ctx = getattr(exc, "ctx", None)
+    state = ctx.find_object(Context) if ctx is not None else None
+    if state is not None and state.as_json:
+        return True
+    words = args[: args.index("--")] if "--" in args else args
+    return "--json" in words
+
+
+def _show(exc: click.ClickException, args: list[str]) -> None:
+    if not _json_asked(exc, args):
+        exc.show()
+        return
+    if isinstance(exc, click.UsageError):
+        error = {"error": "usage", "reason": exc.format_message()}
+    else:
+        error = {"error": getattr(exc, "error", "error"),
+                 "reason": getattr(exc, "reason", exc.format_message())}
+    click.echo(json.dumps(error, indent=2, sort_keys=True))
 
 
 class _Group(click.Group):
-    """Turns the project's errors into one clear line and exit 1, and loads the terminal
-    views (textual is heavy) only when they are asked for."""
+    """Every group: gives each command below it the shared options, and turns the project's
+    errors into one clear line (or JSON) and exit 1."""
+
+    group_class = type  # subgroups are _Group too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _shared_options(self)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(_shared_options(cmd), name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PlugshareError as exc:
+            raise _failure(ctx, exc) from None
+        except BaseExceptionGroup as group:  # a failure inside the node's task tree
+            cause = _first_error(group)
+            if cause is None:
+                raise
+            raise _failure(ctx, cause) from None
+
+
+class _Root(_Group):
+    """`plugshare` itself: also loads the terminal views (textual is heavy) only when they
+    are asked for, and shows errors the way --json asks."""
 
     _LAZY = {"watch": ("plugshare.node.watch", "watch"), "demo": ("plugshare.node.demo", "demo")}
+    group_class = _Group
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self._LAZY})
@@ -61,19 +198,24 @@ class _Group(click.Group):
             import importlib
 
             module, attr = self._LAZY[name]
-            return getattr(importlib.import_module(module), attr)
+            return _shared_options(getattr(importlib.import_module(module), attr))
         return super().get_command(ctx, name)
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra: Any) -> Any:
+        """click's standalone mode, but errors are shown as --json asks."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
         try:
-            return super().invoke(ctx)
-        except PlugshareError as exc:
-            raise click.ClickException(str(exc)) from None
-        except BaseExceptionGroup as group:  # a failure inside the node's task tree
-            cause = _first_error(group)
-            if cause is None:
-                raise
-            raise click.ClickException(str(cause)) from None
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            _show(exc, args)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def _first_error(group: BaseExceptionGroup) -> PlugshareError | None:
@@ -85,19 +227,23 @@ def _first_error(group: BaseExceptionGroup) -> PlugshareError | None:
     return None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The node's home directory [default: $PLUGSHARE_HOME, else the user data dir].",
-)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON doc).")
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="plugshare")
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None, as_json: bool) -> None:
+def cli(ctx: click.Context) -> None:
     """A personal-cloud sharing node: your documents, shared with your peers' nodes,
-    every access decided by your secure token."""
-    ctx.obj = Context(Home(home or default_home()), as_json)
+    every access decided by your secure token.
+
+    \b
+    Every command takes --home DIR and --json, before or after its name.
+    With --json, stdout holds one JSON document: the result, or on failure
+    {"error": ..., "reason": ...} (exit 1; exit 2 for usage errors).
+    Without it, errors are one line on stderr.
+
+    \b
+    Shell completion: eval "$(plugshare completion bash)"  (also zsh, fish)
+    """
+    ctx.ensure_object(Context)
 
 
 def _address(_ctx, param, value: str | None) -> Address | None:
@@ -109,8 +255,20 @@ def _address(_ctx, param, value: str | None) -> Address | None:
         raise click.BadParameter(str(exc), param=param) from None
 
 
+def _name(_ctx, param, value: str | None) -> str | None:
+    """--name and --as: the one rule for names (`config.check_name`)."""
+    if value is None:
+        return None
+    try:
+        return check_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
 @cli.command()
-@click.option("--name", help="The node's name, shown to peers [default: the home's folder name].")
+@click.option("--name", callback=_name,
+              help="The node's name, shown to peers: 1-63 letters, digits, '.', '_' or '-' "
+                   "[default: the host name].")
 @click.option("--store", "backend", type=click.Choice(["sqlite", "couchdb"]), default="sqlite",
               show_default=True, help="Embedded SQLite, or a CouchDB-compatible server.")
 @click.option("--couchdb-url", help="URL of the CouchDB server (with --store couchdb).")
@@ -144,25 +302,25 @@ def init(ctx: Context, name, backend, couchdb_url, peer_listen, api_listen, no_d
     if keystore == "pkcs11":  # several nodes may share one device: each its own objects
         import secrets
 
-        token["key_label"] = f"plugshare-{name or _default_name(ctx.home)}-{secrets.token_hex(4)}"
-    config = _initial_config(ctx.home, name, backend, couchdb_url, peer_listen, api_listen,
+        token["key_label"] = f"plugshare-{name or default_node_name()}-{secrets.token_hex(4)}"
+    config = _initial_config(name, backend, couchdb_url, peer_listen, api_listen,
                              no_discovery, token)
     node_id = ctx.home.create(config)
     ctx.emit(
         {"home": str(ctx.home.root), "name": config.node.name, "node_id": node_id},
         f"created node {config.node.name!r} in {ctx.home.root}\nnode id: {node_id}\n"
-        f"start it with: plugshare --home {ctx.home.root} run",
+        f"start it with: {ctx.hint('run')}",
     )
 
 
-def _initial_config(home: Home, name, backend, couchdb_url, peer_listen, api_listen,
+def _initial_config(name, backend, couchdb_url, peer_listen, api_listen,
                     no_discovery, token: dict | None = None) -> Config:
     from plugshare.config import ConfigError
 
     defaults = Config()
     try:
         return Config(
-            node=NodeSection(name=name or _default_name(home)),
+            node=NodeSection(name=name or default_node_name()),
             store=StoreSection(backend=backend, url=couchdb_url),
             peer=PeerSection(listen=peer_listen or defaults.peer.listen,
                              discovery=not no_discovery),
@@ -171,13 +329,6 @@ def _initial_config(home: Home, name, backend, couchdb_url, peer_listen, api_lis
         )
     except ValueError as exc:
         raise ConfigError(f"bad option: {exc}") from None
-
-
-def _default_name(home: Home) -> str:
-    import re
-
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", home.root.name).strip("-._")
-    return name[:63] or "node"
 
 
 @cli.command()
@@ -197,8 +348,7 @@ def run(ctx: Context, verbose: bool) -> None:
     for noisy in ("hypercorn.error", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not ctx.home.exists():
-        node_id = ctx.home.create(_initial_config(ctx.home, None, "sqlite", None, None, None,
-                                                  False))
+        node_id = ctx.home.create(_initial_config(None, "sqlite", None, None, None, False))
         click.echo(f"created a new node in {ctx.home.root} (node id {node_id})", err=True)
 
     def ready(node, api_url: str) -> None:
@@ -222,11 +372,72 @@ def status(ctx: Context) -> None:
             f"node     {info['name']}",
             f"id       {info['node_id']}",
             f"api      {info['api']}",
+            f"peer     {info.get('peer_address') or '-'}",
             f"store    {store['backend']} ({store['doc_count']} docs, seq {store['update_seq']})",
             f"peers    {len(info['peers'])}",
             f"shares   {len(info['shares'])}",
         ]),
     )
+
+
+_HOME_SOURCES = {"--home": "--home", "environment": "environment: PLUGSHARE_HOME",
+                 "default": "default"}
+
+
+@cli.command("config")
+@click.option("--example", is_flag=True,
+              help="Print a commented example node.toml: every key, its default, what it does.")
+@pass_ctx
+def config_command(ctx: Context, example: bool) -> None:
+    """The configuration in effect: each key of the home's node.toml with its value and
+    where it comes from (node.toml, or default when not set), and the home itself (--home,
+    environment PLUGSHARE_HOME, or default). Needs no running node. The text form is valid
+    TOML, each value commented with its source."""
+    from plugshare.config import example_config, explain_config
+
+    if example:
+        text = example_config()
+        ctx.emit({"example": text}, text.rstrip("\n"))
+        return
+    home = ctx.home
+    explained = explain_config(home.config_file)
+    exists = home.config_file.exists()
+    data = {
+        "home": {"value": str(home.root), "source": ctx.home_source},
+        "file": str(home.config_file),
+        "file_exists": exists,
+        "values": {section: {key: {"value": value, "source": source}
+                             for key, (value, source) in fields.items()}
+                   for section, fields in explained.items()},
+    }
+    lines = [f"# home {home.root}  ({_HOME_SOURCES[ctx.home_source]})",
+             f"# file {home.config_file}" + ("" if exists else
+                                               f"  (missing: create it with `{ctx.hint('init')}`)")]
+    for section, fields in explained.items():
+        lines += ["", f"[{section}]"]
+        for key, (value, source) in fields.items():
+            setting = f"# {key} (not set)" if value is None else \
+                tomli_w.dumps({key: value}).strip()
+            lines.append(f"{setting:<40}  # {source}")
+    ctx.emit(data, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@pass_ctx
+def completion(ctx: Context, shell: str) -> None:
+    """Print the completion script for SHELL (commands, options, choices).
+
+    \b
+    bash: eval "$(plugshare completion bash)"   in ~/.bashrc
+    zsh:  eval "$(plugshare completion zsh)"    in ~/.zshrc
+    fish: plugshare completion fish > ~/.config/fish/completions/plugshare.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)
+    script = complete(cli, {}, "plugshare", "_PLUGSHARE_COMPLETE").source()
+    ctx.emit({"shell": shell, "script": script}, script.rstrip("\n"))
 
 
 # -- documents ------------------------------------------------------------------------
@@ -488,7 +699,7 @@ def share_create(ctx: Context, name: str, doctype: str, selector: str | None, en
     with ctx.client() as client:
         result = client.request("POST", "/shares", json=body)
     ctx.emit(result, f"share {name!r} created ({doctype}); invite members with "
-                     f"`plugshare share invite {name}`")
+                     f"`{ctx.hint('share', 'invite', name)}`")
 
 
 @share.command("invite")
@@ -521,7 +732,8 @@ def _qr_text(text: str) -> str:
 
 @share.command("accept")
 @click.argument("code")
-@click.option("--as", "as_name", help="Your name in the share [default: the node's name].")
+@click.option("--as", "as_name", callback=_name,
+              help="Your name in the share, same rule as a node's [default: the node's name].")
 @click.option("--no-progress", is_flag=True, help="Return at once; do not wait for the sync.")
 @pass_ctx
 def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool) -> None:

@@ -44,9 +44,34 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def check_name(value: object, what: str = "name") -> str:
+    """The one rule for names (a node's, a member's in a share): 1-63 ASCII letters, digits,
+    '.', '_' or '-', starting with a letter or digit. Returns `value`; `ValueError` saying
+    the rule (and a valid spelling when there is one) otherwise."""
+    if isinstance(value, str) and _NAME.match(value):
+        return value
+    message = (f"{what} {value!r} must be 1-63 letters, digits, '.', '_' or '-' "
+               "(starting with a letter or digit)")
+    if isinstance(value, str) and (suggestion := make_name(value, "")):
+        message += f", e.g. {suggestion!r}"
+    raise ValueError(message)
+
+
+def make_name(text: str, fallback: str = "node") -> str:
+    """`text` made a valid name: each run of other characters becomes '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:63].rstrip("-._")
+    return name or fallback
+
+
+def default_node_name() -> str:
+    """The host name (its first label), made a valid name."""
+    import socket
+
+    return make_name(socket.gethostname().split(".")[0])
+
+
 def _check_name(_inst, attr, value: str) -> None:
-    if not _NAME.match(value):
-        raise ValueError(f"{attr.name} {value!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    check_name(value, attr.name)
 
 
 def _check_url(_inst, attr, value: str | None) -> None:
@@ -66,7 +91,7 @@ def _check_pin_source(_inst, attr, value: str | None) -> None:
 
 @attrs.frozen
 class NodeSection:
-    name: str = attrs.field(default="node", validator=_check_name)
+    name: str = attrs.field(factory=lambda: default_node_name(), validator=_check_name)
 
 
 @attrs.frozen
@@ -187,8 +212,7 @@ def parse_config(data: dict, file: Path) -> Config:
         raise ConfigError(f"{file}: {exc}") from None
 
 
-def load_config(file: Path) -> Config:
-    """Read and validate node.toml; any problem is a `ConfigError` naming file and key."""
+def _read_toml(file: Path) -> dict:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -196,10 +220,34 @@ def load_config(file: Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file} is not valid TOML: {exc}") from None
-    return parse_config(data, file)
+
+
+def load_config(file: Path) -> Config:
+    """Read and validate node.toml; any problem is a `ConfigError` naming file and key."""
+    return parse_config(_read_toml(file), file)
+
+
+def explain_config(file: Path) -> dict[str, dict[str, tuple[object, str]]]:
+    """The effective configuration, validated: `{section: {key: (value, source)}}` with
+    source "node.toml" (set in `file`) or "default" (not set, or no `file` at all). Values
+    are as node.toml spells them (addresses as "HOST:PORT"; None: not set)."""
+    data = _read_toml(file) if file.exists() else {}
+    plain = _converter.unstructure(parse_config(data, file))
+    return {
+        section: {key: (value, "node.toml" if key in (data.get(section) or {}) else "default")
+                  for key, value in fields.items()}
+        for section, fields in plain.items()
+    }
+
+
+def example_config() -> str:
+    """The commented example node.toml shipped with the package (every key, its default)."""
+    from importlib.resources import files
+
+    return files("plugshare").joinpath("node_example.toml").read_text(encoding="utf-8")
 
 
 def dump_config(config: Config) -> str:
@@ -209,6 +257,7 @@ def dump_config(config: Config) -> str:
         for key in [k for k, v in section.items() if v is None]:
             del section[key]  # TOML has no null: absent means "not set"
     header = (
-        "# plugshare node configuration. See node.toml in the project root for every key.\n"
+        "# plugshare node configuration. `plugshare config --example` shows every key,\n"
+        "# commented; `plugshare config` shows the values in effect and where they come from.\n"
     )
     return header + tomli_w.dumps(data)

@@ -1,16 +1,25 @@
-from pathlib import Path
-
 import pytest
 
-from plugshare.config import Address, Config, ConfigError, dump_config, load_config, parse_config
+from plugshare.config import (
+    Address,
+    Config,
+    ConfigError,
+    check_name,
+    dump_config,
+    example_config,
+    explain_config,
+    load_config,
+    default_node_name,
+    make_name,
+    parse_config,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def test_example_node_toml_is_valid_and_documents_every_key():
-    config = load_config(ROOT / "node.toml")
+def test_example_node_toml_is_valid_and_documents_every_key(tmp_path):
+    text = example_config()
+    (tmp_path / "node.toml").write_text(text)
+    config = load_config(tmp_path / "node.toml")
     assert config.node.name == "alice-laptop"
-    text = (ROOT / "node.toml").read_text()
     for section in Config.__attrs_attrs__:
         for field in getattr(Config(), section.name).__attrs_attrs__:
             assert f"{field.name} =" in text, f"node.toml lacks [{section.name}] {field.name}"
@@ -63,3 +72,59 @@ def test_unreadable_or_invalid_toml(tmp_path):
     bad.write_text("[node\nname=")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         load_config(bad)
+
+
+def test_a_generated_node_toml_points_at_the_packaged_example():
+    header = dump_config(Config()).splitlines()[0]
+    assert "plugshare config --example" in header and "project root" not in header
+
+
+def test_explain_config_names_the_source_of_every_value(tmp_path):
+    file = tmp_path / "node.toml"
+    file.write_text('[store]\nrevs_limit = 10\n[token]\npin = "env:PIN"\n')
+    explained = explain_config(file)
+    assert explained["store"]["revs_limit"] == (10, "node.toml")
+    assert explained["token"]["pin"] == ("env:PIN", "node.toml")
+    assert explained["store"]["backend"] == ("sqlite", "default")
+    assert explained["token"]["passphrase"] == (None, "default")
+    assert explained["peer"]["listen"] == ("0.0.0.0:7415", "default")
+    assert set(explained) == {s.name for s in Config.__attrs_attrs__}
+    missing = explain_config(tmp_path / "nothing.toml")
+    assert missing["node"]["name"] == (default_node_name(), "default")
+    file.write_text("[store]\nrevs_limit = 0\n")
+    with pytest.raises(ConfigError, match="revs_limit"):
+        explain_config(file)
+
+
+@pytest.mark.parametrize("name", ["alice", "alice-laptop", "n1", "a.b_c-d", "A" * 63])
+def test_check_name_accepts(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["my laptop", "bob the builder", "", "-x", "A" * 64, "é", 5])
+def test_check_name_refuses_with_one_message(name):
+    with pytest.raises(ValueError, match="must be 1-63 letters, digits"):
+        check_name(name)
+
+
+def test_check_name_suggests_a_valid_spelling():
+    with pytest.raises(ValueError, match="e.g. 'my-laptop'"):
+        check_name("my laptop")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("vm", "vm"), ("alice-laptop.local", "alice-laptop.local"), ("My Laptop", "My-Laptop"),
+    ("  ", "node"), ("--x--", "x"), ("é" * 3, "node"), ("a" * 80, "a" * 63),
+])
+def test_make_name_makes_any_text_a_valid_name(text, expected):
+    assert make_name(text) == expected
+    assert check_name(make_name(text))
+
+
+def test_the_default_node_name_is_the_host_name_made_valid(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "Alice's MacBook.local")
+    assert default_node_name() == "Alice-s-MacBook"
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    assert default_node_name() == "node"

@@ -56,6 +56,18 @@ class Admin:
     def add_rule(self, principal: Principal, doctype: str, subject_kind: str, subject: str,
                  perm: str, selector: dict | None) -> dict[str, Any]:
         self.access.require_owner(principal, "add_rule")
+        from plugshare.token import InvalidArgument, NotFound, format_node_id, parse_node_id
+
+        if subject_kind == "app" and subject not in {a.name for a in self.token.list_apps()}:
+            raise NotFound(f"no app {subject!r}: add it first (`plugshare app add`)")
+        if subject_kind == "peer":
+            try:  # any spelling of a node id; a malformed one is the token's to explain
+                known = format_node_id(parse_node_id(subject)) in {
+                    p.node_id for p in self.token.list_peers()}
+            except InvalidArgument:
+                known = True
+            if not known:
+                raise NotFound(f"no peer {subject!r} is known; see `plugshare peers`")
         rule_id = self.token.add_rule(doctype, subject_kind, subject, perm, selector)
         return next(_rule_json(r) for r in self.token.list_rules() if r.id == rule_id)
 

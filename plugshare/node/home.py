@@ -1,6 +1,6 @@
 """The node's home directory: what lives where, and creating it (`plugshare init`).
 
-    <home>/node.toml          configuration (see the example node.toml in the project root)
+    <home>/node.toml          configuration (`plugshare config --example` prints every key)
     <home>/owner.credential   the owner's bearer credential for the local API (mode 0600)
     <home>/token/             the token's sealed state (only ciphertext)
     <home>/keystore/          the soft keystore's sealed master key (keystore = "soft")

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import signal
 import socket
 import stat
+import subprocess
+import sys
 
 import httpx
 
 from tests.node.conftest import init_node, plugshare, start_node
+
+
+def bare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line exactly as given: no `--home` put in front."""
+    return subprocess.run([sys.executable, "-m", "plugshare", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
 def test_init_creates_a_private_home_and_refuses_a_second_init(tmp_path):
@@ -127,6 +138,102 @@ def test_no_node_running_names_plugshare_run(tmp_path):
     assert "plugshare run" in done.stderr and done.stderr.count("\n") == 1
     missing = plugshare(tmp_path / "nowhere", "status")
     assert missing.returncode == 1 and "plugshare init" in missing.stderr
+
+
+def test_hints_are_commands_to_copy_and_paste(tmp_path):
+    home = tmp_path / "my home"
+    done = init_node(home)
+    run = f"plugshare run --home {shlex.quote(str(home))}"
+    assert f"start it with: {run}" in done.stdout
+    offline = plugshare(home, "status")
+    assert offline.returncode == 1 and f"`{run}`" in offline.stderr
+    # the home is the default one (PLUGSHARE_HOME): the plain command is the right one
+    default = bare("status", env={"PLUGSHARE_HOME": str(home)})
+    assert default.returncode == 1 and "start it with `plugshare run`" in default.stderr
+    nowhere = tmp_path / "no where"
+    missing = plugshare(nowhere, "status")
+    assert f"`plugshare init --home {shlex.quote(str(nowhere))}`" in missing.stderr
+
+
+def test_json_and_home_go_after_the_command_too(node):
+    home = str(node.home)
+    status = bare("status", "--json", "--home", home)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["name"] == "alice"
+    put = bare("doc", "put", "io.notes", '{"title": "t"}', "--home", home, "--id", "n1", "--json")
+    assert put.returncode == 0, put.stderr
+    assert json.loads(put.stdout)["id"] == "n1"
+    created = bare("share", "create", "my notes", "--doctype", "io.notes", "--home", home)
+    assert created.returncode == 0, created.stderr
+    shown = bare("share", "show", "my notes", "--json", "--home", home)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["name"] == "my notes"
+
+
+def test_failures_with_json_are_one_json_error_on_stdout(node, tmp_path):
+    missing = node.cli("doc", "get", "nope", "--json")
+    assert missing.returncode == 1 and missing.stderr == ""
+    assert json.loads(missing.stdout) == {"error": "not_found", "reason": json.loads(
+        missing.stdout)["reason"]}
+    assert missing.stdout.count("\n") == json.dumps(json.loads(missing.stdout),
+                                                    indent=2).count("\n") + 1
+    idle = tmp_path / "idle"
+    init_node(idle)
+    offline = plugshare(idle, "status", "--json")
+    assert offline.returncode == 1 and offline.stderr == ""
+    error = json.loads(offline.stdout)
+    assert error["error"] == "node_unreachable" and "plugshare run --home" in error["reason"]
+    usage = node.cli("doc", "put", "--json")
+    assert usage.returncode == 2 and usage.stderr == ""
+    assert json.loads(usage.stdout)["error"] == "usage"
+
+
+def test_share_create_hint_and_status_text(node):
+    created = node.cli("share", "create", "my notes", "--doctype", "io.notes")
+    assert created.returncode == 0, created.stderr
+    invite = shlex.join(["plugshare", "share", "invite", "my notes", "--home", str(node.home)])
+    assert f"`{invite}`" in created.stdout
+    status = node.cli("status")
+    assert status.returncode == 0, status.stderr
+    peer_line, = [l for l in status.stdout.splitlines() if l.startswith("peer ")]
+    address = json.loads(node.cli("status", "--json").stdout)["peer_address"]
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    assert peer_line.split() == ["peer", address]
+
+
+def test_rules_for_unknown_subjects_are_refused(node):
+    ghost = node.cli("rule", "add", "--doctype", "io.notes", "--app", "ghost", "--perm", "read")
+    assert ghost.returncode == 1 and ghost.stderr.count("\n") == 1
+    assert "no app 'ghost'" in ghost.stderr and "plugshare app add" in ghost.stderr
+    stranger = node.cli("rule", "add", "--doctype", "io.notes", "--peer", node.node_id,
+                        "--perm", "read")
+    assert stranger.returncode == 1 and "no peer" in stranger.stderr
+    assert json.loads(node.cli("rule", "list", "--json").stdout)["rules"] == []
+    # a known app and any role are fine
+    assert node.cli("app", "add", "notes", "--doctype", "io.notes", "--perm", "read").returncode == 0
+    before = len(json.loads(node.cli("rule", "list", "--json").stdout)["rules"])  # its grant
+    for subject in (("--app", "notes"), ("--role", "family")):
+        done = node.cli("rule", "add", "--doctype", "io.tasks", *subject, "--perm", "read")
+        assert done.returncode == 0, done.stderr
+    assert len(json.loads(node.cli("rule", "list", "--json").stdout)["rules"]) == before + 2
+
+
+def test_one_rule_for_names(tmp_path):
+    spaced = plugshare(tmp_path / "a", "init", "--name", "my laptop")
+    assert spaced.returncode == 2 and not (tmp_path / "a" / "node.toml").exists()
+    member = plugshare(tmp_path / "a", "share", "accept", "CODE", "--as", "bob the builder")
+    assert member.returncode == 2
+    for done, value in ((spaced, "my laptop"), (member, "bob the builder")):
+        assert f"{value!r} must be 1-63 letters, digits, '.', '_' or '-'" in done.stderr
+    assert "e.g. 'my-laptop'" in spaced.stderr
+
+
+def test_the_default_node_name_is_the_host_name(tmp_path):
+    home = tmp_path / "plugshare"
+    info = json.loads(init_node(home, "--json").stdout)
+    host = socket.gethostname().split(".")[0]
+    expected = re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip("-._")[:63] or "node"
+    assert info["name"] == expected
 
 
 def test_port_in_use_is_one_clear_error(tmp_path):
