@@ -263,3 +263,9 @@ class TokenClient:
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> TokenClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -163,13 +163,15 @@ def error_from(kind: str, reason: str) -> Exception:
 # --- encoding ----------------------------------------------------------------------------
 
 
-def _frame(message: dict[str, Any], what: str, max_frame: int) -> bytes:
+def _frame(message: dict[str, Any], max_frame: int, what: str, *what_args: object) -> bytes:
+    """The framed message; `what % what_args` names it in errors (formatted only then: this is
+    the hot path)."""
     try:
         body = msgpack.packb(message, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as error:
-        raise WireError(f"{what} cannot be packed as msgpack: {error}") from error
+        raise WireError(f"{what % what_args} cannot be packed as msgpack: {error}") from error
     if len(body) > max_frame:
-        raise WireError(f"{what} is {len(body)} bytes, over the frame cap of {max_frame}")
+        raise WireError(f"{what % what_args} is {len(body)} bytes, over the frame cap of {max_frame}")
     return _HEADER.pack(len(body)) + body
 
 
@@ -204,13 +206,13 @@ def encode_request(id: int, cmd: str, args: dict[str, Any], *, max_frame: int = 
     _check_cmd(cmd)
     _check_args(args)
     message = {"v": PROTOCOL_VERSION, "id": id, "cmd": cmd, "args": args}
-    return _frame(message, f"request {cmd!r}", max_frame)
+    return _frame(message, max_frame, "request %r", cmd)
 
 
 def encode_result(id: int, result: Any, *, max_frame: int = MAX_FRAME) -> bytes:
     """The frame answering request `id` with `result`; raises WireError if it cannot."""
     _check_id(id, 0)
-    return _frame({"id": id, "ok": result}, f"result of request {id}", max_frame)
+    return _frame({"id": id, "ok": result}, max_frame, "result of request %d", id)
 
 
 def encode_error(id: int, kind: str, reason: str, *, max_frame: int = MAX_FRAME) -> bytes:
@@ -218,7 +220,7 @@ def encode_error(id: int, kind: str, reason: str, *, max_frame: int = MAX_FRAME)
     _check_id(id, 0)
     if type(kind) is not str or type(reason) is not str:
         raise WireError("error kind and reason must be str")
-    return _frame({"id": id, "err": {"kind": kind, "reason": reason}}, f"error for request {id}", max_frame)
+    return _frame({"id": id, "err": {"kind": kind, "reason": reason}}, max_frame, "error for request %d", id)
 
 
 # --- decoding ----------------------------------------------------------------------------

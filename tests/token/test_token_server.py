@@ -300,6 +300,13 @@ async def test_closed_client_raises_unavailable(sock_path: Path) -> None:
             await client.call("noop")
 
 
+async def test_connect_into_a_nursery_of_ones_own(sock_path: Path) -> None:
+    async with serving(sock_path), trio.open_nursery() as nursery:
+        async with await TokenClient.connect(sock_path, nursery) as client:
+            assert await client.call("echo", x=1) == {"x": 1}
+        assert not client.connected  # and its reader task has ended, so the nursery can exit
+
+
 async def test_encoding_refusal_does_not_break_the_connection(sock_path: Path) -> None:
     async with serving(sock_path), TokenClient.open(sock_path) as client:
         with pytest.raises(WireError):
@@ -336,6 +343,38 @@ async def test_supervisor_starts_a_hardened_child(sock_path: Path) -> None:
 async def test_unhardened_child_is_dumpable(sock_path: Path) -> None:
     async with echo_process(sock_path, "--no-harden").run(), TokenClient.open(sock_path) as client:
         assert await client.call("is_dumpable") is True
+
+
+MEM_PROBE = """
+import os, sys
+os.setuid(int(sys.argv[2]))
+try:
+    os.close(os.open(f"/proc/{sys.argv[1]}/mem", os.O_RDONLY))
+    print("opened")
+except PermissionError:
+    print("denied")
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the child and the probe as another uid")
+@pytest.mark.parametrize("harden", [True, False], ids=["hardened", "control"])
+async def test_same_uid_cannot_read_a_hardened_childs_memory(sock_path: Path, harden: bool) -> None:
+    os.chmod(sock_path.parent, 0o777)
+    extra = ["--as-uid", str(NOBODY)] + ([] if harden else ["--no-harden"])
+    async with echo_process(sock_path, *extra).run() as proc:
+        probe = await trio.run_process([sys.executable, "-c", MEM_PROBE, str(proc.pid), str(NOBODY)],
+                                       capture_stdout=True)
+    assert probe.stdout.decode().strip() == ("denied" if harden else "opened")
+
+
+async def test_restarts_back_off(sock_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="plugshare.token.supervisor")
+    async with echo_process(sock_path, "--exit-after", "0.01").run() as proc:
+        with trio.fail_after(20):
+            while proc.restarts < 3:
+                await trio.sleep(0.05)
+    delays = [r.args[2] for r in caplog.records if r.msg.startswith("token process pid %d exited")]
+    assert delays[:3] == [0.1, 0.2, 0.4]
 
 
 async def test_killed_child_fails_pending_calls_and_is_restarted(sock_path: Path) -> None:
