@@ -47,6 +47,7 @@ log = logging.getLogger("plugshare.token.server")
 
 MAX_CONNECTIONS = 64
 RECEIVE_SIZE = 256 * 1024
+FLUSH_SIZE = 1024 * 1024
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 # accept() errors that mean "out of resources for now", not "the listener is broken".
@@ -223,18 +224,26 @@ async def _serve_connection(sock: stdlib_socket.socket, dispatcher: Dispatcher, 
         data = await receive_some(sock, RECEIVE_SIZE)
         if not data:
             return
-        answers = []
+        # Requests that arrived together are answered with one send, unless their answers
+        # add up to more than FLUSH_SIZE: a pipelining client must not make us hoard memory.
+        answers: list[bytes] = []
+        size = 0
         try:
             decoder.feed(data)
             while (request := decoder.next_message()) is not None:
-                answers.append(_answer(dispatcher, request, max_frame))
+                answer = _answer(dispatcher, request, max_frame)
+                answers.append(answer)
+                size += len(answer)
+                if size >= FLUSH_SIZE:
+                    await send_all(sock, b"".join(answers))
+                    answers, size = [], 0
         except WireError as error:
             log.warning("closing a connection that sent a malformed request: %s", error)
             answers.append(encode_error(0, "bad_request", str(error)))
             await send_all(sock, b"".join(answers))
             return
-        # Requests that arrived together are answered with one send.
-        await send_all(sock, answers[0] if len(answers) == 1 else b"".join(answers))
+        if answers:
+            await send_all(sock, answers[0] if len(answers) == 1 else b"".join(answers))
 
 
 class _Server:

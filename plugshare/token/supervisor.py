@@ -59,6 +59,7 @@ class _Child:
                 child_log.info("stdout: %s", line)
         if first:
             self.ready_line.send_nowait(None)  # EOF before any line
+        await _close(self.process.stdout)
 
     async def drain_stderr(self) -> None:
         try:
@@ -67,6 +68,12 @@ class _Child:
                 child_log.info("%s", line)
         finally:
             self.stderr_done.set()
+            await _close(self.process.stderr)
+
+
+async def _close(stream: trio.abc.AsyncResource | None) -> None:
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
 
 
 async def _lines(stream: trio.abc.ReceiveStream | None) -> AsyncIterator[str]:

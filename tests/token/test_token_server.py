@@ -164,6 +164,22 @@ async def test_valid_requests_before_garbage_are_answered(sock_path: Path) -> No
         assert [(a.id, a.ok, a.kind) for a in got] == [(1, True, None), (2, True, None), (0, False, "bad_request")]
 
 
+async def test_pipelined_requests_are_answered_in_order(sock_path: Path) -> None:
+    async with serving(sock_path):
+        sock = raw_connect(sock_path)
+        batch = b"".join(encode_request(i, "big", {"size": 200_000}) for i in range(1, 21))
+        await sock.send(batch)  # 20 answers of 200 kB each: sent in several flushes
+        decoder, got = Decoder("response"), []
+        with trio.fail_after(10):
+            while len(got) < 20:
+                decoder.feed(await sock.recv(1 << 20))
+                while (answer := decoder.next_message()) is not None:
+                    got.append(answer)
+        assert [a.id for a in got] == list(range(1, 21))
+        assert all(a.result == b"x" * 200_000 for a in got)
+        sock.close()
+
+
 async def test_slow_byte_by_byte_client_does_not_block_others(sock_path: Path) -> None:
     async with serving(sock_path), TokenClient.open(sock_path) as client:
         slow = raw_connect(sock_path)
