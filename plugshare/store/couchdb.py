@@ -11,7 +11,9 @@ CouchDB HTTP API and smooths over where servers differ from the contract:
   order and shape (pouchdb-server lists leaves in tree order and omits `possible_ancestors`);
 - `_local` docs need their current `_rev` to be updated on CouchDB; the store remembers the
   last one it saw and refetches it on a conflict, so callers simply replace them;
-- `_design/` documents (which this store never writes) are left out of every answer.
+- `_design/` documents (which this store never writes) are left out of every answer;
+- a server without `/{db}/_revs_limit` (stock pouchdb-server) or that will not let us set it
+  is found out at open time: one warning, and histories are cut to `revs_limit` here.
 
 HTTP goes through httpcore's async connection pool (httpx's own transport layer), which runs
 natively on trio: requests are cancellable, and `aclose()` closes every connection. It costs
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -53,6 +56,8 @@ from plugshare.store.revtree import (
     parse_rev,
 )
 
+logger = logging.getLogger("plugshare.store")
+
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails within this
 READ_TIMEOUT = 120.0  # a large _bulk_docs on a busy server can take a while
 HEARTBEAT_MS = 10_000  # longpoll keep-alive newlines; a feed silent for 3x this is dead
@@ -63,6 +68,7 @@ LOCAL_WRITE_ATTEMPTS = 10  # a local doc rewritten concurrently this often is a 
 DESIGN_PREFIX = "_design/"
 _DB_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
 _JSON_HEADERS = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+_UNSUPPORTED = (400, 404, 405, 501)  # how servers without an endpoint answer it
 _REQUEST_FAILURES = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 
 
@@ -84,14 +90,23 @@ class CouchDBStore(Store):
         self._db_url = db_url  # no trailing slash, no credentials: safe to show in messages
         self._headers = headers  # JSON content type, and Basic auth when the url had a user
         self._local_revs: dict[str, str] = {}  # local id -> the last `_rev` seen
+        self._history_limit: int | None = None  # set when the server cannot stem for us
         self._closed = False
 
     @classmethod
     async def open(
-        cls, url: str, db_name: str, *, revs_limit: int = DEFAULT_REVS_LIMIT
+        cls,
+        url: str,
+        db_name: str,
+        *,
+        revs_limit: int = DEFAULT_REVS_LIMIT,
     ) -> CouchDBStore:
         """Connect to the server at `url` (`http[s]://[user:password@]host[:port][/prefix]`),
-        create database `db_name` if it is missing and set its `_revs_limit`."""
+        create database `db_name` if it is missing and set its `_revs_limit`.
+
+        A server without `_revs_limit` (a stock pouchdb-server), or one that does not let us
+        set it, keeps its own stemming: one warning says so, and this store cuts the histories
+        it sends and hands out to `revs_limit` revisions itself."""
         if type(revs_limit) is not int or revs_limit < 1:
             raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
         if not isinstance(db_name, str) or _DB_NAME.fullmatch(db_name) is None:
@@ -106,12 +121,46 @@ class CouchDBStore(Store):
         store = cls(pool, db_url, headers, revs_limit)
         try:
             await store._create_database()
-            if await store._call("GET", "/_revs_limit") != revs_limit:
-                await store._call("PUT", "/_revs_limit", body=revs_limit)
+            await store._set_revs_limit()
         except BaseException:
             await store.aclose()
             raise
         return store
+
+    async def _set_revs_limit(self) -> None:
+        """Make the server stem to `revs_limit`, or else stem histories on our side."""
+        status, data = await self._request("GET", "/_revs_limit")
+        if status in _UNSUPPORTED:
+            self._stem_here(f"it has no _revs_limit (GET answered {_detail(status, data)})")
+            return
+        if status >= 400:
+            raise self._error(status, data, "read the database's _revs_limit")
+        if data == self.revs_limit:
+            return
+        status, data = await self._request("PUT", "/_revs_limit", body=self.revs_limit)
+        if status in _UNSUPPORTED or status in (401, 403):
+            self._stem_here(
+                f"it did not let us set _revs_limit to {self.revs_limit} "
+                f"(PUT answered {_detail(status, data)})"
+            )
+        elif status >= 400:
+            raise self._error(status, data, "set the database's _revs_limit")
+
+    def _stem_here(self, why: str) -> None:
+        self._history_limit = self.revs_limit
+        logger.warning(
+            "CouchDB at %s: %s; the server keeps its own revision stemming, and this store "
+            "cuts the histories it sends and hands out to %d revisions",
+            self._db_url, why, self.revs_limit,
+        )
+
+    def _stemmed(self, doc: Doc) -> Doc:
+        """`doc` with its `_revisions` cut to the limit the server could not be given."""
+        limit = self._history_limit
+        revisions = doc.get("_revisions")
+        if limit is not None and isinstance(revisions, dict) and len(revisions["ids"]) > limit:
+            doc["_revisions"] = {"start": revisions["start"], "ids": revisions["ids"][:limit]}
+        return doc
 
     async def _create_database(self) -> None:
         status, data = await self._request("GET", "")
@@ -163,7 +212,7 @@ class CouchDBStore(Store):
         doc = await self._call("GET", _doc_path(doc_id), params=params, action=f"get {doc_id!r}")
         if "_conflicts" in doc:
             doc["_conflicts"] = _live_winner_order(doc["_conflicts"])
-        return doc
+        return self._stemmed(doc)
 
     async def delete(self, doc_id: str, rev: str) -> str:
         check_doc_id(doc_id)
@@ -239,7 +288,10 @@ class CouchDBStore(Store):
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
                 results[i] = _failed(doc_id, exc.error, exc.reason)
         if remote:
-            wire = [_wire_doc(parsed, with_history=not new_edits) for _, parsed in remote]
+            wire = [
+                _wire_doc(parsed, with_history=not new_edits, limit=self._history_limit)
+                for _, parsed in remote
+            ]
             answer = await self._call(
                 "POST", "/_bulk_docs", body={"docs": wire, "new_edits": new_edits}
             )
@@ -275,7 +327,7 @@ class CouchDBStore(Store):
         )
         # Each result holds {"ok": doc}, or {"error": ...} / {"missing": rev} for what is not here.
         return [
-            item["ok"]
+            self._stemmed(item["ok"])
             for result in answer["results"]
             for item in result["docs"]
             if "ok" in item
@@ -488,6 +540,12 @@ class CouchDBStore(Store):
 # -- pure helpers ----------------------------------------------------------------------------
 
 
+def _detail(status: int, data: Any) -> str:
+    if isinstance(data, dict) and data.get("error"):
+        return f"HTTP {status} {data['error']}"
+    return f"HTTP {status}"
+
+
 def _parse_server_url(url: str) -> tuple[str, list[tuple[bytes, bytes]]]:
     """Split a server url into (url without credentials, request headers)."""
     if not isinstance(url, str):
@@ -531,9 +589,12 @@ def _seq_param(since: Seq) -> str:
     raise BadRequest(f"invalid sequence {since!r}: expected one handed out by this store")
 
 
-def _wire_doc(parsed: ParsedDoc, *, with_history: bool = False) -> dict[str, Any]:
+def _wire_doc(
+    parsed: ParsedDoc, *, with_history: bool = False, limit: int | None = None
+) -> dict[str, Any]:
     """A parsed doc as CouchDB takes it. `_revisions` is only sent for replicated writes:
-    with new_edits=true CouchDB would take it, not `_rev`, as the revision to update."""
+    with new_edits=true CouchDB would take it, not `_rev`, as the revision to update. `limit`
+    cuts the history sent (stemming on our side for a server that cannot be told to)."""
     doc: dict[str, Any] = {"_id": parsed.id, **parsed.body}
     if parsed.rev is not None:
         doc["_rev"] = parsed.rev
@@ -541,7 +602,7 @@ def _wire_doc(parsed: ParsedDoc, *, with_history: bool = False) -> dict[str, Any
         doc["_deleted"] = True
     if with_history:
         assert parsed.path is not None
-        doc["_revisions"] = history_of(parsed.path)
+        doc["_revisions"] = history_of(parsed.path[:limit])
     return doc
 
 
