@@ -24,6 +24,9 @@ Doc = dict[str, Any]
 
 LOCAL_PREFIX = "_local/"
 
+# The local document recording which node a database belongs to: `{"node_id": ...}`.
+OWNER_LOCAL_ID = "plugshare-owner"
+
 # Top-level fields a caller may send; every other field starting with "_" is refused.
 RESERVED_FIELDS = frozenset({"_id", "_rev", "_deleted", "_revisions", "_conflicts"})
 
@@ -52,6 +55,28 @@ class NotFound(StoreError):
 class Conflict(StoreError):
     status = 409
     error = "conflict"
+
+
+class OwnerMismatch(StoreError):
+    """The database (or SQLite file) is recorded as belonging to another node."""
+
+    status = 409
+    error = "owner_mismatch"
+
+    def __init__(self, reason: str, *, database: str, owner: str):
+        super().__init__(reason)
+        self.database = database
+        self.owner = owner
+
+
+def owner_mismatch(kind: str, name: str, owner: object, setting: str) -> OwnerMismatch:
+    """The error for store `name` (`kind`: "database" or "store") recorded as `owner`'s;
+    `setting` is the [store] key that picks another one."""
+    shown = owner if isinstance(owner, str) else f"of an unreadable owner record {owner!r}"
+    return OwnerMismatch(
+        f"{kind} {name} belongs to node {shown}; configure another [store] {setting}",
+        database=name, owner=str(owner),
+    )
 
 
 class Unavailable(StoreError):

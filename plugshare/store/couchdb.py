@@ -34,6 +34,7 @@ import httpcore
 
 from plugshare.store.base import (
     LOCAL_PREFIX,
+    OWNER_LOCAL_ID,
     BadRequest,
     Change,
     ChangesPage,
@@ -44,6 +45,7 @@ from plugshare.store.base import (
     Store,
     StoreError,
     Unavailable,
+    owner_mismatch,
 )
 from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
@@ -100,15 +102,22 @@ class CouchDBStore(Store):
         db_name: str,
         *,
         revs_limit: int = DEFAULT_REVS_LIMIT,
+        owner: str | None = None,
     ) -> CouchDBStore:
         """Connect to the server at `url` (`http[s]://[user:password@]host[:port][/prefix]`),
         create database `db_name` if it is missing and set its `_revs_limit`.
 
         A server without `_revs_limit` (a stock pouchdb-server), or one that does not let us
         set it, keeps its own stemming: one warning says so, and this store cuts the histories
-        it sends and hands out to `revs_limit` revisions itself."""
+        it sends and hands out to `revs_limit` revisions itself.
+
+        With `owner` (a node id) the database is recorded as that node's when first opened so
+        (`_local/plugshare-owner`), and one recorded as another node's is refused with
+        `OwnerMismatch`."""
         if type(revs_limit) is not int or revs_limit < 1:
             raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise BadRequest(f"owner must be a node id, not {owner!r}")
         if not isinstance(db_name, str) or _DB_NAME.fullmatch(db_name) is None:
             raise BadRequest(
                 f"invalid CouchDB database name {db_name!r}: it must match [a-z][a-z0-9_$()+/-]*"
@@ -121,6 +130,8 @@ class CouchDBStore(Store):
         store = cls(pool, db_url, headers, revs_limit)
         try:
             await store._create_database()
+            if owner is not None:
+                await store._claim(db_name, owner)
             await store._set_revs_limit()
         except BaseException:
             await store.aclose()
@@ -161,6 +172,29 @@ class CouchDBStore(Store):
         if limit is not None and isinstance(revisions, dict) and len(revisions["ids"]) > limit:
             doc["_revisions"] = {"start": revisions["start"], "ids": revisions["ids"][:limit]}
         return doc
+
+    async def _claim(self, db_name: str, owner: str) -> None:
+        """Record `owner` as the node the database belongs to, or check it is the one
+        recorded. Creating the record never overwrites one (two nodes claiming at once: the
+        second one's create fails, and it reads who won)."""
+        path = _local_path(OWNER_LOCAL_ID)
+        for _ in range(LOCAL_WRITE_ATTEMPTS):
+            status, data = await self._request("GET", path)
+            if status == 200 and isinstance(data, dict):
+                if data.get("node_id") != owner:
+                    raise owner_mismatch("database", db_name, data.get("node_id"), "database")
+                self._local_revs[OWNER_LOCAL_ID] = data["_rev"]
+                return
+            if status != 404:
+                raise self._error(status, data, "read the database's owner")
+            status, data = await self._request("PUT", path, body={"node_id": owner})
+            if status == 409:  # claimed meanwhile: read by whom
+                continue
+            if status >= 400:
+                raise self._error(status, data, "record the database's owner")
+            self._local_revs[OWNER_LOCAL_ID] = data["rev"]
+            return
+        raise Conflict(f"the owner record of database {db_name} kept changing")
 
     async def _create_database(self) -> None:
         status, data = await self._request("GET", "")

@@ -27,6 +27,7 @@ import trio
 from plugshare.store import revtree
 from plugshare.store.base import (
     LOCAL_PREFIX,
+    OWNER_LOCAL_ID,
     BadRequest,
     Change,
     ChangesPage,
@@ -36,6 +37,7 @@ from plugshare.store.base import (
     Seq,
     Store,
     StoreError,
+    owner_mismatch,
 )
 from plugshare.store.revtree import ParsedDoc, RevTree
 
@@ -131,16 +133,25 @@ class SQLiteStore(Store):
 
     @classmethod
     async def open(
-        cls, path: str | os.PathLike[str], *, revs_limit: int = revtree.DEFAULT_REVS_LIMIT
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        revs_limit: int = revtree.DEFAULT_REVS_LIMIT,
+        owner: str | None = None,
     ) -> SQLiteStore:
         """Open the store at `path`, creating the file if it does not exist.
 
         A file that is not a plugshare store, is corrupt, is unreadable or is held open by
-        another store is a `StoreError` saying which."""
+        another store is a `StoreError` saying which. With `owner` (a node id) the file is
+        recorded as that node's the first time it is opened with one (local doc
+        `plugshare-owner`), and a file recorded as another node's is refused with
+        `OwnerMismatch`, changing nothing."""
         if type(revs_limit) is not int or revs_limit < 1:
             raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise BadRequest(f"owner must be a node id, not {owner!r}")
         path = Path(path)
-        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path)
+        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path, owner)
         return cls(conn, path, revs_limit, update_seq)
 
     async def aclose(self) -> None:
@@ -581,7 +592,7 @@ def _delete_local(conn: sqlite3.Connection, local_id: str) -> None:
 # -- opening the file ----------------------------------------------------------------------
 
 
-def _open_connection(path: Path) -> tuple[sqlite3.Connection, int]:
+def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int]:
     """Open and check (or create) the store file; return the connection and its update seq."""
     if path.is_dir():
         raise StoreError(f"cannot open store {path}: it is a directory")
@@ -593,7 +604,7 @@ def _open_connection(path: Path) -> tuple[sqlite3.Connection, int]:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     try:
-        update_seq = _prepare(conn, path)
+        update_seq = _prepare(conn, path, owner)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -606,7 +617,7 @@ def _open_connection(path: Path) -> tuple[sqlite3.Connection, int]:
     return conn, update_seq
 
 
-def _prepare(conn: sqlite3.Connection, path: Path) -> int:
+def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
     # Exclusive locking before WAL: no shared-memory index, and no other connection may use
     # the file while this one is open.
     conn.execute("PRAGMA locking_mode = EXCLUSIVE")
@@ -634,6 +645,8 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> int:
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if owner is not None:
+            _claim(conn, path, owner)
         (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()
         conn.execute("COMMIT")
     except BaseException:
@@ -641,3 +654,17 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> int:
             conn.execute("ROLLBACK")
         raise
     return update_seq
+
+
+def _claim(conn: sqlite3.Connection, path: Path, owner: str) -> None:
+    """Record `owner` as the node this file belongs to, or check it is the one recorded."""
+    row = conn.execute("SELECT body FROM local_docs WHERE id = ?", (OWNER_LOCAL_ID,)).fetchone()
+    if row is None:
+        _put_local(conn, OWNER_LOCAL_ID, {"node_id": owner})
+        return
+    try:
+        recorded = json.loads(row[0]).get("node_id")
+    except (ValueError, AttributeError):
+        recorded = row[0]
+    if recorded != owner:
+        raise owner_mismatch("store", str(path), recorded, "path")
