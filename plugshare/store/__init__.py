@@ -7,11 +7,13 @@ from pathlib import Path
 
 from plugshare.config import StoreSection
 from plugshare.store.base import (
+    MAX_LEAVES,
     BadRequest,
     Change,
     ChangesPage,
     Conflict,
     Doc,
+    Forbidden,
     NotFound,
     OwnerMismatch,
     Seq,
@@ -21,8 +23,9 @@ from plugshare.store.base import (
 )
 
 __all__ = [
-    "BadRequest", "Change", "ChangesPage", "Conflict", "Doc", "NotFound", "OwnerMismatch",
-    "Seq", "Store", "StoreError", "Unavailable", "couchdb_database_name", "open_store",
+    "MAX_LEAVES", "BadRequest", "Change", "ChangesPage", "Conflict", "Doc", "Forbidden",
+    "NotFound", "OwnerMismatch", "Seq", "Store", "StoreError", "Unavailable",
+    "couchdb_database_name", "open_store",
 ]
 
 NODE_ID_IN_DB_NAME = 12  # base32 characters of the node id in a default database name (60 bits)

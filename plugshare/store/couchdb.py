@@ -13,7 +13,9 @@ CouchDB HTTP API and smooths over where servers differ from the contract:
   last one it saw and refetches it on a conflict, so callers simply replace them;
 - `_design/` documents (which this store never writes) are left out of every answer;
 - a server without `/{db}/_revs_limit` (stock pouchdb-server) or that will not let us set it
-  is found out at open time: one warning, and histories are cut to `revs_limit` here.
+  is found out at open time: one warning, and histories are cut to `revs_limit` here;
+- the server would store any number of sibling revisions: replicated writes that would take a
+  doc over `MAX_LEAVES` leaves are refused here, per doc, before the batch is sent.
 
 HTTP goes through httpcore's async connection pool (httpx's own transport layer), which runs
 natively on trio: requests are cancellable, and `aclose()` closes every connection. It costs
@@ -27,6 +29,7 @@ import base64
 import json
 import logging
 import re
+from collections import Counter
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -34,6 +37,7 @@ import httpcore
 
 from plugshare.store.base import (
     LOCAL_PREFIX,
+    MAX_LEAVES,
     OWNER_LOCAL_ID,
     BadRequest,
     Change,
@@ -66,6 +70,7 @@ HEARTBEAT_MS = 10_000  # longpoll keep-alive newlines; a feed silent for 3x this
 KEEPALIVE_EXPIRY = 4.0  # below Node's 5 s server-side keep-alive: never reuse a closing socket
 MAX_CONNECTIONS = 100  # every waiting `wait_for_change` holds one
 LOCAL_WRITE_ATTEMPTS = 10  # a local doc rewritten concurrently this often is a Conflict
+LEAF_QUERY_IDS = 100  # ids per `_changes?filter=_doc_ids` (CouchDB scans the feed above 100)
 
 DESIGN_PREFIX = "_design/"
 _DB_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
@@ -321,6 +326,11 @@ class CouchDBStore(Store):
             except StoreError as exc:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
                 results[i] = _failed(doc_id, exc.error, exc.reason)
+        if remote and not new_edits:
+            remote, refused = await self._cap_leaves(remote)
+            for i, parsed, reason in refused:
+                results[i] = {"id": parsed.id, "rev": parsed.rev, "error": "forbidden",
+                              "reason": reason}
         if remote:
             wire = [
                 _wire_doc(parsed, with_history=not new_edits, limit=self._history_limit)
@@ -344,6 +354,66 @@ class CouchDBStore(Store):
                         else _bulk_result(parsed.id, failure)
                     )
         return results  # type: ignore[return-value]  # every slot is filled above
+
+    async def _cap_leaves(
+        self, remote: list[tuple[int, ParsedDoc]]
+    ) -> tuple[list[tuple[int, ParsedDoc]], list[tuple[int, ParsedDoc, str]]]:
+        """Split replicated revisions into those to send and those refused because they
+        would give their doc more than `MAX_LEAVES` leaves (with the reason), as the SQLite
+        backend refuses them: the server would take them all, however many.
+
+        Costs one `_changes` request per `LEAF_QUERY_IDS` ids (the leaves of the docs in the
+        batch, no bodies) and, only for docs the batch could take over the cap, one
+        `_revs_diff` to tell revisions the server already has (no-ops) from new ones."""
+        ids = list(dict.fromkeys(parsed.id for _, parsed in remote))
+        leaves = await self._leaves(ids)
+        delivered = Counter(parsed.id for _, parsed in remote)
+        at_risk = {doc_id for doc_id in ids
+                   if len(leaves.get(doc_id, ())) + delivered[doc_id] > MAX_LEAVES}
+        if not at_risk:
+            return remote, []
+        asked: dict[str, list[str]] = {}
+        for _, parsed in remote:
+            if parsed.id in at_risk:
+                asked.setdefault(parsed.id, []).append(parsed.rev)  # type: ignore[arg-type]
+        diff = await self._call("POST", "/_revs_diff", body=asked)
+        missing = {(doc_id, rev) for doc_id, entry in diff.items()
+                   for rev in entry.get("missing", ())}
+        kept: list[tuple[int, ParsedDoc]] = []
+        refused: list[tuple[int, ParsedDoc, str]] = []
+        for i, parsed in remote:
+            if parsed.id not in at_risk:
+                kept.append((i, parsed))
+                continue
+            assert parsed.path is not None
+            current = leaves.setdefault(parsed.id, set())
+            new = (parsed.id, parsed.rev) in missing and parsed.rev not in current
+            ended = [rev for rev in parsed.path[1:] if rev in current]
+            growth = int(new) - len(ended)
+            if growth > 0 and len(current) + growth > MAX_LEAVES:
+                refused.append((i, parsed, (
+                    f"revision {parsed.rev} would give the document more than {MAX_LEAVES} "
+                    "leaf revisions (conflicts); resolve its conflicts first"
+                )))
+                continue
+            current.difference_update(ended)
+            if new:
+                current.add(parsed.rev)  # type: ignore[arg-type]
+                missing.discard((parsed.id, parsed.rev))  # a re-delivery in this batch: known
+            kept.append((i, parsed))
+        return kept, refused
+
+    async def _leaves(self, doc_ids: list[str]) -> dict[str, set[str]]:
+        """Every leaf revision (live or deleted) of each of `doc_ids` that exists."""
+        leaves: dict[str, set[str]] = {}
+        for start in range(0, len(doc_ids), LEAF_QUERY_IDS):
+            answer = await self._call(
+                "POST", "/_changes", params={"filter": "_doc_ids", "style": "all_docs"},
+                body={"doc_ids": doc_ids[start : start + LEAF_QUERY_IDS]},
+            )
+            for row in answer["results"]:
+                leaves[row["id"]] = {change["rev"] for change in row["changes"]}
+        return leaves
 
     async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
         pairs = []

@@ -27,12 +27,14 @@ import trio
 from plugshare.store import revtree
 from plugshare.store.base import (
     LOCAL_PREFIX,
+    MAX_LEAVES,
     OWNER_LOCAL_ID,
     BadRequest,
     Change,
     ChangesPage,
     Conflict,
     Doc,
+    Forbidden,
     NotFound,
     Seq,
     Store,
@@ -241,10 +243,15 @@ class SQLiteStore(Store):
         self, conn: sqlite3.Connection, docs: list[ParsedDoc | StoreError], new_edits: bool
     ) -> tuple[list[str | StoreError], int]:
         """Write the parsed docs in the current transaction: the new rev or the error of each,
-        and the last seq used."""
+        and the last seq used.
+
+        Every revision of a doc is linked into its tree first; the tree is stemmed once per
+        call afterwards (stemming walks the whole tree: once per revision made a batch of many
+        revisions of one doc quadratic)."""
         records = self._load_records(
             conn, (doc.id for doc in docs if isinstance(doc, ParsedDoc) and not doc.is_local)
         )
+        before: dict[str, RevTree] = {}  # replicated docs: their tree as this call found it
         changed: dict[str, None] = {}  # ids to save, in order
         results: list[str | StoreError] = []
         for doc in docs:
@@ -255,19 +262,29 @@ class SQLiteStore(Store):
                 if doc.is_local:
                     rev = self._write_local_doc(conn, doc)
                 else:
-                    record = records.get(doc.id) or _Record(RevTree(), {})
+                    record = records.get(doc.id)
+                    if record is None:
+                        record = records[doc.id] = _Record(RevTree(), {})
                     if new_edits:
                         rev = self._edit(record, doc)
-                        modified = True
-                    else:
-                        rev, modified = self._merge(record, doc)
-                    if modified:
-                        records[doc.id] = record
                         changed[doc.id] = None
+                    else:
+                        if doc.id not in before:
+                            before[doc.id] = record.tree.copy()
+                        rev, modified = self._merge(record, doc)
+                        if modified:
+                            changed[doc.id] = None
                 results.append(rev)
             except StoreError as exc:
                 results.append(exc)
-        last_seq = self._save(conn, [(doc_id, records[doc_id]) for doc_id in changed])
+        to_save = []
+        for doc_id in changed:
+            record = records[doc_id]
+            record.tree.stem(self.revs_limit)
+            if doc_id in before and record.tree == before[doc_id]:
+                continue  # what the paths added was stemmed away again
+            to_save.append((doc_id, record))
+        last_seq = self._save(conn, to_save)
         return results, last_seq
 
     def _edit(self, record: _Record, doc: ParsedDoc) -> str:
@@ -293,20 +310,16 @@ class SQLiteStore(Store):
             )
         rev = revtree.compute_rev(parent, doc.deleted, doc.body)
         tree.add_child(parent, rev, doc.deleted)
-        tree.stem(self.revs_limit)
         record.bodies[rev] = _stored_body(doc.body, doc.deleted)
         return rev
 
     def _merge(self, record: _Record, doc: ParsedDoc) -> tuple[str, bool]:
-        """Insert a replicated revision with its history; a known one changes nothing."""
+        """Insert a replicated revision with its history; a known one changes nothing. One that
+        would give the doc more than `MAX_LEAVES` leaves is refused (`Forbidden`)."""
         assert doc.path is not None and doc.rev is not None
-        tree = record.tree
-        before = tree.copy() if tree else None
-        known = doc.rev in tree
-        if not tree.merge(doc.path, doc.deleted):
+        known = doc.rev in record.tree
+        if not record.tree.merge(doc.path, doc.deleted, max_leaves=MAX_LEAVES):
             return doc.rev, False
-        if tree.stem(self.revs_limit) and before is not None and tree == before:
-            return doc.rev, False  # what the path added was stemmed away again
         if not known:
             record.bodies[doc.rev] = _stored_body(doc.body, doc.deleted)
         return doc.rev, True
@@ -484,7 +497,12 @@ class SQLiteStore(Store):
         answer = []
         for doc, result in zip(docs, results):
             doc_id = doc.get("_id") if isinstance(doc, dict) else None
-            if isinstance(result, StoreError):
+            if isinstance(result, Forbidden):  # the refused revision is named too
+                rev = doc.get("_rev") if isinstance(doc, dict) else None
+                answer.append(
+                    {"id": doc_id, "rev": rev, "error": result.error, "reason": result.reason}
+                )
+            elif isinstance(result, StoreError):
                 answer.append({"id": doc_id, "error": result.error, "reason": result.reason})
             else:
                 answer.append({"id": doc_id, "rev": result, "ok": True})
