@@ -10,6 +10,7 @@ Concurrency: one connection, used by one worker thread at a time (a capacity lim
 so every SQLite call runs off the trio thread and writes are serialised. The file is opened in
 WAL mode with `synchronous=FULL` (a write is on disk when the call returns) and an exclusive
 lock, so a second store (in this process or another) cannot open it while this one is open.
+The file (and so its -wal and -shm, which SQLite gives the same mode) is private: 0600.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class SQLiteStore(Store):
         revs_limit: int = revtree.DEFAULT_REVS_LIMIT,
         owner: str | None = None,
     ) -> SQLiteStore:
-        """Open the store at `path`, creating the file if it does not exist.
+        """Open the store at `path`, creating the file (mode 0600) if it does not exist.
 
         A file that is not a plugshare store, is corrupt, is unreadable or is held open by
         another store is a `StoreError` saying which. With `owner` (a node id) the file is
@@ -610,12 +611,38 @@ def _delete_local(conn: sqlite3.Connection, local_id: str) -> None:
 # -- opening the file ----------------------------------------------------------------------
 
 
+_PRIVATE = 0o600
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _make_private(path: Path) -> None:
+    """Create the store file only its owner may read (SQLite gives its -wal, -shm and
+    -journal files the database file's mode), and tighten one an older version left 0644."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, _PRIVATE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create store {path}: {exc}") from exc
+    else:
+        os.close(fd)  # an empty file is an empty SQLite database
+    for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
+        try:
+            if file.stat().st_mode & 0o077:
+                os.chmod(file, _PRIVATE)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # e.g. owned by another user: opening it will tell more
+            raise StoreError(f"cannot make store file {file} private (mode 0600): {exc}") from exc
+
+
 def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int]:
     """Open and check (or create) the store file; return the connection and its update seq."""
     if path.is_dir():
         raise StoreError(f"cannot open store {path}: it is a directory")
     if not path.parent.is_dir():
         raise StoreError(f"cannot open store {path}: the directory {path.parent} does not exist")
+    _make_private(path)
     try:
         # timeout=0: a file held by another store fails at once instead of hanging.
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
