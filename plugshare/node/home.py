@@ -6,6 +6,9 @@
     <home>/keystore/          the soft keystore's sealed master key (keystore = "soft")
     <home>/store.sqlite       the embedded store (when backend = "sqlite")
     <home>/run.json           written by a running node: its pid and API address
+
+The home is private to its user: the directory is 0700 (also when it existed before `init`)
+and the files the node creates in it are 0600.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import attrs
@@ -41,6 +45,18 @@ def write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def make_private(root: Path) -> None:
+    """Make `root` and everything under it accessible to its owner only, by taking the group
+    and other permission bits away (a 0755 directory becomes 0700, a 0644 file 0600; the
+    owner's bits are kept, so a 0400 file stays 0400). Symlinks are left alone."""
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & ~0o077)
 
 
 @attrs.frozen
@@ -104,10 +120,13 @@ class Home:
                 f"{self.root} already holds a plugshare node; use another --home or remove it"
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)  # mkdir's mode is not applied to a directory that existed
         try:
             node_id, credential = create_token(self, config)
             write_private(self.owner_credential_file, credential.encode() + b"\n")
-            self.config_file.write_text(dump_config(config))  # written last: marks a whole home
+            make_private(self.root)  # whatever the token and keystore made, under any umask
+            # Written last: marks a whole home.
+            write_private(self.config_file, dump_config(config).encode())
         except BaseException:
             for leftover in (self.owner_credential_file, self.config_file):
                 leftover.unlink(missing_ok=True)

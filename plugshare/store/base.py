@@ -24,6 +24,15 @@ Doc = dict[str, Any]
 
 LOCAL_PREFIX = "_local/"
 
+# Most leaf revisions (live or deleted) a document may have. Each replicated sibling is one
+# more leaf, and every write to the doc reads all its leaves: a revision that would make a doc
+# exceed this is refused for that doc (`Forbidden` in its `bulk_docs` result), so one write
+# member cannot make a document unboundedly expensive for every node that holds it.
+MAX_LEAVES = 100
+
+# The local document recording which node a database belongs to: `{"node_id": ...}`.
+OWNER_LOCAL_ID = "plugshare-owner"
+
 # Top-level fields a caller may send; every other field starting with "_" is refused.
 RESERVED_FIELDS = frozenset({"_id", "_rev", "_deleted", "_revisions", "_conflicts"})
 
@@ -52,6 +61,36 @@ class NotFound(StoreError):
 class Conflict(StoreError):
     status = 409
     error = "conflict"
+
+
+class Forbidden(StoreError):
+    """The write is refused by policy (e.g. it would give a document over `MAX_LEAVES`
+    leaves); in `bulk_docs` results it is `{"id", "rev", "error": "forbidden", "reason"}`."""
+
+    status = 403
+    error = "forbidden"
+
+
+class OwnerMismatch(StoreError):
+    """The database (or SQLite file) is recorded as belonging to another node."""
+
+    status = 409
+    error = "owner_mismatch"
+
+    def __init__(self, reason: str, *, database: str, owner: str):
+        super().__init__(reason)
+        self.database = database
+        self.owner = owner
+
+
+def owner_mismatch(kind: str, name: str, owner: object, setting: str) -> OwnerMismatch:
+    """The error for store `name` (`kind`: "database" or "store") recorded as `owner`'s;
+    `setting` is the [store] key that picks another one."""
+    shown = owner if isinstance(owner, str) else f"of an unreadable owner record {owner!r}"
+    return OwnerMismatch(
+        f"{kind} {name} belongs to node {shown}; configure another [store] {setting}",
+        database=name, owner=str(owner),
+    )
 
 
 class Unavailable(StoreError):
@@ -147,6 +186,8 @@ class Store(abc.ABC):
         With `new_edits=False` (replication) each doc carries `_rev` and `_revisions`
         (`{"start", "ids"}`, newest first) and is inserted as-is into the revision tree,
         merging with what is there; an already known revision is a no-op, never an error.
+        A revision that would give its doc more than `MAX_LEAVES` leaves is refused for that
+        doc alone: `{"id", "rev", "error": "forbidden", "reason"}` (the others are written).
         The write is durable when the call returns."""
 
     @abc.abstractmethod

@@ -11,7 +11,11 @@ CouchDB HTTP API and smooths over where servers differ from the contract:
   order and shape (pouchdb-server lists leaves in tree order and omits `possible_ancestors`);
 - `_local` docs need their current `_rev` to be updated on CouchDB; the store remembers the
   last one it saw and refetches it on a conflict, so callers simply replace them;
-- `_design/` documents (which this store never writes) are left out of every answer.
+- `_design/` documents (which this store never writes) are left out of every answer;
+- a server without `/{db}/_revs_limit` (stock pouchdb-server) or that will not let us set it
+  is found out at open time: one warning, and histories are cut to `revs_limit` here;
+- the server would store any number of sibling revisions: replicated writes that would take a
+  doc over `MAX_LEAVES` leaves are refused here, per doc, before the batch is sent.
 
 HTTP goes through httpcore's async connection pool (httpx's own transport layer), which runs
 natively on trio: requests are cancellable, and `aclose()` closes every connection. It costs
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+from collections import Counter
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -31,6 +37,8 @@ import httpcore
 
 from plugshare.store.base import (
     LOCAL_PREFIX,
+    MAX_LEAVES,
+    OWNER_LOCAL_ID,
     BadRequest,
     Change,
     ChangesPage,
@@ -41,6 +49,7 @@ from plugshare.store.base import (
     Store,
     StoreError,
     Unavailable,
+    owner_mismatch,
 )
 from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
@@ -53,16 +62,20 @@ from plugshare.store.revtree import (
     parse_rev,
 )
 
+logger = logging.getLogger("plugshare.store")
+
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails within this
 READ_TIMEOUT = 120.0  # a large _bulk_docs on a busy server can take a while
 HEARTBEAT_MS = 10_000  # longpoll keep-alive newlines; a feed silent for 3x this is dead
 KEEPALIVE_EXPIRY = 4.0  # below Node's 5 s server-side keep-alive: never reuse a closing socket
 MAX_CONNECTIONS = 100  # every waiting `wait_for_change` holds one
 LOCAL_WRITE_ATTEMPTS = 10  # a local doc rewritten concurrently this often is a Conflict
+LEAF_QUERY_IDS = 100  # ids per `_changes?filter=_doc_ids` (CouchDB scans the feed above 100)
 
 DESIGN_PREFIX = "_design/"
 _DB_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
 _JSON_HEADERS = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+_UNSUPPORTED = (400, 404, 405, 501)  # how servers without an endpoint answer it
 _REQUEST_FAILURES = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 
 
@@ -84,16 +97,32 @@ class CouchDBStore(Store):
         self._db_url = db_url  # no trailing slash, no credentials: safe to show in messages
         self._headers = headers  # JSON content type, and Basic auth when the url had a user
         self._local_revs: dict[str, str] = {}  # local id -> the last `_rev` seen
+        self._history_limit: int | None = None  # set when the server cannot stem for us
         self._closed = False
 
     @classmethod
     async def open(
-        cls, url: str, db_name: str, *, revs_limit: int = DEFAULT_REVS_LIMIT
+        cls,
+        url: str,
+        db_name: str,
+        *,
+        revs_limit: int = DEFAULT_REVS_LIMIT,
+        owner: str | None = None,
     ) -> CouchDBStore:
         """Connect to the server at `url` (`http[s]://[user:password@]host[:port][/prefix]`),
-        create database `db_name` if it is missing and set its `_revs_limit`."""
+        create database `db_name` if it is missing and set its `_revs_limit`.
+
+        A server without `_revs_limit` (a stock pouchdb-server), or one that does not let us
+        set it, keeps its own stemming: one warning says so, and this store cuts the histories
+        it sends and hands out to `revs_limit` revisions itself.
+
+        With `owner` (a node id) the database is recorded as that node's when first opened so
+        (`_local/plugshare-owner`), and one recorded as another node's is refused with
+        `OwnerMismatch`."""
         if type(revs_limit) is not int or revs_limit < 1:
             raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise BadRequest(f"owner must be a node id, not {owner!r}")
         if not isinstance(db_name, str) or _DB_NAME.fullmatch(db_name) is None:
             raise BadRequest(
                 f"invalid CouchDB database name {db_name!r}: it must match [a-z][a-z0-9_$()+/-]*"
@@ -106,12 +135,71 @@ class CouchDBStore(Store):
         store = cls(pool, db_url, headers, revs_limit)
         try:
             await store._create_database()
-            if await store._call("GET", "/_revs_limit") != revs_limit:
-                await store._call("PUT", "/_revs_limit", body=revs_limit)
+            if owner is not None:
+                await store._claim(db_name, owner)
+            await store._set_revs_limit()
         except BaseException:
             await store.aclose()
             raise
         return store
+
+    async def _set_revs_limit(self) -> None:
+        """Make the server stem to `revs_limit`, or else stem histories on our side."""
+        status, data = await self._request("GET", "/_revs_limit")
+        if status in _UNSUPPORTED:
+            self._stem_here(f"it has no _revs_limit (GET answered {_detail(status, data)})")
+            return
+        if status >= 400:
+            raise self._error(status, data, "read the database's _revs_limit")
+        if data == self.revs_limit:
+            return
+        status, data = await self._request("PUT", "/_revs_limit", body=self.revs_limit)
+        if status in _UNSUPPORTED or status in (401, 403):
+            self._stem_here(
+                f"it did not let us set _revs_limit to {self.revs_limit} "
+                f"(PUT answered {_detail(status, data)})"
+            )
+        elif status >= 400:
+            raise self._error(status, data, "set the database's _revs_limit")
+
+    def _stem_here(self, why: str) -> None:
+        self._history_limit = self.revs_limit
+        logger.warning(
+            "CouchDB at %s: %s; the server keeps its own revision stemming, and this store "
+            "cuts the histories it sends and hands out to %d revisions",
+            self._db_url, why, self.revs_limit,
+        )
+
+    def _stemmed(self, doc: Doc) -> Doc:
+        """`doc` with its `_revisions` cut to the limit the server could not be given."""
+        limit = self._history_limit
+        revisions = doc.get("_revisions")
+        if limit is not None and isinstance(revisions, dict) and len(revisions["ids"]) > limit:
+            doc["_revisions"] = {"start": revisions["start"], "ids": revisions["ids"][:limit]}
+        return doc
+
+    async def _claim(self, db_name: str, owner: str) -> None:
+        """Record `owner` as the node the database belongs to, or check it is the one
+        recorded. Creating the record never overwrites one (two nodes claiming at once: the
+        second one's create fails, and it reads who won)."""
+        path = _local_path(OWNER_LOCAL_ID)
+        for _ in range(LOCAL_WRITE_ATTEMPTS):
+            status, data = await self._request("GET", path)
+            if status == 200 and isinstance(data, dict):
+                if data.get("node_id") != owner:
+                    raise owner_mismatch("database", db_name, data.get("node_id"), "database")
+                self._local_revs[OWNER_LOCAL_ID] = data["_rev"]
+                return
+            if status != 404:
+                raise self._error(status, data, "read the database's owner")
+            status, data = await self._request("PUT", path, body={"node_id": owner})
+            if status == 409:  # claimed meanwhile: read by whom
+                continue
+            if status >= 400:
+                raise self._error(status, data, "record the database's owner")
+            self._local_revs[OWNER_LOCAL_ID] = data["rev"]
+            return
+        raise Conflict(f"the owner record of database {db_name} kept changing")
 
     async def _create_database(self) -> None:
         status, data = await self._request("GET", "")
@@ -163,7 +251,7 @@ class CouchDBStore(Store):
         doc = await self._call("GET", _doc_path(doc_id), params=params, action=f"get {doc_id!r}")
         if "_conflicts" in doc:
             doc["_conflicts"] = _live_winner_order(doc["_conflicts"])
-        return doc
+        return self._stemmed(doc)
 
     async def delete(self, doc_id: str, rev: str) -> str:
         check_doc_id(doc_id)
@@ -238,8 +326,16 @@ class CouchDBStore(Store):
             except StoreError as exc:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
                 results[i] = _failed(doc_id, exc.error, exc.reason)
+        if remote and not new_edits:
+            remote, refused = await self._cap_leaves(remote)
+            for i, parsed, reason in refused:
+                results[i] = {"id": parsed.id, "rev": parsed.rev, "error": "forbidden",
+                              "reason": reason}
         if remote:
-            wire = [_wire_doc(parsed, with_history=not new_edits) for _, parsed in remote]
+            wire = [
+                _wire_doc(parsed, with_history=not new_edits, limit=self._history_limit)
+                for _, parsed in remote
+            ]
             answer = await self._call(
                 "POST", "/_bulk_docs", body={"docs": wire, "new_edits": new_edits}
             )
@@ -259,6 +355,66 @@ class CouchDBStore(Store):
                     )
         return results  # type: ignore[return-value]  # every slot is filled above
 
+    async def _cap_leaves(
+        self, remote: list[tuple[int, ParsedDoc]]
+    ) -> tuple[list[tuple[int, ParsedDoc]], list[tuple[int, ParsedDoc, str]]]:
+        """Split replicated revisions into those to send and those refused because they
+        would give their doc more than `MAX_LEAVES` leaves (with the reason), as the SQLite
+        backend refuses them: the server would take them all, however many.
+
+        Costs one `_changes` request per `LEAF_QUERY_IDS` ids (the leaves of the docs in the
+        batch, no bodies) and, only for docs the batch could take over the cap, one
+        `_revs_diff` to tell revisions the server already has (no-ops) from new ones."""
+        ids = list(dict.fromkeys(parsed.id for _, parsed in remote))
+        leaves = await self._leaves(ids)
+        delivered = Counter(parsed.id for _, parsed in remote)
+        at_risk = {doc_id for doc_id in ids
+                   if len(leaves.get(doc_id, ())) + delivered[doc_id] > MAX_LEAVES}
+        if not at_risk:
+            return remote, []
+        asked: dict[str, list[str]] = {}
+        for _, parsed in remote:
+            if parsed.id in at_risk:
+                asked.setdefault(parsed.id, []).append(parsed.rev)  # type: ignore[arg-type]
+        diff = await self._call("POST", "/_revs_diff", body=asked)
+        missing = {(doc_id, rev) for doc_id, entry in diff.items()
+                   for rev in entry.get("missing", ())}
+        kept: list[tuple[int, ParsedDoc]] = []
+        refused: list[tuple[int, ParsedDoc, str]] = []
+        for i, parsed in remote:
+            if parsed.id not in at_risk:
+                kept.append((i, parsed))
+                continue
+            assert parsed.path is not None
+            current = leaves.setdefault(parsed.id, set())
+            new = (parsed.id, parsed.rev) in missing and parsed.rev not in current
+            ended = [rev for rev in parsed.path[1:] if rev in current]
+            growth = int(new) - len(ended)
+            if growth > 0 and len(current) + growth > MAX_LEAVES:
+                refused.append((i, parsed, (
+                    f"revision {parsed.rev} would give the document more than {MAX_LEAVES} "
+                    "leaf revisions (conflicts); resolve its conflicts first"
+                )))
+                continue
+            current.difference_update(ended)
+            if new:
+                current.add(parsed.rev)  # type: ignore[arg-type]
+                missing.discard((parsed.id, parsed.rev))  # a re-delivery in this batch: known
+            kept.append((i, parsed))
+        return kept, refused
+
+    async def _leaves(self, doc_ids: list[str]) -> dict[str, set[str]]:
+        """Every leaf revision (live or deleted) of each of `doc_ids` that exists."""
+        leaves: dict[str, set[str]] = {}
+        for start in range(0, len(doc_ids), LEAF_QUERY_IDS):
+            answer = await self._call(
+                "POST", "/_changes", params={"filter": "_doc_ids", "style": "all_docs"},
+                body={"doc_ids": doc_ids[start : start + LEAF_QUERY_IDS]},
+            )
+            for row in answer["results"]:
+                leaves[row["id"]] = {change["rev"] for change in row["changes"]}
+        return leaves
+
     async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
         pairs = []
         for pair in wanted:
@@ -275,7 +431,7 @@ class CouchDBStore(Store):
         )
         # Each result holds {"ok": doc}, or {"error": ...} / {"missing": rev} for what is not here.
         return [
-            item["ok"]
+            self._stemmed(item["ok"])
             for result in answer["results"]
             for item in result["docs"]
             if "ok" in item
@@ -488,6 +644,12 @@ class CouchDBStore(Store):
 # -- pure helpers ----------------------------------------------------------------------------
 
 
+def _detail(status: int, data: Any) -> str:
+    if isinstance(data, dict) and data.get("error"):
+        return f"HTTP {status} {data['error']}"
+    return f"HTTP {status}"
+
+
 def _parse_server_url(url: str) -> tuple[str, list[tuple[bytes, bytes]]]:
     """Split a server url into (url without credentials, request headers)."""
     if not isinstance(url, str):
@@ -531,9 +693,12 @@ def _seq_param(since: Seq) -> str:
     raise BadRequest(f"invalid sequence {since!r}: expected one handed out by this store")
 
 
-def _wire_doc(parsed: ParsedDoc, *, with_history: bool = False) -> dict[str, Any]:
+def _wire_doc(
+    parsed: ParsedDoc, *, with_history: bool = False, limit: int | None = None
+) -> dict[str, Any]:
     """A parsed doc as CouchDB takes it. `_revisions` is only sent for replicated writes:
-    with new_edits=true CouchDB would take it, not `_rev`, as the revision to update."""
+    with new_edits=true CouchDB would take it, not `_rev`, as the revision to update. `limit`
+    cuts the history sent (stemming on our side for a server that cannot be told to)."""
     doc: dict[str, Any] = {"_id": parsed.id, **parsed.body}
     if parsed.rev is not None:
         doc["_rev"] = parsed.rev
@@ -541,7 +706,7 @@ def _wire_doc(parsed: ParsedDoc, *, with_history: bool = False) -> dict[str, Any
         doc["_deleted"] = True
     if with_history:
         assert parsed.path is not None
-        doc["_revisions"] = history_of(parsed.path)
+        doc["_revisions"] = history_of(parsed.path[:limit])
     return doc
 
 

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from plugshare.store.base import LOCAL_PREFIX, RESERVED_FIELDS, BadRequest
+from plugshare.store.base import LOCAL_PREFIX, RESERVED_FIELDS, BadRequest, Forbidden
 
 DEFAULT_REVS_LIMIT = 1000
 
@@ -268,12 +268,16 @@ class _Node(NamedTuple):
 
 
 class RevTree:
-    """The revision forest of one document. Mutable; `copy()` is cheap (nodes are frozen)."""
+    """The revision forest of one document. Mutable; `copy()` is cheap (nodes are frozen).
 
-    __slots__ = ("_nodes",)
+    Besides the nodes it keeps how many children each revision has, so finding, counting and
+    testing leaves costs O(leaves) or O(1), not a walk over every revision."""
+
+    __slots__ = ("_nodes", "_children")
 
     def __init__(self) -> None:
         self._nodes: dict[str, _Node] = {}
+        self._children: dict[str, int] = {}  # rev -> its number of children (absent: a leaf)
 
     # -- reading
 
@@ -294,6 +298,7 @@ class RevTree:
     def copy(self) -> RevTree:
         twin = RevTree()
         twin._nodes = dict(self._nodes)
+        twin._children = dict(self._children)
         return twin
 
     def revs(self) -> set[str]:
@@ -302,19 +307,22 @@ class RevTree:
     def parent(self, rev: str) -> str | None:
         return self._nodes[rev].parent
 
+    def leaf_count(self) -> int:
+        return len(self._nodes) - len(self._children)
+
     def leaves(self) -> list[Leaf]:
         """Every leaf, the winner first, then in the same order."""
-        parents = {node.parent for node in self._nodes.values()}
+        children = self._children
         leaves = [
             Leaf(rev, node.pos, node.hash, node.deleted)
             for rev, node in self._nodes.items()
-            if rev not in parents
+            if rev not in children
         ]
         leaves.sort(key=Leaf.sort_key, reverse=True)
         return leaves
 
     def is_leaf(self, rev: str) -> bool:
-        return rev in self._nodes and all(node.parent != rev for node in self._nodes.values())
+        return rev in self._nodes and rev not in self._children
 
     def winner(self) -> Leaf:
         """The winning leaf; `ValueError` for an empty tree."""
@@ -363,13 +371,26 @@ class RevTree:
                     f"forged history: revision {child} has parent {node.parent}, not {parent}"
                 )
 
-    def merge(self, path: Sequence[str], deleted: bool = False) -> bool:
+    def merge(
+        self, path: Sequence[str], deleted: bool = False, *, max_leaves: int | None = None
+    ) -> bool:
         """Link a path of revisions (newest first, consecutive generations, as given by
         `parse_history`) into the tree; `deleted` is the newest revision's flag. A known
-        revision keeps what is known about it. Returns whether the tree changed."""
+        revision keeps what is known about it. Returns whether the tree changed.
+
+        With `max_leaves`, a path that would leave the tree with more leaves than that (and
+        more than it has) is refused with `Forbidden` before anything changes."""
         self.check_path(path)
-        changed = False
         nodes = self._nodes
+        if max_leaves is not None:
+            growth = self.leaf_growth(path)
+            if growth > 0 and self.leaf_count() + growth > max_leaves:
+                raise Forbidden(
+                    f"revision {path[0]} would give the document more than {max_leaves} leaf "
+                    f"revisions (conflicts); resolve its conflicts first"
+                )
+        changed = False
+        children = self._children
         last = len(path) - 1
         for i, rev in enumerate(path):
             parent = path[i + 1] if i < last else None
@@ -377,6 +398,8 @@ class RevTree:
             if node is None:
                 pos, rev_hash = parse_rev(rev)
                 nodes[rev] = _Node(pos, rev_hash, parent, deleted and i == 0)
+                if parent is not None:
+                    children[parent] = children.get(parent, 0) + 1
                 changed = True
                 continue
             rejoin = node.parent is None and parent is not None  # a stemmed root regains history
@@ -384,8 +407,22 @@ class RevTree:
             if rejoin or inner:
                 new_parent = parent if rejoin else node.parent
                 nodes[rev] = _Node(node.pos, node.hash, new_parent, node.deleted and i == 0)
+                if rejoin:
+                    children[parent] = children.get(parent, 0) + 1  # type: ignore[index]
                 changed = True
         return changed
+
+    def leaf_growth(self, path: Sequence[str]) -> int:
+        """How many leaves merging `path` would add (negative: remove), in O(len(path)): its
+        newest revision is a new leaf unless known, and the known leaves among its older
+        revisions stop being leaves."""
+        nodes, children = self._nodes, self._children
+        growth = 0 if path[0] in nodes else 1
+        for i in range(1, len(path)):
+            rev = path[i]
+            if rev in nodes and rev not in children:
+                growth -= 1
+        return growth
 
     def add_child(self, parent: str | None, rev: str, deleted: bool) -> None:
         """Add a new edit `rev` on top of `parent` (None: a first revision)."""
@@ -415,7 +452,15 @@ class RevTree:
                     nodes[rev] = node._replace(parent=None)
             for rev in removed:
                 del nodes[rev]
+            self._count_children()
         return removed
+
+    def _count_children(self) -> None:
+        children: dict[str, int] = {}
+        for node in self._nodes.values():
+            if node.parent is not None:
+                children[node.parent] = children.get(node.parent, 0) + 1
+        self._children = children
 
     # -- storage
 
@@ -452,4 +497,5 @@ class RevTree:
                 revs.append(rev)
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"not a revision tree: {exc}") from exc
+        tree._count_children()
         return tree

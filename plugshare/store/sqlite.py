@@ -10,6 +10,7 @@ Concurrency: one connection, used by one worker thread at a time (a capacity lim
 so every SQLite call runs off the trio thread and writes are serialised. The file is opened in
 WAL mode with `synchronous=FULL` (a write is on disk when the call returns) and an exclusive
 lock, so a second store (in this process or another) cannot open it while this one is open.
+The file (and so its -wal and -shm, which SQLite gives the same mode) is private: 0600.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ import trio
 from plugshare.store import revtree
 from plugshare.store.base import (
     LOCAL_PREFIX,
+    MAX_LEAVES,
+    OWNER_LOCAL_ID,
     BadRequest,
     Change,
     ChangesPage,
     Conflict,
     Doc,
+    Forbidden,
     NotFound,
     Seq,
     Store,
     StoreError,
+    owner_mismatch,
 )
 from plugshare.store.revtree import ParsedDoc, RevTree
 
@@ -131,16 +136,25 @@ class SQLiteStore(Store):
 
     @classmethod
     async def open(
-        cls, path: str | os.PathLike[str], *, revs_limit: int = revtree.DEFAULT_REVS_LIMIT
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        revs_limit: int = revtree.DEFAULT_REVS_LIMIT,
+        owner: str | None = None,
     ) -> SQLiteStore:
-        """Open the store at `path`, creating the file if it does not exist.
+        """Open the store at `path`, creating the file (mode 0600) if it does not exist.
 
         A file that is not a plugshare store, is corrupt, is unreadable or is held open by
-        another store is a `StoreError` saying which."""
+        another store is a `StoreError` saying which. With `owner` (a node id) the file is
+        recorded as that node's the first time it is opened with one (local doc
+        `plugshare-owner`), and a file recorded as another node's is refused with
+        `OwnerMismatch`, changing nothing."""
         if type(revs_limit) is not int or revs_limit < 1:
             raise BadRequest(f"revs_limit must be an integer >= 1, not {revs_limit!r}")
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise BadRequest(f"owner must be a node id, not {owner!r}")
         path = Path(path)
-        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path)
+        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path, owner)
         return cls(conn, path, revs_limit, update_seq)
 
     async def aclose(self) -> None:
@@ -230,10 +244,15 @@ class SQLiteStore(Store):
         self, conn: sqlite3.Connection, docs: list[ParsedDoc | StoreError], new_edits: bool
     ) -> tuple[list[str | StoreError], int]:
         """Write the parsed docs in the current transaction: the new rev or the error of each,
-        and the last seq used."""
+        and the last seq used.
+
+        Every revision of a doc is linked into its tree first; the tree is stemmed once per
+        call afterwards (stemming walks the whole tree: once per revision made a batch of many
+        revisions of one doc quadratic)."""
         records = self._load_records(
             conn, (doc.id for doc in docs if isinstance(doc, ParsedDoc) and not doc.is_local)
         )
+        before: dict[str, RevTree] = {}  # replicated docs: their tree as this call found it
         changed: dict[str, None] = {}  # ids to save, in order
         results: list[str | StoreError] = []
         for doc in docs:
@@ -244,19 +263,29 @@ class SQLiteStore(Store):
                 if doc.is_local:
                     rev = self._write_local_doc(conn, doc)
                 else:
-                    record = records.get(doc.id) or _Record(RevTree(), {})
+                    record = records.get(doc.id)
+                    if record is None:
+                        record = records[doc.id] = _Record(RevTree(), {})
                     if new_edits:
                         rev = self._edit(record, doc)
-                        modified = True
-                    else:
-                        rev, modified = self._merge(record, doc)
-                    if modified:
-                        records[doc.id] = record
                         changed[doc.id] = None
+                    else:
+                        if doc.id not in before:
+                            before[doc.id] = record.tree.copy()
+                        rev, modified = self._merge(record, doc)
+                        if modified:
+                            changed[doc.id] = None
                 results.append(rev)
             except StoreError as exc:
                 results.append(exc)
-        last_seq = self._save(conn, [(doc_id, records[doc_id]) for doc_id in changed])
+        to_save = []
+        for doc_id in changed:
+            record = records[doc_id]
+            record.tree.stem(self.revs_limit)
+            if doc_id in before and record.tree == before[doc_id]:
+                continue  # what the paths added was stemmed away again
+            to_save.append((doc_id, record))
+        last_seq = self._save(conn, to_save)
         return results, last_seq
 
     def _edit(self, record: _Record, doc: ParsedDoc) -> str:
@@ -282,20 +311,16 @@ class SQLiteStore(Store):
             )
         rev = revtree.compute_rev(parent, doc.deleted, doc.body)
         tree.add_child(parent, rev, doc.deleted)
-        tree.stem(self.revs_limit)
         record.bodies[rev] = _stored_body(doc.body, doc.deleted)
         return rev
 
     def _merge(self, record: _Record, doc: ParsedDoc) -> tuple[str, bool]:
-        """Insert a replicated revision with its history; a known one changes nothing."""
+        """Insert a replicated revision with its history; a known one changes nothing. One that
+        would give the doc more than `MAX_LEAVES` leaves is refused (`Forbidden`)."""
         assert doc.path is not None and doc.rev is not None
-        tree = record.tree
-        before = tree.copy() if tree else None
-        known = doc.rev in tree
-        if not tree.merge(doc.path, doc.deleted):
+        known = doc.rev in record.tree
+        if not record.tree.merge(doc.path, doc.deleted, max_leaves=MAX_LEAVES):
             return doc.rev, False
-        if tree.stem(self.revs_limit) and before is not None and tree == before:
-            return doc.rev, False  # what the path added was stemmed away again
         if not known:
             record.bodies[doc.rev] = _stored_body(doc.body, doc.deleted)
         return doc.rev, True
@@ -473,7 +498,12 @@ class SQLiteStore(Store):
         answer = []
         for doc, result in zip(docs, results):
             doc_id = doc.get("_id") if isinstance(doc, dict) else None
-            if isinstance(result, StoreError):
+            if isinstance(result, Forbidden):  # the refused revision is named too
+                rev = doc.get("_rev") if isinstance(doc, dict) else None
+                answer.append(
+                    {"id": doc_id, "rev": rev, "error": result.error, "reason": result.reason}
+                )
+            elif isinstance(result, StoreError):
                 answer.append({"id": doc_id, "error": result.error, "reason": result.reason})
             else:
                 answer.append({"id": doc_id, "rev": result, "ok": True})
@@ -581,19 +611,45 @@ def _delete_local(conn: sqlite3.Connection, local_id: str) -> None:
 # -- opening the file ----------------------------------------------------------------------
 
 
-def _open_connection(path: Path) -> tuple[sqlite3.Connection, int]:
+_PRIVATE = 0o600
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _make_private(path: Path) -> None:
+    """Create the store file only its owner may read (SQLite gives its -wal, -shm and
+    -journal files the database file's mode), and tighten one an older version left 0644."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, _PRIVATE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create store {path}: {exc}") from exc
+    else:
+        os.close(fd)  # an empty file is an empty SQLite database
+    for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
+        try:
+            if file.stat().st_mode & 0o077:
+                os.chmod(file, _PRIVATE)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # e.g. owned by another user: opening it will tell more
+            raise StoreError(f"cannot make store file {file} private (mode 0600): {exc}") from exc
+
+
+def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int]:
     """Open and check (or create) the store file; return the connection and its update seq."""
     if path.is_dir():
         raise StoreError(f"cannot open store {path}: it is a directory")
     if not path.parent.is_dir():
         raise StoreError(f"cannot open store {path}: the directory {path.parent} does not exist")
+    _make_private(path)
     try:
         # timeout=0: a file held by another store fails at once instead of hanging.
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     try:
-        update_seq = _prepare(conn, path)
+        update_seq = _prepare(conn, path, owner)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -606,7 +662,7 @@ def _open_connection(path: Path) -> tuple[sqlite3.Connection, int]:
     return conn, update_seq
 
 
-def _prepare(conn: sqlite3.Connection, path: Path) -> int:
+def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
     # Exclusive locking before WAL: no shared-memory index, and no other connection may use
     # the file while this one is open.
     conn.execute("PRAGMA locking_mode = EXCLUSIVE")
@@ -634,6 +690,8 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> int:
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if owner is not None:
+            _claim(conn, path, owner)
         (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()
         conn.execute("COMMIT")
     except BaseException:
@@ -641,3 +699,17 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> int:
             conn.execute("ROLLBACK")
         raise
     return update_seq
+
+
+def _claim(conn: sqlite3.Connection, path: Path, owner: str) -> None:
+    """Record `owner` as the node this file belongs to, or check it is the one recorded."""
+    row = conn.execute("SELECT body FROM local_docs WHERE id = ?", (OWNER_LOCAL_ID,)).fetchone()
+    if row is None:
+        _put_local(conn, OWNER_LOCAL_ID, {"node_id": owner})
+        return
+    try:
+        recorded = json.loads(row[0]).get("node_id")
+    except (ValueError, AttributeError):
+        recorded = row[0]
+    if recorded != owner:
+        raise owner_mismatch("store", str(path), recorded, "path")

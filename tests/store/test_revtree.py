@@ -570,3 +570,47 @@ def test_stemming_keeps_the_last_revisions_of_every_leaf_path(data):
         cut = next((i for i, ancestor in enumerate(path) if ancestor not in kept), len(path))
         assert tree.path(rev) == path[:cut]
     assert RevTree.from_obj(tree.to_obj()) == tree
+
+
+# -- the leaf cap ---------------------------------------------------------------------------
+
+
+def test_merge_refuses_a_path_that_would_exceed_max_leaves_and_changes_nothing():
+    from plugshare.store.base import Forbidden
+
+    root = r(1, "root")
+    tree = tree_of(*[(r(2, f"s{i}"), root) for i in range(3)])
+    assert tree.leaf_count() == 3
+    before = tree.copy()
+    with pytest.raises(Forbidden, match="more than 3 leaf revisions"):
+        tree.merge((r(2, "s3"), root), max_leaves=3)
+    assert tree == before and tree.leaf_count() == 3
+    assert not tree.merge((r(2, "s0"), root), max_leaves=3)  # known: a no-op, never refused
+    assert tree.merge((r(3, "child"), r(2, "s0"), root), max_leaves=3)  # replaces its leaf
+    assert tree.leaf_count() == 3 and not tree.is_leaf(r(2, "s0"))
+
+
+def test_leaf_growth_counts_new_leaves_and_extended_ones():
+    tree = tree_of(chain(r(1, "a"), r(2, "b")))
+    assert tree.leaf_growth((r(3, "c"), r(2, "b"))) == 0  # extends the leaf
+    assert tree.leaf_growth((r(2, "x"), r(1, "a"))) == 1  # a new branch
+    assert tree.leaf_growth((r(2, "b"), r(1, "a"))) == 0  # known
+    assert tree.leaf_growth((r(1, "z"),)) == 1  # a new root
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_leaf_bookkeeping_matches_the_nodes_through_merges_and_stems(data):
+    nodes = data.draw(rev_forests())
+    tree = RevTree()
+    for rev in data.draw(st.permutations(list(nodes))):
+        path = full_path(nodes, rev)
+        tree.merge(path[: data.draw(st.integers(1, len(path)))], nodes[rev][1])
+        if data.draw(st.booleans()):
+            tree.stem(data.draw(st.integers(1, 4)))
+        parents = {tree.parent(rev) for rev in tree.revs()}
+        leaves = {rev for rev in tree.revs() if rev not in parents}
+        assert {leaf.rev for leaf in tree.leaves()} == leaves
+        assert tree.leaf_count() == len(leaves)
+        assert all(tree.is_leaf(rev) == (rev in leaves) for rev in tree.revs())
+        assert RevTree.from_obj(tree.to_obj()).leaves() == tree.leaves()

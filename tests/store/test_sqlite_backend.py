@@ -410,3 +410,28 @@ async def test_unicode_ids_and_bodies_round_trip(store):
     assert await store.get(doc["_id"]) == {**doc, "_rev": new_rev}
     [change] = (await store.changes(0)).results
     assert change.id == doc["_id"]
+
+
+async def test_a_bulk_call_stems_each_doc_once(store, monkeypatch):
+    # Stemming walks the whole tree: once per doc per call, not once per revision in it.
+    from plugshare.store.revtree import RevTree
+
+    calls = []
+    real_stem = RevTree.stem
+
+    def counting_stem(tree, limit):
+        calls.append(limit)
+        return real_stem(tree, limit)
+
+    monkeypatch.setattr(RevTree, "stem", counting_stem)
+    root = rev(1, "root")
+    batch = [replicated("doc", (rev(2, f"s{i}"), root)) for i in range(50)]
+    batch += [replicated("other", (rev(1, "other"),))]
+    results = await store.bulk_docs(batch, new_edits=False)
+    assert all(r.get("ok") for r in results)
+    assert len(calls) == 2
+    calls.clear()
+    first = await store.put({"_id": "edited"})
+    edits = [{"_id": "edited", "_rev": first, "v": 1}]
+    await store.bulk_docs(edits)
+    assert len(calls) == 2  # put, then the one-doc bulk call

@@ -23,6 +23,9 @@ pouchdb-server 4.2.0 departs from CouchDB where the store relies on it; the laun
   appears at two generations (never made by real edits: a hash covers its parent, but made by
   the contract suite's random histories) gets the wrong flag. The launcher matches the
   generation too.
+
+`running_pouchdb_server(stock=True)` starts it without the launcher, as npm ships it: what a
+node meets on a pouchdb-server nobody patched (tests/store/test_couchdb_stock_server.py).
 """
 
 from __future__ import annotations
@@ -141,14 +144,18 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _start(node: str, main: Path, workdir: Path, port: int) -> subprocess.Popen:
-    launcher = workdir / "launch.js"
-    launcher.write_text(_LAUNCHER_JS)
+def _start(node: str, main: Path, workdir: Path, port: int, *, stock: bool) -> subprocess.Popen:
+    if stock:
+        entry = [str(main)]  # pouchdb-server as npm ships it
+    else:
+        launcher = workdir / "launch.js"
+        launcher.write_text(_LAUNCHER_JS)
+        entry = [str(launcher), str(main)]
     output = open(workdir / "server.out", "wb")
     try:
         return subprocess.Popen(
             [
-                node, str(launcher), str(main),
+                node, *entry,
                 "--in-memory", "--host", "127.0.0.1", "--port", str(port),
                 "--dir", str(workdir), "--config", str(workdir / "config.json"),
                 "--no-stdout-logs", "--no-color",
@@ -182,8 +189,11 @@ def _wait_until_answering(
 
 
 @contextlib.contextmanager
-def running_pouchdb_server() -> Iterator[str]:
-    """Run an in-memory pouchdb-server on a free loopback port; yield `http://127.0.0.1:PORT`."""
+def running_pouchdb_server(*, stock: bool = False) -> Iterator[str]:
+    """Run an in-memory pouchdb-server on a free loopback port; yield `http://127.0.0.1:PORT`.
+
+    `stock=True` starts it as npm ships it, without the launcher's patches (no `_revs_limit`,
+    PouchDB's own `_revs_diff` and merge): what a node meets on a server nobody patched."""
     node = shutil.which("node")
     if node is None:
         raise PouchDBServerError("node is not on PATH: install Node.js (>= 18) and npm")
@@ -199,7 +209,7 @@ def running_pouchdb_server() -> Iterator[str]:
         for _ in range(_PORT_ATTEMPTS):
             port = _free_loopback_port()
             url = f"http://127.0.0.1:{port}"
-            process = _start(node, main, workdir, port)
+            process = _start(node, main, workdir, port, stock=stock)
             if _wait_until_answering(process, url, server_uuid, workdir):
                 break
             output = (workdir / "server.out").read_text(errors="replace")[-2000:]
