@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from plugshare.token import OWNER, Pkcs11Keystore, SoftKeystore, Token, open_doc  # noqa: E402
+from plugshare.token.inside import OWNER, Pkcs11Keystore, SoftKeystore, Token, open_doc  # noqa: E402
 from plugshare.token.pkcs11_keystore import DEFAULT_MODULE  # noqa: E402
 
 

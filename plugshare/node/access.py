@@ -1,32 +1,19 @@
-"""The node's one door to its token: authentication, decisions, sealing.
+"""The node's side of the token's door: the client, what the node may know, HTTP errors.
 
-The node never decides an access itself and never holds a key: it asks `Access`, which asks
-the token. This module only adapts the token's interface to HTTP-shaped questions.
+The node never decides an access and never holds a key: every request goes to the token
+process as one command (see `plugshare.token.door`). This module keeps the little the node
+routes by — its public identity and the shares' signed manifests, refreshed after every change —
+and names the errors the API maps to HTTP.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import attrs
 
-from plugshare.config import Config, TokenSection
 from plugshare.errors import PlugshareError
-from plugshare.token import (
-    AccessDenied,
-    AuthenticationError,
-    Decision,
-    IntegrityError,
-    Keystore,
-    Pkcs11Keystore,
-    Principal,
-    SoftKeystore,
-    Token,
-    TokenError,
-)
-from plugshare.token.envelope import is_sealed
-from plugshare.token.keystore import read_secret_source
+from plugshare.sharing.manifest import Manifest
 
-__all__ = ["Access", "AuthenticationFailed", "Forbidden", "Principal", "create_token",
-           "open_access"]
+__all__ = ["AuthenticationFailed", "Forbidden", "Identity", "ShareView", "Tampered"]
 
 
 class AuthenticationFailed(PlugshareError):
@@ -47,108 +34,86 @@ class Tampered(PlugshareError):
     error = "integrity"
 
 
-class TokenUnavailable(PlugshareError):
-    """The token's state or keystore cannot be opened."""
+def bearer(authorization: str | None) -> str:
+    """The credential of an `Authorization: Bearer ...` header."""
+    scheme, _, credential = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise AuthenticationFailed("send the credential as 'Authorization: Bearer <credential>'")
+    return credential.strip()
 
 
-def keystore_for(section: TokenSection, home, node_name: str) -> Keystore:
-    if section.keystore == "pkcs11":
-        pin = section.pin or "env:PLUGSHARE_PKCS11_PIN"
-        return Pkcs11Keystore(section.module, section.token_label, pin,
-                              key_label=section.key_label or f"plugshare-{node_name}")
-    passphrase = None
-    if section.passphrase:
-        passphrase = read_secret_source(section.passphrase, "the token passphrase")
-    return SoftKeystore(home.keystore_dir, passphrase)
+@attrs.frozen
+class Identity:
+    """This node's public identity, as its token states it."""
+
+    node_id: str
+    name: str
+    fingerprint: bytes
+    public_key: bytes
+    x25519: bytes
+
+    @classmethod
+    async def fetch(cls, call) -> Identity:
+        info = await call("info")
+        return cls(info["node_id"], info["name"], bytes(info["fingerprint"]),
+                   bytes(info["public_key"]), bytes(info["x25519"]))
 
 
-def create_token(home, config: Config) -> tuple[str, str]:
-    """A new token for a new home; returns its node id and the owner's credential."""
-    try:
-        keystore = keystore_for(config.token, home, config.node.name)
-        token, credential = Token.create(home.token_dir, keystore, name=config.node.name)
-    except TokenError as exc:
-        raise TokenUnavailable(f"cannot create the token: {exc}") from None
-    node_id = token.node_id
-    token.close()
-    return node_id, credential
+class ShareView:
+    """The shares' manifests (signed, public to their members) and this node's standing in
+    each, as last read from the token: what the node plans links and pushes by. Every
+    document still passes the token, so a stale view can only delay, never leak."""
 
+    def __init__(self, call, self_fingerprint: bytes):
+        self._call = call
+        self._self = self_fingerprint
+        self._manifests: dict[str, Manifest] = {}
+        self._status: dict[str, str] = {}
 
-def open_access(home, config: Config) -> Access:
-    try:
-        keystore = keystore_for(config.token, home, config.node.name)
-        return Access(Token.open(home.token_dir, keystore))
-    except TokenError as exc:
-        raise TokenUnavailable(f"cannot open the token in {home.token_dir}: {exc}") from None
+    async def refresh(self) -> None:
+        manifests, status = {}, {}
+        for row in await self._call("share.list"):
+            manifest = Manifest.from_dict(row["manifest"])
+            manifests[manifest.share_id] = manifest
+            status[manifest.share_id] = row["status"]
+        self._manifests, self._status = manifests, status
 
+    def all(self) -> list[Manifest]:
+        return list(self._manifests.values())
 
-class Access:
-    def __init__(self, token: Token):
-        self.token = token
+    def get(self, share_id: str) -> Manifest | None:
+        return self._manifests.get(share_id)
 
-    @property
-    def node_id(self) -> str:
-        return self.token.node_id
+    def find(self, name_or_id: str) -> Manifest:
+        from plugshare.store import NotFound
 
-    def close(self) -> None:
-        self.token.flush()
-        self.token.close()
+        manifest = self._manifests.get(name_or_id)
+        if manifest is not None:
+            return manifest
+        named = [m for m in self._manifests.values() if m.name == name_or_id]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise Forbidden(f"several shares are named {name_or_id!r}; name it by id")
+        raise NotFound(f"no share {name_or_id!r}")
 
-    def flush(self) -> None:
-        self.token.flush()
+    def status(self, share_id: str) -> str:
+        return self._status.get(share_id, "removed")
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal behind an `Authorization: Bearer ...` header."""
-        scheme, _, credential = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            raise AuthenticationFailed("send the credential as 'Authorization: Bearer <credential>'")
-        try:
-            return self.token.authenticate(credential.strip())
-        except AuthenticationError as exc:
-            raise AuthenticationFailed(str(exc)) from None
+    def here(self, share_id: str) -> bool:
+        return self._status.get(share_id) in ("owner", "active")
 
-    @staticmethod
-    def metadata(stored: Mapping[str, Any]) -> dict[str, Any]:
-        """What the rules may look at (and the audit log names): the id and the fields in
-        clear (all of them, unless the doc is sealed)."""
-        return {k: v for k, v in stored.items() if k == "_id" or not k.startswith("_")}
+    def common(self, fingerprint: bytes) -> list[Manifest]:
+        """Shares where both this node and the peer are active: what to sync with it."""
+        if fingerprint == self._self:
+            return []
+        return [m for m in self._manifests.values()
+                if self.here(m.share_id) and m.is_active_member(fingerprint)]
 
-    def decide(self, principal: Principal, action: str, doc: Mapping[str, Any]) -> Decision:
-        return self.token.decide(principal, action, self.metadata(doc))
+    def member_name(self, fingerprint: bytes) -> str | None:
+        for manifest in self._manifests.values():
+            member = manifest.member(fingerprint)
+            if member is not None:
+                return member.name
+        return None
 
-    def require_owner(self, principal: Principal, action: str) -> None:
-        """Managing the token, shares or the events stream is the owner's; the token decides
-        (and logs) it. `Forbidden` for anyone else."""
-        decision = self.token.decide_admin(principal, action)
-        if not decision.allowed:
-            raise Forbidden(decision.reason)
-
-    def may_access_doctype(self, principal: Principal, action: str, doctype: str) -> Decision:
-        return self.token.may_access_doctype(principal, action, doctype)
-
-    def read(self, principal: Principal, stored: Mapping[str, Any]) -> dict[str, Any]:
-        """The document as `principal` may see it (decrypted by the token if sealed);
-        `Forbidden` when the token says no."""
-        if not is_sealed(stored):
-            decision = self.decide(principal, "read", stored)
-            if not decision.allowed:
-                raise Forbidden(decision.reason)
-            return dict(stored)
-        try:
-            return self.token.decrypt_doc(stored, principal)
-        except AccessDenied as exc:
-            raise Forbidden(str(exc)) from None
-        except IntegrityError as exc:
-            raise Tampered(f"document {stored.get('_id')!r}: {exc}") from None
-
-    def sealing_scope(self, doc: Mapping[str, Any]) -> str | None:
-        """How `doc` is to be stored: "share:<id>" (sealed under an encrypted share's key, so
-        its members can open it), "doctype" (a sensitive doctype), or None (in clear)."""
-        share_id = self.token.encrypted_share_for(self.metadata(doc))
-        if share_id is not None:
-            return f"share:{share_id}"
-        return "doctype" if self.token.is_sensitive(doc["doctype"]) else None
-
-    def seal(self, doc: Mapping[str, Any], generation: int, scope: str) -> dict[str, Any]:
-        share_id = scope.removeprefix("share:") if scope.startswith("share:") else None
-        return self.token.encrypt_doc(doc, generation=generation, share_id=share_id)

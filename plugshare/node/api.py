@@ -1,14 +1,17 @@
 """The local app API: HTTP on 127.0.0.1, a bearer credential on every request.
 
 This module only maps HTTP onto the node: authentication and every decision belong to the
-token (through `Access`), document semantics to `Documents`. Errors are JSON
+token (each request is one command carrying the caller's credential), document semantics to
+`Documents`. Only the owner sees the node's status, shares and peers. Errors are JSON
 `{"error": ..., "reason": ...}` with a 4xx status (409 stale rev, 403 refused, 404 missing).
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
+
+import attrs
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,11 +21,22 @@ from starlette.routing import Route
 
 from plugshare import token
 from plugshare.errors import PlugshareError
-from plugshare.node.access import AuthenticationFailed
+from plugshare.node.access import AuthenticationFailed, bearer
 from plugshare.node.events import events_route
 
-if TYPE_CHECKING:
-    from plugshare.node.node import Node
+
+
+@attrs.frozen
+class ApiParts:
+    """What the API serves from: the node's parts, given by the node that wires them."""
+
+    call: Callable[..., Awaitable[Any]]  # the token's door
+    documents: Any
+    admin: Any
+    sharing: Any
+    events: Any
+    peers_status: Callable[[], list]
+    status: Callable[[], Awaitable[dict]]
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 
@@ -82,12 +96,12 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "false").lower() in ("true", "1", "yes")
 
 
-def create_app(node: Node) -> Starlette:
+def create_app(node: ApiParts) -> Starlette:
     docs = node.documents
 
     async def get_doc(request: Request, doctype: str | None = None) -> Response:
         doc = await docs.get(
-            request.state.principal,
+            request.state.credential,
             request.path_params["doc_id"],
             doctype=doctype,
             rev=request.query_params.get("rev"),
@@ -97,7 +111,7 @@ def create_app(node: Node) -> Starlette:
 
     async def delete_doc(request: Request, doctype: str | None = None) -> Response:
         rev = await docs.delete(
-            request.state.principal,
+            request.state.credential,
             request.path_params["doc_id"],
             request.query_params.get("rev", ""),
             doctype=doctype,
@@ -112,7 +126,7 @@ def create_app(node: Node) -> Starlette:
             return await delete_doc(request, doctype)
         body = await _json_body(request)
         doc_id, rev = await docs.put(
-            request.state.principal, doctype, request.path_params["doc_id"], body
+            request.state.credential, doctype, request.path_params["doc_id"], body
         )
         return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
 
@@ -120,9 +134,9 @@ def create_app(node: Node) -> Starlette:
         doctype = request.path_params["doctype"]
         if request.method == "POST":
             body = await _json_body(request)
-            doc_id, rev = await docs.put(request.state.principal, doctype, None, body)
+            doc_id, rev = await docs.put(request.state.credential, doctype, None, body)
             return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
-        rows = await docs.list(request.state.principal, doctype)
+        rows = await docs.list(request.state.credential, doctype)
         return JSONResponse({"docs": rows, "total": len(rows)})
 
     async def any_doc(request: Request) -> Response:
@@ -131,44 +145,50 @@ def create_app(node: Node) -> Starlette:
         return await get_doc(request)
 
     async def all_docs(request: Request) -> Response:
-        rows = await docs.list(request.state.principal, request.query_params.get("doctype"))
+        rows = await docs.list(request.state.credential, request.query_params.get("doctype"))
         return JSONResponse({"docs": rows, "total": len(rows)})
 
+    call = node.call
+
+    async def owner_only(request: Request, action: str) -> None:
+        await call("owner.check", credential=request.state.credential, action=action)
+
     async def status(request: Request) -> Response:
+        await owner_only(request, "status")
         return JSONResponse(await node.status())
 
     admin = node.admin
 
     async def apps(request: Request) -> Response:
-        who = request.state.principal
+        who = request.state.credential
         if request.method == "POST":
             body = _object(await _json_body(request))
-            credential = admin.add_app(who, _text(body, "name"), _text(body, "doctype"),
+            credential = await admin.add_app(who, _text(body, "name"), _text(body, "doctype"),
                                        _text(body, "perm"), _selector(body))
             return JSONResponse({"name": body["name"], "credential": credential},
                                 status_code=201)
-        return JSONResponse({"apps": admin.list_apps(who)})
+        return JSONResponse({"apps": await admin.list_apps(who)})
 
     async def app_item(request: Request) -> Response:
-        admin.remove_app(request.state.principal, request.path_params["name"])
+        await admin.remove_app(request.state.credential, request.path_params["name"])
         return JSONResponse({"ok": True})
 
     async def rules(request: Request) -> Response:
-        who = request.state.principal
+        who = request.state.credential
         if request.method == "POST":
             body = _object(await _json_body(request))
-            rule = admin.add_rule(who, _text(body, "doctype"), _text(body, "subject_kind"),
+            rule = await admin.add_rule(who, _text(body, "doctype"), _text(body, "subject_kind"),
                                   _text(body, "subject"), _text(body, "perm"), _selector(body))
             return JSONResponse(rule, status_code=201)
-        return JSONResponse({"rules": admin.list_rules(who)})
+        return JSONResponse({"rules": await admin.list_rules(who)})
 
     async def rule_item(request: Request) -> Response:
-        admin.remove_rule(request.state.principal, request.path_params["rule_id"])
+        await admin.remove_rule(request.state.credential, request.path_params["rule_id"])
         return JSONResponse({"ok": True})
 
     async def encrypt(request: Request) -> Response:
         return JSONResponse(
-            await admin.encrypt(request.state.principal, request.path_params["doctype"])
+            await admin.encrypt(request.state.credential, request.path_params["doctype"])
         )
 
     sharing = node.sharing
@@ -179,12 +199,19 @@ def create_app(node: Node) -> Starlette:
             encrypted = body.get("encrypt", False)
             if not isinstance(encrypted, bool):
                 raise ApiError(400, "bad_request", "'encrypt' must be true or false")
-            share = await sharing.create(request.state.principal, _text(body, "name"),
-                                         _text(body, "doctype"), _selector(body), encrypted)
+            expires = body.get("expires")
+            if expires is not None and (not isinstance(expires, (int, float))
+                                        or isinstance(expires, bool)):
+                raise ApiError(400, "bad_request", "'expires' must be a unix time")
+            share = await sharing.create(request.state.credential, _text(body, "name"),
+                                         _text(body, "doctype"), _selector(body), encrypted,
+                                         expires)
             return JSONResponse(share, status_code=201)
+        await owner_only(request, "share_list")
         return JSONResponse({"shares": await sharing.list()})
 
     async def share_item(request: Request) -> Response:
+        await owner_only(request, "share_show")
         return JSONResponse(await sharing.show(request.path_params["name"]))
 
     async def share_invite(request: Request) -> Response:
@@ -195,17 +222,23 @@ def create_app(node: Node) -> Starlette:
         ttl = body.get("ttl") or "1h"
         if not isinstance(ttl, str):
             raise ApiError(400, "bad_request", "'ttl' must be a duration such as 1h or 30m")
-        return JSONResponse(sharing.invite(request.state.principal, request.path_params["name"],
-                                           read_only=read_only, ttl=ttl), status_code=201)
+        expires = body.get("expires")
+        if expires is not None and (not isinstance(expires, (int, float))
+                                    or isinstance(expires, bool)):
+            raise ApiError(400, "bad_request", "'expires' must be a unix time")
+        return JSONResponse(await sharing.invite(request.state.credential,
+                                                 request.path_params["name"],
+                                                 read_only=read_only, ttl=ttl,
+                                                 membership_expires=expires), status_code=201)
 
     async def share_revoke(request: Request) -> Response:
         body = _object(await _json_body(request))
-        return JSONResponse(await sharing.revoke(request.state.principal,
+        return JSONResponse(await sharing.revoke(request.state.credential,
                                                  request.path_params["name"],
                                                  _text(body, "member")))
 
     async def share_leave(request: Request) -> Response:
-        return JSONResponse(await sharing.leave(request.state.principal,
+        return JSONResponse(await sharing.leave(request.state.credential,
                                                 request.path_params["name"]))
 
     async def join(request: Request) -> Response:
@@ -213,18 +246,19 @@ def create_app(node: Node) -> Starlette:
         as_name = body.get("as")
         if as_name is not None and not isinstance(as_name, str):
             raise ApiError(400, "bad_request", "'as' must be a name")
-        return JSONResponse(await sharing.accept(request.state.principal, _text(body, "code"),
+        return JSONResponse(await sharing.accept(request.state.credential, _text(body, "code"),
                                                  as_name=as_name), status_code=201)
 
     async def peers(request: Request) -> Response:
-        return JSONResponse({"peers": node.peers.status()})
+        await owner_only(request, "peers")
+        return JSONResponse({"peers": node.peers_status()})
 
     async def audit(request: Request) -> Response:
         tail = request.query_params.get("tail", "20")
         if not tail.isdigit() or not 0 < int(tail) <= 100_000:
             raise ApiError(400, "bad_request", "tail must be a number from 1 to 100000")
         return JSONResponse(
-            admin.audit(request.state.principal, int(tail), _flag(request, "verify"))
+            await admin.audit(request.state.credential, int(tail), _flag(request, "verify"))
         )
 
     routes = [
@@ -266,20 +300,21 @@ def create_app(node: Node) -> Starlette:
     return _Guard(app, node)
 
 
-def _owner_only(node: Node):
+def _owner_only(node: ApiParts):
     """Sync events name every share and peer: only the owner may follow them."""
 
-    def authorize(request: Request) -> None:
-        node.access.require_owner(request.state.principal, "watch")
+    async def authorize(request: Request) -> None:
+        await node.call("owner.check", credential=request.state.credential,
+                              action="watch")
 
     return authorize
 
 
 class _Guard:
-    """ASGI middleware: authenticate every request with the token, and let the token flush
-    its audit log after each request."""
+    """ASGI middleware: every request carries a credential the token knows (401 otherwise);
+    the credential then travels with each command the request makes."""
 
-    def __init__(self, app: Starlette, node: Node):
+    def __init__(self, app: Starlette, node: ApiParts):
         self.app = app
         self.node = node
 
@@ -288,14 +323,15 @@ class _Guard:
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
         try:
-            principal = self.node.access.authenticate(request.headers.get("authorization"))
-        except AuthenticationFailed as exc:
-            self.node.access.flush()  # the refusal is in the audit log
+            credential = bearer(request.headers.get("authorization"))
+            await self.node.call("auth", credential=credential)
+        except (AuthenticationFailed, token.AuthenticationError) as exc:
             response = _error(401, "unauthorized", str(exc))
             response.headers["www-authenticate"] = "Bearer"
             return await response(scope, receive, send)
-        scope.setdefault("state", {})["principal"] = principal
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.node.access.flush()
+        except PlugshareError as exc:  # the token process is down: 503, nothing decided
+            response = _error(getattr(exc, "status", 503), getattr(exc, "error", "unavailable"),
+                              str(exc))
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})["credential"] = credential
+        await self.app(scope, receive, send)

@@ -1,19 +1,22 @@
-"""The owner's documents as principals see them: every access decided by the token, sensitive
-doctypes sealed by it, the store underneath.
+"""The owner's documents as callers see them: each access one token command, the store
+underneath.
 
 Documents carry their doctype in a top-level `doctype` field; the API path names it, and a doc
-is only ever served under its own doctype.
+is only ever served under its own doctype. The node reads and writes the store; the token
+decides, opens and seals (see `plugshare.token.door`).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from plugshare.node.access import Access, Forbidden, Principal
 from plugshare.node.events import EventBus
-from plugshare.token.envelope import is_sealed
-from plugshare.store import BadRequest, Doc, NotFound, Store
+from plugshare.store import BadRequest, Conflict, Doc, NotFound, Store
+
+TokenCall = Callable[..., Awaitable[Any]]
+RESEAL_PAGE = 500
+
 
 def _check_doctype(doctype: str) -> None:
     if not doctype or doctype.startswith("_") or "/" in doctype or len(doctype) > 200:
@@ -28,51 +31,39 @@ def _rev_generation(rev: str) -> int:
 
 
 class Documents:
-    def __init__(self, store: Store, access: Access, events: EventBus):
+    def __init__(self, store: Store, call: TokenCall, events: EventBus):
         self.store = store
-        self.access = access
+        self._call = call
         self.events = events
 
     # -- reads ----------------------------------------------------------------------
 
-    async def get(
-        self,
-        principal: Principal,
-        doc_id: str,
-        *,
-        doctype: str | None = None,
-        rev: str | None = None,
-        conflicts: bool = False,
-    ) -> Doc:
-        stored = await self.store.get(doc_id, rev=rev, conflicts=conflicts)
-        if doctype is not None and stored.get("doctype") != doctype and not stored.get("_deleted"):
-            raise NotFound(f"no document {doc_id!r} of doctype {doctype!r}")
-        return self._readable(principal, stored)
+    async def get(self, credential: str, doc_id: str, *, doctype: str | None = None,
+                  rev: str | None = None, conflicts: bool = False) -> Doc:
+        try:
+            stored = await self.store.get(doc_id, rev=rev, conflicts=conflicts)
+        except NotFound:
+            stored = None
+        if stored is None:
+            # Asked all the same, so "missing" and "not yours" cost and answer the same.
+            await self._call("doc.read", credential=credential, doc=_probe(doc_id, doctype),
+                             doctype=doctype)
+            raise NotFound(f"no document {doc_id!r}")
+        answer = await self._call("doc.read", credential=credential, doc=stored, doctype=doctype)
+        return answer["doc"]
 
-    async def list(self, principal: Principal, doctype: str | None = None) -> list[Doc]:
+    async def list(self, credential: str, doctype: str | None = None) -> list[Doc]:
         if doctype is not None:
             _check_doctype(doctype)
-            self._require(self.access.may_access_doctype(principal, "read", doctype))
-        docs = []
-        for stored in await self.store.all_docs():
-            if doctype is not None and stored.get("doctype") != doctype:
-                continue
-            try:
-                docs.append(self._readable(principal, stored))
-            except Forbidden:
-                continue  # a listing shows what the principal may read, and only that
-        return docs
-
-    def _readable(self, principal: Principal, stored: Doc) -> Doc:
-        if stored.get("_deleted"):
-            return stored  # a tombstone carries no data
-        return self.access.read(principal, stored)
+        rows = [doc for doc in await self.store.all_docs()
+                if doctype is None or doc.get("doctype") == doctype]
+        answer = await self._call("doc.list", credential=credential, doctype=doctype, docs=rows)
+        return answer["docs"]
 
     # -- writes ---------------------------------------------------------------------
 
-    async def put(
-        self, principal: Principal, doctype: str, doc_id: str | None, body: Any
-    ) -> tuple[str, str]:
+    async def put(self, credential: str, doctype: str, doc_id: str | None,
+                  body: Any) -> tuple[str, str]:
         """Create or update; returns (id, new rev)."""
         _check_doctype(doctype)
         if not isinstance(body, dict):
@@ -83,66 +74,66 @@ class Documents:
             doc_id = body.get("_id") or uuid.uuid4().hex
         elif body.get("_id", doc_id) != doc_id:
             raise BadRequest(f"the body's _id {body['_id']!r} is not {doc_id!r}")
+        if not isinstance(doc_id, str) or doc_id.startswith("_"):
+            raise BadRequest(f"document ids are text and may not start with '_' ({doc_id!r})")
         doc = {**body, "_id": doc_id, "doctype": doctype}
-        if doc_id.startswith("_"):
-            raise BadRequest(f"document ids may not start with '_' ({doc_id!r})")
-        await self._check_may_replace(principal, doc_id, doc.get("_rev"))
-        self._require(self.access.decide(principal, "write", doc))
-        scope = self.access.sealing_scope(doc)
-        if scope is not None:
-            generation = await self._next_generation(doc_id, doc.get("_rev"))
-            doc = self.access.seal(doc, generation, scope)
-        rev = await self.store.put(doc)
+        current = await self._winner(doc_id)
+        generation = await self._next_generation(doc_id, doc.get("_rev"))
+        answer = await self._call("doc.write", credential=credential, doc=doc, current=current,
+                                  generation=generation)
+        rev = await self._store_put(answer["doc"])
         self.events.publish("doc.written", id=doc_id, doctype=doctype, rev=rev)
         return doc_id, rev
 
-    async def delete(
-        self, principal: Principal, doc_id: str, rev: str, *, doctype: str | None = None
-    ) -> str:
+    async def delete(self, credential: str, doc_id: str, rev: str, *,
+                     doctype: str | None = None) -> str:
         if not rev:
             raise BadRequest("deleting needs the current rev (--rev / ?rev=)")
-        current = await self.store.get(doc_id)
-        if doctype is not None and current.get("doctype") != doctype:
-            raise NotFound(f"no document {doc_id!r} of doctype {doctype!r}")
-        self._require(self.access.decide(principal, "write", self.access.metadata(current)))
-        # The tombstone keeps the doctype, so shares of that doctype replicate the deletion.
-        new_rev = await self.store.put(
-            {"_id": doc_id, "_rev": rev, "_deleted": True, "doctype": current["doctype"]})
-        self.events.publish("doc.written", id=doc_id, doctype=current["doctype"], rev=new_rev,
-                            deleted=True)
+        current = await self._winner(doc_id)
+        if current is None or current.get("_deleted") or (
+                doctype is not None and current.get("doctype") != doctype):
+            await self._call("doc.read", credential=credential, doc=_probe(doc_id, doctype),
+                             doctype=doctype)
+            raise NotFound(f"no document {doc_id!r}")
+        answer = await self._call("doc.delete", credential=credential, current=current, rev=rev)
+        new_rev = await self._store_put(answer["doc"])
+        self.events.publish("doc.written", id=doc_id, doctype=current.get("doctype"),
+                            rev=new_rev, deleted=True)
         return new_rev
 
-    async def reseal(self, wanted, scope: str) -> int:
-        """Re-write sealed (a new revision each) every live doc `wanted(doc)` selects, under
-        `scope` ("doctype" or "share:<id>"), then compact so no clear revision stays in the
-        database's history. Returns how many were re-written."""
+    async def _store_put(self, doc: Doc) -> str:
+        try:
+            return await self.store.put(doc)
+        except Conflict:
+            # The store's message names the winning rev; the caller may not be allowed to
+            # read it (it may be another app's document), so say no more than CouchDB does.
+            raise Conflict("document update conflict: send the current _rev") from None
+
+    async def reseal(self, credential: str) -> int:
+        """Re-write, sealed, every live doc whose stored form the token would now write
+        differently (after `encrypt DOCTYPE` or a new encrypted share), one token call per
+        page; then compact so no clear revision stays in the database. Returns the count."""
+        docs = [doc for doc in await self.store.all_docs() if not doc.get("_deleted")]
         count = 0
-        for doc in await self.store.all_docs():
-            if not wanted(doc):
-                continue
-            plain = self.access.read(self.access.token.owner, doc) if is_sealed(doc) else doc
-            generation = int(doc["_rev"].partition("-")[0]) + 1
-            await self.store.put(self.access.seal(plain, generation, scope))
-            count += 1
+        for start in range(0, len(docs), RESEAL_PAGE):
+            page = docs[start:start + RESEAL_PAGE]
+            answer = await self._call("doc.reseal", credential=credential, docs=page)
+            for sealed in answer["docs"]:
+                await self.store.put(sealed)
+                count += 1
         if count:
             await self.store.compact()
         return count
 
-    async def _check_may_replace(self, principal: Principal, doc_id: str, rev: str | None) -> None:
-        """A writer may not overwrite a doc it could not write (e.g. one outside its selector)
-        by making the new version fit its rule."""
-        if rev is None:
-            return
-        try:
-            current = await self.store.get(doc_id)
-        except NotFound:
-            return
-        self._require(self.access.decide(principal, "write", self.access.metadata(current)))
+    async def _winner(self, doc_id: str) -> Doc | None:
+        return (await self.store.winners([doc_id])).get(doc_id)
 
     async def _next_generation(self, doc_id: str, rev: str | None) -> int:
         """The generation the store will give this write: sealed docs bind it as associated
         data. With no `_rev`, a doc whose winner is a tombstone continues after it."""
         if rev is not None:
+            if not isinstance(rev, str):
+                raise BadRequest("_rev must be text of the form N-hash")
             return _rev_generation(rev) + 1
         # revs_diff of an impossibly late revision lists every leaf as a possible ancestor:
         # the way to learn a tombstone's generation through the store contract.
@@ -151,7 +142,8 @@ class Documents:
         leaves = known.get("possible_ancestors", [])
         return max((_rev_generation(r) for r in leaves), default=0) + 1
 
-    @staticmethod
-    def _require(decision) -> None:
-        if not decision.allowed:
-            raise Forbidden(decision.reason)
+
+def _probe(doc_id: str, doctype: str | None) -> Doc:
+    """What the token is shown for a missing doc: a tombstone-shaped nothing, so a missing
+    doc and one the caller may not read are decided (and logged) alike."""
+    return {"_id": doc_id, "_deleted": True, "doctype": doctype or ""}

@@ -266,7 +266,7 @@ class EventBus:
 
 
 def events_route(bus: EventBus, *, heartbeat: float = HEARTBEAT_S,
-                 authorize: Callable[[Any], None] | None = None, path: str = "/events"):
+                 authorize: Callable[[Any], Any] | None = None, path: str = "/events"):
     """The route streaming `bus` as NDJSON, one event per line.
 
     Query: `share=NAME`, `peer=NAME` (filters), `recent=N` (first the last N matching events
@@ -282,7 +282,9 @@ def events_route(bus: EventBus, *, heartbeat: float = HEARTBEAT_S,
 
     async def endpoint(request: Request) -> Response:
         if authorize is not None:
-            authorize(request)
+            allowed = authorize(request)
+            if inspect.isawaitable(allowed):
+                await allowed
         params = request.query_params
         recent_text = params.get("recent", "0")
         if not recent_text.isdigit():

@@ -113,24 +113,37 @@ class Home:
     def create(self, config: Config) -> str:
         """Create the home: node.toml, the token (identity, sealed state) and the owner's
         credential file. Refuses a home that already exists. Returns the node id."""
-        from plugshare.node.access import create_token  # the token decides what it stores
-
         if self.exists() or self.token_dir.exists() or self.keystore_dir.exists():
             raise HomeError(
                 f"{self.root} already holds a plugshare node; use another --home or remove it"
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)  # mkdir's mode is not applied to a directory that existed
+        staged = self.root / "node.toml.new"
         try:
-            node_id, credential = create_token(self, config)
-            write_private(self.owner_credential_file, credential.encode() + b"\n")
+            write_private(staged, dump_config(config).encode())
+            node_id = _create_token(self.root)
             make_private(self.root)  # whatever the token and keystore made, under any umask
-            # Written last: marks a whole home.
-            write_private(self.config_file, dump_config(config).encode())
+            staged.replace(self.config_file)  # last: a node.toml marks a whole home
         except BaseException:
-            for leftover in (self.owner_credential_file, self.config_file):
+            for leftover in (self.owner_credential_file, self.config_file, staged):
                 leftover.unlink(missing_ok=True)
             shutil.rmtree(self.token_dir, ignore_errors=True)
             shutil.rmtree(self.keystore_dir, ignore_errors=True)
             raise
         return node_id
+
+
+def _create_token(root: Path) -> str:
+    """The token creates itself, in a process of its own: no key passes through this one.
+    It writes the owner's credential file; returns the node id."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "plugshare.token", "--home", str(root),
+                           "--create"], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("plugshare token: ") if lines else "it failed"
+        raise HomeError(f"cannot create the token: {reason}")
+    return done.stdout.split()[-1]

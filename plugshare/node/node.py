@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
-import socket
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -17,59 +15,58 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from plugshare import __version__
 from plugshare.config import Address, Config
-from plugshare.errors import PlugshareError
-from plugshare.node.access import Access, open_access
+from plugshare.node.access import Identity, ShareView
 from plugshare.node.admin import Admin
 from plugshare.node.discovery import Discovery, DiscoveryError, local_addresses
-from plugshare.node.events import EventBus
-from plugshare.node.peers import PeerManager
-from plugshare.node.session import PeerSession
-from plugshare.node.sharing import Sharing
 from plugshare.node.documents import Documents
+from plugshare.node.events import EventBus
 from plugshare.node.home import Home
+from plugshare.node.listen import bind_listener
+from plugshare.node.peers import PeerManager
+from plugshare.node.session import PeerSession, SessionParts
+from plugshare.node.sharing import Sharing
 from plugshare.store import Store, open_store
+from plugshare.token.client import TokenClient
+from plugshare.token.paths import socket_path
+from plugshare.token.supervisor import TokenProcess
 
 log = logging.getLogger("plugshare.node")
 
 GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
 
 
-class ListenError(PlugshareError):
-    """A listening address cannot be bound (port in use, no permission, bad host)."""
-
-
-def bind_listener(address: Address, what: str) -> socket.socket:
-    """Bind and listen on `address` now, so a port in use is one clear error at start-up."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    if os.name != "nt":  # a restarted node rebinds its port despite old links in TIME_WAIT
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((address.host, address.port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        hint = {
-            errno.EADDRINUSE: "is another node running? pick another port in node.toml",
-            errno.EACCES: "ports below 1024 need privileges; pick another port",
-        }.get(exc.errno, "check the address in node.toml")
-        raise ListenError(f"cannot listen on {address} for the {what}: {exc.strerror} ({hint})")
-    sock.setblocking(False)
-    return sock
+EXPIRY_CHECK_EVERY = 30.0  # seconds between two looks at share expiry (the token enforces)
 
 
 class Node:
-    def __init__(self, home: Home, config: Config, store: Store, access: Access):
+    """Wires the parts: each gets what it uses, nothing reaches through another."""
+
+    def __init__(self, home: Home, config: Config, store: Store, token: TokenClient,
+                 identity: Identity, token_process: Any = None):
         self.home = home
         self.config = config
         self.store = store
-        self.access = access
+        self.token = token
+        self.token_process = token_process
+        self.identity = identity
+        call = token.call
         self.events = EventBus()
-        self.documents = Documents(store, access, self.events)
-        self.admin = Admin(self.documents)
-        self.sharing = Sharing(self)
-        self.peers = PeerManager(self, lambda conn, dialed: PeerSession(self, conn, dialed))
+        self.shares = ShareView(call, identity.fingerprint)
+        self.documents = Documents(store, call, self.events)
+        self.admin = Admin(call, self.documents)
         self.discovery: Discovery | None = None
+        parts_holder: dict[str, SessionParts] = {}
+        self.peers = PeerManager(
+            config=config, book_path=home.root / "peers.json", identity=identity,
+            shares=self.shares, call=call, events=self.events,
+            new_session=lambda conn, dialed: PeerSession(parts_holder["parts"], conn, dialed),
+            discovery=lambda: self.discovery)
+        self.sharing = Sharing(call=call, identity=identity, shares=self.shares, store=store,
+                               documents=self.documents, events=self.events, peers=self.peers,
+                               node_name=config.node.name)
+        parts_holder["parts"] = SessionParts(
+            store=store, call=call, identity=identity, shares=self.shares, events=self.events,
+            peers=self.peers, manifest_changed=self.sharing.manifest_changed)
         self.api_url: str | None = None
         self.started_at = time.time()
         self._stopping = trio.Event()
@@ -77,23 +74,28 @@ class Node:
     @classmethod
     @asynccontextmanager
     async def open(cls, home: Home) -> AsyncIterator[Node]:
+        """The node of `home`, with its token in a process of its own (started here, or one
+        already serving the home's socket, e.g. from `plugshare token run`)."""
         config = home.load_config()
-        access = open_access(home, config)
-        try:
-            store = await open_store(config.store, home.root, config.node.name)
-        except BaseException:
-            access.close()
-            raise
-        try:
-            yield cls(home, config, store, access)
-        finally:
-            await store.aclose()
-            access.close()
+        path = socket_path(home.root)
+        async with _token_process(home, path) as process:
+            async with TokenClient.open(path) as token:
+                identity = await Identity.fetch(token.call)
+                store = await open_store(config.store, home.root, config.node.name,
+                                         node_id=identity.node_id)
+                try:
+                    node = cls(home, config, store, token, identity, process)
+                    await node.shares.refresh()
+                    yield node
+                finally:
+                    await store.aclose()
 
     async def status(self) -> dict:
         return {
             "name": self.config.node.name,
-            "node_id": self.access.node_id,
+            "node_id": self.identity.node_id,
+            "token_pid": getattr(self.token_process, "pid", None),
+            "token": await self._token_status(),
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -106,6 +108,11 @@ class Node:
             "events_dropped": self.events.dropped,
         }
 
+    async def _token_status(self) -> dict:
+        info = await self.token.call("info")
+        return {"pid": info.get("pid"), "dumpable": info.get("dumpable"),
+                "restarts": getattr(self.token_process, "restarts", 0)}
+
     def stop(self) -> None:
         """Ask `serve` to drain its requests and return."""
         self._stopping.set()
@@ -113,7 +120,7 @@ class Node:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop()` (or cancellation); `task_status.started(api_url)` once
         listening. run.json tells the command line where the API is while the node runs."""
-        from plugshare.node.api import create_app
+        from plugshare.node.api import ApiParts, create_app
 
         api_sock = bind_listener(self.config.api.listen, "local API")
         host, port = api_sock.getsockname()[:2]
@@ -127,7 +134,10 @@ class Node:
 
         async def serve_api(task_status) -> None:
             try:
-                await hypercorn_serve(create_app(self), hconfig,
+                parts = ApiParts(call=self.token.call, documents=self.documents,
+                                 admin=self.admin, sharing=self.sharing, events=self.events,
+                                 peers_status=self.peers.status, status=self.status)
+                await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)
             finally:
@@ -136,6 +146,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.peers.run)
+                nursery.start_soon(self._follow_expiry)
                 if self.config.peer.discovery:
                     await nursery.start(self._discover)
                 await nursery.start(serve_api)
@@ -144,7 +155,7 @@ class Node:
                 self.events.publish("node.started", api=self.api_url,
                                     peer_address=str(self.peers.listen_address))
                 log.info("node %s (%s) serving the local API on %s",
-                         self.config.node.name, self.access.node_id, self.api_url)
+                         self.config.node.name, self.identity.node_id, self.api_url)
                 task_status.started(self.api_url)
                 await self._stopping.wait()
                 self.events.close()  # ends the /events streams, so the API can drain
@@ -154,6 +165,21 @@ class Node:
         finally:
             self.home.clear_runtime()
 
+    async def _follow_expiry(self) -> None:
+        """Shares and memberships expire in the token, also while nothing happens here:
+        re-read the view now and then, and drop the links and pushes that no longer hold."""
+        while True:
+            await trio.sleep(EXPIRY_CHECK_EVERY)
+            try:
+                before = {m.share_id: (m.version, self.shares.status(m.share_id))
+                          for m in self.shares.all()}
+                await self.shares.refresh()
+                after = {m.share_id: (m.version, self.shares.status(m.share_id))
+                         for m in self.shares.all()}
+                if before != after:
+                    await self.peers.refresh()
+            except Exception as exc:  # the token restarting: try again next time
+                log.info("could not re-read the shares: %s", exc)
 
     async def _discover(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Announce this node and find members' current addresses on the LAN."""
@@ -165,7 +191,7 @@ class Node:
             log.info("discovery off: no LAN address to announce")
             task_status.started()
             return
-        discovery = Discovery(self.access.token.fingerprint, self.config.node.name, listen.port,
+        discovery = Discovery(self.identity.fingerprint, self.config.node.name, listen.port,
                               addresses, interfaces=["127.0.0.1"] if loopback else None)
         started = False
         try:
@@ -197,3 +223,23 @@ async def run_node(home: Home, *, on_ready=None) -> None:
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     node.stop()
                     break
+
+
+@asynccontextmanager
+async def _token_process(home: Home, path) -> AsyncIterator[Any]:
+    """A token process for `home`: one already listening on its socket (left running by
+    `plugshare token run`), else a child this node starts, watches and restarts."""
+    running = False
+    if os.path.exists(path):
+        try:
+            async with TokenClient.open(path) as probe:
+                await probe.call("info")
+            running = True
+        except Exception:  # a stale socket: start a process of our own
+            running = False
+    if running:
+        log.info("using the token process already serving %s", path)
+        yield None
+        return
+    async with TokenProcess(["--home", str(home.root)], path).run() as process:
+        yield process

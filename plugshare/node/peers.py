@@ -3,8 +3,8 @@ peers were last seen.
 
 Peers are known by key fingerprint only; an address is a hint (from an invitation, a
 peer's hello, discovery or node.toml) and never decides who a peer is: the pinned TLS link
-does. The token says who may connect (`may_connect`) and whom to keep a link to (the active
-members of shares in common).
+does. The token says who may connect (`link.may_connect`) and signs this node's proofs; the share
+view says whom to keep a link to (the active members of shares in common).
 
 Members learn where the other members of their shares are from any member they are linked
 to (`peer.addresses` hints, see `session`), so they can link directly while the owner is away.
@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from plugshare.config import Address
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from plugshare.config import Address, Config
+from plugshare.node.access import Identity, ShareView
 from plugshare.node.home import write_private
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import LocalNode
@@ -38,10 +42,11 @@ from plugshare.replication.transport import (
     keep_connected,
     serve_peers,
 )
-from plugshare.token import format_node_id
+from plugshare.token import format_node_id, tls
 
 if TYPE_CHECKING:
-    from plugshare.node.node import Node
+    from plugshare.node.discovery import Discovery
+    from plugshare.node.events import EventBus
     from plugshare.node.session import PeerSession
 
 log = logging.getLogger("plugshare.peers")
@@ -128,17 +133,43 @@ class AddressBook:
 
 
 class PeerManager:
-    def __init__(self, node: Node, new_session: Callable[[PeerConnection, bool], PeerSession]):
-        self.node = node
-        self.token = node.access.token
-        self.book = AddressBook(node.home.root / "peers.json")
+    """Links to peers. Gets what it uses: the config, where to keep its address book, this
+    node's public identity, the share view it plans links by, the token (for link decisions
+    and proofs), the event bus, how to make a session, and where discovery is."""
+
+    def __init__(self, *, config: Config, book_path: Path, identity: Identity,
+                 shares: ShareView, call, events: EventBus,
+                 new_session: Callable[[PeerConnection, bool], PeerSession],
+                 discovery: Callable[[], Discovery | None] = lambda: None):
+        self.node_config = config
+        self.identity = identity
+        self.shares = shares
+        self._call = call
+        self.events = events
+        self.book = AddressBook(book_path)
         self.sessions: dict[bytes, PeerSession] = {}
         self._new_session = new_session
+        self._discovery = discovery
         self._dialers: dict[bytes, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.local: LocalNode | None = None
         self.listen_address: Address | None = None
         self.config = TransportConfig()
+        self._client_context = tls.client_ssl_context()
+
+    async def _prove(self, server_id: bytes, nonce: bytes) -> bytes:
+        """This node's proof on a link it dials: signed inside the token."""
+        answer = await self._call("link.prove", server_id=server_id, nonce=nonce)
+        return bytes(answer["signature"])
+
+    async def _server_context(self):
+        """A TLS context for an ephemeral key the token certifies for this run: the
+        identity key never enters this process."""
+        key = Ed25519PrivateKey.generate()
+        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        answer = await self._call("link.certify", tls_public_key=public)
+        return tls.server_ssl_context(key, bytes(answer["delegation"]),
+                                      common_name=self.node_config.node.name)
 
     # -- what other nodes are told about this one ---------------------------------------
 
@@ -156,41 +187,42 @@ class PeerManager:
     # -- running ------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from plugshare.node.node import bind_listener
+        from plugshare.node.listen import bind_listener
 
-        sock = bind_listener(self.node.config.peer.listen, "peer listener")
+        sock = bind_listener(self.node_config.peer.listen, "peer listener")
         host, port = sock.getsockname()[:2]
-        self.listen_address = Address(self.node.config.peer.listen.host, port)
+        self.listen_address = Address(self.node_config.peer.listen.host, port)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         self.local = LocalNode(
-            public_key=self.token.public_key_bytes,
-            name=self.node.config.node.name,
+            public_key=self.identity.public_key,
+            name=self.node_config.node.name,
             addresses=self.advertised_addresses(),
-            sign=self.token.sign,
         )
+        server_context = await self._server_context()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(lambda task_status: serve_peers(
-                self._accepted, host=None, port=0, ssl_context=self.token.ssl_context(True),
+                self._accepted, host=None, port=0, ssl_context=server_context,
                 local=self.local, accept_peer=self._may_connect, config=self.config,
                 listeners=[listener], task_status=task_status))
             log.info("listening for peers on %s", self.listen_address)
-            self.refresh()
+            await self.refresh()
             task_status.started(self.listen_address)
 
-    def _may_connect(self, fingerprint: bytes) -> bool:
-        allowed = self.token.may_connect(fingerprint)
+    async def _may_connect(self, fingerprint: bytes) -> bool:
+        allowed = await self._call("link.may_connect", peer=fingerprint)
         if not allowed:
             log.info("refused a link from unknown node %s", format_node_id(fingerprint))
         return allowed
 
-    def refresh(self) -> None:
+    async def refresh(self) -> None:
         """Keep a dialer for every peer the token says we share with; stop the others'."""
         if self._nursery is None:
             return
-        wanted = {m.fingerprint for share in self.token.shares()
-                  for m in share.active_members()} - {self.token.fingerprint}
-        wanted = {fp for fp in wanted if self.token.common_shares(fp)}
+        me = self.identity.fingerprint
+        wanted = {m.fingerprint for share in self.shares.all()
+                  for m in share.active_members()} - {me}
+        wanted = {fp for fp in wanted if self.shares.common(fp)}
         for fp in set(self._dialers) - wanted:
             self._dialers.pop(fp).cancel()
         for fp in wanted - set(self._dialers):
@@ -199,7 +231,7 @@ class PeerManager:
             if fp not in wanted and not session.joining:
                 session.close("no share in common any more")
             else:
-                session.refresh()
+                await session.refresh()
 
     def _start_dialer(self, fingerprint: bytes) -> None:
         assert self._nursery is not None
@@ -220,10 +252,10 @@ class PeerManager:
         if fingerprint in self.sessions:
             return []  # a link is up: nothing to dial
         hints = list(self.book.get(fingerprint).addresses)
-        discovery = getattr(self.node, "discovery", None)
+        discovery = self._discovery()
         if discovery is not None:
             hints = [str(Address(h, p)) for h, p in discovery.addresses_of(fingerprint)] + hints
-        hints += [str(a) for a in self.node.config.peer.static]
+        hints += [str(a) for a in self.node_config.peer.static]
         seen: list[tuple[str, int]] = []
         for hint in hints:
             parsed = parse_host_port(hint)
@@ -236,8 +268,8 @@ class PeerManager:
             await keep_connected(
                 lambda conn: self._run_session(conn, dialed=True),
                 addresses=lambda: self._addresses_for(fingerprint),
-                expected_fingerprint=fingerprint, ssl_context=self.token.ssl_context(False),
-                local=self.local, config=self.config, backoff=REDIAL,
+                expected_fingerprint=fingerprint, ssl_context=self._client_context,
+                local=self.local, config=self.config, backoff=REDIAL, prove=self._prove,
             )
 
     async def open_session(self, fingerprint: bytes,
@@ -259,8 +291,9 @@ class PeerManager:
                 for host, port in addresses:
                     try:
                         async with connect_peer(host, port, expected_fingerprint=fingerprint,
-                                                ssl_context=self.token.ssl_context(False),
-                                                local=self.local, config=self.config) as conn:
+                                                ssl_context=self._client_context,
+                                                local=self.local, config=self.config,
+                                                prove=self._prove) as conn:
                             await self._run_session(conn, dialed=True, on_session=up)
                             return
                     except PeerConnectError as exc:
@@ -285,8 +318,9 @@ class PeerManager:
         existing = self.sessions.get(fp)
         if existing is not None:
             # Two links at once: keep the one dialed by the lower fingerprint (both ends agree).
-            dialer_of_new = self.token.fingerprint if dialed else fp
-            if dialer_of_new != min(self.token.fingerprint, fp):
+            me = self.identity.fingerprint
+            dialer_of_new = me if dialed else fp
+            if dialer_of_new != min(me, fp):
                 log.debug("dropping a duplicate link to %s", format_node_id(fp))
                 return
             existing.close("replaced by a simultaneous link")
@@ -295,7 +329,7 @@ class PeerManager:
         self.book.learn(fp, name=hello.name, addresses=remote + list(hello.addresses), seen=True)
         session = self._new_session(conn, dialed)
         self.sessions[fp] = session
-        self.node.events.publish("peer.connected", peer=hello.name,
+        self.events.publish("peer.connected", peer=hello.name,
                                  address=conn.remote_address, rtt_ms=None)
         reason = "closed"
         try:
@@ -310,15 +344,15 @@ class PeerManager:
             if self.sessions.get(fp) is session:
                 del self.sessions[fp]
             self.book.learn(fp, seen=True)
-            self.node.events.publish("peer.disconnected", peer=hello.name, reason=reason)
+            self.events.publish("peer.disconnected", peer=hello.name, reason=reason)
 
     # -- status -------------------------------------------------------------------------
 
     def status(self) -> list[dict]:
         """Every peer we share with or have seen, for /status and `plugshare peers`."""
         fps = set(self.book.peers) | set(self.sessions)
-        fps |= {m.fingerprint for s in self.token.shares() for m in s.members}
-        fps.discard(self.token.fingerprint)
+        fps |= {m.fingerprint for s in self.shares.all() for m in s.members}
+        fps.discard(self.identity.fingerprint)
         rows = []
         for fp in fps:
             info = self.book.get(fp)
@@ -326,19 +360,12 @@ class PeerManager:
             rtt = session.connection.rtt if session else None
             rows.append({
                 "id": format_node_id(fp),
-                "name": info.name or _member_name(self.token, fp),
+                "name": info.name or self.shares.member_name(fp) or "",
                 "addresses": info.addresses,
                 "connected": session is not None,
                 "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
                 "last_seen": time.time() if session else info.last_seen,
-                "shares": [s.name for s in self.token.common_shares(fp)],
+                "shares": [s.name for s in self.shares.common(fp)],
             })
         return sorted(rows, key=lambda r: (not r["connected"], r["name"]))
 
-
-def _member_name(token, fingerprint: bytes) -> str:
-    for share in token.shares():
-        member = share.member(fingerprint)
-        if member is not None:
-            return member.name
-    return ""

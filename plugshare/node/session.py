@@ -21,25 +21,21 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
 
 import attrs
 import trio
 
 from plugshare.errors import PlugshareError
-from plugshare.node.access import Access
+from plugshare.node.access import Identity, ShareView
+from plugshare.node.events import EventBus
 from plugshare.replication import protocol as rp
 from plugshare.replication.replicator import PeerReplication, store_instance_id
 from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
 from plugshare.sharing.invitation import Invitation
 from plugshare.sharing.manifest import Manifest
-from plugshare.token import TokenError, format_node_id
-from plugshare.token.envelope import is_sealed
-
-if TYPE_CHECKING:
-    from plugshare.node.node import Node
-
-metadata = Access.metadata  # what the token's rules look at: the id and the fields in clear
+from plugshare.store import Store
+from plugshare.token import format_node_id
 
 log = logging.getLogger("plugshare.session")
 
@@ -91,10 +87,25 @@ class SyncState:
         return {**fields, "done": self.done, "total": self.total}
 
 
+@attrs.frozen
+class SessionParts:
+    """What every session uses, given once by the node."""
+
+    store: Store
+    call: Callable[..., Awaitable[Any]]  # the token's door
+    identity: Identity
+    shares: ShareView
+    events: EventBus
+    peers: Any  # the PeerManager: address book and hints
+    manifest_changed: Callable[..., Awaitable[None]]  # (manifest, source=session)
+
+
 class PeerSession:
-    def __init__(self, node: Node, conn: PeerConnection, dialed: bool):
-        self.node = node
-        self.token = node.access.token
+    def __init__(self, parts: SessionParts, conn: PeerConnection, dialed: bool):
+        self.parts = parts
+        self.shares = parts.shares
+        self._call = parts.call
+        self.events = parts.events
         self.connection = conn
         self.dialed = dialed
         self.fingerprint = conn.peer_fingerprint
@@ -102,19 +113,20 @@ class PeerSession:
         self.name = conn.peer_hello.name
         self.close_reason: str | None = None
         self.sync: dict[str, SyncState] = {}  # by share id
-        self.joining = not self.token.common_shares(self.fingerprint)
+        self.joining = not self.shares.common(self.fingerprint)
         self._closed = trio.Event()
         self._joins: dict[str, tuple[trio.Event, dict]] = {}
         self._nursery: trio.Nursery | None = None
         self.replication: PeerReplication | None = None
+        self._may_push: dict[str, bool] = {}
 
     # -- lifetime -----------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        store = self.node.store
+        store = self.parts.store
         self.replication = PeerReplication(
             self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
-            accept_share=self._accept_share, guard_existing=self._guard_existing,
+            accept_share=self._accept_share, gate=_TokenGate(self._call, self.fingerprint),
             on_event=self._on_event,
             other_message=self._on_message,
         )
@@ -126,7 +138,7 @@ class PeerSession:
                     nursery.start_soon(self.connection.aclose, self.close_reason)
                 await nursery.start(self.replication.run)
                 await self._send_manifests()
-                self.refresh()
+                await self.refresh()
                 task_status.started()
                 started = True
         # The link closing (e.g. the peer dropped a duplicate link) ends this session only:
@@ -155,11 +167,11 @@ class PeerSession:
 
     # -- which shares flow on this link ---------------------------------------------------
 
-    def refresh(self) -> None:
+    async def refresh(self) -> None:
         """Push every share the token lets us send to this peer; stop the others."""
         if self.replication is None or self._nursery is None:
             return
-        common = {m.share_id: m for m in self.token.common_shares(self.fingerprint)}
+        common = {m.share_id: m for m in self.shares.common(self.fingerprint)}
         if common:
             self.joining = False
         for share_id in self.replication.pushing - set(common):
@@ -168,74 +180,44 @@ class PeerSession:
             self.sync.setdefault(share_id, SyncState())
             if share_id in self.replication.pushing:
                 continue
-            if not self.token.decide_outgoing(share_id, self.fingerprint).allowed:
+            if not await self._call("share.may_push", share=share_id, peer=self.fingerprint):
                 continue  # e.g. we are a read-only member: nothing of ours may land there
-            self.replication.start_push(
-                share_id, in_scope=self._scope_filter(share_id), scope_tag=_scope_tag(manifest)
-            )
+            if self.replication is None or share_id in self.replication.pushing:
+                continue  # the link closed, or another refresh started it meanwhile
+            self.replication.start_push(share_id, scope_tag=_scope_tag(manifest))
         for share_id in set(self.sync) - set(common):
             state = self.sync.pop(share_id)
             state.state = "offline"
             self._publish_state(share_id, state)
 
-    def _scope_filter(self, share_id: str):
-        token = self.token
-
-        def in_scope(doc: Mapping[str, Any]) -> bool:
-            return token.share_in_scope(share_id, metadata(doc))
-
-        return in_scope
-
-    def _accept_share(self, share_id: str):
-        """The peer opens a push of `share_id` to us: decide each doc with our token."""
-        if share_id not in {m.share_id for m in self.token.common_shares(self.fingerprint)}:
-            return None
-        token, fp = self.token, self.fingerprint
-        encrypted = token.share(share_id).encrypted
-
-        def accept(_peer: str, doc: Mapping[str, Any]) -> tuple[bool, str]:
-            decision = token.decide_incoming(share_id, fp, metadata(doc))
-            if not decision.allowed:
-                return False, decision.reason
-            if encrypted and not doc.get("_deleted"):
-                if not is_sealed(doc):
-                    return False, "a document of an encrypted share arrived in clear"
-                try:
-                    token.check_sealed(doc, share_id=share_id)
-                except TokenError as exc:
-                    return False, f"tampered ciphertext: {exc}"
-            return True, decision.reason
-
-        return accept
-
-    def _guard_existing(self, share_id: str, doc: Mapping[str, Any],
-                        existing: Mapping[str, Any]) -> str | None:
-        """An incoming doc may not land on a local doc outside the share (same id, another
-        doctype or outside the selector): the token refuses it, and logs it."""
-        if self.token.share_in_scope(share_id, metadata(existing)):
-            return None
-        decision = self.token.decide_incoming(share_id, self.fingerprint, metadata(doc),
-                                              existing=metadata(existing))
-        return None if decision.allowed else decision.reason
+    def _accept_share(self, share_id: str) -> bool:
+        """The peer opens a push of `share_id` to us: a share in common (each of its docs
+        is then decided by the token, a batch at a time)."""
+        return share_id in {m.share_id for m in self.shares.common(self.fingerprint)}
 
     # -- manifests and joins ------------------------------------------------------------
 
     async def _send_manifests(self) -> None:
-        for manifest in self.token.shares():
+        for manifest in self.shares.all():
             if manifest.member(self.fingerprint) is not None:
                 await self.send_manifest(manifest)
 
     async def send_manifest(self, manifest: Manifest) -> None:
-        await self.connection.send({"type": "share.manifest", "manifest": manifest.to_dict()})
+        message: dict[str, Any] = {"type": "share.manifest", "manifest": manifest.to_dict()}
+        if manifest.encrypted:
+            grants = (await self._call("share.grants", share=manifest.share_id))["grants"]
+            if grants:
+                message["grants"] = grants  # wrapped to each member: safe to forward
+        await self.connection.send(message)
         await self._send_address_hints(manifest)
 
     async def _send_address_hints(self, manifest: Manifest) -> None:
         """Tell the peer where the share's other members were last seen, so members find
         each other without discovery and keep syncing while this node is away."""
-        known = self.node.peers.book.peers
+        known = self.parts.peers.book.peers
         hints = [[m.fingerprint, list(known[m.fingerprint].addresses)]
                  for m in manifest.active_members()
-                 if m.fingerprint not in (self.fingerprint, self.token.fingerprint)
+                 if m.fingerprint not in (self.fingerprint, self.parts.identity.fingerprint)
                  and m.fingerprint in known and known[m.fingerprint].addresses]
         if hints:
             await self.connection.send({"type": "peer.addresses", "peers": hints})
@@ -250,8 +232,8 @@ class PeerSession:
             await self.connection.send({
                 "type": "share.join", "share": share, "secret": invitation.secret,
                 "name": name,
-                "public_key": self.token.public_key_bytes,
-                "x25519": self.token.x25519_public_bytes,
+                "public_key": self.parts.identity.public_key,
+                "x25519": self.parts.identity.x25519,
             })
             with trio.move_on_after(JOIN_TIMEOUT):
                 await done.wait()
@@ -281,14 +263,19 @@ class PeerSession:
         except (PlugshareError, ValueError, TypeError, KeyError) as exc:
             # A bad message costs the peer that message, never the link or the node.
             log.warning("refused %r from peer %s: %s", kind, self.name, exc)
-            self.node.events.publish("share.refused", peer=self.name, message=str(kind),
+            self.events.publish("share.refused", peer=self.name, message=str(kind),
                                      reason=str(exc))
 
     async def _on_manifest(self, message: Mapping[Any, Any]) -> None:
-        manifest = Manifest.from_dict(message["manifest"])
-        current, changed = self.token.accept_manifest(manifest)
-        if changed:
-            await self.node.sharing.manifest_changed(current, source=self)
+        grants = message.get("grants")
+        if grants is not None and not isinstance(grants, dict):
+            raise ValueError("share.manifest grants must be a map")
+        answer = await self._call("share.accept_manifest", peer=self.fingerprint,
+                                  manifest=dict(message["manifest"]), grants=grants)
+        if answer["changed"]:
+            await self.shares.refresh()
+            await self.parts.manifest_changed(Manifest.from_dict(answer["manifest"]),
+                                              source=self)
 
     async def _on_join(self, message: Mapping[Any, Any]) -> None:
         share = str(message["share"])
@@ -296,20 +283,22 @@ class PeerSession:
         if hashlib.sha256(public_key).digest() != self.fingerprint:
             raise ValueError("the joiner's public key is not the one its link proved")
         try:
-            manifest, key = self.token.redeem_invitation(
-                share, bytes(message["secret"]), joiner_public_key=public_key,
-                joiner_name=str(message["name"]), joiner_x25519=bytes(message["x25519"]),
-            )
+            answer = await self._call(
+                "share.redeem", peer=self.fingerprint, share=share,
+                secret=bytes(message["secret"]), name=str(message["name"]),
+                public_key=public_key, x25519=bytes(message["x25519"]))
         except PlugshareError as exc:
             await self.connection.send({"type": "share.join_refused", "share": share,
                                         "reason": str(exc)})
-            self.node.events.publish("share.join_refused", peer=self.name, reason=str(exc))
+            self.events.publish("share.join_refused", peer=self.name, reason=str(exc))
             return
+        manifest = Manifest.from_dict(answer["manifest"])
         await self.connection.send({"type": "share.joined", "share": share,
-                                    "manifest": manifest.to_dict(), "key": key})
-        self.node.events.publish("share.joined", share=manifest.name, peer=self.name,
-                                 member=str(message["name"]))
-        await self.node.sharing.manifest_changed(manifest, source=None)
+                                    "manifest": answer["manifest"], "key": answer["key"]})
+        self.events.publish("share.joined", share=manifest.name, peer=self.name,
+                            member=str(message["name"]))
+        await self.shares.refresh()
+        await self.parts.manifest_changed(manifest, source=None)
 
     def _on_join_answer(self, message: Mapping[Any, Any]) -> None:
         waiting = self._joins.get(str(message.get("share")))
@@ -330,29 +319,31 @@ class PeerSession:
             raise ValueError(f"peer.addresses must list at most {MAX_ADDRESS_HINTS} peers")
         # Only about members of shares we have in common with the sender: a peer cannot make
         # this node dial out on behalf of strangers.
-        members = {m.fingerprint for share in self.token.common_shares(self.fingerprint)
-                   for m in share.active_members()} - {self.token.fingerprint, self.fingerprint}
+        members = {m.fingerprint for share in self.shares.common(self.fingerprint)
+                   for m in share.active_members()}
+        members -= {self.parts.identity.fingerprint, self.fingerprint}
         for fingerprint, addresses in peers:
             if not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
                 raise ValueError("peer.addresses: addresses must be a list of host:port texts")
             if bytes(fingerprint) in members:
-                self.node.peers.learn_hints(bytes(fingerprint), addresses[:8])
+                self.parts.peers.learn_hints(bytes(fingerprint), addresses[:8])
 
     async def _on_leave(self, message: Mapping[Any, Any]) -> None:
-        manifest = self.token.apply_leave_request(dict(message["request"]), self.fingerprint)
-        self.node.events.publish("share.left", share=manifest.name, peer=self.name)
-        await self.node.sharing.manifest_changed(manifest, source=None)
+        answer = await self._call("share.apply_leave", peer=self.fingerprint,
+                                  request=dict(message["request"]))
+        manifest = Manifest.from_dict(answer)
+        self.events.publish("share.left", share=manifest.name, peer=self.name)
+        await self.shares.refresh()
+        await self.parts.manifest_changed(manifest, source=None)
 
     # -- replication events -> status and the events stream -------------------------------
 
     def _share_name(self, share_id: str) -> str:
-        try:
-            return self.token.share(share_id).name
-        except TokenError:
-            return share_id
+        manifest = self.shares.get(share_id)
+        return share_id if manifest is None else manifest.name
 
     def _publish_state(self, share_id: str, state: SyncState) -> None:
-        self.node.events.publish(
+        self.events.publish(
             "sync.state", share=self._share_name(share_id), peer=self.name, state=state.state,
             done=state.done, total=state.total, pending_in=state.pending_in,
             pending_out=state.pending_out,
@@ -363,16 +354,14 @@ class PeerSession:
         peer's if it may write (a peer with nothing to send catches up at once, long before
         the other way has)."""
         pushing = self.replication is not None and share_id in self.replication.pushing
-        try:
-            peer_pushes = self.token.share(share_id).may_write(self.fingerprint)
-        except TokenError:
-            peer_pushes = False
+        manifest = self.shares.get(share_id)
+        peer_pushes = manifest is not None and manifest.may_write(self.fingerprint)
         return ((not pushing or "push" in state.caught_up)
                 and (not peer_pushes or "pull" in state.caught_up))
 
     def _on_event(self, event: rp.ReplicationEvent) -> None:
         state = self.sync.setdefault(event.share, SyncState())
-        share, publish = self._share_name(event.share), self.node.events.publish
+        share, publish = self._share_name(event.share), self.events.publish
         if isinstance(event, rp.BatchAcked):
             state.sent += event.written
             state.bytes += event.bytes
@@ -381,7 +370,6 @@ class PeerSession:
             if state.state == "initial":
                 self._publish_state(event.share, state)
         elif isinstance(event, rp.BatchReceived):
-            self.token.flush()  # the batch's decisions reach the sealed audit log with it
             state.received += event.written
             state.refused += event.refused
             state.bytes += event.bytes
@@ -411,3 +399,25 @@ class PeerSession:
             state.error = event.reason
             publish("sync.stream_ended", share=share, peer=self.name,
                     direction=event.direction, reason=event.reason)
+
+
+class _TokenGate:
+    """The replicator's gate, answered by the token: one command per batch each way."""
+
+    def __init__(self, call, peer: bytes):
+        self._call = call
+        self._peer = peer
+
+    async def outgoing(self, share: str, docs: list[dict]) -> list[dict]:
+        if not docs:
+            return []
+        answer = await self._call("share.outgoing", share=share, peer=self._peer, docs=docs)
+        return answer["docs"]
+
+    async def incoming(self, share: str, docs: list[dict],
+                       existing: dict[str, dict]) -> list[dict | str]:
+        if not docs:
+            return []
+        answer = await self._call("share.incoming", share=share, peer=self._peer, docs=docs,
+                                  existing=existing)
+        return [r["doc"] if "doc" in r else str(r["refused"]) for r in answer["results"]]

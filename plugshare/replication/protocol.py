@@ -134,7 +134,17 @@ InScope = Callable[[Doc], bool]
 """`in_scope(doc) -> bool`: may this leaf revision (as `bulk_get` gives it, tombstones
 included) leave in this share?"""
 Accept = Callable[[str, Doc], "tuple[bool, str]"]
-"""`accept(peer, doc) -> (ok, reason)`: may this incoming revision from `peer` be written?"""
+"""`accept(peer, doc) -> (ok, reason)`: may this incoming revision from `peer` be written?
+Without one, the target checks the stream (asked for, well-formed history) and leaves the
+decision to whoever carries out `WriteDocs` (a whole batch at once)."""
+
+
+def _everything(_doc: Doc) -> bool:
+    return True
+
+
+def _accept_all(_peer: str, _doc: Doc) -> tuple[bool, str]:
+    return True, "decided when written"
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -463,7 +473,7 @@ class SourceStream:
         share: str,
         stream: str,
         peer: str,
-        in_scope: InScope,
+        in_scope: InScope | None = None,
         max_in_flight: int = 4,
         docs_message_bytes: int = DEFAULT_DOCS_MESSAGE_BYTES,
         max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
@@ -475,7 +485,7 @@ class SourceStream:
         self.share = share
         self.stream = stream
         self.peer = peer
-        self._in_scope = in_scope
+        self._in_scope = in_scope or _everything
         self.checkpoint: Seq = 0
         """Every change up to here is durable at the target (as far as this stream knows)."""
         self.window = max_in_flight
@@ -731,14 +741,15 @@ class TargetStream:
     `write_result`, before the next message is received.
     """
 
-    def __init__(self, *, share: str, stream: str, peer: str, accept: Accept, window: int = 8) -> None:
+    def __init__(self, *, share: str, stream: str, peer: str, accept: Accept | None = None,
+                 window: int = 8) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..{MAX_WINDOW}, not {window}")
         self.share = share
         self.stream = stream
         self.peer = peer
         self.window = window
-        self._accept = accept
+        self._accept = accept or _accept_all
         self._open: dict[int, _IncomingBatch] = {}
         self._awaiting: DiffRevs | WriteDocs | None = None  # the action the driver owes us
         self._ended = False

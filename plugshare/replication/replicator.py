@@ -3,8 +3,10 @@
 `PeerReplication` runs on a peer connection (anything with async `send(dict)` and `receive()`,
 such as `transport.PeerConnection`) and a store. It routes every incoming replication message
 to its stream: our pushes (one per share we send to this peer, started with `start_push`) and
-the peer's pushes to us (accepted per share by `accept_share`, each incoming doc decided by the
-`accept` it returns). Non-replication messages go to `other_message`.
+the peer's pushes to us (accepted per share by `accept_share`). A `Gate`, when given, decides
+the documents a batch at a time: which leave (and in what form) before they are offered, and
+which land (and in what form) before they are written. Non-replication messages go to
+`other_message`.
 
 A push reads the changes feed from its checkpoint in batches, keeps up to `max_in_flight`
 batches in flight, then follows `store.wait_for_change` (no polling) and sends each new change
@@ -248,13 +250,26 @@ class _Pull:
     outgoing: trio.MemoryReceiveChannel[dict[str, Any]]
 
 
+class Gate(Protocol):
+    """Decides documents crossing this link, one call per batch (the interface this module
+    owns; the node answers it with its token)."""
+
+    async def outgoing(self, share: str, docs: list[Doc]) -> list[Doc]:
+        """The documents of `docs` that may leave, in the form to send."""
+
+    async def incoming(self, share: str, docs: list[Doc],
+                       existing: dict[str, Doc]) -> list[Doc | str]:
+        """For each doc in order: the form to write, or the reason it is refused.
+        `existing` holds the local winner each doc would land on, by id."""
+
+
 class PeerReplication:
     """Every replication stream with one peer over one connection.
 
     Run it with ``await nursery.start(replication.run)``; then `start_push` each share to send
-    to this peer. `accept_share(share)` is asked when the peer opens a push of `share`: it
-    returns the `accept(peer, doc) -> (ok, reason)` deciding each incoming doc, or None to
-    refuse the share. `store_id` is `await store_instance_id(store)`.
+    to this peer. `accept_share(share)` is asked when the peer opens a push of `share`: falsy
+    refuses the share; a callable `accept(peer, doc) -> (ok, reason)` decides each incoming
+    doc; `gate` decides whole batches. `store_id` is `await store_instance_id(store)`.
     """
 
     def __init__(
@@ -264,8 +279,9 @@ class PeerReplication:
         *,
         peer: str,
         store_id: str,
-        accept_share: Callable[[str], Accept | None],
+        accept_share: Callable[[str], Accept | bool | None],
         guard_existing: GuardExisting | None = None,
+        gate: Gate | None = None,
         on_event: EventSink | None = None,
         other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
         config: ReplicationConfig = ReplicationConfig(),
@@ -276,6 +292,7 @@ class PeerReplication:
         self._store_id = store_id
         self._accept_share = accept_share
         self._guard_existing = guard_existing
+        self._gate = gate
         self._on_event = on_event
         self._other_message = other_message
         self.config = config
@@ -384,10 +401,12 @@ class PeerReplication:
             self._refuse(share, stream, f"protocol error: {error}")
             return
         accept = self._accept_share(share)
-        if accept is None:
+        if not accept:
             self._refuse(share, stream, f"this node does not accept share {share!r} from you")
             return
-        machine = TargetStream(share=share, stream=stream, peer=self.peer, accept=accept, window=self.config.window)
+        machine = TargetStream(share=share, stream=stream, peer=self.peer,
+                               accept=accept if callable(accept) else None,
+                               window=self.config.window)
         inbox, messages = trio.open_memory_channel[Mapping[Any, Any]](self.config.inbox_size)
         # Each batch a source has in flight gets at most two replies (rep.missing, rep.ack);
         # plus rep.opened and rep.refuse. A queue that size never blocks a well-behaved peer.
@@ -429,7 +448,19 @@ class PeerReplication:
         if not docs:
             return []
         refusals: dict[int, dict[str, Any]] = {}
-        if self._guard_existing is not None:
+        if self._gate is not None:
+            local = await self._store.winners([doc["_id"] for doc in docs])
+            decided = await self._gate.incoming(share, docs, local)
+            if len(decided) != len(docs):
+                raise LocalProtocolError("the gate answered for another number of docs")
+            docs = list(docs)
+            for index, answer in enumerate(decided):
+                if isinstance(answer, str):
+                    refusals[index] = {"id": docs[index]["_id"], "error": "forbidden",
+                                       "reason": answer}
+                else:
+                    docs[index] = answer
+        elif self._guard_existing is not None:
             local = await self._store.winners([doc["_id"] for doc in docs])
             for index, doc in enumerate(docs):
                 existing = local.get(doc["_id"])
@@ -480,7 +511,8 @@ class PeerReplication:
 
     # -- our pushes -------------------------------------------------------------------------
 
-    def start_push(self, share: str, *, in_scope: InScope, scope_tag: str = "") -> None:
+    def start_push(self, share: str, *, in_scope: InScope | None = None,
+                   scope_tag: str = "") -> None:
         """Start pushing `share` to this peer: every leaf revision `in_scope(doc)` admits.
         `scope_tag` names the share's scope (e.g. a hash of its rule): the checkpoint is only
         resumed under the same tag. Requires `run` to have started."""
@@ -573,6 +605,8 @@ class PeerReplication:
                 await store.wait_for_change(read_seq)
                 continue
             docs = await store.bulk_get([(change.id, rev) for change in page.results for rev in change.revs])
+            if self._gate is not None:
+                docs = await self._gate.outgoing(push.share, [d for d in docs if "_id" in d])
             read_seq = page.last_seq
             # A short page ends the feed as it stands: nothing is pending, and the store need
             # not be asked (the common case once live).

@@ -23,6 +23,8 @@ receiver stops reading while the inbox is full, so memory stays bounded in both 
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import random
 import ssl
@@ -386,7 +388,7 @@ async def serve_peers(
     port: int,
     ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
     local: LocalNode,
-    accept_peer: Callable[[bytes], bool],
+    accept_peer: Callable[[bytes], bool | Awaitable[bool]],
     config: TransportConfig = TransportConfig(),
     listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
@@ -428,7 +430,10 @@ async def serve_peers(
                 raise PeerRefused(f"the peer gave up during the handshake: {event.reason}")
             assert isinstance(event, PeerAuthenticated)
             fingerprint = event.peer.node_id
-            if not accept_peer(fingerprint):
+            allowed = accept_peer(fingerprint)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed  # the token decides, in its own process
+            if not allowed:
                 link.refuse("this node does not accept your node id")
                 logger.info("refused peer %s from %s: not an accepted peer", fingerprint.hex(), remote)
                 await _close_after_failure(stream, link, config, tls_up=True)

@@ -1,11 +1,13 @@
-"""The secure token: the trusted side of every node.
+"""The secure token: the trusted side of every node, in a process of its own.
 
-The node uses `Token` (and the models and errors below) and nothing else; everything else in
-this package is the token's inside.
+This package's public face is what the node may use: the client of the token process
+(`client.TokenClient`, started by `supervisor.TokenProcess`), the paths of a home's token, the
+errors every refusal arrives as, identity helpers on public keys, and TLS helpers on public
+certificates. Everything else (`token.py`, `door.py`, the keystores, the vault, the rules, the
+envelopes) is the token's inside, loaded only in the token process (`python -m plugshare.token`);
+the import contracts in pyproject.toml keep it so.
 """
 
-from .audit import AuditEntry
-from .envelope import CLEAR_FIELDS, ENVELOPE_FIELD, DocKey, open_doc
 from .errors import (
     AccessDenied,
     AlreadyExists,
@@ -23,20 +25,11 @@ from .errors import (
     WrongSecretError,
 )
 from .identity import fingerprint_of, format_node_id, parse_node_id
-from .keystore import Keystore
-from .pkcs11_keystore import Pkcs11Keystore
 from .principal import OWNER, Decision, Principal
-from .rules import Rule
-from .shares import InvitationRefused, LeaveRequestRefused
-from .soft_keystore import SoftKeystore
-from .token import AppInfo, PeerInfo, Token, TokenInfo
 
 __all__ = [
-    "AccessDenied", "AlreadyExists", "AppInfo", "AuditEntry", "AuthenticationError",
-    "CLEAR_FIELDS", "Decision", "DocKey", "ENVELOPE_FIELD", "IntegrityError", "InvalidArgument",
-    "InvalidNodeIdError", "InvitationRefused", "Keystore", "KeystoreError", "LeaveRequestRefused",
-    "NotFound", "OWNER", "PeerInfo",
-    "Pkcs11Keystore", "Principal", "RollbackError", "Rule", "RuleError", "SoftKeystore",
-    "Token", "TokenBusyError", "TokenError", "TokenInfo", "TokenStateError", "WrongSecretError",
-    "fingerprint_of", "format_node_id", "open_doc", "parse_node_id",
+    "AccessDenied", "AlreadyExists", "AuthenticationError", "Decision", "IntegrityError",
+    "InvalidArgument", "InvalidNodeIdError", "KeystoreError", "NotFound", "OWNER", "Principal",
+    "RollbackError", "RuleError", "TokenBusyError", "TokenError", "TokenStateError",
+    "WrongSecretError", "fingerprint_of", "format_node_id", "parse_node_id",
 ]

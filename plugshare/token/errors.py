@@ -71,3 +71,13 @@ class AlreadyExists(TokenError):
 class IntegrityError(TokenError):
     """An encrypted document or wrapped key failed authentication: flipped bit, moved to
     another document, revision or doctype, or sealed under another key."""
+
+
+class InvitationRefused(TokenError):
+    """The owner's token will not redeem an invitation (unknown, already used, expired, for
+    another share, or the joiner cannot be admitted); the message says why and what to do."""
+
+
+class LeaveRequestRefused(TokenError):
+    """A leave request is authentic but cannot be applied (a replay from before the member
+    was admitted again, or it names a manifest version the owner never made)."""

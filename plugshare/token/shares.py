@@ -26,6 +26,8 @@ from plugshare.sharing import manifest as _manifest
 
 from .envelope import CLEAR_FIELDS, is_sealed, sealed_kid
 from .errors import (
+    InvitationRefused,
+    LeaveRequestRefused,
     AccessDenied,
     IntegrityError,
     InvalidArgument,
@@ -60,16 +62,6 @@ CLEAR_RULE_FIELDS = frozenset(f for f in CLEAR_FIELDS if not f.startswith("_"))
 _X25519_SIZE = 32
 
 SignFn = Callable[[bytes], bytes]
-
-
-class InvitationRefused(TokenError):
-    """The owner's token will not redeem an invitation (unknown, already used, expired, for
-    another share, or the joiner cannot be admitted); the message says why and what to do."""
-
-
-class LeaveRequestRefused(TokenError):
-    """A leave request is authentic but cannot be applied (a replay from before the member
-    was admitted again, or it names a manifest version the owner never made)."""
 
 
 def reserved_signing_prefixes() -> tuple[bytes, ...]:

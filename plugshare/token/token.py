@@ -76,7 +76,9 @@ MAX_OUTSTANDING_CHALLENGES = 1024
 _STATE_KEY_CONTEXT = b"plugshare/state-key/v1"
 _OWNER_ALLOWED = Decision(True, "the owner may do everything")
 _ADMIN = OWNER.label
-_RESERVED_SIGNING_PREFIXES = (CHALLENGE_DOMAIN, sharekey.SIGNING_DOMAIN)
+# The link statements (TLS delegation, client proof) are signed only by their own commands.
+_RESERVED_SIGNING_PREFIXES = (CHALLENGE_DOMAIN, sharekey.SIGNING_DOMAIN, tls.DELEGATION_DOMAIN,
+                              tls.CLIENT_AUTH_DOMAIN)
 
 
 @attrs.frozen
@@ -389,20 +391,6 @@ class Token:
         if record is None:
             raise NotFound(f"unknown peer {format_node_id(fp)}: its key is not pinned")
         return verify_signature(record.public_key, data, signature)
-
-    def ssl_context(self, server_side: bool) -> ssl.SSLContext:
-        """A TLS 1.3 context for peer links (see tls.py). The server side presents a
-        self-signed certificate for this node's Ed25519 key. The client side verifies no
-        chain: the caller pins the server's fingerprint (`tls.certificate_public_key` of the
-        peer certificate) before sending anything, and proves its own key in the link
-        handshake with `sign`."""
-        if server_side:
-            return tls.server_ssl_context(self._tls_private_key())
-        return tls.client_ssl_context()
-
-    def _tls_private_key(self) -> Ed25519PrivateKey:
-        """The signing key object, for this package's TLS helpers only."""
-        return self._identity._signing_key()
 
     # --- principals: owner and apps --------------------------------------------------------
 

@@ -33,6 +33,8 @@ import msgpack
 from plugshare.errors import PlugshareError
 
 from .errors import (
+    InvitationRefused,
+    LeaveRequestRefused,
     AccessDenied,
     AlreadyExists,
     AuthenticationError,
@@ -48,7 +50,6 @@ from .errors import (
     TokenStateError,
     WrongSecretError,
 )
-from .shares import InvitationRefused, LeaveRequestRefused
 
 __all__ = [
     "HEADER_SIZE",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plugshare.token import Keystore, Pkcs11Keystore, SoftKeystore, Token
+from plugshare.token.inside import Keystore, Pkcs11Keystore, SoftKeystore, Token
 from plugshare.token.pkcs11_keystore import DEFAULT_MODULE
 
 from tests.support.softhsm import HSM_PIN, HSM_TOKEN_LABEL, PIN_ENV  # noqa: F401 (re-exported)

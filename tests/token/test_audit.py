@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugshare.token import OWNER, Token, TokenStateError
+from plugshare.token.inside import OWNER, Token, TokenStateError
 from plugshare.token.audit import chain_hash, genesis_hash
 
 NOTES = "io.plugshare.notes"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from plugshare.token import (
+from plugshare.token.inside import (
     CLEAR_FIELDS,
     ENVELOPE_FIELD,
     OWNER,

@@ -12,14 +12,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, strategies as st
 
-from plugshare.token import (
+from plugshare.token.inside import (
     InvalidNodeIdError,
     Token,
     fingerprint_of,
     format_node_id,
     parse_node_id,
 )
-from plugshare.token.tls import certificate_public_key
+
 from plugshare.token.vault import STATE_FILE
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -107,9 +107,16 @@ def test_private_keys_never_leave_in_clear(token: Token) -> None:
 
 
 async def test_ssl_context_presents_the_node_key_over_real_tls(token: Token, second_token: Token) -> None:
-    """The seam to tls.py: a loopback TLS 1.3 handshake in which the client sees the server
-    token's public key in its certificate, as a pinning client must."""
-    server_ctx, client_ctx = token.ssl_context(server_side=True), second_token.ssl_context(False)
+    """The seam to tls.py: a loopback TLS 1.3 handshake with an ephemeral key the token
+    certified (`link.certify`): the client finds the server token's identity in the
+    certificate, as a pinning client must, and no identity key left the token."""
+    from plugshare.token import tls
+    from plugshare.token.door import Door
+
+    request = tls.new_delegation_request(token.public_key_bytes)
+    delegation = Door(token).handle("link.certify", {"tls_public_key": request.tls_public})
+    server_ctx = tls.server_ssl_context(request.tls_private_key, delegation["delegation"])
+    client_ctx = tls.client_ssl_context()
     seen: list[bytes] = []
 
     async def serve(stream: trio.SocketStream) -> None:
@@ -124,7 +131,7 @@ async def test_ssl_context_presents_the_node_key_over_real_tls(token: Token, sec
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
         client = trio.SSLStream(tcp, client_ctx, server_hostname=None)
         await client.do_handshake()
-        seen.append(certificate_public_key(client.getpeercert(binary_form=True)))
+        seen.append(tls.certificate_identity(client.getpeercert(binary_form=True)))
         assert await client.receive_some(5) == b"hello"
         await client.aclose()
         nursery.cancel_scope.cancel()

@@ -13,7 +13,7 @@ import pytest
 from pkcs11 import Attribute, ObjectClass
 from pkcs11.exceptions import AttributeSensitive
 
-from plugshare.token import (
+from plugshare.token.inside import (
     IntegrityError,
     KeystoreError,
     Pkcs11Keystore,

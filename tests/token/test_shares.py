@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from plugshare.sharing import manifest as mf
 from plugshare.sharing.invitation import Invitation, InvitationError, InvalidTtl
 from plugshare.sharing.manifest import Manifest, ShareRule
-from plugshare.token import (
+from plugshare.token.inside import (
     OWNER,
     AccessDenied,
     AlreadyExists,
@@ -151,7 +151,7 @@ def test_sign_refuses_the_share_domains(token: Token) -> None:
 
 def test_token_and_sharing_modules_import_in_either_order() -> None:
     for first in ("plugshare.sharing.invitation", "plugshare.sharing.manifest", "plugshare.token"):
-        code = f"import {first}; from plugshare.token import Token; Token.create_share"
+        code = f"import {first}; from plugshare.token.inside import Token; Token.create_share"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plugshare.token import (
+from plugshare.token.inside import (
     OWNER,
     AlreadyExists,
     AuthenticationError,

@@ -1,0 +1,693 @@
+"""The token's command interface: the one door between the node and the token.
+
+The node hands the token what it has (a credential or a peer, the request, the stored
+documents) and gets back what it may do: the clear document to serve, the stored form to
+write, the documents that may leave, or a refusal. It never builds decision metadata and never
+sees a key. Every command is decided here and leaves one audit entry per decision (one per
+document for batches); replication uses batch commands, one call per batch.
+
+`Door.handle(command, args)` is all the token process serves (see `server.py`, `wire.py`);
+`COMMANDS` lists the commands of protocol version 1 with the arguments each takes. Refusals
+are `TokenError`s whose messages never say more than the caller may read: a document the
+caller may not read is "not found", whether it exists or not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from plugshare.sharing import invitation as _invitation
+from plugshare.sharing import manifest as _manifest
+
+from . import tls
+from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
+from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound
+from .principal import OWNER, Decision, Principal
+from .rules import ACTION_LEVEL
+from .shares import _scope_refusal
+from .token import Token
+
+__all__ = ["COMMANDS", "Door", "PROTOCOL_VERSION"]
+
+PROTOCOL_VERSION = 1
+MAX_BATCH = 10_000  # documents in one batch command
+DELEGATION_LIFETIME = 7 * 86400  # seconds a certified TLS key stays valid
+
+_ALLOWED = Decision(True, "the owner may do everything")
+
+
+def _arg(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *,
+         optional: bool = False) -> Any:
+    value = args.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise InvalidArgument(f"argument {key!r} must be {names}")
+    return value
+
+
+def _doc_arg(args: Mapping[str, Any], key: str, *, optional: bool = False) -> dict | None:
+    doc = _arg(args, key, dict, optional=optional)
+    if doc is not None and not isinstance(doc.get("_id"), str):
+        raise InvalidArgument(f"argument {key!r} must be a document with a text _id")
+    return doc
+
+
+def _docs_arg(args: Mapping[str, Any], key: str = "docs") -> list[dict]:
+    docs = _arg(args, key, list)
+    if len(docs) > MAX_BATCH:
+        raise InvalidArgument(f"at most {MAX_BATCH} documents per batch, got {len(docs)}")
+    for doc in docs:
+        if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str):
+            raise InvalidArgument(f"{key} must be documents, each with a text _id")
+    return docs
+
+
+def _not_found(doc_id: Any) -> NotFound:
+    return NotFound(f"no document {doc_id!r}")
+
+
+class Door:
+    """Serves the token's commands over one `Token` (owned: `close` closes it)."""
+
+    def __init__(self, token: Token, *, clock: Callable[[], float] = time.time):
+        self._token = token
+        self._clock = clock
+        self._handlers: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+            name: getattr(self, "_cmd_" + name.replace(".", "_")) for name in COMMANDS
+        }
+
+    def close(self) -> None:
+        self._token.flush()
+        self._token.close()
+
+    def handle(self, command: str, args: Mapping[str, Any]) -> Any:
+        """Run one command; its audit entries are durable before its answer is returned."""
+        handler = self._handlers.get(command)
+        if handler is None:
+            raise InvalidArgument(f"unknown token command {command!r}")
+        if not isinstance(args, Mapping):
+            raise InvalidArgument("command arguments must be a map")
+        try:
+            return handler(args)
+        finally:
+            self._token.flush()
+
+    # -- deciding, quietly, then recording once ------------------------------------------
+
+    def _principal(self, args: Mapping[str, Any]) -> Principal:
+        return self._token.authenticate(_arg(args, "credential", str))
+
+    def _judge(self, principal: Principal, action: str, meta: Mapping[str, Any]) -> Decision:
+        """The rules' answer, not yet audited (the caller records exactly one entry)."""
+        token = self._token
+        if principal == OWNER:
+            return _ALLOWED
+        subjects = token._subjects.get((principal.kind, principal.id))
+        doctype = meta.get("doctype")
+        if subjects is None:
+            return Decision(False, f"unknown principal {principal.label}")
+        if not isinstance(doctype, str):
+            return Decision(False, "the document has no doctype")
+        found = token._rules.match(subjects, ACTION_LEVEL[action], doctype, meta)
+        return found or Decision(
+            False, f"no rule lets {principal.label} {action} this {doctype!r} document")
+
+    def _may_touch_doctype(self, principal: Principal, action: str, doctype: str) -> bool:
+        token = self._token
+        if principal == OWNER:
+            return True
+        subjects = token._subjects.get((principal.kind, principal.id))
+        return bool(subjects) and token._rules.match_doctype(
+            subjects, ACTION_LEVEL[action], doctype) is not None
+
+    def _record(self, who: str, action: str, meta: Mapping[str, Any] | None,
+                decision: Decision) -> None:
+        doctype = meta.get("doctype") if meta is not None else None
+        self._token._audit_record(who, action, doctype if isinstance(doctype, str) else None,
+                                  meta.get("_id") if meta is not None else None,
+                                  decision.allowed, decision.reason)
+
+    def _owner(self, args: Mapping[str, Any], action: str) -> None:
+        """Managing the token, shares, peers or the node's status is the owner's alone."""
+        principal = self._principal(args)
+        if principal != OWNER:
+            reason = f"only the owner may {action}; {principal.label} may not"
+            self._token._audit_record(principal.label, action, None, None, False, reason)
+            raise AccessDenied(Decision(False, reason), reason)
+
+    # -- opening a stored document for a principal ----------------------------------------
+
+    def _open(self, principal: Principal, stored: dict, action: str = "read") -> dict:
+        """The clear document `principal` may read, decided and audited once. `NotFound`
+        when the rules say no (existence is not revealed); `IntegrityError` when the stored
+        form is not what the token wrote (altered ciphertext, a stripped envelope)."""
+        decision = self._judge(principal, action, stored)
+        if not decision.allowed:
+            self._record(principal.label, action, stored, decision)
+            raise _not_found(stored.get("_id"))
+        try:
+            clear = self._unseal(stored)
+        except (IntegrityError, NotFound) as exc:
+            self._record(principal.label, "decrypt", stored, Decision(False, str(exc)))
+            raise IntegrityError(f"document {stored.get('_id')!r}: {exc}") from None
+        except AccessDenied as exc:  # a share key this node no longer may use
+            self._record(principal.label, action, stored, Decision(False, str(exc)))
+            raise _not_found(stored.get("_id")) from None
+        self._record(principal.label, action, stored, decision)
+        return clear
+
+    def _unseal(self, stored: dict) -> dict:
+        """The clear form of a stored document, checking that what should be sealed is."""
+        token = self._token
+        if stored.get("_deleted") is True and not is_sealed(stored):
+            return stored  # a tombstone carries no body
+        if not is_sealed(stored):
+            doctype = stored.get("doctype")
+            if isinstance(doctype, str) and token.is_sensitive(doctype):
+                raise IntegrityError(f"doctype {doctype!r} is sensitive but the document is "
+                                     "stored in clear (injected, or its envelope stripped)")
+            share_id = token.encrypted_share_for(stored)
+            if share_id is not None:
+                raise IntegrityError(f"share {share_id} is encrypted but the document is "
+                                     "stored in clear (injected, or its envelope stripped)")
+            return stored
+        kid = sealed_kid(stored)
+        self._check_share_key_usable(kid)
+        return open_doc(stored, token._doc_key(kid)[1])
+
+    def _check_share_key_usable(self, kid: str) -> None:
+        """Hook for membership/expiry checks on share keys (the token's key records)."""
+        check = getattr(self._token, "check_key_usable", None)
+        if check is not None:
+            check(kid)
+
+    def _stored_form(self, doc: dict, generation: int) -> dict:
+        """How `doc` (clear, decided) is to be stored: sealed under an encrypted share's key
+        (so members open it), under its doctype's key if sensitive, else in clear."""
+        token = self._token
+        if doc.get("_deleted") is True:
+            return doc
+        share_id = token.encrypted_share_for(doc)
+        if share_id is not None:
+            return token.encrypt_doc(doc, generation=generation, share_id=share_id)
+        if token.is_sensitive(doc["doctype"]):
+            return token.encrypt_doc(doc, generation=generation)
+        return doc
+
+    # -- documents: apps and the owner -----------------------------------------------------
+
+    def _cmd_auth(self, args: Mapping[str, Any]) -> dict:
+        principal = self._principal(args)
+        return {"kind": principal.kind, "id": principal.id, "label": principal.label}
+
+    def _cmd_doc_read(self, args: Mapping[str, Any]) -> dict:
+        """{credential, doc (stored), doctype?} -> {doc}: the document as the caller may see
+        it. A doc of another doctype than the route's is not found."""
+        principal = self._principal(args)
+        stored = _doc_arg(args, "doc")
+        doctype = _arg(args, "doctype", str, optional=True)
+        if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
+            refusal = Decision(False, f"no rule lets {principal.label} read {doctype!r} documents")
+            self._record(principal.label, "read", {"doctype": doctype}, refusal)
+            raise AccessDenied(refusal, refusal.reason)
+        if doctype is not None and stored.get("doctype") != doctype:
+            self._record(principal.label, "read", {"doctype": doctype, "_id": stored["_id"]},
+                         Decision(False, "the document is of another doctype"))
+            raise _not_found(stored["_id"])
+        return {"doc": self._open(principal, stored)}
+
+    def _cmd_doc_list(self, args: Mapping[str, Any]) -> dict:
+        """{credential, doctype?, docs} -> {docs, tampered}: the rows the caller may read,
+        in clear; rows it may not read are left out, tampered rows named by id only."""
+        principal = self._principal(args)
+        doctype = _arg(args, "doctype", str, optional=True)
+        docs = _docs_arg(args)
+        if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
+            refusal = Decision(False, f"no rule lets {principal.label} list {doctype!r} documents")
+            self._record(principal.label, "list", {"doctype": doctype}, refusal)
+            raise AccessDenied(refusal, refusal.reason)
+        served, tampered = [], []
+        for stored in docs:
+            if doctype is not None and stored.get("doctype") != doctype:
+                continue
+            try:
+                served.append(self._open(principal, stored, "list"))
+            except NotFound:
+                continue
+            except IntegrityError:
+                tampered.append(stored["_id"])
+        return {"docs": served, "tampered": tampered}
+
+    def _cmd_doc_write(self, args: Mapping[str, Any]) -> dict:
+        """{credential, doc (clear, with _id, doctype, maybe _rev), current (the stored
+        winner, or None), generation} -> {doc}: the form to store."""
+        principal = self._principal(args)
+        doc = _doc_arg(args, "doc")
+        current = _doc_arg(args, "current", optional=True)
+        generation = _arg(args, "generation", int)
+        if not isinstance(doc.get("doctype"), str):
+            raise InvalidArgument("a document needs a doctype")
+        if ENVELOPE_FIELD in doc or any(
+                k.startswith("_") and k not in ("_id", "_rev", "_deleted") for k in doc):
+            raise InvalidArgument(
+                f"a document may not carry {ENVELOPE_FIELD!r} or fields starting with '_' "
+                "other than _id, _rev and _deleted")
+        live = current is not None and current.get("_deleted") is not True
+        if live:
+            # A writer may not overwrite a doc it could not write (one outside its selector,
+            # or of another doctype) by making the new version fit its rule.
+            replace = self._judge(principal, "write", current)
+            if not replace.allowed:
+                self._record(principal.label, "write", doc, replace)
+                raise AccessDenied(replace, "this id belongs to a document you may not write")
+            if current.get("doctype") != doc["doctype"]:
+                refusal = Decision(False, "a document's doctype cannot change")
+                self._record(principal.label, "write", doc, refusal)
+                raise InvalidArgument(
+                    f"document {doc['_id']!r} is of doctype {current.get('doctype')!r}; a "
+                    "document's doctype cannot change (delete it and create a new one)")
+        decision = self._judge(principal, "write", doc)
+        self._record(principal.label, "write", doc, decision)
+        if not decision.allowed:
+            raise AccessDenied(decision, f"write refused: {decision.reason}")
+        return {"doc": self._stored_form(doc, generation)}
+
+    def _cmd_doc_delete(self, args: Mapping[str, Any]) -> dict:
+        """{credential, current (stored winner), rev} -> {doc}: the tombstone to store (it
+        keeps the doctype, so shares of that doctype replicate the deletion)."""
+        principal = self._principal(args)
+        current = _doc_arg(args, "current")
+        rev = _arg(args, "rev", str)
+        if not self._judge(principal, "read", current).allowed and \
+                not self._judge(principal, "write", current).allowed:
+            self._record(principal.label, "delete", current,
+                         Decision(False, "may neither read nor write this document"))
+            raise _not_found(current["_id"])
+        decision = self._judge(principal, "write", current)
+        self._record(principal.label, "delete", current, decision)
+        if not decision.allowed:
+            raise AccessDenied(decision, f"delete refused: {decision.reason}")
+        return {"doc": {"_id": current["_id"], "_rev": rev, "_deleted": True,
+                        "doctype": current.get("doctype")}}
+
+    def _cmd_doc_reseal(self, args: Mapping[str, Any]) -> dict:
+        """{credential, docs} -> {docs}: (owner) the new stored forms of the given docs whose
+        stored form is not the one the token would write now (after `doctype.encrypt` or a
+        new encrypted share): each continues its doc's revision (same _rev as parent)."""
+        self._owner(args, "reseal")
+        out = []
+        for stored in _docs_arg(args):
+            if stored.get("_deleted") is True or not isinstance(stored.get("_rev"), str):
+                continue
+            wanted = self._reseal_target(stored)
+            if wanted is None:
+                continue
+            try:
+                clear = open_doc(stored, self._token._doc_key(sealed_kid(stored))[1]) \
+                    if is_sealed(stored) else stored
+            except (IntegrityError, NotFound) as exc:
+                self._record("admin", "reseal", stored, Decision(False, str(exc)))
+                continue
+            generation = int(stored["_rev"].partition("-")[0]) + 1
+            out.append(self._stored_form(dict(clear), generation))
+        self._token._admin("reseal", None, f"{len(out)} document(s) re-sealed")
+        return {"docs": out}
+
+    def _reseal_target(self, stored: dict) -> str | None:
+        """The key id family a doc should be sealed under now, if it is not already."""
+        token = self._token
+        share_id = token.encrypted_share_for(stored)
+        kid = sealed_kid(stored) if is_sealed(stored) else None
+        if share_id is not None:
+            return None if kid in token.share_key_ids(share_id) else f"share:{share_id}"
+        doctype = stored.get("doctype")
+        if isinstance(doctype, str) and token.is_sensitive(doctype) and kid is None:
+            return "doctype"
+        return None
+
+    # -- administration (owner only) --------------------------------------------------------
+
+    def _cmd_owner_check(self, args: Mapping[str, Any]) -> dict:
+        """{credential, action}: refused unless the caller is the owner (audited)."""
+        action = _arg(args, "action", str)
+        self._owner(args, action)
+        self._token._audit_record(OWNER.label, action, None, None, True, "the owner")
+        return {"ok": True}
+
+    def _cmd_app_add(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "add_app")
+        credential = self._token.add_app(
+            _arg(args, "name", str), _arg(args, "doctype", str), _arg(args, "perm", str),
+            _arg(args, "selector", dict, optional=True))
+        return {"name": args["name"], "credential": credential}
+
+    def _cmd_app_list(self, args: Mapping[str, Any]) -> list:
+        self._owner(args, "list_apps")
+        import attrs
+
+        return [attrs.asdict(app) for app in self._token.list_apps()]
+
+    def _cmd_app_remove(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "remove_app")
+        self._token.remove_app(_arg(args, "name", str))
+        return {"ok": True}
+
+    def _cmd_rule_add(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "add_rule")
+        kind, subject = _arg(args, "subject_kind", str), _arg(args, "subject", str)
+        self._check_subject(kind, subject)
+        rule_id = self._token.add_rule(
+            _arg(args, "doctype", str), kind, subject, _arg(args, "perm", str),
+            _arg(args, "selector", dict, optional=True))
+        return next(_rule_json(r) for r in self._token.list_rules() if r.id == rule_id)
+
+    def _check_subject(self, kind: str, subject: str) -> None:
+        """A grant to an app or peer that does not exist would pass to whoever later takes
+        that name: refuse it."""
+        token = self._token
+        if kind == "app" and subject not in {a.name for a in token.list_apps()}:
+            raise NotFound(f"no app {subject!r}: add it first (plugshare app add)")
+        if kind == "peer":
+            known = {p.node_id for p in token.list_peers()}
+            if subject not in known:
+                raise NotFound(f"no known peer {subject!r}")
+
+    def _cmd_rule_list(self, args: Mapping[str, Any]) -> list:
+        self._owner(args, "list_rules")
+        return [_rule_json(r) for r in self._token.list_rules()]
+
+    def _cmd_rule_remove(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "remove_rule")
+        self._token.remove_rule(_arg(args, "rule_id", str))
+        return {"ok": True}
+
+    def _cmd_doctype_encrypt(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "encrypt")
+        doctype = _arg(args, "doctype", str)
+        self._token.mark_sensitive(doctype)
+        return {"doctype": doctype, "sensitive": True}
+
+    def _cmd_audit_tail(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "audit")
+        self._token.flush()  # so the tail includes this very request's decision
+        n = _arg(args, "n", int)
+        result: dict[str, Any] = {"entries": [_audit_json(e) for e in self._token.audit_tail(n)]}
+        if args.get("verify"):
+            ok, count, first_bad = self._token.audit_verify()
+            result["verify"] = {"ok": ok, "entries": count, "first_bad": first_bad}
+        return result
+
+    # -- identity and links -------------------------------------------------------------------
+
+    def _cmd_info(self, args: Mapping[str, Any]) -> dict:
+        token = self._token
+        from .server import is_dumpable
+
+        return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "dumpable": is_dumpable(),
+                "node_id": token.node_id, "name": token.name,
+                "fingerprint": token.fingerprint, "public_key": token.public_key_bytes,
+                "x25519": token.x25519_public_bytes}
+
+    def _cmd_link_certify(self, args: Mapping[str, Any]) -> dict:
+        """{tls_public_key} -> {delegation}: binds the node's ephemeral TLS key to this
+        identity for DELEGATION_LIFETIME (the identity key itself never leaves)."""
+        tls_public = _arg(args, "tls_public_key", bytes)
+        if len(tls_public) != 32:
+            raise InvalidArgument("a TLS key is a 32-byte Ed25519 public key")
+        token = self._token
+        not_after = int(self._clock()) + DELEGATION_LIFETIME
+        statement = tls.delegation_statement(token.public_key_bytes, tls_public, not_after)
+        signature = token._identity.sign(statement)
+        token._admin("certify_tls_key", None, f"TLS key certified until {not_after}")
+        return {"delegation": tls.encode_delegation(token.public_key_bytes, not_after, signature)}
+
+    def _cmd_link_prove(self, args: Mapping[str, Any]) -> dict:
+        """{server_id, nonce} -> {signature}: this node's proof on a link it dials; the token
+        builds what it signs, so it signs nothing else for this purpose."""
+        server_id = _arg(args, "server_id", bytes)
+        nonce = _arg(args, "nonce", bytes)
+        if len(server_id) != 32 or len(nonce) != 32:
+            raise InvalidArgument("server_id and nonce are 32 bytes each")
+        token = self._token
+        payload = tls.client_auth_payload(server_id, nonce, token.fingerprint)
+        return {"signature": token._identity.sign(payload)}
+
+    def _cmd_link_may_connect(self, args: Mapping[str, Any]) -> bool:
+        return self._token.may_connect(_arg(args, "peer", bytes))
+
+    # -- shares: management -----------------------------------------------------------------
+
+    def _manifests(self) -> list[dict]:
+        token = self._token
+        return [{"manifest": m.to_dict(), "status": token.share_status(m.share_id)}
+                for m in token.shares()]
+
+    def _cmd_share_list(self, args: Mapping[str, Any]) -> list:
+        """Every share this token knows, with this node's standing: what the node routes by
+        (which links to keep, what to push); every document still passes the token."""
+        enforce = getattr(self._token, "enforce_expiry", None)
+        if enforce is not None:
+            enforce()
+        return self._manifests()
+
+    def _cmd_share_create(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "share_create")
+        kwargs: dict[str, Any] = {"encrypted": bool(args.get("encrypted", False))}
+        expires = args.get("expires")
+        if expires is not None:
+            kwargs["expires"] = float(_arg(args, "expires", (int, float)))
+        manifest = self._token.create_share(
+            _arg(args, "name", str), _arg(args, "doctype", str),
+            _arg(args, "selector", dict, optional=True), **kwargs)
+        return manifest.to_dict()
+
+    def _cmd_share_invite(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "share_invite")
+        addresses = [(str(h), int(p)) for h, p in _arg(args, "addresses", list)]
+        kwargs: dict[str, Any] = {}
+        if args.get("membership_expires") is not None:
+            kwargs["membership_expires"] = float(args["membership_expires"])
+        invitation = self._token.issue_invitation(
+            _arg(args, "share", str), permission=_arg(args, "permission", str),
+            ttl=_arg(args, "ttl", int), addresses=addresses, **kwargs)
+        return {"code": invitation.encode(), "permission": invitation.permission,
+                "expires_at": invitation.expires_at}
+
+    def _cmd_share_join(self, args: Mapping[str, Any]) -> dict:
+        """{credential, code, manifest, key} (joiner): take the owner's answer."""
+        self._owner(args, "share_accept")
+        invitation = _invitation.Invitation.decode(_arg(args, "code", str))
+        manifest = _manifest.Manifest.from_dict(_arg(args, "manifest", dict))
+        key = _arg(args, "key", bytes, optional=True)
+        return self._token.join_share(invitation, manifest, key).to_dict()
+
+    def _cmd_share_redeem(self, args: Mapping[str, Any]) -> dict:
+        """{peer, share, secret, name, public_key, x25519} (owner): admit a joiner whose
+        link proved `public_key`."""
+        peer = _arg(args, "peer", bytes)
+        public_key = _arg(args, "public_key", bytes)
+        from .identity import fingerprint_of
+
+        if fingerprint_of(public_key) != peer:
+            raise InvalidArgument("the joiner's public key is not the one its link proved")
+        manifest, key = self._token.redeem_invitation(
+            _arg(args, "share", str), _arg(args, "secret", bytes),
+            joiner_public_key=public_key, joiner_name=_arg(args, "name", str),
+            joiner_x25519=_arg(args, "x25519", bytes))
+        return {"manifest": manifest.to_dict(), "key": key}
+
+    def _cmd_share_accept_manifest(self, args: Mapping[str, Any]) -> dict:
+        """{peer, manifest, grants?} -> {manifest, changed, grants}."""
+        manifest = _manifest.Manifest.from_dict(_arg(args, "manifest", dict))
+        grants = args.get("grants")
+        kwargs = {"grants": grants} if grants else {}
+        current, changed = self._token.accept_manifest(
+            manifest, sender=_arg(args, "peer", bytes), **kwargs)
+        return {"manifest": current.to_dict(), "changed": changed}
+
+    def _cmd_share_grants(self, args: Mapping[str, Any]) -> dict:
+        """{share} -> {grants}: the share's keys wrapped to each active member (end to end:
+        safe to forward), sent along with its manifest."""
+        grants = getattr(self._token, "key_grants", None)
+        if grants is None:
+            return {"grants": {}}
+        try:
+            return {"grants": grants(_arg(args, "share", str))}
+        except NotFound:
+            return {"grants": {}}
+
+    def _cmd_share_revoke(self, args: Mapping[str, Any]) -> dict:
+        self._owner(args, "share_revoke")
+        return self._token.revoke_member(_arg(args, "share", str),
+                                         _arg(args, "member", str)).to_dict()
+
+    def _cmd_share_leave(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share} -> {request}: leave (locally at once); the signed request is
+        for the owner."""
+        self._owner(args, "share_leave")
+        share = _arg(args, "share", str)
+        request = self._token.leave_request(share)
+        self._token.leave_share(share)
+        return {"request": request}
+
+    def _cmd_share_apply_leave(self, args: Mapping[str, Any]) -> dict:
+        return self._token.apply_leave_request(
+            _arg(args, "request", dict), _arg(args, "peer", bytes)).to_dict()
+
+    # -- shares: documents crossing ------------------------------------------------------------
+
+    def _share_entry(self, share_id: str):
+        entry = self._token._book._entries.get(share_id)
+        if entry is None:
+            raise NotFound(f"share {share_id!r} is not held by this node")
+        return entry
+
+    def _cmd_share_count(self, args: Mapping[str, Any]) -> int:
+        """{share, docs} -> how many of `docs` are in the share's scope (not audited: a
+        count serves no document)."""
+        entry = self._share_entry(_arg(args, "share", str))
+        return sum(1 for doc in _docs_arg(args) if doc.get("_deleted") is not True
+                   and _scope_refusal(entry, doc) is None)
+
+    def _cmd_share_may_push(self, args: Mapping[str, Any]) -> bool:
+        return self._token.decide_outgoing(_arg(args, "share", str),
+                                           _arg(args, "peer", bytes)).allowed
+
+    def _cmd_share_outgoing(self, args: Mapping[str, Any]) -> dict:
+        """{share, peer, docs (leaf revisions with _revisions)} -> {docs, withheld}: the
+        documents that may leave to `peer`, in the form to send: an encrypted share's sealed
+        as stored; a sensitive doctype's opened (the peer seals it with its own key)."""
+        token = self._token
+        share_id, peer = _arg(args, "share", str), _arg(args, "peer", bytes)
+        docs = _docs_arg(args)
+        label = token._peer_label(token._fp(peer))
+        standing = token._book.outgoing(share_id, token._fp(peer))
+        if not standing.allowed:
+            for doc in docs:
+                self._record(label, "share-send", doc, standing)
+            return {"docs": [], "withheld": len(docs)}
+        entry = self._share_entry(share_id)
+        encrypted = entry.manifest.encrypted
+        share_kids = token.share_key_ids(share_id)
+        out, withheld = [], 0
+        for doc in docs:
+            refusal = _scope_refusal(entry, doc)
+            form = doc
+            if refusal is None and doc.get("_deleted") is not True:
+                sealed = is_sealed(doc)
+                try:
+                    if encrypted and (not sealed or sealed_kid(doc) not in share_kids):
+                        refusal = "not sealed under the share's key (re-seal pending)"
+                    elif not encrypted and sealed:
+                        form = open_doc(doc, token._doc_key(sealed_kid(doc))[1])
+                except (IntegrityError, NotFound) as exc:
+                    refusal = f"cannot be opened here: {exc}"
+            decision = standing if refusal is None else Decision(False, refusal)
+            self._record(label, "share-send", doc, decision)
+            if refusal is None:
+                out.append(form)
+            else:
+                withheld += 1
+        return {"docs": out, "withheld": withheld}
+
+    def _cmd_share_incoming(self, args: Mapping[str, Any]) -> dict:
+        """{share, peer, docs, existing: {id: local winner}} -> {results}: for each doc in
+        order either {"doc": form to store} or {"refused": reason}. Decides membership, write
+        permission, scope, the current manifest, the local doc it would land on, and for an
+        encrypted share the ciphertext; a sensitive doctype arriving in a plain share is
+        sealed under this node's key before it is stored."""
+        token = self._token
+        share_id, peer = _arg(args, "share", str), token._fp(_arg(args, "peer", bytes))
+        docs = _docs_arg(args)
+        existing = _arg(args, "existing", dict)
+        label = token._peer_label(peer)
+        book = token._book
+        results = []
+        for doc in docs:
+            local = existing.get(doc["_id"])
+            decision = book.incoming(share_id, peer, doc, local if isinstance(local, dict) else None)
+            form = doc
+            if decision.allowed:
+                try:
+                    form = self._incoming_form(share_id, doc)
+                except (IntegrityError, NotFound, InvalidArgument) as exc:
+                    decision = Decision(False, f"tampered or unreadable: {exc}")
+            self._record(label, "share-receive", doc, decision)
+            results.append({"doc": form} if decision.allowed else {"refused": decision.reason})
+        return {"results": results}
+
+    def _incoming_form(self, share_id: str, doc: dict) -> dict:
+        token = self._token
+        if doc.get("_deleted") is True:
+            return doc
+        entry = self._share_entry(share_id)
+        if entry.manifest.encrypted:
+            kid = sealed_kid(doc)  # book.incoming checked it is one of the share's keys
+            open_doc(doc, token._doc_key(kid)[1])  # authenticates; the plaintext is dropped
+            return doc
+        if is_sealed(doc):
+            raise IntegrityError("a plain share's document arrived sealed")
+        if token.is_sensitive(doc["doctype"]):
+            generation = int(str(doc.get("_rev", "0-")).partition("-")[0] or 0)
+            if generation < 1:
+                raise InvalidArgument("a replicated revision needs a rev of the form N-hash")
+            return token.encrypt_doc(doc, generation=generation)
+        return doc
+
+
+def _rule_json(rule) -> dict[str, Any]:
+    import attrs
+
+    return attrs.asdict(rule)
+
+
+def _audit_json(entry) -> dict[str, Any]:
+    return {
+        "seq": entry.seq, "time": entry.time, "principal": entry.principal,
+        "action": entry.action, "doctype": entry.doctype, "doc_id": entry.doc_id,
+        "allowed": entry.allowed, "reason": entry.reason, "hash": entry.hash.hex(),
+    }
+
+
+# Protocol version 1: command -> the arguments it takes (for the docs and the tests).
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "auth": ("credential",),
+    "doc.read": ("credential", "doc", "doctype?"),
+    "doc.list": ("credential", "docs", "doctype?"),
+    "doc.write": ("credential", "doc", "current?", "generation"),
+    "doc.delete": ("credential", "current", "rev"),
+    "doc.reseal": ("credential", "docs"),
+    "owner.check": ("credential", "action"),
+    "app.add": ("credential", "name", "doctype", "perm", "selector?"),
+    "app.list": ("credential",),
+    "app.remove": ("credential", "name"),
+    "rule.add": ("credential", "doctype", "subject_kind", "subject", "perm", "selector?"),
+    "rule.list": ("credential",),
+    "rule.remove": ("credential", "rule_id"),
+    "doctype.encrypt": ("credential", "doctype"),
+    "audit.tail": ("credential", "n", "verify?"),
+    "info": (),
+    "link.certify": ("tls_public_key",),
+    "link.prove": ("server_id", "nonce"),
+    "link.may_connect": ("peer",),
+    "share.list": (),
+    "share.create": ("credential", "name", "doctype", "selector?", "encrypted?", "expires?"),
+    "share.invite": ("credential", "share", "permission", "ttl", "addresses",
+                     "membership_expires?"),
+    "share.join": ("credential", "code", "manifest", "key?"),
+    "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519"),
+    "share.accept_manifest": ("peer", "manifest", "grants?"),
+    "share.grants": ("share",),
+    "share.revoke": ("credential", "share", "member"),
+    "share.leave": ("credential", "share"),
+    "share.apply_leave": ("peer", "request"),
+    "share.count": ("share", "docs"),
+    "share.may_push": ("share", "peer"),
+    "share.outgoing": ("share", "peer", "docs"),
+    "share.incoming": ("share", "peer", "docs", "existing"),
+}
