@@ -422,7 +422,8 @@ class ShareBook:
 
     def ended(self, share_id: str, now: float) -> str | None:
         """At a member (never the owner): why this node may no longer open the share's
-        documents (revoked, removed, left, its membership or the share expired), or None."""
+        documents (revoked, removed, left, its membership or the share expired, or its keys
+        were destroyed for one of these reasons), or None."""
         entry = self._entries.get(share_id)
         if entry is None:
             return None
@@ -441,7 +442,9 @@ class ShareBook:
             return f"share {name!r} has expired"
         if me.is_expired(now):
             return f"this node's membership of share {name!r} has expired"
-        return None
+        # Keys destroyed once (e.g. by `enforce_expiry` at a later `now`) stay destroyed, for
+        # the reason given then, until the node is admitted again and gets them back.
+        return entry.record.ended
 
     def record(self, share_id: str) -> ShareRecord:
         return self._entries[share_id].record
