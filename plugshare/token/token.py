@@ -1079,9 +1079,13 @@ class Token:
 
     def _take_own_grant(self, manifest: Manifest, blob: bytes, label: str) -> None:
         share_id, name = manifest.share_id, manifest.name
-        if self.has_current_share_key(share_id):
-            return  # nothing new for this node (no unwrapping on every manifest resent)
         try:
+            if self.has_current_share_key(share_id):
+                # nothing new for this node: check it (cheap), but do not unwrap it again
+                sharekey.verify_wrapped(
+                    blob, share_id, manifest.owner, self.fingerprint, self.x25519_public_bytes
+                )
+                return
             keys = sharekey.unwrap_keys(self._identity, share_id, blob, manifest.owner)
         except (AuthenticationError, IntegrityError) as exc:
             self._audit_record(label, "accept_key_grant", manifest.rule.doctype, None, False,
@@ -1207,10 +1211,14 @@ class Token:
         shares bear that name (then name it by id)."""
         return self._book.find(name_or_id)
 
-    def share_status(self, name_or_id: str) -> str:
+    def share_status(self, name_or_id: str, *, now: float | None = None) -> str:
         """This node's standing in a share: "owner", "active", "revoked" (by the owner),
-        "left" (it left), or "removed" (no longer listed: the owner applied its leave)."""
-        return self._book.status(self._book.find(name_or_id).share_id)
+        "left" (it left), "removed" (no longer listed: the owner applied its leave), or
+        "expired" (a member whose membership or share has expired at `now`, default the
+        clock)."""
+        return self._book.status(
+            self._book.find(name_or_id).share_id, time.time() if now is None else now
+        )
 
     def _owned(self, share: str, action: str, verb: str) -> Manifest:
         try:
@@ -1450,7 +1458,7 @@ class Token:
         self._audit_record(
             label, "accept_manifest", accepted.rule.doctype, None, True,
             f"share {accepted.name!r}: manifest v{accepted.version} replaces v{held_version} "
-            f"(this node: {self._book.status(share_id)})",
+            f"(this node: {self._book.status(share_id, time.time())})",
         )
         self._share_ended(share_id)  # revoked, removed or expired: the keys are destroyed
         if grants is not None:
@@ -1632,14 +1640,16 @@ class Token:
     def is_known_member(self, fingerprint: bytes | str, *, now: float | None = None) -> bool:
         """An active member of a share in which this node is active too (may sync); neither
         the share nor either membership expired."""
-        return self._book.is_connectable(self._fp(fingerprint), now)
+        return self._book.is_connectable(
+            self._fp(fingerprint), time.time() if now is None else now
+        )
 
     def common_shares(
         self, fingerprint: bytes | str, *, now: float | None = None
     ) -> list[Manifest]:
         """The shares in which both this node and the peer are active, unexpired members:
         what to sync with that peer."""
-        return self._book.common(self._fp(fingerprint), now)
+        return self._book.common(self._fp(fingerprint), time.time() if now is None else now)
 
     def share_in_scope(self, share_id: str, doc_metadata: Mapping[str, Any]) -> bool:
         """Does the document (its doctype and clear fields) fall under the share's rule? A
