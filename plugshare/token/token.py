@@ -1444,14 +1444,15 @@ class Token:
                     "by creating or joining it"
                 )
             accepted = sharebook.accept(current, manifest, verify_signature)
-            if accepted is current:
-                if grants is not None:
-                    self._take_grants(accepted, grants, label, False)
-                return accepted, False
-            self._book.check(accepted)
+            if accepted is not current:
+                self._book.check(accepted)
         except (_manifest.ManifestError, NotFound, InvalidArgument) as exc:
             self._audit_record(label, "accept_manifest", None, None, False, str(exc))
             raise
+        if accepted is current:  # the same manifest again: it may bring a grant still missing
+            if grants is not None:
+                self._take_grants(accepted, grants, label, False)
+            return accepted, False
         share_id, held_version = accepted.share_id, current.version  # type: ignore[union-attr]
         self._book.put(accepted)
         self._changed()

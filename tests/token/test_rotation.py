@@ -233,8 +233,10 @@ def test_a_rejoined_member_gets_every_key(token: Token, second_token: Token) -> 
     second_token.accept_manifest(travelled(token.revoke_member("trip", second_token.node_id)))
     assert second_token.share_key_ids(sid) == ()
     during = seal(token, sid, "during")
+    assert len(token.share_key_ids(sid)) == 2 and sealed_kid(during) == token.share_key_ids(sid)[-1]
     join(token, second_token, "trip", "read")
     assert second_token.share_key_ids(sid) == token.share_key_ids(sid)
+    assert second_token.has_current_share_key(sid)
     assert second_token.decrypt_doc(during, OWNER)["text"] == "hello"
 
 
