@@ -841,7 +841,10 @@ class Token:
 
     def create_share_key(self, share_id: str) -> str:
         """A new key for share `share_id` (a share's first key, or a newer one after a
-        member left); returns its key id. Documents sealed for the share use the newest."""
+        member left); returns its key id. Documents sealed for the share use the newest.
+        At the owner, `revoke_member` and `apply_leave_request` rotate with it and name the
+        new key in the signed manifest (`key_id`), which is how members learn they lack it;
+        a key made by calling this alone is not announced."""
         check_name("share id", share_id)
         kid = self._new_data_key(f"share:{share_id}")
         self._state.share_keys.setdefault(share_id, []).append(kid)
@@ -1505,10 +1508,11 @@ class Token:
         return _manifest.sign(successor, self._identity.sign)
 
     def leave_share(self, share: str) -> None:
-        """At a member: stop being one. The share's keys are discarded and the manifest kept,
-        marked left (this node neither sends nor accepts its documents any more). The owner
-        learns it from `leave_request`, sent to it; the owner itself cannot leave
-        (`MembershipError`). Leaving twice does nothing."""
+        """At a member: stop being one. The share's keys are destroyed (audited, flushed at
+        once) and the manifest kept, marked left (this node neither sends nor accepts its
+        documents any more). The owner learns it from `leave_request`, sent to it, and
+        rotates the share's key; the owner itself cannot leave (`MembershipError`). Leaving
+        twice does nothing."""
         manifest = self._book.find(share)
         if manifest.owner == self.fingerprint:
             raise _manifest.MembershipError(
@@ -1782,7 +1786,9 @@ def _grant_fingerprint(value: object) -> bytes:
             return bytes.fromhex(value)
         except ValueError:
             pass
-    raise InvalidArgument(f"a key grant is keyed by a 32-byte member fingerprint, got {value!r:.80}")
+    raise InvalidArgument(
+        f"a key grant is keyed by a 32-byte member fingerprint, got {value!r:.80}"
+    )
 
 
 __all__ = ["AppInfo", "PeerInfo", "Token", "TokenInfo"]
