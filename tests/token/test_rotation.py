@@ -497,3 +497,50 @@ def test_joining_an_already_expired_membership_keeps_no_key(
     assert "expired" in audited(second_token, "destroy_share_key")[0].reason
     with pytest.raises(AccessDenied, match="has expired"):
         second_token.decrypt_doc(seal(token, share.share_id, "d1"), OWNER)
+
+
+# --- older members and older state ----------------------------------------------------------
+
+
+def test_a_member_admitted_without_its_x25519_key_gets_no_grant(
+    token: Token, second_token: Token, third_token: Token
+) -> None:
+    """A member listed before members carried their X25519 key cannot be wrapped to: the
+    owner says so when it rotates, and grants the others."""
+    share = token.create_share("trip", NOTES, encrypted=True)
+    sid = share.share_id
+    join(token, second_token, "trip")
+    old_style = mf.sign(  # as a manifest made by an older owner lists a member
+        mf.with_member(token.share(sid), third_token.fingerprint, "node-c", "write"),
+        token._identity.sign,
+    )
+    token._book.put(old_style)
+    assert old_style.member(third_token.fingerprint).x25519 is None
+    assert "x25519" not in old_style.to_dict()["members"][2]
+    rotated = token.revoke_member("trip", second_token.fingerprint)
+    assert rotated.key_id != share.key_id
+    assert token.key_grants(sid) == {}
+    warned = [e for e in audited(token, "create_share_key") if "invite them again" in e.reason]
+    assert len(warned) == 1 and "'node-c'" in warned[0].reason
+
+
+def test_a_state_sealed_before_rotation_still_loads() -> None:
+    from plugshare.token import state as state_codec
+    from plugshare.token.audit import new_meta
+    from plugshare.token.credentials import new_credential
+
+    state = state_codec.TokenState(
+        name="n", signing_key=b"s" * 32, agreement_key=b"a" * 32, audit_key=b"k" * 32,
+        owner=new_credential()[1], current_master=1, next_rule=1,
+        shares={"s1": state_codec.ShareRecord({"share_id": "s1"})},
+        invitations={"ab": state_codec.InvitationRecord("s1", "read", 5)},
+    )
+    doc = msgpack.unpackb(state_codec.encode(state, new_meta(b"f" * 32)), raw=False)
+    for field in ("grants", "grants_key", "ended", "ended_kids"):  # as an older token sealed it
+        del doc["state"]["shares"]["s1"][field]
+    del doc["state"]["invitations"]["ab"]["membership_expires"]
+    loaded, _ = state_codec.decode(msgpack.packb(doc, use_bin_type=True), "old state")
+    record = loaded.shares["s1"]
+    assert record.grants == {} and record.grants_key is None
+    assert record.ended is None and record.ended_kids == []
+    assert loaded.invitations["ab"].membership_expires is None
