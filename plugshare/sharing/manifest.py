@@ -7,6 +7,13 @@ write permission. Only the owner signs; every member's token checks a manifest w
 `accept_update` before acting on it, which refuses anything unsigned, forged, for another
 share or owner, or not newer than what it already holds (replay, rollback).
 
+Optional fields, each signed with the rest and left out of the encoding when absent (so a
+manifest made before they existed keeps its exact signed bytes): the share's `expires` (unix
+time after which members lose access), its `key_id` (the newest share key, for an encrypted
+share: a member holding the manifest but not that key knows it lacks the current key), and
+per member its `x25519` public key (so the owner can wrap new share keys to it) and its
+membership `expires`.
+
 Versions only go up: each change (`with_member`, `revoke`, `leave`) makes version + 1, unsigned
 until the owner `sign`s it. A revoked member stays listed (so its later writes are refused with
 a reason, and `share show` lists it); a member who leaves is removed and may be invited again.
@@ -124,6 +131,44 @@ def _instance(what: str, kind: type) -> Callable[[Any, Any, Any], None]:
     return check
 
 
+def _check_expires(what: str) -> Callable[[Any, Any, Any], None]:
+    def check(_inst: Any, _attr: Any, value: object) -> None:
+        if value is None:
+            return
+        if not isinstance(value, float) or not math.isfinite(value) or not 0 <= value < 2**63:
+            raise MalformedManifest(f"{what} must be unix seconds (a finite number) or None, "
+                                    f"got {value!r}")
+
+    return check
+
+
+def _time_or_none(value: object) -> object:
+    """Expiry times are kept as floats (so one value has one encoding); others are left for
+    the validator to refuse."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _optional_bytes_of(what: str, size: int) -> Callable[[Any, Any, Any], None]:
+    check = _bytes_of(what, size)
+
+    def optional(inst: Any, attr: Any, value: object) -> None:
+        if value is not None:
+            check(inst, attr, value)
+
+    return optional
+
+
+def _check_key_id(_inst: Any, _attr: Any, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not 1 <= len(value) <= 64 or not all(
+        c in "0123456789abcdef" for c in value
+    ):
+        raise MalformedManifest(f"key id must be lowercase hex text or None, got {value!r:.80}")
+
+
 def _json_copy(value: Any, where: str, depth: int = 0) -> Any:
     """A deep copy of a JSON value, refusing anything JSON or msgpack cannot carry exactly."""
     if depth > MAX_SELECTOR_DEPTH:
@@ -178,24 +223,43 @@ class Member:
     name: str = attrs.field(validator=_text("member name"))
     permission: Permission = attrs.field(validator=_one_of("member permission", PERMISSIONS))
     status: Status = attrs.field(default="active", validator=_one_of("member status", STATUSES))
+    # Its X25519 public key (as it gave it when joining), for wrapping share keys to it.
+    x25519: bytes | None = attrs.field(
+        default=None, validator=_optional_bytes_of("member X25519 key", PUBLIC_KEY_SIZE)
+    )
+    # When its membership ends (unix seconds), or None.
+    expires: float | None = attrs.field(
+        default=None, converter=_time_or_none, validator=_check_expires("member expiry")
+    )
 
     @property
     def node_id(self) -> str:
         return format_node_id(self.fingerprint)
 
+    def is_expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "fingerprint": self.fingerprint.hex(),
             "name": self.name,
             "permission": self.permission,
             "status": self.status,
         }
+        if self.x25519 is not None:
+            d["x25519"] = self.x25519.hex()
+        if self.expires is not None:
+            d["expires"] = self.expires
+        return d
 
     @classmethod
     def from_dict(cls, data: object) -> Member:
-        d = _fields(data, "member", ("fingerprint", "name", "permission", "status"))
+        d = _fields(data, "member", ("fingerprint", "name", "permission", "status"),
+                    ("x25519", "expires"))
+        x25519 = d.get("x25519")
         return cls(_hex(d["fingerprint"], "member fingerprint"), d["name"], d["permission"],
-                   d["status"])
+                   d["status"], None if x25519 is None else _hex(x25519, "member X25519 key"),
+                   d.get("expires"))
 
 
 @attrs.frozen
@@ -262,6 +326,17 @@ class Manifest:
     members: tuple[Member, ...] = attrs.field(converter=tuple, validator=_check_members)
     version: int = attrs.field(validator=_check_version)
     signature: bytes | None = attrs.field(default=None, validator=_check_signature)
+    # When the share ends for its members (unix seconds), or None.
+    expires: float | None = attrs.field(
+        default=None, converter=_time_or_none, validator=_check_expires("share expiry"),
+        kw_only=True,
+    )
+    # The newest share key's id (encrypted shares only), or None.
+    key_id: str | None = attrs.field(default=None, validator=_check_key_id, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        if self.key_id is not None and not self.encrypted:
+            raise MalformedManifest("only an encrypted share's manifest names a key id")
 
     @classmethod
     def create(
@@ -273,6 +348,8 @@ class Manifest:
         rule: ShareRule,
         encrypted: bool = False,
         share_id: str | None = None,
+        expires: float | None = None,
+        key_id: str | None = None,
     ) -> Manifest:
         """Version 1 of a new share (unsigned), with the owner as its only member."""
         if not isinstance(owner_key, bytes) or len(owner_key) != PUBLIC_KEY_SIZE:
@@ -287,6 +364,8 @@ class Manifest:
             encrypted=encrypted,
             members=(Member(owner, owner_name, "write", "active"),),
             version=1,
+            expires=expires,
+            key_id=key_id,
         )
 
     # --- membership queries ---
@@ -309,11 +388,16 @@ class Manifest:
     def active_members(self) -> tuple[Member, ...]:
         return tuple(m for m in self.members if m.status == "active")
 
+    def is_expired(self, now: float) -> bool:
+        """The share itself has expired at `now` (for its members; the owner keeps its data)."""
+        return self.expires is not None and now >= self.expires
+
     # --- encoding ---
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON- and msgpack-friendly dict (bytes as lowercase hex)."""
-        return {
+        """A JSON- and msgpack-friendly dict (bytes as lowercase hex). `expires` and `key_id`
+        appear only when set."""
+        d = {
             "share_id": self.share_id,
             "name": self.name,
             "owner": self.owner.hex(),
@@ -324,11 +408,16 @@ class Manifest:
             "version": self.version,
             "signature": None if self.signature is None else self.signature.hex(),
         }
+        if self.expires is not None:
+            d["expires"] = self.expires
+        if self.key_id is not None:
+            d["key_id"] = self.key_id
+        return d
 
     @classmethod
     def from_dict(cls, data: object) -> Manifest:
         """The manifest `to_dict` wrote; `MalformedManifest` naming the first bad field."""
-        d = _fields(data, "manifest", _MANIFEST_KEYS)
+        d = _fields(data, "manifest", _MANIFEST_KEYS, _MANIFEST_OPTIONAL)
         members = d["members"]
         if not isinstance(members, list):
             raise MalformedManifest(f"members must be a list, got {type(members).__name__}")
@@ -343,6 +432,8 @@ class Manifest:
             members=tuple(Member.from_dict(m) for m in members),
             version=d["version"],
             signature=None if signature is None else _hex(signature, "signature"),
+            expires=d.get("expires"),
+            key_id=d.get("key_id"),
         )
 
     def signed_bytes(self) -> bytes:
@@ -356,12 +447,15 @@ _MANIFEST_KEYS = (
     "share_id", "name", "owner", "owner_key", "rule", "encrypted", "members", "version",
     "signature",
 )
+_MANIFEST_OPTIONAL = ("expires", "key_id")
 
 
-def _fields(data: object, what: str, keys: tuple[str, ...]) -> Mapping[str, Any]:
+def _fields(
+    data: object, what: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise MalformedManifest(f"a {what} is a map, got {type(data).__name__}")
-    unknown = sorted(str(k) for k in data if k not in keys)
+    unknown = sorted(str(k) for k in data if k not in keys and k not in optional)
     if unknown:
         raise MalformedManifest(f"{what} has unknown field(s): {', '.join(unknown)}")
     missing = [k for k in keys if k not in data]
@@ -465,11 +559,12 @@ def _next(manifest: Manifest, members: tuple[Member, ...]) -> Manifest:
 
 
 def with_member(
-    manifest: Manifest, fingerprint: bytes, name: str, permission: Permission
+    manifest: Manifest, fingerprint: bytes, name: str, permission: Permission, *,
+    x25519: bytes | None = None, expires: float | None = None,
 ) -> Manifest:
     """The next version with `fingerprint` as an active member (a revoked one is re-admitted
-    with the new name and permission)."""
-    new = Member(fingerprint, name, permission, "active")
+    with the new name, permission, X25519 key and expiry)."""
+    new = Member(fingerprint, name, permission, "active", x25519, expires)
     existing = manifest.member(fingerprint)
     if existing is None:
         return _next(manifest, (*manifest.members, new))
@@ -493,6 +588,13 @@ def leave(manifest: Manifest, fingerprint: bytes) -> Manifest:
     """The next version without that member (it asked to leave; the owner signs)."""
     m = _changeable(manifest, fingerprint, "leave")
     return _next(manifest, tuple(x for x in manifest.members if x is not m))
+
+
+def with_key_id(manifest: Manifest, key_id: str) -> Manifest:
+    """`manifest` (still unsigned: a next version) naming `key_id` as the newest share key."""
+    if manifest.signature is not None:
+        raise MembershipError("set the key id on the next version, before signing it")
+    return attrs.evolve(manifest, key_id=key_id)
 
 
 def _changeable(manifest: Manifest, fingerprint: bytes, action: str) -> Member:

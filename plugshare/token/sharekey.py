@@ -10,6 +10,11 @@ info = context), where the context names the sender fingerprint, the recipient f
 the recipient's X25519 key and the share id; the context is also the AEAD's associated data
 and part of what is signed. So only the intended recipient can open it, for that share only,
 and it verifiably comes from the sender the recipient expects (by fingerprint).
+
+Everything the signature covers but the plaintext is public (fingerprints, the recipient's
+X25519 key as listed in the share manifest, the share id), so anyone can check with
+`verify_wrapped` that a wrapped key was made by a given sender for a given recipient and share
+without opening it: that is what lets members forward key grants to each other.
 """
 
 from __future__ import annotations
@@ -74,15 +79,43 @@ def wrap_keys(
     return body + sender.sign(context + body)
 
 
+def _split(wrapped: bytes) -> tuple[bytes, bytes, bytes]:
+    """(body, signature, sender public key) of a well-formed wrapped key."""
+    if not isinstance(wrapped, bytes) or len(wrapped) < _HEAD + 16 + _SIG or (
+        wrapped[: len(MAGIC)] != MAGIC
+    ):
+        raise IntegrityError("wrapped share key is malformed or truncated")
+    body = wrapped[:-_SIG]
+    return body, wrapped[-_SIG:], body[4:36]
+
+
+def verify_wrapped(
+    wrapped: bytes,
+    share_id: str,
+    sender_fingerprint: bytes,
+    recipient_fingerprint: bytes,
+    recipient_x25519_public: bytes,
+) -> None:
+    """Check, without opening it, that `wrapped` was made by `sender_fingerprint` for that
+    recipient (and its X25519 key) and share: `AuthenticationError` if not, `IntegrityError`
+    if malformed."""
+    body, signature, sender_public = _split(wrapped)
+    if not hmac.compare_digest(fingerprint_of(sender_public), sender_fingerprint):
+        raise AuthenticationError("wrapped share key was not made by the expected sender")
+    context = _context(sender_fingerprint, recipient_fingerprint, recipient_x25519_public, share_id)
+    if not verify_signature(sender_public, context + body, signature):
+        raise AuthenticationError(
+            "wrapped share key signature does not verify: altered, or meant for another "
+            "recipient or share"
+        )
+
+
 def unwrap_keys(
     recipient: Identity, share_id: str, wrapped: bytes, sender_fingerprint: bytes
 ) -> list[bytes]:
     """The keys sealed by `wrap_keys`; `AuthenticationError` if not from the expected sender
     or not for this recipient and share, `IntegrityError` if damaged."""
-    if len(wrapped) < _HEAD + 16 + _SIG or wrapped[: len(MAGIC)] != MAGIC:
-        raise IntegrityError("wrapped share key is malformed or truncated")
-    body, signature = wrapped[:-_SIG], wrapped[-_SIG:]
-    sender_public = body[4:36]
+    body, signature, sender_public = _split(wrapped)
     eph_public = body[36:68]
     nonce, ct = body[68:_HEAD], body[_HEAD:]
     if not hmac.compare_digest(fingerprint_of(sender_public), sender_fingerprint):

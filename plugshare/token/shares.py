@@ -105,17 +105,39 @@ def _selector_fields(selector: Mapping[str, Any]) -> Iterator[str]:
             yield key
 
 
+def draft_manifest(
+    name: str, owner_key: bytes, owner_name: str, rule: ShareRule, encrypted: bool,
+    *, expires: float | None = None,
+) -> Manifest:
+    """Version 1 of a new share, not yet signed (nor naming its key)."""
+    try:
+        return _manifest.Manifest.create(
+            name=name, owner_key=owner_key, owner_name=owner_name, rule=rule, encrypted=encrypted,
+            expires=expires,
+        )
+    except _manifest.MalformedManifest as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 def new_manifest(
     name: str, owner_key: bytes, owner_name: str, rule: ShareRule, encrypted: bool, sign_fn: SignFn
 ) -> Manifest:
     """Version 1 of a new share, signed by its owner."""
-    try:
-        manifest = _manifest.Manifest.create(
-            name=name, owner_key=owner_key, owner_name=owner_name, rule=rule, encrypted=encrypted
-        )
-    except _manifest.MalformedManifest as exc:
-        raise InvalidArgument(str(exc)) from None
-    return _manifest.sign(manifest, sign_fn)
+    return _manifest.sign(draft_manifest(name, owner_key, owner_name, rule, encrypted), sign_fn)
+
+
+def check_expiry(what: str, value: object, now: float) -> float | None:
+    """An expiry time (unix seconds) as a float, or None; `InvalidArgument` if it is not a
+    finite number or is not after `now`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 <= value < 2**63
+    ) or value != value:
+        raise InvalidArgument(f"{what} is unix seconds (a number) or None, got {value!r}")
+    if value <= now:
+        raise InvalidArgument(f"{what} {value} is not in the future (now is {now:.0f})")
+    return float(value)
 
 
 def accept(
@@ -267,8 +289,19 @@ class _Entry:
     manifest: Manifest
     record: ShareRecord
     predicate: Predicate | None
-    here: bool  # this node is an active member and has not left
+    here: bool  # this node is an active member and has not left (expiry aside)
     writers: dict[bytes, Decision]  # active members with write permission -> the allow answer
+    # When this node stops taking part (the share's expiry, and at a member its own
+    # membership's), or None: see `active_at`.
+    until: float | None
+
+    def active_at(self, now: float) -> bool:
+        return self.here and (self.until is None or now < self.until)
+
+
+def _earliest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 class ShareBook:
@@ -279,7 +312,8 @@ class ShareBook:
         self._state = state
         self._self = self_fingerprint
         self._entries: dict[str, _Entry] = {}
-        self._peers: frozenset[bytes] = frozenset()
+        # active members of the shares this node is in -> until when (None: no expiry)
+        self._peers: dict[bytes, float | None] = {}
         for share_id, record in state.shares.items():
             try:
                 manifest = _manifest.Manifest.from_dict(record.manifest)
@@ -299,20 +333,28 @@ class ShareBook:
             for m in manifest.members
             if m.status == "active" and m.permission == "write"
         }
+        me = manifest.member(self._self)
         return _Entry(
             manifest,
             record,
             compile_selector(manifest.rule.selector),
             not record.left and manifest.is_active_member(self._self),
             writers,
+            _earliest(manifest.expires, me.expires if me is not None else None),
         )
 
     def _index_peers(self) -> None:
-        self._peers = frozenset(
-            m.fingerprint
-            for e in self._entries.values() if e.here
-            for m in e.manifest.active_members() if m.fingerprint != self._self
-        )
+        forever = float("inf")
+        peers: dict[bytes, float] = {}
+        for e in self._entries.values():
+            if not e.here:
+                continue
+            for m in e.manifest.active_members():
+                if m.fingerprint != self._self:
+                    until = _earliest(e.until, m.expires)
+                    until = forever if until is None else until
+                    peers[m.fingerprint] = max(until, peers.get(m.fingerprint, until))
+        self._peers = {fp: None if t == forever else t for fp, t in peers.items()}
 
     # --- queries ---
 
@@ -354,8 +396,9 @@ class ShareBook:
     def name_taken(self, name: str) -> bool:
         return any(e.manifest.name == name for e in self._entries.values())
 
-    def status(self, share_id: str) -> str:
-        """This node's standing in a share: owner, active, revoked, left or removed."""
+    def status(self, share_id: str, now: float | None = None) -> str:
+        """This node's standing in a share: owner, active, revoked, left, removed, or expired
+        (a member whose membership or share has expired)."""
         entry = self._entries[share_id]
         manifest = entry.manifest
         if manifest.owner == self._self:
@@ -363,19 +406,68 @@ class ShareBook:
         if entry.record.left:
             return "left"
         me = manifest.member(self._self)
-        return "removed" if me is None else me.status
+        if me is None:
+            return "removed"
+        if me.status == "active" and not entry.active_at(time.time() if now is None else now):
+            return "expired"
+        return me.status
 
-    def is_connectable(self, fingerprint: bytes) -> bool:
-        """An active member of a share in which this node is active too."""
-        return fingerprint in self._peers
+    def ended(self, share_id: str, now: float) -> str | None:
+        """At a member (never the owner): why this node may no longer open the share's
+        documents (revoked, removed, left, its membership or the share expired, or its keys
+        were destroyed for one of these reasons), or None."""
+        entry = self._entries.get(share_id)
+        if entry is None:
+            return None
+        manifest = entry.manifest
+        if manifest.owner == self._self:
+            return None
+        name = manifest.name
+        if entry.record.left:
+            return f"this node left share {name!r}"
+        me = manifest.member(self._self)
+        if me is None:
+            return f"this node was removed from share {name!r}"
+        if me.status != "active":
+            return f"this node was revoked from share {name!r}"
+        if manifest.is_expired(now):
+            return f"share {name!r} has expired"
+        if me.is_expired(now):
+            return f"this node's membership of share {name!r} has expired"
+        # Keys destroyed once (e.g. by `enforce_expiry` at a later `now`) stay destroyed, for
+        # the reason given then, until the node is admitted again and gets them back.
+        return entry.record.ended
 
-    def common(self, fingerprint: bytes) -> list[Manifest]:
+    def record(self, share_id: str) -> ShareRecord:
+        return self._entries[share_id].record
+
+    def share_of_key(self, kid: str) -> str | None:
+        """The share whose keys this node destroyed (or whose manifest names) `kid`."""
+        for share_id, e in self._entries.items():
+            if kid in e.record.ended_kids or e.manifest.key_id == kid:
+                return share_id
+        return None
+
+    def is_connectable(self, fingerprint: bytes, now: float | None = None) -> bool:
+        """An active member of a share in which this node is active too (neither the share
+        nor either membership expired)."""
+        if fingerprint not in self._peers:
+            return False
+        until = self._peers[fingerprint]
+        return until is None or (time.time() if now is None else now) < until
+
+    def common(self, fingerprint: bytes, now: float | None = None) -> list[Manifest]:
         if fingerprint == self._self:
             return []
-        return [
-            e.manifest for e in self._entries.values()
-            if e.here and e.manifest.is_active_member(fingerprint)
-        ]
+        now = time.time() if now is None else now
+        out = []
+        for e in self._entries.values():
+            if not e.active_at(now):
+                continue
+            m = e.manifest.member(fingerprint)
+            if m is not None and m.status == "active" and not m.is_expired(now):
+                out.append(e.manifest)
+        return out
 
     def admitted_version(self, share_id: str, fingerprint: bytes) -> int:
         return self._entries[share_id].record.admitted.get(fingerprint.hex(), 1)
@@ -388,7 +480,7 @@ class ShareBook:
 
     def incoming(
         self, share_id: str, sender: bytes, meta: Mapping[str, Any],
-        existing: Mapping[str, Any] | None = None,
+        existing: Mapping[str, Any] | None = None, now: float | None = None,
     ) -> Decision:
         """May `sender` write this document into share `share_id` here? See
         `Token.decide_incoming`."""
@@ -396,11 +488,15 @@ class ShareBook:
         if entry is None:
             return Decision(False, f"share {share_id!r} is not held by this node")
         manifest = entry.manifest
-        if not entry.here:
-            return self._not_here(entry)
+        now = time.time() if now is None else now
+        if not entry.active_at(now):
+            return self._not_here(entry, now)
         allow = entry.writers.get(sender)
         if allow is None:
             return Decision(False, _not_writer(manifest, sender))
+        expired = _member_expired(manifest, sender, now)
+        if expired is not None:
+            return Decision(False, expired)
         refusal = _scope_refusal(entry, meta)
         if refusal is None and manifest.encrypted:
             refusal = self._seal_refusal(entry, meta)
@@ -411,12 +507,14 @@ class ShareBook:
             )
         return allow if refusal is None else Decision(False, refusal)
 
-    def _not_here(self, entry: _Entry) -> Decision:
+    def _not_here(self, entry: _Entry, now: float) -> Decision:
         manifest = entry.manifest
+        if entry.here and manifest.is_expired(now):
+            return Decision(False, f"share {manifest.name!r} has expired")
         return Decision(
             False,
             f"this node is no longer in share {manifest.name!r} "
-            f"({self.status(manifest.share_id)})",
+            f"({self.status(manifest.share_id, now)})",
         )
 
     def _seal_refusal(self, entry: _Entry, meta: Mapping[str, Any]) -> str | None:
@@ -433,14 +531,15 @@ class ShareBook:
             return f"the document is sealed under key {kid}, which is not a key of share {name!r}"
         return None
 
-    def outgoing(self, share_id: str, peer: bytes) -> Decision:
+    def outgoing(self, share_id: str, peer: bytes, now: float | None = None) -> Decision:
         """May this node send the share's documents to `peer`?"""
         entry = self._entries.get(share_id)
         if entry is None:
             return Decision(False, f"share {share_id!r} is not held by this node")
         manifest = entry.manifest
-        if not entry.here:
-            return self._not_here(entry)
+        now = time.time() if now is None else now
+        if not entry.active_at(now):
+            return self._not_here(entry, now)
         if peer == self._self:
             return Decision(False, "a node does not replicate with itself")
         member = manifest.member(peer)
@@ -450,6 +549,9 @@ class ShareBook:
                 False, f"{format_node_id(peer)} is {state} in share {manifest.name!r} "
                 f"(manifest v{manifest.version})",
             )
+        expired = _member_expired(manifest, peer, now)
+        if expired is not None:
+            return Decision(False, expired)
         if self._self not in entry.writers:
             return Decision(
                 False, f"this node only reads share {manifest.name!r}; its peers would refuse "
@@ -480,6 +582,17 @@ class ShareBook:
         self._entries[manifest.share_id] = entry
         self._index_peers()
 
+    def set_ended(self, share_id: str, reason: str, kids: Iterable[str]) -> None:
+        record = self._entries[share_id].record
+        record.ended = reason
+        record.ended_kids = sorted(set(record.ended_kids) | set(kids))
+        record.grants = {}
+
+    def clear_ended(self, share_id: str) -> None:
+        record = self._entries[share_id].record
+        record.ended = None
+        record.ended_kids = []
+
     def set_left(self, share_id: str) -> None:
         entry = self._entries[share_id]
         entry.record.left = True
@@ -494,9 +607,12 @@ class ShareBook:
 
     # --- invitations ---
 
-    def add_invitation(self, invitation: Invitation) -> None:
+    def add_invitation(
+        self, invitation: Invitation, membership_expires: float | None = None
+    ) -> None:
         self._state.invitations[invitation.digest().hex()] = InvitationRecord(
-            invitation.share_id, invitation.permission, invitation.expires_at
+            invitation.share_id, invitation.permission, invitation.expires_at,
+            membership_expires=membership_expires,
         )
 
     def claim_invitation(
@@ -562,6 +678,16 @@ def _scope_refusal(entry: _Entry, meta: Mapping[str, Any]) -> str | None:
         return None
     if entry.predicate is not None and not entry.predicate(meta):
         return f"the document does not match the selector of share {name!r}"
+    return None
+
+
+def _member_expired(manifest: Manifest, fingerprint: bytes, now: float) -> str | None:
+    member = manifest.member(fingerprint)
+    if member is not None and member.is_expired(now):
+        return (
+            f"the membership of {member.name!r} in share {manifest.name!r} has expired "
+            f"(manifest v{manifest.version})"
+        )
     return None
 
 

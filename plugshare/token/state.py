@@ -49,6 +49,15 @@ class ShareRecord:
     # At the owner only: member fingerprint (hex) -> the manifest version that (re)admitted
     # it. A leave request signed on an older version predates that admission: a replay.
     admitted: dict[str, int] = attrs.Factory(dict)
+    # Encrypted shares: member fingerprint (hex) -> the share keys wrapped to it by the owner
+    # (see Token.key_grants). The owner makes them; a member keeps the verified ones that came
+    # with the newest manifest, to forward them.
+    grants: dict[str, bytes] = attrs.Factory(dict)
+    grants_key: str | None = None  # at the owner: the newest key id the grants carry
+    # At a member whose access ended (revoked, removed, left, expired): why, and the ids of
+    # the share keys destroyed then (so a later read is told why, not just "no key").
+    ended: str | None = None
+    ended_kids: list[str] = attrs.Factory(list)
 
 
 @attrs.define
@@ -59,6 +68,7 @@ class InvitationRecord:
     permission: str  # "read" | "write"
     expires_at: int  # unix seconds
     used_by: bytes | None = None  # fingerprint of the node that redeemed it (single use)
+    membership_expires: float | None = None  # unix seconds: the joined member's expiry
 
 
 @attrs.define

@@ -720,6 +720,9 @@ class Token:
                     f"doctype {doctype!r} is not marked sensitive; there is no key to seal with"
                 )
         else:
+            ended = self._share_ended(share_id)
+            if ended is not None:
+                raise AccessDenied(Decision(False, ended), f"cannot seal for share: {ended}")
             kids = self._state.share_keys.get(share_id)
             if not kids:
                 raise NotFound(f"no key for share {share_id!r}")
@@ -728,8 +731,11 @@ class Token:
 
     def decrypt_doc(self, stored: Mapping[str, Any], principal: Principal) -> dict[str, Any]:
         """Sealed mode: decide a read of `stored` (on its clear metadata) and, if allowed,
-        return the plaintext document. `AccessDenied` if the rules say no; `IntegrityError`
-        if it was altered or moved (logged too)."""
+        return the plaintext document. `AccessDenied` if the rules say no, or (at a member) if
+        it is sealed under a key of a share this node no longer takes part in: revoked,
+        removed, left, or the share or its membership expired (checked against the clock, so
+        it holds offline too; the share's keys are destroyed then); `IntegrityError` if it
+        was altered or moved (logged too)."""
         key = self._release(stored, principal)
         if key is None:
             return dict(stored)
@@ -743,6 +749,7 @@ class Token:
         """Authenticate a sealed document of encrypted share `share_id` as it arrives from a
         peer, releasing nothing: `IntegrityError` (logged) if it was altered, moved to
         another id, doctype or generation, or sealed under a key that is not the share's."""
+        self._share_ended(share_id)  # destroys the keys of an expired share at a member
         try:
             kid = sealed_kid(stored)
             if kid not in self._state.share_keys.get(share_id, ()):
@@ -788,10 +795,32 @@ class Token:
                 raise exc
             return None
         try:
-            return self._doc_key(sealed_kid(stored))[1]
+            kid = sealed_kid(stored)
+        except IntegrityError as exc:
+            self._integrity_failure(principal, stored, exc)
+            raise
+        share_id = self._share_of_kid(kid)
+        if share_id is not None:
+            ended = self._share_ended(share_id)
+            if ended is not None:
+                self._audit_record(
+                    principal.label, "decrypt", stored.get("doctype"), stored.get("_id"), False,
+                    ended,
+                )
+                raise AccessDenied(Decision(False, ended), f"read refused: {ended}")
+        try:
+            return self._doc_key(kid)[1]
         except (IntegrityError, NotFound) as exc:
             self._integrity_failure(principal, stored, exc)
             raise
+
+    def _share_of_kid(self, kid: str) -> str | None:
+        """The share a data key belongs to (held, or destroyed here, or named by a manifest
+        as its newest), or None for a doctype key or an unknown one."""
+        record = self._state.data_keys.get(kid)
+        if record is not None:
+            return record.scope[6:] if record.scope.startswith("share:") else None
+        return self._book.share_of_key(kid)
 
     def _integrity_failure(self, principal: Principal, stored: Mapping[str, Any], exc: Exception) -> None:
         self._audit_record(
@@ -800,7 +829,10 @@ class Token:
 
     def create_share_key(self, share_id: str) -> str:
         """A new key for share `share_id` (a share's first key, or a newer one after a
-        member left); returns its key id. Documents sealed for the share use the newest."""
+        member left); returns its key id. Documents sealed for the share use the newest.
+        At the owner, `revoke_member` and `apply_leave_request` rotate with it and name the
+        new key in the signed manifest (`key_id`), which is how members learn they lack it;
+        a key made by calling this alone is not announced."""
         check_name("share id", share_id)
         kid = self._new_data_key(f"share:{share_id}")
         self._state.share_keys.setdefault(share_id, []).append(kid)
@@ -845,6 +877,15 @@ class Token:
         except (AuthenticationError, IntegrityError) as exc:
             self._audit_record(sender, "accept_share_key", None, None, False, str(exc))
             raise
+        newest = self._add_share_keys(share_id, keys)
+        self._audit_record(
+            sender, "accept_share_key", None, None, True,
+            f"share {share_id!r}: {len(keys)} key(s) accepted",
+        )
+        return newest
+
+    def _add_share_keys(self, share_id: str, keys: list[bytes]) -> str:
+        """Store unwrapped share keys (oldest first); the newest one's id."""
         scope = f"share:{share_id}"
         kids = self._state.share_keys.setdefault(share_id, [])
         for key in keys:
@@ -853,15 +894,14 @@ class Token:
                 self._store_data_key(kid, scope, key)
             if kid not in kids:
                 kids.append(kid)
+        if share_id in self._state.shares:
+            self._book.clear_ended(share_id)
         self._changed()
-        self._audit_record(
-            sender, "accept_share_key", None, None, True,
-            f"share {share_id!r}: {len(keys)} key(s) accepted",
-        )
         return key_id(scope, keys[-1])
 
     def discard_share_key(self, share_id: str) -> None:
-        """Forget every key of share `share_id` (after leaving it)."""
+        """Destroy every key of share `share_id` (after leaving it): the key records leave the
+        sealed state, the cache forgets them, and the state is flushed at once."""
         kids = self._state.share_keys.pop(share_id, None)
         if kids is None:
             raise NotFound(f"no key for share {share_id!r}")
@@ -870,6 +910,187 @@ class Token:
             self._keys.pop(kid, None)
         self._changed()
         self._admin("discard_share_key", None, f"share {share_id!r}: keys discarded")
+        self.flush()
+
+    def has_current_share_key(self, share_id: str) -> bool:
+        """Whether this token holds the newest key of share `share_id`, as its manifest names
+        it (a manifest without a key id: whether it holds any key). False for an unknown or
+        unencrypted share. A member that is short of it waits for the owner's key grant
+        (`key_grants`, forwarded with the manifest)."""
+        manifest = self._book.get(share_id)
+        if manifest is None or not manifest.encrypted:
+            return False
+        kids = self._state.share_keys.get(share_id, ())
+        return bool(kids) if manifest.key_id is None else manifest.key_id in kids
+
+    # --- shares: access ending, expiry and key grants ----------------------------------------
+
+    def _share_ended(self, share_id: str, now: float | None = None) -> str | None:
+        """At a member: why this node no longer takes part in share `share_id` (revoked,
+        removed, left, expired), destroying the share's keys here the first time; None
+        while it does (and always at the owner, who keeps its keys)."""
+        reason = self._book.ended(share_id, time.time() if now is None else now)
+        if reason is not None and share_id in self._state.share_keys:
+            self._end_share_access(share_id, reason)
+        return reason
+
+    def _end_share_access(self, share_id: str, reason: str) -> None:
+        """Destroy this node's copy of a share's keys, audited and flushed at once."""
+        kids = self._state.share_keys.pop(share_id, [])
+        for kid in kids:
+            self._state.data_keys.pop(kid, None)
+            self._keys.pop(kid, None)
+        self._book.set_ended(share_id, reason, kids)
+        self._changed()
+        self._admin(
+            "destroy_share_key", self._book.get(share_id).rule.doctype,  # type: ignore[union-attr]
+            f"share {share_id!r}: {len(kids)} key(s) destroyed: {reason}",
+        )
+        self.flush()
+
+    def enforce_expiry(self, now: float | None = None) -> list[str]:
+        """Apply every expiry that has passed at `now` (default: the clock): at a member, the
+        keys of each share it no longer takes part in (its membership or the share expired,
+        or it was revoked) are destroyed, audited and flushed. The node calls this
+        periodically; every decision and decryption also checks lazily. Returns the ids of
+        the shares whose keys were destroyed by this call. The owner keeps its keys (its
+        documents are its own); it just stops admitting expired members and shares."""
+        now = time.time() if now is None else now
+        destroyed = []
+        for manifest in self._book.manifests():
+            share_id = manifest.share_id
+            had = share_id in self._state.share_keys
+            if self._book.ended(share_id, now) is not None and had:
+                self._share_ended(share_id, now)
+                destroyed.append(share_id)
+        return destroyed
+
+    def key_grants(self, share_id: str) -> dict[bytes, bytes]:
+        """The keys of encrypted share `share_id` wrapped to each of its active members but
+        this node: {member fingerprint (32 bytes): wrapped keys (see sharekey.py)}, to send
+        with the manifest (`accept_manifest(manifest, grants)`). At the owner, every key of
+        the share, wrapped afresh once per newest key and member (cached in the state); at a
+        member, the grants it verified when it accepted the manifest, so it can forward them
+        (each is end-to-end wrapped to its recipient and signed by the owner). Members whose
+        X25519 key the manifest does not carry (admitted by an older version) and expired
+        members get none. Empty for an unencrypted share; `NotFound` for an unknown one."""
+        manifest = self._book.get(share_id)
+        if manifest is None:
+            raise NotFound(f"share {share_id!r} is not held by this node")
+        if not manifest.encrypted:
+            return {}
+        now = time.time()
+        record = self._book.record(share_id)
+        recipients = {
+            m.fingerprint: m for m in manifest.active_members()
+            if m.fingerprint != self.fingerprint and m.x25519 is not None
+            and not m.is_expired(now)
+        }
+        if manifest.owner != self.fingerprint:
+            if self._share_ended(share_id, now) is not None:
+                return {}
+            return {
+                fp: blob for fp, blob in
+                ((bytes.fromhex(k), v) for k, v in record.grants.items()) if fp in recipients
+            }
+        kids = self._state.share_keys.get(share_id)
+        if not kids or manifest.is_expired(now):
+            return {}
+        if record.grants_key != kids[-1]:
+            record.grants, record.grants_key = {}, kids[-1]
+            self._dirty = True
+        missing = [fp for fp in recipients if fp.hex() not in record.grants]
+        if missing:
+            keys = [self._doc_key(kid)[0] for kid in kids]
+            for fp in missing:
+                record.grants[fp.hex()] = sharekey.wrap_keys(
+                    self._identity, share_id, keys, recipients[fp].x25519,  # type: ignore[arg-type]
+                    fp,
+                )
+            self._dirty = True
+            self._admin(
+                "wrap_share_key", manifest.rule.doctype,
+                f"share {manifest.name!r}: {len(keys)} key(s) (newest {kids[-1]}) granted to "
+                + ", ".join(recipients[fp].name for fp in missing),
+            )
+        return {fp: record.grants[fp.hex()] for fp in recipients}
+
+    def _take_grants(
+        self, manifest: Manifest, grants: object, label: str, changed: bool
+    ) -> None:
+        """At a member, after accepting `manifest`: take this node's own key grant if it
+        lacks the share's newest key, and keep the other members' verified grants to forward.
+        A grant that fails verification is refused and audited; nothing is raised."""
+        share_id, name = manifest.share_id, manifest.name
+        doctype = manifest.rule.doctype
+
+        def refuse(reason: str) -> None:
+            self._audit_record(label, "accept_key_grant", doctype, None, False,
+                               f"share {name!r}: {reason}")
+
+        if not manifest.encrypted or manifest.owner == self.fingerprint:
+            return
+        if not isinstance(grants, Mapping):
+            refuse(f"key grants must be a map, got {type(grants).__name__}")
+            return
+        if len(grants) > len(manifest.members):
+            refuse(f"{len(grants)} key grants for {len(manifest.members)} members: refused")
+            return
+        if self._share_ended(share_id) is not None:
+            return  # an ended member takes no keys, and forwards none
+        record = self._book.record(share_id)
+        kept: dict[str, bytes] = {} if changed else dict(record.grants)
+        for raw_fp, blob in grants.items():
+            try:
+                fp = _grant_fingerprint(raw_fp)
+            except InvalidArgument as exc:
+                refuse(str(exc))
+                continue
+            if not isinstance(blob, (bytes, bytearray, memoryview)):
+                refuse(f"the key grant for {format_node_id(fp)} is not bytes")
+                continue
+            blob = bytes(blob)
+            if fp == self.fingerprint:
+                self._take_own_grant(manifest, blob, label)
+                continue
+            member = manifest.member(fp)
+            if member is None or member.status != "active" or member.x25519 is None:
+                refuse(f"a key grant for {format_node_id(fp)}, which is not an active member "
+                       "with a known X25519 key")
+                continue
+            try:
+                sharekey.verify_wrapped(blob, share_id, manifest.owner, fp, member.x25519)
+            except (AuthenticationError, IntegrityError) as exc:
+                refuse(f"the key grant for {member.name!r} is refused: {exc}")
+                continue
+            kept[fp.hex()] = blob
+        if kept != record.grants:
+            record.grants = kept
+            self._dirty = True
+
+    def _take_own_grant(self, manifest: Manifest, blob: bytes, label: str) -> None:
+        share_id, name = manifest.share_id, manifest.name
+        try:
+            if self.has_current_share_key(share_id):
+                # nothing new for this node: check it (cheap), but do not unwrap it again
+                sharekey.verify_wrapped(
+                    blob, share_id, manifest.owner, self.fingerprint, self.x25519_public_bytes
+                )
+                return
+            keys = sharekey.unwrap_keys(self._identity, share_id, blob, manifest.owner)
+        except (AuthenticationError, IntegrityError) as exc:
+            self._audit_record(label, "accept_key_grant", manifest.rule.doctype, None, False,
+                               f"share {name!r}: this node's key grant is refused: {exc}")
+            return
+        newest = self._add_share_keys(share_id, keys)
+        note = "" if manifest.key_id in (None, newest) else (
+            f"; the manifest names key {manifest.key_id}, which this grant does not carry"
+        )
+        self._audit_record(
+            label, "accept_key_grant", manifest.rule.doctype, None, True,
+            f"share {name!r}: {len(keys)} key(s) accepted from the owner's grant, newest "
+            f"{newest}{note}",
+        )
 
     def rotate_master_key(self) -> int:
         """Make a new master key and use it from now on: the state is sealed under a new
@@ -936,24 +1157,34 @@ class Token:
         selector: Mapping[str, Any] | None = None,
         *,
         encrypted: bool = False,
+        expires: float | None = None,
+        now: float | None = None,
     ) -> Manifest:
         """A new share of the `doctype` documents matching `selector` (None: all), owned by
         this node: manifest version 1, signed, with this node (named as the token) its only
         member. `RuleError` for a malformed selector (or, for an encrypted share, one that
-        tests sealed fields), `AlreadyExists` if a share of that name is known here. An
-        encrypted share gets its first share key."""
+        tests sealed fields), `AlreadyExists` if a share of that name is known here,
+        `InvalidArgument` for an `expires` (unix seconds, signed in the manifest) not after
+        `now` (default: the clock). Once expired, members lose access (their tokens destroy
+        the share's keys) and the owner stops admitting them; the owner keeps its keys. An
+        encrypted share gets its first share key, named in the manifest (`key_id`)."""
         check_name("share name", name)
         check_name("doctype", doctype)
         if not isinstance(encrypted, bool):
             raise InvalidArgument(f"encrypted is True or False, got {encrypted!r}")
+        expires = sharebook.check_expiry(
+            "the share's expiry", expires, time.time() if now is None else now
+        )
         rule = sharebook.share_rule(doctype, selector, encrypted=encrypted)
         if self._book.name_taken(name):
             raise AlreadyExists(f"a share named {name!r} is already known here; pick another name")
-        manifest = sharebook.new_manifest(
-            name, self.public_key_bytes, self.name, rule, encrypted, self._identity.sign
+        manifest = sharebook.draft_manifest(
+            name, self.public_key_bytes, self.name, rule, encrypted, expires=expires
         )
         if encrypted:
-            self.create_share_key(manifest.share_id)
+            kid = self.create_share_key(manifest.share_id)
+            manifest = _manifest.with_key_id(manifest, kid)
+        manifest = _manifest.sign(manifest, self._identity.sign)
         self._book.put(manifest)
         self._changed()
         self._admin(
@@ -971,10 +1202,14 @@ class Token:
         shares bear that name (then name it by id)."""
         return self._book.find(name_or_id)
 
-    def share_status(self, name_or_id: str) -> str:
+    def share_status(self, name_or_id: str, *, now: float | None = None) -> str:
         """This node's standing in a share: "owner", "active", "revoked" (by the owner),
-        "left" (it left), or "removed" (no longer listed: the owner applied its leave)."""
-        return self._book.status(self._book.find(name_or_id).share_id)
+        "left" (it left), "removed" (no longer listed: the owner applied its leave), or
+        "expired" (a member whose membership or share has expired at `now`, default the
+        clock)."""
+        return self._book.status(
+            self._book.find(name_or_id).share_id, time.time() if now is None else now
+        )
 
     def _owned(self, share: str, action: str, verb: str) -> Manifest:
         try:
@@ -993,18 +1228,28 @@ class Token:
         ttl: int,
         addresses: Iterable[HostPort],
         now: float | None = None,
+        membership_expires: float | None = None,
     ) -> Invitation:
         """An invitation for one new member of `share` (owned here) with `permission` ("read"
         or "write"), valid `ttl` seconds from `now`, naming `addresses` where this node
         listens. Only its secret's digest is kept; print `.encode()`. `AccessDenied` for a
-        share this node does not own; `InvitationError`/`InvalidTtl` for bad fields."""
+        share this node does not own; `InvitationError`/`InvalidTtl` for bad fields.
+        `membership_expires` (unix seconds, after `now`; `InvalidArgument` otherwise) is when
+        the joined member's membership ends (its signed `Member.expires`): then its token
+        destroys the share's keys and the owner stops admitting it. `InvalidArgument` too
+        for a share that has expired."""
         manifest = self._owned(share, "issue_invitation", "invite members to")
         now = time.time() if now is None else now
+        if manifest.is_expired(now):
+            raise InvalidArgument(f"share {manifest.name!r} has expired; it admits no one")
+        membership_expires = sharebook.check_expiry(
+            "the membership's expiry", membership_expires, now
+        )
         invitation = sharebook.new_invitation(
             self.fingerprint, addresses, manifest.share_id, permission, ttl, now
         )
         self._book.prune_invitations(now)
-        self._book.add_invitation(invitation)
+        self._book.add_invitation(invitation, membership_expires)
         self._changed()
         self._admin(
             "issue_invitation", manifest.rule.doctype,
@@ -1047,10 +1292,18 @@ class Token:
             manifest = self._book.get(share_id)
             if manifest is None or manifest.owner != self.fingerprint:
                 raise InvitationRefused(f"share {share_id!r} is not owned by this node")
+            if manifest.is_expired(now):
+                raise InvitationRefused(f"share {manifest.name!r} has expired; it admits no one")
+            if record.membership_expires is not None and now >= record.membership_expires:
+                raise InvitationRefused(
+                    "the membership this invitation offers has already expired; ask the "
+                    "share's owner for a new one"
+                )
             if record.used_by is None:
                 try:
                     admitted = _manifest.with_member(
-                        manifest, joiner, joiner_name, record.permission  # type: ignore[arg-type]
+                        manifest, joiner, joiner_name, record.permission,  # type: ignore[arg-type]
+                        x25519=joiner_x25519, expires=record.membership_expires,
                     )
                 except _manifest.MembershipError as exc:
                     raise InvitationRefused(f"{exc}; the invitation stays unused") from None
@@ -1072,6 +1325,7 @@ class Token:
         if admitted is not manifest:
             record.used_by = joiner
             self._book.put(admitted)
+            self._book.record(share_id).grants.pop(joiner.hex(), None)  # its key may differ
             self._book.admit(share_id, joiner, admitted.version)
             self._book.prune_invitations(now)
             if format_node_id(joiner) not in self._state.peers:
@@ -1135,6 +1389,7 @@ class Token:
         if accepted.encrypted:
             self.accept_share_key(share_id, wrapped_key, accepted.owner)  # type: ignore[arg-type]
         self._book.put(accepted, left=False)
+        self._book.clear_ended(share_id)
         if format_node_id(accepted.owner) not in self._state.peers:
             self.add_peer(accepted.owner_key, name=accepted.members[0].name)
         self._changed()
@@ -1144,16 +1399,30 @@ class Token:
             f"joined share {accepted.name!r} ({share_id}) with {permission} permission, "
             f"manifest v{accepted.version}",
         )
+        self._share_ended(share_id)  # a membership already expired: its keys are destroyed
         return accepted
 
     def accept_manifest(
-        self, manifest: Manifest, *, sender: bytes | str | None = None
+        self,
+        manifest: Manifest,
+        grants: Mapping[bytes, bytes] | None = None,
+        *,
+        sender: bytes | str | None = None,
     ) -> tuple[Manifest, bool]:
         """A newer manifest of a share held here, from any peer (`sender`, for the audit).
         Returns (the manifest now held, whether it changed). Unknown share: `NotFound` (a
         node learns shares only by creating or joining them); unsigned, forged, older or
         conflicting: the manifest module's errors. Refusals are audited. If the new version
-        revokes or removes this node, its share keys are discarded; the manifest is kept."""
+        revokes or removes this node (or its membership or the share has expired), its
+        share keys are destroyed (audited, flushed); the manifest is kept.
+
+        `grants` is what `key_grants` gave on the sending node (the owner, or any member
+        forwarding them): {member fingerprint: wrapped keys}. A member takes its own grant
+        when it lacks the share's newest key, after checking it was made by the share's
+        owner for this node and share; the others' grants are checked against their X25519
+        keys in the manifest and kept, to forward. A grant that fails is refused and
+        audited (`accept_key_grant`), nothing raised: the manifest itself is still
+        accepted."""
         label = self._peer_label(self._fp(sender)) if sender is not None else "peer:unknown"
         current = (
             self._book.get(manifest.share_id)
@@ -1166,22 +1435,26 @@ class Token:
                     "by creating or joining it"
                 )
             accepted = sharebook.accept(current, manifest, verify_signature)
-            if accepted is current:
-                return accepted, False
-            self._book.check(accepted)
+            if accepted is not current:
+                self._book.check(accepted)
         except (_manifest.ManifestError, NotFound, InvalidArgument) as exc:
             self._audit_record(label, "accept_manifest", None, None, False, str(exc))
             raise
+        if accepted is current:  # the same manifest again: it may bring a grant still missing
+            if grants is not None:
+                self._take_grants(accepted, grants, label, False)
+            return accepted, False
         share_id, held_version = accepted.share_id, current.version  # type: ignore[union-attr]
         self._book.put(accepted)
-        if not accepted.is_active_member(self.fingerprint) and self.has_share_key(share_id):
-            self.discard_share_key(share_id)
         self._changed()
         self._audit_record(
             label, "accept_manifest", accepted.rule.doctype, None, True,
             f"share {accepted.name!r}: manifest v{accepted.version} replaces v{held_version} "
-            f"(this node: {self._book.status(share_id)})",
+            f"(this node: {self._book.status(share_id, time.time())})",
         )
+        self._share_ended(share_id)  # revoked, removed or expired: the keys are destroyed
+        if grants is not None:
+            self._take_grants(accepted, grants, label, True)
         return accepted, True
 
     def revoke_member(self, share: str, member: str | bytes) -> Manifest:
@@ -1191,9 +1464,7 @@ class Token:
         member already revoked."""
         manifest = self._owned(share, "revoke_member", "revoke members of")
         target = sharebook.resolve_member(manifest, member)
-        revoked = _manifest.sign(
-            _manifest.revoke(manifest, target.fingerprint), self._identity.sign
-        )
+        revoked = self._rotated(_manifest.revoke(manifest, target.fingerprint))
         self._book.put(revoked)
         self._changed()
         self._admin(
@@ -1203,11 +1474,33 @@ class Token:
         )
         return revoked
 
+    def _rotated(self, successor: Manifest) -> Manifest:
+        """The next (unsigned) manifest, signed; for an encrypted share, after making a new
+        share key and naming it in the manifest: documents sealed from now on use it, and
+        only the remaining members get it (`key_grants`), so a member that was revoked or
+        left cannot read them even with a copy of its old state."""
+        if successor.encrypted:
+            kid = self.create_share_key(successor.share_id)
+            successor = _manifest.with_key_id(successor, kid)
+            blind = [
+                m.name for m in successor.active_members()
+                if m.fingerprint != self.fingerprint and m.x25519 is None
+            ]
+            if blind:
+                self._admin(
+                    "create_share_key", successor.rule.doctype,
+                    f"share {successor.name!r}: member(s) {', '.join(map(repr, blind))} joined "
+                    f"before members carried their X25519 key and cannot be granted key {kid}; "
+                    "invite them again",
+                )
+        return _manifest.sign(successor, self._identity.sign)
+
     def leave_share(self, share: str) -> None:
-        """At a member: stop being one. The share's keys are discarded and the manifest kept,
-        marked left (this node neither sends nor accepts its documents any more). The owner
-        learns it from `leave_request`, sent to it; the owner itself cannot leave
-        (`MembershipError`). Leaving twice does nothing."""
+        """At a member: stop being one. The share's keys are destroyed (audited, flushed at
+        once) and the manifest kept, marked left (this node neither sends nor accepts its
+        documents any more). The owner learns it from `leave_request`, sent to it, and
+        rotates the share's key; the owner itself cannot leave (`MembershipError`). Leaving
+        twice does nothing."""
         manifest = self._book.find(share)
         if manifest.owner == self.fingerprint:
             raise _manifest.MembershipError(
@@ -1218,9 +1511,8 @@ class Token:
         if self._book.status(share_id) == "left":
             return
         self._book.set_left(share_id)
-        if self.has_share_key(share_id):
-            self.discard_share_key(share_id)
         self._changed()
+        self._share_ended(share_id)  # destroys the keys, audited and flushed
         self._admin(
             "leave_share", manifest.rule.doctype, f"left share {manifest.name!r} ({share_id})"
         )
@@ -1296,13 +1588,14 @@ class Token:
                     "a replay"
                 )
             gone = manifest.member(member).name  # type: ignore[union-attr]
-            smaller = _manifest.sign(_manifest.leave(manifest, member), self._identity.sign)
+            smaller = _manifest.leave(manifest, member)
         except (
             InvalidArgument, AuthenticationError, AccessDenied, NotFound, LeaveRequestRefused,
             _manifest.ManifestError,
         ) as exc:
             self._audit_record(label, "apply_leave_request", None, None, False, str(exc))
             raise
+        smaller = self._rotated(smaller)
         self._book.put(smaller)
         self._book.forget_admission(share_id, member)
         self._changed()
@@ -1320,10 +1613,10 @@ class Token:
         open, but then only for the join exchange (the caller enforces that: see
         `is_known_member`); otherwise no, audited."""
         fp = self._fp(fingerprint)
-        if self._book.is_connectable(fp):
+        now = time.time() if now is None else now
+        if self._book.is_connectable(fp, now):
             return True
         label = self._peer_label(fp)
-        now = time.time() if now is None else now
         if fp != self.fingerprint and self._book.has_open_invitation(now):
             self._audit_record(
                 label, "connect", None, None, True,
@@ -1332,19 +1625,24 @@ class Token:
             return True
         self._audit_record(
             label, "connect", None, None, False,
-            "not an active member of any share in which this node is active, and no "
-            "invitation is open",
+            "not an active, unexpired member of any share in which this node is active, and "
+            "no invitation is open",
         )
         return False
 
-    def is_known_member(self, fingerprint: bytes | str) -> bool:
-        """An active member of a share in which this node is active too (may sync)."""
-        return self._book.is_connectable(self._fp(fingerprint))
+    def is_known_member(self, fingerprint: bytes | str, *, now: float | None = None) -> bool:
+        """An active member of a share in which this node is active too (may sync); neither
+        the share nor either membership expired."""
+        return self._book.is_connectable(
+            self._fp(fingerprint), time.time() if now is None else now
+        )
 
-    def common_shares(self, fingerprint: bytes | str) -> list[Manifest]:
-        """The shares in which both this node and the peer are active members: what to sync
-        with that peer."""
-        return self._book.common(self._fp(fingerprint))
+    def common_shares(
+        self, fingerprint: bytes | str, *, now: float | None = None
+    ) -> list[Manifest]:
+        """The shares in which both this node and the peer are active, unexpired members:
+        what to sync with that peer."""
+        return self._book.common(self._fp(fingerprint), time.time() if now is None else now)
 
     def share_in_scope(self, share_id: str, doc_metadata: Mapping[str, Any]) -> bool:
         """Does the document (its doctype and clear fields) fall under the share's rule? A
@@ -1359,6 +1657,7 @@ class Token:
         doc_metadata: Mapping[str, Any],
         *,
         existing: Mapping[str, Any] | None = None,
+        now: float | None = None,
     ) -> Decision:
         """At the receiver: may the peer write this document (as received: stored form) into
         share `share_id` here? Allowed only if this token holds the share, this node and the
@@ -1368,9 +1667,13 @@ class Token:
         share it is sealed under one of the share's keys (tombstones excepted). Pass
         `existing`, the metadata of the local winning revision of that document id if there
         is one: a document that exists here outside the share is never overwritten or
-        deleted by a member. Every answer is audited with the document id."""
+        deleted by a member. Neither the share nor the sender's membership (nor, at a member,
+        this node's) may have expired at `now` (default: the clock). Every answer is audited
+        with the document id."""
         sender = self._fp(sender_fingerprint)
-        decision = self._book.incoming(share_id, sender, doc_metadata, existing)
+        now = time.time() if now is None else now
+        self._share_ended(share_id, now)
+        decision = self._book.incoming(share_id, sender, doc_metadata, existing, now)
         doctype = doc_metadata.get("doctype") if isinstance(doc_metadata, Mapping) else None
         doc_id = doc_metadata.get("_id") if isinstance(doc_metadata, Mapping) else None
         self._audit_record(
@@ -1380,12 +1683,17 @@ class Token:
         )
         return decision
 
-    def decide_outgoing(self, share_id: str, peer_fingerprint: bytes | str) -> Decision:
+    def decide_outgoing(
+        self, share_id: str, peer_fingerprint: bytes | str, *, now: float | None = None
+    ) -> Decision:
         """May this node send share `share_id`'s documents to the peer? Both must be active
-        members of the manifest held (this node not having left), and this node must have
-        write permission (the peer refuses documents from a read-only member). Audited."""
+        members of the manifest held (this node not having left), neither membership nor the
+        share expired at `now` (default: the clock), and this node must have write
+        permission (the peer refuses documents from a read-only member). Audited."""
         peer = self._fp(peer_fingerprint)
-        decision = self._book.outgoing(share_id, peer)
+        now = time.time() if now is None else now
+        self._share_ended(share_id, now)
+        decision = self._book.outgoing(share_id, peer, now)
         self._audit_record(
             self._peer_label(peer), "share-send", None, None, decision.allowed, decision.reason
         )
@@ -1455,6 +1763,20 @@ class Token:
                 (ROLE_KIND, r) for r in peer.roles
             )
         self._subjects = subjects
+
+
+def _grant_fingerprint(value: object) -> bytes:
+    """A key grant's recipient: 32 bytes (msgpack) or 64 hex digits (JSON)."""
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) == 32:
+        return bytes(value)
+    if isinstance(value, str) and len(value) == 64:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise InvalidArgument(
+        f"a key grant is keyed by a 32-byte member fingerprint, got {value!r:.80}"
+    )
 
 
 __all__ = ["AppInfo", "PeerInfo", "Token", "TokenInfo"]
