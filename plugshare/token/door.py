@@ -373,9 +373,16 @@ class Door:
         if kind == "app" and subject not in {a.name for a in token.list_apps()}:
             raise NotFound(f"no app {subject!r}: add it first (plugshare app add)")
         if kind == "peer":
+            from .identity import format_node_id, parse_node_id
+
             known = {p.node_id for p in token.list_peers()}
-            if subject not in known:
-                raise NotFound(f"no known peer {subject!r}")
+            try:
+                spelled = format_node_id(parse_node_id(subject))
+            except InvalidArgument:
+                spelled = subject
+            if spelled not in known:
+                raise NotFound(f"no peer {subject!r} is pinned here (it must join a share "
+                               "first)")
 
     def _cmd_rule_list(self, args: Mapping[str, Any]) -> list:
         self._owner(args, "list_rules")

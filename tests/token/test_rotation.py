@@ -18,7 +18,7 @@ import pytest
 
 from plugshare.sharing import manifest as mf
 from plugshare.sharing.manifest import Manifest
-from plugshare.token import (
+from plugshare.token.inside import (
     OWNER,
     AccessDenied,
     InvalidArgument,
