@@ -55,6 +55,9 @@ _ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 class Dispatcher(Protocol):
+    """The command set: runs one command, returns a msgpack-able result, raises TokenError
+    subclasses for refusals (anything else is a bug, answered as "internal")."""
+
     def handle(self, cmd: str, args: dict[str, Any]) -> Any: ...
 
 
@@ -207,7 +210,11 @@ def _answer(dispatcher: Dispatcher, request: Request, max_frame: int) -> bytes:
     try:
         result = dispatcher.handle(request.cmd, request.args)
     except TokenError as error:
-        return encode_error(request.id, error_kind(error), str(error), max_frame=max_frame)
+        kind, reason = error_kind(error), str(error)
+        try:
+            return encode_error(request.id, kind, reason, max_frame=max_frame)
+        except WireError:  # a reason over the frame cap
+            return encode_error(request.id, kind, reason[:1000] + "...")
     except Exception:
         log.exception("command %r (request %d) failed", request.cmd, request.id)
         return encode_error(request.id, "internal", INTERNAL_REASON)

@@ -186,11 +186,10 @@ class TokenProcess:
                 try:
                     await self._start(nursery)
                     break
-                except TokenUnavailable as error:
+                except (TokenUnavailable, OSError) as error:  # OSError: could not spawn
+                    if self._stopping:
+                        return  # stopped while this child was starting: nothing went wrong
                     log.error("token process restart %d failed: %s; next try in %.1f s",
-                              self.restarts, error, delay)
-                except OSError as error:
-                    log.error("token process restart %d could not spawn: %s; next try in %.1f s",
                               self.restarts, error, delay)
 
     async def _stop(self) -> None:

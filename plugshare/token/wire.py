@@ -25,6 +25,8 @@ the exception's message, so the node catches the same exception classes as in-pr
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 import attrs
@@ -56,6 +58,7 @@ __all__ = [
     "MAX_FRAME",
     "MAX_ID",
     "PROTOCOL_VERSION",
+    "ERROR_KINDS",
     "CommandError",
     "Decoder",
     "Request",
@@ -104,6 +107,8 @@ INTERNAL_REASON = "the token failed on this command (details are in the token's 
 
 @attrs.frozen(slots=True)
 class Request:
+    """A validated request: `args` is a map with str keys."""
+
     id: int
     cmd: str
     args: dict[str, Any]
@@ -111,6 +116,8 @@ class Request:
 
 @attrs.frozen(slots=True)
 class Response:
+    """A validated answer: `result` when `ok`, else the error's `kind` and `reason`."""
+
     id: int
     ok: bool
     result: Any = None
@@ -120,7 +127,7 @@ class Response:
 
 # --- error kinds -------------------------------------------------------------------------
 
-_KINDS: dict[str, type[Exception]] = {
+_KINDS: dict[str, type[Exception]] = {  # the wire's names: stable, never renamed
     "token": TokenError,
     "token_state": TokenStateError,
     "rollback": RollbackError,
@@ -142,6 +149,7 @@ _KINDS: dict[str, type[Exception]] = {
     "bad_request": WireError,
 }
 _KIND_OF: dict[type[Exception], str] = {cls: kind for kind, cls in _KINDS.items()}
+ERROR_KINDS: Mapping[str, type[Exception]] = MappingProxyType(_KINDS)
 
 
 def error_kind(exc: BaseException) -> str:

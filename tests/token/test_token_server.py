@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +24,7 @@ from plugshare.token.client import TokenClient
 from plugshare.token.server import is_dumpable, serve
 from plugshare.token.supervisor import TokenProcess
 from plugshare.token.wire import (
-    _KINDS,
+    ERROR_KINDS,
     CommandError,
     Decoder,
     Response,
@@ -112,12 +111,12 @@ async def test_concurrent_calls_get_their_own_answers(sock_path: Path) -> None:
         assert result == {"task": task, "i": i, "pad": "x" * (task * i)}
 
 
-@pytest.mark.parametrize("kind", sorted(k for k in _KINDS if k not in ("internal", "bad_request")))
+@pytest.mark.parametrize("kind", sorted(k for k in ERROR_KINDS if k not in ("internal", "bad_request")))
 async def test_refusals_come_back_as_their_class(sock_path: Path, kind: str) -> None:
     async with serving(sock_path), TokenClient.open(sock_path) as client:
-        with pytest.raises(_KINDS[kind]) as caught:
+        with pytest.raises(ERROR_KINDS[kind]) as caught:
             await client.call("raise", kind=kind, reason=f"because {kind}")
-        assert type(caught.value) is _KINDS[kind]
+        assert type(caught.value) is ERROR_KINDS[kind]
         assert str(caught.value) == f"because {kind}"
         assert await client.call("noop") is None  # the connection survives a refusal
 
