@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from .server import close_socket, receive_some, send_all
+from .sockets import close_socket, receive_some, send_all
 from .wire import MAX_FRAME, Decoder, Response, TokenUnavailable, WireError, encode_request, error_from
 
 __all__ = ["TokenClient"]

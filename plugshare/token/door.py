@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from plugshare.errors import PlugshareError
 from plugshare.sharing import invitation as _invitation
 from plugshare.sharing import manifest as _manifest
 
 from . import tls
 from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
-from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound
+from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
 from .principal import OWNER, Decision, Principal
 from .rules import ACTION_LEVEL
 from .shares import _scope_refusal
@@ -94,6 +95,10 @@ class Door:
             raise InvalidArgument("command arguments must be a map")
         try:
             return handler(args)
+        except TokenError:
+            raise
+        except PlugshareError as exc:  # a malformed manifest, invitation...: the caller's input
+            raise InvalidArgument(str(exc)) from None
         finally:
             self._token.flush()
 

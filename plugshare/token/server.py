@@ -29,6 +29,7 @@ import trio
 from plugshare.errors import PlugshareError
 
 from .errors import TokenError
+from .sockets import close_socket, receive_some, send_all
 from .wire import (
     INTERNAL_REASON,
     MAX_FRAME,
@@ -172,34 +173,8 @@ def _peer_credentials(sock: stdlib_socket.socket) -> tuple[int, int]:
 # roughly halves a round trip. The client uses these too.
 
 
-async def send_all(sock: stdlib_socket.socket, data: bytes) -> None:
-    """Send all of `data` on non-blocking `sock`; returns without yielding when the kernel
-    takes it at once (the usual case). Raises OSError when the peer is gone."""
-    view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        view = view[sent:]
 
 
-async def receive_some(sock: stdlib_socket.socket, size: int) -> bytes:
-    """The next bytes from non-blocking `sock` (b"" at end of stream); always yields."""
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            return sock.recv(size)
-        except BlockingIOError:  # woken spuriously
-            continue
-
-
-def close_socket(sock: stdlib_socket.socket) -> None:
-    """Close `sock`, waking any task waiting on it with trio.ClosedResourceError."""
-    if sock.fileno() >= 0:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
 
 
 # --- serving -----------------------------------------------------------------------------
