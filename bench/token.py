@@ -4,7 +4,9 @@ Measures, on one core:
   - decisions/s with 100 rules (goal >= 200k/s), with the audit append, and the pure match;
   - the envelope cost per 1 KB document against raw AES-GCM on the same bytes (goal <= 2x);
   - sealed mode (the token decrypts) against release mode (the caller decrypts);
-  - PKCS#11 unwraps/s on SoftHSM2, and the cost of one flush per request on each keystore.
+  - PKCS#11 unwraps/s on SoftHSM2, and the cost of one flush per request on each keystore;
+  - the token in its own process, as the node uses it: one round trip over its Unix socket
+    (goal p50 <= 100 us), a read decided and audited, and one 500-doc replication batch.
 """
 
 from __future__ import annotations
@@ -180,6 +182,56 @@ def bench_pkcs11(directory: Path, n: int) -> list[tuple[str, str]]:
     ]
 
 
+def bench_process(directory: Path, n: int) -> list[tuple[str, str]]:
+    """The real token process of a real home, through the client the node uses."""
+    import statistics
+
+    import trio
+
+    from plugshare.config import Config, NodeSection
+    from plugshare.node.home import Home
+    from plugshare.token.client import TokenClient
+    from plugshare.token.paths import socket_path
+    from plugshare.token.supervisor import TokenProcess
+
+    home = Home(directory)
+    home.create(Config(node=NodeSection(name="bench")))
+    owner = home.owner_credential()
+    rows: list[tuple[str, str]] = []
+
+    async def timed(call, count: int) -> tuple[float, float]:
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            await call()
+            samples.append((time.perf_counter() - started) * 1e6)
+        samples.sort()
+        return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+    async def run() -> None:
+        path = socket_path(directory)
+        async with TokenProcess(["--home", str(directory)], path).run():
+            async with TokenClient.open(path) as client:
+                peer = b"\x01" * 32
+                p50, p99 = await timed(lambda: client.call("info"), n)
+                rows.append(("round trip (info), p50 / p99", f"{p50:.0f} / {p99:.0f} us"))
+                doc = {"_id": "d1", "_rev": "1-" + "a" * 32, "doctype": "io.notes",
+                       "body": "x" * 1000}
+                p50, p99 = await timed(lambda: client.call("doc.read", credential=owner, doc=doc),
+                                       max(n // 10, 50))
+                rows.append(("doc.read 1 KB (decided, audit flushed), p50 / p99",
+                             f"{p50:.0f} / {p99:.0f} us"))
+                batch = [{**doc, "_id": f"d{i}", "_revisions": {"start": 1, "ids": ["a" * 32]}}
+                         for i in range(500)]
+                p50, _ = await timed(lambda: client.call("share.outgoing", share="none",
+                                                         peer=peer, docs=batch), 20)
+                rows.append(("share.outgoing, 500 docs of 1 KB, refused share, p50",
+                             f"{p50 / 1000:.2f} ms ({p50 / 500:.1f} us/doc)"))
+
+    trio.run(run)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -191,6 +243,7 @@ def main() -> None:
             ("decisions (100 rules, one core)", bench_decisions(tmp_path / "d", 200_000 // scale)),
             ("envelope, 1 KB document", bench_envelope(tmp_path / "e", 50_000 // scale)),
             ("keystores", bench_pkcs11(tmp_path / "p", 5_000 // scale)),
+            ("the token process (Unix socket)", bench_process(tmp_path / "h", 10_000 // scale)),
         ]
     width = max(len(label) for _, rows in sections for label, _ in rows)
     for title, rows in sections:

@@ -222,11 +222,14 @@ class PeerSession:
         if hints:
             await self.connection.send({"type": "peer.addresses", "peers": hints})
 
-    async def request_join(self, invitation: Invitation,
-                           name: str) -> tuple[Manifest, bytes | None]:
-        """Joiner side: prove the invitation's secret to the owner; wait for its answer."""
+    async def request_join(self, invitation: Invitation, name: str,
+                           take: Callable[[Manifest, bytes | None], Awaitable[Manifest]]
+                           ) -> Manifest:
+        """Joiner side: prove the invitation's secret to the owner and wait for its answer.
+        `take(manifest, key)` hands the answer to the token; it runs before any later
+        message of this link is read, so the owner's push that follows finds the share."""
         share = invitation.share_id
-        done, answer = trio.Event(), {}
+        done, answer = trio.Event(), {"take": take}
         self._joins[share] = (done, answer)
         try:
             await self.connection.send({
@@ -239,8 +242,10 @@ class PeerSession:
                 await done.wait()
         finally:
             self._joins.pop(share, None)
+        if "error" in answer:
+            raise answer["error"]
         if "manifest" in answer:
-            return answer["manifest"], answer.get("key")
+            return answer["manifest"]
         if "reason" in answer:
             raise JoinRefused(f"the owner refused the invitation: {answer['reason']}")
         raise JoinRefused(f"no answer from the owner: {self.close_reason or 'timed out'}")
@@ -253,7 +258,7 @@ class PeerSession:
             elif kind == "share.join":
                 await self._on_join(message)
             elif kind in ("share.joined", "share.join_refused"):
-                self._on_join_answer(message)
+                await self._on_join_answer(message)
             elif kind == "share.leave":
                 await self._on_leave(message)
             elif kind == "peer.addresses":
@@ -300,18 +305,23 @@ class PeerSession:
         await self.shares.refresh()
         await self.parts.manifest_changed(manifest, source=None)
 
-    def _on_join_answer(self, message: Mapping[Any, Any]) -> None:
+    async def _on_join_answer(self, message: Mapping[Any, Any]) -> None:
         waiting = self._joins.get(str(message.get("share")))
-        if waiting is None:
+        if waiting is None or waiting[0].is_set():
             raise ValueError("an answer to a join this node did not ask for")
         done, answer = waiting
-        if message["type"] == "share.joined":
-            answer["manifest"] = Manifest.from_dict(message["manifest"])
-            key = message.get("key")
-            answer["key"] = bytes(key) if key is not None else None
-        else:
-            answer["reason"] = str(message.get("reason", "no reason given"))
-        done.set()
+        try:
+            if message["type"] == "share.joined":
+                key = message.get("key")
+                answer["manifest"] = await answer["take"](
+                    Manifest.from_dict(message["manifest"]),
+                    bytes(key) if key is not None else None)
+            else:
+                answer["reason"] = str(message.get("reason", "no reason given"))
+        except PlugshareError as exc:
+            answer["error"] = exc
+        finally:
+            done.set()
 
     def _on_addresses(self, message: Mapping[Any, Any]) -> None:
         peers = message["peers"]

@@ -106,11 +106,14 @@ class Sharing:
                     f"cannot reach the share's owner at the invitation's addresses: {exc}"
                 ) from None
         session.joining = True
-        manifest, key = await session.request_join(invitation, as_name or self.node_name)
-        answer = await self._call("share.join", credential=credential, code=code,
-                                  manifest=manifest.to_dict(), key=key)
-        manifest = Manifest.from_dict(answer)
-        await self.shares.refresh()
+
+        async def take(manifest: Manifest, key: bytes | None) -> Manifest:
+            answer = await self._call("share.join", credential=credential, code=code,
+                                      manifest=manifest.to_dict(), key=key)
+            await self.shares.refresh()
+            return Manifest.from_dict(answer)
+
+        manifest = await session.request_join(invitation, as_name or self.node_name, take)
         self.events.publish("share.joined", share=manifest.name, peer=session.name,
                             member=self.node_name)
         await self.manifest_changed(manifest, source=session)

@@ -221,7 +221,8 @@ class CouchDBStore(Store):
             "GET", "/_all_docs", params={"startkey": '"_design/"', "endkey": '"_design0"'}
         )
         doc_count = info["doc_count"] - len(design["rows"])
-        return {"backend": self.backend, "doc_count": doc_count, "update_seq": info["update_seq"]}
+        return {"backend": self.backend, "doc_count": doc_count, "update_seq": info["update_seq"],
+                "database": self._db_url.rsplit("/", 1)[-1]}
 
     # -- documents ------------------------------------------------------------------------
 

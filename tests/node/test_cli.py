@@ -295,7 +295,9 @@ def test_couchdb_backend_stores_docs_on_the_server(tmp_path, couchdb_url):
         status = json.loads(running.cli("--json", "status").stdout)
         assert status["store"]["backend"] == "couchdb"
         # visible with a plain HTTP client on the server itself (what curl would show)
-        raw = httpx.get(f"{couchdb_url}/plugshare-bob/srv1").json()
+        database = status["store"]["database"]
+        assert database.startswith("plugshare-bob-")  # the node id keeps two bobs apart
+        raw = httpx.get(f"{couchdb_url}/{database}/srv1").json()
         assert raw["title"] == "on the server" and raw["doctype"] == "io.notes"
         assert raw["_rev"] == json.loads(put.stdout)["rev"]
     finally:

@@ -21,7 +21,7 @@ from plugshare.replication.transport import (
     connect_peer,
 )
 from plugshare.token import parse_node_id
-from plugshare.token.tls import client_ssl_context
+from plugshare.token.tls import client_auth_payload, client_ssl_context
 from tests.node.conftest import init_node, start_node
 
 
@@ -154,9 +154,15 @@ def test_invitation_codes_are_single_use_short_lived_and_checked(trio_nodes):
 
 
 def _fresh_node(name="stranger"):
+    """A node nobody invited: its own key, and the link proof a real node's token would make."""
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return key, LocalNode(public_key=public, name=name, sign=key.sign)
+    local = LocalNode(public_key=public, name=name)
+
+    async def prove(server_id: bytes, nonce: bytes) -> bytes:
+        return key.sign(client_auth_payload(server_id, nonce, local.node_id))
+
+    return key, prove, local
 
 
 def _peer_address(node):
@@ -173,16 +179,18 @@ def test_unknown_peers_and_wrong_pins_are_refused_and_the_node_keeps_serving(tri
     bob_fp = parse_node_id(cli_json(bob, "status")["node_id"])
 
     async def attempts():
-        _, stranger = _fresh_node()
+        _, prove, stranger = _fresh_node()
         # an unknown node: the link is refused after it proves its key
         with pytest.raises(PeerRefused):
             async with connect_peer(host, port, expected_fingerprint=alice_fp,
-                                    ssl_context=client_ssl_context(), local=stranger) as conn:
+                                    ssl_context=client_ssl_context(), local=stranger,
+                                    prove=prove) as conn:
                 await conn.receive()
         # a certificate that does not match the pinned fingerprint: we refuse it
         with pytest.raises(FingerprintMismatch):
             async with connect_peer(host, port, expected_fingerprint=bob_fp,
-                                    ssl_context=client_ssl_context(), local=stranger):
+                                    ssl_context=client_ssl_context(), local=stranger,
+                                    prove=prove):
                 pass
         # garbage, an oversized frame, a peer that stops mid-frame: dropped, one at a time
         for payload in (b"\x00" * 64, b"\x01\xff\xff\xff\xff", encode({"type": "x"})[:7]):
@@ -222,14 +230,15 @@ def test_a_forged_or_replayed_manifest_is_refused(trio_nodes):
     from plugshare.sharing.manifest import Manifest, ShareRule, sign
 
     invitation = Invitation.decode(code)
-    key, stranger = _fresh_node("mallory")
+    key, prove, stranger = _fresh_node("mallory")
     forged = sign(
         Manifest.create(name="notes", owner_key=stranger.public_key, owner_name="mallory",
                         rule=ShareRule("io.notes"), share_id=share_id), key.sign)
 
     async def push_forgery():
         async with connect_peer(host, port, expected_fingerprint=alice_fp,
-                                ssl_context=client_ssl_context(), local=stranger) as conn:
+                                ssl_context=client_ssl_context(), local=stranger,
+                                prove=prove) as conn:
             await conn.send({"type": "share.manifest", "manifest": forged.to_dict()})
             await conn.send({"type": "share.manifest", "manifest": {"garbage": True}})
             await trio.sleep(0.5)
