@@ -92,6 +92,13 @@ def _selector(body: dict) -> dict | None:
     return selector
 
 
+def _listing(answer: dict) -> JSONResponse:
+    body = {"docs": answer["docs"], "total": len(answer["docs"])}
+    if answer.get("tampered"):
+        body["tampered"] = answer["tampered"]  # failed the token's checks: 502 one by one
+    return JSONResponse(body)
+
+
 def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "false").lower() in ("true", "1", "yes")
 
@@ -136,8 +143,7 @@ def create_app(node: ApiParts) -> Starlette:
             body = await _json_body(request)
             doc_id, rev = await docs.put(request.state.credential, doctype, None, body)
             return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
-        rows = await docs.list(request.state.credential, doctype)
-        return JSONResponse({"docs": rows, "total": len(rows)})
+        return _listing(await docs.list(request.state.credential, doctype))
 
     async def any_doc(request: Request) -> Response:
         if request.method == "DELETE":
@@ -145,8 +151,8 @@ def create_app(node: ApiParts) -> Starlette:
         return await get_doc(request)
 
     async def all_docs(request: Request) -> Response:
-        rows = await docs.list(request.state.credential, request.query_params.get("doctype"))
-        return JSONResponse({"docs": rows, "total": len(rows)})
+        return _listing(await docs.list(request.state.credential,
+                                        request.query_params.get("doctype")))
 
     call = node.call
 

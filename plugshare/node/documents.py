@@ -52,13 +52,14 @@ class Documents:
         answer = await self._call("doc.read", credential=credential, doc=stored, doctype=doctype)
         return answer["doc"]
 
-    async def list(self, credential: str, doctype: str | None = None) -> list[Doc]:
+    async def list(self, credential: str, doctype: str | None = None) -> dict[str, Any]:
+        """{"docs": what the caller may read, "tampered": ids whose stored form failed the
+        token's checks} (rows the caller may not read are simply left out)."""
         if doctype is not None:
             _check_doctype(doctype)
         rows = [doc for doc in await self.store.all_docs()
                 if doctype is None or doc.get("doctype") == doctype]
-        answer = await self._call("doc.list", credential=credential, doctype=doctype, docs=rows)
-        return answer["docs"]
+        return await self._call("doc.list", credential=credential, doctype=doctype, docs=rows)
 
     # -- writes ---------------------------------------------------------------------
 

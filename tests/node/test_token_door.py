@@ -8,32 +8,43 @@ import json
 import os
 import signal
 import sqlite3
-import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 import msgpack
 import pytest
 
-from tests.node.cluster import ApiError, share_between, wait_until
+from tests.node.cluster import ApiError, cluster, share_between, wait_until  # noqa: F401 (fixture)
 
 SEALED = "plugshare:sealed"
 
 
 def _client(node, credential: str | None = None) -> httpx.Client:
-    return httpx.Client(base_url=node.api_url if hasattr(node, "api_url") else node.url,
-                        headers={"Authorization": f"Bearer {credential or node.credential}"})
+    running = node.running
+    return httpx.Client(base_url=running.api_url,
+                        headers={"Authorization": f"Bearer {credential or running.credential}"})
 
 
 def _rows(home: Path) -> dict[str, dict]:
-    """Every doc's leaf bodies as the SQLite file holds them (what an attacker can edit)."""
-    with sqlite3.connect(home / "store.sqlite") as db:
+    """Every doc's leaf bodies as the SQLite file holds them (what an attacker can edit);
+    the node must be stopped (a running node holds the file exclusively)."""
+    with closing(sqlite3.connect(home / "store.sqlite")) as db:
         rows = db.execute("SELECT id, bodies FROM docs").fetchall()
     return {doc_id: msgpack.unpackb(bodies, raw=False) for doc_id, bodies in rows}
 
 
+def _rows_of(node) -> dict[str, dict]:
+    """`_rows` of a running node: stopped for the read, started again after."""
+    node.stop()
+    try:
+        return _rows(node.home)
+    finally:
+        node.start()
+
+
 def _rewrite_body(home: Path, doc_id: str, new_body: dict) -> None:
-    with sqlite3.connect(home / "store.sqlite") as db:
+    with closing(sqlite3.connect(home / "store.sqlite")) as db, db:
         (bodies,) = db.execute("SELECT bodies FROM docs WHERE id = ?", (doc_id,)).fetchone()
         leaves = msgpack.unpackb(bodies, raw=False)
         for rev in leaves:
@@ -54,9 +65,9 @@ def test_a_sealed_doc_whose_envelope_is_stripped_is_refused_and_audited(cluster)
     alice = cluster.add("alice")
     alice.cli_ok("encrypt", "io.health")
     alice.put("io.health", {"note": "blood type O-"}, "h1")
+    alice.stop()
     body = next(iter(_rows(alice.home)["h1"].values()))
     assert SEALED in json.loads(body) and "O-" not in body  # stored sealed
-    alice.stop()
     _rewrite_body(alice.home, "h1", {"doctype": "io.health", "note": "forged"})
     alice.start()
     with pytest.raises(ApiError) as refused:
@@ -134,14 +145,14 @@ def test_a_sensitive_doctype_received_in_a_plain_share_is_stored_sealed(cluster)
     alice.put("io.health", {"note": "allergic to penicillin"}, "h1")
     doc = wait_until(lambda: bob.get("h1"), what="h1 on bob")
     assert doc["note"] == "allergic to penicillin"  # bob's owner reads it
-    stored = next(iter(_rows(bob.home)["h1"].values()))
+    stored = next(iter(_rows_of(bob)["h1"].values()))
     assert "penicillin" not in stored and SEALED in json.loads(stored)
 
 
 # -- 6. revocation rotates an encrypted share's key ---------------------------------------
 
-def _kid(home: Path, doc_id: str) -> str:
-    body = json.loads(next(iter(_rows(home)[doc_id].values())))
+def _kid(node, doc_id: str) -> str:
+    body = json.loads(next(iter(_rows_of(node)[doc_id].values())))
     return body[SEALED]["kid"]
 
 
@@ -150,10 +161,11 @@ def test_revoking_a_member_rotates_the_key_of_an_encrypted_share(cluster):
     share_between(alice, [bob, carol], name="vault", doctype="io.vault", encrypt=True)
     alice.put("io.vault", {"pin": "1234"}, "v1")
     wait_until(lambda: carol.get("v1") and bob.get("v1"), what="v1 on both members")
-    before = _kid(alice.home, "v1")
+    before = _kid(alice, "v1")  # (restarts alice)
+    wait_until(lambda: alice.peer_connected(carol), what="carol linked to alice again")
     alice.cli_ok("share", "revoke", "vault", "carol")
     alice.put("io.vault", {"pin": "9999"}, "v2")
-    after = _kid(alice.home, "v2")
+    after = _kid(alice, "v2")
     assert after != before  # written under a new key
     assert wait_until(lambda: bob.get("v2"), what="v2 on bob")["pin"] == "9999"
     # carol's token cannot open v2 even given its ciphertext: it never received the key
@@ -201,8 +213,15 @@ def test_the_token_runs_in_its_own_process_and_the_node_holds_none_of_its_files(
 
     # A token that dies is restarted; meanwhile nothing is decided without it.
     os.kill(token_pid, signal.SIGKILL)
-    wait_until(lambda: alice.status()["token_pid"] not in (None, token_pid),
-               what="a new token process")
+
+    def restarted():
+        try:
+            return alice.status()["token_pid"] not in (None, token_pid)
+        except ApiError as exc:
+            assert exc.status == 503, exc  # meanwhile: unavailable, never decided without it
+            return False
+
+    wait_until(restarted, what="a new token process")
     assert alice.get("h1")["x"] == 1
 
 
