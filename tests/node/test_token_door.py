@@ -177,12 +177,17 @@ def test_revoking_a_member_rotates_the_key_of_an_encrypted_share(cluster):
 
 def test_each_received_doc_is_decided_once(cluster):
     alice, bob = cluster.add("alice"), cluster.add("bob")
+    bob.put("io.tasks", {"t": "bob's own"}, "clash")  # outside the share, on bob only
     share_between(alice, [bob], name="notes", doctype="io.notes", selector={"tag": "x"})
+    alice.put("io.notes", {"tag": "x"}, "clash")  # would land on bob's private doc
     alice.put("io.notes", {"tag": "x"}, "once")
     wait_until(lambda: bob.get("once"), what="the doc on bob")
+    assert bob.get("clash")["doctype"] == "io.tasks"  # refused, bob's doc untouched
     entries = bob.cli_json("audit", "--tail", "200")["entries"]
-    received = [e for e in entries if e["doc_id"] == "once" and e["action"] == "share-receive"]
-    assert len(received) == 1 and received[0]["allowed"]
+    for doc_id, allowed in (("once", True), ("clash", False)):
+        received = [e for e in entries
+                    if e["doc_id"] == doc_id and e["action"] == "share-receive"]
+        assert [e["allowed"] for e in received] == [allowed], received
 
 
 # -- the process boundary --------------------------------------------------------------------
