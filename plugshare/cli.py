@@ -331,6 +331,24 @@ def _initial_config(name, backend, couchdb_url, peer_listen, api_listen,
         raise ConfigError(f"bad option: {exc}") from None
 
 
+@cli.group()
+def token() -> None:
+    """The secure token, in its own process (`plugshare run` starts one by itself)."""
+
+
+@token.command("run")
+@pass_ctx
+def token_run(ctx: Context) -> None:
+    """Run this home's token process alone, in the foreground; a `plugshare run` started
+    afterwards uses it instead of starting its own."""
+    if not ctx.home.exists():
+        raise click.ClickException(f"{ctx.home.root} holds no node yet: "
+                                   f"`{ctx.hint('init')}` first")
+    # The token's code runs in a process of its own: exec it, import none of it here.
+    os.execv(sys.executable, [sys.executable, "-m", "plugshare.token", "--home",
+                              str(ctx.home.root)])
+
+
 @cli.command()
 @click.option("-v", "--verbose", is_flag=True, help="Log more (debug).")
 @pass_ctx
@@ -686,16 +704,40 @@ def _share_summary(s: dict) -> str:
             f"{s['docs']} docs" + ("  encrypted" if s["encrypted"] else ""))
 
 
+def _expiry(text: str | None) -> float | None:
+    """`--expires`: a duration from now (30m, 12h, 30d, 2w) or a unix time."""
+    if text is None:
+        return None
+    import re
+    import time
+
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+        return time.time() + int(match.group(1)) * unit
+    try:
+        when = float(text)
+    except ValueError:
+        when = 0.0
+    if when <= time.time():
+        raise click.BadParameter(f"{text!r} is neither a duration (30m, 12h, 30d, 2w) nor a "
+                                 "unix time in the future", param_hint="--expires")
+    return when
+
+
 @share.command("create")
 @click.argument("name")
 @click.option("--doctype", required=True, help="Share every document of this doctype...")
 @click.option("--selector", help="...or only those matching this Mango-style JSON selector.")
 @click.option("--encrypt", is_flag=True, help="Members store and send it only encrypted.")
+@click.option("--expires", metavar="WHEN", help="The share ends then (30d, 12h, or a unix "
+              "time): members' tokens destroy its keys, also offline.")
 @pass_ctx
-def share_create(ctx: Context, name: str, doctype: str, selector: str | None, encrypt: bool):
+def share_create(ctx: Context, name: str, doctype: str, selector: str | None, encrypt: bool,
+                 expires: str | None):
     """Create a share (this node is its owner)."""
     body = {"name": name, "doctype": doctype, "selector": _parse_selector(selector),
-            "encrypt": encrypt}
+            "encrypt": encrypt, "expires": _expiry(expires)}
     with ctx.client() as client:
         result = client.request("POST", "/shares", json=body)
     ctx.emit(result, f"share {name!r} created ({doctype}); invite members with "
@@ -707,12 +749,16 @@ def share_create(ctx: Context, name: str, doctype: str, selector: str | None, en
 @click.option("--read-only", is_flag=True, help="The new member may read but not write.")
 @click.option("--ttl", default="1h", show_default=True, help="How long the code is valid.")
 @click.option("--qr", is_flag=True, help="Also draw the code as a QR code (to scan from a phone).")
+@click.option("--expires", metavar="WHEN", help="The new member's membership ends then (30d, "
+              "12h, or a unix time): its token destroys the share's keys, also offline.")
 @pass_ctx
-def share_invite(ctx: Context, name: str, read_only: bool, ttl: str, qr: bool) -> None:
+def share_invite(ctx: Context, name: str, read_only: bool, ttl: str, qr: bool,
+                 expires: str | None) -> None:
     """Print a one-line invitation code for one new member (single use)."""
     with ctx.client() as client:
         result = client.request("POST", f"/shares/{_quote(name)}/invite",
-                                json={"read_only": read_only, "ttl": ttl})
+                                json={"read_only": read_only, "ttl": ttl,
+                                      "expires": _expiry(expires)})
     if qr and not ctx.as_json:
         click.echo(_qr_text(result["code"]), err=True)  # stdout stays the bare code
     ctx.emit(result, result["code"])

@@ -227,19 +227,26 @@ async def run_node(home: Home, *, on_ready=None) -> None:
 
 @asynccontextmanager
 async def _token_process(home: Home, path) -> AsyncIterator[Any]:
-    """A token process for `home`: one already listening on its socket (left running by
-    `plugshare token run`), else a child this node starts, watches and restarts."""
-    running = False
-    if os.path.exists(path):
-        try:
-            async with TokenClient.open(path) as probe:
-                await probe.call("info")
-            running = True
-        except Exception:  # a stale socket: start a process of our own
-            running = False
-    if running:
-        log.info("using the token process already serving %s", path)
-        yield None
-        return
-    async with TokenProcess(["--home", str(home.root)], path).run() as process:
+    """A token process for `home`: one started alone on its socket (`plugshare token run`),
+    else a child this node starts, watches and restarts. A child left by a node that was
+    killed stops by itself within a second: wait for it rather than share its state."""
+    deadline = trio.current_time() + 5.0
+    while os.path.exists(path) and trio.current_time() < deadline:
+        info = await _probe(path)
+        if info is None:
+            break  # a stale socket: nothing serves it
+        if info.get("standalone"):
+            log.info("using the token process already serving %s", path)
+            yield None
+            return
+        await trio.sleep(0.1)
+    async with TokenProcess(["--home", str(home.root), "--die-with-parent"], path).run() as process:
         yield process
+
+
+async def _probe(path) -> dict | None:
+    try:
+        async with TokenClient.open(path) as probe:
+            return await probe.call("info")
+    except Exception:
+        return None

@@ -75,9 +75,11 @@ def _not_found(doc_id: Any) -> NotFound:
 class Door:
     """Serves the token's commands over one `Token` (owned: `close` closes it)."""
 
-    def __init__(self, token: Token, *, clock: Callable[[], float] = time.time):
+    def __init__(self, token: Token, *, clock: Callable[[], float] = time.time,
+                 standalone: bool = True):
         self._token = token
         self._clock = clock
+        self._standalone = standalone  # started alone (`plugshare token run`), not by a node
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             name: getattr(self, "_cmd_" + name.replace(".", "_")) for name in COMMANDS
         }
@@ -421,6 +423,7 @@ class Door:
         from .server import is_dumpable
 
         return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "dumpable": is_dumpable(),
+                "standalone": self._standalone,
                 "node_id": token.node_id, "name": token.name,
                 "fingerprint": token.fingerprint, "public_key": token.public_key_bytes,
                 "x25519": token.x25519_public_bytes}

@@ -80,19 +80,22 @@ def open_token(home: Path, config: Config) -> Token:
             f"cannot open the token in {token_dir(home)}: {exc}") from None
 
 
-async def serve_home(home: Path, *, ready=None) -> None:
-    """Open the token of `home` and serve it until SIGTERM/SIGINT."""
+async def serve_home(home: Path, *, ready=None, parent: int | None = None) -> None:
+    """Open the token of `home` and serve it until SIGTERM/SIGINT (or, given `parent`, until
+    that process ends)."""
     from .door import Door
     from .server import harden_process, serve
 
     harden_process()  # before any key is in memory
     config = load_config(home / "node.toml")
-    door = Door(open_token(home, config))
+    door = Door(open_token(home, config), standalone=parent is None)
     path = socket_path(home)
     try:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 await nursery.start(serve, path, door)
+                if parent is not None:
+                    nursery.start_soon(_watch_parent, parent, nursery.cancel_scope)
                 if ready is not None:
                     ready(path)
                 async for _ in signals:
@@ -103,10 +106,22 @@ async def serve_home(home: Path, *, ready=None) -> None:
         path.unlink(missing_ok=True)
 
 
+async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
+    """A node killed outright (SIGKILL) must not leave its token serving: end when this
+    process is re-parented. (PR_SET_PDEATHSIG would fire when the parent's *thread* that
+    spawned us ends, and trio spawns from worker threads.)"""
+    while os.getppid() == parent:
+        await trio.sleep(0.5)
+    log.info("the node that started this token process is gone; stopping")
+    cancel.cancel()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="plugshare-token",
                                      description="Serve a node's secure token on a Unix socket.")
     parser.add_argument("--home", required=True, type=Path)
+    parser.add_argument("--die-with-parent", action="store_true",
+                        help="stop when the process that started this one ends (the node)")
     parser.add_argument("--create", action="store_true",
                         help="create the token of a new home (writes owner.credential), then exit")
     args = parser.parse_args(argv)
@@ -123,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     def ready(path: Path) -> None:
         print(f"ready {path}", flush=True)
 
+
     try:
-        trio.run(lambda: serve_home(args.home, ready=ready))
+        parent = os.getppid() if args.die_with_parent else None
+        trio.run(lambda: serve_home(args.home, ready=ready, parent=parent))
     except PlugshareError as exc:
         print(f"plugshare token: {exc}", file=sys.stderr, flush=True)
         return 1

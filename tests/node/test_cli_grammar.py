@@ -231,4 +231,6 @@ def test_pyproject_ships_the_example_as_package_data():
     root = Path(__file__).resolve().parents[2]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     assert "node_example.toml" in pyproject["tool"]["setuptools"]["package-data"]["plugshare"]
-    assert not (root / "node.toml").exists()  # one copy of the example, the packaged one
+    # One copy of the example, the packaged one; the repository's node.toml points to it.
+    example = root / "node.toml"
+    assert example.is_symlink() and example.resolve() == root / "plugshare" / "node_example.toml"
