@@ -127,7 +127,11 @@ def initial_sync(root: Path, n: int, *, encrypt: bool, table: Table,
         elapsed = time.perf_counter() - started
         # Peaks now, before /status: it reads every doc to count a share's (see the report).
         memory = {node.name: memory_mb(node.pid) for node in (a, b)}
-        count = b.status()["store"]["doc_count"]
+        statuses = {node.name: node.status() for node in (a, b)}
+        token_memory = {name: memory_mb(st["token_pid"]) for name, st in statuses.items()
+                        if st.get("token_pid")}
+        count = statuses["b"]["store"]["doc_count"] if "b" in statuses else \
+            b.status()["store"]["doc_count"]
         assert count == n, f"b holds {count} docs once the last one arrived, expected {n}"
         rate = n / elapsed
         table.add(f"[{label} N={n}] initial sync, accept -> all on B",
@@ -137,6 +141,10 @@ def initial_sync(root: Path, n: int, *, encrypt: bool, table: Table,
             table.add(f"[{label} N={n}] RSS of node {node.name}", f"{peak:.0f} MB peak",
                       f"(now {rss:.0f} MB; goal < {RSS_LIMIT_MB} MB)"
                       + ("" if peak < RSS_LIMIT_MB else "  OVER"))
+            if node.name in token_memory:
+                rss, peak = token_memory[node.name]
+                table.add(f"[{label} N={n}] RSS of {node.name}'s token process",
+                          f"{peak:.0f} MB peak", f"(now {rss:.0f} MB)")
         if keep:
             return rate, (a, b, cluster)
         return rate, None

@@ -110,6 +110,14 @@ class ShareView:
         return [m for m in self._manifests.values()
                 if self.here(m.share_id) and m.is_active_member(fingerprint)]
 
+    def former_member(self, fingerprint: bytes) -> bool:
+        """Revoked from (or gone from) a share held here, and in none in common: a link
+        with it only tells it so."""
+        if self.common(fingerprint):
+            return False
+        return any(self.here(m.share_id) and (member := m.member(fingerprint)) is not None
+                   and member.status != "active" for m in self._manifests.values())
+
     def member_name(self, fingerprint: bytes) -> str | None:
         for manifest in self._manifests.values():
             member = manifest.member(fingerprint)

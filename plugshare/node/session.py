@@ -35,7 +35,8 @@ from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
 from plugshare.sharing.invitation import Invitation
 from plugshare.sharing.manifest import Manifest
 from plugshare.store import Store
-from plugshare.token import format_node_id
+from plugshare.replication.protocol import LocalProtocolError
+from plugshare.token import TokenError, format_node_id
 
 log = logging.getLogger("plugshare.session")
 
@@ -139,6 +140,8 @@ class PeerSession:
                 await nursery.start(self.replication.run)
                 await self._send_manifests()
                 await self.refresh()
+                if self.shares.former_member(self.fingerprint):
+                    self.close("no share in common: it was told its standing")
                 task_status.started()
                 started = True
         # The link closing (e.g. the peer dropped a duplicate link) ends this session only:
@@ -180,11 +183,20 @@ class PeerSession:
             self.sync.setdefault(share_id, SyncState())
             if share_id in self.replication.pushing:
                 continue
-            if not await self._call("share.may_push", share=share_id, peer=self.fingerprint):
-                continue  # e.g. we are a read-only member: nothing of ours may land there
-            if self.replication is None or share_id in self.replication.pushing:
+            try:
+                if not await self._call("share.may_push", share=share_id,
+                                        peer=self.fingerprint):
+                    continue  # e.g. we are a read-only member: nothing of ours may land there
+            except TokenError as exc:  # the token restarting: the next refresh retries
+                log.info("cannot ask the token about pushing to %s: %s", self.name, exc)
+                continue
+            if self._nursery is None or self.replication is None \
+                    or share_id in self.replication.pushing:
                 continue  # the link closed, or another refresh started it meanwhile
-            self.replication.start_push(share_id, scope_tag=_scope_tag(manifest))
+            try:
+                self.replication.start_push(share_id, scope_tag=_scope_tag(manifest))
+            except LocalProtocolError:
+                return  # the link is closing under us
         for share_id in set(self.sync) - set(common):
             state = self.sync.pop(share_id)
             state.state = "offline"

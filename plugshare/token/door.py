@@ -453,7 +453,22 @@ class Door:
         return {"signature": token._identity.sign(payload)}
 
     def _cmd_link_may_connect(self, args: Mapping[str, Any]) -> bool:
-        return self._token.may_connect(_arg(args, "peer", bytes))
+        """May this peer hold a link? Members of shares in common, joiners while an
+        invitation is open, and (only to learn it) a member revoked from a share held here:
+        the node sends it the newest manifests, then closes."""
+        token = self._token
+        peer = _arg(args, "peer", bytes)
+        if token.may_connect(peer):
+            return True
+        fingerprint = token._fp(peer)
+        for manifest in token.shares():
+            member = manifest.member(fingerprint)
+            if member is not None and member.status != "active" and \
+                    token.share_status(manifest.share_id) in ("owner", "active"):
+                token._audit_record(token._peer_label(fingerprint), "connect", None, None, True,
+                                    f"only to learn its standing in share {manifest.name!r}")
+                return True
+        return False
 
     # -- shares: management -----------------------------------------------------------------
 

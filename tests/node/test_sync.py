@@ -98,7 +98,7 @@ def test_two_couchdb_nodes_converge_through_live_edits(cluster: Cluster, couchdb
     _converge_through_live_edits(a, b)
     # The docs really are in each node's own database on the server.
     for node in (a, b):
-        db = couchdb_database_name("plugshare", node.name)
+        db = couchdb_database_name("plugshare", node.name, node.node_id)
         rows = httpx.get(f"{couchdb_url}/{db}/_all_docs").json()["rows"]
         assert {r["id"] for r in rows} >= set(node.revs(NOTES))
 
@@ -350,7 +350,7 @@ def test_an_encrypted_share_reads_in_clear_and_is_stored_as_ciphertext(
 
     # The server holds only ciphertext: no clear value anywhere in either database.
     for node in (a, b):
-        db = couchdb_database_name("plugshare", node.name)
+        db = couchdb_database_name("plugshare", node.name, node.node_id)
         raw = httpx.get(f"{couchdb_url}/{db}/_all_docs", params={"include_docs": "true"})
         docs = {row["id"]: row["doc"] for row in raw.json()["rows"]}
         assert set(docs) >= {"a-entry", "b-entry", "old-entry"}
@@ -360,7 +360,7 @@ def test_an_encrypted_share_reads_in_clear_and_is_stored_as_ciphertext(
         for secret in secrets.values():
             assert secret not in raw.text, f"{secret!r} in clear in {db}"
     # nor in the history: the clear first revision was compacted away
-    db = couchdb_database_name("plugshare", a.name)
+    db = couchdb_database_name("plugshare", a.name, a.node_id)
     wait_until(lambda: httpx.get(f"{couchdb_url}/{db}/old-entry",
                                  params={"rev": old_rev}).status_code == 404,
                10, what="the clear revision to be compacted away")
