@@ -220,7 +220,8 @@ class Door:
         doctype = _arg(args, "doctype", str, optional=True)
         if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
             refusal = Decision(False, f"no rule lets {principal.label} read {doctype!r} documents")
-            self._record(principal.label, "read", {"doctype": doctype}, refusal)
+            self._record(principal.label, "read", {"doctype": doctype, "_id": stored["_id"]},
+                         refusal)
             raise AccessDenied(refusal, refusal.reason)
         if doctype is not None and stored.get("doctype") != doctype:
             self._record(principal.label, "read", {"doctype": doctype, "_id": stored["_id"]},

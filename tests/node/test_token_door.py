@@ -241,3 +241,24 @@ def test_the_token_process_is_not_dumpable(cluster):
     assert core.split()[4] == "0", core
     assert "State" in status
     assert alice.api("GET", "/status")["token"]["dumpable"] is False
+
+
+def test_a_stripped_envelope_on_a_couchdb_server_is_refused(cluster, couchdb_url):
+    """The same forgery by whoever runs the CouchDB server: a new revision in plain JSON."""
+    import uuid
+
+    alice = cluster.add(f"strip-{uuid.uuid4().hex[:6]}", "--store", "couchdb",
+                        "--couchdb-url", couchdb_url)
+    alice.cli_ok("encrypt", "io.health")
+    rev = alice.put("io.health", {"note": "blood type O-"}, "h1")
+    database = alice.status()["store"]["database"]
+    raw = httpx.get(f"{couchdb_url}/{database}/h1").json()
+    assert raw["_rev"] == rev and SEALED in raw and "O-" not in json.dumps(raw)
+    forged = httpx.put(f"{couchdb_url}/{database}/h1",
+                       json={"_rev": rev, "doctype": "io.health", "note": "forged"})
+    assert forged.status_code in (201, 202), forged.text
+    with pytest.raises(ApiError) as refused:
+        alice.get("h1")
+    assert refused.value.status == 502 and refused.value.body["error"] == "integrity"
+    audit = alice.cli_json("audit", "--tail", "20")["entries"]
+    assert any(e["doc_id"] == "h1" and not e["allowed"] for e in audit)
