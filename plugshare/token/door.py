@@ -188,10 +188,14 @@ class Door:
         return open_doc(stored, token._doc_key(kid)[1])
 
     def _check_share_key_usable(self, kid: str) -> None:
-        """Hook for membership/expiry checks on share keys (the token's key records)."""
-        check = getattr(self._token, "check_key_usable", None)
-        if check is not None:
-            check(kid)
+        """A share's key opens documents only while this node's membership is active and
+        the share has not expired; past that, the token destroys its copy (also here)."""
+        token = self._token
+        share_id = token._share_of_kid(kid)
+        if share_id is not None:
+            ended = token._share_ended(share_id)
+            if ended is not None:
+                raise AccessDenied(Decision(False, ended), f"read refused: {ended}")
 
     def _stored_form(self, doc: dict, generation: int) -> dict:
         """How `doc` (clear, decided) is to be stored: sealed under an encrypted share's key
@@ -597,6 +601,7 @@ class Door:
         share_id, peer = _arg(args, "share", str), _arg(args, "peer", bytes)
         docs = _docs_arg(args)
         label = token._peer_label(token._fp(peer))
+        token._share_ended(share_id)  # an expiry passed: the keys go before anything leaves
         standing = token._book.outgoing(share_id, token._fp(peer))
         if not standing.allowed:
             for doc in docs:
@@ -638,6 +643,7 @@ class Door:
         existing = _arg(args, "existing", dict)
         label = token._peer_label(peer)
         book = token._book
+        token._share_ended(share_id)  # an expiry passed: the keys go before anything lands
         results = []
         for doc in docs:
             local = existing.get(doc["_id"])

@@ -262,3 +262,21 @@ def test_a_stripped_envelope_on_a_couchdb_server_is_refused(cluster, couchdb_url
     assert refused.value.status == 502 and refused.value.body["error"] == "integrity"
     audit = alice.cli_json("audit", "--tail", "20")["entries"]
     assert any(e["doc_id"] == "h1" and not e["allowed"] for e in audit)
+
+
+def test_a_members_copies_become_unreadable_when_its_membership_expires(cluster):
+    """Expiry holds offline too: the member's token destroys the share's keys once the time
+    passes, and the sealed copies in its store can no longer be opened there."""
+    alice, bob = cluster.add("alice"), cluster.add("bob")
+    alice.cli_json("share", "create", "trip", "--doctype", "io.trip", "--encrypt")
+    code = alice.cli_json("share", "invite", "trip", "--expires", "6s")["code"]
+    bob.cli_json("share", "accept", "--no-progress", code)
+    alice.put("io.trip", {"flight": "AF123"}, "t1")
+    assert wait_until(lambda: bob.get("t1"), what="t1 on bob")["flight"] == "AF123"
+    alice.stop()  # bob is alone from now on: nothing tells it anything
+    wait_until(lambda: bob.get("t1") is None, timeout=20, what="t1 unreadable on bob")
+    assert "t1" in _rows_of(bob)  # still there, sealed: only the key is gone
+    audit = bob.cli_json("audit", "--tail", "50")["entries"]
+    assert any(e["action"] == "destroy_share_key" for e in audit)
+    alice.start()
+    assert alice.get("t1")["flight"] == "AF123"  # the owner keeps its documents
