@@ -88,8 +88,13 @@ class Door:
         self._token.flush()
         self._token.close()
 
+    def settle(self) -> None:
+        """Make durable what the commands answered so far decided (the server calls this
+        after sending each group of answers)."""
+        self._token.flush()
+
     def handle(self, command: str, args: Mapping[str, Any]) -> Any:
-        """Run one command; its audit entries are durable before its answer is returned."""
+        """Run one command; its audit entries reach the sealed log at the next `settle`."""
         handler = self._handlers.get(command)
         if handler is None:
             raise InvalidArgument(f"unknown token command {command!r}")
@@ -101,8 +106,6 @@ class Door:
             raise
         except PlugshareError as exc:  # a malformed manifest, invitation...: the caller's input
             raise InvalidArgument(str(exc)) from None
-        finally:
-            self._token.flush()
 
     # -- deciding, quietly, then recording once ------------------------------------------
 

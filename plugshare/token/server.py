@@ -218,6 +218,7 @@ async def _serve_connection(sock: stdlib_socket.socket, dispatcher: Dispatcher, 
                 size += len(answer)
                 if size >= FLUSH_SIZE:
                     await send_all(sock, b"".join(answers))
+                    _settle(dispatcher)
                     answers, size = [], 0
         except WireError as error:
             log.warning("closing a connection that sent a malformed request: %s", error)
@@ -226,6 +227,21 @@ async def _serve_connection(sock: stdlib_socket.socket, dispatcher: Dispatcher, 
             return
         if answers:
             await send_all(sock, answers[0] if len(answers) == 1 else b"".join(answers))
+            _settle(dispatcher)
+
+
+def _settle(dispatcher: Dispatcher) -> None:
+    """Let the dispatcher make durable what the answers just sent decided (the token
+    flushes its audit log and state): once per group of requests that arrived together, and
+    off the answers' path, as the node flushed after each request before the token had a
+    process of its own. A failure is logged; the next command's flush tries again."""
+    settle = getattr(dispatcher, "settle", None)
+    if settle is None:
+        return
+    try:
+        settle()
+    except Exception:
+        log.exception("the token could not make its state durable")
 
 
 class _Server:
