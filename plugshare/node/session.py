@@ -434,7 +434,9 @@ class _TokenGate:
         if not docs:
             return []
         answer = await self._call("share.outgoing", share=share, peer=self._peer, docs=docs)
-        return answer["docs"]
+        return [doc if verdict is None else verdict["doc"]
+                for doc, verdict in zip(docs, answer["verdicts"])
+                if verdict is None or "doc" in verdict]
 
     async def incoming(self, share: str, docs: list[dict],
                        existing: dict[str, dict]) -> list[dict | str]:
@@ -442,4 +444,5 @@ class _TokenGate:
             return []
         answer = await self._call("share.incoming", share=share, peer=self._peer, docs=docs,
                                   existing=existing)
-        return [r["doc"] if "doc" in r else str(r["refused"]) for r in answer["results"]]
+        return [doc if r is None else r["doc"] if "doc" in r else str(r["refused"])
+                for doc, r in zip(docs, answer["results"])]

@@ -597,9 +597,10 @@ class Door:
                                            _arg(args, "peer", bytes)).allowed
 
     def _cmd_share_outgoing(self, args: Mapping[str, Any]) -> dict:
-        """{share, peer, docs (leaf revisions with _revisions)} -> {docs, withheld}: the
-        documents that may leave to `peer`, in the form to send: an encrypted share's sealed
-        as stored; a sensitive doctype's opened (the peer seals it with its own key)."""
+        """{share, peer, docs (leaf revisions with _revisions)} -> {verdicts}: for each doc in
+        order, None (it may leave as given), {"doc": the form to send} (a sensitive doctype's
+        opened: the peer seals it with its own key) or {"withheld": reason}. An encrypted
+        share's docs leave sealed, as stored. Docs are never echoed back needlessly."""
         token = self._token
         share_id, peer = _arg(args, "share", str), _arg(args, "peer", bytes)
         docs = _docs_arg(args)
@@ -609,11 +610,11 @@ class Door:
         if not standing.allowed:
             for doc in docs:
                 self._record(label, "share-send", doc, standing)
-            return {"docs": [], "withheld": len(docs)}
+            return {"verdicts": [{"withheld": standing.reason}] * len(docs)}
         entry = self._share_entry(share_id)
         encrypted = entry.manifest.encrypted
         share_kids = token.share_key_ids(share_id)
-        out, withheld = [], 0
+        verdicts: list[dict | None] = []
         for doc in docs:
             refusal = _scope_refusal(entry, doc)
             form = doc
@@ -628,15 +629,15 @@ class Door:
                     refusal = f"cannot be opened here: {exc}"
             decision = standing if refusal is None else Decision(False, refusal)
             self._record(label, "share-send", doc, decision)
-            if refusal is None:
-                out.append(form)
+            if refusal is not None:
+                verdicts.append({"withheld": refusal})
             else:
-                withheld += 1
-        return {"docs": out, "withheld": withheld}
+                verdicts.append(None if form is doc else {"doc": form})
+        return {"verdicts": verdicts}
 
     def _cmd_share_incoming(self, args: Mapping[str, Any]) -> dict:
         """{share, peer, docs, existing: {id: local winner}} -> {results}: for each doc in
-        order either {"doc": form to store} or {"refused": reason}. Decides membership, write
+        order None (store it as sent), {"doc": the form to store} or {"refused": reason}. Decides membership, write
         permission, scope, the current manifest, the local doc it would land on, and for an
         encrypted share the ciphertext; a sensitive doctype arriving in a plain share is
         sealed under this node's key before it is stored."""
@@ -658,7 +659,10 @@ class Door:
                 except (IntegrityError, NotFound, InvalidArgument) as exc:
                     decision = Decision(False, f"tampered or unreadable: {exc}")
             self._record(label, "share-receive", doc, decision)
-            results.append({"doc": form} if decision.allowed else {"refused": decision.reason})
+            if not decision.allowed:
+                results.append({"refused": decision.reason})
+            else:
+                results.append(None if form is doc else {"doc": form})
         return {"results": results}
 
     def _incoming_form(self, share_id: str, doc: dict) -> dict:
