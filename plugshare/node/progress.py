@@ -139,8 +139,10 @@ class SyncTracker:
               size: Any = None) -> bool:
         key = peer or "?"
         old = self.links.get(key)
+        # Events and /status snapshots interleave, and a poll answered before an event can
+        # arrive after it: a count never goes back (the race behind a summary of 0 docs).
         new = {"state": state if isinstance(state, str) else None,
-               "done": done if _count(done) else 0,
+               "done": max(done if _count(done) else 0, (old or {}).get("done") or 0),
                "total": total if _count(total) else None,
                # A state event carries no bytes: keep what /status said.
                "bytes": size if _count(size) else (old or {}).get("bytes", 0)}

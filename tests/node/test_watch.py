@@ -620,3 +620,14 @@ async def test_progress_without_an_events_stream_polls_status(nursery):
     assert result["summary"].live
     bar_cleared, summary_line = out.getvalue().splitlines()[-1].rsplit("\x1b[2K", 1)
     assert summary_line.startswith("notes: initial sync done — 4 docs, 2.5 kB in ")
+
+
+def test_a_stale_status_answer_never_takes_the_count_back():
+    """The race behind `test_progress_off_a_terminal_is_one_summary_line` failing on busy
+    machines: a /status poll answered before the last event arrives after it."""
+    tracker = SyncTracker("notes")
+    tracker.on_event(Event(time.time(), "sync.state", share="notes", peer="alice",
+                           data={"state": "live", "done": 3, "total": 3}))
+    tracker.on_status({"shares": [{"name": "notes", "peers": [
+        {"peer": "alice", "state": "initial", "done": 0, "total": 3}]}]})
+    assert tracker.done == 3 and tracker.summary("live").done == 3
