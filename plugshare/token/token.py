@@ -612,6 +612,20 @@ class Token:
         document described by `doc_metadata` (its `doctype` and the fields rules look at,
         e.g. the document itself)? Deny by default; the owner may do everything. Every
         answer is logged."""
+        decision = self.judge(principal, action, doc_metadata)
+        doctype = doc_metadata["doctype"]
+        doc_id = doc_metadata.get("_id")
+        if doc_id is not None and type(doc_id) is not str:
+            doc_id = repr(doc_id)
+        if self._audit.record(
+            principal.label, action, doctype, doc_id, decision.allowed, decision.reason
+        ) >= MAX_UNFLUSHED:
+            self.flush()
+        return decision
+
+    def judge(self, principal: Principal, action: str, doc_metadata: Mapping[str, Any]) -> Decision:
+        """`decide`'s answer without its audit entry, for a caller that records exactly one
+        entry for a request made of several checks (the door)."""
         level = ACTION_LEVEL.get(action)
         if level is None:
             raise InvalidArgument(f"action must be read, write or list, got {action!r}")
@@ -621,20 +635,11 @@ class Token:
             raise InvalidArgument("doc_metadata needs a 'doctype'") from None
         kind = principal.kind
         if kind == OWNER_KIND and principal == OWNER:
-            decision = _OWNER_ALLOWED
-        else:
-            subjects = self._subjects.get((kind, principal.id))
-            decision = (
-                subjects is not None and self._rules.match(subjects, level, doctype, doc_metadata)
-            ) or self._denial(principal, subjects is not None, action, doctype)
-        doc_id = doc_metadata.get("_id")
-        if doc_id is not None and type(doc_id) is not str:
-            doc_id = repr(doc_id)
-        if self._audit.record(
-            principal.label, action, doctype, doc_id, decision.allowed, decision.reason
-        ) >= MAX_UNFLUSHED:
-            self.flush()
-        return decision
+            return _OWNER_ALLOWED
+        subjects = self._subjects.get((kind, principal.id))
+        return (
+            subjects is not None and self._rules.match(subjects, level, doctype, doc_metadata)
+        ) or self._denial(principal, subjects is not None, action, doctype)
 
     def _denial(self, principal: Principal, known: bool, action: str, doctype: Any) -> Decision:
         """The (cached) refusal for a principal, action and doctype no rule allows."""
