@@ -107,7 +107,7 @@ class DemoCluster:
             node.process = subprocess.Popen(
                 [sys.executable, "-m", "plugshare", "--home", str(node.home), "run"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_stop_with_parent)
             log.close()
             node.api_url = self._wait_until_running(node)
             self.say(f"demo: {node.name} is running (pid {node.process.pid}, "
@@ -228,14 +228,29 @@ def _tail(log: Path, lines: int = 3) -> str:
         return "(no log)"
 
 
+def _stop_with_parent() -> None:
+    """In a node's child process: SIGTERM it when the demo dies, even by SIGKILL (which
+    leaves the demo no chance to stop it), so no node outlives the demo."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# SIGHUP: the terminal closed (or `tmux kill-session`); the nodes, in sessions of their own,
+# do not hear it, so the demo must stop them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _signals_stop(cluster: DemoCluster):
-    """While set up and torn down, SIGINT/SIGTERM only ask the cluster to stop."""
+    """While set up and torn down, SIGINT/SIGTERM/SIGHUP only ask the cluster to stop."""
     def handler(signum, frame) -> None:
         cluster.request_stop()
 
     previous = {signum: signal.signal(signum, handler)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+                for signum in STOP_SIGNALS}
     try:
         yield lambda: [signal.signal(signum, handler) for signum in previous]
     finally:
@@ -266,9 +281,12 @@ def demo(nodes: int, plain: bool) -> None:
                 # needs them back so a second Ctrl-C does not cut it short.
                 try:
                     open_watch([node.target() for node in cluster.nodes], plain=plain,
-                               recent=0)
+                               recent=0, stop_requested=lambda: cluster.stopping)
                 finally:
                     take_signals_back()
         except DemoStopped:
             pass
-    click.echo(f"demo: stopped the nodes and removed {cluster.root}")
+    try:
+        click.echo(f"demo: stopped the nodes and removed {cluster.root}")
+    except OSError:
+        pass  # the terminal is gone (SIGHUP): nobody to tell

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import attrs
 import click
@@ -46,6 +46,7 @@ RETRY_S = 1.0  # reconnecting to a node that went away
 REFUSED_RETRY_S = 5.0  # a refused credential: retry, but gently (each try is audited)
 RECENT = 50  # events asked for when the view opens
 LOG_KEPT = 2000  # events kept for re-filtering the log
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed
 MIN_WIDTH, MIN_HEIGHT = 60, 16
 
 # -- pure formatting ----------------------------------------------------------------------
@@ -525,13 +526,15 @@ class WatchApp(App):
 
     def __init__(self, targets: list[ApiTarget], *, poll: float = POLL_S,
                  retry: float = RETRY_S, recent: int = RECENT,
-                 log_filter: LogFilter = LogFilter(), handle_signals: bool = False):
+                 log_filter: LogFilter = LogFilter(), handle_signals: bool = False,
+                 stop_requested: Callable[[], bool] = lambda: False):
         super().__init__()
         if not targets:
             raise ValueError("watch needs at least one node")
         self.targets = targets
         self._view_options = dict(poll=poll, retry=retry, recent=recent, log_filter=log_filter)
         self._handle_signals = handle_signals
+        self._stop_requested = stop_requested
         self.paused = False
 
     def compose(self) -> ComposeResult:
@@ -548,12 +551,14 @@ class WatchApp(App):
 
     def on_mount(self) -> None:
         self._check_size()
-        if self._handle_signals:  # SIGTERM (or a SIGINT from outside): leave cleanly
+        if self._handle_signals:  # SIGTERM, SIGHUP (or a SIGINT from outside): leave cleanly
             import asyncio
 
             loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 loop.add_signal_handler(signum, self.exit)
+            if self._stop_requested():  # a signal came before these handlers were in place
+                self.exit()
 
     def on_resize(self, event) -> None:
         self._check_size(event.size)  # self.size catches up only after this event
@@ -604,7 +609,8 @@ class WatchApp(App):
 
 def run_plain(targets: list[ApiTarget], out: TextIO, *, as_json: bool = False,
               share: str | None = None, peer: str | None = None, recent: int = 0,
-              retry: float = RETRY_S) -> None:
+              retry: float = RETRY_S,
+              stop_requested: Callable[[], bool] = lambda: False) -> None:
     """Print events as lines until Ctrl-C/SIGTERM (then return): one line per event, and a
     notice line when a node goes away or comes back. With `as_json` each event is its
     NDJSON line and notices go to stderr. Raises AccessRefused when a node refuses the
@@ -614,13 +620,16 @@ def run_plain(targets: list[ApiTarget], out: TextIO, *, as_json: bool = False,
     import trio
 
     trio.run(functools.partial(follow_plain, targets, out, as_json=as_json, share=share,
-                               peer=peer, recent=recent, retry=retry))
+                               peer=peer, recent=recent, retry=retry,
+                               stop_requested=stop_requested))
 
 
 async def follow_plain(targets: list[ApiTarget], out: TextIO, *, as_json: bool = False,
                        share: str | None = None, peer: str | None = None, recent: int = 0,
-                       retry: float = RETRY_S) -> None:
-    """`run_plain`'s work, on trio: returns on SIGINT/SIGTERM or when cancelled."""
+                       retry: float = RETRY_S,
+                       stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """`run_plain`'s work, on trio: returns on SIGINT/SIGTERM/SIGHUP or when cancelled, or
+    at once if `stop_requested()` (a signal the caller took before this one listened)."""
     import httpx
     import trio
 
@@ -658,7 +667,9 @@ async def follow_plain(targets: list[ApiTarget], out: TextIO, *, as_json: bool =
             nursery.cancel_scope.cancel()
 
     async def stop_on_signal() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            if stop_requested():
+                nursery.cancel_scope.cancel()
             async for _ in signals:
                 nursery.cancel_scope.cancel()
 
@@ -683,17 +694,19 @@ def _silence_stdout() -> None:
 
 
 def open_watch(targets: list[ApiTarget], *, plain: bool, as_json: bool = False,
-               share: str | None = None, peer: str | None = None, recent: int = 20) -> None:
-    """Run the full-screen view, or plain lines when asked or when stdout is no terminal."""
+               share: str | None = None, peer: str | None = None, recent: int = 20,
+               stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Run the full-screen view, or plain lines when asked or when stdout is no terminal;
+    until a stop signal, or at once if `stop_requested()` once the view listens for them."""
     if plain or as_json or not sys.stdout.isatty():
         try:
             run_plain(targets, sys.stdout, as_json=as_json, share=share, peer=peer,
-                      recent=recent)
+                      recent=recent, stop_requested=stop_requested)
         except* KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
             pass
         return
     WatchApp(targets, recent=recent, log_filter=LogFilter(share, peer),
-             handle_signals=True).run()
+             handle_signals=True, stop_requested=stop_requested).run()
 
 
 @click.command()

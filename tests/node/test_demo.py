@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +18,7 @@ import pytest
 
 from plugshare.node.demo import DOCTYPE, DemoCluster, DemoError
 from plugshare.node.home import Home
-from tests.node.test_watch import Output, interrupt, plugshare_cli
+from tests.node.test_watch import CLI, Output, interrupt, plugshare_cli
 
 
 def alive(pid: int) -> bool:
@@ -120,3 +125,81 @@ def test_the_demo_syncs_both_ways_and_ctrl_c_removes_it(tmp_path):
         assert all(wait_gone(pid) for pid in pids)
     finally:
         interrupt(demo)
+
+
+def _demo_nodes(root: Path, names=("alice", "bob"), timeout: float = 120) -> list[int]:
+    """The pids of the demo's nodes once each has written its run.json."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [root / name / "run.json" for name in names]
+        if all(run.exists() for run in runs):
+            try:
+                return [json.loads(run.read_text())["pid"] for run in runs]
+            except (ValueError, KeyError):
+                pass  # being written
+        assert time.monotonic() < deadline, f"the demo's nodes did not start in {root}"
+        time.sleep(0.1)
+
+
+def test_sighup_stops_the_demo_and_removes_it(tmp_path):
+    """Closing the terminal sends SIGHUP: the nodes run in sessions of their own, so only the
+    demo hears it, and it must clean up as for Ctrl-C."""
+    demo = plugshare_cli("demo", "--plain")
+    try:
+        output = Output(demo)
+        root = _demo_dir(output)
+        output.wait_for("demo: watching", timeout=180)
+        pids = _demo_nodes(root)
+        demo.send_signal(signal.SIGHUP)
+        assert demo.wait(60) == 0
+        assert "Traceback" not in "".join(output.errors)
+        assert not root.exists()
+        assert all(wait_gone(pid) for pid in pids)
+    finally:
+        interrupt(demo)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_tmux_kill_session_stops_the_full_screen_demo(tmp_path):
+    """`tmux kill-session` with the full-screen demo in it: nodes stopped, temp dir gone."""
+    session = f"plugshare-demo-test-{os.getpid()}"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo's temp dir lands in tmp_path
+    command = " ".join(shlex.quote(part) for part in (sys.executable, "-c", CLI, "demo"))
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "36",
+                    command], check=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (roots := list(tmp_path.glob("plugshare-demo-*"))):
+            assert time.monotonic() < deadline, "the demo made no temp dir"
+            time.sleep(0.1)
+        root = roots[0]
+        pids = _demo_nodes(root, timeout=180)
+        deadline = time.monotonic() + 60
+        while "notes" not in subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                            capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "the full-screen view did not show the share"
+            time.sleep(0.2)
+        subprocess.run(["tmux", "kill-session", "-t", session], check=True)
+        assert all(wait_gone(pid) for pid in pids)
+        deadline = time.monotonic() + 30
+        while root.exists():
+            assert time.monotonic() < deadline, f"{root} was left behind"
+            time.sleep(0.1)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_nodes_stop_when_the_demo_is_killed(tmp_path):
+    """SIGKILL gives the demo no chance to clean up; its nodes still must not live on."""
+    demo = plugshare_cli("demo", "--plain")
+    try:
+        output = Output(demo)
+        root = _demo_dir(output)
+        output.wait_for("demo: watching", timeout=180)
+        pids = _demo_nodes(root)
+        demo.kill()
+        demo.wait()
+        assert all(wait_gone(pid) for pid in pids)
+    finally:
+        interrupt(demo)
+        shutil.rmtree(root, ignore_errors=True)
