@@ -23,8 +23,8 @@ receiver stops reading while the inbox is full, so memory stays bounded in both 
 
 from __future__ import annotations
 
+import errno
 import inspect
-
 import logging
 import random
 import ssl
@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import (
     ApplicationMessage,
@@ -85,7 +86,16 @@ class TransportConfig:
     receive_queue_size: int = 16
     receive_chunk_size: int = 64 * 1024
     close_timeout: float = 2.0
+    # Accepted connections whose handshake is not complete (see `admission`): in all, from
+    # one source address, and how long one may take (TLS, hello, proof and the token's
+    # decision) before it is dropped.
     max_pending_handshakes: int = 64
+    max_pending_per_source: int = 8
+    pending_handshake_timeout: float = 5.0
+    # accept() failing for want of descriptors (EMFILE, ENFILE...): wait this long, doubling up
+    # to the maximum, and try again.
+    accept_retry: float = 0.1
+    accept_retry_max: float = 2.0
 
 
 class PeerConnectionClosed(Exception):
@@ -407,38 +417,48 @@ async def serve_peers(
     """
     if listeners is None:
         listeners = await trio.open_tcp_listeners(port, host=host)
-    pending_handshakes = 0
+    pending = Admission(per_source=config.max_pending_per_source, total=config.max_pending_handshakes)
+    pending_scopes: dict[int, trio.CancelScope] = {}
 
     async def serve_one(tcp_stream: trio.SocketStream) -> None:
-        nonlocal pending_handshakes
         remote = _remote_address(tcp_stream)
-        if pending_handshakes >= config.max_pending_handshakes:
-            logger.warning("dropped peer connection from %s: %d handshakes already pending", remote, pending_handshakes)
-            await trio.aclose_forcefully(tcp_stream)
-            return
-        context = ssl_context() if callable(ssl_context) else ssl_context
-        pending_handshakes += 1
-        stream = trio.SSLStream(tcp_stream, context, server_side=True)
+        admitted = pending.admit(_source_host(tcp_stream))
+        for ticket in admitted.evicted:
+            pending_scopes.pop(ticket).cancel()
         accepted_at = trio.current_time()
-        link = Link.accepting(local, now=accepted_at, config=config.link)
+        scope = trio.CancelScope(deadline=accepted_at + config.pending_handshake_timeout)
+        pending_scopes[admitted.ticket] = scope
+        timeout = min(config.link.handshake_timeout, config.pending_handshake_timeout)
+        stream = trio.SSLStream(tcp_stream, ssl_context() if callable(ssl_context) else ssl_context, server_side=True)
+        link = Link.accepting(local, now=accepted_at, config=attrs.evolve(config.link, handshake_timeout=timeout))
         tls_up = False
+        accepted = False
         try:
-            await _tls_handshake(stream, accepted_at + config.link.handshake_timeout, config.link.handshake_timeout)
-            tls_up = True
-            event = await _link_handshake(stream, link)
-            if isinstance(event, PeerClosed):
-                raise PeerRefused(f"the peer gave up during the handshake: {event.reason}")
-            assert isinstance(event, PeerAuthenticated)
-            fingerprint = event.peer.node_id
-            allowed = accept_peer(fingerprint)
-            if inspect.isawaitable(allowed):
-                allowed = await allowed  # the token decides, in its own process
-            if not allowed:
-                link.refuse("this node does not accept your node id")
-                logger.info("refused peer %s from %s: not an accepted peer", fingerprint.hex(), remote)
-                await _close_after_failure(stream, link, config, tls_up=True)
+            with scope:
+                await _tls_handshake(stream, accepted_at + timeout, timeout)
+                tls_up = True
+                event = await _link_handshake(stream, link)
+                if isinstance(event, PeerClosed):
+                    raise PeerRefused(f"the peer gave up during the handshake: {event.reason}")
+                assert isinstance(event, PeerAuthenticated)
+                fingerprint = event.peer.node_id
+                allowed = accept_peer(fingerprint)
+                if inspect.isawaitable(allowed):
+                    allowed = await allowed  # the token decides, in its own process
+                if not allowed:
+                    link.refuse("this node does not accept your node id")
+                    logger.info("refused peer %s from %s: not an accepted peer", fingerprint.hex(), remote)
+                    await _close_after_failure(stream, link, config, tls_up=True)
+                    return
+                link.accept()
+                accepted = True
+            if not accepted:  # the scope was cancelled: evicted, or out of time
+                why = "out of time" if trio.current_time() >= scope.deadline else "evicted by newer connections"
+                logger.info("dropped peer connection from %s: handshake %s", remote, why)
+                link.close(f"handshake not complete: {why}")
+                with trio.CancelScope(shield=True):
+                    await _close_after_failure(stream, link, config, tls_up=tls_up)
                 return
-            link.accept()
         except BaseException as error:
             with trio.CancelScope(shield=True):
                 await _close_after_failure(stream, link, config, tls_up=tls_up)
@@ -447,11 +467,64 @@ async def serve_peers(
             logger.warning("dropped peer connection from %s: %s", remote, _describe(error))
             return
         finally:
-            pending_handshakes -= 1
+            pending.release(admitted.ticket)
+            pending_scopes.pop(admitted.ticket, None)
         logger.info("accepted peer %s (%r) from %s", fingerprint.hex(), event.peer.name, remote)
         await _run_with_handler(PeerConnection(stream, link, remote_address=remote, config=config), handler)
 
-    await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+    async def run_one(tcp_stream: trio.SocketStream) -> None:
+        try:
+            await serve_one(tcp_stream)
+        finally:
+            await trio.aclose_forcefully(tcp_stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_forever, listener, nursery, run_one, config)
+        task_status.started(listeners)
+    raise AssertionError("the accept loops never return")
+
+
+def _source_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return ""
+
+
+# accept() failures that say the process or system is out of something, not that the
+# listener is broken: wait and try again (trio.serve_listeners does too, but logs each retry).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_forever(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    config: TransportConfig,
+) -> NoReturn:
+    """Accept connections, each handled in `nursery`. Running out of file descriptors is
+    logged once per episode; the loop backs off and keeps serving."""
+    delay = 0.0
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                if not delay:
+                    logger.error(
+                        "cannot accept peer connections: %s; retrying until it passes",
+                        errno.errorcode.get(error.errno, error.errno),
+                    )
+                delay = min(max(delay * 2, config.accept_retry), config.accept_retry_max)
+                await trio.sleep(delay)
+                continue
+            if delay:
+                logger.warning("accepting peer connections again")
+                delay = 0.0
+            nursery.start_soon(handle, stream)
 
 
 # --- connecting ---------------------------------------------------------------------------------

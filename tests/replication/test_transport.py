@@ -812,22 +812,18 @@ async def test_silent_and_half_sent_handshakes_time_out(server_node, client_node
     assert "TLS handshake not complete" in caplog.text
 
 
-async def test_connections_beyond_the_pending_handshake_limit_are_dropped(server_node, client_node, caplog):
+async def test_a_connection_beyond_the_pending_handshake_limit_evicts_the_oldest(server_node, client_node, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    config = TransportConfig(link=CONFIG.link, max_pending_handshakes=1, close_timeout=1.0)
+    config = TransportConfig(link=CONFIG.link, max_pending_handshakes=1, max_pending_per_source=1, close_timeout=1.0)
     async with trio.open_nursery() as nursery:
         port, server = await start_server(nursery, server_node, config=config)
         pending = await raw_tls(port)  # TLS is up, so the server is handling it; no hello follows
-        extra = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(10):
-            assert await extra.receive_some() == b""
-        await pending.aclose()
-        with trio.fail_after(10):
-            while "dropped peer connection" not in caplog.text.split("handshakes already pending")[-1]:
-                await trio.sleep(0.01)  # until the server has let go of the pending one
+        # A real peer comes: it takes the only slot, and the idle one is closed.
         await assert_echo_works(port, server_node, client_node)
+        messages = await read_until_closed(pending)
+        assert messages[-1]["type"] == "close" and "evicted" in messages[-1]["reason"]
         server.cancel()
-    assert "1 handshakes already pending" in caplog.text
+    assert "handshake evicted by newer connections" in caplog.text
 
 
 async def test_an_established_peer_that_stops_mid_frame_is_dropped(server_node, caplog):
@@ -999,3 +995,26 @@ def test_backoff_jitter_stays_within_its_band():
 def test_backoff_refuses_nonsensical_settings(kwargs, problem):
     with pytest.raises(ValueError, match=problem):
         Backoff(**kwargs)
+
+
+async def test_idle_sockets_from_one_address_do_not_lock_out_a_real_peer(server_node, client_node, caplog):
+    """64 idle sockets, and more, from 127.0.0.1: a real peer from that same address still
+    links (the oldest pending handshakes make room), while the idle ones keep coming."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    idle = []
+    async with trio.open_nursery() as nursery:
+        port, server = await start_server(nursery, server_node, config=CONFIG)
+        for _ in range(80):
+            idle.append(await trio.open_tcp_stream("127.0.0.1", port))
+        await trio.sleep(0.5)  # not an assertion: lets the listener accept them all first
+        await assert_echo_works(port, server_node, client_node)
+        # The listener held a bounded number of them: the others were closed under the flood.
+        closed = 0
+        for stream in idle:
+            with trio.move_on_after(0.2):
+                if await stream.receive_some() == b"":
+                    closed += 1
+        assert closed >= 80 - TransportConfig().max_pending_per_source
+        for stream in idle:
+            await stream.aclose()
+        server.cancel()
