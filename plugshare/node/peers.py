@@ -6,8 +6,17 @@ peer's hello, discovery or node.toml) and never decides who a peer is: the pinne
 does. The token says who may connect (`link.may_connect`) and signs this node's proofs; the share
 view says whom to keep a link to (the active members of shares in common).
 
-Members learn where the other members of their shares are from any member they are linked
-to (`peer.addresses` hints, see `session`), so they can link directly while the owner is away.
+Members learn where the other members of their shares are from the share's owner
+(`peer.addresses` hints, see `session`), so they can link directly while the owner is away. A
+hint is taken only from the peer it describes or from the owner of a share that peer is an
+active member of: no member can make this node dial a host of its choosing for someone else.
+Dialing is bounded: a few hinted addresses per peer, a few dials at once, and a hint restarts a
+waiting dialer at most once per `HINT_REDIAL_INTERVAL`.
+
+A link from a peer that shares nothing with this node yet (it may be joining: the token lets
+anyone link while an invitation is open) is held as *joining*: at most `MAX_JOINING` such links
+(`MAX_JOINING_PER_SOURCE` from one address, the oldest dropped to admit a newcomer), each for
+`JOINING_TIMEOUT` at most, and nothing about it is written to `peers.json` until it has joined.
 
 Both nodes of a pair dial each other. If two links come up at once, both ends keep the one
 dialed by the lower fingerprint, so they agree without talking. A dialer does not dial while
@@ -32,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from plugshare.config import Address, Config
 from plugshare.node.access import Identity, ShareView
 from plugshare.node.home import write_private
+from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import LocalNode
 from plugshare.replication.transport import (
@@ -52,6 +62,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("plugshare.peers")
 
 REDIAL = Backoff(initial=0.5, maximum=30.0)
+MAX_CONCURRENT_DIALS = 8  # connection attempts in flight at once, over all peers
+HINT_REDIAL_INTERVAL = 10.0  # seconds: a hint restarts a waiting dialer at most this often
+MAX_JOINING = 16  # links held from peers that share nothing with us yet
+MAX_JOINING_PER_SOURCE = 4  # ...from one source address
+JOINING_TIMEOUT = 30.0  # seconds such a link has to join a share
 
 
 def parse_host_port(text: str) -> tuple[str, int] | None:
@@ -85,10 +100,12 @@ class AddressBook:
     """Where peers were seen, kept in `<home>/peers.json` across restarts."""
 
     MAX_ADDRESSES = 8
+    MAX_HINTED = 4  # addresses another node may add for a peer
 
     def __init__(self, path: Path):
         self.path = path
         self.peers: dict[bytes, PeerInfo] = {}
+        self._save_failing = False
         try:
             for item in json.loads(path.read_text()):
                 info = PeerInfo.from_json(item)
@@ -120,7 +137,7 @@ class AddressBook:
         True if any was new."""
         info = self.get(fingerprint)
         new = [a for a in dict.fromkeys(addresses) if parse_host_port(a) and a not in info.addresses]
-        room = self.MAX_ADDRESSES - len(info.addresses)
+        room = min(self.MAX_ADDRESSES - len(info.addresses), self.MAX_HINTED)
         if not new or room <= 0:
             return False
         info.addresses.extend(new[:room])
@@ -128,8 +145,27 @@ class AddressBook:
         return True
 
     def save(self) -> None:
+        """Write the book; a failure (out of file descriptors, disk full) is logged once and
+        the book stays in memory, to be written at the next change."""
         data = [info.to_json() for info in self.peers.values()]
-        write_private(self.path, json.dumps(data, indent=1).encode())
+        try:
+            write_private(self.path, json.dumps(data, indent=1).encode())
+        except OSError as exc:
+            if not self._save_failing:
+                log.warning("cannot write %s (%s); peers are kept in memory for now", self.path, exc)
+            self._save_failing = True
+            return
+        self._save_failing = False
+
+
+@attrs.define(eq=False)
+class _Joining:
+    """A link held while its peer may be joining a share."""
+
+    ticket: int
+    session: PeerSession
+    hello_addresses: list[str] = attrs.Factory(list)
+    joined: trio.Event = attrs.Factory(trio.Event)
 
 
 class PeerManager:
@@ -151,6 +187,10 @@ class PeerManager:
         self._new_session = new_session
         self._discovery = discovery
         self._dialers: dict[bytes, trio.CancelScope] = {}
+        self._dial_limiter = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
+        self._hint_restarts: dict[bytes, float] = {}  # peer -> when a hint last restarted its dialer
+        self._joining = Admission(per_source=MAX_JOINING_PER_SOURCE, total=MAX_JOINING)
+        self._joining_sessions: dict[int, _Joining] = {}  # by admission ticket
         self._nursery: trio.Nursery | None = None
         self.local: LocalNode | None = None
         self.listen_address: Address | None = None
@@ -232,6 +272,9 @@ class PeerManager:
                 session.close("no share in common any more")
             else:
                 await session.refresh()
+        for joining in list(self._joining_sessions.values()):
+            if not joining.session.joining:  # it joined: now it is a peer worth remembering
+                self._joined(joining)
 
     def _start_dialer(self, fingerprint: bytes) -> None:
         assert self._nursery is not None
@@ -239,14 +282,34 @@ class PeerManager:
         self._dialers[fingerprint] = scope
         self._nursery.start_soon(self._dial_forever, fingerprint, scope)
 
-    def learn_hints(self, fingerprint: bytes, addresses: list[str]) -> None:
-        """Where another member last saw `fingerprint`. A dialer of that peer with no link up
-        starts over at once, rather than after a back-off grown while it had no address."""
+    def may_hint(self, source: bytes, fingerprint: bytes) -> bool:
+        """May `source` tell this node where `fingerprint` is? Only the peer itself, or the
+        owner of a share (that this node is in) where it is an active member."""
+        if source == fingerprint:
+            return True
+        for manifest in self.shares.common(source):
+            member = manifest.member(fingerprint)
+            if manifest.owner == source and member is not None and member.status == "active":
+                return True
+        return False
+
+    def learn_hints(self, fingerprint: bytes, addresses: list[str], *, source: bytes) -> bool:
+        """Where `source` says `fingerprint` is; ignored unless `may_hint`. A dialer of that
+        peer with no link up starts over at once (rather than after a back-off grown while it
+        had no address), at most once per HINT_REDIAL_INTERVAL. True if the hint was taken."""
+        if fingerprint == self.identity.fingerprint or not self.may_hint(source, fingerprint):
+            log.debug("ignored address hints for %s from %s", format_node_id(fingerprint),
+                      format_node_id(source))
+            return False
         if not self.book.add_hints(fingerprint, addresses):
-            return
+            return True
         if fingerprint in self._dialers and fingerprint not in self.sessions:
-            self._dialers.pop(fingerprint).cancel()
-            self._start_dialer(fingerprint)
+            now = trio.current_time()
+            if now - self._hint_restarts.get(fingerprint, -HINT_REDIAL_INTERVAL) >= HINT_REDIAL_INTERVAL:
+                self._hint_restarts[fingerprint] = now
+                self._dialers.pop(fingerprint).cancel()
+                self._start_dialer(fingerprint)
+        return True
 
     def _addresses_for(self, fingerprint: bytes) -> list[tuple[str, int]]:
         if fingerprint in self.sessions:
@@ -270,6 +333,7 @@ class PeerManager:
                 addresses=lambda: self._addresses_for(fingerprint),
                 expected_fingerprint=fingerprint, ssl_context=self._client_context,
                 local=self.local, config=self.config, backoff=REDIAL, prove=self._prove,
+                dial_limiter=self._dial_limiter,
             )
 
     async def open_session(self, fingerprint: bytes,
@@ -293,7 +357,8 @@ class PeerManager:
                         async with connect_peer(host, port, expected_fingerprint=fingerprint,
                                                 ssl_context=self._client_context,
                                                 local=self.local, config=self.config,
-                                                prove=self._prove) as conn:
+                                                prove=self._prove,
+                                                dial_limiter=self._dial_limiter) as conn:
                             await self._run_session(conn, dialed=True, on_session=up)
                             return
                     except PeerConnectError as exc:
@@ -326,8 +391,12 @@ class PeerManager:
             existing.close("replaced by a simultaneous link")
         hello = conn.peer_hello
         remote = [conn.remote_address] if dialed else []
-        self.book.learn(fp, name=hello.name, addresses=remote + list(hello.addresses), seen=True)
         session = self._new_session(conn, dialed)
+        joining = self._admit_joining(session, conn) if session.joining else None
+        if joining is None:
+            self.book.learn(fp, name=hello.name, addresses=remote + list(hello.addresses), seen=True)
+        else:  # remembered only once it has joined
+            joining.hello_addresses = remote + list(hello.addresses)
         self.sessions[fp] = session
         self.events.publish("peer.connected", peer=hello.name,
                                  address=conn.remote_address, rtt_ms=None)
@@ -335,6 +404,8 @@ class PeerManager:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
+                if joining is not None:
+                    nursery.start_soon(self._expire_joining, joining)
                 if on_session is not None:
                     on_session(session)
                 await session.wait_closed()
@@ -343,8 +414,45 @@ class PeerManager:
         finally:
             if self.sessions.get(fp) is session:
                 del self.sessions[fp]
-            self.book.learn(fp, seen=True)
+            if joining is not None:
+                self._joining.release(joining.ticket)
+                self._joining_sessions.pop(joining.ticket, None)
+            if fp in self.book.peers:
+                self.book.learn(fp, seen=True)
             self.events.publish("peer.disconnected", peer=hello.name, reason=reason)
+
+    # -- joining links ----------------------------------------------------------------------
+
+    def _admit_joining(self, session: PeerSession, conn: PeerConnection) -> _Joining:
+        """Hold a link from a peer that shares nothing with us yet, dropping the oldest such
+        links (of its address first) beyond the limits."""
+        source = parse_host_port(conn.remote_address)
+        admitted = self._joining.admit(source[0] if source else conn.remote_address)
+        for ticket in admitted.evicted:
+            evicted = self._joining_sessions.pop(ticket)
+            log.info("dropping the joining link of %s: too many joining links",
+                     format_node_id(evicted.session.fingerprint))
+            evicted.session.close("too many links are joining this node; try again later")
+        joining = _Joining(admitted.ticket, session)
+        self._joining_sessions[admitted.ticket] = joining
+        return joining
+
+    def _joined(self, joining: _Joining) -> None:
+        self._joining.release(joining.ticket)
+        self._joining_sessions.pop(joining.ticket, None)
+        joining.joined.set()
+        session = joining.session
+        self.book.learn(session.fingerprint, name=session.name,
+                        addresses=joining.hello_addresses, seen=True)
+
+    async def _expire_joining(self, joining: _Joining) -> None:
+        with trio.move_on_after(JOINING_TIMEOUT):
+            await joining.joined.wait()
+            return
+        if joining.session.joining:
+            log.info("dropping the link of %s: it did not join within %ss",
+                     format_node_id(joining.session.fingerprint), JOINING_TIMEOUT)
+            joining.session.close(f"no share joined within {JOINING_TIMEOUT:.0f}s")
 
     # -- status -------------------------------------------------------------------------
 
@@ -355,7 +463,7 @@ class PeerManager:
         fps.discard(self.identity.fingerprint)
         rows = []
         for fp in fps:
-            info = self.book.get(fp)
+            info = self.book.peers.get(fp) or PeerInfo(fp)
             session = self.sessions.get(fp)
             rtt = session.connection.rtt if session else None
             rows.append({

@@ -339,16 +339,12 @@ class PeerSession:
         peers = message["peers"]
         if not isinstance(peers, list) or len(peers) > MAX_ADDRESS_HINTS:
             raise ValueError(f"peer.addresses must list at most {MAX_ADDRESS_HINTS} peers")
-        # Only about members of shares we have in common with the sender: a peer cannot make
-        # this node dial out on behalf of strangers.
-        members = {m.fingerprint for share in self.shares.common(self.fingerprint)
-                   for m in share.active_members()}
-        members -= {self.parts.identity.fingerprint, self.fingerprint}
+        # The peer manager takes a hint only from the peer it describes or from the owner of
+        # a share it is a member of: a member cannot make this node dial out for others.
         for fingerprint, addresses in peers:
             if not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
                 raise ValueError("peer.addresses: addresses must be a list of host:port texts")
-            if bytes(fingerprint) in members:
-                self.parts.peers.learn_hints(bytes(fingerprint), addresses[:8])
+            self.parts.peers.learn_hints(bytes(fingerprint), addresses[:8], source=self.fingerprint)
 
     async def _on_leave(self, message: Mapping[Any, Any]) -> None:
         answer = await self._call("share.apply_leave", peer=self.fingerprint,

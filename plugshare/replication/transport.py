@@ -30,6 +30,7 @@ import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, NoReturn
 
 import attrs
@@ -586,6 +587,7 @@ async def connect_peer(
     local: LocalNode,
     prove: Prove,
     config: TransportConfig = TransportConfig(),
+    dial_limiter: trio.CapacityLimiter | None = None,
 ) -> AsyncIterator[PeerConnection]:
     """Connect to the node `expected_fingerprint` at `host`:`port`; use as ``async with``.
 
@@ -594,9 +596,11 @@ async def connect_peer(
     `expected_fingerprint`; then ``await prove(server_id, nonce)`` (the token) proves our
     identity, `local.public_key`. Raises PeerConnectError (FingerprintMismatch, PeerRefused,
     ProofFailed, or with the network, TLS, certificate or protocol failure as its cause). The
-    connection closes when the block exits.
+    connection closes when the block exits. With `dial_limiter`, the attempt (up to an
+    established link) holds one of its tokens: it bounds the dials in flight at once.
     """
-    connection = await _establish(
+    establish = partial(
+        _establish,
         host,
         port,
         expected_fingerprint=expected_fingerprint,
@@ -605,6 +609,11 @@ async def connect_peer(
         prove=prove,
         config=config,
     )
+    if dial_limiter is None:
+        connection = await establish()
+    else:
+        async with dial_limiter:
+            connection = await establish()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection._run)
         try:
@@ -625,6 +634,7 @@ async def keep_connected(
     config: TransportConfig = TransportConfig(),
     backoff: Backoff = Backoff(),
     rng: random.Random | None = None,
+    dial_limiter: trio.CapacityLimiter | None = None,
 ) -> NoReturn:
     """Keep a link to one peer up until cancelled, running `handler` on each connection.
 
@@ -647,6 +657,7 @@ async def keep_connected(
                     local=local,
                     prove=prove,
                     config=config,
+                    dial_limiter=dial_limiter,
                 ) as connection:
                     attempt = 0
                     try:
