@@ -751,10 +751,22 @@ def share_create(ctx: Context, name: str, doctype: str, selector: str | None, en
 @click.option("--qr", is_flag=True, help="Also draw the code as a QR code (to scan from a phone).")
 @click.option("--expires", metavar="WHEN", help="The new member's membership ends then (30d, "
               "12h, or a unix time): its token destroys the share's keys, also offline.")
+@click.option("--cancel", "cancel", metavar="CODE_OR_ID", help="Instead of inviting, cancel "
+              "an open invitation, by its code or its id (`plugshare share invitations`).")
 @pass_ctx
 def share_invite(ctx: Context, name: str, read_only: bool, ttl: str, qr: bool,
-                 expires: str | None) -> None:
-    """Print a one-line invitation code for one new member (single use)."""
+                 expires: str | None, cancel: str | None) -> None:
+    """Print a one-line invitation code for one new member (single use); or, with --cancel,
+    cancel one not used yet."""
+    if cancel is not None:
+        if read_only or qr or expires is not None:
+            raise click.UsageError("--cancel takes none of --read-only, --qr, --expires")
+        with ctx.client() as client:
+            result = client.request(
+                "DELETE", f"/shares/{_quote(name)}/invitations/{_quote(cancel.strip())}")
+        ctx.emit(result, f"invitation {result['id']} to share {name!r} cancelled; its code "
+                         "admits no one now")
+        return
     with ctx.client() as client:
         result = client.request("POST", f"/shares/{_quote(name)}/invite",
                                 json={"read_only": read_only, "ttl": ttl,
@@ -762,6 +774,29 @@ def share_invite(ctx: Context, name: str, read_only: bool, ttl: str, qr: bool,
     if qr and not ctx.as_json:
         click.echo(_qr_text(result["code"]), err=True)  # stdout stays the bare code
     ctx.emit(result, result["code"])
+
+
+@share.command("invitations")
+@click.argument("name", required=False)
+@pass_ctx
+def share_invitations(ctx: Context, name: str | None) -> None:
+    """List the open invitations (not used, not expired) of every share, or of NAME."""
+    import time
+
+    path = f"/shares/{_quote(name)}/invitations" if name else "/invitations"
+    with ctx.client() as client:
+        rows = client.request("GET", path)["invitations"]
+    if not rows:
+        ctx.emit({"invitations": rows}, "no open invitations")
+        return
+    lines = []
+    for row in rows:
+        left = max(0, int(row["expires_at"] - time.time()))
+        lines.append(f"{row['share']}  {row['id']}  {row['permission']}  expires in "
+                     f"{left // 3600}h{left % 3600 // 60:02d}m")
+    first = rows[0]
+    lines.append(f"cancel one with `{ctx.hint('share', 'invite', first['share'], '--cancel', first['id'])}`")
+    ctx.emit({"invitations": rows}, "\n".join(lines))
 
 
 def _qr_text(text: str) -> str:

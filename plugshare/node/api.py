@@ -237,6 +237,16 @@ def create_app(node: ApiParts) -> Starlette:
                                                  read_only=read_only, ttl=ttl,
                                                  membership_expires=expires), status_code=201)
 
+    async def invitations(request: Request) -> Response:
+        name = request.path_params.get("name") or request.query_params.get("share")
+        return JSONResponse({"invitations": await sharing.invitations(
+            request.state.credential, name)})
+
+    async def invitation_item(request: Request) -> Response:
+        return JSONResponse(await sharing.cancel_invitation(
+            request.state.credential, request.path_params["name"],
+            request.path_params["invitation"]))
+
     async def share_revoke(request: Request) -> Response:
         body = _object(await _json_body(request))
         return JSONResponse(await sharing.revoke(request.state.credential,
@@ -282,6 +292,9 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/shares", shares, methods=["GET", "POST"]),
         Route("/shares/{name}", share_item, methods=["GET"]),
         Route("/shares/{name}/invite", share_invite, methods=["POST"]),
+        Route("/invitations", invitations, methods=["GET"]),
+        Route("/shares/{name}/invitations", invitations, methods=["GET"]),
+        Route("/shares/{name}/invitations/{invitation}", invitation_item, methods=["DELETE"]),
         Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
         Route("/join", join, methods=["POST"]),

@@ -84,6 +84,25 @@ class Sharing:
             membership_expires=membership_expires)
         return {"share": manifest.name, **answer}
 
+    async def invitations(self, credential: str, name: str | None = None) -> list[dict]:
+        """The open invitations (of every share, or of share `name`), as the token lists them."""
+        share = self.shares.find(name).share_id if name is not None else None
+        answer = await self._call("share.invitations", credential=credential, share=share)
+        return [self._invitation(row) for row in answer["invitations"]]
+
+    async def cancel_invitation(self, credential: str, name: str, invitation: str) -> dict:
+        """Cancel an open invitation of share `name`, named by its code or id."""
+        share = self.shares.find(name).share_id
+        row = await self._call("share.cancel_invitation", credential=credential, share=share,
+                               invitation=invitation)
+        self.events.publish("share.invitation_cancelled", share=name, invitation=row["id"])
+        return self._invitation(row)
+
+    def _invitation(self, row: dict) -> dict:
+        manifest = self.shares.get(row["share"])
+        return {**row, "share": manifest.name if manifest else row["share"],
+                "share_id": row["share"]}
+
     async def accept(self, credential: str, code: str, *, as_name: str | None = None) -> dict:
         """Join a share with an invitation code: reach its owner, prove the secret, take the
         manifest (and the share key); the initial sync starts at once on the same link."""

@@ -35,6 +35,7 @@ __all__ = ["COMMANDS", "Door", "PROTOCOL_VERSION"]
 
 PROTOCOL_VERSION = 1
 MAX_BATCH = 10_000  # documents in one batch command
+INVITATION_ID_LENGTH = 12  # hex digits of an invitation key shown as its id
 DELEGATION_LIFETIME = 7 * 86400  # seconds a certified TLS key stays valid
 
 _ALLOWED = Decision(True, "the owner may do everything")
@@ -509,6 +510,34 @@ class Door:
         return {"code": invitation.encode(), "permission": invitation.permission,
                 "expires_at": invitation.expires_at}
 
+    def _invitation_row(self, key: str, record: Any) -> dict:
+        return {"id": key[:INVITATION_ID_LENGTH], "share": record.share_id,
+                "permission": record.permission, "expires_at": record.expires_at,
+                "membership_expires": record.membership_expires}
+
+    def _cmd_share_invitations(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share?} -> {invitations}: the open ones (not used, not expired), of
+        every share or of one; each names an id (its secret's digest: it opens nothing)."""
+        self._owner(args, "share_invitations")
+        share = _arg(args, "share", str, optional=True)
+        rows = self._token._book.open_invitations(time.time())
+        return {"invitations": [self._invitation_row(k, r) for k, r in rows
+                                if share is None or r.share_id == share]}
+
+    def _cmd_share_cancel_invitation(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share, invitation} -> the cancelled invitation: `invitation` is its
+        code or id; the code admits no one afterwards."""
+        self._owner(args, "share_cancel_invitation")
+        share = _arg(args, "share", str)
+        token = self._token
+        token._owned(share, "cancel_invitation", "cancel invitations to")
+        key, record = token._book.cancel_invitation(share, _arg(args, "invitation", str),
+                                                    time.time())
+        token._admin("cancel_invitation", None,
+                     f"invitation {key[:INVITATION_ID_LENGTH]} to share {share!r} cancelled")
+        token._changed()
+        return self._invitation_row(key, record)
+
     def _cmd_share_join(self, args: Mapping[str, Any]) -> dict:
         """{credential, code, manifest, key} (joiner): take the owner's answer."""
         self._owner(args, "share_accept")
@@ -716,6 +745,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "share.create": ("credential", "name", "doctype", "selector?", "encrypted?", "expires?"),
     "share.invite": ("credential", "share", "permission", "ttl", "addresses",
                      "membership_expires?"),
+    "share.invitations": ("credential", "share?"),
+    "share.cancel_invitation": ("credential", "share", "invitation"),
     "share.join": ("credential", "code", "manifest", "key?"),
     "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519"),
     "share.accept_manifest": ("peer", "manifest", "grants?"),

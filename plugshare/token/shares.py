@@ -651,6 +651,40 @@ class ShareBook:
             r.used_by is None and now < r.expires_at for r in self._state.invitations.values()
         )
 
+    def open_invitations(self, now: float) -> list[tuple[str, InvitationRecord]]:
+        """(key, record) of every invitation not used yet and not expired, soonest to expire
+        first; the key is the secret's digest (not the secret: it opens nothing)."""
+        return sorted(
+            ((k, r) for k, r in self._state.invitations.items()
+             if r.used_by is None and now < r.expires_at),
+            key=lambda item: item[1].expires_at,
+        )
+
+    def cancel_invitation(self, share_id: str, ref: str, now: float) -> tuple[str, InvitationRecord]:
+        """Forget the open invitation of `share_id` that `ref` names: its code, or its id (the
+        first characters, at least 8, of its key as `open_invitations` gives it). A later use
+        of the code is refused as unknown. Raises
+        share matches (`NotFound`), `InvalidArgument` for a malformed `ref` or an id prefix
+        that matches several."""
+        ref = ref.strip()
+        open_here = {k: r for k, r in self.open_invitations(now) if r.share_id == share_id}
+        if ref.lower().startswith(_invitation.PREFIX):
+            invitation = _invitation.Invitation.decode(ref)
+            matches = [_invitation.secret_digest(invitation.secret, share_id).hex()]
+            matches = [k for k in matches if k in open_here]
+        elif len(ref) >= 8 and all(c in "0123456789abcdef" for c in ref.lower()):
+            matches = [k for k in open_here if k.startswith(ref.lower())]
+        else:
+            raise InvalidArgument(
+                f"{ref!r} is neither an invitation code nor an invitation id (8 or more hex "
+                "digits, as `share invitations` lists them)")
+        if not matches:
+            raise NotFound(f"no open invitation of this share matches {ref!r}")
+        if len(matches) > 1:
+            raise InvalidArgument(f"{ref!r} matches {len(matches)} invitations; give more digits")
+        key = matches[0]
+        return key, self._state.invitations.pop(key)
+
     def prune_invitations(self, now: float) -> int:
         """Forget invitations expired for longer than the grace period; how many went."""
         invitations = self._state.invitations
