@@ -423,15 +423,15 @@ async def serve_peers(
 
     async def serve_one(tcp_stream: trio.SocketStream) -> None:
         remote = _remote_address(tcp_stream)
+        stream = trio.SSLStream(tcp_stream, ssl_context() if callable(ssl_context) else ssl_context, server_side=True)
+        accepted_at = trio.current_time()
+        timeout = min(config.link.handshake_timeout, config.pending_handshake_timeout)
+        link = Link.accepting(local, now=accepted_at, config=attrs.evolve(config.link, handshake_timeout=timeout))
         admitted = pending.admit(_source_host(tcp_stream))
         for ticket in admitted.evicted:
             pending_scopes.pop(ticket).cancel()
-        accepted_at = trio.current_time()
         scope = trio.CancelScope(deadline=accepted_at + config.pending_handshake_timeout)
         pending_scopes[admitted.ticket] = scope
-        timeout = min(config.link.handshake_timeout, config.pending_handshake_timeout)
-        stream = trio.SSLStream(tcp_stream, ssl_context() if callable(ssl_context) else ssl_context, server_side=True)
-        link = Link.accepting(local, now=accepted_at, config=attrs.evolve(config.link, handshake_timeout=timeout))
         tls_up = False
         accepted = False
         try:
