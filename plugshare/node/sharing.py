@@ -95,7 +95,6 @@ class Sharing:
         share = self.shares.find(name).share_id
         row = await self._call("share.cancel_invitation", credential=credential, share=share,
                                invitation=invitation)
-        self.events.publish("share.invitation_cancelled", share=name, invitation=row["id"])
         return self._invitation(row)
 
     def _invitation(self, row: dict) -> dict:

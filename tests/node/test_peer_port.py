@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from plugshare.node.peers import MAX_JOINING
 from plugshare.replication.link import LocalNode
 from plugshare.replication.transport import PeerConnectError, PeerConnectionClosed, connect_peer
 from plugshare.sharing.invitation import Invitation
@@ -186,9 +187,15 @@ def test_keys_linking_during_an_open_invitation_are_not_remembered(cluster: Clus
     code = alice.cli_json("share", "invite", "notes")["code"]
     before = _book(alice)
 
+    def joining_links() -> int:
+        return sum(1 for p in alice.api("GET", "/peers")["peers"]
+                   if p["connected"] and p["name"].startswith("stranger-"))
+
     def check(held):
         wait_until(lambda: len(held) >= 20, what="strangers linked during the invitation")
         assert _alive(alice)
+        # She holds only a bounded number of links from peers that have not joined.
+        wait_until(lambda: joining_links() <= MAX_JOINING, what="joining links bounded")
 
     linked = _run_strangers(alice, 60, check)
     assert linked >= 20
