@@ -692,6 +692,9 @@ class CouchDBStore(Store):
                 )
             except _REQUEST_FAILURES as exc:
                 failure = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, httpcore.PoolTimeout):  # our own pool is full, not the node
+                    raise Unavailable(f"CouchDB at {db_url}: no free connection ({failure})") \
+                        from exc
                 self._leave(node, failure)
                 if last or not (idempotent or isinstance(exc, _NOT_SENT)):
                     raise Unavailable(f"CouchDB at {db_url} is unreachable ({failure})") from exc
@@ -763,24 +766,28 @@ class CouchDBStore(Store):
         `info()["writes_below_quorum"]` and logged."""
         if not written:
             return
-        for attempt in range(QUORUM_ATTEMPTS):
-            if attempt:
-                await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
-            docs = await self.bulk_get(written)  # a node that lacks one skips it: next round
-            if not docs:
-                continue
-            status, data = await self._request(
-                "POST", "/_bulk_docs", body={"docs": docs, "new_edits": False}
-            )
-            if status >= 400:
-                raise self._error(status, data, "copy written revisions to a quorum")
-            if status != 202 and len(docs) == len(written):
-                return
+        why = f"HTTP 202 after {QUORUM_ATTEMPTS} attempts"
+        try:
+            for attempt in range(QUORUM_ATTEMPTS):
+                if attempt:
+                    await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
+                docs = await self.bulk_get(written)  # a node that lacks one skips it
+                if not docs:
+                    continue
+                status, data = await self._request(
+                    "POST", "/_bulk_docs", body={"docs": docs, "new_edits": False}
+                )
+                if status >= 400:
+                    raise self._error(status, data, "copy written revisions to a quorum")
+                if status != 202 and len(docs) == len(written):
+                    return
+        except StoreError as exc:  # the write itself is made: it must not look failed
+            why = exc.reason
         self._writes_below_quorum += len(written)
         logger.warning(
-            "CouchDB at %s: %d written revision(s) are still on fewer nodes than the write "
-            "quorum (HTTP 202) after %d attempts; returned anyway, the cluster copies them "
-            "to its other nodes when it can", self._db_url, len(written), QUORUM_ATTEMPTS,
+            "CouchDB at %s: %d written revision(s) may be on fewer nodes than the write "
+            "quorum (%s); returned anyway, the cluster copies them to its other nodes when "
+            "it can", self._db_url, len(written), why,
         )
 
     def _error(self, status: int, data: Any, action: str) -> StoreError:
