@@ -325,3 +325,21 @@ async def test_node_toml_takes_the_urls_of_a_cluster(two_nodes, tmp_path):
                           ([one.url, 5], "5 is not a string"), (7, "not a URL or a list")]:
         with pytest.raises(ConfigError, match=expected):
             parse_config({"store": {"backend": "couchdb", "url": bad}}, file)
+
+
+async def test_a_write_cut_after_it_was_sent_is_not_made_twice(two_nodes):
+    """A write that makes a revision is not sent to the next node once it may have been done
+    (it would make a second revision, or a conflict): it fails, and the store moves on."""
+    one, two = two_nodes
+    store = await CouchDBStore.open([one.url, two.url], unique_db_name("cluster"))
+    try:
+        rev1 = await store.put({"_id": "doc", "v": 1})
+        one.cut_writes = 1
+        with pytest.raises(Unavailable):
+            await store.put({"_id": "doc", "_rev": rev1, "v": 2})
+        assert not sent(two, "PUT", "/doc")
+        done = await store.get("doc")  # on the next node now
+        assert done["v"] == 2 and sent(two, "GET", "/doc")
+        one.cut_writes = 0
+    finally:
+        await store.aclose()

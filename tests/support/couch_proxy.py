@@ -18,6 +18,8 @@ says exactly what happens; a negative count means every other time, for as long 
   as missing (a node that has not seen a write made on another one);
 - `cut_longpolls = n`: the next n longpoll `_changes` requests get their answer's status and
   headers, then a connection reset (the server restarted mid-feed);
+- `cut_writes = n`: the next n document writes reach the server, and then the connection is
+  reset instead of answered (a node that failed between doing a write and saying so);
 - `server_errors = n`: the next n requests are answered `503` without reaching the server
   (a node that is up but cannot serve, e.g. lost its quorum);
 - `refuse_shards = n`: the next n database creations with `?q=` are refused with `400`
@@ -66,6 +68,7 @@ class CouchProxy:
         self.revs_diff_lies = 0
         self.cut_longpolls = 0
         self.server_errors = 0
+        self.cut_writes = 0
         self.refuse_shards = 0
         self.requests: list[tuple[str, str]] = []
         self._seqs: dict[str, object] = {}  # seq handed out -> the server's own
@@ -199,7 +202,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             upstream.request(self.command, path, body=body, headers=headers)
             response = upstream.getresponse()
-            if longpoll:
+            if _is_write(self.command, parts.path) and proxy.take("cut_writes"):
+                response.read()
+                self.close_connection = True
+                _reset(self.connection)
+            elif longpoll:
                 self._stream(response, cut=proxy.take("cut_longpolls"))
             else:
                 self._answer(parts.path, body, response)
