@@ -230,7 +230,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_local(self, local_id: str, doc: Doc) -> None:
-        """Store (replace) a local doc; durable when the call returns."""
+        """Store (replace) a local doc; durable when the call returns. On a CouchDB cluster a
+        local doc accepted below quorum (HTTP 202) counts as written: local docs are
+        checkpoints, and one lost with a node only makes a replication re-send."""
 
     @abc.abstractmethod
     async def delete_local(self, local_id: str) -> None:

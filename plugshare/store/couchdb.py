@@ -402,9 +402,8 @@ class CouchDBStore(Store):
                 for (i, parsed), entry in zip(remote, answer, strict=True):
                     results[i] = _bulk_result(parsed.id, entry)
                 if written.below_quorum:
-                    await self._ensure_quorum(
-                        [(r["id"], r["rev"]) for r in results if r and r.get("ok")]
-                    )
+                    made = [results[i] for i, _ in remote]  # not the local docs
+                    await self._ensure_quorum([(r["id"], r["rev"]) for r in made if r.get("ok")])
             else:
                 answer = await self._write_replicated(body)
                 # Only failures are listed (CouchDB >= 2, PouchDB); match them by (id, rev).

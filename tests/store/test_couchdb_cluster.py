@@ -125,6 +125,18 @@ async def test_bulk_writes_and_deletes_answered_202_are_sent_again(proxy):
         await store.aclose()
 
 
+async def test_a_batch_with_a_local_doc_answered_202_copies_only_its_revisions(proxy):
+    store = await CouchDBStore.open(proxy.url, unique_db_name("cluster"))
+    try:
+        proxy.writes_below_quorum = 2  # the local doc's PUT, then the batch
+        results = await store.bulk_docs([{"_id": "_local/mark", "n": 1}, {"_id": "a"}])
+        assert all(r["ok"] for r in results)
+        assert (await store.info())["writes_below_quorum"] == 0
+        assert (await store.get_local("mark"))["n"] == 1  # a checkpoint: taken as written
+    finally:
+        await store.aclose()
+
+
 async def test_replicated_revisions_below_quorum_are_not_taken_as_stored(proxy, quick_retries):
     store = await CouchDBStore.open(proxy.url, unique_db_name("cluster"))
     doc = replicated("doc", ("2-" + "b" * 32, "1-" + "a" * 32), v=2)
