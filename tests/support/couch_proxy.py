@@ -90,7 +90,7 @@ class CouchProxy:
             pass
 
         Handler.proxy = proxy
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = _QuietServer(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
@@ -137,6 +137,11 @@ class CouchProxy:
         if real is None:
             return since
         return real if isinstance(real, str) else json.dumps(real)
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client gone mid-answer (a cancelled longpoll, a cut): nothing to report
 
 
 def _reset(sock: socket.socket) -> None:
