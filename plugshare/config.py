@@ -74,9 +74,13 @@ def _check_name(_inst, attr, value: str) -> None:
     check_name(value, attr.name)
 
 
-def _check_url(_inst, attr, value: str | None) -> None:
-    if value is not None and not re.match(r"^https?://[^/\s]+", value):
-        raise ValueError(f"{attr.name} {value!r} must be an http:// or https:// URL")
+def _check_url(_inst, attr, value: str | list[str] | None) -> None:
+    """One URL, or a list of them (the nodes of a CouchDB cluster, tried in turn)."""
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{attr.name} must list at least one URL")
+    for url in value if isinstance(value, list) else [value]:
+        if url is not None and not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"{attr.name} {url!r} must be an http:// or https:// URL")
 
 
 def _check_prefix(_inst, attr, value: str) -> None:
@@ -98,7 +102,8 @@ class NodeSection:
 class StoreSection:
     backend: Literal["sqlite", "couchdb"] = "sqlite"
     path: str = "store.sqlite"  # sqlite: relative to the home
-    url: str | None = attrs.field(default=None, validator=_check_url)  # couchdb only
+    # couchdb only: a URL, or a list of the URLs of one cluster's nodes
+    url: str | list[str] | None = attrs.field(default=None, validator=_check_url)
     database_prefix: str = attrs.field(default="plugshare", validator=_check_prefix)
     revs_limit: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
 
@@ -168,6 +173,17 @@ def _strict_int(value: object, _type: type) -> int:
 _converter.register_structure_hook(bool, _strict_bool)
 _converter.register_structure_hook(int, _strict_int)
 _converter.register_structure_hook(str, lambda v, _: _expect_str(v))
+
+
+def _url_or_urls(value: object, _type: object) -> str | list[str]:
+    if isinstance(value, list):
+        return [_expect_str(url) for url in value]
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a URL or a list of URLs")
+    return value
+
+
+_converter.register_structure_hook_func(lambda t: t == (str | list[str] | None), _url_or_urls)
 
 
 def _where(path: str) -> str:

@@ -7,7 +7,9 @@ per document whose leaves are the conflicts; the winner is chosen as CouchDB doe
 (non-deleted first, then highest generation, then highest hash in byte order).
 
 Sequences (`Seq`) are opaque: a backend hands one out in `changes()` and takes it back as
-`since`. `0` always means "from the start". Callers only store and return them.
+`since`. `0` always means "from the start". Callers only store and return them, and never
+compare them: CouchDB hands out a different string for the same state from one read to the
+next. The changes feed is at-least-once: a change may be seen twice, none is ever lost.
 """
 
 from __future__ import annotations
@@ -142,6 +144,11 @@ class Store(abc.ABC):
         `_deleted: true` writes a tombstone, which keeps the fields sent with it. An id starting with
         `_local/` stores a local document (see `put_local`); other ids starting with `_`, a
         non-object doc or an unknown `_field` -> `BadRequest`.
+
+        Durable when the call returns; on a CouchDB cluster, when a write quorum of its nodes
+        holds it. A revision the cluster accepts below quorum (HTTP 202) is copied again until
+        a quorum has it; if none does in time it is returned all the same (it exists: a retry
+        would only conflict), logged, and counted in `info()["writes_below_quorum"]`.
         """
 
     @abc.abstractmethod
@@ -176,7 +183,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revs_diff(self, revs: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
         """CouchDB `_revs_diff`: for each id with revisions this store lacks,
-        `{"missing": [...], "possible_ancestors": [...]}`; ids with nothing missing are omitted."""
+        `{"missing": [...], "possible_ancestors": [...]}`; ids with nothing missing are omitted.
+        A revision written a moment ago may still be reported missing (a CouchDB cluster node
+        that has not seen it yet): delivering it again is a no-op."""
 
     @abc.abstractmethod
     async def bulk_docs(self, docs: list[Doc], *, new_edits: bool = True) -> list[dict[str, Any]]:
@@ -188,7 +197,9 @@ class Store(abc.ABC):
         merging with what is there; an already known revision is a no-op, never an error.
         A revision that would give its doc more than `MAX_LEAVES` leaves is refused for that
         doc alone: `{"id", "rev", "error": "forbidden", "reason"}` (the others are written).
-        The write is durable when the call returns."""
+        The write is durable when the call returns (see `put`); replicated revisions that a
+        CouchDB cluster keeps accepting below its write quorum raise `Unavailable` instead of
+        counting as stored: the caller delivers them again later."""
 
     @abc.abstractmethod
     async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
@@ -198,12 +209,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:
         """Documents changed after `since`, oldest first, one row per doc (its latest change),
-        listing all leaf revisions. Local docs never appear."""
+        listing all leaf revisions. Local docs never appear.
+
+        At-least-once: every doc changed after `since` is listed, and a doc seen before may be
+        listed again (a CouchDB cluster replays part of its feed when it resumes elsewhere, and
+        counts a re-sent known revision as an update)."""
 
     @abc.abstractmethod
     async def wait_for_change(self, since: Seq) -> None:
         """Return as soon as the feed has a change after `since` (immediately if it already
-        has). Never polls in a busy loop; cancel it with a trio cancel scope."""
+        has; possibly for a replayed change). Never polls in a busy loop; cancel it with a trio
+        cancel scope. A connection cut mid-wait is retried a bounded number of times; a backend
+        that stays unreachable raises `Unavailable`."""
 
     # -- local documents: checkpoints, never replicated, no revision tree --------------
 
@@ -213,7 +230,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_local(self, local_id: str, doc: Doc) -> None:
-        """Store (replace) a local doc; durable when the call returns."""
+        """Store (replace) a local doc; durable when the call returns. On a CouchDB cluster a
+        local doc accepted below quorum (HTTP 202) counts as written: local docs are
+        checkpoints, and one lost with a node only makes a replication re-send."""
 
     @abc.abstractmethod
     async def delete_local(self, local_id: str) -> None:

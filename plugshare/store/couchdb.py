@@ -17,6 +17,22 @@ CouchDB HTTP API and smooths over where servers differ from the contract:
 - the server would store any number of sibling revisions: replicated writes that would take a
   doc over `MAX_LEAVES` leaves are refused here, per doc, before the batch is sent.
 
+Apache CouchDB 3.x (clustered, even on one node) differs from pouchdb-server where a store
+could slip (tests/store/test_couchdb_cluster.py, through tests/support/couch_proxy.py):
+
+- a database has 2 shards by default and `_changes` keeps order only within a shard: it is
+  created with `?q=1` (a server that refuses `q` gets a plain PUT);
+- seqs are opaque strings that differ between two reads of the same state, and the feed is
+  at-least-once (a node that resumes a feed may replay changes; re-sending a known revision
+  counts as an update): seqs are only handed back, and a doc listed twice in one answer
+  becomes one row, where it last stands;
+- a write may be answered 202 Accepted (stored, but on fewer nodes than the write quorum):
+  the store copies it again (`_ensure_quorum`, `_write_replicated`) and says what it could
+  not make durable (see `Store.put` and `Store.bulk_docs`);
+- the store may be given several URLs (a cluster's nodes): it stays on one while it answers
+  and moves to the next on connection failures and 5xx (`_request`); a longpoll cut mid-way
+  is asked again a bounded number of times before `wait_for_change` raises `Unavailable`.
+
 HTTP goes through httpcore's async connection pool (httpx's own transport layer), which runs
 natively on trio: requests are cancellable, and `aclose()` closes every connection. It costs
 less client CPU per request than httpx.AsyncClient and keeps up with couchdb-python run in
@@ -33,7 +49,9 @@ from collections import Counter
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
+import attrs
 import httpcore
+import trio
 
 from plugshare.store.base import (
     LOCAL_PREFIX,
@@ -77,6 +95,17 @@ _DB_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
 _JSON_HEADERS = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
 _UNSUPPORTED = (400, 404, 405, 501)  # how servers without an endpoint answer it
 _REQUEST_FAILURES = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
+_NOT_SENT = (httpcore.ConnectError, httpcore.ConnectTimeout)  # the request never left
+QUORUM_ATTEMPTS = 3  # sends of a write the server keeps answering 202 (below quorum)
+QUORUM_RETRY_DELAY = 0.1  # seconds before the second send; doubles each time
+FEED_RETRIES = 5  # longpolls cut in a row before `wait_for_change` gives up
+FEED_RETRY_DELAY = 0.25  # seconds before asking again after the first cut; doubles each time
+
+
+@attrs.frozen
+class _Written:
+    data: Any  # the server's answer
+    below_quorum: bool  # HTTP 202: not (yet) on a write quorum of a cluster's nodes
 
 
 class CouchDBStore(Store):
@@ -87,30 +116,43 @@ class CouchDBStore(Store):
     def __init__(
         self,
         pool: httpcore.AsyncConnectionPool,
-        db_url: str,
-        headers: list[tuple[bytes, bytes]],
+        nodes: list[tuple[str, list[tuple[bytes, bytes]]]],
         revs_limit: int,
     ):
-        """Use `open()`; this takes a pool and the database's URL as `open()` prepared them."""
+        """Use `open()`; this takes a pool and, for each server (cluster node), the database's
+        URL and the request headers, as `open()` prepared them."""
         self.revs_limit = revs_limit
         self._pool = pool
-        self._db_url = db_url  # no trailing slash, no credentials: safe to show in messages
-        self._headers = headers  # JSON content type, and Basic auth when the url had a user
+        # (database url: no trailing slash, no credentials, safe to show in messages;
+        #  headers: JSON content type, and Basic auth when that node's url had a user)
+        self._nodes = nodes
+        self._node = 0  # the node in use; the next one is tried when it fails (sticky)
         self._local_revs: dict[str, str] = {}  # local id -> the last `_rev` seen
         self._history_limit: int | None = None  # set when the server cannot stem for us
+        self._writes_below_quorum = 0  # writes returned though still short of a quorum
         self._closed = False
+
+    @property
+    def _db_url(self) -> str:
+        """The database's URL on the node in use (for messages)."""
+        return self._nodes[self._node][0]
 
     @classmethod
     async def open(
         cls,
-        url: str,
+        url: str | list[str],
         db_name: str,
         *,
         revs_limit: int = DEFAULT_REVS_LIMIT,
         owner: str | None = None,
     ) -> CouchDBStore:
         """Connect to the server at `url` (`http[s]://[user:password@]host[:port][/prefix]`),
-        create database `db_name` if it is missing and set its `_revs_limit`.
+        create database `db_name` if it is missing (with one shard, `?q=1`, so its changes
+        feed keeps one order) and set its `_revs_limit`.
+
+        `url` may be a list: the nodes of one CouchDB cluster. Requests go to the first one
+        while it answers; a node that refuses connections or answers 5xx is left for the
+        next one (for good: the store stays on a node while it is healthy).
 
         A server without `_revs_limit` (a stock pouchdb-server), or one that does not let us
         set it, keeps its own stemming: one warning says so, and this store cuts the histories
@@ -127,12 +169,17 @@ class CouchDBStore(Store):
             raise BadRequest(
                 f"invalid CouchDB database name {db_name!r}: it must match [a-z][a-z0-9_$()+/-]*"
             )
-        server_url, headers = _parse_server_url(url)
-        db_url = server_url + "/" + quote(db_name, safe="")
+        urls = [url] if isinstance(url, str) else url
+        if not isinstance(urls, list) or not urls:
+            raise BadRequest(f"the CouchDB url must be a url or a list of urls, not {url!r}")
+        nodes = []
+        for node_url in urls:
+            server_url, headers = _parse_server_url(node_url)
+            nodes.append((server_url + "/" + quote(db_name, safe=""), headers))
         pool = httpcore.AsyncConnectionPool(
             max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY
         )
-        store = cls(pool, db_url, headers, revs_limit)
+        store = cls(pool, nodes, revs_limit)
         try:
             await store._create_database()
             if owner is not None:
@@ -202,9 +249,14 @@ class CouchDBStore(Store):
         raise Conflict(f"the owner record of database {db_name} kept changing")
 
     async def _create_database(self) -> None:
+        """Create the database with a single shard: CouchDB (3.x) makes 2 by default, and a
+        changes feed merged from several shards keeps no order across them. A server that
+        refuses `q` (not a CouchDB cluster) gets the plain request."""
         status, data = await self._request("GET", "")
         if status == 404:
-            status, data = await self._request("PUT", "")
+            status, data = await self._request("PUT", "", params={"q": "1"})
+            if status == 400:
+                status, data = await self._request("PUT", "")
             if status == 412:  # made meanwhile by someone else
                 return
         if status >= 400:
@@ -222,7 +274,8 @@ class CouchDBStore(Store):
         )
         doc_count = info["doc_count"] - len(design["rows"])
         return {"backend": self.backend, "doc_count": doc_count, "update_seq": info["update_seq"],
-                "database": self._db_url.rsplit("/", 1)[-1]}
+                "database": self._db_url.rsplit("/", 1)[-1],
+                "writes_below_quorum": self._writes_below_quorum}
 
     # -- documents ------------------------------------------------------------------------
 
@@ -230,10 +283,12 @@ class CouchDBStore(Store):
         parsed = parse_doc(doc)
         if parsed.is_local:
             return await self._write_local_doc(parsed)
-        answer = await self._call(
+        answer = await self._write(
             "PUT", _doc_path(parsed.id), body=_wire_doc(parsed), action=f"write {parsed.id!r}"
         )
-        return answer["rev"]
+        if answer.below_quorum:
+            await self._ensure_quorum([(parsed.id, answer.data["rev"])])
+        return answer.data["rev"]
 
     async def get(
         self, doc_id: str, *, rev: str | None = None, conflicts: bool = False, revs: bool = False
@@ -260,10 +315,12 @@ class CouchDBStore(Store):
             await self.delete_local(doc_id[len(LOCAL_PREFIX) :])
             return "0-0"
         parse_rev(rev)
-        answer = await self._call(
+        answer = await self._write(
             "DELETE", _doc_path(doc_id), params={"rev": rev}, action=f"delete {doc_id!r}"
         )
-        return answer["rev"]
+        if answer.below_quorum:
+            await self._ensure_quorum([(doc_id, answer.data["rev"])])
+        return answer.data["rev"]
 
     async def compact(self) -> None:
         """Ask the server to compact the database (it does so in the background)."""
@@ -337,14 +394,18 @@ class CouchDBStore(Store):
                 _wire_doc(parsed, with_history=not new_edits, limit=self._history_limit)
                 for _, parsed in remote
             ]
-            answer = await self._call(
-                "POST", "/_bulk_docs", body={"docs": wire, "new_edits": new_edits}
-            )
+            body = {"docs": wire, "new_edits": new_edits}
             if new_edits:
+                written = await self._write("POST", "/_bulk_docs", body=body)
+                answer = written.data
                 # One answer per doc, in order: {"id", "rev", "ok"} or {"id", "error", "reason"}.
                 for (i, parsed), entry in zip(remote, answer, strict=True):
                     results[i] = _bulk_result(parsed.id, entry)
+                if written.below_quorum:
+                    made = [results[i] for i, _ in remote]  # not the local docs
+                    await self._ensure_quorum([(r["id"], r["rev"]) for r in made if r.get("ok")])
             else:
+                answer = await self._write_replicated(body)
                 # Only failures are listed (CouchDB >= 2, PouchDB); match them by (id, rev).
                 failures = {(e.get("id"), e.get("rev")): e for e in answer if "error" in e}
                 for i, parsed in remote:
@@ -445,7 +506,9 @@ class CouchDBStore(Store):
                 raise BadRequest(f"limit must be a positive integer or None, not {limit!r}")
             params["limit"] = str(limit)
         answer = await self._call("GET", "/_changes", params=params)
-        rows = [row for row in answer["results"] if not _is_design(row["id"])]
+        rows = _latest_row_per_doc(
+            [row for row in answer["results"] if not _is_design(row["id"])]
+        )
         winners = await self._winners(
             [row["id"] for row in rows if len(row["changes"]) > 1 and not row.get("deleted")]
         )
@@ -480,17 +543,33 @@ class CouchDBStore(Store):
         }
 
     async def wait_for_change(self, since: Seq) -> None:
+        """A longpoll on `_changes`. A feed cut off (the server restarted, a connection reset,
+        a node failed over) is asked again, `FEED_RETRIES` times in a row at most, waiting
+        longer each time; a server that stays away raises `Unavailable` (a `StoreError`)."""
         since = _seq_param(since)
+        failures = 0
         while True:
             # With a heartbeat the server keeps the request open (sending newlines) until a
             # change comes; a connection silent for three heartbeats is taken as dead.
-            answer = await self._call(
-                "GET",
-                "/_changes",
-                params={"feed": "longpoll", "since": since, "limit": "1",
-                        "heartbeat": str(HEARTBEAT_MS)},
-                read_timeout=3 * HEARTBEAT_MS / 1000,
-            )
+            try:
+                answer = await self._call(
+                    "GET",
+                    "/_changes",
+                    params={"feed": "longpoll", "since": since, "limit": "1",
+                            "heartbeat": str(HEARTBEAT_MS)},
+                    read_timeout=3 * HEARTBEAT_MS / 1000,
+                )
+            except Unavailable as exc:
+                failures += 1
+                if failures > FEED_RETRIES:
+                    raise Unavailable(
+                        f"the changes feed of {self._db_url} failed {failures} times in a row: "
+                        f"{exc.reason}"
+                    ) from exc
+                logger.info("CouchDB changes feed cut (%s); asking again", exc.reason)
+                await trio.sleep(FEED_RETRY_DELAY * 2 ** (failures - 1))
+                continue
+            failures = 0
             if any(not _is_design(row["id"]) for row in answer["results"]):
                 return
             since = _seq_param(answer["last_seq"])
@@ -584,12 +663,14 @@ class CouchDBStore(Store):
         params: dict[str, str] | None = None,
         body: Any = None,
         read_timeout: float = READ_TIMEOUT,
+        idempotent: bool = True,
     ) -> tuple[int, Any]:
+        """Send a request to the node in use; when it cannot be reached, or answers 5xx, send
+        it to the next node (each node once). A request that is not `idempotent` (a write
+        that makes a revision) goes to the next node only if it never reached this one."""
         if self._closed:
             raise StoreError(f"the store on {self._db_url} is closed")
-        url = self._db_url + path
-        if params:
-            url += "?" + urlencode(params)
+        query = "?" + urlencode(params) if params else ""
         content = None
         if body is not None:
             content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -599,25 +680,114 @@ class CouchDBStore(Store):
             "write": READ_TIMEOUT,
             "pool": READ_TIMEOUT,
         }
-        try:
-            response = await self._pool.request(
-                method, url, headers=self._headers, content=content,
-                extensions={"timeout": timeouts},
-            )
-        except _REQUEST_FAILURES as exc:
-            raise Unavailable(
-                f"CouchDB at {self._db_url} is unreachable ({type(exc).__name__}: {exc})"
-            ) from exc
+        for attempt in range(len(self._nodes)):
+            last = attempt == len(self._nodes) - 1
+            node = self._node
+            db_url, headers = self._nodes[node]
+            try:
+                response = await self._pool.request(
+                    method, db_url + path + query, headers=headers, content=content,
+                    extensions={"timeout": timeouts},
+                )
+            except _REQUEST_FAILURES as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, httpcore.PoolTimeout):  # our own pool is full, not the node
+                    raise Unavailable(f"CouchDB at {db_url}: no free connection ({failure})") \
+                        from exc
+                self._leave(node, failure)
+                if last or not (idempotent or isinstance(exc, _NOT_SENT)):
+                    raise Unavailable(f"CouchDB at {db_url} is unreachable ({failure})") from exc
+                continue
+            if response.status >= 500 and idempotent and not last:
+                self._leave(node, f"HTTP {response.status}")
+                continue
+            break
         try:
             data = json.loads(response.content)
         except ValueError:
             if response.status < 400:
                 raise StoreError(
-                    f"CouchDB at {self._db_url} answered {method} {path or '/'} with "
+                    f"CouchDB at {db_url} answered {method} {path or '/'} with "
                     f"HTTP {response.status} and a body that is not JSON"
                 ) from None
             data = None  # e.g. an HTML error page from a proxy: the status says enough
         return response.status, data
+
+    def _leave(self, node: int, why: str) -> None:
+        """Use the next node from now on, if `node` is still the one in use (requests that
+        fail together move the store on once)."""
+        if len(self._nodes) > 1 and self._node == node:
+            self._node = (node + 1) % len(self._nodes)
+            logger.warning("CouchDB node %s failed (%s); using %s from now on",
+                           self._nodes[node][0], why, self._db_url)
+
+    async def _write(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        action: str | None = None,
+    ) -> _Written:
+        """A write that makes revisions (not idempotent): its answer, and whether the server
+        accepted it below its write quorum (HTTP 202)."""
+        status, data = await self._request(
+            method, path, params=params, body=body, idempotent=False
+        )
+        if status >= 400:
+            raise self._error(status, data, action or f"{method} {path or '/'}")
+        return _Written(data, below_quorum=status == 202)
+
+    async def _write_replicated(self, body: dict[str, Any]) -> Any:
+        """`_bulk_docs` with new_edits=false, sent again (it is idempotent) while the server
+        answers 202; still short of a quorum after `QUORUM_ATTEMPTS`: `Unavailable`, so the
+        caller does not count the revisions as stored and delivers them again later."""
+        for attempt in range(QUORUM_ATTEMPTS):
+            if attempt:
+                await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
+            status, data = await self._request("POST", "/_bulk_docs", body=body)
+            if status >= 400:
+                raise self._error(status, data, "write replicated revisions")
+            if status != 202:
+                return data
+        raise Unavailable(
+            f"CouchDB at {self._db_url} accepted {len(body['docs'])} replicated revision(s) "
+            f"on fewer nodes than its write quorum (HTTP 202), {QUORUM_ATTEMPTS} times: "
+            "they are not known to be durable; send them again later"
+        )
+
+    async def _ensure_quorum(self, written: list[tuple[str, str]]) -> None:
+        """Revisions just made, answered 202: read each back with its history and send it
+        again with new_edits=false (a no-op where a node has it, a copy where it has not)
+        until the server answers 201. Still short after `QUORUM_ATTEMPTS`, the revisions are
+        returned anyway (they exist, and a caller's retry would only conflict): counted in
+        `info()["writes_below_quorum"]` and logged."""
+        if not written:
+            return
+        why = f"HTTP 202 after {QUORUM_ATTEMPTS} attempts"
+        try:
+            for attempt in range(QUORUM_ATTEMPTS):
+                if attempt:
+                    await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
+                docs = await self.bulk_get(written)  # a node that lacks one skips it
+                if not docs:
+                    continue
+                status, data = await self._request(
+                    "POST", "/_bulk_docs", body={"docs": docs, "new_edits": False}
+                )
+                if status >= 400:
+                    raise self._error(status, data, "copy written revisions to a quorum")
+                if status != 202 and len(docs) == len(written):
+                    return
+        except StoreError as exc:  # the write itself is made: it must not look failed
+            why = exc.reason
+        self._writes_below_quorum += len(written)
+        logger.warning(
+            "CouchDB at %s: %d written revision(s) may be on fewer nodes than the write "
+            "quorum (%s); returned anyway, the cluster copies them to its other nodes when "
+            "it can", self._db_url, len(written), why,
+        )
 
     def _error(self, status: int, data: Any, action: str) -> StoreError:
         error, reason = "", ""
@@ -680,6 +850,16 @@ def _doc_path(doc_id: str) -> str:
 
 def _local_path(local_id: str) -> str:
     return "/_local/" + quote(local_id, safe="")
+
+
+def _latest_row_per_doc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per doc, its last, where it stands: a cluster's feed may list a doc twice in one
+    answer (a change replayed while shard copies are merged)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        latest.pop(row["id"], None)
+        latest[row["id"]] = row
+    return list(latest.values())
 
 
 def _is_design(doc_id: str) -> bool:

@@ -6,10 +6,9 @@ Runs against a real pouchdb-server (the session's `couchdb_url`, or a private on
 test stops it or changes its settings); server-side state is checked with plain HTTP.
 """
 
-import itertools
 import os
 import socket
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -20,14 +19,14 @@ from plugshare.store import couchdb
 from plugshare.store.base import BadRequest, NotFound, StoreError, Unavailable
 from plugshare.store.couchdb import CouchDBStore
 from plugshare.store.revtree import history_of
+from tests.store.conftest import unique_db_name
 from tests.support.pouchdb import running_pouchdb_server
 
-_names = itertools.count()
 HANG_GUARD = 30  # seconds; a hang guard, not a timing assertion
 
 
 def fresh_name() -> str:
-    return f"backend-{next(_names)}"
+    return unique_db_name("backend")
 
 
 async def server_get(url: str, path: str, **params) -> httpx.Response:
@@ -231,7 +230,7 @@ async def test_a_server_that_goes_away_is_unavailable():
 
 async def test_credentials_are_sent_and_never_shown(couchdb_url):
     """pouchdb-server lets anonymous clients in but checks credentials that are sent."""
-    host = couchdb_url.removeprefix("http://")
+    host = urlsplit(couchdb_url).netloc.rpartition("@")[2]  # without a user of its own
     with pytest.raises(Unavailable) as caught:
         await CouchDBStore.open(f"http://nobody:s3cret-pw@{host}", fresh_name())
     assert "user and password" in caught.value.reason

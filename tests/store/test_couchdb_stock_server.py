@@ -14,6 +14,7 @@ import pytest
 
 from plugshare.store.couchdb import CouchDBStore
 from plugshare.store.revtree import history_of
+from tests.store.conftest import unique_db_name
 from tests.support.pouchdb import running_pouchdb_server
 
 _names = itertools.count()
@@ -75,6 +76,6 @@ async def test_histories_are_stemmed_on_our_side(stock_url):
 
 async def test_a_patched_server_gives_no_warning(couchdb_url, caplog):
     caplog.set_level(logging.INFO, logger="plugshare.store")
-    store = await CouchDBStore.open(couchdb_url, f"stock-{next(_names)}", revs_limit=3)
+    store = await CouchDBStore.open(couchdb_url, unique_db_name("stock"), revs_limit=3)
     await store.aclose()
     assert store_warnings(caplog) == []

@@ -14,6 +14,7 @@ from plugshare.store import StoreError, couchdb_database_name, open_store
 from plugshare.store.base import OWNER_LOCAL_ID, NotFound, OwnerMismatch
 from plugshare.store.couchdb import CouchDBStore
 from plugshare.store.sqlite import SQLiteStore
+from tests.store.conftest import RUN
 
 # Node ids as `plugshare.token.format_node_id` writes them (8 dash-separated groups of 7).
 ALICE_ID = "MFRGGZD-FMZTGQ4-LONRXG5-3BORSXM-ZLQMFZG-C43UN5X-GEZTKNZ-YHEZDQM"
@@ -24,7 +25,7 @@ _prefixes = itertools.count()
 
 def couch_section(url: str) -> StoreSection:
     # A prefix of our own per test: the session's server is shared by every test.
-    return StoreSection(backend="couchdb", url=url, database_prefix=f"own{next(_prefixes)}")
+    return StoreSection(backend="couchdb", url=url, database_prefix=f"own{RUN}{next(_prefixes)}")
 
 
 def test_the_default_database_name_includes_a_short_node_id():
@@ -64,7 +65,7 @@ async def test_a_node_reopens_its_own_couchdb_database(couchdb_url, tmp_path):
 
 
 async def test_a_couchdb_database_of_another_node_is_refused(couchdb_url):
-    name = f"owned-{next(_prefixes)}"
+    name = f"owned-{RUN}-{next(_prefixes)}"
     first = await CouchDBStore.open(couchdb_url, name, owner=ALICE_ID)
     await first.aclose()
     with pytest.raises(OwnerMismatch) as caught:
@@ -135,7 +136,7 @@ async def test_an_explicitly_configured_database_name_is_kept(couchdb_url, tmp_p
     # StoreSection has no `database` key yet; open_store honours one when the config grows it.
     from types import SimpleNamespace
 
-    name = f"explicit-{next(_prefixes)}"
+    name = f"explicit-{RUN}-{next(_prefixes)}"
     section = SimpleNamespace(backend="couchdb", url=couchdb_url, database=name,
                               database_prefix="plugshare", revs_limit=1000)
     store = await open_store(section, tmp_path, "Alice", node_id=ALICE_ID)
