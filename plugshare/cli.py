@@ -350,31 +350,37 @@ def token_run(ctx: Context) -> None:
 
 
 @cli.command()
-@click.option("-v", "--verbose", is_flag=True, help="Log more (debug).")
+@click.option("-v", "--verbose", is_flag=True, help="Log everything (debug), for this run.")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only, for this run.")
 @pass_ctx
-def run(ctx: Context, verbose: bool) -> None:
-    """Run the node in the foreground until Ctrl-C / SIGTERM."""
+def run(ctx: Context, verbose: bool, quiet: bool) -> None:
+    """Run the node in the foreground until Ctrl-C / SIGTERM. The log level is `[log] level`
+    in node.toml (info by default) unless -v or -q is given. Under systemd (a `Type=notify`
+    unit) it tells readiness, and leaves timestamps to the journal."""
     import trio
 
     from plugshare.node.node import run_node
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("hypercorn.error", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose and quiet:
+        raise click.UsageError("-v and -q cannot be used together")
+    config_level = ctx.home.load_config().log.level if ctx.home.exists() else "info"
+    level = "debug" if verbose else "warning" if quiet else config_level
+    _configure_logging(level)
     if not ctx.home.exists():
         node_id = ctx.home.create(_initial_config(None, "sqlite", None, None, None, False))
         click.echo(f"created a new node in {ctx.home.root} (node id {node_id})", err=True)
+    trio.run(lambda: run_node(ctx.home))  # it logs where it serves, once, and when it stops
 
-    def ready(node, api_url: str) -> None:
-        click.echo(f"node {node.config.node.name} is running; local API on {api_url} "
-                   "(Ctrl-C to stop)", err=True)
 
-    trio.run(lambda: run_node(ctx.home, on_ready=ready))
-    click.echo("node stopped", err=True)
+def _configure_logging(level: str) -> None:
+    from plugshare.node.systemd import stderr_is_journal
+
+    # The journal stamps every line and knows the process: a timestamp of our own is noise.
+    layout = ("%(levelname)s %(name)s: %(message)s" if stderr_is_journal()
+              else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, level.upper()), format=layout, stream=sys.stderr)
+    for noisy in ("hypercorn.error", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 
 @cli.command()

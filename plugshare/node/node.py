@@ -25,12 +25,23 @@ from plugshare.node.listen import bind_listener
 from plugshare.node.peers import PeerManager
 from plugshare.node.session import PeerSession, SessionParts
 from plugshare.node.sharing import Sharing
+from plugshare.node.systemd import notify
 from plugshare.store import Store, open_store
 from plugshare.token.client import TokenClient
 from plugshare.token.paths import socket_path
 from plugshare.token.supervisor import TokenProcess
 
 log = logging.getLogger("plugshare.node")
+
+
+def _not_hypercorn_banner(record: logging.LogRecord) -> bool:
+    """The node logs where its API is itself (with its name and id): drop hypercorn's own
+    "Running on ..." line so the address is said once."""
+    return not str(record.msg).startswith("Running on")
+
+
+_hypercorn_log = logging.getLogger("plugshare.api")
+_hypercorn_log.addFilter(_not_hypercorn_banner)
 
 GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
 
@@ -128,7 +139,7 @@ class Node:
         hconfig = HypercornConfig()
         hconfig.bind = [f"fd://{api_sock.detach()}"]  # hypercorn owns (and closes) the fd now
         hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("plugshare.api")  # one logging setup, not two
+        hconfig.errorlog = _hypercorn_log  # one logging setup, and one "serving on" line
         hconfig.graceful_timeout = GRACEFUL_TIMEOUT
         api_done = trio.Event()
 
@@ -156,8 +167,10 @@ class Node:
                                     peer_address=str(self.peers.listen_address))
                 log.info("node %s (%s) serving the local API on %s",
                          self.config.node.name, self.identity.node_id, self.api_url)
+                notify("READY=1", f"STATUS=serving the local API on {self.api_url}")
                 task_status.started(self.api_url)
                 await self._stopping.wait()
+                notify("STOPPING=1")
                 self.events.close()  # ends the /events streams, so the API can drain
                 with trio.move_on_after(GRACEFUL_TIMEOUT + 1):
                     await api_done.wait()  # requests in flight finish first
@@ -213,6 +226,7 @@ class Node:
 
 async def run_node(home: Home, *, on_ready=None) -> None:
     """`plugshare run`: serve until SIGINT/SIGTERM, then stop cleanly."""
+    log.debug("home %s, configuration %s", home.root, home.config_file)
     async with Node.open(home) as node:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -223,6 +237,7 @@ async def run_node(home: Home, *, on_ready=None) -> None:
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     node.stop()
                     break
+    log.info("node stopped")
 
 
 @asynccontextmanager
