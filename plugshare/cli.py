@@ -855,7 +855,8 @@ def share_show(ctx: Context, name: str) -> None:
 @cli.command()
 @pass_ctx
 def peers(ctx: Context) -> None:
-    """Known peers: id, name, addresses, connected or not, last seen."""
+    """Known peers (id, name, addresses, connected or not, last seen), and nodes nearby on
+    the LAN that are not peers yet."""
     import datetime
 
     with ctx.client() as client:
@@ -867,7 +868,14 @@ def peers(ctx: Context) -> None:
         lines.append(f"{p['name'] or '?':<16} {p['id']}  "
                      f"{'connected' if p['connected'] else 'offline':<9}  "
                      f"{', '.join(p['addresses']) or '-'}  last seen {seen}")
-    ctx.emit(result, "\n".join(lines) or "(no peers yet)")
+    if not lines:
+        lines.append("(no peers yet)")
+    nearby = result.get("nearby") or []
+    if nearby:
+        lines.append("nearby on the LAN (not peers; invite them to a share):")
+        lines += [f"  {n['name'] or '?':<14} {n['id']}  {', '.join(n['addresses']) or '-'}"
+                  for n in nearby]
+    ctx.emit(result, "\n".join(lines))
 
 
 def main() -> None:

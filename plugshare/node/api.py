@@ -38,6 +38,7 @@ class ApiParts:
     events: Any
     peers_status: Callable[[], list]
     status: Callable[[], Awaitable[dict]]
+    nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 
@@ -314,9 +315,10 @@ def create_app(node: ApiParts) -> Starlette:
                                                  as_name=as_name), status_code=201)
 
     async def peers(request: Request) -> Response:
-        """GET: the peers this node knows, connected or not (owner only)"""
+        """GET: the peers this node knows, connected or not, and nodes nearby on the LAN
+        (owner only)"""
         await owner_only(request, "peers")
-        return JSONResponse({"peers": node.peers_status()})
+        return JSONResponse({"peers": node.peers_status(), "nearby": node.nearby()})
 
     async def audit(request: Request) -> Response:
         """GET: the last entries of the token's audit log (?tail=N, ?verify=true)"""

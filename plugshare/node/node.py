@@ -27,6 +27,7 @@ from plugshare.node.session import PeerSession, SessionParts
 from plugshare.node.sharing import Sharing
 from plugshare.node.systemd import notify
 from plugshare.store import Store, open_store
+from plugshare.token import format_node_id
 from plugshare.token.client import TokenClient
 from plugshare.token.paths import socket_path
 from plugshare.token.supervisor import TokenProcess
@@ -119,6 +120,18 @@ class Node:
             "events_dropped": self.events.dropped,
         }
 
+    def nearby(self) -> list[dict]:
+        """Nodes announcing themselves on the LAN that are not peers of this one: someone to
+        invite, shown apart from peers (nothing is shared with them, nothing is trusted)."""
+        if self.discovery is None:
+            return []
+        known = {row["id"] for row in self.peers.status()}
+        rows = [{"id": format_node_id(fp), "name": peer.name,
+                 "addresses": [str(Address(host, port)) for host, port in peer.addresses]}
+                for fp, peer in self.discovery.peers.items()
+                if fp != self.identity.fingerprint and peer.addresses]
+        return sorted((r for r in rows if r["id"] not in known), key=lambda r: r["name"])
+
     async def _token_status(self) -> dict:
         info = await self.token.call("info")
         return {"pid": info.get("pid"), "dumpable": info.get("dumpable"),
@@ -147,7 +160,8 @@ class Node:
             try:
                 parts = ApiParts(call=self.token.call, documents=self.documents,
                                  admin=self.admin, sharing=self.sharing, events=self.events,
-                                 peers_status=self.peers.status, status=self.status)
+                                 peers_status=self.peers.status, nearby=self.nearby,
+                                 status=self.status)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)
