@@ -212,7 +212,10 @@ class _Root(_Group):
         except click.ClickException as exc:
             _show(exc, args)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # Ctrl-C: the shell's convention
+                click.echo("interrupted", err=True)
+                sys.exit(130)
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -795,10 +798,20 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
     if ctx.as_json or no_progress:
         ctx.emit(result, _share_summary(result))
         return
-    click.echo(f"joined {result['name']!r} ({result['doctype']}); syncing...", err=True)
-    from plugshare.node.progress import follow_initial_sync
+    name = result["name"]
+    click.echo(f"joined {name!r} ({result['doctype']}); syncing...", err=True)
+    try:
+        from plugshare.node.progress import follow_initial_sync
 
-    follow_initial_sync(ctx.home, result["name"])
+        interrupted = follow_initial_sync(ctx.home, name).reason == "interrupted"
+    except KeyboardInterrupt:  # before the progress view took Ctrl-C over
+        interrupted = True
+        click.echo(f"{name}: stopped watching; the sync goes on in the background — "
+                   f"`{ctx.hint('share', 'show', name)}` shows it", err=True)
+    if interrupted:  # only the showing stops: the node goes on syncing
+        raise SystemExit(130)
+    with ctx.client() as client:  # the share as it is now, not as it was when joined
+        result = client.request("GET", f"/shares/{_quote(name)}")
     click.echo(_share_summary(result))
 
 
