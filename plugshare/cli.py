@@ -212,7 +212,10 @@ class _Root(_Group):
         except click.ClickException as exc:
             _show(exc, args)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # Ctrl-C: the shell's convention
+                click.echo("interrupted", err=True)
+                sys.exit(130)
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -350,31 +353,37 @@ def token_run(ctx: Context) -> None:
 
 
 @cli.command()
-@click.option("-v", "--verbose", is_flag=True, help="Log more (debug).")
+@click.option("-v", "--verbose", is_flag=True, help="Log everything (debug), for this run.")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only, for this run.")
 @pass_ctx
-def run(ctx: Context, verbose: bool) -> None:
-    """Run the node in the foreground until Ctrl-C / SIGTERM."""
+def run(ctx: Context, verbose: bool, quiet: bool) -> None:
+    """Run the node in the foreground until Ctrl-C / SIGTERM. The log level is `[log] level`
+    in node.toml (info by default) unless -v or -q is given. Under systemd (a `Type=notify`
+    unit) it tells readiness, and leaves timestamps to the journal."""
     import trio
 
     from plugshare.node.node import run_node
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("hypercorn.error", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose and quiet:
+        raise click.UsageError("-v and -q cannot be used together")
+    config_level = ctx.home.load_config().log.level if ctx.home.exists() else "info"
+    level = "debug" if verbose else "warning" if quiet else config_level
+    _configure_logging(level)
     if not ctx.home.exists():
         node_id = ctx.home.create(_initial_config(None, "sqlite", None, None, None, False))
         click.echo(f"created a new node in {ctx.home.root} (node id {node_id})", err=True)
+    trio.run(lambda: run_node(ctx.home))  # it logs where it serves, once, and when it stops
 
-    def ready(node, api_url: str) -> None:
-        click.echo(f"node {node.config.node.name} is running; local API on {api_url} "
-                   "(Ctrl-C to stop)", err=True)
 
-    trio.run(lambda: run_node(ctx.home, on_ready=ready))
-    click.echo("node stopped", err=True)
+def _configure_logging(level: str) -> None:
+    from plugshare.node.systemd import stderr_is_journal
+
+    # The journal stamps every line and knows the process: a timestamp of our own is noise.
+    layout = ("%(levelname)s %(name)s: %(message)s" if stderr_is_journal()
+              else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, level.upper()), format=layout, stream=sys.stderr)
+    for noisy in ("hypercorn.error", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 
 @cli.command()
@@ -824,10 +833,20 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
     if ctx.as_json or no_progress:
         ctx.emit(result, _share_summary(result))
         return
-    click.echo(f"joined {result['name']!r} ({result['doctype']}); syncing...", err=True)
-    from plugshare.node.progress import follow_initial_sync
+    name = result["name"]
+    click.echo(f"joined {name!r} ({result['doctype']}); syncing...", err=True)
+    try:
+        from plugshare.node.progress import follow_initial_sync
 
-    follow_initial_sync(ctx.home, result["name"])
+        interrupted = follow_initial_sync(ctx.home, name).reason == "interrupted"
+    except KeyboardInterrupt:  # before the progress view took Ctrl-C over
+        interrupted = True
+        click.echo(f"{name}: stopped watching; the sync goes on in the background — "
+                   f"`{ctx.hint('share', 'show', name)}` shows it", err=True)
+    if interrupted:  # only the showing stops: the node goes on syncing
+        raise SystemExit(130)
+    with ctx.client() as client:  # the share as it is now, not as it was when joined
+        result = client.request("GET", f"/shares/{_quote(name)}")
     click.echo(_share_summary(result))
 
 
@@ -884,7 +903,8 @@ def share_show(ctx: Context, name: str) -> None:
 @cli.command()
 @pass_ctx
 def peers(ctx: Context) -> None:
-    """Known peers: id, name, addresses, connected or not, last seen."""
+    """Known peers (id, name, addresses, connected or not, last seen), and nodes nearby on
+    the LAN that are not peers yet."""
     import datetime
 
     with ctx.client() as client:
@@ -896,7 +916,14 @@ def peers(ctx: Context) -> None:
         lines.append(f"{p['name'] or '?':<16} {p['id']}  "
                      f"{'connected' if p['connected'] else 'offline':<9}  "
                      f"{', '.join(p['addresses']) or '-'}  last seen {seen}")
-    ctx.emit(result, "\n".join(lines) or "(no peers yet)")
+    if not lines:
+        lines.append("(no peers yet)")
+    nearby = result.get("nearby") or []
+    if nearby:
+        lines.append("nearby on the LAN (not peers; invite them to a share):")
+        lines += [f"  {n['name'] or '?':<14} {n['id']}  {', '.join(n['addresses']) or '-'}"
+                  for n in nearby]
+    ctx.emit(result, "\n".join(lines))
 
 
 def main() -> None:

@@ -138,6 +138,15 @@ class TokenSection:
     key_label: str | None = None  # pkcs11: this node's objects on the device (set by init)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@attrs.frozen
+class LogSection:
+    # `plugshare run -v` / `-q` override it for one run.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 @attrs.frozen
 class Config:
     node: NodeSection = NodeSection()
@@ -145,6 +154,7 @@ class Config:
     peer: PeerSection = PeerSection()
     api: ApiSection = ApiSection()
     token: TokenSection = TokenSection()
+    log: LogSection = LogSection()
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)

@@ -19,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from plugshare import token
+from plugshare import __version__, token
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed, bearer
 from plugshare.node.events import events_route
+from plugshare.node.openapi import PUBLIC_PATHS, build_openapi
 
 
 
@@ -37,6 +38,7 @@ class ApiParts:
     events: Any
     peers_status: Callable[[], list]
     status: Callable[[], Awaitable[dict]]
+    nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 
@@ -103,10 +105,42 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "false").lower() in ("true", "1", "yes")
 
 
+def _etag(rev: str) -> str:
+    return f'"{rev}"'
+
+
+def _doc_response(request: Request, doc: dict) -> Response:
+    """A document with its revision as ETag; 304 when If-None-Match already has it."""
+    rev = doc.get("_rev")
+    headers = {"etag": _etag(rev)} if rev else {}
+    if rev and _etag(rev) in _etags(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(doc, headers=headers)
+
+
+def _etags(header: str | None) -> list[str]:
+    return [tag.strip() for tag in header.split(",")] if header else []
+
+
+def _if_match_rev(request: Request, rev: str | None) -> str | None:
+    """The rev a write names: `rev` (body `_rev` or `?rev=`), or If-Match; both must agree."""
+    tags = _etags(request.headers.get("if-match"))
+    if not tags:
+        return rev
+    if len(tags) != 1 or not (tags[0].startswith('"') and tags[0].endswith('"')):
+        raise ApiError(400, "bad_request", "If-Match must be one quoted revision")
+    matched = tags[0][1:-1]
+    if rev is not None and rev != matched:
+        raise ApiError(400, "bad_request", "the document's rev and If-Match differ")
+    return matched
+
+
 def create_app(node: ApiParts) -> Starlette:
     docs = node.documents
 
     async def get_doc(request: Request, doctype: str | None = None) -> Response:
+        """GET: a document by id alone (ETag: its rev)
+        DELETE: delete a document (?rev= or If-Match)"""
         doc = await docs.get(
             request.state.credential,
             request.path_params["doc_id"],
@@ -114,30 +148,39 @@ def create_app(node: ApiParts) -> Starlette:
             rev=request.query_params.get("rev"),
             conflicts=_flag(request, "conflicts"),
         )
-        return JSONResponse(doc)
+        return _doc_response(request, doc)
 
     async def delete_doc(request: Request, doctype: str | None = None) -> Response:
         rev = await docs.delete(
             request.state.credential,
             request.path_params["doc_id"],
-            request.query_params.get("rev", ""),
+            _if_match_rev(request, request.query_params.get("rev")) or "",
             doctype=doctype,
         )
         return JSONResponse({"id": request.path_params["doc_id"], "rev": rev, "ok": True})
 
     async def typed_doc(request: Request) -> Response:
+        """GET: a document (ETag: its rev; If-None-Match answers 304)
+        PUT: create or update a document (its _rev, or If-Match)
+        DELETE: delete a document (?rev= or If-Match)"""
         doctype = request.path_params["doctype"]
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             return await get_doc(request, doctype)
         if request.method == "DELETE":
             return await delete_doc(request, doctype)
         body = await _json_body(request)
+        if isinstance(body, dict):
+            rev = _if_match_rev(request, body.get("_rev"))
+            if rev is not None:
+                body = {**body, "_rev": rev}
         doc_id, rev = await docs.put(
             request.state.credential, doctype, request.path_params["doc_id"], body
         )
         return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
 
     async def typed_collection(request: Request) -> Response:
+        """GET: the documents of a doctype the credential may read
+        POST: create a document with a new id"""
         doctype = request.path_params["doctype"]
         if request.method == "POST":
             body = await _json_body(request)
@@ -151,6 +194,7 @@ def create_app(node: ApiParts) -> Starlette:
         return await get_doc(request)
 
     async def all_docs(request: Request) -> Response:
+        """GET: the documents the credential may read (?doctype= to narrow)"""
         return _listing(await docs.list(request.state.credential,
                                         request.query_params.get("doctype")))
 
@@ -160,12 +204,15 @@ def create_app(node: ApiParts) -> Starlette:
         await call("owner.check", credential=request.state.credential, action=action)
 
     async def status(request: Request) -> Response:
+        """GET: the node's name, id, addresses, store, peers and shares (owner only)"""
         await owner_only(request, "status")
         return JSONResponse(await node.status())
 
     admin = node.admin
 
     async def apps(request: Request) -> Response:
+        """GET: the apps the token knows (owner only)
+        POST: register an app with its first rule; answers its credential, once"""
         who = request.state.credential
         if request.method == "POST":
             body = _object(await _json_body(request))
@@ -176,10 +223,13 @@ def create_app(node: ApiParts) -> Starlette:
         return JSONResponse({"apps": await admin.list_apps(who)})
 
     async def app_item(request: Request) -> Response:
+        """DELETE: remove an app and its credential"""
         await admin.remove_app(request.state.credential, request.path_params["name"])
         return JSONResponse({"ok": True})
 
     async def rules(request: Request) -> Response:
+        """GET: the token's access rules (owner only)
+        POST: add a rule for an app, a peer or a role"""
         who = request.state.credential
         if request.method == "POST":
             body = _object(await _json_body(request))
@@ -189,10 +239,12 @@ def create_app(node: ApiParts) -> Starlette:
         return JSONResponse({"rules": await admin.list_rules(who)})
 
     async def rule_item(request: Request) -> Response:
+        """DELETE: remove a rule"""
         await admin.remove_rule(request.state.credential, request.path_params["rule_id"])
         return JSONResponse({"ok": True})
 
     async def encrypt(request: Request) -> Response:
+        """POST: store a doctype sealed from now on (sensitive)"""
         return JSONResponse(
             await admin.encrypt(request.state.credential, request.path_params["doctype"])
         )
@@ -200,6 +252,8 @@ def create_app(node: ApiParts) -> Starlette:
     sharing = node.sharing
 
     async def shares(request: Request) -> Response:
+        """GET: the shares this node owns or is a member of (owner only)
+        POST: create a share of a doctype (with a selector, encrypted, expiring)"""
         if request.method == "POST":
             body = _object(await _json_body(request))
             encrypted = body.get("encrypt", False)
@@ -217,10 +271,12 @@ def create_app(node: ApiParts) -> Starlette:
         return JSONResponse({"shares": await sharing.list()})
 
     async def share_item(request: Request) -> Response:
+        """GET: one share: its rule, members and sync state (owner only)"""
         await owner_only(request, "share_show")
         return JSONResponse(await sharing.show(request.path_params["name"]))
 
     async def share_invite(request: Request) -> Response:
+        """POST: an invitation code for a share (read-only or write, with a time to live)"""
         body = _object(await _json_body(request))
         read_only = body.get("read_only", False)
         if not isinstance(read_only, bool):
@@ -248,16 +304,19 @@ def create_app(node: ApiParts) -> Starlette:
             request.path_params["invitation"]))
 
     async def share_revoke(request: Request) -> Response:
+        """POST: revoke a member (the share's key is rotated)"""
         body = _object(await _json_body(request))
         return JSONResponse(await sharing.revoke(request.state.credential,
                                                  request.path_params["name"],
                                                  _text(body, "member")))
 
     async def share_leave(request: Request) -> Response:
+        """POST: leave a share this node is a member of"""
         return JSONResponse(await sharing.leave(request.state.credential,
                                                 request.path_params["name"]))
 
     async def join(request: Request) -> Response:
+        """POST: accept an invitation code and join its share"""
         body = _object(await _json_body(request))
         as_name = body.get("as")
         if as_name is not None and not isinstance(as_name, str):
@@ -266,10 +325,13 @@ def create_app(node: ApiParts) -> Starlette:
                                                  as_name=as_name), status_code=201)
 
     async def peers(request: Request) -> Response:
+        """GET: the peers this node knows, connected or not, and nodes nearby on the LAN
+        (owner only)"""
         await owner_only(request, "peers")
-        return JSONResponse({"peers": node.peers_status()})
+        return JSONResponse({"peers": node.peers_status(), "nearby": node.nearby()})
 
     async def audit(request: Request) -> Response:
+        """GET: the last entries of the token's audit log (?tail=N, ?verify=true)"""
         tail = request.query_params.get("tail", "20")
         if not tail.isdigit() or not 0 < int(tail) <= 100_000:
             raise ApiError(400, "bad_request", "tail must be a number from 1 to 100000")
@@ -277,7 +339,22 @@ def create_app(node: ApiParts) -> Starlette:
             await admin.audit(request.state.credential, int(tail), _flag(request, "verify"))
         )
 
+    async def describe(request: Request) -> Response:
+        """GET: what this API is and where its OpenAPI document is (no credential needed)"""
+        return JSONResponse({
+            "name": "plugshare", "version": __version__,
+            "description": "a personal-cloud node's local API: documents, shares, token",
+            "openapi": "/openapi.json",
+            "authentication": "Authorization: Bearer <credential>",
+        })
+
+    async def openapi(request: Request) -> Response:
+        """GET: this API's OpenAPI document (no credential needed)"""
+        return JSONResponse(spec)
+
     routes = [
+        Route("/", describe, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
         Route("/data/{doctype}/", typed_collection, methods=["GET", "POST"]),
         Route("/data/{doctype}/{doc_id:path}", typed_doc, methods=["GET", "PUT", "DELETE"]),
@@ -301,6 +378,8 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
     ]
+    spec = build_openapi(routes, version=__version__)
+
     async def http_error(request: Request, exc: HTTPException) -> Response:
         names = {404: "not_found", 405: "method_not_allowed"}
         return _error(exc.status_code, names.get(exc.status_code, "bad_request"), exc.detail)
@@ -340,6 +419,8 @@ class _Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)  # describes the API; holds no data
         request = Request(scope, receive)
         try:
             credential = bearer(request.headers.get("authorization"))

@@ -281,6 +281,7 @@ def events_route(bus: EventBus, *, heartbeat: float = HEARTBEAT_S,
     from starlette.routing import Route
 
     async def endpoint(request: Request) -> Response:
+        """GET: the node's events as newline-delimited JSON, live (owner only)"""
         if authorize is not None:
             allowed = authorize(request)
             if inspect.isawaitable(allowed):

@@ -25,12 +25,24 @@ from plugshare.node.listen import bind_listener
 from plugshare.node.peers import PeerManager
 from plugshare.node.session import PeerSession, SessionParts
 from plugshare.node.sharing import Sharing
+from plugshare.node.systemd import notify
 from plugshare.store import Store, open_store
+from plugshare.token import format_node_id
 from plugshare.token.client import TokenClient
 from plugshare.token.paths import socket_path
 from plugshare.token.supervisor import TokenProcess
 
 log = logging.getLogger("plugshare.node")
+
+
+def _not_hypercorn_banner(record: logging.LogRecord) -> bool:
+    """The node logs where its API is itself (with its name and id): drop hypercorn's own
+    "Running on ..." line so the address is said once."""
+    return not str(record.msg).startswith("Running on")
+
+
+_hypercorn_log = logging.getLogger("plugshare.api")
+_hypercorn_log.addFilter(_not_hypercorn_banner)
 
 GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
 
@@ -108,6 +120,18 @@ class Node:
             "events_dropped": self.events.dropped,
         }
 
+    def nearby(self) -> list[dict]:
+        """Nodes announcing themselves on the LAN that are not peers of this one: someone to
+        invite, shown apart from peers (nothing is shared with them, nothing is trusted)."""
+        if self.discovery is None:
+            return []
+        known = {row["id"] for row in self.peers.status()}
+        rows = [{"id": format_node_id(fp), "name": peer.name,
+                 "addresses": [str(Address(host, port)) for host, port in peer.addresses]}
+                for fp, peer in self.discovery.peers.items()
+                if fp != self.identity.fingerprint and peer.addresses]
+        return sorted((r for r in rows if r["id"] not in known), key=lambda r: r["name"])
+
     async def _token_status(self) -> dict:
         info = await self.token.call("info")
         return {"pid": info.get("pid"), "dumpable": info.get("dumpable"),
@@ -128,7 +152,7 @@ class Node:
         hconfig = HypercornConfig()
         hconfig.bind = [f"fd://{api_sock.detach()}"]  # hypercorn owns (and closes) the fd now
         hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("plugshare.api")  # one logging setup, not two
+        hconfig.errorlog = _hypercorn_log  # one logging setup, and one "serving on" line
         hconfig.graceful_timeout = GRACEFUL_TIMEOUT
         api_done = trio.Event()
 
@@ -136,7 +160,8 @@ class Node:
             try:
                 parts = ApiParts(call=self.token.call, documents=self.documents,
                                  admin=self.admin, sharing=self.sharing, events=self.events,
-                                 peers_status=self.peers.status, status=self.status)
+                                 peers_status=self.peers.status, nearby=self.nearby,
+                                 status=self.status)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)
@@ -156,8 +181,10 @@ class Node:
                                     peer_address=str(self.peers.listen_address))
                 log.info("node %s (%s) serving the local API on %s",
                          self.config.node.name, self.identity.node_id, self.api_url)
+                notify("READY=1", f"STATUS=serving the local API on {self.api_url}")
                 task_status.started(self.api_url)
                 await self._stopping.wait()
+                notify("STOPPING=1")
                 self.events.close()  # ends the /events streams, so the API can drain
                 with trio.move_on_after(GRACEFUL_TIMEOUT + 1):
                     await api_done.wait()  # requests in flight finish first
@@ -213,6 +240,7 @@ class Node:
 
 async def run_node(home: Home, *, on_ready=None) -> None:
     """`plugshare run`: serve until SIGINT/SIGTERM, then stop cleanly."""
+    log.debug("home %s, configuration %s", home.root, home.config_file)
     async with Node.open(home) as node:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -223,6 +251,7 @@ async def run_node(home: Home, *, on_ready=None) -> None:
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     node.stop()
                     break
+    log.info("node stopped")
 
 
 @asynccontextmanager

@@ -321,6 +321,8 @@ async def follow_sync(target: ApiTarget, share: str, *, timeout: float | None = 
                             break
                         await trio.sleep(min(0.05, poll))
                     nursery.cancel_scope.cancel()
+    except* KeyboardInterrupt:  # Ctrl-C before the handler above was listening
+        reason = "interrupted"
     finally:
         summary = tracker.summary(reason)
         display.finish(summary)

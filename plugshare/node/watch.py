@@ -166,6 +166,8 @@ def details(data: dict[str, Any]) -> str:
     """`key=value` pairs; strings plain when they read unambiguously."""
     parts = []
     for key, value in data.items():
+        if value is None:  # unknown: saying "null" tells nothing
+            continue
         if isinstance(value, str) and value and not any(c.isspace() or c in "\"=" for c in value):
             text = value
         else:
@@ -189,12 +191,9 @@ def notice_line(message: str, *, label: str | None = None, date: bool = False) -
 
 
 def summary_text(status: dict[str, Any]) -> str:
-    """The node in one line: name, id, API, peer address, store, dropped events."""
+    """The node in one line, what changes first (a narrow terminal cuts the end): name, id,
+    store, dropped events, then the API and peer addresses."""
     parts = [_get(status, "name", str, "?"), short_id(_get(status, "node_id", str))]
-    if api := _get(status, "api", str):
-        parts.append(f"api {api}")
-    if peer_address := _get(status, "peer_address", str):
-        parts.append(f"peers at {peer_address}")
     store = _get(status, "store", dict, {})
     if store:
         bits = [_get(store, "backend", str, "store")]
@@ -205,6 +204,10 @@ def summary_text(status: dict[str, Any]) -> str:
         parts.append(" · ".join(bits))
     if dropped := _get(status, "events_dropped", int):
         parts.append(f"{dropped} events dropped")
+    if api := _get(status, "api", str):
+        parts.append(f"api {api}")
+    if peer_address := _get(status, "peer_address", str):
+        parts.append(f"peers at {peer_address}")
     return "  ".join(parts)
 
 
@@ -226,9 +229,37 @@ def peer_rows(status: dict[str, Any], now: float) -> list[tuple[str, ...]]:
     return rows
 
 
-SHARE_COLUMNS = ("Share", "Peer", "Role", "Access", "Members", "Docs", "In", "Out", "Lag",
-                 "Last sync", "State")
+SHARE_COLUMNS = ("Share", "Peer", "Role", "Access", "Members", "Docs", "Pending in",
+                 "Pending out", "Lag", "Last sync", "State")
 PEER_COLUMNS = ("Peer", "Id", "Address", "Connected", "RTT", "Last seen")
+# Which columns stay when the terminal is narrow, most needed first (indexes into the above).
+SHARE_PRIORITY = (0, 1, 10, 5, 6, 7, 2, 3, 9, 8, 4)
+PEER_PRIORITY = (0, 3, 4, 5, 2, 1)
+CELL_PADDING = 2  # a DataTable cell's padding, one space each side
+UNKNOWN = "? unknown"  # a cell whose value went stale with the node
+
+
+def fit_columns(columns: tuple[str, ...], rows: list[tuple[str, ...]], width: int,
+                priority: tuple[int, ...]) -> list[int]:
+    """The columns (indexes, in table order) that fit in `width` cells, taken by
+    `priority`: a narrow terminal loses the least needed columns rather than the last."""
+    def need(i: int) -> int:
+        return max([len(columns[i]), *(len(str(row[i])) for row in rows)]) + CELL_PADDING
+
+    chosen, used = [], 0
+    for i in priority:
+        if used + need(i) <= width or not chosen:
+            chosen.append(i)
+            used += need(i)
+    return sorted(chosen)
+
+
+def stale_rows(rows: list[tuple[str, ...]], columns: tuple[str, ...],
+               stale: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """`rows` with the cells of the `stale` columns replaced by UNKNOWN (non-empty ones)."""
+    indexes = {columns.index(name) for name in stale}
+    return [tuple(UNKNOWN if i in indexes and cell and cell != "—" else cell
+                  for i, cell in enumerate(row)) for row in rows]
 
 
 def share_rows(status: dict[str, Any], now: float,
@@ -296,7 +327,7 @@ def _styled_state(cell: str) -> Text:
         style = "bold red"
     elif cell.startswith(("▰", "▱", "initial")):
         style = "yellow"
-    elif cell.startswith("○") or cell in ("revoked", "left"):
+    elif cell.startswith("○") or cell in ("revoked", "left", UNKNOWN):
         style = "dim"
     else:
         style = ""
@@ -366,13 +397,15 @@ class NodeView(Vertical):
 
     DEFAULT_CSS = """
     NodeView { height: 1fr; }
-    NodeView .summary { height: auto; padding: 0 1; background: $boost; text-style: bold; }
+    NodeView .summary { height: 1; padding: 0 1; background: $boost; text-style: bold;
+                        text-wrap: nowrap; text-overflow: ellipsis; }
     NodeView .banner { display: none; height: auto; padding: 0 1; background: $error;
                        color: $text; text-style: bold; }
     NodeView .banner.shown { display: block; }
     NodeView .title { height: 1; padding: 0 1; color: $accent; text-style: bold; }
-    NodeView DataTable { height: auto; max-height: 9; }
-    NodeView RichLog { height: 1fr; min-height: 3; border: round $primary; padding: 0 1; }
+    NodeView DataTable { height: auto; max-height: 9; overflow-x: hidden; }
+    NodeView RichLog { height: 1fr; min-height: 3; border: round $primary; padding: 0 1;
+                       overflow-x: hidden; scrollbar-gutter: stable; }
     """
 
     def __init__(self, target: ApiTarget, *, poll: float = POLL_S, retry: float = RETRY_S,
@@ -396,13 +429,13 @@ class NodeView(Vertical):
         yield DataTable(classes="peers", cursor_type="none", zebra_stripes=True)
         yield Static("Shares", classes="title")
         yield DataTable(classes="shares", cursor_type="none", zebra_stripes=True)
-        yield RichLog(classes="log", max_lines=LOG_KEPT, wrap=False)
+        # Wrapped at word boundaries to the log's own width (min_width's default, 78, would
+        # wrap wider than an 80-column terminal leaves and cut the ends off).
+        yield RichLog(classes="log", max_lines=LOG_KEPT, wrap=True, min_width=1)
 
     def on_mount(self) -> None:
         import httpx
 
-        self.query_one(".peers", DataTable).add_columns(*PEER_COLUMNS)
-        self.query_one(".shares", DataTable).add_columns(*SHARE_COLUMNS)
         self._retitle()
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
         self.run_worker(self._poll_status(), exit_on_error=False, group="poll")
@@ -438,21 +471,46 @@ class NodeView(Vertical):
         banner = self.query_one(".banner", Static)
         banner.update(message)
         banner.add_class("shown")
+        self._fill_tables()  # what was known stays, but not "connected" nor "live"
 
     def _show_status(self, status: dict[str, Any]) -> None:
         self.status, self.trouble = status, None
         self.query_one(".banner", Static).remove_class("shown")
         self.query_one(".summary", Static).update(summary_text(status))
-        now = time.time()
-        self._rates.observe(status, now)
-        peers = self.query_one(".peers", DataTable)
-        peers.clear()
-        for row in peer_rows(status, now):
-            peers.add_row(*row[:3], _styled_state(row[3]), *row[4:])
-        shares = self.query_one(".shares", DataTable)
-        shares.clear()
-        for row in share_rows(status, now, self._rates):
-            shares.add_row(*row[:-1], _styled_state(row[-1]))
+        self._rates.observe(status, time.time())
+        self._fill_tables()
+
+    def on_resize(self, event) -> None:
+        self._fill_tables()
+
+    def _fill_tables(self) -> None:
+        if self.status is None:
+            return
+        now, stale = time.time(), self.trouble is not None
+        peers = peer_rows(self.status, now)
+        shares = share_rows(self.status, now, self._rates)
+        if stale:
+            peers = stale_rows(peers, PEER_COLUMNS, ("Connected", "RTT"))
+            shares = stale_rows(shares, SHARE_COLUMNS, ("Pending in", "Pending out", "Lag",
+                                                        "State"))
+        self._fill(self.query_one(".peers", DataTable), PEER_COLUMNS, PEER_PRIORITY, peers,
+                   styled=PEER_COLUMNS.index("Connected"))
+        self._fill(self.query_one(".shares", DataTable), SHARE_COLUMNS, SHARE_PRIORITY,
+                   shares, styled=SHARE_COLUMNS.index("State"))
+
+    def _fill(self, table: DataTable, columns: tuple[str, ...], priority: tuple[int, ...],
+              rows: list[tuple[str, ...]], styled: int) -> None:
+        """Rows into `table`, with the columns that fit the view's width (a scrollbar
+        would hide the rightmost ones, State among them, behind stray glyphs)."""
+        width = self.size.width or 80
+        shown = fit_columns(columns, rows, width - 2, priority)
+        if [str(c.label) for c in table.columns.values()] != [columns[i] for i in shown]:
+            table.clear(columns=True)
+            table.add_columns(*(columns[i] for i in shown))
+        else:
+            table.clear()
+        for row in rows:
+            table.add_row(*(_styled_state(row[i]) if i == styled else row[i] for i in shown))
 
     # -- the event log ----------------------------------------------------------------------
 
@@ -462,7 +520,7 @@ class NodeView(Vertical):
                             refused_retry=REFUSED_RETRY_S)
 
     def _on_stream_state(self, connected: bool, message: str) -> None:
-        self.query_one(".log", RichLog).write(
+        self._write(
             Text(notice_line(("event stream " if connected else "event stream: ") + message),
                  style="dim" if connected else "yellow"))
 
@@ -474,14 +532,13 @@ class NodeView(Vertical):
             self._held += 1
             self._retitle()
         else:
-            self.query_one(".log", RichLog).write(event_text(event))
+            self._write(event_text(event))
 
     def set_paused(self, paused: bool) -> None:
         if self.paused and not paused and self._held:
             held = [e for e in self._events if self.log_filter.matches(e)][-self._held:]
-            log = self.query_one(".log", RichLog)
             for event in held:
-                log.write(event_text(event))
+                self._write(event_text(event))
         self.paused, self._held = paused, 0
         self._retitle()
 
@@ -489,12 +546,17 @@ class NodeView(Vertical):
         """Show only the matching events, the ones already received included."""
         self.log_filter = log_filter
         self._held = 0
-        log = self.query_one(".log", RichLog)
-        log.clear()
+        self.query_one(".log", RichLog).clear()
         for event in self._events:
             if log_filter.matches(event):
-                log.write(event_text(event))
+                self._write(event_text(event))
         self._retitle()
+
+    def _write(self, text: Text) -> None:
+        """A line into the log, wrapped to the log's width (measured against the app's
+        console otherwise, which is not the widget's width)."""
+        log = self.query_one(".log", RichLog)
+        log.write(text, width=log.scrollable_content_region.width or None)
 
     def _retitle(self) -> None:
         title = "Events"
@@ -509,6 +571,7 @@ class WatchApp(App):
     """`plugshare watch`: one tab per node (no tabs for a single node)."""
 
     TITLE = "plugshare watch"
+    ENABLE_COMMAND_PALETTE = False  # nothing to offer there; its footer entry took room
     AUTO_FOCUS = None  # the keys belong to the app until the filter box opens
     CSS = """
     #too-small { display: none; width: 1fr; height: 1fr; content-align: center middle;
@@ -520,6 +583,8 @@ class WatchApp(App):
         Binding("p", "toggle_pause", "Pause log"),
         Binding("f", "filter", "Filter log"),
         Binding("q", "quit", "Quit"),
+        Binding("tab", "next_node", "Next node", priority=True),
+        *(Binding(str(n), f"show_node({n - 1})", f"Node {n}", show=False) for n in range(1, 10)),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("escape", "close_filter", "Close filter", show=False),
     ]
@@ -576,6 +641,20 @@ class WatchApp(App):
     @property
     def views(self) -> list[NodeView]:
         return list(self.query(NodeView))
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("next_node", "show_node") and len(self.targets) < 2:
+            return False  # one node: no tabs (and Tab keeps its usual meaning)
+        return True
+
+    def action_next_node(self) -> None:
+        tabs = self.query_one(TabbedContent)
+        current = int((tabs.active or "node-0").removeprefix("node-"))
+        tabs.active = f"node-{(current + 1) % len(self.targets)}"
+
+    def action_show_node(self, index: int) -> None:
+        if index < len(self.targets):
+            self.query_one(TabbedContent).active = f"node-{index}"
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused

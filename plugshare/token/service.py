@@ -90,9 +90,15 @@ async def serve_home(home: Path, *, ready=None, parent: int | None = None) -> No
     config = load_config(home / "node.toml")
     door = Door(open_token(home, config), standalone=parent is None)
     path = socket_path(home)
+    # A node's child stops when the node tells it (SIGTERM). A terminal's Ctrl-C reaches the
+    # whole foreground process group: left to it, the child would exit on its own and the
+    # node would restart it while stopping.
+    stop_on = (signal.SIGTERM,) if parent is not None else (signal.SIGINT, signal.SIGTERM)
+    if parent is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(*stop_on) as signals:
                 await nursery.start(serve, path, door)
                 if parent is not None:
                     nursery.start_soon(_watch_parent, parent, nursery.cancel_scope)

@@ -72,8 +72,8 @@ FULL_STATUS = {
 
 def test_status_renders_every_part():
     assert summary_text(FULL_STATUS) == (
-        "alice  TZJBRPT…  api http://127.0.0.1:7414  peers at 127.0.0.1:7415  "
-        "sqlite · 42 docs · seq 97  5 events dropped")
+        "alice  TZJBRPT…  sqlite · 42 docs · seq 97  5 events dropped  "
+        "api http://127.0.0.1:7414  peers at 127.0.0.1:7415")
     assert peer_rows(FULL_STATUS, NOW) == [
         ("bob", "ABCDEFG…", "127.0.0.1:9001 +1", "● yes", "0.8 ms", "3s ago"),
         ("carol", "QQQQQQQ…", "—", "○ no", "—", "—"),

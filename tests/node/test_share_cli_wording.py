@@ -1,0 +1,91 @@
+"""What `share accept`, `share invite`, `share show` and `share leave` say, on real nodes
+through the real command line (issue #11 items 7 and 8): the count a finished accept prints
+is the count it ended with; Ctrl-C during the initial sync says the sync goes on and exits
+130; a share that ended (left, revoked) shows no member as active for us and no sync state;
+re-using one's own used code is refused instead of joining again; `invite` says until when
+its code and the membership hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.node.cluster import Cluster, wait_until
+
+
+@pytest.fixture
+def pair(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        yield cluster.add("alice"), cluster.add("bob")
+    finally:
+        cluster.close()
+        print(cluster.logs())
+
+
+def test_accept_prints_the_doc_count_it_ended_with(pair):
+    alice, bob = pair
+    alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
+    for i in range(3):
+        alice.put("io.notes", {"n": i}, f"n{i}")
+    code = alice.cli_json("share", "invite", "notes")["code"]
+    done = bob.cli("share", "accept", code)
+    assert done.returncode == 0, done.stderr
+    assert "3 docs" in done.stdout and "0 docs" not in done.stdout, done.stdout + done.stderr
+
+
+def test_ctrl_c_during_the_initial_sync_says_it_goes_on_and_exits_130(pair):
+    alice, bob = pair
+    alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
+    code = alice.cli_json("share", "invite", "notes")["code"]
+    accept = subprocess.Popen(
+        [sys.executable, "-m", "plugshare", "--home", str(bob.home), "share", "accept", code],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    # once joined, the command only shows the sync's progress
+    first = accept.stderr.readline()
+    assert first.startswith("joined 'notes'"), first
+    accept.send_signal(signal.SIGINT)
+    out, err = accept.communicate(timeout=60)
+    assert accept.returncode == 130, (out, err)
+    assert "goes on" in out + err and "0 docs" not in out, (out, err)
+
+
+def test_an_ended_share_shows_no_active_self_and_no_sync(pair):
+    alice, bob = pair
+    alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
+    bob.cli_json("share", "accept", "--no-progress",
+                 alice.cli_json("share", "invite", "notes")["code"])
+    wait_until(lambda: bob.share("notes")["peers"] and
+               bob.share("notes")["peers"][0].get("state") == "live", 60, what="live sync")
+    bob.cli_json("share", "leave", "notes")
+    shown = bob.cli_json("share", "show", "notes")
+    assert shown["status"] == "left"
+    me = next(m for m in shown["members"] if m["name"] == "bob")
+    assert me["status"] == "left", shown["members"]
+    assert shown["peers"] == [], shown["peers"]
+    text = bob.cli_ok("share", "show", "notes")
+    assert "sync " not in text and "active" not in text.split("\n", 1)[1], text
+
+
+def test_reusing_ones_own_used_code_is_refused(pair):
+    alice, bob = pair
+    alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
+    code = alice.cli_json("share", "invite", "notes")["code"]
+    bob.cli_json("share", "accept", "--no-progress", code)
+    again = bob.cli("--json", "share", "accept", "--no-progress", code)
+    assert again.returncode == 1, again.stdout
+    assert "already a member" in json.loads(again.stdout)["reason"]
+
+
+def test_invite_says_until_when_the_code_and_the_membership_hold(pair):
+    alice, _ = pair
+    alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
+    done = alice.cli("share", "invite", "notes", "--ttl", "30m", "--expires", "2d")
+    assert done.returncode == 0, done.stderr
+    code, = done.stdout.split()  # stdout stays the bare code, for $(...)
+    assert "valid until" in done.stderr and "membership until" in done.stderr, done.stderr
