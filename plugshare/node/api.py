@@ -294,11 +294,13 @@ def create_app(node: ApiParts) -> Starlette:
                                                  membership_expires=expires), status_code=201)
 
     async def invitations(request: Request) -> Response:
+        """GET: the open invitations (of one share, or of all; owner only)"""
         name = request.path_params.get("name") or request.query_params.get("share")
         return JSONResponse({"invitations": await sharing.invitations(
             request.state.credential, name)})
 
     async def invitation_item(request: Request) -> Response:
+        """DELETE: cancel an open invitation, by its code or its id"""
         return JSONResponse(await sharing.cancel_invitation(
             request.state.credential, request.path_params["name"],
             request.path_params["invitation"]))
