@@ -782,7 +782,19 @@ def share_invite(ctx: Context, name: str, read_only: bool, ttl: str, qr: bool,
                                       "expires": _expiry(expires)})
     if qr and not ctx.as_json:
         click.echo(_qr_text(result["code"]), err=True)  # stdout stays the bare code
+    if not ctx.as_json:
+        membership = _expiry(expires)
+        click.echo(f"single use, {'read-only' if read_only else 'read-write'}; valid until "
+                   f"{_local_time(result['expires_at'])}"
+                   + (f"; membership until {_local_time(membership)}" if membership else ""),
+                   err=True)
     ctx.emit(result, result["code"])
+
+
+def _local_time(when: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(when).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 @share.command("invitations")
@@ -834,8 +846,8 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
         ctx.emit(result, _share_summary(result))
         return
     name = result["name"]
-    click.echo(f"joined {name!r} ({result['doctype']}); syncing...", err=True)
     try:
+        click.echo(f"joined {name!r} ({result['doctype']}); syncing...", err=True)
         from plugshare.node.progress import follow_initial_sync
 
         interrupted = follow_initial_sync(ctx.home, name).reason == "interrupted"

@@ -139,8 +139,6 @@ def create_app(node: ApiParts) -> Starlette:
     docs = node.documents
 
     async def get_doc(request: Request, doctype: str | None = None) -> Response:
-        """GET: a document by id alone (ETag: its rev)
-        DELETE: delete a document (?rev= or If-Match)"""
         doc = await docs.get(
             request.state.credential,
             request.path_params["doc_id"],
@@ -189,6 +187,8 @@ def create_app(node: ApiParts) -> Starlette:
         return _listing(await docs.list(request.state.credential, doctype))
 
     async def any_doc(request: Request) -> Response:
+        """GET: a document by id alone (ETag: its rev)
+        DELETE: delete a document by id alone (?rev= or If-Match)"""
         if request.method == "DELETE":
             return await delete_doc(request)
         return await get_doc(request)

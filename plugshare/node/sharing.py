@@ -41,6 +41,13 @@ class OwnerUnreachable(PlugshareError):
     error = "unreachable"
 
 
+class AlreadyMember(PlugshareError):
+    """The invitation is for a share this node takes part in already."""
+
+    status = 409
+    error = "conflict"
+
+
 class Sharing:
     def __init__(self, *, call: Callable[..., Awaitable[Any]], identity: Identity,
                  shares: ShareView, store: Store, documents: Documents, events: EventBus,
@@ -111,6 +118,10 @@ class Sharing:
         owner = invitation.owner_fingerprint
         if owner == self.identity.fingerprint:
             raise Forbidden("this invitation was made by this very node")
+        if self.shares.here(invitation.share_id):
+            joined = self.shares.get(invitation.share_id)
+            raise AlreadyMember(f"this node is already a member of share {joined.name!r}; "
+                                "an invitation admits a new member")
         session = self.peers.sessions.get(owner)
         if session is None:
             try:
@@ -217,8 +228,8 @@ class Sharing:
         sessions = self.peers.sessions
         standing = self.shares.status(manifest.share_id)
         here = standing in ("owner", "active")
-        peers = []
-        for member in manifest.members:
+        peers = []  # the links this share syncs over: none once it ended here
+        for member in manifest.members if here else ():
             if member.fingerprint == me or member.status != "active":
                 continue
             session = sessions.get(member.fingerprint)
@@ -239,7 +250,9 @@ class Sharing:
             "status": "active" if standing == "owner" else standing,
             "members": [
                 {"name": m.name, "id": m.node_id, "permission": m.permission,
-                 "status": m.status, "connected": m.fingerprint in sessions}
+                 # our own standing is ours to say: the manifest may not know it yet
+                 "status": standing if m.fingerprint == me and not here else m.status,
+                 "connected": m.fingerprint in sessions}
                 for m in manifest.members
             ],
             "docs": await self._doc_count(manifest) if here else 0,
