@@ -54,6 +54,7 @@ from plugshare.replication.link import (
     RemoteProtocolError,
     node_id,
 )
+from plugshare.token import format_node_id
 from plugshare.token.tls import ALPN_PROTOCOL, InvalidPeerCertificate, certificate_identity
 
 __all__ = [
@@ -231,7 +232,7 @@ class PeerConnection:
             return
         self._close_reason = reason
         self._close_error = error
-        peer = f"{self.peer_fingerprint.hex()} at {self.remote_address}"
+        peer = f"{format_node_id(self.peer_fingerprint)} at {self.remote_address}"
         if error is None:
             logger.info("link to peer %s closed: %s", peer, reason)
         else:
@@ -383,7 +384,7 @@ async def _run_with_handler(connection: PeerConnection, handler: Handler) -> Non
         try:
             await handler(connection)
         except PeerConnectionClosed as closed:
-            logger.debug("link to %s ended: %s", connection.peer_fingerprint.hex(), closed.reason)
+            logger.debug("link to %s ended: %s", format_node_id(connection.peer_fingerprint), closed.reason)
         finally:
             with trio.CancelScope(shield=True):
                 await connection.aclose()
@@ -448,7 +449,7 @@ async def serve_peers(
                     allowed = await allowed  # the token decides, in its own process
                 if not allowed:
                     link.refuse("this node does not accept your node id")
-                    logger.info("refused peer %s from %s: not an accepted peer", fingerprint.hex(), remote)
+                    logger.info("refused peer %s from %s: not an accepted peer", format_node_id(fingerprint), remote)
                     await _close_after_failure(stream, link, config, tls_up=True)
                     return
                 link.accept()
@@ -470,7 +471,7 @@ async def serve_peers(
         finally:
             pending.release(admitted.ticket)
             pending_scopes.pop(admitted.ticket, None)
-        logger.info("accepted peer %s (%r) from %s", fingerprint.hex(), event.peer.name, remote)
+        logger.info("accepted peer %s (%r) from %s", format_node_id(fingerprint), event.peer.name, remote)
         await _run_with_handler(PeerConnection(stream, link, remote_address=remote, config=config), handler)
 
     async def run_one(tcp_stream: trio.SocketStream) -> None:
@@ -562,7 +563,8 @@ async def _establish(
         fingerprint = node_id(certificate_identity(stream.getpeercert(binary_form=True)))
         if fingerprint != expected_fingerprint:
             raise FingerprintMismatch(
-                f"{where} is node {fingerprint.hex()}, not the expected {expected_fingerprint.hex()}"
+                f"{where} is node {format_node_id(fingerprint)}, not the expected "
+                f"{format_node_id(expected_fingerprint)}"
             )
         link = Link.connecting(local, pinned_peer_id=fingerprint, now=started, config=config.link)
         event = await _link_handshake(stream, link, prove)
@@ -645,7 +647,7 @@ async def keep_connected(
     """
     rng = rng or random.Random()
     attempt = 0
-    peer = expected_fingerprint.hex()
+    peer = format_node_id(expected_fingerprint)
     while True:
         for host, port in list(addresses()):
             try:

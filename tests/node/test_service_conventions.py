@@ -181,3 +181,20 @@ def test_an_abstract_notify_socket_is_reached(home):
         process, _ = launch(home, env={"NOTIFY_SOCKET": "@" + name})
         assert "READY=1" in sock.recv(4096).decode()
         stop(process)
+
+
+def test_the_log_names_peers_by_node_id(tmp_path):
+    """A person reads node ids (`plugshare peers`, `share show`), never raw fingerprints."""
+    from tests.node.cluster import Cluster, share_between
+
+    cluster = Cluster(tmp_path / "c")
+    try:
+        alice, bob = cluster.add("alice"), cluster.add("bob")
+        share_between(alice, [bob], name="notes", doctype="io.notes")
+        wait_until(lambda: bob.node_id in alice.log(), 30, what="alice to log bob's link")
+        bob.stop()
+        wait_until(lambda: "closed" in alice.log() or "ended" in alice.log(), 30,
+                   what="alice to log the link's end")
+        assert not re.search(r"\b[0-9a-f]{64}\b", alice.log()), alice.log()
+    finally:
+        cluster.close()

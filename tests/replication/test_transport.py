@@ -13,6 +13,8 @@ from functools import partial
 
 import pytest
 import trio
+
+from plugshare.token import format_node_id
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -299,7 +301,7 @@ async def test_a_wrong_pinned_fingerprint_is_refused_before_sending_anything(ser
     async with trio.open_nursery() as nursery:
         port, server = await start_server(nursery, server_node, handler)
         await connect_fails(
-            port, Node("someone-else"), client_node, FingerprintMismatch, f"is node {server_node.id.hex()}, not the expected"
+            port, Node("someone-else"), client_node, FingerprintMismatch, f"is node {format_node_id(server_node.id)}, not the expected"
         )
         with trio.fail_after(10):
             while "dropped peer connection" not in caplog.text:
@@ -588,7 +590,7 @@ async def test_a_valid_delegation_from_another_identity_is_a_fingerprint_mismatc
     mallory = Node("mallory")  # a real node, but not the one we want
     async with trio.open_nursery() as nursery:
         port, received = await start_recording_tls_server(nursery, mallory.server_context())
-        await connect_fails(port, server_node, client_node, FingerprintMismatch, f"is node {mallory.id.hex()}")
+        await connect_fails(port, server_node, client_node, FingerprintMismatch, f"is node {format_node_id(mallory.id)}")
         with trio.fail_after(10):
             while not received:
                 await trio.sleep(0.01)
