@@ -60,12 +60,21 @@ def _error(status: int, error: str, reason: str) -> JSONResponse:
     return JSONResponse({"error": error, "reason": reason}, status_code=status)
 
 
+def _too_large() -> ApiError:
+    return ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
+
+
 async def _json_body(request: Request) -> Any:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    # Read as it streams in and stop at the cap: a chunked body declares no length, so the
+    # header alone cannot refuse it, and `request.body()` would buffer all of it first.
+    raw = bytearray()
+    async for chunk in request.stream():
+        if len(raw) + len(chunk) > MAX_BODY:
+            raise _too_large()
+        raw += chunk
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -1,0 +1,111 @@
+"""What a local client can make the node spend through its API is bounded.
+
+Seen on real nodes: a chunked request body (no Content-Length) bypassed the 8 MiB cap, and
+640 MiB were buffered (RSS 700 MiB) before the 413; and every request with a bad credential
+added an audit entry with three fsyncs of its own (500 bad requests: 80 KB of log)."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+
+from plugshare.node.api import MAX_BODY
+from tests.node.cluster import wait_until
+
+MiB = 1024 * 1024
+FLOOD = 64 * MiB  # eight times the cap
+CHUNK = 64 * 1024
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc (VmRSS now, VmHWM its peak), in KiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _send_chunked(api_url: str, credential: str, path: str, total: int) -> tuple[int, dict, int]:
+    """PUT a chunked body of `total` bytes over a raw socket, stopping as soon as the node
+    answers. Returns (status, JSON body, bytes of body sent before the answer came)."""
+    address = urlsplit(api_url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=60)
+    try:
+        sock.sendall((f"PUT {path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                      f"Authorization: Bearer {credential}\r\n"
+                      "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      ).encode())
+        chunk = f"{CHUNK:x}\r\n".encode() + b" " * CHUNK + b"\r\n"
+        sent = 0
+        try:
+            while sent < total:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable:
+                    break  # the node answered (or hung up): stop sending
+                sock.sendall(chunk)
+                sent += CHUNK
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < _expected_length(answer):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body[: _expected_length(answer) - len(head) - 4]), sent
+
+
+def _expected_length(answer: bytes) -> int:
+    head, found, _ = answer.partition(b"\r\n\r\n")
+    if not found:
+        return len(answer) + 1
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(head) + 4 + int(value)
+    raise AssertionError(f"an answer without Content-Length: {head!r}")
+
+
+def test_a_chunked_body_over_the_cap_is_refused_as_it_streams_in(node):
+    client = httpx.Client(base_url=node.api_url, timeout=30,
+                          headers={"Authorization": f"Bearer {node.credential}"})
+    with client:
+        assert client.put("/data/io.notes/warm", json={"doctype": "io.notes", "n": 1}
+                          ).status_code == 201
+        peak_before = _memory_kib(node.process.pid, "VmHWM")
+
+        status, body, sent = _send_chunked(node.api_url, node.credential,
+                                           "/data/io.notes/flood", FLOOD)
+        growth = _memory_kib(node.process.pid, "VmHWM") - peak_before
+        print(f"sent {sent / MiB:.1f} MiB before the {status}; peak RSS grew "
+              f"{growth / 1024:.1f} MiB")
+        assert status == 413, body
+        assert body["error"] == "too_large" and str(MAX_BODY) in body["reason"]
+        assert sent < FLOOD  # refused while it streamed in, not after
+        assert growth * 1024 < 3 * MAX_BODY, f"peak RSS grew by {growth} KiB"
+
+        # The node still serves, and a body at the cap's scale still goes in.
+        assert client.get("/docs/warm").json()["n"] == 1
+        big = {"doctype": "io.notes", "text": "x" * (MAX_BODY - 1024)}
+        assert client.put("/data/io.notes/big", json=big).status_code == 201
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_the_body(node):
+    with httpx.Client(base_url=node.api_url, timeout=30,
+                      headers={"Authorization": f"Bearer {node.credential}"}) as client:
+        response = client.put("/data/io.notes/big", content=b" " * (MAX_BODY + 1),
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert set(response.json()) == {"error", "reason"}
+        assert client.get("/status").status_code == 200
