@@ -109,3 +109,43 @@ def test_a_declared_length_over_the_cap_is_refused_before_the_body(node):
         assert response.status_code == 413
         assert set(response.json()) == {"error", "reason"}
         assert client.get("/status").status_code == 200
+
+
+BAD_REQUESTS = 500
+
+
+def _audit(node) -> dict:
+    done = node.cli("--json", "audit", "--tail", "100000", "--verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def test_bad_credentials_are_counted_in_the_audit_not_logged_one_by_one(node):
+    before = _audit(node)
+    start = before["verify"]["entries"]
+    unknown = "ps1.0000000000000000." + "A" * 43  # well formed, no such credential
+    with httpx.Client(base_url=node.api_url, timeout=30) as client:
+        for i in range(BAD_REQUESTS):
+            bad = unknown if i % 2 else "nope"
+            answer = client.get("/docs/", headers={"Authorization": f"Bearer {bad}"})
+            assert answer.status_code == 401
+        # Someone the token knows but refuses stays one entry per refusal.
+        app = json.loads(node.cli("--json", "app", "add", "reader", "--doctype", "io.notes",
+                                  "--perm", "read").stdout)["credential"]
+        for i in range(5):
+            answer = client.put(f"/data/io.notes/n{i}", json={"doctype": "io.notes"},
+                                headers={"Authorization": f"Bearer {app}"})
+            assert answer.status_code == 403
+
+    after = _audit(node)
+    assert after["verify"]["ok"], after["verify"]
+    new = [e for e in after["entries"] if e["seq"] >= start]
+    refused = [e for e in new if e["principal"] == "anonymous"]
+    print(f"{BAD_REQUESTS} bad credentials: {len(refused)} audit entries, "
+          f"{after['verify']['entries'] - start} new entries in all")
+    assert sum(e.get("count", 1) for e in refused) == BAD_REQUESTS
+    assert len(refused) <= 4  # two kinds of bad credential: one logged, one count, each
+    assert all(not e["allowed"] and e["action"] == "authenticate" for e in refused)
+    writes = [e for e in new if e["principal"] == "app:reader" and e["action"] == "write"]
+    assert [e["doc_id"] for e in writes] == [f"n{i}" for i in range(5)]
+    assert len(new) < 20  # the 500 refusals, 5 writes, adding the app and reading the log
