@@ -33,7 +33,9 @@ A push, message by message (the source reads its changes feed from its checkpoin
 * A batch offers at most `MAX_BATCH_REVISIONS` revisions and its `rep.docs` carry at most that
   many docs in all (a `rep.docs` for a batch not open, too): more breaks the protocol. A page
   offering more is sent as several batches, all but the last ending at the seq the previous
-  page ended at, each sent when the window has room.
+  page ended at, each sent when the window has room. The target asks for at most `MAX_LEAVES`
+  revisions of one doc per batch: its store would refuse any more (a doc holds no more
+  leaves), so they need not cross.
 * Everything that arrives is checked. A message that breaks the protocol (malformed, for a
   batch that is not waiting for it, over the window) raises `ProtocolError`: the stream is then
   ended, nothing of that message is written. Single items are refused on their own and the rest
@@ -60,7 +62,7 @@ import msgpack
 
 from plugshare.errors import PlugshareError
 from plugshare.replication.frames import DEFAULT_MAX_FRAME_SIZE
-from plugshare.store.base import BadRequest, Doc, Seq
+from plugshare.store.base import MAX_LEAVES, BadRequest, Doc, Seq
 from plugshare.store.revtree import check_doc_id, parse_history, parse_rev
 
 __all__ = [
@@ -857,7 +859,8 @@ class TargetStream:
         missing: dict[str, list[str]] = {}
         for doc_id, offered in action.revs.items():
             lacking = set(answer.get(doc_id, {}).get("missing", ()))
-            revs = [rev for rev in offered if rev in lacking]  # only ever ask for what was offered
+            # Only ever ask for what was offered, and no more than a doc may hold.
+            revs = [rev for rev in offered if rev in lacking][:MAX_LEAVES]
             if revs:
                 missing[doc_id] = revs
                 incoming.asked.update((doc_id, rev) for rev in revs)

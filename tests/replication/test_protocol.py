@@ -38,6 +38,7 @@ from plugshare.replication.protocol import (
     check_open,
     parse_stream_key,
 )
+from plugshare.store.base import MAX_LEAVES
 from plugshare.store.revtree import compute_rev, history_of
 
 SHARE, STREAM, PEER_A, PEER_B = "notes", "1", "aa" * 32, "bb" * 32
@@ -723,3 +724,17 @@ def test_a_page_over_the_batch_cap_is_sent_as_several_batches_within_the_window(
     assert harness.source.can_add_batch and harness.source.in_flight == 0
     sent = harness.of_type(harness.source_events, BatchSent)
     assert sum(event.offered for event in sent) == len(docs) + 1
+
+
+def test_the_target_asks_for_no_more_revisions_of_a_doc_than_it_may_hold():
+    harness = opened_harness()
+    root = revision("flooded", {"v": 0})
+    flood = [revision("flooded", {"n": n}, parents=(root["_rev"],)) for n in range(3 * MAX_LEAVES)]
+    harness.from_source(harness.source.add_batch([*flood, GOOD], 10, now=0.0))
+    harness.deliver_to_target()
+    missing = harness.to_source[0]["missing"]
+    assert missing["flooded"] == [doc["_rev"] for doc in flood[:MAX_LEAVES]]
+    assert missing["good"] == [GOOD["_rev"]]
+    harness.settle()
+    assert harness.written == [*flood[:MAX_LEAVES], GOOD]
+    assert harness.checkpoints == [10]
