@@ -120,15 +120,24 @@ def _audit(node) -> dict:
     return json.loads(done.stdout)
 
 
+def _audit_bytes(node) -> int:
+    """What the token's sealed audit segments hold on disk (sizes only)."""
+    return sum(path.stat().st_size for path in (node.home / "token" / "audit").glob("*.seg"))
+
+
 def test_bad_credentials_are_counted_in_the_audit_not_logged_one_by_one(node):
     before = _audit(node)
     start = before["verify"]["entries"]
+    logged = _audit_bytes(node)
     unknown = "ps1.0000000000000000." + "A" * 43  # well formed, no such credential
     with httpx.Client(base_url=node.api_url, timeout=30) as client:
         for i in range(BAD_REQUESTS):
             bad = unknown if i % 2 else "nope"
             answer = client.get("/docs/", headers={"Authorization": f"Bearer {bad}"})
             assert answer.status_code == 401
+        written = _audit_bytes(node) - logged
+        print(f"{BAD_REQUESTS} bad credentials: the audit segments grew {written} bytes")
+        assert written < 2048  # the first of each kind; each flush writes one sealed record
         # Someone the token knows but refuses stays one entry per refusal.
         app = json.loads(node.cli("--json", "app", "add", "reader", "--doctype", "io.notes",
                                   "--perm", "read").stdout)["credential"]
