@@ -12,6 +12,7 @@ import json
 from typing import Any, Awaitable, Callable
 
 import attrs
+import trio
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,6 +40,7 @@ class ApiParts:
     status: Callable[[], Awaitable[dict]]
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
+DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
 
 # The token speaks in its own errors; this is how they read over HTTP.
 _TOKEN_ERRORS = [
@@ -325,6 +327,35 @@ def _owner_only(node: ApiParts):
     return authorize
 
 
+class _Body:
+    """The request's `receive`, noting whether the body has all come in.
+
+    A request answered before its body was read (401, 413...) must have the rest of the body
+    read, and dropped, while its answer goes out: hypercorn hands the app the body through a
+    queue of 10 pieces and, as the answer ends, queues one more message and waits for room;
+    with the queue full and nobody reading it, that connection (and its client) would hang
+    for good, its socket never closed."""
+
+    def __init__(self, receive):
+        self._receive = receive
+        self.complete = False
+
+    async def __call__(self):
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        return message
+
+    async def drain(self) -> None:
+        """Read the rest and drop it, until it ends, the client goes or falls silent (then
+        nothing is queued, and hypercorn closes the connection)."""
+        while not self.complete:
+            with trio.move_on_after(DRAIN_IDLE) as idle:
+                await self()
+            if idle.cancelled_caught:
+                return
+
+
 class _Guard:
     """ASGI middleware: every request carries a credential the token knows (401 otherwise);
     the credential then travels with each command the request makes."""
@@ -336,6 +367,18 @@ class _Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        body = _Body(receive)
+        async with trio.open_nursery() as nursery:
+
+            async def answer(message) -> None:
+                if message["type"] == "http.response.body" and \
+                        not message.get("more_body", False) and not body.complete:
+                    nursery.start_soon(body.drain)  # see `_Body`: the answer's end needs it
+                await send(message)
+
+            await self._serve(scope, body, answer)
+
+    async def _serve(self, scope, receive, send) -> None:
         request = Request(scope, receive)
         try:
             credential = bearer(request.headers.get("authorization"))

@@ -7,6 +7,7 @@ added an audit entry with three fsyncs of its own (500 bad requests: 80 KB of lo
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import time
@@ -158,3 +159,30 @@ def test_bad_credentials_are_counted_in_the_audit_not_logged_one_by_one(node):
     writes = [e for e in new if e["principal"] == "app:reader" and e["action"] == "write"]
     assert [e["doc_id"] for e in writes] == [f"n{i}" for i in range(5)]
     assert len(new) < 20  # the 500 refusals, 5 writes, adding the app and reading the log
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_refused_uploads_leave_no_connection_behind(node):
+    """The API server cannot close a connection whose request body was left unread while
+    more of it kept coming: each such refusal hung its client and kept a socket open."""
+    pid = node.process.pid
+    good = {"Authorization": f"Bearer {node.credential}"}
+    with httpx.Client(base_url=node.api_url, timeout=30, headers=good) as client:
+        assert client.get("/status").status_code == 200
+    baseline = _open_files(pid)
+    oversized = b" " * (MAX_BODY + 1)
+    for attempt in range(6):
+        # A fresh connection each time, as a client that gave up on the last one would.
+        for headers, expected in ((good, 413), ({"Authorization": "Bearer nope"}, 401)):
+            with httpx.Client(base_url=node.api_url, timeout=10, headers=headers) as client:
+                answer = client.put("/data/io.notes/big", content=oversized,
+                                    headers={"Content-Type": "application/json"})
+                assert answer.status_code == expected, (attempt, answer.text)
+        status, _, _ = _send_chunked(node.api_url, node.credential, "/data/io.notes/x", FLOOD)
+        assert status == 413
+    wait_until(lambda: _open_files(pid) <= baseline + 1, what="the refused connections to close")
+    with httpx.Client(base_url=node.api_url, timeout=30, headers=good) as client:
+        assert client.get("/status").status_code == 200
