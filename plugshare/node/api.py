@@ -330,11 +330,11 @@ def _owner_only(node: ApiParts):
 class _Body:
     """The request's `receive`, noting whether the body has all come in.
 
-    A request answered before its body was read (401, 413...) must have the rest of the body
-    read, and dropped, while its answer goes out: hypercorn hands the app the body through a
-    queue of 10 pieces and, as the answer ends, queues one more message and waits for room;
-    with the queue full and nobody reading it, that connection (and its client) would hang
-    for good, its socket never closed."""
+    A request answered before its body was read (401, 413...) must have its queue read, and
+    dropped, while its answer goes out: hypercorn hands the app the body through a queue of
+    10 pieces and, as the answer ends, queues one more message and waits for room before it
+    closes the connection; with the queue full and nobody reading it, that connection (and
+    its client) would hang for good, its socket never closed."""
 
     def __init__(self, receive):
         self._receive = receive
@@ -347,8 +347,9 @@ class _Body:
         return message
 
     async def drain(self) -> None:
-        """Read the rest and drop it, until it ends, the client goes or falls silent (then
-        nothing is queued, and hypercorn closes the connection)."""
+        """Read what is queued and drop it until hypercorn's closing message gets in (it
+        then closes the connection, the rest of the body unread), the body ends, or the
+        client falls silent (nothing is queued then)."""
         while not self.complete:
             with trio.move_on_after(DRAIN_IDLE) as idle:
                 await self()
