@@ -12,6 +12,7 @@ import json
 from typing import Any, Awaitable, Callable
 
 import attrs
+import trio
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,6 +42,7 @@ class ApiParts:
     nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
+DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
 
 # The token speaks in its own errors; this is how they read over HTTP.
 _TOKEN_ERRORS = [
@@ -62,12 +64,21 @@ def _error(status: int, error: str, reason: str) -> JSONResponse:
     return JSONResponse({"error": error, "reason": reason}, status_code=status)
 
 
+def _too_large() -> ApiError:
+    return ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
+
+
 async def _json_body(request: Request) -> Any:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    # Read as it streams in and stop at the cap: a chunked body declares no length, so the
+    # header alone cannot refuse it, and `request.body()` would buffer all of it first.
+    raw = bytearray()
+    async for chunk in request.stream():
+        if len(raw) + len(chunk) > MAX_BODY:
+            raise _too_large()
+        raw += chunk
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -410,6 +421,36 @@ def _owner_only(node: ApiParts):
     return authorize
 
 
+class _Body:
+    """The request's `receive`, noting whether the body has all come in.
+
+    A request answered before its body was read (401, 413...) must have its queue read, and
+    dropped, while its answer goes out: hypercorn hands the app the body through a queue of
+    10 pieces and, as the answer ends, queues one more message and waits for room before it
+    closes the connection; with the queue full and nobody reading it, that connection (and
+    its client) would hang for good, its socket never closed."""
+
+    def __init__(self, receive):
+        self._receive = receive
+        self.complete = False
+
+    async def __call__(self):
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        return message
+
+    async def drain(self) -> None:
+        """Read what is queued and drop it until hypercorn's closing message gets in (it
+        then closes the connection, the rest of the body unread), the body ends, or the
+        client falls silent (nothing is queued then)."""
+        while not self.complete:
+            with trio.move_on_after(DRAIN_IDLE) as idle:
+                await self()
+            if idle.cancelled_caught:
+                return
+
+
 class _Guard:
     """ASGI middleware: every request carries a credential the token knows (401 otherwise);
     the credential then travels with each command the request makes."""
@@ -423,6 +464,18 @@ class _Guard:
             return await self.app(scope, receive, send)
         if scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)  # describes the API; holds no data
+        body = _Body(receive)
+        async with trio.open_nursery() as nursery:
+
+            async def answer(message) -> None:
+                if message["type"] == "http.response.body" and \
+                        not message.get("more_body", False) and not body.complete:
+                    nursery.start_soon(body.drain)  # see `_Body`: the answer's end needs it
+                await send(message)
+
+            await self._serve(scope, body, answer)
+
+    async def _serve(self, scope, receive, send) -> None:
         request = Request(scope, receive)
         try:
             credential = bearer(request.headers.get("authorization"))

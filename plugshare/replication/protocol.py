@@ -30,6 +30,12 @@ A push, message by message (the source reads its changes feed from its checkpoin
 * Up to `window` batches are in flight (the source's limit, lowered to the target's). The
   checkpoint moves only to the seq of a completed batch whose earlier batches are all complete,
   so it never runs ahead of what the target has durably written.
+* A batch offers at most `MAX_BATCH_REVISIONS` revisions and its `rep.docs` carry at most that
+  many docs in all (a `rep.docs` for a batch not open, too): more breaks the protocol. A page
+  offering more is sent as several batches, all but the last ending at the seq the previous
+  page ended at, each sent when the window has room. The target asks for at most `MAX_LEAVES`
+  revisions of one doc per batch: its store would refuse any more (a doc holds no more
+  leaves), so they need not cross.
 * Everything that arrives is checked. A message that breaks the protocol (malformed, for a
   batch that is not waiting for it, over the window) raises `ProtocolError`: the stream is then
   ended, nothing of that message is written. Single items are refused on their own and the rest
@@ -56,7 +62,7 @@ import msgpack
 
 from plugshare.errors import PlugshareError
 from plugshare.replication.frames import DEFAULT_MAX_FRAME_SIZE
-from plugshare.store.base import BadRequest, Doc, Seq
+from plugshare.store.base import MAX_LEAVES, BadRequest, Doc, Seq
 from plugshare.store.revtree import check_doc_id, parse_history, parse_rev
 
 __all__ = [
@@ -128,6 +134,13 @@ MAX_PENDING = 2**63 - 1
 # Docs over this size are not sent: with the message envelope they would exceed a frame.
 DEFAULT_MAX_DOC_BYTES = DEFAULT_MAX_FRAME_SIZE - 64 * 1024
 DEFAULT_DOCS_MESSAGE_BYTES = 1024 * 1024
+# Revisions one batch may offer, and docs it may bring. Every revision costs the target a
+# revs_diff entry, a token decision and a store write in one go, so a peer must not choose
+# how many: this is what one token batch command takes (`plugshare.token.door.MAX_BATCH`),
+# and an honest page of 200 changes holds 10,000 revisions only at 50 conflicts per doc (a
+# document holds at most `store.MAX_LEAVES`, 100). A rep.diff at the cap is about 0.5 MB,
+# well inside a frame (`DEFAULT_MAX_FRAME_SIZE`, 16 MiB).
+MAX_BATCH_REVISIONS = 10_000
 
 Direction = Literal["push", "pull"]
 InScope = Callable[[Doc], bool]
@@ -421,6 +434,7 @@ def _pair(doc: object) -> tuple[str, str]:
 
 
 class _Phase(enum.Enum):
+    QUEUED = "waiting for room in the window"
     DIFFING = "waiting for rep.missing"
     SENDING = "waiting for rep.ack"
     DONE = "complete"
@@ -448,6 +462,7 @@ class _OutgoingBatch:
     offered: dict[tuple[str, str], _Offer]  # emptied once the target has answered
     offered_count: int
     phase: _Phase
+    pending: int | None = None  # the feed's estimate of the changes after it, for the target
     sent: int = 0
     sent_bytes: int = 0
 
@@ -495,6 +510,7 @@ class SourceStream:
         self._state = _StreamState.OPENING
         self._pending: dict[int, _OutgoingBatch] = {}  # batch order, oldest first
         self._next_batch = 0
+        self._read_seq: Seq = 0  # where the last batch added ends in the feed
         self._drained = False  # the feed had nothing after the last batch added
         self._caught_up_reported = False
         self.target_store: str | None = None
@@ -516,7 +532,7 @@ class SourceStream:
         """Start reading the feed at `since` (a checkpoint); only before the first batch."""
         if self._next_batch:
             raise LocalProtocolError("resume_from is only allowed before the first batch")
-        self.checkpoint = since
+        self.checkpoint = self._read_seq = since
 
     # -- state
 
@@ -560,22 +576,46 @@ class SourceStream:
         offered = {(doc["_id"], doc["_rev"]): _measure(doc) for doc in docs if self._in_scope(doc)}
         if offered:
             self.average_doc_bytes = sum(offer.size or 0 for offer in offered.values()) / len(offered)
-        number = self._next_batch
-        self._next_batch += 1
         self._drained = False
-        batch = _OutgoingBatch(number, seq, now, offered, len(offered), _Phase.DIFFING)
-        self._pending[number] = batch
+        previous_seq, self._read_seq = self._read_seq, seq
         if not offered:  # nothing in scope: the batch is complete as it stands
-            batch.phase = _Phase.DONE
+            number = self._next_batch
+            self._next_batch += 1
+            self._pending[number] = _OutgoingBatch(number, seq, now, {}, 0, _Phase.DONE)
             return self._advance(now)
         self._caught_up_reported = False
-        revs: dict[str, list[str]] = {}
-        for doc_id, rev in offered:
-            revs.setdefault(doc_id, []).append(rev)
-        diff = {**self._common(DIFF), "batch": number, "revs": revs}
-        if pending is not None:
-            diff["pending"] = pending
-        return [Send(diff)]
+        # Over the cap, the page goes as several batches; only the last one ends at `seq`,
+        # so the checkpoint passes the page once all of it is written.
+        offers = list(offered.items())
+        for start in range(0, len(offers), MAX_BATCH_REVISIONS):
+            part = dict(offers[start:start + MAX_BATCH_REVISIONS])
+            last = start + MAX_BATCH_REVISIONS >= len(offers)
+            number = self._next_batch
+            self._next_batch += 1
+            self._pending[number] = _OutgoingBatch(number, seq if last else previous_seq, now,
+                                                   part, len(part), _Phase.QUEUED, pending)
+        return self._send_queued()
+
+    def _send_queued(self) -> list[Output]:
+        """The `rep.diff` of each queued batch the window has room for, oldest first."""
+        batches = self._pending.values()
+        room = self.window - sum(1 for b in batches if b.phase in (_Phase.DIFFING, _Phase.SENDING))
+        outputs: list[Output] = []
+        for batch in batches:
+            if room <= 0:
+                break
+            if batch.phase is not _Phase.QUEUED:
+                continue
+            revs: dict[str, list[str]] = {}
+            for doc_id, rev in batch.offered:
+                revs.setdefault(doc_id, []).append(rev)
+            diff = {**self._common(DIFF), "batch": batch.number, "revs": revs}
+            if batch.pending is not None:
+                diff["pending"] = batch.pending
+            batch.phase = _Phase.DIFFING
+            room -= 1
+            outputs.append(Send(diff))
+        return outputs
 
     def feed_drained(self) -> list[Output]:
         """The changes feed has nothing after the last batch added."""
@@ -643,7 +683,7 @@ class SourceStream:
             batch.phase = _Phase.DONE
             outputs.append(BatchSent(share=self.share, peer=self.peer, batch=batch.number,
                                      offered=batch.offered_count, sent=0))
-            return outputs + self._advance(now)
+            return outputs + self._advance(now) + self._send_queued()
         outputs += self._docs_messages(batch, wanted)
         batch.phase = _Phase.SENDING
         outputs.append(BatchSent(share=self.share, peer=self.peer, batch=batch.number,
@@ -697,7 +737,7 @@ class SourceStream:
         batch.phase = _Phase.DONE
         outputs.append(BatchAcked(share=self.share, peer=self.peer, batch=batch.number,
                                   written=written, refused=len(refused), bytes=batch.sent_bytes))
-        return outputs + self._advance(now)
+        return outputs + self._advance(now) + self._send_queued()
 
     def _advance(self, now: float) -> list[Output]:
         """Move the checkpoint over the complete batches at the front, in batch order."""
@@ -728,6 +768,7 @@ class _IncomingBatch:
     number: int
     pending: int | None  # the source's estimate of the changes after this batch
     asked: set[tuple[str, str]] = attrs.Factory(set)  # asked and not yet received
+    received: int = 0  # docs that came for it, refused ones included
     written: int = 0
     written_bytes: int = 0
     refused: list[list[str]] = attrs.Factory(list)
@@ -796,6 +837,12 @@ class TargetStream:
             raise ProtocolError(f"{DIFF} for batch {number}, which is already open")
         if len(self._open) >= self.window:
             raise ProtocolError(f"{DIFF} for batch {number} while {len(self._open)} batches are open (window {self.window})")
+        offered = message.get("revs")
+        if isinstance(offered, dict):  # counted before anything else is looked at
+            count = sum(len(revs) if isinstance(revs, list) else 1 for revs in offered.values())
+            if count > MAX_BATCH_REVISIONS:
+                raise ProtocolError(f"{DIFF} for batch {number} offers {count} revisions, over "
+                                    f"the cap of {MAX_BATCH_REVISIONS} per batch")
         revs = _revs_map(message, "revs")
         pending = _pending(message)
         self._open[number] = _IncomingBatch(number, pending)
@@ -812,7 +859,8 @@ class TargetStream:
         missing: dict[str, list[str]] = {}
         for doc_id, offered in action.revs.items():
             lacking = set(answer.get(doc_id, {}).get("missing", ()))
-            revs = [rev for rev in offered if rev in lacking]  # only ever ask for what was offered
+            # Only ever ask for what was offered, and no more than a doc may hold.
+            revs = [rev for rev in offered if rev in lacking][:MAX_LEAVES]
             if revs:
                 missing[doc_id] = revs
                 incoming.asked.update((doc_id, rev) for rev in revs)
@@ -827,6 +875,12 @@ class TargetStream:
         if not isinstance(docs, list) or type(last) is not bool:
             raise ProtocolError(f"{DOCS} needs docs (a list) and last (true or false)")
         incoming = self._open.get(number)
+        received = len(docs) + (incoming.received if incoming is not None else 0)
+        if received > MAX_BATCH_REVISIONS:
+            raise ProtocolError(f"{DOCS} for batch {number}: more than {MAX_BATCH_REVISIONS} "
+                                f"docs ({received}), over the cap of a batch")
+        if incoming is not None:
+            incoming.received = received
         outputs: list[Output] = []
         accepted = []
         for doc in docs:

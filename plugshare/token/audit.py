@@ -10,6 +10,15 @@ and rollback-checked, truncating or swapping a segment is detected.
 
 `record()` is the hot path (called by every decision): it appends a tuple, nothing more.
 Hashing and sealing happen in `stage()`, called by the token's flush.
+
+Refusals of a caller the token could not identify (principal "anonymous": a bad or unknown
+credential, a malformed peer claim) are counted rather than logged one by one, since anyone
+who can reach the node can send them as fast as it answers: in each `REFUSAL_WINDOW` the first
+refusal of a kind (principal, action, doctype, doc id, reason) is logged at once, the others
+only counted, and their count is logged as one entry (`count` > 1) when the window closes: at
+the first flush after it, when the log is read, or when the token closes. A flood thus costs
+at most two entries per kind per window and no flush of its own. Every decision about an
+identified caller stays one entry each.
 """
 
 from __future__ import annotations
@@ -31,6 +40,10 @@ from .files import fsync_dir
 
 SEGMENT_MAX_BYTES = 1 << 20  # start a new segment file past 1 MiB
 MAX_UNFLUSHED = 16384  # the token flushes by itself past this many unflushed entries
+REFUSAL_WINDOW = 60.0  # seconds over which refusals of unidentified callers are counted
+MAX_REFUSAL_KINDS = 64  # kinds counted at once; any further kind is counted as "other"
+UNIDENTIFIED = "anonymous"
+_clock = time.monotonic  # the windows' clock (wall time may jump)
 _NONCE = 12
 _LEN = struct.Struct(">I")
 _RECORD_AD = struct.Struct(">IQ")
@@ -40,7 +53,7 @@ _RECORD_DOMAIN = b"plugshare/audit/record/v1\x00"
 
 @attrs.frozen(slots=True)
 class AuditEntry:
-    """One logged decision or refusal."""
+    """One logged decision or refusal, or `count` alike refusals of unidentified callers."""
 
     seq: int
     time: float  # Unix time
@@ -51,10 +64,13 @@ class AuditEntry:
     allowed: bool
     reason: str
     hash: bytes
+    count: int = 1
 
     def fields(self) -> list:
-        return [self.seq, self.time, self.principal, self.action, self.doctype, self.doc_id,
-                self.allowed, self.reason]
+        """What the chain hashes (the count only where it is not 1, as it is stored)."""
+        fields = [self.seq, self.time, self.principal, self.action, self.doctype, self.doc_id,
+                  self.allowed, self.reason]
+        return fields if self.count == 1 else [*fields, self.count]
 
 
 @attrs.frozen
@@ -99,6 +115,27 @@ def chain_hash(previous: bytes, fields: list) -> bytes:
     return hashlib.sha256(previous + msgpack.packb(fields, use_bin_type=True)).digest()
 
 
+# A stored row is [seq, time, principal, action, doctype, doc_id, allowed, reason, hash], with
+# the count appended when it is over 1 (and hashed with the fields before it).
+def _hashed_fields(row: list) -> list:
+    return row[:8] if len(row) == 9 else [*row[:8], row[9]]
+
+
+def _valid_row(row: object) -> bool:
+    return isinstance(row, list) and (len(row) == 9 or (
+        len(row) == 10 and type(row[9]) is int and row[9] > 1))
+
+
+@attrs.define
+class _Tally:
+    """Refusals of one kind counted in the current window, after its first (logged)."""
+
+    opened: float  # `_clock()` when the window began
+    count: int = 0
+    first: float = 0.0  # wall time of the first one counted
+    last: float = 0.0
+
+
 class _Damaged(Exception):
     def __init__(self, first_seq: int, why: str):
         super().__init__(why)
@@ -114,7 +151,9 @@ class AuditLog:
         self._aead = aead
         self._genesis = genesis
         self.meta = meta
-        self._pending: list[tuple] = []  # (time, principal, action, doctype, doc_id, allowed, reason)
+        # (time, principal, action, doctype, doc_id, allowed, reason, count)
+        self._pending: list[tuple] = []
+        self._tallies: dict[tuple, _Tally] = {}  # kind -> refusals counted in its window
         # hashed rows [seq, time, principal, action, doctype, doc_id, allowed, reason, hash],
         # not yet on disk (rows, not AuditEntry objects: this runs for every decision)
         self._chained: list[list] = []
@@ -132,23 +171,80 @@ class AuditLog:
         allowed: bool,
         reason: str,
     ) -> int:
-        """Append one entry; returns how many entries are waiting for a flush."""
+        """Append one entry (or count it, see the module's doc); returns how many entries
+        are waiting for a flush."""
         pending = self._pending
-        pending.append((time.time(), principal, action, doctype, doc_id, allowed, reason))
+        if principal == UNIDENTIFIED and not allowed:
+            kind = (principal, action, doctype, doc_id, reason)
+            if self._count_refusal(kind):
+                return len(pending) + len(self._chained)
+        pending.append((time.time(), principal, action, doctype, doc_id, allowed, reason, 1))
         return len(pending) + len(self._chained)
+
+    def _count_refusal(self, kind: tuple) -> bool:
+        """Count a refusal in its kind's open window: True when counted, False when it is
+        the first of a new window (then logged as usual)."""
+        now = _clock()
+        tally = self._tallies.get(kind)
+        if tally is None and len(self._tallies) >= MAX_REFUSAL_KINDS:
+            # Kinds are few by construction; should they not be, memory stays bounded.
+            kind = (kind[0], kind[1], None, None, "refusals of other kinds")
+            tally = self._tallies.get(kind)
+        if tally is not None and now - tally.opened >= REFUSAL_WINDOW:
+            self._close_window(kind)
+            tally = None
+        if tally is None:
+            self._tallies[kind] = _Tally(now)
+            return False
+        wall = time.time()
+        if not tally.count:
+            tally.first = wall
+        tally.count += 1
+        tally.last = wall
+        return True
+
+    def _close_window(self, kind: tuple) -> None:
+        tally = self._tallies.pop(kind)
+        if tally.count:
+            principal, action, doctype, doc_id, reason = kind
+            span = tally.last - tally.first
+            summary = f"{reason} ({tally.count} more refused alike over {span:.0f} s)"
+            self._pending.append(
+                (tally.last, principal, action, doctype, doc_id, False, summary, tally.count))
+
+    def close_windows(self, *, all_of_them: bool = True) -> None:
+        """Log the counts of the refusal windows (all, or those whose time is up)."""
+        now = _clock()
+        for kind in [kind for kind, tally in self._tallies.items()
+                     if all_of_them or now - tally.opened >= REFUSAL_WINDOW]:
+            self._close_window(kind)
+
+    def _windows_due(self) -> int:
+        """Open windows whose time is up and that have a count to log."""
+        now = _clock()
+        return sum(1 for tally in self._tallies.values()
+                   if tally.count and now - tally.opened >= REFUSAL_WINDOW)
 
     @property
     def unflushed(self) -> int:
-        return len(self._pending) + len(self._chained)
+        """Entries a flush would write (counts of windows whose time is up included)."""
+        due = self._windows_due() if self._tallies else 0
+        return len(self._pending) + len(self._chained) + due
 
     def _chain(self) -> None:
+        if self._tallies:
+            self.close_windows(all_of_them=False)
         if not self._pending:
             return
         head, seq, out = self._head, self._next_seq, self._chained
-        for t, principal, action, doctype, doc_id, allowed, reason in self._pending:
+        for t, principal, action, doctype, doc_id, allowed, reason, count in self._pending:
             fields = [seq, t, principal, action, doctype, doc_id, allowed, reason]
-            head = chain_hash(head, fields)
-            fields.append(head)
+            if count == 1:
+                head = chain_hash(head, fields)
+                fields.append(head)
+            else:
+                head = chain_hash(head, [*fields, count])
+                fields += [head, count]
             out.append(fields)
             seq += 1
         self._pending.clear()
@@ -256,9 +352,7 @@ class AuditLog:
                     nonce, ct, _RECORD_DOMAIN + _RECORD_AD.pack(seg.index, seq)
                 )
                 rows = msgpack.unpackb(payload, raw=False)
-                if not isinstance(rows, list) or not all(
-                    isinstance(row, list) and len(row) == 9 for row in rows
-                ):
+                if not isinstance(rows, list) or not all(_valid_row(row) for row in rows):
                     raise ValueError("not a list of audit rows")
             except (InvalidTag, ValueError, TypeError):
                 raise _Damaged(seq, f"{path}: record at byte {offset} fails authentication") from None
@@ -274,6 +368,7 @@ class AuditLog:
         """The last `n` entries, oldest first (including those not flushed yet)."""
         if n <= 0:
             return []
+        self.close_windows()  # the reader sees every refusal counted so far
         self._chain()
         out = list(self._chained[-n:])  # rows
         for seg in reversed(self.meta.segments):
@@ -292,6 +387,7 @@ class AuditLog:
     def verify(self) -> tuple[bool, int, int | None]:
         """(ok, number of entries, index of the first bad entry or None): re-reads every
         segment, recomputes the whole hash chain and checks it against the sealed state."""
+        self.close_windows()
         self._chain()
         total = self._next_seq
         head, seq = self._genesis, 0
@@ -301,7 +397,7 @@ class AuditLog:
             try:
                 for record in self._read_segment(seg):
                     for row in record:
-                        if row[0] != seq or chain_hash(head, row[:8]) != row[8]:
+                        if row[0] != seq or chain_hash(head, _hashed_fields(row)) != row[8]:
                             return False, total, seq
                         head = row[8]
                         seq += 1
@@ -312,7 +408,7 @@ class AuditLog:
         if head != self.meta.head or seq != self.meta.next_seq:
             return False, total, seq
         for row in self._chained:
-            if row[0] != seq or chain_hash(head, row[:8]) != row[8]:
+            if row[0] != seq or chain_hash(head, _hashed_fields(row)) != row[8]:
                 return False, total, seq
             head = row[8]
             seq += 1

@@ -717,6 +717,7 @@ def _audit_json(entry) -> dict[str, Any]:
         "seq": entry.seq, "time": entry.time, "principal": entry.principal,
         "action": entry.action, "doctype": entry.doctype, "doc_id": entry.doc_id,
         "allowed": entry.allowed, "reason": entry.reason, "hash": entry.hash.hex(),
+        "count": entry.count,  # over 1: that many alike refusals of unidentified callers
     }
 
 

@@ -291,6 +291,7 @@ class Token:
         if self._lock_fd is None:
             return
         try:
+            self._audit.close_windows()  # the refusals counted so far are logged too
             self.flush()
         finally:
             self._keys.clear()

@@ -13,6 +13,7 @@ from plugshare.replication.protocol import (
     CAUGHT_UP,
     DIFF,
     DOCS,
+    MAX_BATCH_REVISIONS,
     MISSING,
     OPEN,
     OPENED,
@@ -37,6 +38,7 @@ from plugshare.replication.protocol import (
     check_open,
     parse_stream_key,
 )
+from plugshare.store.base import MAX_LEAVES
 from plugshare.store.revtree import compute_rev, history_of
 
 SHARE, STREAM, PEER_A, PEER_B = "notes", "1", "aa" * 32, "bb" * 32
@@ -634,3 +636,105 @@ def test_the_source_refuses_to_send_a_malformed_pending(pending):
     with pytest.raises(ValueError, match="pending must be"):
         harness.source.add_batch([revision("a", {})], 1, now=0.0, pending=pending)
     assert harness.source.in_flight == 0
+
+
+# --- how much one batch may hold -----------------------------------------------------------
+# Seen on real nodes: a write member sent 9,000 sibling revisions of one doc in one batch and
+# blocked the owner for 77 s. Documents now hold at most MAX_LEAVES leaves; a batch holds at
+# most MAX_BATCH_REVISIONS revisions (what one token batch command takes), a peer offering
+# more has its stream refused, and an honest source splits a page that would exceed it.
+
+
+def siblings(n):
+    """`n` distinct revisions of one doc: what a flooding member offers."""
+    return [f"2-{i:032x}" for i in range(n)]
+
+
+def test_a_diff_offering_more_revisions_than_a_batch_holds_breaks_the_protocol():
+    target = TargetStream(share=SHARE, stream=STREAM, peer=PEER_A, accept=accept_all)
+    flood = request(DIFF, batch=0, revs={"flooded": siblings(MAX_BATCH_REVISIONS + 1)})
+    with pytest.raises(ProtocolError, match=f"over the cap of {MAX_BATCH_REVISIONS}"):
+        target.receive(flood)
+    assert target.open_batches == 0  # nothing was asked of the store
+    refusal = target.refuse_message("protocol error: ...")
+    assert refusal["type"] == "rep.refuse" and (refusal["share"], refusal["stream"]) == (SHARE, STREAM)
+
+    spread = {f"d{i}": [f"1-{i:032x}"] for i in range(MAX_BATCH_REVISIONS + 1)}
+    other = TargetStream(share=SHARE, stream=STREAM, peer=PEER_A, accept=accept_all)
+    with pytest.raises(ProtocolError, match="revisions, over the cap"):
+        other.receive(request(DIFF, batch=0, revs=spread))
+
+    at_cap = TargetStream(share=SHARE, stream=STREAM, peer=PEER_A, accept=accept_all)
+    [action] = at_cap.receive(request(DIFF, batch=0, revs={"flooded": siblings(MAX_BATCH_REVISIONS)}))
+    assert isinstance(action, DiffRevs) and len(action.revs["flooded"]) == MAX_BATCH_REVISIONS
+
+
+def test_a_batch_takes_no_more_docs_than_a_batch_holds():
+    target = asked_target(GOOD)
+    junk = [forged(GOOD, n=i) for i in range(MAX_BATCH_REVISIONS)]
+    outputs = target.receive(request(DOCS, batch=0, docs=junk, last=False))
+    assert len([o for o in outputs if isinstance(o, DocRefused)]) == MAX_BATCH_REVISIONS - 1
+    target.write_result(0, [{"ok": True}])
+    with pytest.raises(ProtocolError, match=f"more than {MAX_BATCH_REVISIONS} docs"):
+        target.receive(request(DOCS, batch=0, docs=[GOOD], last=True))
+    closed = TargetStream(share=SHARE, stream=STREAM, peer=PEER_A, accept=accept_all)
+    with pytest.raises(ProtocolError, match=f"more than {MAX_BATCH_REVISIONS} docs"):
+        closed.receive(request(DOCS, batch=3, docs=junk + [GOOD], last=True))
+
+
+def test_a_batch_cap_fits_one_token_batch_command():
+    from plugshare.token.door import MAX_BATCH
+
+    assert MAX_BATCH_REVISIONS <= MAX_BATCH
+
+
+def test_a_page_over_the_batch_cap_is_sent_as_several_batches_within_the_window():
+    per_doc = 100  # MAX_LEAVES: conflicts a member may have made
+    docs = []
+    for d in range(MAX_BATCH_REVISIONS * 5 // (2 * per_doc)):  # 2.5 batches' worth
+        root = revision(f"d{d}", {"v": 0})
+        docs += [revision(f"d{d}", {"v": 1, "n": n}, parents=(root["_rev"],)) for n in range(per_doc)]
+    source = SourceStream(share=SHARE, stream=STREAM, peer=PEER_B, in_scope=everything,
+                          max_in_flight=2)
+    harness = opened_harness(source=source)
+    first = revision("first", {"v": 1})
+    harness.from_source(harness.source.add_batch([first], 5, now=0.0))
+    harness.settle()
+    harness.from_source(harness.source.add_batch(docs, 10, now=0.0))
+    diffs = [m for m in harness.to_target if m["type"] == DIFF]
+    assert len(diffs) == 2  # the window is 2: the third waits for room
+    assert not harness.source.can_add_batch
+
+    sizes, checkpoints_seen = [], []
+    while harness.to_target or harness.to_source:
+        if harness.to_target:
+            message = harness.to_target[0]
+            if message["type"] == DIFF:
+                sizes.append(sum(len(revs) for revs in message["revs"].values()))
+            harness.deliver_to_target()
+            assert harness.target.open_batches <= 2
+        else:
+            harness.deliver_to_source()
+        checkpoints_seen.append(harness.source.checkpoint)
+    assert sizes == [MAX_BATCH_REVISIONS, MAX_BATCH_REVISIONS, MAX_BATCH_REVISIONS // 2]
+    assert len(harness.written) == len(docs) + 1
+    # The checkpoint passes the page only once all of it is written.
+    assert harness.checkpoints == [5, 5, 5, 10]
+    assert set(checkpoints_seen) == {5, 10} and harness.source.checkpoint == 10
+    assert harness.source.can_add_batch and harness.source.in_flight == 0
+    sent = harness.of_type(harness.source_events, BatchSent)
+    assert sum(event.offered for event in sent) == len(docs) + 1
+
+
+def test_the_target_asks_for_no_more_revisions_of_a_doc_than_it_may_hold():
+    harness = opened_harness()
+    root = revision("flooded", {"v": 0})
+    flood = [revision("flooded", {"n": n}, parents=(root["_rev"],)) for n in range(3 * MAX_LEAVES)]
+    harness.from_source(harness.source.add_batch([*flood, GOOD], 10, now=0.0))
+    harness.deliver_to_target()
+    missing = harness.to_source[0]["missing"]
+    assert missing["flooded"] == [doc["_rev"] for doc in flood[:MAX_LEAVES]]
+    assert missing["good"] == [GOOD["_rev"]]
+    harness.settle()
+    assert harness.written == [*flood[:MAX_LEAVES], GOOD]
+    assert harness.checkpoints == [10]

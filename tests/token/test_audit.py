@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plugshare.token.inside import OWNER, Token, TokenStateError
-from plugshare.token.audit import chain_hash, genesis_hash
+from plugshare.token.inside import OWNER, AuthenticationError, Principal, Token, TokenStateError
+from plugshare.token.audit import REFUSAL_WINDOW, chain_hash, genesis_hash
 
 NOTES = "io.plugshare.notes"
 
@@ -114,3 +114,94 @@ def test_log_survives_reopen(token, make_keystore, small_segments) -> None:
         assert token.audit_tail(1)[0].doc_id == "doc-39"
     finally:
         token.close()
+
+
+# --- refusals of callers the token could not identify --------------------------------------
+# A local process sending bad credentials made one entry and one flush (three fsyncs) per
+# request (500 bad requests: 80 KB of log). They are counted now: the first of a kind in a
+# window is logged at once, the rest as one entry with a count when the window closes.
+
+UNKNOWN = "ps1.0000000000000000." + "A" * 43
+MALFORMED = "garbage"
+
+
+def refuse(token: Token, credential: str, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(AuthenticationError):
+            token.authenticate(credential)
+        token.flush()  # as the token process does after each answer
+
+
+def audit_bytes(token: Token) -> int:
+    return sum(path.stat().st_size for path in segments(token))
+
+
+def refusals(token: Token, since: int) -> list:
+    return [e for e in token.audit_tail(100_000)
+            if e.seq >= since and e.principal == "anonymous" and e.action == "authenticate"]
+
+
+def test_refusals_of_unidentified_callers_are_counted_not_logged_one_by_one(token) -> None:
+    token.flush()
+    start = token.info().audit_entries
+    refuse(token, UNKNOWN, 1)
+    refuse(token, MALFORMED, 1)
+    logged = audit_bytes(token)
+    refuse(token, UNKNOWN, 299)
+    refuse(token, MALFORMED, 199)
+    assert audit_bytes(token) == logged  # nothing written, no fsync, for the other 498
+
+    entries = refusals(token, start)  # reading the log closes the open windows
+    assert len(entries) == 4
+    assert sum(e.count for e in entries) == 500
+    assert sorted(e.count for e in entries) == [1, 1, 199, 299]
+    assert not any(e.allowed for e in entries)
+    summary = next(e for e in entries if e.count == 299)
+    assert "unknown or revoked credential" in summary.reason and "299" in summary.reason
+    ok, n, bad = token.audit_verify()
+    assert (ok, bad) == (True, None)
+    head = genesis_hash(token.fingerprint)  # the counts are in the hash chain
+    for entry in token.audit_tail(n):
+        head = chain_hash(head, entry.fields())
+        assert head == entry.hash
+
+
+def test_a_window_closes_by_itself_and_the_next_refusal_is_logged_again(
+        token, monkeypatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("plugshare.token.audit._clock", lambda: now[0])
+    token.flush()
+    start = token.info().audit_entries
+    refuse(token, UNKNOWN, 10)
+    logged = audit_bytes(token)
+    now[0] += REFUSAL_WINDOW
+    token.flush()  # the next flush after the window writes its count, with no reader
+    assert audit_bytes(token) > logged
+    refuse(token, UNKNOWN, 1)  # a new window: logged at once
+    assert [e.count for e in refusals(token, start)] == [1, 9, 1]
+
+
+def test_counted_refusals_survive_a_restart(token, make_keystore) -> None:
+    token.flush()
+    start = token.info().audit_entries
+    refuse(token, UNKNOWN, 50)
+    state_dir = token._dir
+    token.close()
+    token = Token.open(state_dir, make_keystore())
+    try:
+        assert [e.count for e in refusals(token, start)] == [1, 49]
+        assert token.audit_verify()[0]
+    finally:
+        token.close()
+
+
+def test_refusals_of_identified_callers_stay_one_entry_each(token) -> None:
+    token.add_app("notes", NOTES, "read")
+    app = Principal("app", "notes")
+    token.flush()
+    start = token.info().audit_entries
+    for i in range(50):
+        assert not token.decide(app, "write", {"doctype": NOTES, "_id": f"d{i}"}).allowed
+    entries = [e for e in token.audit_tail(100_000) if e.seq >= start]
+    assert [e.doc_id for e in entries] == [f"d{i}" for i in range(50)]
+    assert all(e.count == 1 and not e.allowed for e in entries)

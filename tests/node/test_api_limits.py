@@ -1,0 +1,188 @@
+"""What a local client can make the node spend through its API is bounded.
+
+Seen on real nodes: a chunked request body (no Content-Length) bypassed the 8 MiB cap, and
+640 MiB were buffered (RSS 700 MiB) before the 413; and every request with a bad credential
+added an audit entry with three fsyncs of its own (500 bad requests: 80 KB of log)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+
+from plugshare.node.api import MAX_BODY
+from tests.node.cluster import wait_until
+
+MiB = 1024 * 1024
+FLOOD = 64 * MiB  # eight times the cap
+CHUNK = 64 * 1024
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc (VmRSS now, VmHWM its peak), in KiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _send_chunked(api_url: str, credential: str, path: str, total: int) -> tuple[int, dict, int]:
+    """PUT a chunked body of `total` bytes over a raw socket, stopping as soon as the node
+    answers. Returns (status, JSON body, bytes of body sent before the answer came)."""
+    address = urlsplit(api_url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=60)
+    try:
+        sock.sendall((f"PUT {path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                      f"Authorization: Bearer {credential}\r\n"
+                      "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      ).encode())
+        chunk = f"{CHUNK:x}\r\n".encode() + b" " * CHUNK + b"\r\n"
+        sent = 0
+        try:
+            while sent < total:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable:
+                    break  # the node answered (or hung up): stop sending
+                sock.sendall(chunk)
+                sent += CHUNK
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < _expected_length(answer):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body[: _expected_length(answer) - len(head) - 4]), sent
+
+
+def _expected_length(answer: bytes) -> int:
+    head, found, _ = answer.partition(b"\r\n\r\n")
+    if not found:
+        return len(answer) + 1
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(head) + 4 + int(value)
+    raise AssertionError(f"an answer without Content-Length: {head!r}")
+
+
+def test_a_chunked_body_over_the_cap_is_refused_as_it_streams_in(node):
+    client = httpx.Client(base_url=node.api_url, timeout=30,
+                          headers={"Authorization": f"Bearer {node.credential}"})
+    with client:
+        assert client.put("/data/io.notes/warm", json={"doctype": "io.notes", "n": 1}
+                          ).status_code == 201
+        peak_before = _memory_kib(node.process.pid, "VmHWM")
+
+        status, body, sent = _send_chunked(node.api_url, node.credential,
+                                           "/data/io.notes/flood", FLOOD)
+        growth = _memory_kib(node.process.pid, "VmHWM") - peak_before
+        print(f"sent {sent / MiB:.1f} MiB before the {status}; peak RSS grew "
+              f"{growth / 1024:.1f} MiB")
+        assert status == 413, body
+        assert body["error"] == "too_large" and str(MAX_BODY) in body["reason"]
+        assert sent < FLOOD  # refused while it streamed in, not after
+        assert growth * 1024 < 3 * MAX_BODY, f"peak RSS grew by {growth} KiB"
+
+        # The node still serves, and a body at the cap's scale still goes in.
+        assert client.get("/docs/warm").json()["n"] == 1
+        big = {"doctype": "io.notes", "text": "x" * (MAX_BODY - 1024)}
+        assert client.put("/data/io.notes/big", json=big).status_code == 201
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_the_body(node):
+    with httpx.Client(base_url=node.api_url, timeout=30,
+                      headers={"Authorization": f"Bearer {node.credential}"}) as client:
+        response = client.put("/data/io.notes/big", content=b" " * (MAX_BODY + 1),
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert set(response.json()) == {"error", "reason"}
+        assert client.get("/status").status_code == 200
+
+
+BAD_REQUESTS = 500
+
+
+def _audit(node) -> dict:
+    done = node.cli("--json", "audit", "--tail", "100000", "--verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def _audit_bytes(node) -> int:
+    """What the token's sealed audit segments hold on disk (sizes only)."""
+    return sum(path.stat().st_size for path in (node.home / "token" / "audit").glob("*.seg"))
+
+
+def test_bad_credentials_are_counted_in_the_audit_not_logged_one_by_one(node):
+    before = _audit(node)
+    start = before["verify"]["entries"]
+    logged = _audit_bytes(node)
+    unknown = "ps1.0000000000000000." + "A" * 43  # well formed, no such credential
+    with httpx.Client(base_url=node.api_url, timeout=30) as client:
+        for i in range(BAD_REQUESTS):
+            bad = unknown if i % 2 else "nope"
+            answer = client.get("/docs/", headers={"Authorization": f"Bearer {bad}"})
+            assert answer.status_code == 401
+        written = _audit_bytes(node) - logged
+        print(f"{BAD_REQUESTS} bad credentials: the audit segments grew {written} bytes")
+        assert written < 2048  # the first of each kind; each flush writes one sealed record
+        # Someone the token knows but refuses stays one entry per refusal.
+        app = json.loads(node.cli("--json", "app", "add", "reader", "--doctype", "io.notes",
+                                  "--perm", "read").stdout)["credential"]
+        for i in range(5):
+            answer = client.put(f"/data/io.notes/n{i}", json={"doctype": "io.notes"},
+                                headers={"Authorization": f"Bearer {app}"})
+            assert answer.status_code == 403
+
+    after = _audit(node)
+    assert after["verify"]["ok"], after["verify"]
+    new = [e for e in after["entries"] if e["seq"] >= start]
+    refused = [e for e in new if e["principal"] == "anonymous"]
+    print(f"{BAD_REQUESTS} bad credentials: {len(refused)} audit entries, "
+          f"{after['verify']['entries'] - start} new entries in all")
+    assert sum(e.get("count", 1) for e in refused) == BAD_REQUESTS
+    assert len(refused) <= 4  # two kinds of bad credential: one logged, one count, each
+    assert all(not e["allowed"] and e["action"] == "authenticate" for e in refused)
+    writes = [e for e in new if e["principal"] == "app:reader" and e["action"] == "write"]
+    assert [e["doc_id"] for e in writes] == [f"n{i}" for i in range(5)]
+    assert len(new) < 20  # the 500 refusals, 5 writes, adding the app and reading the log
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_refused_uploads_leave_no_connection_behind(node):
+    """The API server cannot close a connection whose request body was left unread while
+    more of it kept coming: each such refusal hung its client and kept a socket open."""
+    pid = node.process.pid
+    good = {"Authorization": f"Bearer {node.credential}"}
+    with httpx.Client(base_url=node.api_url, timeout=30, headers=good) as client:
+        assert client.get("/status").status_code == 200
+    baseline = _open_files(pid)
+    oversized = b" " * (MAX_BODY + 1)
+    for attempt in range(6):
+        # A fresh connection each time, as a client that gave up on the last one would.
+        for headers, expected in ((good, 413), ({"Authorization": "Bearer nope"}, 401)):
+            with httpx.Client(base_url=node.api_url, timeout=10, headers=headers) as client:
+                answer = client.put("/data/io.notes/big", content=oversized,
+                                    headers={"Content-Type": "application/json"})
+                assert answer.status_code == expected, (attempt, answer.text)
+        status, _, _ = _send_chunked(node.api_url, node.credential, "/data/io.notes/x", FLOOD)
+        assert status == 413
+    wait_until(lambda: _open_files(pid) <= baseline + 1, what="the refused connections to close")
+    with httpx.Client(base_url=node.api_url, timeout=30, headers=good) as client:
+        assert client.get("/status").status_code == 200
