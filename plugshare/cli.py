@@ -673,29 +673,79 @@ def encrypt(ctx: Context, doctype: str) -> None:
 
 @cli.command()
 @click.option("--tail", default=20, show_default=True, type=click.IntRange(1, 100_000),
-              help="How many of the latest entries to show.")
+              help="How many of the latest (matching) entries to show.")
 @click.option("--verify", is_flag=True, help="Check every seal and the whole hash chain.")
+@click.option("--denied", is_flag=True, help="Only refusals.")
+@click.option("--principal", metavar="WHO",
+              help="Only decisions about WHO: owner:owner, app:NAME, peer:NODE_ID, anonymous.")
+@click.option("--since", metavar="WHEN",
+              help="Only entries since WHEN: a time ago (30m, 12h, 7d, 2w), a date "
+                   "(2026-12-01, 2026-12-01T08:00) or a Unix time.")
+@click.option("--prune", metavar="BEFORE",
+              help="Drop the log's segments older than BEFORE (same forms as --since); what "
+                   "stays is still verifiable (--verify), from a checkpoint.")
 @pass_ctx
-def audit(ctx: Context, tail: int, verify: bool) -> None:
-    """The token's decision log."""
+def audit(ctx: Context, tail: int, verify: bool, denied: bool, principal: str | None,
+          since: str | None, prune: str | None) -> None:
+    """The token's decision log: every decision, hash-chained and sealed."""
     import datetime
 
+    if prune is not None:
+        if denied or principal or since:
+            raise click.UsageError("--prune takes none of --denied, --principal, --since")
+        with ctx.client() as client:
+            done = client.request("POST", "/token/audit/prune",
+                                  json={"before": _past_time(prune, "--prune")})
+        ctx.emit(done, f"pruned {done['entries']} entries ({done['segments']} segments); "
+                       f"the log is verifiable from entry {done['verifiable_from']}")
+        return
     params = {"tail": tail, "verify": "true" if verify else "false"}
+    if denied:
+        params["denied"] = "true"
+    if principal:
+        params["principal"] = principal
+    if since is not None:
+        params["since"] = _past_time(since, "--since")
     with ctx.client() as client:
         result = client.request("GET", "/token/audit", params=params)
     lines = []
     for e in result["entries"]:
         when = datetime.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds")
         what = " ".join(x for x in (e["doctype"], e["doc_id"]) if x)
+        times = f" (×{e['count']})" if e.get("count", 1) > 1 else ""
         lines.append(f"{e['seq']:>6} {when} {'allow' if e['allowed'] else 'DENY ':5} "
-                     f"{e['principal']} {e['action']} {what} - {e['reason']}")
+                     f"{e['principal']} {e['action']} {what} - {e['reason']}{times}")
     if verify:
         v = result["verify"]
         lines.append(f"chain verified: {v['entries']} entries intact" if v["ok"] else
                      f"CHAIN BROKEN at entry {v['first_bad']} ({v['entries']} entries)")
-    ctx.emit(result, "\n".join(lines))
+    ctx.emit(result, "\n".join(lines) or "(no matching entries)")
     if verify and not result["verify"]["ok"]:
         sys.exit(1)
+
+
+def _past_time(text: str, option: str) -> float:
+    """A moment in the past: `30m`/`12h`/`7d`/`2w` ago, an ISO date or time, or a Unix time."""
+    import datetime
+    import re
+    import time
+
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+        return time.time() - int(match.group(1)) * unit
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a time ago (30m, 12h, 7d), a date "
+                                 "(2026-12-01) nor a Unix time", param_hint=option) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # a local time, as a person means it
+    return moment.timestamp()
 
 
 # -- shares and peers -----------------------------------------------------------------

@@ -49,5 +49,11 @@ class Admin:
         answer["rewritten"] = await self.documents.reseal(credential)
         return answer
 
-    async def audit(self, credential: str, tail: int, verify: bool) -> dict[str, Any]:
-        return await self._call("audit.tail", credential=credential, n=tail, verify=verify)
+    async def audit(self, credential: str, tail: int, verify: bool, *,
+                    allowed: bool | None = None, principal: str | None = None,
+                    since: float | None = None) -> dict[str, Any]:
+        return await self._call("audit.tail", credential=credential, n=tail, verify=verify,
+                                allowed=allowed, principal=principal, since=since)
+
+    async def audit_prune(self, credential: str, before: float) -> dict[str, Any]:
+        return await self._call("audit.prune", credential=credential, before=before)

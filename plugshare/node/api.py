@@ -344,13 +344,30 @@ def create_app(node: ApiParts) -> Starlette:
         return JSONResponse({"peers": node.peers_status(), "nearby": node.nearby()})
 
     async def audit(request: Request) -> Response:
-        """GET: the last entries of the token's audit log (?tail=N, ?verify=true)"""
-        tail = request.query_params.get("tail", "20")
+        """GET: the last entries of the token's audit log (?tail=N, ?verify=true; filters:
+        ?denied=true or ?allowed=true, ?principal=app:NAME, ?since=UNIX_TIME)"""
+        params = request.query_params
+        tail = params.get("tail", "20")
         if not tail.isdigit() or not 0 < int(tail) <= 100_000:
             raise ApiError(400, "bad_request", "tail must be a number from 1 to 100000")
-        return JSONResponse(
-            await admin.audit(request.state.credential, int(tail), _flag(request, "verify"))
-        )
+        allowed = False if _flag(request, "denied") else True if _flag(request, "allowed") else None
+        since = params.get("since")
+        if since is not None:
+            try:
+                since = float(since)
+            except ValueError:
+                raise ApiError(400, "bad_request", "since must be a Unix time") from None
+        return JSONResponse(await admin.audit(
+            request.state.credential, int(tail), _flag(request, "verify"), allowed=allowed,
+            principal=params.get("principal") or None, since=since))
+
+    async def audit_prune(request: Request) -> Response:
+        """POST: drop the audit log's segments older than {"before": UNIX_TIME}; what stays
+        remains verifiable from a checkpoint"""
+        before = _object(await _json_body(request)).get("before")
+        if not isinstance(before, (int, float)) or isinstance(before, bool):
+            raise ApiError(400, "bad_request", "'before' must be a Unix time")
+        return JSONResponse(await admin.audit_prune(request.state.credential, before))
 
     async def describe(request: Request) -> Response:
         """GET: what this API is and where its OpenAPI document is (no credential needed)"""
@@ -379,6 +396,7 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/token/rules/{rule_id}", rule_item, methods=["DELETE"]),
         Route("/token/encrypt/{doctype}", encrypt, methods=["POST"]),
         Route("/token/audit", audit, methods=["GET"]),
+        Route("/token/audit/prune", audit_prune, methods=["POST"]),
         Route("/shares", shares, methods=["GET", "POST"]),
         Route("/shares/{name}", share_item, methods=["GET"]),
         Route("/shares/{name}/invite", share_invite, methods=["POST"]),

@@ -86,11 +86,15 @@ class SegmentRef:
 
 @attrs.frozen
 class AuditMeta:
-    """The log's committed position, kept in the sealed token state."""
+    """The log's committed position, kept in the sealed token state. After a prune, the
+    chain is verifiable from `base_seq`, whose predecessor's hash is `base_hash` (empty:
+    from the genesis, nothing pruned)."""
 
     next_seq: int
     head: bytes
     segments: tuple[SegmentRef, ...]
+    base_seq: int = 0
+    base_hash: bytes = b""
 
 
 @attrs.frozen
@@ -313,7 +317,8 @@ class AuditLog:
             seg.index, seg.first_seq, seg.entries + len(entries), seg.length + len(record),
             entries[-1][8],
         )
-        meta = AuditMeta(entries[-1][0] + 1, entries[-1][8], tuple(segments))
+        meta = attrs.evolve(self.meta, next_seq=entries[-1][0] + 1, head=entries[-1][8],
+                            segments=tuple(segments))
         return StagedAppend(meta, len(entries), path, seg.length)
 
     def commit(self, staged: StagedAppend) -> None:
@@ -364,6 +369,76 @@ class AuditLog:
 
     # --- reading ---------------------------------------------------------------------------
 
+    def search(self, n: int, *, allowed: bool | None = None, principal: str | None = None,
+               since: float | None = None) -> list[AuditEntry]:
+        """The last `n` entries that match (decision outcome, principal label, at or after a
+        Unix time), oldest first. Reads segments newest first and stops at the first one
+        that ends before `since`."""
+        if n <= 0:
+            return []
+        self.close_windows()
+        self._chain()
+
+        def matches(row: list) -> bool:
+            return ((allowed is None or row[6] is allowed)
+                    and (principal is None or row[2] == principal)
+                    and (since is None or row[1] >= since))
+
+        found = [row for row in self._chained if matches(row)][-n:]
+        for seg in reversed(self.meta.segments):
+            if len(found) >= n:
+                break
+            try:
+                rows = [row for record in self._read_segment(seg) for row in record]
+            except _Damaged as exc:
+                raise TokenStateError(
+                    f"audit log damaged near entry {exc.first_seq}: {exc.why} "
+                    "(run an audit verification)"
+                ) from None
+            found = [row for row in rows if matches(row)][-(n - len(found)):] + found
+            if since is not None and rows and rows[-1][1] < since:
+                break
+        return [AuditEntry(*row) for row in found[-n:]]
+
+    def pruned(self, before: float) -> tuple[AuditMeta, list[SegmentRef], int]:
+        """The log without its whole segments whose every entry is older than `before`
+        (never the segment being written to): (new meta, the segments dropped, how many
+        entries they held). The caller commits the meta with the state, then removes the
+        files (`remove_segments`), so a crash between the two leaves only stray files."""
+        kept = list(self.meta.segments)
+        dropped: list[SegmentRef] = []
+        while len(kept) > 1:
+            try:
+                rows = [row for record in self._read_segment(kept[0]) for row in record]
+            except _Damaged as exc:
+                raise TokenStateError(
+                    f"audit log damaged near entry {exc.first_seq}: {exc.why}; not pruned"
+                ) from None
+            if not rows or rows[-1][1] >= before:
+                break
+            dropped.append(kept.pop(0))
+        if not dropped:
+            return self.meta, [], 0
+        meta = attrs.evolve(self.meta, segments=tuple(kept), base_seq=kept[0].first_seq,
+                            base_hash=dropped[-1].last_hash)
+        return meta, dropped, sum(seg.entries for seg in dropped)
+
+    def remove_segments(self, segments: list[SegmentRef]) -> None:
+        for seg in segments:
+            self.segment_path(seg.index).unlink(missing_ok=True)
+        if segments:
+            fsync_dir(self._dir)
+
+    def remove_stray_segments(self) -> None:
+        """At open: segment files older than the first one the state knows are what a prune
+        left when it stopped between committing and removing."""
+        if not self.meta.segments:
+            return
+        first = self.meta.segments[0].index
+        stray = [p for p in self._dir.glob("*.seg") if p.stem.isdigit() and int(p.stem) < first]
+        for path in stray:
+            path.unlink(missing_ok=True)
+
     def tail(self, n: int) -> list[AuditEntry]:
         """The last `n` entries, oldest first (including those not flushed yet)."""
         if n <= 0:
@@ -386,11 +461,12 @@ class AuditLog:
 
     def verify(self) -> tuple[bool, int, int | None]:
         """(ok, number of entries, index of the first bad entry or None): re-reads every
-        segment, recomputes the whole hash chain and checks it against the sealed state."""
+        segment, recomputes the whole hash chain and checks it against the sealed state
+        (from the checkpoint a prune left, if any)."""
         self.close_windows()
         self._chain()
         total = self._next_seq
-        head, seq = self._genesis, 0
+        head, seq = self.meta.base_hash or self._genesis, self.meta.base_seq
         for seg in self.meta.segments:
             if seg.first_seq != seq:
                 return False, total, seq

@@ -412,11 +412,28 @@ class Door:
         self._owner(args, "audit")
         self._token.flush()  # so the tail includes this very request's decision
         n = _arg(args, "n", int)
-        result: dict[str, Any] = {"entries": [_audit_json(e) for e in self._token.audit_tail(n)]}
+        allowed = _arg(args, "allowed", bool, optional=True)
+        principal = _arg(args, "principal", str, optional=True)
+        since = _arg(args, "since", (int, float), optional=True)
+        if allowed is None and principal is None and since is None:
+            entries = self._token.audit_tail(n)
+        else:
+            entries = self._token.audit_search(n, allowed=allowed, principal=principal,
+                                               since=since)
+        result: dict[str, Any] = {"entries": [_audit_json(e) for e in entries]}
         if args.get("verify"):
             ok, count, first_bad = self._token.audit_verify()
             result["verify"] = {"ok": ok, "entries": count, "first_bad": first_bad}
         return result
+
+    def _cmd_audit_prune(self, args: Mapping[str, Any]) -> dict:
+        """{credential, before} -> {segments, entries, verifiable_from}: drop the log's
+        whole segments older than `before` (Unix time); the rest stays verifiable."""
+        self._owner(args, "audit_prune")
+        before = _arg(args, "before", (int, float))
+        if before != before or before in (float("inf"), float("-inf")):
+            raise InvalidArgument("argument 'before' must be a time")
+        return self._token.audit_prune(float(before))
 
     # -- identity and links -------------------------------------------------------------------
 
@@ -737,7 +754,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "rule.list": ("credential",),
     "rule.remove": ("credential", "rule_id"),
     "doctype.encrypt": ("credential", "doctype"),
-    "audit.tail": ("credential", "n", "verify?"),
+    "audit.tail": ("credential", "n", "verify?", "allowed?", "principal?", "since?"),
+    "audit.prune": ("credential", "before"),
     "info": (),
     "link.certify": ("tls_public_key",),
     "link.prove": ("server_id", "nonce"),

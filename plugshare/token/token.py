@@ -278,6 +278,7 @@ class Token:
                 counter=sealed.counter,
             )
             token._audit.check_open_segment()
+            token._audit.remove_stray_segments()
             if sealed.counter > anchor:  # a crash came between state write and anchor
                 keystore.advance_anchor(sealed.counter)
         except BaseException:
@@ -1736,6 +1737,32 @@ class Token:
     def audit_tail(self, n: int) -> list[AuditEntry]:
         """The last `n` audit entries, oldest first."""
         return self._audit.tail(n)
+
+    def audit_search(self, n: int, *, allowed: bool | None = None,
+                     principal: str | None = None, since: float | None = None
+                     ) -> list[AuditEntry]:
+        """The last `n` entries that match (allowed or denied, a principal label such as
+        "app:notes", at or after a Unix time), oldest first."""
+        return self._audit.search(n, allowed=allowed, principal=principal, since=since)
+
+    def audit_prune(self, before: float) -> dict[str, Any]:
+        """Drop the audit log's whole segments older than `before` (Unix time). What stays
+        remains verifiable: the sealed state keeps the hash that precedes it. The prune is
+        itself an entry. {"segments", "entries", "verifiable_from"}."""
+        old = self._audit.meta
+        meta, dropped, entries = self._audit.pruned(before)
+        self._audit.meta = meta
+        self._admin("audit_prune", None,
+                    f"pruned {entries} entries ({len(dropped)} segments) older than {before:.0f}; "
+                    f"the chain is verifiable from entry {meta.base_seq}")
+        self._dirty = True
+        try:
+            self.flush()  # the new checkpoint is durable before any file goes
+        except BaseException:
+            self._audit.meta = old
+            raise
+        self._audit.remove_segments(dropped)
+        return {"segments": len(dropped), "entries": entries, "verifiable_from": meta.base_seq}
 
     def audit_verify(self) -> tuple[bool, int, int | None]:
         """(ok, number of entries, index of the first bad entry or None): re-reads the
