@@ -935,6 +935,17 @@ def share_leave(ctx: Context, name: str) -> None:
     ctx.emit(result, f"left {name!r}{note}")
 
 
+@share.command("rm")
+@click.argument("name")
+@pass_ctx
+def share_rm(ctx: Context, name: str) -> None:
+    """Forget a share you left or were revoked from, so it is listed no more (its documents
+    stay in your store; sealed ones stay unreadable). An invitation can bring you back."""
+    with ctx.client() as client:
+        result = client.request("DELETE", f"/shares/{_quote(name)}")
+    ctx.emit(result, f"forgot {result['name']!r}")
+
+
 @share.command("list")
 @pass_ctx
 def share_list(ctx: Context) -> None:

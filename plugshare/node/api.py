@@ -282,7 +282,11 @@ def create_app(node: ApiParts) -> Starlette:
         return JSONResponse({"shares": await sharing.list()})
 
     async def share_item(request: Request) -> Response:
-        """GET: one share: its rule, members and sync state (owner only)"""
+        """GET: one share: its rule, members and sync state (owner only)
+        DELETE: forget a share this node left or was removed from (its documents stay)"""
+        if request.method == "DELETE":
+            return JSONResponse(await sharing.forget(request.state.credential,
+                                                     request.path_params["name"]))
         await owner_only(request, "share_show")
         return JSONResponse(await sharing.show(request.path_params["name"]))
 
@@ -398,7 +402,7 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/token/audit", audit, methods=["GET"]),
         Route("/token/audit/prune", audit_prune, methods=["POST"]),
         Route("/shares", shares, methods=["GET", "POST"]),
-        Route("/shares/{name}", share_item, methods=["GET"]),
+        Route("/shares/{name}", share_item, methods=["GET", "DELETE"]),
         Route("/shares/{name}/invite", share_invite, methods=["POST"]),
         Route("/invitations", invitations, methods=["GET"]),
         Route("/shares/{name}/invitations", invitations, methods=["GET"]),

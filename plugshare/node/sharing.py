@@ -180,6 +180,16 @@ class Sharing:
         result["owner_notified"] = notified
         return result
 
+    async def forget(self, credential: str, name: str) -> dict:
+        """Forget a share this node left or was removed from: it is listed no more (its
+        documents stay in the store)."""
+        manifest = self.shares.find(name)
+        await self._call("share.forget", credential=credential, share=manifest.share_id)
+        await self.shares.refresh()
+        self.events.publish("share.forgotten", share=manifest.name)
+        await self.peers.refresh()
+        return {"id": manifest.share_id, "name": manifest.name, "forgotten": True}
+
     # -- propagation --------------------------------------------------------------------
 
     async def manifest_changed(self, manifest: Manifest, *,

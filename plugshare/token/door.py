@@ -612,6 +612,12 @@ class Door:
         self._token.leave_share(share)
         return {"request": request}
 
+    def _cmd_share_forget(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share} -> {}: forget a share this node no longer takes part in."""
+        self._owner(args, "share_forget")
+        self._token.forget_share(_arg(args, "share", str))
+        return {}
+
     def _cmd_share_apply_leave(self, args: Mapping[str, Any]) -> dict:
         return self._token.apply_leave_request(
             _arg(args, "request", dict), _arg(args, "peer", bytes)).to_dict()
@@ -772,6 +778,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "share.grants": ("share",),
     "share.revoke": ("credential", "share", "member"),
     "share.leave": ("credential", "share"),
+    "share.forget": ("credential", "share"),
     "share.apply_leave": ("peer", "request"),
     "share.count": ("share", "docs"),
     "share.may_push": ("share", "peer"),

@@ -593,6 +593,12 @@ class ShareBook:
         record.ended = None
         record.ended_kids = []
 
+    def forget(self, share_id: str) -> None:
+        """Drop a share from the book (its manifest and record): see Token.forget_share."""
+        del self._entries[share_id]
+        del self._state.shares[share_id]
+        self._index_peers()
+
     def set_left(self, share_id: str) -> None:
         entry = self._entries[share_id]
         entry.record.left = True

@@ -90,6 +90,9 @@ class TokenState:
     shares: dict[str, ShareRecord] = attrs.Factory(dict)  # share id -> record
     # secret digest (hex, see sharing.invitation.secret_digest) -> record
     invitations: dict[str, InvitationRecord] = attrs.Factory(dict)
+    # share keys destroyed here, of shares this node forgot (`forget_share`) -> why they are
+    # gone, so a copy sealed under one is refused with the reason rather than as tampered
+    forgotten_kids: dict[str, str] = attrs.Factory(dict)
 
 
 _converter = cattrs.Converter()

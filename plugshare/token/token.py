@@ -807,6 +807,11 @@ class Token:
             self._integrity_failure(principal, stored, exc)
             raise
         share_id = self._share_of_kid(kid)
+        forgotten = self._state.forgotten_kids.get(kid) if share_id is None else None
+        if forgotten is not None:
+            self._audit_record(principal.label, "decrypt", stored.get("doctype"),
+                               stored.get("_id"), False, forgotten)
+            raise AccessDenied(Decision(False, forgotten), f"read refused: {forgotten}")
         if share_id is not None:
             ended = self._share_ended(share_id)
             if ended is not None:
@@ -1523,6 +1528,34 @@ class Token:
         self._admin(
             "leave_share", manifest.rule.doctype, f"left share {manifest.name!r} ({share_id})"
         )
+
+    def forget_share(self, share: str) -> None:
+        """At a member whose part in `share` ended (left, revoked, removed, expired): forget
+        the share, so it is listed no more. Its keys are destroyed (if not yet); the ids of
+        those keys stay known as forgotten, so a copy sealed under one is refused saying so.
+        The local copies of its documents stay in the store. An invitation can admit this
+        node again later, as a new member. The owner, or a member still active, is refused
+        (`MembershipError`)."""
+        manifest = self._book.find(share)
+        share_id = manifest.share_id
+        standing = self._book.status(share_id)
+        if standing == "owner":
+            raise _manifest.MembershipError(
+                f"this node owns share {manifest.name!r}: the owner cannot forget it")
+        if standing == "active":
+            raise _manifest.MembershipError(
+                f"this node is still a member of share {manifest.name!r}: leave it first")
+        self._share_ended(share_id)  # the keys go now, if they had not yet
+        record = self._book.record(share_id)
+        why = (f"share {manifest.name!r} ({share_id}) was forgotten by this node "
+               f"after it {record.ended or standing}")
+        for kid in record.ended_kids:
+            self._state.forgotten_kids[kid] = why
+        self._state.share_keys.pop(share_id, None)
+        self._book.forget(share_id)
+        self._changed()
+        self._admin("forget_share", manifest.rule.doctype,
+                    f"forgot share {manifest.name!r} ({share_id}): {standing}")
 
     def leave_request(self, share: str) -> dict[str, Any]:
         """A statement signed by this node asking the owner of `share` to remove it, bound to

@@ -90,3 +90,21 @@ def test_invite_says_until_when_the_code_and_the_membership_hold(pair):
     assert done.returncode == 0, done.stderr
     code, = done.stdout.split()  # stdout stays the bare code, for $(...)
     assert "valid until" in done.stderr and "membership until" in done.stderr, done.stderr
+
+
+def test_a_left_share_can_be_forgotten_and_an_active_one_cannot(pair):
+    alice, bob = pair
+    alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
+    alice.put("io.notes", {"t": 1}, "kept")
+    bob.cli_json("share", "accept", "--no-progress",
+                 alice.cli_json("share", "invite", "notes")["code"])
+    wait_until(lambda: bob.get("kept"), 60, what="bob to get the doc")
+    active = bob.cli("--json", "share", "rm", "notes")
+    assert active.returncode == 1 and "leave it first" in json.loads(active.stdout)["reason"]
+    owner = alice.cli("--json", "share", "rm", "notes")
+    assert owner.returncode == 1 and "owner" in json.loads(owner.stdout)["reason"]
+    bob.cli_json("share", "leave", "notes")
+    assert bob.cli_ok("share", "rm", "notes").strip() == "forgot 'notes'"
+    assert bob.cli_json("share", "list")["shares"] == []
+    assert "(no shares)" in bob.cli_ok("share", "list")
+    assert bob.get("kept") is not None  # its documents stay

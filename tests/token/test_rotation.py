@@ -544,3 +544,35 @@ def test_a_state_sealed_before_rotation_still_loads() -> None:
     assert record.grants == {} and record.grants_key is None
     assert record.ended is None and record.ended_kids == []
     assert loaded.invitations["ab"].membership_expires is None
+
+
+# --- forgetting a share that ended (`plugshare share rm`) ------------------------------------
+
+
+def test_a_share_that_ended_can_be_forgotten_and_its_copies_still_say_why(
+    token: Token, second_token: Token
+) -> None:
+    share = token.create_share("trip", NOTES, encrypted=True)
+    sid = share.share_id
+    join(token, second_token, "trip")
+    copy = seal(token, sid, "sealed-before")
+    assert second_token.decrypt_doc(copy, OWNER)["_id"] == "sealed-before"
+    with pytest.raises(mf.MembershipError, match="leave it"):
+        second_token.forget_share("trip")  # still a member: not forgettable
+    with pytest.raises(mf.MembershipError, match="owner"):
+        token.forget_share("trip")
+    second_token.leave_share("trip")
+    second_token.forget_share("trip")
+    assert [m.share_id for m in second_token.shares()] == []
+    with pytest.raises(NotFound):
+        second_token.share("trip")
+    with pytest.raises(AccessDenied, match="forgotten"):
+        second_token.decrypt_doc(copy, OWNER)  # not "tampered": it says why
+    assert any(e.action == "forget_share" for e in second_token.audit_tail(20))
+    reopened = reopen(second_token)
+    try:
+        assert reopened.shares() == []
+        with pytest.raises(AccessDenied, match="forgotten"):
+            reopened.decrypt_doc(copy, OWNER)
+    finally:
+        reopened.close()
