@@ -842,6 +842,9 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
     """Join a share with an invitation code; its initial sync starts at once."""
     with ctx.client() as client:
         result = client.request("POST", "/join", json={"code": code.strip(), "as": as_name})
+    if result.get("pending"):
+        ctx.emit(result, _pending_accept_text(ctx, result))
+        return
     if ctx.as_json or no_progress:
         ctx.emit(result, _share_summary(result))
         return
@@ -860,6 +863,42 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
     with ctx.client() as client:  # the share as it is now, not as it was when joined
         result = client.request("GET", f"/shares/{_quote(name)}")
     click.echo(_share_summary(result))
+
+
+def _pending_accept_text(ctx: Context, join: dict) -> str:
+    return (f"the owner of share {join['share']} is unreachable ({join['reason']})\n"
+            f"the join is pending: this node retries it by itself until the invitation "
+            f"expires ({_local_time(join['expires_at'])}); a node restart forgets it\n"
+            f"see it with `{ctx.hint('share', 'joins')}`, stop it with "
+            f"`{ctx.hint('share', 'joins', '--cancel', join['share'])}`")
+
+
+def _pending_line(join: dict) -> str:
+    return f"{join['share']}  {join['state']}  invitation valid until " \
+           f"{_local_time(join['expires_at'])}"
+
+
+@share.command("joins")
+@click.option("--cancel", "cancel", metavar="SHARE", help="Stop waiting for the owner of "
+              "this pending join (its share id, as listed).")
+@pass_ctx
+def share_joins(ctx: Context, cancel: str | None) -> None:
+    """List the joins waiting for an unreachable owner (`share accept` keeps retrying them
+    until the invitation expires; a node restart forgets them); or, with --cancel, stop one."""
+    if cancel is not None:
+        with ctx.client() as client:
+            result = client.request("DELETE", f"/joins/{_quote(cancel.strip())}")
+        ctx.emit(result, f"pending join of share {result['share']} cancelled")
+        return
+    with ctx.client() as client:
+        result = client.request("GET", "/joins")
+    rows = result["joins"]
+    if not rows:
+        ctx.emit(result, "no pending joins")
+        return
+    lines = [_pending_line(j) + f"  (tried {j['tries']}x: {j['reason']})" for j in rows]
+    lines.append(f"cancel one with `{ctx.hint('share', 'joins', '--cancel', rows[0]['share'])}`")
+    ctx.emit(result, "\n".join(lines))
 
 
 @share.command("revoke")
@@ -891,7 +930,9 @@ def share_list(ctx: Context) -> None:
     """List shares."""
     with ctx.client() as client:
         result = client.request("GET", "/shares")
-    ctx.emit(result, "\n".join(_share_summary(s) for s in result["shares"]) or "(no shares)")
+    lines = [_share_summary(s) for s in result["shares"]]
+    lines += [_pending_line(j) for j in result.get("pending", [])]
+    ctx.emit(result, "\n".join(lines) or "(no shares)")
 
 
 @share.command("show")
