@@ -942,6 +942,9 @@ def share_show(ctx: Context, name: str) -> None:
     """A share's rule and members (name, id, permission, status) and sync state."""
     with ctx.client() as client:
         s = client.request("GET", f"/shares/{_quote(name)}")
+    if s.get("pending"):  # a join waiting for its owner
+        ctx.emit(s, f"{_pending_line(s)}\nlast try: {s['reason']}")
+        return
     lines = [_share_summary(s), f"id       {s['id']} (manifest v{s['version']})",
              f"rule     doctype {s['doctype']}"
              + (f", selector {json.dumps(s['selector'])}" if s["selector"] else "")]

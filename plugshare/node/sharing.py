@@ -381,6 +381,9 @@ class Sharing:
         return [await self.describe(m) for m in self.shares.all()]
 
     async def show(self, name: str) -> dict:
+        waiting = self.pending.get(name)  # a join waiting for its owner: known by id only
+        if waiting is not None and self.shares.get(name) is None:
+            return _pending_answer(waiting)
         return await self.describe(self.shares.find(name))
 
 

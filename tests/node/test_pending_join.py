@@ -18,6 +18,7 @@ from plugshare.node.pending_joins import (
     RetryPolicy,
     TooManyPendingJoins,
 )
+from plugshare.node.watch import SHARE_COLUMNS, share_rows
 from tests.node.cluster import ApiError, cluster, wait_until  # noqa: F401  (fixture)
 
 OWNER = b"\x01" * 32
@@ -79,6 +80,14 @@ def test_expired_joins_are_dropped_and_the_book_is_bounded():
     assert book.next_wake(5000.0) is None and book.owners() == set()
 
 
+def test_watch_shows_a_pending_join_as_a_share_row():
+    status = {"shares": [], "pending_joins": [
+        {"share": "s1", "state": PENDING_STATE, "reason": "refused", "expires_at": 2000.0}]}
+    [row] = share_rows(status, 1000.0)
+    assert row[0] == "s1" and row[-1] == PENDING_STATE
+    assert len(row) == len(SHARE_COLUMNS)
+
+
 # -- real nodes -------------------------------------------------------------------------------
 
 
@@ -108,6 +117,8 @@ def test_accept_with_the_owner_offline_waits_and_joins_when_it_is_back(cluster):
     assert listed["share"] == share_id and listed["state"] == PENDING_STATE
     assert PENDING_STATE in bob.cli_ok("share", "list")
     assert bob.api("GET", "/shares")["pending"][0]["share"] == share_id
+    assert PENDING_STATE in bob.cli_ok("share", "show", share_id)
+    assert bob.status()["pending_joins"][0]["share"] == share_id
 
     alice.start()  # same peer port as in the invitation; no command on bob
     wait_until(lambda: bob.get("n1"), timeout=120, what="alice's doc to reach bob")
