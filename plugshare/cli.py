@@ -866,7 +866,7 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
 
 
 def _pending_accept_text(ctx: Context, join: dict) -> str:
-    return (f"the owner of share {join['share']} is unreachable ({join['reason']})\n"
+    return (f"share {join['share']}: the owner is unreachable; {join['reason']}\n"
             f"the join is pending: this node retries it by itself until the invitation "
             f"expires ({_local_time(join['expires_at'])}); a node restart forgets it\n"
             f"see it with `{ctx.hint('share', 'joins')}`, stop it with "
