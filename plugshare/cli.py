@@ -892,6 +892,9 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
     """Join a share with an invitation code; its initial sync starts at once."""
     with ctx.client() as client:
         result = client.request("POST", "/join", json={"code": code.strip(), "as": as_name})
+    if result.get("pending"):
+        ctx.emit(result, _pending_accept_text(ctx, result))
+        return
     if ctx.as_json or no_progress:
         ctx.emit(result, _share_summary(result))
         return
@@ -910,6 +913,42 @@ def share_accept(ctx: Context, code: str, as_name: str | None, no_progress: bool
     with ctx.client() as client:  # the share as it is now, not as it was when joined
         result = client.request("GET", f"/shares/{_quote(name)}")
     click.echo(_share_summary(result))
+
+
+def _pending_accept_text(ctx: Context, join: dict) -> str:
+    return (f"share {join['share']}: the owner is unreachable; {join['reason']}\n"
+            f"the join is pending: this node retries it by itself until the invitation "
+            f"expires ({_local_time(join['expires_at'])}); a node restart forgets it\n"
+            f"see it with `{ctx.hint('share', 'joins')}`, stop it with "
+            f"`{ctx.hint('share', 'joins', '--cancel', join['share'])}`")
+
+
+def _pending_line(join: dict) -> str:
+    return f"{join['share']}  {join['state']}  invitation valid until " \
+           f"{_local_time(join['expires_at'])}"
+
+
+@share.command("joins")
+@click.option("--cancel", "cancel", metavar="SHARE", help="Stop waiting for the owner of "
+              "this pending join (its share id, as listed).")
+@pass_ctx
+def share_joins(ctx: Context, cancel: str | None) -> None:
+    """List the joins waiting for an unreachable owner (`share accept` keeps retrying them
+    until the invitation expires; a node restart forgets them); or, with --cancel, stop one."""
+    if cancel is not None:
+        with ctx.client() as client:
+            result = client.request("DELETE", f"/joins/{_quote(cancel.strip())}")
+        ctx.emit(result, f"pending join of share {result['share']} cancelled")
+        return
+    with ctx.client() as client:
+        result = client.request("GET", "/joins")
+    rows = result["joins"]
+    if not rows:
+        ctx.emit(result, "no pending joins")
+        return
+    lines = [_pending_line(j) + f"  (tried {j['tries']}x: {j['reason']})" for j in rows]
+    lines.append(f"cancel one with `{ctx.hint('share', 'joins', '--cancel', rows[0]['share'])}`")
+    ctx.emit(result, "\n".join(lines))
 
 
 @share.command("revoke")
@@ -952,7 +991,9 @@ def share_list(ctx: Context) -> None:
     """List shares."""
     with ctx.client() as client:
         result = client.request("GET", "/shares")
-    ctx.emit(result, "\n".join(_share_summary(s) for s in result["shares"]) or "(no shares)")
+    lines = [_share_summary(s) for s in result["shares"]]
+    lines += [_pending_line(j) for j in result.get("pending", [])]
+    ctx.emit(result, "\n".join(lines) or "(no shares)")
 
 
 @share.command("show")
@@ -962,6 +1003,9 @@ def share_show(ctx: Context, name: str) -> None:
     """A share's rule and members (name, id, permission, status) and sync state."""
     with ctx.client() as client:
         s = client.request("GET", f"/shares/{_quote(name)}")
+    if s.get("pending"):  # a join waiting for its owner
+        ctx.emit(s, f"{_pending_line(s)}\nlast try: {s['reason']}")
+        return
     lines = [_share_summary(s), f"id       {s['id']} (manifest v{s['version']})",
              f"rule     doctype {s['doctype']}"
              + (f", selector {json.dumps(s['selector'])}" if s["selector"] else "")]

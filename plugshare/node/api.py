@@ -279,7 +279,8 @@ def create_app(node: ApiParts) -> Starlette:
                                          expires)
             return JSONResponse(share, status_code=201)
         await owner_only(request, "share_list")
-        return JSONResponse({"shares": await sharing.list()})
+        return JSONResponse({"shares": await sharing.list(),
+                             "pending": sharing.pending_joins()})
 
     async def share_item(request: Request) -> Response:
         """GET: one share: its rule, members and sync state (owner only)
@@ -333,13 +334,27 @@ def create_app(node: ApiParts) -> Starlette:
                                                 request.path_params["name"]))
 
     async def join(request: Request) -> Response:
-        """POST: accept an invitation code and join its share"""
+        """POST: accept an invitation code and join its share (202 if its owner is
+        unreachable: the join is then pending, retried until the invitation expires)"""
         body = _object(await _json_body(request))
         as_name = body.get("as")
         if as_name is not None and not isinstance(as_name, str):
             raise ApiError(400, "bad_request", "'as' must be a name")
-        return JSONResponse(await sharing.accept(request.state.credential, _text(body, "code"),
-                                                 as_name=as_name), status_code=201)
+        result = await sharing.accept(request.state.credential, _text(body, "code"),
+                                      as_name=as_name)
+        # 202: the owner is unreachable; the join waits for it (GET /joins)
+        return JSONResponse(result, status_code=202 if result.get("pending") else 201)
+
+    async def joins(request: Request) -> Response:
+        """GET: the joins waiting for an unreachable owner, retried by themselves (owner
+        only)"""
+        await owner_only(request, "share_list")
+        return JSONResponse({"joins": sharing.pending_joins()})
+
+    async def join_item(request: Request) -> Response:
+        """DELETE: stop waiting for the owner of a pending join (by its share id)"""
+        return JSONResponse(await sharing.cancel_pending_join(request.state.credential,
+                                                              request.path_params["share"]))
 
     async def peers(request: Request) -> Response:
         """GET: the peers this node knows, connected or not, and nodes nearby on the LAN
@@ -410,6 +425,8 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
         Route("/join", join, methods=["POST"]),
+        Route("/joins", joins, methods=["GET"]),
+        Route("/joins/{share}", join_item, methods=["DELETE"]),
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
     ]

@@ -13,7 +13,9 @@ Layers, each usable alone:
 Event types the node publishes (with their `data` keys):
     node.started; doc.written {id, doctype, rev}; peer.connected {address, rtt_ms};
     peer.disconnected {reason}; share.created; share.joined; share.revoked {member};
-    share.left; share.manifest {version}; sync.batch_sent {docs, refused, bytes};
+    share.left; share.manifest {version};
+    share.join_pending {owner, reason, expires_at}; share.join_expired {owner};
+    share.join_failed {reason}; share.join_cancelled; sync.batch_sent {docs, refused, bytes};
     sync.batch_received {docs, written, refused, bytes, pending}; sync.doc_refused {id, reason};
     sync.conflict {id, revs};
     sync.state {state: initial|live|offline|error, done, total, pending_in, pending_out}

@@ -117,6 +117,7 @@ class Node:
             "store": await self.store.info(),
             "peers": self.peers.status(),
             "shares": await self.sharing.list(),
+            "pending_joins": self.sharing.pending_joins(),
             "events_dropped": self.events.dropped,
         }
 
@@ -172,6 +173,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.peers.run)
                 nursery.start_soon(self._follow_expiry)
+                nursery.start_soon(self.sharing.retry_pending_joins)
                 if self.config.peer.discovery:
                     await nursery.start(self._discover)
                 await nursery.start(serve_api)

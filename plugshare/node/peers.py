@@ -47,6 +47,7 @@ from plugshare.replication.link import LocalNode
 from plugshare.replication.transport import (
     PeerConnectError,
     PeerConnection,
+    PeerRefused,
     TransportConfig,
     connect_peer,
     keep_connected,
@@ -311,6 +312,11 @@ class PeerManager:
                 self._start_dialer(fingerprint)
         return True
 
+    def known_addresses(self, fingerprint: bytes) -> list[tuple[str, int]]:
+        """Where `fingerprint` may be now (LAN discovery, the address book, node.toml); none
+        while a link to it is up."""
+        return self._addresses_for(fingerprint)
+
     def _addresses_for(self, fingerprint: bytes) -> list[tuple[str, int]]:
         if fingerprint in self.sessions:
             return []  # a link is up: nothing to dial
@@ -350,7 +356,7 @@ class PeerManager:
             ready.set()
 
         async def dial() -> None:
-            errors = []
+            errors, refused = [], []
             try:
                 for host, port in addresses:
                     try:
@@ -361,10 +367,13 @@ class PeerManager:
                                                 dial_limiter=self._dial_limiter) as conn:
                             await self._run_session(conn, dialed=True, on_session=up)
                             return
+                    except PeerRefused as exc:  # it answered: a refusal, not an absence
+                        refused.append(str(exc))
                     except PeerConnectError as exc:
                         errors.append(str(exc))
-                result["error"] = PeerConnectError(
-                    "; ".join(errors) or "the invitation names no address")
+                result["error"] = (PeerRefused("; ".join(refused)) if refused else
+                                   PeerConnectError("; ".join(errors)
+                                                    or "the invitation names no address"))
             finally:
                 ready.set()
 

@@ -8,13 +8,17 @@ each); this module moves the results between the API, the token and the peer lin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
 
 from plugshare.errors import PlugshareError
 from plugshare.node.access import Forbidden, Identity, ShareView
 from plugshare.node.documents import Documents
 from plugshare.node.events import EventBus
+from plugshare.node.pending_joins import PendingJoin, PendingJoins
 from plugshare.node.session import JoinRefused
 from plugshare.replication.transport import PeerConnectError, PeerConnectionClosed, PeerRefused
 from plugshare.sharing.invitation import Invitation, parse_ttl
@@ -32,6 +36,7 @@ DEFAULT_TTL = "1h"
 COUNT_EVERY = 5.0  # seconds between two counts of a share's docs while its feed moves...
 COUNT_EXACTLY_UP_TO = 10_000  # ...on a store with more docs than this
 COUNT_PAGE = 2000
+LOOK_FOR_OWNERS_EVERY = 1.0  # seconds: while joins pend, has an owner shown up another way?
 
 
 class OwnerUnreachable(PlugshareError):
@@ -62,6 +67,10 @@ class Sharing:
         self.node_name = node_name
         # share id -> (update_seq, docs, when counted)
         self._doc_counts: dict[str, tuple[Any, int, float]] = {}
+        # joins waiting for an offline owner: in memory only (the code is a one-use secret)
+        self.pending = PendingJoins()
+        self._pending_changed = trio.Event()
+        self._owner_seen_at: dict[bytes, frozenset] = {}  # owner -> where it was last seen
 
     # -- the owner's commands -----------------------------------------------------------
 
@@ -111,7 +120,9 @@ class Sharing:
 
     async def accept(self, credential: str, code: str, *, as_name: str | None = None) -> dict:
         """Join a share with an invitation code: reach its owner, prove the secret, take the
-        manifest (and the share key); the initial sync starts at once on the same link."""
+        manifest (and the share key); the initial sync starts at once on the same link.
+        With the owner unreachable, the join is kept pending and retried by itself: the
+        answer then has `"pending": true` (see `pending_joins`)."""
         await self._call("owner.check", credential=credential, action="share_accept")
         invitation = Invitation.decode(code)
         invitation.check_not_expired(time.time())
@@ -122,10 +133,37 @@ class Sharing:
             joined = self.shares.get(invitation.share_id)
             raise AlreadyMember(f"this node is already a member of share {joined.name!r}; "
                                 "an invitation admits a new member")
+        waiting = self.pending.get(invitation.share_id)
+        if waiting is not None and waiting.code == code:
+            return _pending_answer(waiting)  # accepted again: the same join, still waiting
+        try:
+            result = await self._join(credential, code, invitation, as_name,
+                                      list(invitation.owner_addresses))
+        except OwnerUnreachable as exc:
+            join = self.pending.add(share_id=invitation.share_id, code=code,
+                                    credential=credential, as_name=as_name, owner=owner,
+                                    expires_at=invitation.expires_at, reason=str(exc),
+                                    now=time.time())
+            self._pending_changed.set()
+            log.info("share %s: its owner %s is unreachable; the join is pending, retried "
+                     "until %s", invitation.share_id, format_node_id(owner),
+                     time.strftime("%H:%M:%S", time.localtime(invitation.expires_at)))
+            self.events.publish("share.join_pending", share=invitation.share_id,
+                                owner=format_node_id(owner), reason=str(exc),
+                                expires_at=invitation.expires_at)
+            return _pending_answer(join)
+        self.pending.remove(invitation.share_id)
+        return result
+
+    async def _join(self, credential: str, code: str, invitation: Invitation,
+                    as_name: str | None, addresses: list[tuple[str, int]]) -> dict:
+        """Reach the owner (a link up already, else `addresses`) and join. OwnerUnreachable
+        if nothing answers there; JoinRefused if the owner answers and refuses."""
+        owner = invitation.owner_fingerprint
         session = self.peers.sessions.get(owner)
         if session is None:
             try:
-                session = await self.peers.open_session(owner, list(invitation.owner_addresses))
+                session = await self.peers.open_session(owner, addresses)
             except PeerRefused as exc:
                 raise JoinRefused(
                     f"the share's owner refused the link ({exc}); the invitation was probably "
@@ -147,6 +185,86 @@ class Sharing:
                             member=self.node_name)
         await self.manifest_changed(manifest, source=session)
         return await self.describe(manifest)
+
+    # -- joins waiting for their owner ----------------------------------------------------
+
+    def pending_joins(self) -> list[dict]:
+        return [join.to_json() for join in self.pending.all()]
+
+    async def cancel_pending_join(self, credential: str, share: str) -> dict:
+        """Stop waiting for the owner of `share` (its id); the code is not used."""
+        await self._call("owner.check", credential=credential, action="share_accept")
+        join = self.pending.remove(share)
+        if join is None:
+            raise NotPending(f"no join of share {share!r} is pending; "
+                             "`plugshare share joins` lists those that are")
+        log.info("share %s: pending join cancelled", share)
+        self.events.publish("share.join_cancelled", share=share)
+        return {**join.to_json(), "state": "cancelled"}
+
+    async def retry_pending_joins(self) -> None:
+        """Run for the node's life: try each pending join when its back-off says, or at once
+        when its owner shows up another way (LAN discovery, a link it opened); drop those
+        whose invitation expired."""
+        while True:
+            now = time.time()
+            for join in self.pending.drop_expired(now):
+                log.warning("share %s: the invitation expired before its owner %s could be "
+                            "reached; the join is dropped", join.share_id,
+                            format_node_id(join.owner))
+                self.events.publish("share.join_expired", share=join.share_id,
+                                    owner=format_node_id(join.owner))
+            self._hurry_owners_seen(now)
+            for join in self.pending.due(now):
+                await self._retry(join)
+            wait = self.pending.next_wake(time.time())
+            self._pending_changed = trio.Event()
+            with trio.move_on_after(math.inf if wait is None
+                                    else min(wait, LOOK_FOR_OWNERS_EVERY)):
+                await self._pending_changed.wait()
+
+    def _hurry_owners_seen(self, now: float) -> None:
+        """An owner with a link up, or found at new addresses: its joins are due now."""
+        for owner in self.pending.owners():
+            seen_at = frozenset(self.peers.known_addresses(owner))
+            linked = owner in self.peers.sessions
+            if linked or seen_at - self._owner_seen_at.get(owner, frozenset()):
+                if self.pending.hurry(owner, now):
+                    log.info("%s shows up (%s): trying its pending joins now",
+                             format_node_id(owner), "linked" if linked else
+                             ", ".join(f"{h}:{p}" for h, p in sorted(seen_at)))
+            self._owner_seen_at[owner] = seen_at
+        for gone in set(self._owner_seen_at) - self.pending.owners():
+            del self._owner_seen_at[gone]
+
+    async def _retry(self, join: PendingJoin) -> None:
+        if self.pending.get(join.share_id) is not join:
+            return  # cancelled meanwhile
+        if self.shares.here(join.share_id):
+            self.pending.remove(join.share_id)
+            return
+        invitation = Invitation.decode(join.code)
+        addresses = list(invitation.owner_addresses)
+        addresses += [a for a in self.peers.known_addresses(join.owner) if a not in addresses]
+        try:
+            result = await self._join(join.credential, join.code, invitation, join.as_name,
+                                      addresses)
+        except OwnerUnreachable as exc:
+            self.pending.failed(join, str(exc), time.time())
+            log.info("share %s: owner still unreachable (try %d); next try in %.0fs",
+                     join.share_id, join.tries, max(0.0, join.next_try - time.time()))
+            return
+        except Exception as exc:  # the owner answered and refused, or the token did
+            if self.pending.get(join.share_id) is join:
+                self.pending.remove(join.share_id)
+            log.warning("share %s: the pending join failed: %s", join.share_id, exc)
+            self.events.publish("share.join_failed", share=join.share_id,
+                                reason=getattr(exc, "reason", None) or str(exc))
+            return
+        if self.pending.get(join.share_id) is join:
+            self.pending.remove(join.share_id)
+        log.info("share %s (%s): joined once its owner could be reached", result["name"],
+                 join.share_id)
 
     async def revoke(self, credential: str, name: str, member: str) -> dict:
         share = self.shares.find(name)
@@ -273,7 +391,21 @@ class Sharing:
         return [await self.describe(m) for m in self.shares.all()]
 
     async def show(self, name: str) -> dict:
+        waiting = self.pending.get(name)  # a join waiting for its owner: known by id only
+        if waiting is not None and self.shares.get(name) is None:
+            return _pending_answer(waiting)
         return await self.describe(self.shares.find(name))
+
+
+class NotPending(PlugshareError):
+    """No join of that share waits for its owner."""
+
+    status = 404
+    error = "not_found"
+
+
+def _pending_answer(join: PendingJoin) -> dict:
+    return {"pending": True, **join.to_json()}
 
 
 def _split(address: str) -> tuple[str, int] | None:

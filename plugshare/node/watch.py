@@ -291,6 +291,10 @@ def share_rows(status: dict[str, Any], now: float,
                 ended or link_state(link, rates.get(name, _get(link, "peer", str, "?"))
                                     if rates is not None else None),
             ))
+    for join in _get(status, "pending_joins", list, []):  # waiting for an offline owner
+        if isinstance(join, dict):
+            rows.append((_get(join, "share", str, "?"), "—", "member", "—", "—", "—", "—",
+                         "—", "—", "—", _get(join, "state", str, "pending")))
     return rows
 
 
