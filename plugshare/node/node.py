@@ -26,6 +26,7 @@ from plugshare.node.peers import PeerManager
 from plugshare.node.session import PeerSession, SessionParts
 from plugshare.node.sharing import Sharing
 from plugshare.store import Store, open_store
+from plugshare.store.base import StoreError
 from plugshare.token.client import TokenClient
 from plugshare.token.paths import socket_path
 from plugshare.token.supervisor import TokenProcess
@@ -102,11 +103,18 @@ class Node:
             "api": self.api_url,
             "peer_address": str(self.peers.listen_address) if self.peers.listen_address else None,
             "discovery": self.discovery is not None,
-            "store": await self.store.info(),
+            "store": await self._store_status(),
             "peers": self.peers.status(),
             "shares": await self.sharing.list(),
             "events_dropped": self.events.dropped,
         }
+
+    async def _store_status(self) -> dict:
+        """The store's info, or what is wrong with it: /status answers while it is down."""
+        try:
+            return await self.store.info()
+        except StoreError as exc:
+            return {"backend": getattr(self.store, "backend", None), "error": exc.reason}
 
     async def _token_status(self) -> dict:
         info = await self.token.call("info")

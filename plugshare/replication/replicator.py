@@ -49,6 +49,7 @@ import attrs
 import trio
 
 from plugshare.errors import PlugshareError
+from plugshare.replication.backoff import Backoff
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
     DEFAULT_MAX_DOC_BYTES,
@@ -64,7 +65,6 @@ from plugshare.replication.protocol import (
     InScope,
     LocalProtocolError,
     Output,
-    PeerEndedStream,
     ProtocolError,
     ReplicationEvent,
     SaveCheckpoint,
@@ -79,9 +79,8 @@ from plugshare.replication.protocol import (
     refusal,
 )
 from plugshare.replication.retry import STREAM_BACKOFF, Ending, StreamRetry, ending_of
-from plugshare.replication.backoff import Backoff
 from plugshare.replication.transport import PeerConnectionClosed
-from plugshare.store.base import Doc, NotFound, Seq, Store, StoreError
+from plugshare.store.base import Doc, NotFound, Seq, Store
 
 __all__ = [
     "STORE_ID_DOC",

@@ -191,3 +191,33 @@ async def test_a_gate_away_for_a_while_delays_a_push_and_a_refusing_one_ends_it_
     finally:
         for store in stores:
             await store.aclose()
+
+
+class MiscountingGate:
+    """A gate with a bug: it answers for fewer docs than it was asked about."""
+
+    async def outgoing(self, share, docs):
+        return docs
+
+    async def incoming(self, share, docs, existing):
+        return docs[:-1]
+
+
+async def test_a_failure_no_stream_expects_ends_that_stream_only_never_the_link(tmp_path):
+    stores = [await SQLiteStore.open(tmp_path / f"{n}.sqlite") for n in "ab"]
+    try:
+        for name, store in zip("ab", stores):
+            await store.put({"_id": f"from-{name}", "doctype": "note"})
+        a, b = (GatedSide(n, s, pushes={"notes": everything}) for n, s in zip("ab", stores))
+        a.gate, b.gate = FlakyGate(away=0), MiscountingGate()
+        async with linked(a, b):
+            ended = await until(lambda: a.events.of(StreamEnded, direction="push"), a.events)
+            await wait_for_doc(a, "from-b")  # b's push to a goes on, on the same link
+            rev = await stores[1].put({"_id": "later", "doctype": "note"})
+            await wait_for_doc(a, "later", rev)
+        assert not ended[0].passing and "this node failed" in ended[0].reason
+        [pull_end] = b.events.of(StreamEnded, direction="pull", share="notes")
+        assert "this node failed" in pull_end.reason
+    finally:
+        for store in stores:
+            await store.aclose()
