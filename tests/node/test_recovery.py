@@ -16,6 +16,7 @@ import time
 import pytest
 
 from plugshare.node.session import SyncState
+from plugshare.node.watch import share_rows
 from tests.node.cluster import ApiError, Cluster, cluster, share_between, wait_until  # noqa: F401
 from tests.support.restartable_pouchdb import RestartablePouchDB
 
@@ -36,6 +37,12 @@ def pouchdb(tmp_path):
 def link_of(node, share="notes") -> dict:
     [link] = node.share(share)["peers"]
     return link
+
+
+def sync_line(shown: str) -> str:
+    """The state of the one link in `share show`'s output (after the peer's name)."""
+    [line] = [line for line in shown.splitlines() if line.startswith("sync ")]
+    return line.split(None, 2)[2]
 
 
 def arrived(node, doc_id, rev, timeout=SLOW):
@@ -61,9 +68,15 @@ def test_a_couchdb_restart_is_shown_as_retrying_and_the_sync_resumes_without_a_n
         link = wait_until(lambda: (link := link_of(node))["state"] == "retrying" and link,
                           SLOW, what=f"{node.name} to say retrying")
         assert "store failed" in link["error"], link
-    shown = a.cli_ok("share", "show", "notes")
-    assert "retrying" in shown and "live" not in shown.split("sync", 1)[1], shown
-    assert "store failed" in shown, shown
+    # What a person sees: `share show` and `watch`'s shares table (a restart attempt may be
+    # under way at the moment of asking: then the state is "initial", never "live").
+    sync = wait_until(lambda: (line := sync_line(a.cli_ok("share", "show", "notes")))
+                      .startswith("retrying (next attempt in") and line, SLOW,
+                      what="share show to say when a's push retries")
+    assert "store failed" in sync, sync
+    row = wait_until(lambda: (cell := share_rows(b.status(), time.time())[0][-1])
+                     .startswith("↻ retrying") and cell, SLOW, what="watch to say retrying")
+    assert "store failed" in row, row
     # b's /status still answers, and says what is wrong with its store.
     status = b.status()
     assert status["store"]["backend"] == "couchdb" and "error" in status["store"], status["store"]
