@@ -36,6 +36,7 @@ from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
 from plugshare.sharing.invitation import Invitation
 from plugshare.sharing.manifest import Manifest
 from plugshare.store import Store
+from plugshare.store.base import StoreError
 from plugshare.replication.protocol import LocalProtocolError
 from plugshare.token import TokenError, format_node_id
 from plugshare.token.wire import TokenUnavailable
@@ -147,14 +148,14 @@ class PeerSession:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         store = self.parts.store
-        self.replication = PeerReplication(
-            self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
-            accept_share=self._accept_share, gate=_TokenGate(self._call, self.fingerprint),
-            on_event=self._on_event,
-            other_message=self._on_message,
-        )
         started = False
         try:
+            self.replication = PeerReplication(
+                self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
+                accept_share=self._accept_share, gate=_TokenGate(self._call, self.fingerprint),
+                on_event=self._on_event,
+                other_message=self._on_message,
+            )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self.close_reason is not None:  # close() came while we were starting
@@ -170,6 +171,12 @@ class PeerSession:
         # nursery errors come grouped, and a stray group would take the whole node down.
         except* PeerConnectionClosed as closed:
             self.close_reason = self.close_reason or closed.exceptions[0].reason
+        except* (StoreError, TokenError) as failed:
+            # The store or the token is away just as the link comes up (a CouchDB restarting):
+            # this link ends, the dialer tries again with its back-off, the node goes on.
+            error = failed.exceptions[0]
+            log.warning("closing the link with %s: this node cannot serve it now: %s", self.name, error)
+            self.close_reason = self.close_reason or f"this node cannot serve the link now: {error}"
         finally:
             self._nursery = None  # close() after the end is a no-op, not a closed nursery
             self.close_reason = self.close_reason or self.connection.close_reason or "closed"

@@ -82,6 +82,14 @@ def test_a_couchdb_restart_is_shown_as_retrying_and_the_sync_resumes_without_a_n
     assert status["store"]["backend"] == "couchdb" and "error" in status["store"], status["store"]
     assert [p["connected"] for p in status["peers"]] == [True]
 
+    # A new link while b's store is down (a restarts) costs b nothing but that link.
+    a.stop()
+    a.start()
+    wait_until(lambda: "cannot serve it now" in b.log() or b.running.process.poll() is not None,
+               SLOW, what="a to dial b again")
+    assert b.running.process.poll() is None, b.log()[-3000:]
+    assert b.status()["store"]["error"]
+
     pouchdb.start()
     arrived(b, "while-down", rev)
     for node in (a, b):
