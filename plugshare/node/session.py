@@ -31,7 +31,7 @@ from plugshare.node.access import Identity, ShareView
 from plugshare.node.events import EventBus
 from plugshare.replication import protocol as rp
 from plugshare.replication.replicator import PeerReplication, store_instance_id
-from plugshare.replication.retry import GateRefused, GateUnavailable
+from plugshare.replication.retry import GateRefused, GateUnavailable, StreamRetry
 from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
 from plugshare.sharing.invitation import Invitation
 from plugshare.sharing.manifest import Manifest
@@ -143,6 +143,9 @@ class PeerSession:
         self._nursery: trio.Nursery | None = None
         self.replication: PeerReplication | None = None
         self._may_push: dict[str, bool] = {}
+        self._refresh_retry = StreamRetry()  # asking the token again while it is away
+        self._refresh_pending = False
+        self._retry_at = 0.0  # when the pending refresh asks again
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -208,6 +211,7 @@ class PeerSession:
             self.joining = False
         for share_id in self.replication.pushing - set(common):
             self.replication.stop_push(share_id, "the share is no longer in common")
+        asked_all = True
         for share_id, manifest in common.items():
             self.sync.setdefault(share_id, SyncState())
             if share_id in self.replication.pushing:
@@ -215,9 +219,14 @@ class PeerSession:
             try:
                 if not await self._call("share.may_push", share=share_id,
                                         peer=self.fingerprint):
-                    continue  # e.g. we are a read-only member: nothing of ours may land there
-            except TokenError as exc:  # the token restarting: the next refresh retries
+                    # e.g. we are a read-only member: nothing of ours may land there
+                    if self.sync[share_id].streams.pop("push", None) is not None:
+                        self._settle(share_id, self.sync[share_id])
+                    continue
+            except TokenError as exc:  # the token restarting: ask again in a while
                 log.info("cannot ask the token about pushing to %s: %s", self.name, exc)
+                self._refresh_later(share_id, f"cannot ask the token about pushing: {exc}")
+                asked_all = False
                 continue
             if self._nursery is None or self.replication is None \
                     or share_id in self.replication.pushing:
@@ -226,10 +235,32 @@ class PeerSession:
                 self.replication.start_push(share_id, scope_tag=_scope_tag(manifest))
             except LocalProtocolError:
                 return  # the link is closing under us
+        if asked_all:
+            self._refresh_retry.succeeded()
         for share_id in set(self.sync) - set(common):
             state = self.sync.pop(share_id)
             state.state = "offline"
             self._publish_state(share_id, state)
+
+    def _refresh_later(self, share_id: str, reason: str) -> None:
+        """The push of `share_id` could not be started now: say so (retrying, not live)
+        and refresh again after a back-off."""
+        if self._nursery is None:
+            return
+        state = self.sync.setdefault(share_id, SyncState())
+        if not self._refresh_pending:
+            self._refresh_pending = True
+            delay = self._refresh_retry.next_delay()
+            self._retry_at = time.time() + delay
+
+            async def again() -> None:
+                await trio.sleep(delay)
+                self._refresh_pending = False
+                await self.refresh()
+
+            self._nursery.start_soon(again)
+        state.streams["push"], state.error, state.retry_at = "retrying", reason, self._retry_at
+        self._settle(share_id, state)
 
     def _accept_share(self, share_id: str) -> bool:
         """The peer opens a push of `share_id` to us: a share in common (each of its docs
