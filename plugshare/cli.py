@@ -759,8 +759,22 @@ def share() -> None:
 def _share_summary(s: dict) -> str:
     who = "owner" if s["role"] == "owner" else f"member ({s['permission'] or '-'})"
     active = sum(1 for m in s["members"] if m["status"] == "active")
+    docs = "?" if s["docs"] is None else s["docs"]  # None: the store is down
     return (f"{s['name']}  {s['doctype']}  {who}  {s['status']}  {active} members  "
-            f"{s['docs']} docs" + ("  encrypted" if s["encrypted"] else ""))
+            f"{docs} docs" + ("  encrypted" if s["encrypted"] else ""))
+
+
+def _sync_state(link: dict) -> str:
+    """A link's sync state; for a stream waiting to start again, why and when."""
+    state, why = link.get("state") or "?", link.get("error")
+    if state == "retrying":
+        retry_in = link.get("retry_in")
+        when = (f"next attempt in {retry_in:.0f} s" if isinstance(retry_in, (int, float))
+                else "the peer starts it again")
+        return f"retrying ({when}): {why}"
+    if state == "error" and why:
+        return f"error: {why}"
+    return state
 
 
 def _expiry(text: str | None) -> float | None:
@@ -1013,7 +1027,7 @@ def share_show(ctx: Context, name: str) -> None:
         lines.append(f"member   {m['name']:<16} {m['id']}  {m['permission']:<5}  {m['status']}"
                      + ("  connected" if m["connected"] else ""))
     for p in s["peers"]:
-        lines.append(f"sync     {p['peer']:<16} {p['state']}")
+        lines.append(f"sync     {p['peer']:<16} {_sync_state(p)}")
     ctx.emit(s, "\n".join(lines))
 
 

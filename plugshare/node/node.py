@@ -28,6 +28,7 @@ from plugshare.node.sharing import Sharing
 from plugshare.node.systemd import notify
 from plugshare.store import Store, open_store
 from plugshare.token import format_node_id
+from plugshare.store.base import StoreError
 from plugshare.token.client import TokenClient
 from plugshare.token.paths import socket_path
 from plugshare.token.supervisor import TokenProcess
@@ -114,7 +115,7 @@ class Node:
             "api": self.api_url,
             "peer_address": str(self.peers.listen_address) if self.peers.listen_address else None,
             "discovery": self.discovery is not None,
-            "store": await self.store.info(),
+            "store": await self._store_status(),
             "peers": self.peers.status(),
             "shares": await self.sharing.list(),
             "pending_joins": self.sharing.pending_joins(),
@@ -132,6 +133,13 @@ class Node:
                 for fp, peer in self.discovery.peers.items()
                 if fp != self.identity.fingerprint and peer.addresses]
         return sorted((r for r in rows if r["id"] not in known), key=lambda r: r["name"])
+
+    async def _store_status(self) -> dict:
+        """The store's info, or what is wrong with it: /status answers while it is down."""
+        try:
+            return await self.store.info()
+        except StoreError as exc:
+            return {"backend": getattr(self.store, "backend", None), "error": exc.reason}
 
     async def _token_status(self) -> dict:
         info = await self.token.call("info")

@@ -46,7 +46,7 @@ class SyncSummary:
 
     share: str
     live: bool
-    state: str | None  # the last state heard ("initial", "live", "offline", "error")
+    state: str | None  # the last state heard ("initial", "live", "retrying", "offline", "error")
     done: int  # documents done, as the node counts them
     total: int | None
     docs: int  # documents received in batches while followed
@@ -101,7 +101,7 @@ class SyncTracker:
     @property
     def state(self) -> str | None:
         states = [link.get("state") for link in self.links.values()]
-        for state in ("live", "initial", "error", "offline"):
+        for state in ("live", "initial", "retrying", "error", "offline"):
             if state in states:
                 return state
         return states[0] if states else None

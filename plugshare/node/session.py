@@ -31,12 +31,15 @@ from plugshare.node.access import Identity, ShareView
 from plugshare.node.events import EventBus
 from plugshare.replication import protocol as rp
 from plugshare.replication.replicator import PeerReplication, store_instance_id
+from plugshare.replication.retry import GateRefused, GateUnavailable, StreamRetry
 from plugshare.replication.transport import PeerConnection, PeerConnectionClosed
 from plugshare.sharing.invitation import Invitation
 from plugshare.sharing.manifest import Manifest
 from plugshare.store import Store
+from plugshare.store.base import StoreError
 from plugshare.replication.protocol import LocalProtocolError
 from plugshare.token import TokenError, format_node_id
+from plugshare.token.wire import TokenUnavailable
 
 log = logging.getLogger("plugshare.session")
 
@@ -59,9 +62,14 @@ def _scope_tag(manifest: Manifest) -> str:
 
 @attrs.define
 class SyncState:
-    """How one share stands with this peer, for /status and `watch`."""
+    """How one share stands with this peer, for /status and `watch`.
 
-    state: str = "initial"  # initial | live | offline | error
+    `state` derives from the streams actually running (`settle`): "live" only while every
+    stream of the share on this link runs and has caught up; "retrying" while one waits to
+    start again after a passing failure (`error` says why, `retry_at` when: None when it is
+    the peer's stream, restarted by the peer); "error" once one ended for good."""
+
+    state: str = "initial"  # initial | live | retrying | offline | error
     sent: int = 0  # docs the peer wrote from us
     received: int = 0  # docs we wrote from the peer
     refused: int = 0
@@ -72,6 +80,19 @@ class SyncState:
     last_sync: float | None = None
     error: str | None = None
     caught_up: set[str] = attrs.field(factory=set)  # directions ("push", "pull") caught up
+    streams: dict[str, str] = attrs.field(factory=dict)  # direction -> running|retrying|ended
+    retry_at: float | None = None  # epoch seconds our push starts again, while retrying
+
+    def settle(self, in_step: bool) -> bool:
+        """Derive `state` from the streams (`in_step`: every stream that should run has
+        caught up); True when it changed."""
+        streams = set(self.streams.values())
+        state = ("retrying" if "retrying" in streams else "error" if "ended" in streams
+                 else "live" if in_step else "initial")
+        if state != "retrying":
+            self.retry_at = None
+        changed, self.state = state != self.state, state
+        return changed
 
     @property
     def done(self) -> int:
@@ -85,7 +106,9 @@ class SyncState:
 
     def to_json(self) -> dict:
         fields = attrs.asdict(self, filter=lambda field, _: field.name != "caught_up")
-        return {**fields, "done": self.done, "total": self.total}
+        retry_in = (None if self.retry_at is None
+                    else round(max(0.0, self.retry_at - time.time()), 1))
+        return {**fields, "done": self.done, "total": self.total, "retry_in": retry_in}
 
 
 @attrs.frozen
@@ -120,19 +143,22 @@ class PeerSession:
         self._nursery: trio.Nursery | None = None
         self.replication: PeerReplication | None = None
         self._may_push: dict[str, bool] = {}
+        self._refresh_retry = StreamRetry()  # asking the token again while it is away
+        self._refresh_pending = False
+        self._retry_at = 0.0  # when the pending refresh asks again
 
     # -- lifetime -----------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         store = self.parts.store
-        self.replication = PeerReplication(
-            self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
-            accept_share=self._accept_share, gate=_TokenGate(self._call, self.fingerprint),
-            on_event=self._on_event,
-            other_message=self._on_message,
-        )
         started = False
         try:
+            self.replication = PeerReplication(
+                self.connection, store, peer=self.peer_id, store_id=await store_instance_id(store),
+                accept_share=self._accept_share, gate=_TokenGate(self._call, self.fingerprint),
+                on_event=self._on_event,
+                other_message=self._on_message,
+            )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self.close_reason is not None:  # close() came while we were starting
@@ -148,6 +174,12 @@ class PeerSession:
         # nursery errors come grouped, and a stray group would take the whole node down.
         except* PeerConnectionClosed as closed:
             self.close_reason = self.close_reason or closed.exceptions[0].reason
+        except* (StoreError, TokenError) as failed:
+            # The store or the token is away just as the link comes up (a CouchDB restarting):
+            # this link ends, the dialer tries again with its back-off, the node goes on.
+            error = failed.exceptions[0]
+            log.warning("closing the link with %s: this node cannot serve it now: %s", self.name, error)
+            self.close_reason = self.close_reason or f"this node cannot serve the link now: {error}"
         finally:
             self._nursery = None  # close() after the end is a no-op, not a closed nursery
             self.close_reason = self.close_reason or self.connection.close_reason or "closed"
@@ -179,6 +211,7 @@ class PeerSession:
             self.joining = False
         for share_id in self.replication.pushing - set(common):
             self.replication.stop_push(share_id, "the share is no longer in common")
+        asked_all = True
         for share_id, manifest in common.items():
             self.sync.setdefault(share_id, SyncState())
             if share_id in self.replication.pushing:
@@ -186,9 +219,14 @@ class PeerSession:
             try:
                 if not await self._call("share.may_push", share=share_id,
                                         peer=self.fingerprint):
-                    continue  # e.g. we are a read-only member: nothing of ours may land there
-            except TokenError as exc:  # the token restarting: the next refresh retries
+                    # e.g. we are a read-only member: nothing of ours may land there
+                    if self.sync[share_id].streams.pop("push", None) is not None:
+                        self._settle(share_id, self.sync[share_id])
+                    continue
+            except TokenError as exc:  # the token restarting: ask again in a while
                 log.info("cannot ask the token about pushing to %s: %s", self.name, exc)
+                self._refresh_later(share_id, f"cannot ask the token about pushing: {exc}")
+                asked_all = False
                 continue
             if self._nursery is None or self.replication is None \
                     or share_id in self.replication.pushing:
@@ -197,10 +235,32 @@ class PeerSession:
                 self.replication.start_push(share_id, scope_tag=_scope_tag(manifest))
             except LocalProtocolError:
                 return  # the link is closing under us
+        if asked_all:
+            self._refresh_retry.succeeded()
         for share_id in set(self.sync) - set(common):
             state = self.sync.pop(share_id)
             state.state = "offline"
             self._publish_state(share_id, state)
+
+    def _refresh_later(self, share_id: str, reason: str) -> None:
+        """The push of `share_id` could not be started now: say so (retrying, not live)
+        and refresh again after a back-off."""
+        if self._nursery is None:
+            return
+        state = self.sync.setdefault(share_id, SyncState())
+        if not self._refresh_pending:
+            self._refresh_pending = True
+            delay = self._refresh_retry.next_delay()
+            self._retry_at = time.time() + delay
+
+            async def again() -> None:
+                await trio.sleep(delay)
+                self._refresh_pending = False
+                await self.refresh()
+
+            self._nursery.start_soon(again)
+        state.streams["push"], state.error, state.retry_at = "retrying", reason, self._retry_at
+        self._settle(share_id, state)
 
     def _accept_share(self, share_id: str) -> bool:
         """The peer opens a push of `share_id` to us: a share in common (each of its docs
@@ -361,11 +421,18 @@ class PeerSession:
         return share_id if manifest is None else manifest.name
 
     def _publish_state(self, share_id: str, state: SyncState) -> None:
+        extra = {}
+        if state.state in ("retrying", "error"):
+            extra = {"error": state.error, "retry_at": state.retry_at}
         self.events.publish(
             "sync.state", share=self._share_name(share_id), peer=self.name, state=state.state,
             done=state.done, total=state.total, pending_in=state.pending_in,
-            pending_out=state.pending_out,
+            pending_out=state.pending_out, **extra,
         )
+
+    def _settle(self, share_id: str, state: SyncState) -> None:
+        if state.state != "offline" and state.settle(self._in_step(share_id, state)):
+            self._publish_state(share_id, state)
 
     def _in_step(self, share_id: str, state: SyncState) -> bool:
         """Has every push of the share on this link caught up: ours if we push it, the
@@ -378,8 +445,27 @@ class PeerSession:
                 and (not peer_pushes or "pull" in state.caught_up))
 
     def _on_event(self, event: rp.ReplicationEvent) -> None:
-        state = self.sync.setdefault(event.share, SyncState())
         share, publish = self._share_name(event.share), self.events.publish
+        if isinstance(event, rp.StreamEnded):
+            publish("sync.stream_ended", share=share, peer=self.name, direction=event.direction,
+                    reason=event.reason, passing=event.passing, retry_in=event.retry_in)
+            state = self.sync.get(event.share)
+            if state is not None and self.connection.close_reason is None:  # else: offline
+                state.caught_up.discard(event.direction)
+                state.streams[event.direction] = "retrying" if event.passing else "ended"
+                state.error = event.reason
+                if event.retry_in is not None:  # our push: we know when
+                    state.retry_at = time.time() + event.retry_in
+                elif event.passing and state.streams.get("push") != "retrying":
+                    state.retry_at = None  # the peer's push: the peer starts it again
+                self._settle(event.share, state)
+            return
+        state = self.sync.setdefault(event.share, SyncState())
+        if isinstance(event, rp.StreamStarted):
+            state.caught_up.discard(event.direction)
+            state.streams[event.direction] = "running"
+            self._settle(event.share, state)
+            return
         if isinstance(event, rp.BatchAcked):
             state.sent += event.written
             state.bytes += event.bytes
@@ -410,13 +496,7 @@ class PeerSession:
             state.caught_up.add(event.direction)
             if event.direction == "pull" and state.pending_in is not None:
                 state.pending_in = 0  # the peer says we have everything it has
-            if state.state != "live" and self._in_step(event.share, state):
-                state.state = "live"
-                self._publish_state(event.share, state)
-        elif isinstance(event, rp.StreamEnded):
-            state.error = event.reason
-            publish("sync.stream_ended", share=share, peer=self.name,
-                    direction=event.direction, reason=event.reason)
+            self._settle(event.share, state)
 
 
 class _TokenGate:
@@ -426,10 +506,20 @@ class _TokenGate:
         self._call = call
         self._peer = peer
 
+    async def _decide(self, command: str, **args) -> dict:
+        """One token command; its failures as the replicator knows them: the token away
+        (restarted by its supervisor) passes, a refusal does not. Neither ends the node."""
+        try:
+            return await self._call(command, peer=self._peer, **args)
+        except TokenUnavailable as exc:
+            raise GateUnavailable(f"the token is unavailable: {exc}") from exc
+        except TokenError as exc:
+            raise GateRefused(f"the token refused {command}: {exc}") from exc
+
     async def outgoing(self, share: str, docs: list[dict]) -> list[dict]:
         if not docs:
             return []
-        answer = await self._call("share.outgoing", share=share, peer=self._peer, docs=docs)
+        answer = await self._decide("share.outgoing", share=share, docs=docs)
         return [doc if verdict is None else verdict["doc"]
                 for doc, verdict in zip(docs, answer["verdicts"])
                 if verdict is None or "doc" in verdict]
@@ -438,7 +528,7 @@ class _TokenGate:
                        existing: dict[str, dict]) -> list[dict | str]:
         if not docs:
             return []
-        answer = await self._call("share.incoming", share=share, peer=self._peer, docs=docs,
-                                  existing=existing)
+        answer = await self._decide("share.incoming", share=share, docs=docs,
+                                    existing=existing)
         return [doc if r is None else r["doc"] if "doc" in r else str(r["refused"])
                 for doc, r in zip(docs, answer["results"])]

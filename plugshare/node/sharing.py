@@ -24,6 +24,7 @@ from plugshare.replication.transport import PeerConnectError, PeerConnectionClos
 from plugshare.sharing.invitation import Invitation, parse_ttl
 from plugshare.sharing.manifest import Manifest
 from plugshare.store import Store
+from plugshare.store.base import StoreError
 from plugshare.token import format_node_id
 
 if TYPE_CHECKING:
@@ -331,6 +332,15 @@ class Sharing:
 
     # -- reading ------------------------------------------------------------------------
 
+    async def _doc_count_or_last(self, manifest: Manifest) -> int | None:
+        """`_doc_count`, or while the store is down the last count (None if none): the
+        share's state (a sync retrying) must still be shown."""
+        try:
+            return await self._doc_count(manifest)
+        except StoreError:
+            cached = self._doc_counts.get(manifest.share_id)
+            return cached[1] if cached else None
+
     async def _doc_count(self, manifest: Manifest) -> int:
         """Docs in the share's scope, as the token counts them. Counting reads every doc, so
         on a large store whose feed keeps moving (a sync) the count is refreshed at most every
@@ -383,7 +393,7 @@ class Sharing:
                  "connected": m.fingerprint in sessions}
                 for m in manifest.members
             ],
-            "docs": await self._doc_count(manifest) if here else 0,
+            "docs": await self._doc_count_or_last(manifest) if here else 0,
             "peers": peers,
         }
 

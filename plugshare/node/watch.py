@@ -199,6 +199,8 @@ def summary_text(status: dict[str, Any]) -> str:
         bits = [_get(store, "backend", str, "store")]
         if (count := _get(store, "doc_count", int)) is not None:
             bits.append(f"{count} doc{'' if count == 1 else 's'}")
+        if _get(store, "error", str):
+            bits.append("failing")  # why: in /status store.error and the shares' sync state
         if (seq := _get(store, "update_seq", (int, str))) is not None:
             bits.append(f"seq {seq}")
         parts.append(" · ".join(bits))
@@ -321,6 +323,11 @@ def link_state(link: dict[str, Any], rate: Rate | None = None) -> str:
                              size=_get(link, "bytes", int, 0), rate=rate)
     if state == "error" and (why := _get(link, "error", str)):
         return f"✖ error: {why[:40]}" + ("…" if len(why) > 40 else "")
+    if state == "retrying":
+        retry_in = _get(link, "retry_in", _NUMBER)
+        why = _get(link, "error", str, "")
+        return (f"↻ retrying{f' in {retry_in:.0f} s' if retry_in is not None else ''}"
+                + (f": {why[:40]}" + ("…" if len(why) > 40 else "") if why else ""))
     return {"live": "● live", "offline": "○ offline", "error": "✖ error"}.get(state, state)
 
 
@@ -329,7 +336,7 @@ def _styled_state(cell: str) -> Text:
         style = "green"
     elif cell.startswith("✖"):
         style = "bold red"
-    elif cell.startswith(("▰", "▱", "initial")):
+    elif cell.startswith(("▰", "▱", "initial", "↻")):
         style = "yellow"
     elif cell.startswith("○") or cell in ("revoked", "left", UNKNOWN):
         style = "dim"
@@ -349,6 +356,8 @@ def event_text(event: Event) -> Text:
     style = _EVENT_STYLES.get(event.type, "")
     if event.type == "sync.state" and event.data.get("state") == "error":
         style = "bold red"
+    elif event.type == "sync.state" and event.data.get("state") == "retrying":
+        style = "yellow"
     return Text(event_line(event), style=style)
 
 

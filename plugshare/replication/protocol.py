@@ -15,8 +15,8 @@ A push, message by message (the source reads its changes feed from its checkpoin
       rep.docs {batch, docs: [doc], last}  (x n)   ->  (accept(peer, doc), bulk_docs new_edits=false)
                                                    <-  rep.ack {batch, written, refused: [[id, rev, reason]]}
       rep.caught_up {}                             ->  (the source had nothing newer)
-      rep.end {reason}                             ->  (the source stops)
-                                                   <-  rep.refuse {reason}  (the target stops)
+      rep.end {reason, retry?}                     ->  (the source stops)
+                                                   <-  rep.refuse {reason, retry?}  (the target stops)
 
 * A batch covers one page of the source's changes feed; the source offers every leaf revision
   its `in_scope(doc)` admits, with the seq the page ends at kept on its side only.
@@ -42,6 +42,9 @@ A push, message by message (the source reads its changes feed from its checkpoin
   of the batch goes on: a doc the target did not ask for in that batch, a forged or malformed
   `_revisions`, a doc `accept` refuses (target side); a revision the target asks for that the
   batch did not offer (source side, so nothing outside the share's scope ever leaves).
+* `retry: true` on `rep.end` / `rep.refuse` says the cause passes (a store or token briefly
+  unavailable): the source opens a new stream later and resumes from its checkpoint. Without
+  it the end is for good (until something changes, such as the share's manifest).
 * Resending a batch is harmless: the target may see any batch number again once it is closed,
   and writes with `new_edits=false` are idempotent.
 
@@ -172,11 +175,13 @@ class ProtocolError(ReplicationError):
 
 
 class PeerEndedStream(ReplicationError):
-    """The peer ended the stream (`rep.end` or `rep.refuse`); `reason` says why."""
+    """The peer ended the stream (`rep.end` or `rep.refuse`); `reason` says why, `retry`
+    whether the cause passes (the source then starts the stream again later)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, retry: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.retry = retry
 
 
 class LocalProtocolError(ReplicationError):
@@ -323,10 +328,14 @@ class CheckpointSaved(ReplicationEvent):
 
 @attrs.frozen(kw_only=True)
 class StreamEnded(ReplicationEvent):
-    """A stream ended for `reason` (the peer's or ours); the checkpoint stays where it was."""
+    """A stream ended for `reason` (the peer's or ours); the checkpoint stays where it was.
+    `passing`: the cause passes and the stream starts again, by us in `retry_in` seconds
+    (a push of ours) or by the peer (a pull)."""
 
     direction: Direction
     reason: str
+    passing: bool = False
+    retry_in: float | None = None
 
 
 Output = Send | SaveCheckpoint | DiffRevs | WriteDocs | ReplicationEvent
@@ -361,9 +370,13 @@ def parse_stream_key(message: Mapping[Any, Any]) -> tuple[str, str, str]:
     return message_type, share, stream
 
 
-def refusal(share: str, stream: str, reason: str) -> dict[str, Any]:
-    """The `rep.refuse` ending (or declining) the stream `share`/`stream` on the target side."""
-    return {"type": REFUSE, "share": share, "stream": stream, "reason": reason[:MAX_REASON_LENGTH]}
+def refusal(share: str, stream: str, reason: str, *, retry: bool = False) -> dict[str, Any]:
+    """The `rep.refuse` ending (or declining) the stream `share`/`stream` on the target side;
+    `retry` tells the source the cause passes (it may open the stream again later)."""
+    message = {"type": REFUSE, "share": share, "stream": stream, "reason": reason[:MAX_REASON_LENGTH]}
+    if retry:
+        message["retry"] = True
+    return message
 
 
 def check_open(message: Mapping[Any, Any]) -> tuple[str, str]:
@@ -523,10 +536,14 @@ class SourceStream:
     def open_message(self) -> dict[str, Any]:
         return {**self._common(OPEN), "v": PROTOCOL_VERSION}
 
-    def end_message(self, reason: str) -> dict[str, Any]:
-        """The message ending this stream; the stream accepts nothing more afterwards."""
+    def end_message(self, reason: str, *, retry: bool = False) -> dict[str, Any]:
+        """The message ending this stream; the stream accepts nothing more afterwards.
+        `retry` tells the target the cause passes (this source opens a new stream later)."""
         self._state = _StreamState.ENDED
-        return {**self._common(END), "reason": reason[:MAX_REASON_LENGTH]}
+        message = {**self._common(END), "reason": reason[:MAX_REASON_LENGTH]}
+        if retry:
+            message["retry"] = True
+        return message
 
     def resume_from(self, since: Seq) -> None:
         """Start reading the feed at `since` (a checkpoint); only before the first batch."""
@@ -634,7 +651,7 @@ class SourceStream:
             raise LocalProtocolError("the stream has ended")
         if message_type == REFUSE:
             self._state = _StreamState.ENDED
-            raise PeerEndedStream(_reason(message.get("reason")))
+            raise PeerEndedStream(_reason(message.get("reason")), retry=message.get("retry") is True)
         if message_type == OPENED:
             return self._receive_opened(message)
         if self._state is not _StreamState.RUNNING:
@@ -801,10 +818,10 @@ class TargetStream:
     def opened_message(self, store_id: str) -> dict[str, Any]:
         return {**self._common(OPENED), "store": store_id, "window": self.window}
 
-    def refuse_message(self, reason: str) -> dict[str, Any]:
+    def refuse_message(self, reason: str, *, retry: bool = False) -> dict[str, Any]:
         """The message ending this stream; the stream accepts nothing more afterwards."""
         self._ended = True
-        return refusal(self.share, self.stream, reason)
+        return refusal(self.share, self.stream, reason, retry=retry)
 
     @property
     def open_batches(self) -> int:
@@ -822,7 +839,7 @@ class TargetStream:
             raise LocalProtocolError(f"the result of {self._awaiting!r} is still owed")
         if message_type == END:
             self._ended = True
-            raise PeerEndedStream(_reason(message.get("reason")))
+            raise PeerEndedStream(_reason(message.get("reason")), retry=message.get("retry") is True)
         if message_type == OPEN:
             raise ProtocolError(f"a second {OPEN} for stream {stream}")
         if message_type == CAUGHT_UP:

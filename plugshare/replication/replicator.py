@@ -27,7 +27,10 @@ once per catch-up, not per batch.
 
 A connection failure ends `run` (it returns; the caller reconnects); a push or an incoming
 stream that breaks down (protocol error, refused share, store failure) ends alone with a
-`StreamEnded` event and leaves the others running. Every event goes to `on_event`.
+`StreamEnded` event and leaves the others running. A stream that ended for a passing cause
+(see `retry`: the store or the token briefly unavailable, here or at the peer) is told so
+(`passing`), and our push starts again from its checkpoint after a back-off (`retry_in`);
+the peer restarts its own. Every event goes to `on_event`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from plugshare.errors import PlugshareError
+from plugshare.replication.backoff import Backoff
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
     DEFAULT_MAX_DOC_BYTES,
@@ -53,12 +58,13 @@ from plugshare.replication.protocol import (
     OPEN,
     TO_SOURCE,
     Accept,
+    BatchAcked,
+    CaughtUp,
     CheckpointSaved,
     DiffRevs,
     InScope,
     LocalProtocolError,
     Output,
-    PeerEndedStream,
     ProtocolError,
     ReplicationEvent,
     SaveCheckpoint,
@@ -72,8 +78,9 @@ from plugshare.replication.protocol import (
     parse_stream_key,
     refusal,
 )
+from plugshare.replication.retry import STREAM_BACKOFF, Ending, StreamRetry, ending_of
 from plugshare.replication.transport import PeerConnectionClosed
-from plugshare.store.base import Doc, NotFound, Seq, Store, StoreError
+from plugshare.store.base import Doc, NotFound, Seq, Store
 
 __all__ = [
     "STORE_ID_DOC",
@@ -116,6 +123,8 @@ class ReplicationConfig:
     """Messages queued for one incoming stream before the receive loop waits for it."""
     end_timeout: float = 2.0
     """Seconds to try telling the peer why a stream ends."""
+    retry_backoff: Backoff = STREAM_BACKOFF
+    """How long a push that ended for a passing cause waits before it starts again."""
 
 
 class MessageConnection(Protocol):
@@ -232,10 +241,15 @@ class _Push:
     end_reason: str | None = None
     tell_peer: bool = False  # send rep.end with end_reason
 
-    def end(self, reason: str, *, tell_peer: bool) -> None:
+    in_scope: InScope | None = None
+    passing: bool = False  # the end's cause passes: start the push again
+    stop_reason: str | None = None  # stop_push was called: never start it again
+    made_progress: bool = False  # a batch was written or the feed caught up
+
+    def end(self, reason: str, *, tell_peer: bool, passing: bool = False) -> None:
         """Stop this push for `reason` (the first reason given wins)."""
         if self.end_reason is None:
-            self.end_reason, self.tell_peer = reason, tell_peer
+            self.end_reason, self.tell_peer, self.passing = reason, tell_peer, passing
         self.cancel_scope.cancel()
 
 
@@ -419,18 +433,19 @@ class PeerReplication:
     async def _run_pull(self, pull: _Pull) -> None:
         machine = pull.machine
         key = (machine.share, machine.stream)
-        reason: str | None = None
+        ending: Ending | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_replies, pull.outgoing)
                 async with pull.replies:  # closing it lets the sender finish the queue and stop
-                    reason = await self._serve_pull(pull)
+                    ending = await self._serve_pull(pull)
         finally:
             pull.messages.close()  # a router blocked on a full inbox gets unstuck
             # Without a reason the connection is closing: run() reports the end, with its cause.
-            if reason is not None and self._pulls.get(key) is pull:
+            if ending is not None and self._pulls.get(key) is pull:
                 del self._pulls[key]
-                self._emit(StreamEnded(share=machine.share, peer=self.peer, direction="pull", reason=reason))
+                self._emit(StreamEnded(share=machine.share, peer=self.peer, direction="pull",
+                                       reason=ending.reason, passing=ending.passing))
 
     async def _send_replies(self, outgoing: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
         # Closing `outgoing` when the connection is gone makes a stream waiting to queue a
@@ -472,8 +487,8 @@ class PeerReplication:
         return [refusals[index] if index in refusals else next(written)
                 for index in range(len(docs))]
 
-    async def _serve_pull(self, pull: _Pull) -> str | None:
-        """Serve one incoming stream until it ends; the reason it ended, or None when the
+    async def _serve_pull(self, pull: _Pull) -> Ending | None:
+        """Serve one incoming stream until it ends; why it ended, or None when the
         connection went away (then `run` reports it)."""
         machine = pull.machine
         try:
@@ -482,16 +497,22 @@ class PeerReplication:
             try:
                 while True:
                     await self._carry_out_pull(pull, machine.receive(await pull.messages.receive()))
-            except PeerEndedStream as ended:
-                return f"the peer ended it: {ended.reason}"
-            except ProtocolError as error:
-                reason = f"protocol error: {error}"
-            except StoreError as error:
-                reason = f"this node's store failed: {error.reason}"
-            await pull.replies.send(machine.refuse_message(reason))
-            return reason
+            except PlugshareError as error:
+                ending = self._ending(error)
+            if ending.tell_peer:  # the peer is told whether to open the stream again
+                await pull.replies.send(machine.refuse_message(ending.reason, retry=ending.passing))
+            return ending
         except trio.BrokenResourceError:  # the reply sender stopped: the connection is closed
             return None
+
+    def _ending(self, error: PlugshareError) -> Ending:
+        """How `error` ends a stream; one that says nothing of the kind is a bug here (logged),
+        which ends that stream only, never the link or the node."""
+        ending = ending_of(error)
+        if ending is None:
+            logger.error("a stream with peer %s failed", self.peer, exc_info=error)
+            ending = Ending(f"this node failed: {error}")
+        return ending
 
     async def _carry_out_pull(self, pull: _Pull, outputs: list[Output]) -> None:
         machine = pull.machine
@@ -520,6 +541,10 @@ class PeerReplication:
             raise LocalProtocolError("start_push needs run() to have started")
         if share in self._pushes:
             raise LocalProtocolError(f"share {share!r} is already being pushed to peer {self.peer}")
+        self._nursery.start_soon(self._run_push, self._new_push(share, in_scope, scope_tag))
+
+    def _new_push(self, share: str, in_scope: InScope | None, scope_tag: str) -> _Push:
+        """A new stream of our push of `share`, registered (its first run, or a restart)."""
         config = self.config
         machine = SourceStream(
             share=share,
@@ -532,33 +557,66 @@ class PeerReplication:
         )
         # The target sends at most rep.opened, rep.refuse and two replies per batch in flight.
         inbox, replies = trio.open_memory_channel[Mapping[Any, Any]](2 * config.max_in_flight + 2)
-        push = _Push(share, scope_tag, machine, inbox, replies)
+        push = _Push(share, scope_tag, machine, inbox, replies, in_scope=in_scope)
         self._pushes[share] = push
         self._pushes_by_stream[(share, machine.stream)] = push
-        self._nursery.start_soon(self._run_push, push)
+        return push
 
     def stop_push(self, share: str, reason: str = "its source stopped pushing it") -> None:
-        """Stop pushing `share`, telling the peer `reason`; a no-op if it is not pushed."""
+        """Stop pushing `share`, telling the peer `reason`; a no-op if it is not pushed.
+        A push waiting to start again stops waiting."""
         push = self._pushes.get(share)
         if push is not None:
+            push.stop_reason = push.stop_reason or reason
             push.end(reason, tell_peer=True)
 
     async def _run_push(self, push: _Push) -> None:
+        """Run our push of a share, and again from its checkpoint after each passing failure
+        (with back-off), until it ends for good, is stopped, or the connection closes."""
+        retry = StreamRetry(self.config.retry_backoff)
+        try:
+            while True:
+                await self._run_stream(push)
+                if push.made_progress:
+                    retry.succeeded()
+                if self._pushes.get(push.share) is not push or push.end_reason is None:
+                    return  # run() has reported the end already: the connection is closing
+                if not push.passing or push.stop_reason is not None:
+                    self._emit(StreamEnded(share=push.share, peer=self.peer, direction="push",
+                                           reason=push.stop_reason or push.end_reason))
+                    return
+                delay = retry.next_delay()
+                logger.info("push of share %r to peer %s ended (%s); starting again in %.1f s",
+                            push.share, self.peer, push.end_reason, delay)
+                self._emit(StreamEnded(share=push.share, peer=self.peer, direction="push",
+                                       reason=push.end_reason, passing=True, retry_in=delay))
+                push.cancel_scope = trio.CancelScope()  # stop_push cancels the wait
+                with push.cancel_scope:
+                    await trio.sleep(delay)
+                if push.stop_reason is not None:
+                    self._emit(StreamEnded(share=push.share, peer=self.peer, direction="push",
+                                           reason=push.stop_reason))
+                    return
+                push = self._new_push(push.share, push.in_scope, push.scope_tag)
+        finally:
+            if self._pushes.get(push.share) is push:
+                del self._pushes[push.share]
+
+    async def _run_stream(self, push: _Push) -> None:
+        """Run one stream of a push until it ends; `push.end_reason` says why."""
         try:
             with push.cancel_scope:
                 await self._guarded(push, partial(self._push, push))
             if push.end_reason is not None and push.tell_peer:
+                message = push.machine.end_message(
+                    push.end_reason, retry=push.passing and push.stop_reason is None)
                 with trio.move_on_after(self.config.end_timeout):
                     try:
-                        await self._connection.send(push.machine.end_message(push.end_reason))
+                        await self._connection.send(message)
                     except PeerConnectionClosed:
                         pass
         finally:
-            if self._pushes.get(push.share) is push:  # else run() has reported the end already
-                del self._pushes[push.share]
-                del self._pushes_by_stream[(push.share, push.machine.stream)]
-                if push.end_reason is not None:
-                    self._emit(StreamEnded(share=push.share, peer=self.peer, direction="push", reason=push.end_reason))
+            self._pushes_by_stream.pop((push.share, push.machine.stream), None)
 
     async def _push(self, push: _Push) -> None:
         machine = push.machine
@@ -581,14 +639,17 @@ class PeerReplication:
         so it reaches `_run_push` as a reason rather than as an exception group."""
         try:
             await work()
-        except PeerEndedStream as ended:
-            push.end(f"the peer ended it: {ended.reason}", tell_peer=False)
-        except ProtocolError as error:
-            push.end(f"protocol error: {error}", tell_peer=True)
-        except StoreError as error:
-            push.end(f"this node's store failed: {error.reason}", tell_peer=True)
         except PeerConnectionClosed as closed:
             push.end(f"the connection closed: {closed.reason}", tell_peer=False)
+        except LocalProtocolError as error:
+            # After the push ended (a refusal came while its feed was between two steps),
+            # a late step finds the stream ended: nothing more to do.
+            if push.end_reason is None:
+                ending = self._ending(error)
+                push.end(ending.reason, tell_peer=ending.tell_peer, passing=ending.passing)
+        except PlugshareError as error:
+            ending = self._ending(error)
+            push.end(ending.reason, tell_peer=ending.tell_peer, passing=ending.passing)
 
     async def _feed(self, push: _Push, since: Seq) -> None:
         """Read the changes feed in batches while the window allows, then follow it live."""
@@ -638,6 +699,8 @@ class PeerReplication:
             elif isinstance(output, SaveCheckpoint):
                 await self._save_checkpoint(push)
             elif isinstance(output, ReplicationEvent):
+                if isinstance(output, (BatchAcked, CaughtUp)):
+                    push.made_progress = True
                 self._emit(output)
             else:
                 raise AssertionError(f"a source stream asked for {output!r}")

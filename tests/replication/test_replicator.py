@@ -369,6 +369,7 @@ async def test_a_share_the_peer_does_not_accept_ends_that_push_only(stores):
         await wait_for_doc(b, "n", rev)
     [ended] = a.events.of(StreamEnded, share="photos")
     assert ended.reason == "the peer ended it: this node does not accept share 'photos' from you"
+    assert not ended.passing and ended.retry_in is None  # a refusal is not retried
     assert b.events.of(StreamEnded, share="photos", direction="pull")
 
 
