@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -241,6 +242,32 @@ def _stop_with_parent() -> None:
 # SIGHUP: the terminal closed (or `tmux kill-session`); the nodes, in sessions of their own,
 # do not hear it, so the demo must stop them.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+VIEW_EXIT_GRACE = 5.0  # seconds the full-screen view has to return after a stop signal
+
+
+class _ExitWatchdog:
+    """After a stop signal, the terminal view must return within VIEW_EXIT_GRACE. Its
+    shutdown can block for good when the terminal vanished with output still queued (seen
+    with `tmux kill-server`: textual's writer thread and its queue wait on each other); then
+    this stops the nodes, removes the temp dir and ends the process from its own thread."""
+
+    def __init__(self, cluster: DemoCluster):
+        self._cluster = cluster
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(VIEW_EXIT_GRACE, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        self._cluster.close()
+        os._exit(0)
 
 
 @contextlib.contextmanager
@@ -279,10 +306,13 @@ def demo(nodes: int, plain: bool) -> None:
                 click.echo("demo: watching (Ctrl-C stops the demo)")
                 # The view handles Ctrl-C/SIGTERM itself (and returns); then the clean-up
                 # needs them back so a second Ctrl-C does not cut it short.
+                watchdog = _ExitWatchdog(cluster)
                 try:
                     open_watch([node.target() for node in cluster.nodes], plain=plain,
-                               recent=0, stop_requested=lambda: cluster.stopping)
+                               recent=0, stop_requested=lambda: cluster.stopping,
+                               on_stop_signal=watchdog.arm)
                 finally:
+                    watchdog.disarm()
                     take_signals_back()
         except DemoStopped:
             pass

@@ -605,7 +605,8 @@ class WatchApp(App):
     def __init__(self, targets: list[ApiTarget], *, poll: float = POLL_S,
                  retry: float = RETRY_S, recent: int = RECENT,
                  log_filter: LogFilter = LogFilter(), handle_signals: bool = False,
-                 stop_requested: Callable[[], bool] = lambda: False):
+                 stop_requested: Callable[[], bool] = lambda: False,
+                 on_stop_signal: Callable[[], None] = lambda: None):
         super().__init__()
         if not targets:
             raise ValueError("watch needs at least one node")
@@ -613,6 +614,7 @@ class WatchApp(App):
         self._view_options = dict(poll=poll, retry=retry, recent=recent, log_filter=log_filter)
         self._handle_signals = handle_signals
         self._stop_requested = stop_requested
+        self._on_stop_signal = on_stop_signal
         self.paused = False
 
     def compose(self) -> ComposeResult:
@@ -634,9 +636,13 @@ class WatchApp(App):
 
             loop = asyncio.get_running_loop()
             for signum in STOP_SIGNALS:
-                loop.add_signal_handler(signum, self.exit)
+                loop.add_signal_handler(signum, self._stop_signal)
             if self._stop_requested():  # a signal came before these handlers were in place
                 self.exit()
+
+    def _stop_signal(self) -> None:
+        self._on_stop_signal()
+        self.exit()
 
     def on_resize(self, event) -> None:
         self._check_size(event.size)  # self.size catches up only after this event
@@ -787,7 +793,8 @@ def _silence_stdout() -> None:
 
 def open_watch(targets: list[ApiTarget], *, plain: bool, as_json: bool = False,
                share: str | None = None, peer: str | None = None, recent: int = 20,
-               stop_requested: Callable[[], bool] = lambda: False) -> None:
+               stop_requested: Callable[[], bool] = lambda: False,
+               on_stop_signal: Callable[[], None] = lambda: None) -> None:
     """Run the full-screen view, or plain lines when asked or when stdout is no terminal;
     until a stop signal, or at once if `stop_requested()` once the view listens for them."""
     if plain or as_json or not sys.stdout.isatty():
@@ -798,7 +805,8 @@ def open_watch(targets: list[ApiTarget], *, plain: bool, as_json: bool = False,
             pass
         return
     WatchApp(targets, recent=recent, log_filter=LogFilter(share, peer),
-             handle_signals=True, stop_requested=stop_requested).run()
+             handle_signals=True, stop_requested=stop_requested,
+             on_stop_signal=on_stop_signal).run()
 
 
 @click.command()
