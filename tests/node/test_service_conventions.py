@@ -25,6 +25,19 @@ from tests.node.cluster import wait_until
 from tests.node.conftest import init_node
 
 
+_launched: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_node_outlives_its_test():
+    yield
+    while _launched:
+        process = _launched.pop()
+        if process.poll() is None:  # a test that failed half-way
+            process.kill()
+            process.wait()
+
+
 def launch(home: Path, *args: str, env: dict | None = None, new_group: bool = False,
            stdout=None) -> tuple[subprocess.Popen, Path]:
     """`plugshare run ARGS` with its log in home/node.log; returns once the API answers."""
@@ -35,6 +48,7 @@ def launch(home: Path, *args: str, env: dict | None = None, new_group: bool = Fa
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         start_new_session=new_group,
     )
+    _launched.append(process)
     wait_until(lambda: process.poll() is not None or (home / "run.json").exists(),
                60, what="the node to start")
     assert process.poll() is None, log_path.read_text()
@@ -42,6 +56,8 @@ def launch(home: Path, *args: str, env: dict | None = None, new_group: bool = Fa
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    if process.poll() is not None:
+        return process.returncode
     process.send_signal(sig)
     try:
         return process.wait(timeout=30)
@@ -159,17 +175,22 @@ def test_readiness_and_stopping_are_notified_to_systemd(home, tmp_path):
         sock.bind(path)
         sock.settimeout(60)
         process, log = launch(home, env={"NOTIFY_SOCKET": path})
-        ready = sock.recv(4096).decode()
-        assert "READY=1" in ready.split("\n"), ready
-        assert (home / "run.json").exists()
-        status = subprocess.run([sys.executable, "-m", "plugshare", "--home", str(home),
-                                 "status", "--json"], capture_output=True, text=True,
-                                timeout=60)
-        assert status.returncode == 0, status.stdout
-        process.send_signal(signal.SIGTERM)
-        stopping = sock.recv(4096).decode()
-        assert "STOPPING=1" in stopping.split("\n"), stopping
-        assert process.wait(timeout=30) == 0
+        try:
+            ready = sock.recv(4096).decode()
+            assert "READY=1" in ready.split("\n"), ready
+            assert (home / "run.json").exists()
+            status = subprocess.run([sys.executable, "-m", "plugshare", "--home", str(home),
+                                     "status", "--json"], capture_output=True, text=True,
+                                    timeout=60)
+            assert status.returncode == 0, status.stdout
+            process.send_signal(signal.SIGTERM)
+            stopping = sock.recv(4096).decode()
+            assert "STOPPING=1" in stopping.split("\n"), stopping
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_an_abstract_notify_socket_is_reached(home):
@@ -179,8 +200,10 @@ def test_an_abstract_notify_socket_is_reached(home):
         sock.bind("\0" + name)
         sock.settimeout(60)
         process, _ = launch(home, env={"NOTIFY_SOCKET": "@" + name})
-        assert "READY=1" in sock.recv(4096).decode()
-        stop(process)
+        try:
+            assert "READY=1" in sock.recv(4096).decode()
+        finally:
+            stop(process)
 
 
 def test_the_log_names_peers_by_node_id(tmp_path):
