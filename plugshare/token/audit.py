@@ -369,6 +369,16 @@ class AuditLog:
 
     # --- reading ---------------------------------------------------------------------------
 
+    def _rows(self, seg: SegmentRef) -> list[list]:
+        """Every row of a segment; TokenStateError where it is damaged."""
+        try:
+            return [row for record in self._read_segment(seg) for row in record]
+        except _Damaged as exc:
+            raise TokenStateError(
+                f"audit log damaged near entry {exc.first_seq}: {exc.why} "
+                "(run an audit verification)"
+            ) from None
+
     def search(self, n: int, *, allowed: bool | None = None, principal: str | None = None,
                since: float | None = None) -> list[AuditEntry]:
         """The last `n` entries that match (decision outcome, principal label, at or after a
@@ -388,13 +398,7 @@ class AuditLog:
         for seg in reversed(self.meta.segments):
             if len(found) >= n:
                 break
-            try:
-                rows = [row for record in self._read_segment(seg) for row in record]
-            except _Damaged as exc:
-                raise TokenStateError(
-                    f"audit log damaged near entry {exc.first_seq}: {exc.why} "
-                    "(run an audit verification)"
-                ) from None
+            rows = self._rows(seg)
             found = [row for row in rows if matches(row)][-(n - len(found)):] + found
             if since is not None and rows and rows[-1][1] < since:
                 break
@@ -408,12 +412,7 @@ class AuditLog:
         kept = list(self.meta.segments)
         dropped: list[SegmentRef] = []
         while len(kept) > 1:
-            try:
-                rows = [row for record in self._read_segment(kept[0]) for row in record]
-            except _Damaged as exc:
-                raise TokenStateError(
-                    f"audit log damaged near entry {exc.first_seq}: {exc.why}; not pruned"
-                ) from None
+            rows = self._rows(kept[0])
             if not rows or rows[-1][1] >= before:
                 break
             dropped.append(kept.pop(0))
@@ -441,23 +440,7 @@ class AuditLog:
 
     def tail(self, n: int) -> list[AuditEntry]:
         """The last `n` entries, oldest first (including those not flushed yet)."""
-        if n <= 0:
-            return []
-        self.close_windows()  # the reader sees every refusal counted so far
-        self._chain()
-        out = list(self._chained[-n:])  # rows
-        for seg in reversed(self.meta.segments):
-            if len(out) >= n:
-                break
-            try:
-                rows = [row for record in self._read_segment(seg) for row in record]
-            except _Damaged as exc:
-                raise TokenStateError(
-                    f"audit log damaged near entry {exc.first_seq}: {exc.why} "
-                    "(run an audit verification)"
-                ) from None
-            out = rows[-(n - len(out)) :] + out
-        return [AuditEntry(*row) for row in out[-n:]]
+        return self.search(n)
 
     def verify(self) -> tuple[bool, int, int | None]:
         """(ok, number of entries, index of the first bad entry or None): re-reads every
