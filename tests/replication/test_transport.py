@@ -325,7 +325,7 @@ async def test_an_unknown_peer_is_refused_with_a_logged_reason(server_node, clie
         await connect_fails(port, server_node, client_node, PeerRefused, "does not accept your node id")
         server.cancel()
     assert asked == [client_node.id]
-    assert f"refused peer {client_node.id.hex()}" in caplog.text
+    assert f"refused peer {format_node_id(client_node.id)}" in caplog.text
 
 
 def rsa_server_context() -> ssl.SSLContext:
