@@ -1,0 +1,63 @@
+"""Three real nodes converge under faults (issue #10): shares of each kind (doctype, selector,
+encrypted), random writes, edits, deletions and conflicting edits from every side, nodes
+SIGKILLed and restarted, the CouchDB server cut under one of them; once everything is back and
+quiet, every member holds the same revision trees, every acknowledged write is there (winner,
+conflict or ancestor), and nothing crossed outside a share's scope. See tests/node/chaos.py.
+
+The seed comes from PLUGSHARE_CONVERGE_SEED, or is drawn at random; a failure names it:
+    PLUGSHARE_CONVERGE_SEED=1234 python -m pytest tests/node/test_convergence.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import attrs
+import pytest
+
+from tests.node.chaos import Chaos, problems, run_chaos
+
+SEED_ENV = "PLUGSHARE_CONVERGE_SEED"
+
+# Switches for the lead to flip once the fixes they wait for are merged:
+# - RECOVERY_FIXED: a sync stream survives a store error (the CouchDB server going away and
+#   coming back) instead of dying for good.
+# - SCOPE_FIXED: a doc edited out of a share's scope leaves its members too, and a shared doc's
+#   doctype cannot be changed.
+RECOVERY_FIXED = False
+SCOPE_FIXED = False
+
+
+def _seed() -> int:
+    value = os.environ.get(SEED_ENV)
+    return int(value) if value else random.SystemRandom().randrange(2**32)
+
+
+def _check(tmp_path, chaos: Chaos) -> None:
+    seed = _seed()
+    outcome = run_chaos(tmp_path, seed, chaos)
+    found = problems(outcome)
+    print("\n".join(outcome.log))
+    assert not found, (f"{len(found)} problem(s) with seed {seed} "
+                       f"({SEED_ENV}={seed} to replay the plan):\n" + "\n".join(found[:40]))
+
+
+BASE = Chaos()
+
+
+def test_converges_under_node_kills(tmp_path):
+    """Writes, edits, deletions and conflicts from every node, nodes SIGKILLed at random."""
+    _check(tmp_path, BASE)
+
+
+@pytest.mark.xfail(not RECOVERY_FIXED, strict=True,
+                   reason="recovery: a sync stream dies for good on a store error")
+def test_converges_through_couchdb_outages(tmp_path):
+    _check(tmp_path, attrs.evolve(BASE, couchdb_cuts=2))
+
+
+@pytest.mark.xfail(not SCOPE_FIXED, strict=True,
+                   reason="scope: docs leaving a share's scope stay on members; doctype changes")
+def test_converges_through_scope_changes(tmp_path):
+    _check(tmp_path, attrs.evolve(BASE, scope_change=10, doctype_change=4))
