@@ -13,6 +13,7 @@ alone; how the nodes interleave is not, so a seed reproduces the plan, not the t
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,8 @@ class Chaos:
     edit: int = 30
     delete: int = 8
     conflict: int = 12  # the same doc edited on two nodes from the same revision
+    resolve: int = 6  # a losing leaf of a conflict deleted (CouchDB's way to resolve)
+    recreate: int = 4  # a deleted doc written again without a rev
     scope_change: int = 0  # an io.tasks doc edited into or out of the share's selector
     doctype_change: int = 0  # a shared doc re-written under another doctype
     node_kills: int = 3  # SIGKILL a node, restart it some ops later
@@ -125,6 +128,7 @@ class _Run:
         self.counter = 0
         self.log: list[str] = []
         self.lock = threading.Lock()  # conflicting edits record their writes from two threads
+        self.acked: collections.Counter = collections.Counter()  # op kind -> acked writes
         self.restart_at: dict[str, int] = {}  # node name (or "couchdb") -> op index
 
     def note(self, text: str) -> None:
@@ -168,14 +172,19 @@ class _Run:
             faults.setdefault(self.rng.randrange(5, split), []).append("kill")
         for _ in range(chaos.couchdb_cuts):
             faults.setdefault(self.rng.randrange(split, chaos.ops - 10), []).append("cut")
-        kinds = ["create", "edit", "delete", "conflict", "scope_change", "doctype_change"]
+        kinds = ["create", "edit", "delete", "conflict", "resolve", "recreate", "scope_change",
+                 "doctype_change"]
         weights = [getattr(chaos, kind) for kind in kinds]
         for index in range(chaos.ops):
             self.restart_due(index)
             for fault in faults.get(index, []):
                 self.fault(fault, index)
             kind = self.rng.choices(kinds, weights)[0]
+            before = sum(w.rev is not None for w in self.writes)
             getattr(self, "op_" + kind)()
+            self.acked[kind] += sum(w.rev is not None for w in self.writes) - before
+        self.note("acknowledged writes by op: " + ", ".join(
+            f"{kind} {count}" for kind, count in self.acked.items()))
 
     def fault(self, kind: str, index: int) -> None:
         later = index + self.rng.randrange(3, 15)
@@ -326,6 +335,40 @@ class _Run:
             list(pool.map(lambda args: self.put(*args),
                           [(first, doctype, doc["_id"], bodies[0], doc["_rev"]),
                            (second, doctype, doc["_id"], bodies[1], other["_rev"])]))
+
+    def op_resolve(self) -> None:
+        names = self.running()
+        if not names:
+            return
+        name = self.rng.choice(names)
+        candidates = [i for i in self.ids if self.doctype_of(i) != PRIVATE]
+        for doc_id in self.rng.sample(candidates, min(6, len(candidates))):
+            try:
+                doc = self.nodes[name].get(doc_id, conflicts=True)
+            except (ApiError, httpx.TransportError, ValueError):
+                return
+            if doc is not None and doc.get("_conflicts"):
+                self.delete(name, doc_id, doc["doctype"], self.rng.choice(doc["_conflicts"]))
+                return
+
+    def op_recreate(self) -> None:
+        names = self.running()
+        if not names:
+            return
+        name = self.rng.choice(names)
+        deleted = {w.doc_id for w in self.writes if w.deleted and w.rev is not None}
+        candidates = sorted(deleted)
+        for doc_id in self.rng.sample(candidates, min(4, len(candidates))):
+            doctype = self.doctype_of(doc_id)
+            if self.current(name, doc_id) is None and self._known_to(name, doc_id):
+                self.put(name, doctype, doc_id, self.body(doctype))
+                return
+
+    def _known_to(self, name: str, doc_id: str) -> bool:
+        """Whether `name` may hold the doc at all (so it holds its tombstone once synced)."""
+        share = SHARE_OF.get(self.doctype_of(doc_id))
+        return self.created_by.get(doc_id) == name or (
+            share is not None and name in share.members)
 
     def op_scope_change(self) -> None:
         names = self.running()
