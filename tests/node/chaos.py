@@ -110,6 +110,7 @@ class Outcome:
     trees: dict[str, dict[str, tuple[Leaf, ...]]]  # node -> id -> leaves, the winner first
     doctypes: dict[str, dict[str, str]]  # node -> id -> the winner's doctype in the store
     log: list[str]
+    unsettled: str | None = None  # why the members did not come to agree, if they did not
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -418,9 +419,10 @@ class _Run:
                                       tuple(sorted(doc.get("_conflicts", ()))))
         return view
 
-    def quiesce(self) -> None:
+    def quiesce(self, timeout: float) -> str | None:
         """Wait until what each share's members see of its docs agrees, the same twice in a
-        row (the sync is idle, not just passing through agreement)."""
+        row (the sync is idle, not just passing through agreement). None once it does; else
+        what still disagrees."""
         previous: list[Any] = [None]
 
         def settled() -> bool:
@@ -432,13 +434,19 @@ class _Run:
 
         started = time.monotonic()
         try:
-            wait_until(settled, self.chaos.quiesce_timeout, what="the members to agree",
-                       interval=0.5)
+            wait_until(settled, timeout, what="the members to agree", interval=0.5)
         except AssertionError:
-            self.note(f"quiesce: no agreement after {self.chaos.quiesce_timeout}s: "
-                      + "; ".join(_agreement(previous[0] or {}, self.writes)[:10]))
-        else:
-            self.note(f"quiesce: settled in {time.monotonic() - started:.1f}s")
+            disagreeing = _agreement(previous[0] or {}, self.writes)
+            return (f"{len(disagreeing)} doc(s) still seen differently by a share's members "
+                    f"after {timeout:.0f}s: " + "; ".join(disagreeing[:5]))
+        self.note(f"quiesce: settled in {time.monotonic() - started:.1f}s")
+        return None
+
+    def restart_all(self) -> None:
+        for name in NODES:
+            self.nodes[name].stop()
+        for name in NODES:
+            self.nodes[name].start()
 
     def read_trees(self) -> tuple[dict, dict]:
         """Stop every node cleanly, then read each one's store directly."""
@@ -502,7 +510,16 @@ def run_chaos(root: Path, seed: int, chaos: Chaos) -> Outcome:
         run.note(f"chaos done: {time.monotonic() - started:.1f}s, "
                  f"{len(run.writes)} writes, {len(run.ids)} ids")
         run.everything_up()
-        run.quiesce()
+        unsettled = run.quiesce(chaos.quiesce_timeout)
+        if unsettled is not None:
+            # Tells a sync that stopped (a restart gives every link fresh streams) from data
+            # that cannot converge.
+            run.note("quiesce: " + unsettled)
+            run.restart_all()
+            after = run.quiesce(max(30.0, chaos.quiesce_timeout / 2))
+            unsettled = ("they converged after a restart of every node (a sync that stopped)"
+                         if after is None else "not even after a restart of every node"
+                         ) + "; before it, " + unsettled
         trees, doctypes = run.read_trees()
         for name, tree in trees.items():
             live = sum(1 for leaves in tree.values() if not leaves[0].deleted)
@@ -516,7 +533,7 @@ def run_chaos(root: Path, seed: int, chaos: Chaos) -> Outcome:
         raise
     finally:
         run.close()
-    return Outcome(seed, chaos, run.writes, trees, doctypes, run.log)
+    return Outcome(seed, chaos, run.writes, trees, doctypes, run.log, unsettled)
 
 
 # -- what must hold ------------------------------------------------------------------------
@@ -571,6 +588,8 @@ def _allowed_on(doc_id: str, node: str, writes: list[Write]) -> list[Write]:
 
 def problems(outcome: Outcome) -> list[str]:
     found: list[str] = []
+    if outcome.unsettled is not None:
+        found.append("no quiescence: " + outcome.unsettled)
     writes, trees = outcome.writes, outcome.trees
     ids = sorted({w.doc_id for w in writes})
 
