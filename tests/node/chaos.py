@@ -16,9 +16,9 @@ from __future__ import annotations
 import collections
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -119,7 +119,11 @@ class Outcome:
 class _Run:
     def __init__(self, root: Path, seed: int, chaos: Chaos):
         self.seed, self.chaos = seed, chaos
-        self.rng = random.Random(seed)
+        # The schedule (op kinds, faults) comes from `plan` alone; each op gets an rng of its
+        # own seeded from it, so an op that draws more or less (it depends on what the nodes
+        # hold) does not shift the ops after it.
+        self.plan = random.Random(seed)
+        self.rng = random.Random()
         self.couch = PouchDBOnDisk(root / "couchdb")
         self.cluster = Cluster(root / "nodes")
         self.nodes: dict[str, ClusterNode] = {}
@@ -170,9 +174,9 @@ class _Run:
         # with its peers, which would hide a stream that an earlier cut ended for good.
         split = int(chaos.ops * 0.6)
         for _ in range(chaos.node_kills):
-            faults.setdefault(self.rng.randrange(5, split), []).append("kill")
+            faults.setdefault(self.plan.randrange(5, split), []).append("kill")
         for _ in range(chaos.couchdb_cuts):
-            faults.setdefault(self.rng.randrange(split, chaos.ops - 10), []).append("cut")
+            faults.setdefault(self.plan.randrange(split, chaos.ops - 10), []).append("cut")
         kinds = ["create", "edit", "delete", "conflict", "resolve", "recreate", "scope_change",
                  "doctype_change"]
         weights = [getattr(chaos, kind) for kind in kinds]
@@ -180,7 +184,8 @@ class _Run:
             self.restart_due(index)
             for fault in faults.get(index, []):
                 self.fault(fault, index)
-            kind = self.rng.choices(kinds, weights)[0]
+            kind = self.plan.choices(kinds, weights)[0]
+            self.rng.seed(self.plan.getrandbits(64))
             before = sum(w.rev is not None for w in self.writes)
             getattr(self, "op_" + kind)()
             self.acked[kind] += sum(w.rev is not None for w in self.writes) - before
@@ -188,15 +193,14 @@ class _Run:
             f"{kind} {count}" for kind, count in self.acked.items()))
 
     def fault(self, kind: str, index: int) -> None:
-        later = index + self.rng.randrange(3, 15)
+        later = index + self.plan.randrange(3, 15)
+        how, name = self.plan.choice(["kill", "term"]), self.plan.choice(NODES)
         if kind == "cut":
             if self.couch.running:
-                how = self.rng.choice(["kill", "term"])
                 self.note(f"op {index}: couchdb cut ({how})")
                 self.couch.stop(kill=how == "kill")
                 self.restart_at["couchdb"] = later
             return
-        name = self.rng.choice(NODES)
         if self.nodes[name].running is not None:
             self.note(f"op {index}: SIGKILL {name}")
             self.nodes[name].kill()

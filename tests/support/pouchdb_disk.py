@@ -8,9 +8,13 @@ database is a LevelDB directory under `workdir`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -22,10 +26,6 @@ from tests.support.pouchdb import (
     _stop,
     ensure_installed,
 )
-import contextlib
-import os
-import signal
-import time
 
 STARTUP_TIMEOUT = 60.0
 
