@@ -193,7 +193,7 @@ class _Run:
             f"{kind} {count}" for kind, count in self.acked.items()))
 
     def fault(self, kind: str, index: int) -> None:
-        later = index + self.plan.randrange(3, 15)
+        later = index + self.plan.randrange(1, 15)  # 1: back at once
         how, name = self.plan.choice(["kill", "term"]), self.plan.choice(NODES)
         if kind == "cut":
             if self.couch.running:
@@ -427,22 +427,27 @@ class _Run:
         """Wait until what each share's members see of its docs agrees, the same twice in a
         row (the sync is idle, not just passing through agreement). None once it does; else
         what still disagrees."""
-        previous: list[Any] = [None]
+        previous: list[Any] = [None, None]  # the last two views
 
         def settled() -> bool:
             view = self.api_view()
             agreed = _agreement(view, self.writes)
             same = view == previous[0]
-            previous[0] = view
+            previous[:] = [view, previous[0]]
             return not agreed and same
 
         started = time.monotonic()
         try:
             wait_until(settled, timeout, what="the members to agree", interval=0.5)
         except AssertionError:
-            disagreeing = _agreement(previous[0] or {}, self.writes)
+            last, before = previous[0] or {}, previous[1] or {}
+            disagreeing = _agreement(last, self.writes)
+            moving = sorted(f"{doc_id} on {name}" for name in last
+                            for doc_id in last[name]
+                            if last[name][doc_id] != before.get(name, {}).get(doc_id))
             return (f"{len(disagreeing)} doc(s) still seen differently by a share's members "
-                    f"after {timeout:.0f}s: " + "; ".join(disagreeing[:5]))
+                    f"after {timeout:.0f}s: " + "; ".join(disagreeing[:5])
+                    + f"; still changing between the last two looks: {moving[:10]}")
         self.note(f"quiesce: settled in {time.monotonic() - started:.1f}s")
         return None
 
