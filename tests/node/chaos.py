@@ -385,6 +385,32 @@ class _Run:
             self.put(name, TASKS, doc["_id"], self.body(TASKS, not doc.get("shared")),
                      doc["_rev"])
 
+    def final_writes(self) -> None:
+        """Once everything is back, one new doc from each member of each share: every link must
+        still carry data after the faults, whatever the last fault was."""
+        for share in SHARES:
+            for name in share.members:
+                doc_id = f"{share.doctype}~{name}~{len(self.ids)}"
+                self.ids.append(doc_id)
+                self.created_by[doc_id] = name
+                self.put(name, share.doctype, doc_id, self.body(share.doctype, True))
+
+    def final_scope_out(self) -> None:
+        """With scope changes on, one more at the end, on a doc every member holds alike: so
+        every such run has at least one doc that left the share after reaching its members."""
+        share = SHARE_OF[TASKS]
+        for doc_id in self.ids:
+            if self.doctype_of(doc_id) != TASKS:
+                continue
+            held = [self.current(name, doc_id) for name in share.members]
+            revs = {doc and doc["_rev"] for doc in held}
+            if len(revs) == 1 and held[0] is not None and held[0].get("shared") is True:
+                name = self.plan.choice(share.members)
+                self.note(f"end: {doc_id} edited out of tasks on {name}")
+                self.put(name, TASKS, doc_id, self.body(TASKS, False), held[0]["_rev"])
+                return
+        self.note("end: no tasks doc held alike by every member to edit out of scope")
+
     def op_doctype_change(self) -> None:
         names = self.running()
         if not names:
@@ -519,6 +545,10 @@ def run_chaos(root: Path, seed: int, chaos: Chaos) -> Outcome:
         run.note(f"chaos done: {time.monotonic() - started:.1f}s, "
                  f"{len(run.writes)} writes, {len(run.ids)} ids")
         run.everything_up()
+        run.final_writes()
+        if chaos.scope_change:
+            run.quiesce(min(chaos.quiesce_timeout, 15.0))  # so members hold the docs alike
+            run.final_scope_out()
         unsettled = run.quiesce(chaos.quiesce_timeout)
         if unsettled is not None:
             # Tells a sync that stopped (a restart gives every link fresh streams) from data
