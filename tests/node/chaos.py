@@ -456,7 +456,12 @@ class _Run:
         previous: list[Any] = [None, None]  # the last two views
 
         def settled() -> bool:
-            view = self.api_view()
+            try:
+                view = self.api_view()
+            except ApiError as exc:
+                if exc.status != 503:  # 503: the token or the store is coming back
+                    raise
+                return False
             agreed = _agreement(view, self.writes)
             same = view == previous[0]
             previous[:] = [view, previous[0]]
