@@ -14,7 +14,10 @@ alone; how the nodes interleave is not, so a seed reproduces the plan, not the t
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +82,7 @@ class Chaos:
     doctype_change: int = 0  # a shared doc re-written under another doctype
     node_kills: int = 3  # SIGKILL a node, restart it some ops later
     couchdb_cuts: int = 0  # kill the pouchdb-server under c, restart it some ops later
+    token_kills: int = 0  # SIGKILL a node's token process (its node starts a new one at once)
     quiesce_timeout: float = 90.0
 
 
@@ -133,6 +137,7 @@ class _Run:
         self.counter = 0
         self.log: list[str] = []
         self.lock = threading.Lock()  # conflicting edits record their writes from two threads
+        self.last_refusal: str | None = None  # the last API error met while quiescing
         self.acked: collections.Counter = collections.Counter()  # op kind -> acked writes
         self.restart_at: dict[str, int] = {}  # node name (or "couchdb") -> op index
 
@@ -177,6 +182,8 @@ class _Run:
             faults.setdefault(self.plan.randrange(5, split), []).append("kill")
         for _ in range(chaos.couchdb_cuts):
             faults.setdefault(self.plan.randrange(split, chaos.ops - 10), []).append("cut")
+        for _ in range(chaos.token_kills):
+            faults.setdefault(self.plan.randrange(split, chaos.ops - 10), []).append("token")
         kinds = ["create", "edit", "delete", "conflict", "resolve", "recreate", "scope_change",
                  "doctype_change"]
         weights = [getattr(chaos, kind) for kind in kinds]
@@ -200,6 +207,16 @@ class _Run:
                 self.note(f"op {index}: couchdb cut ({how})")
                 self.couch.stop(kill=how == "kill")
                 self.restart_at["couchdb"] = later
+            return
+        if kind == "token":
+            if self.nodes[name].running is not None:
+                try:
+                    pid = self.nodes[name].status()["token"]["pid"]
+                except (ApiError, httpx.TransportError, ValueError, KeyError):
+                    return
+                self.note(f"op {index}: SIGKILL the token of {name} (pid {pid})")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             return
         if self.nodes[name].running is not None:
             self.note(f"op {index}: SIGKILL {name}")
@@ -438,15 +455,20 @@ class _Run:
         view: dict[str, dict[str, Any]] = {}
         for name in NODES:
             node = self.nodes[name]
-            listing = {doc["_id"]: doc for doc in node.api("GET", "/docs/")["docs"]}
-            view[name] = {}
-            for doc_id in self.ids:
-                if doc_id not in listing:
-                    view[name][doc_id] = None
-                    continue
-                doc = node.get(doc_id, conflicts=True) or {}
-                view[name][doc_id] = (doc.get("_rev"), doc.get("doctype"),
-                                      tuple(sorted(doc.get("_conflicts", ()))))
+            doc_id = "/docs/"
+            try:
+                listing = {doc["_id"]: doc for doc in node.api("GET", "/docs/")["docs"]}
+                view[name] = {}
+                for doc_id in self.ids:
+                    if doc_id not in listing:
+                        view[name][doc_id] = None
+                        continue
+                    doc = node.get(doc_id, conflicts=True) or {}
+                    view[name][doc_id] = (doc.get("_rev"), doc.get("doctype"),
+                                          tuple(sorted(doc.get("_conflicts", ()))))
+            except (ApiError, httpx.TransportError) as exc:
+                self.last_refusal = f"{name} GET {doc_id}: {exc!r}"
+                raise
         return view
 
     def quiesce(self, timeout: float) -> str | None:
@@ -478,7 +500,8 @@ class _Run:
                             if last[name][doc_id] != before.get(name, {}).get(doc_id))
             return (f"{len(disagreeing)} doc(s) still seen differently by a share's members "
                     f"after {timeout:.0f}s: " + "; ".join(disagreeing[:5])
-                    + f"; still changing between the last two looks: {moving[:10]}")
+                    + f"; still changing between the last two looks: {moving[:10]}"
+                    + (f"; last error: {self.last_refusal}" if self.last_refusal else ""))
         self.note(f"quiesce: settled in {time.monotonic() - started:.1f}s")
         return None
 
