@@ -31,8 +31,6 @@ def _token_restarts(node) -> int | None:
         raise
 
 
-@pytest.mark.xfail(strict=True, reason="a token restart while a peer's batch is gated ends the "
-                                       "node (TokenUnavailable escapes the pull stream)")
 def test_a_token_killed_while_a_peer_writes_is_restarted_and_the_node_keeps_syncing(
         cluster: Cluster):
     a, b = cluster.add("a"), cluster.add("b")
