@@ -28,7 +28,7 @@ from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
 from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
 from .principal import OWNER, Decision, Principal
 from .rules import ACTION_LEVEL
-from .shares import _scope_refusal
+from .shares import _scope_refusal, doctype_change_refusal
 from .token import Token
 
 __all__ = ["COMMANDS", "Door", "PROTOCOL_VERSION"]
@@ -273,12 +273,16 @@ class Door:
             if not replace.allowed:
                 self._record(principal.label, "write", doc, replace)
                 raise AccessDenied(replace, "this id belongs to a document you may not write")
-            if current.get("doctype") != doc["doctype"]:
-                refusal = Decision(False, "a document's doctype cannot change")
-                self._record(principal.label, "write", doc, refusal)
-                raise InvalidArgument(
-                    f"document {doc['_id']!r} is of doctype {current.get('doctype')!r}; a "
-                    "document's doctype cannot change (delete it and create a new one)")
+        # Also over a tombstone: a doc re-created under another doctype would split from the
+        # copies its shares hold (their tombstone, or the old doctype's live revision).
+        changed = doctype_change_refusal(current, doc) if current is not None else None
+        if changed is not None:
+            self._record(principal.label, "write", doc, Decision(False, changed))
+            if not live and not self._judge(principal, "write", current).allowed:
+                # the old doctype is not the caller's to learn
+                raise AccessDenied(Decision(False, changed),
+                                   "this id belongs to a document you may not write")
+            raise InvalidArgument(changed)
         decision = self._judge(principal, "write", doc)
         self._record(principal.label, "write", doc, decision)
         if not decision.allowed:

@@ -500,6 +500,8 @@ class ShareBook:
         refusal = _scope_refusal(entry, meta)
         if refusal is None and manifest.encrypted:
             refusal = self._seal_refusal(entry, meta)
+        if refusal is None and existing is not None:
+            refusal = doctype_change_refusal(existing, meta)
         if refusal is None and existing is not None and _scope_refusal(entry, existing) is not None:
             refusal = (
                 f"a document with this id exists here outside share {manifest.name!r}; "
@@ -658,6 +660,18 @@ class ShareBook:
         for k in stale:
             del invitations[k]
         return len(stale)
+
+
+def doctype_change_refusal(existing: Mapping[str, Any], doc: Mapping[str, Any]) -> str | None:
+    """Why writing `doc` over the stored `existing` (live or a tombstone) would change the
+    document's doctype, or None. A doctype is fixed when a document is created: every share,
+    rule and key is chosen by it, and copies that disagree on it would never converge."""
+    old, new = existing.get("doctype"), doc.get("doctype")
+    if not isinstance(old, str) or not old or old == new:
+        return None  # an old tombstone without a doctype claims none
+    return (f"document {existing.get('_id')!r} is of doctype {old!r}, not {new!r}: a "
+            "document's doctype cannot change, even once it is deleted (use a new id for a "
+            "document of another doctype)")
 
 
 def _scope_refusal(entry: _Entry, meta: Mapping[str, Any]) -> str | None:
