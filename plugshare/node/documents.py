@@ -8,12 +8,14 @@ decides, opens and seals (see `plugshare.token.door`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any, Awaitable, Callable
 
 from plugshare.node.events import EventBus
 from plugshare.store import BadRequest, Conflict, Doc, NotFound, Store
 
+log = logging.getLogger("plugshare.documents")
 TokenCall = Callable[..., Awaitable[Any]]
 RESEAL_PAGE = 500
 
@@ -88,8 +90,19 @@ class Documents:
         answer = await self._call("doc.write", credential=credential, doc=doc, current=current,
                                   generation=generation)
         rev = await self._store_put(answer["doc"])
+        if answer.get("removals"):
+            await self._store_removals(answer["removals"])
         self.events.publish("doc.written", id=doc_id, doctype=doctype, rev=rev)
         return doc_id, rev
+
+    async def _store_removals(self, removals: list[Doc]) -> None:
+        """Store the token's removals (tombstones beside a write that took a doc out of
+        shares this node owns): each share carries its own to the members like a deletion,
+        while the live revision, outside the share, stays here and wins."""
+        for result in await self.store.bulk_docs(removals, new_edits=False):
+            if "error" in result:  # e.g. the doc's leaf cap: the members keep their copy
+                log.warning("removal of %s from a share not stored: %s", result.get("id"),
+                            result.get("reason"))
 
     async def delete(self, credential: str, doc_id: str, rev: str, *,
                      doctype: str | None = None) -> str:

@@ -28,7 +28,7 @@ from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
 from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
 from .principal import OWNER, Decision, Principal
 from .rules import ACTION_LEVEL
-from .shares import _scope_refusal, doctype_change_refusal
+from .shares import _scope_refusal, doctype_change_refusal, removal
 from .token import Token
 
 __all__ = ["COMMANDS", "Door", "PROTOCOL_VERSION"]
@@ -287,7 +287,22 @@ class Door:
         self._record(principal.label, "write", doc, decision)
         if not decision.allowed:
             raise AccessDenied(decision, f"write refused: {decision.reason}")
-        return {"doc": self._stored_form(doc, generation)}
+        answer: dict[str, Any] = {"doc": self._stored_form(doc, generation)}
+        if live:
+            answer["removals"] = self._removals(principal, current, doc)
+        return answer
+
+    def _removals(self, principal: Principal, current: dict, doc: dict) -> list[dict]:
+        """The removals (tombstones, one per share) that take `current` out of the shares
+        this node owns whose scope `doc` leaves: the node stores them beside `doc`, and each
+        share carries its own to the members like a deletion. One audit entry each."""
+        out = []
+        for share_id in self._token._book.removals(current, doc):
+            tombstone = removal(share_id, current)
+            self._record(principal.label, "share-remove", tombstone, Decision(
+                True, f"the write takes the document out of share {share_id!r}"))
+            out.append(tombstone)
+        return out
 
     def _cmd_doc_delete(self, args: Mapping[str, Any]) -> dict:
         """{credential, current (stored winner), rev} -> {doc}: the tombstone to store (it

@@ -50,3 +50,52 @@ def test_the_cli_cannot_change_a_docs_doctype_even_after_deleting_it(cluster: Cl
     again = owner.cli_json("doc", "put", NOTES, json.dumps({"title": "back"}), "--id", "a1")
     wait_until(lambda: (doc := member.get("a1")) and doc["_rev"] == again["rev"],
                what="a1 re-created on the member")
+
+
+def _has(node: ClusterNode, doc_id: str, rev: str | None = None) -> bool:
+    doc = node.get(doc_id)
+    return doc is not None and (rev is None or doc["_rev"] == rev)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])
+def test_a_doc_edited_out_of_a_share_leaves_every_member(cluster: Cluster, encrypt: bool):
+    owner, m1, m2 = cluster.add("owner"), cluster.add("m1"), cluster.add("m2")
+    # Selectors on the fields an encrypted share keeps in clear, so both kinds run the same.
+    share_between(owner, [m1, m2], name="work", doctype=NOTES, selector={"subject": "work"},
+                  encrypt=encrypt)
+    share_between(owner, [m1], name="alices", doctype=NOTES, selector={"author": "alice"},
+                  encrypt=encrypt)
+    rev_d1 = owner.put(NOTES, {"subject": "work", "t": "only in work"}, "d1")
+    rev_d2 = owner.put(NOTES, {"subject": "work", "author": "alice", "t": "in both"}, "d2")
+    for member in (m1, m2):
+        for doc_id, rev in (("d1", rev_d1), ("d2", rev_d2)):
+            wait_until(lambda: _has(member, doc_id, rev), what=f"{doc_id} on {member.name}")
+
+    m2.stop()
+    out_d1 = owner.put(NOTES, {"subject": "home", "t": "private now"}, "d1", rev_d1)
+    out_d2 = owner.put(NOTES, {"subject": "home", "author": "alice", "t": "still alice's"},
+                       "d2", rev_d2)
+    # The owner keeps its edits, with no conflict: the removals are deleted leaves.
+    for doc_id, rev in (("d1", out_d1), ("d2", out_d2)):
+        doc = owner.get(doc_id, conflicts=True)
+        assert doc["_rev"] == rev and not doc.get("_conflicts"), doc
+    # m1 loses d1; d2 is still covered by "alices", which m1 holds: its new version arrives.
+    wait_until(lambda: _gone(m1, "d1"), what="d1 removed from m1")
+    assert wait_until(lambda: _has(m1, "d2", out_d2) and m1.get("d2"))["t"] == "still alice's"
+    # m2 was stopped: it learns of both removals when it catches up (it holds only "work").
+    m2.start()
+    wait_until(lambda: _gone(m2, "d1") and _gone(m2, "d2"), timeout=60,
+               what="d1 and d2 removed from m2 after its restart")
+
+    # A member's later edit of a doc that left the share does not bring it back at the owner.
+    m1.put(NOTES, {"subject": "work", "t": "m1 brings it back"}, "d1")
+    marker = m1.put(NOTES, {"subject": "work", "t": "marker"}, "after-d1")
+    wait_until(lambda: _has(owner, "after-d1", marker), what="m1's marker on the owner")
+    doc = owner.get("d1", conflicts=True)
+    assert doc["_rev"] == out_d1 and doc["t"] == "private now" and not doc.get("_conflicts")
+    audit = owner.cli_json("audit", "--tail", "500")["entries"]
+    assert any(e["doc_id"] == "d1" and e["action"] == "share-receive" and not e["allowed"]
+               for e in audit)
+    # Edited back into the share, the doc reaches the members again.
+    back = owner.put(NOTES, {"subject": "work", "t": "shared again"}, "d2", out_d2)
+    wait_until(lambda: _has(m2, "d2", back), what="d2 back on m2")
