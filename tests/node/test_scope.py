@@ -8,6 +8,7 @@ the same share has arrived, so the document would have too had it been accepted.
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -99,3 +100,17 @@ def test_a_doc_edited_out_of_a_share_leaves_every_member(cluster: Cluster, encry
     # Edited back into the share, the doc reaches the members again.
     back = owner.put(NOTES, {"subject": "work", "t": "shared again"}, "d2", out_d2)
     wait_until(lambda: _has(m2, "d2", back), what="d2 back on m2")
+
+
+def test_a_removal_crosses_between_couchdb_nodes(cluster: Cluster, couchdb_url: str):
+    # Node names make the database names: unique per run, as the server lives for the session.
+    tag = uuid.uuid4().hex[:6]
+    store = ("--store", "couchdb", "--couchdb-url", couchdb_url)
+    owner, member = cluster.add(f"rm-o-{tag}", *store), cluster.add(f"rm-m-{tag}", *store)
+    share_between(owner, [member], name="work", doctype=NOTES, selector={"subject": "work"})
+    rev = owner.put(NOTES, {"subject": "work", "t": "shared"}, "d1")
+    wait_until(lambda: _has(member, "d1", rev), what="d1 on the member")
+    out = owner.put(NOTES, {"subject": "home", "t": "private now"}, "d1", rev)
+    wait_until(lambda: _gone(member, "d1"), what="d1 removed from the member")
+    doc = owner.get("d1", conflicts=True)
+    assert doc["_rev"] == out and not doc.get("_conflicts"), doc
