@@ -253,7 +253,9 @@ class Door:
 
     def _cmd_doc_write(self, args: Mapping[str, Any]) -> dict:
         """{credential, doc (clear, with _id, doctype, maybe _rev), current (the stored
-        winner, or None), generation} -> {doc}: the form to store."""
+        winner, else its tombstone, or None), generation} -> {doc: the form to store,
+        removals?: tombstones to store beside it (new_edits=false), one per share this node
+        owns that the write takes the doc out of}."""
         principal = self._principal(args)
         doc = _doc_arg(args, "doc")
         current = _doc_arg(args, "current", optional=True)
@@ -288,7 +290,7 @@ class Door:
         if not decision.allowed:
             raise AccessDenied(decision, f"write refused: {decision.reason}")
         answer: dict[str, Any] = {"doc": self._stored_form(doc, generation)}
-        if live:
+        if live and doc.get("_rev") == current.get("_rev"):  # an edit of the winner
             answer["removals"] = self._removals(principal, current, doc)
         return answer
 

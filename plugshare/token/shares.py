@@ -687,8 +687,10 @@ def removal(share_id: str, current: Mapping[str, Any]) -> dict[str, Any]:
     CouchDB's winner rule does the rest: where the document's new revision also arrives (a
     member holding another share that still covers it) that live leaf wins over the removal,
     anywhere else the removal is the winner, a deletion. Only share `share_id` carries it."""
-    doc_id, rev = current["_id"], current["_rev"]
-    generation, _, parent = str(rev).partition("-")
+    doc_id, rev = current["_id"], current.get("_rev")
+    generation, _, parent = rev.partition("-") if isinstance(rev, str) else ("", "", "")
+    if not generation.isdigit() or not parent:
+        raise InvalidArgument(f"the stored document's _rev {rev!r} is not of the form N-hash")
     digest = hashlib.sha256(_REMOVAL_DOMAIN + msgpack.packb([share_id, doc_id, rev])).hexdigest()
     child = digest[:32]
     start = int(generation) + 1

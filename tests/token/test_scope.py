@@ -83,6 +83,8 @@ def test_a_write_that_takes_a_doc_out_of_owned_shares_answers_one_removal_each(
     assert _write(door, owner, {**edit, "subject": "work"}, current, 2)["removals"] == []
     tombstone = {"_id": "n1", "_rev": TOMBSTONE_REV, "_deleted": True, "doctype": NOTES}
     assert "removals" not in _write(door, owner, edit, tombstone)
+    # nor an edit of a losing leaf (the winner, in the share, stays)
+    assert "removals" not in _write(door, owner, {**edit, "_rev": "1-" + "9" * 32}, current, 2)
     entries = [e for e in token.audit_tail(50) if e.action == "share-remove"]
     assert len(entries) == 2 and all(e.allowed and e.doc_id == "n1" for e in entries)
 
@@ -104,3 +106,11 @@ def test_a_member_takes_a_removal_like_a_deletion(token_and_owner, second_token:
     refused = second_token.decide_incoming(share.share_id, token.fingerprint, other,
                                            existing=current)
     assert not refused.allowed and "another share" in refused.reason
+
+
+def test_a_stored_doc_with_a_malformed_rev_is_refused_not_a_crash(token_and_owner) -> None:
+    token, owner = token_and_owner
+    token.create_share("work", NOTES, {"subject": "work"})
+    current = {**note("n1", subject="work"), "_rev": "not-a-rev"}
+    with pytest.raises(InvalidArgument, match="N-hash"):
+        _write(Door(token), owner, {**current, "subject": "home"}, current, 2)
