@@ -650,8 +650,8 @@ class Door:
         return {"verdicts": verdicts}
 
     def _cmd_share_incoming(self, args: Mapping[str, Any]) -> dict:
-        """{share, peer, docs, existing: {id: local winner}} -> {results}: for each doc in
-        order None (store it as sent), {"doc": the form to store} or {"refused": reason}. Decides membership, write
+        """{share, peer, docs, existing: {id: local winner, or its tombstone}} -> {results}:
+        for each doc in order None (store it as sent), {"doc": the form to store} or {"refused": reason}. Decides membership, write
         permission, scope, the current manifest, the local doc it would land on, and for an
         encrypted share the ciphertext; a sensitive doctype arriving in a plain share is
         sealed under this node's key before it is stored."""

@@ -507,7 +507,8 @@ class ShareBook:
             refusal = self._seal_refusal(entry, meta)
         if refusal is None and existing is not None:
             refusal = doctype_change_refusal(existing, meta)
-        if refusal is None and existing is not None and _scope_refusal(entry, existing) is not None:
+        if refusal is None and existing is not None and existing.get("_deleted") is not True \
+                and _scope_refusal(entry, existing) is not None:
             refusal = (
                 f"a document with this id exists here outside share {manifest.name!r}; "
                 "a share member may not overwrite or delete it"

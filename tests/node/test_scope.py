@@ -53,6 +53,22 @@ def test_the_cli_cannot_change_a_docs_doctype_even_after_deleting_it(cluster: Cl
                what="a1 re-created on the member")
 
 
+def test_a_replicated_doc_cannot_change_the_doctype_of_a_deleted_local_one(cluster: Cluster):
+    owner, member = cluster.add("owner"), cluster.add("member")
+    rev = owner.put(NOTES, {"title": "a note"}, "x")
+    owner.delete("x", rev)
+    share_between(owner, [member], name="tasks", doctype=TASKS)
+    member.put(TASKS, {"title": "a task with the deleted note's id"}, "x")
+    marker = member.put(TASKS, {"title": "marker"}, "after-x")
+    wait_until(lambda: owner.get("after-x"), what="the member's marker on the owner")
+    assert owner.get("x") is None  # still the deleted io.notes doc
+    audit = owner.cli_json("audit", "--tail", "200")["entries"]
+    refused = [e for e in audit if e["doc_id"] == "x" and e["action"] == "share-receive"]
+    assert refused and not refused[-1]["allowed"], refused
+    assert repr(NOTES) in refused[-1]["reason"] and repr(TASKS) in refused[-1]["reason"]
+    assert owner.get("after-x")["_rev"] == marker
+
+
 def _has(node: ClusterNode, doc_id: str, rev: str | None = None) -> bool:
     doc = node.get(doc_id)
     return doc is not None and (rev is None or doc["_rev"] == rev)
