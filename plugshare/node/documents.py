@@ -8,12 +8,14 @@ decides, opens and seals (see `plugshare.token.door`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any, Awaitable, Callable
 
 from plugshare.node.events import EventBus
 from plugshare.store import BadRequest, Conflict, Doc, NotFound, Store
 
+log = logging.getLogger("plugshare.documents")
 TokenCall = Callable[..., Awaitable[Any]]
 RESEAL_PAGE = 500
 
@@ -79,12 +81,28 @@ class Documents:
             raise BadRequest(f"document ids are text and may not start with '_' ({doc_id!r})")
         doc = {**body, "_id": doc_id, "doctype": doctype}
         current = await self._winner(doc_id)
-        generation = await self._next_generation(doc_id, doc.get("_rev"))
+        # A deleted doc's leaves: its tombstone keeps the doctype a new write may not change,
+        # and a write without `_rev` continues after it.
+        leaves = await self._leaves(doc_id) if current is None else []
+        if current is None and leaves:
+            current = await self._tombstone(doc_id, leaves)
+        generation = _next_generation(doc.get("_rev"), leaves)
         answer = await self._call("doc.write", credential=credential, doc=doc, current=current,
                                   generation=generation)
         rev = await self._store_put(answer["doc"])
+        if answer.get("removals"):
+            await self._store_removals(answer["removals"])
         self.events.publish("doc.written", id=doc_id, doctype=doctype, rev=rev)
         return doc_id, rev
+
+    async def _store_removals(self, removals: list[Doc]) -> None:
+        """Store the token's removals (tombstones beside a write that took a doc out of
+        shares this node owns): each share carries its own to the members like a deletion,
+        while the live revision, outside the share, stays here and wins."""
+        for result in await self.store.bulk_docs(removals, new_edits=False):
+            if "error" in result:  # e.g. the doc's leaf cap: the members keep their copy
+                log.warning("removal of %s from a share not stored: %s", result.get("id"),
+                            result.get("reason"))
 
     async def delete(self, credential: str, doc_id: str, rev: str, *,
                      doctype: str | None = None) -> str:
@@ -129,19 +147,30 @@ class Documents:
     async def _winner(self, doc_id: str) -> Doc | None:
         return (await self.store.winners([doc_id])).get(doc_id)
 
-    async def _next_generation(self, doc_id: str, rev: str | None) -> int:
-        """The generation the store will give this write: sealed docs bind it as associated
-        data. With no `_rev`, a doc whose winner is a tombstone continues after it."""
-        if rev is not None:
-            if not isinstance(rev, str):
-                raise BadRequest("_rev must be text of the form N-hash")
-            return _rev_generation(rev) + 1
+    async def _tombstone(self, doc_id: str, leaves: list[str]) -> Doc | None:
+        """The winning tombstone of a deleted doc with these leaves."""
+        newest = max(leaves, key=lambda rev: (_rev_generation(rev), rev))
+        try:
+            return await self.store.get(doc_id, rev=newest)
+        except NotFound:
+            return None
+
+    async def _leaves(self, doc_id: str) -> list[str]:
         # revs_diff of an impossibly late revision lists every leaf as a possible ancestor:
-        # the way to learn a tombstone's generation through the store contract.
+        # the way to learn a tombstone's revisions through the store contract.
         probe = f"{2**31}-{'0' * 32}"
         known = (await self.store.revs_diff({doc_id: [probe]})).get(doc_id, {})
-        leaves = known.get("possible_ancestors", [])
-        return max((_rev_generation(r) for r in leaves), default=0) + 1
+        return known.get("possible_ancestors", [])
+
+
+def _next_generation(rev: str | None, leaves: list[str]) -> int:
+    """The generation the store will give this write: sealed docs bind it as associated data.
+    With no `_rev`, a doc whose winner is a tombstone (`leaves`) continues after it."""
+    if rev is not None:
+        if not isinstance(rev, str):
+            raise BadRequest("_rev must be text of the form N-hash")
+        return _rev_generation(rev) + 1
+    return max((_rev_generation(r) for r in leaves), default=0) + 1
 
 
 def _probe(doc_id: str, doctype: str | None) -> Doc:

@@ -28,7 +28,7 @@ from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
 from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
 from .principal import OWNER, Decision, Principal
 from .rules import ACTION_LEVEL
-from .shares import _scope_refusal
+from .shares import _scope_refusal, doctype_change_refusal, removal
 from .token import Token
 
 __all__ = ["COMMANDS", "Door", "PROTOCOL_VERSION"]
@@ -254,7 +254,9 @@ class Door:
 
     def _cmd_doc_write(self, args: Mapping[str, Any]) -> dict:
         """{credential, doc (clear, with _id, doctype, maybe _rev), current (the stored
-        winner, or None), generation} -> {doc}: the form to store."""
+        winner, else its tombstone, or None), generation} -> {doc: the form to store,
+        removals?: tombstones to store beside it (new_edits=false), one per share this node
+        owns that the write takes the doc out of}."""
         principal = self._principal(args)
         doc = _doc_arg(args, "doc")
         current = _doc_arg(args, "current", optional=True)
@@ -274,17 +276,36 @@ class Door:
             if not replace.allowed:
                 self._record(principal.label, "write", doc, replace)
                 raise AccessDenied(replace, "this id belongs to a document you may not write")
-            if current.get("doctype") != doc["doctype"]:
-                refusal = Decision(False, "a document's doctype cannot change")
-                self._record(principal.label, "write", doc, refusal)
-                raise InvalidArgument(
-                    f"document {doc['_id']!r} is of doctype {current.get('doctype')!r}; a "
-                    "document's doctype cannot change (delete it and create a new one)")
+        # Also over a tombstone: a doc re-created under another doctype would split from the
+        # copies its shares hold (their tombstone, or the old doctype's live revision).
+        changed = doctype_change_refusal(current, doc) if current is not None else None
+        if changed is not None:
+            self._record(principal.label, "write", doc, Decision(False, changed))
+            if not live and not self._judge(principal, "write", current).allowed:
+                # the old doctype is not the caller's to learn
+                raise AccessDenied(Decision(False, changed),
+                                   "this id belongs to a document you may not write")
+            raise InvalidArgument(changed)
         decision = self._judge(principal, "write", doc)
         self._record(principal.label, "write", doc, decision)
         if not decision.allowed:
             raise AccessDenied(decision, f"write refused: {decision.reason}")
-        return {"doc": self._stored_form(doc, generation)}
+        answer: dict[str, Any] = {"doc": self._stored_form(doc, generation)}
+        if live and doc.get("_rev") == current.get("_rev"):  # an edit of the winner
+            answer["removals"] = self._removals(principal, current, doc)
+        return answer
+
+    def _removals(self, principal: Principal, current: dict, doc: dict) -> list[dict]:
+        """The removals (tombstones, one per share) that take `current` out of the shares
+        this node owns whose scope `doc` leaves: the node stores them beside `doc`, and each
+        share carries its own to the members like a deletion. One audit entry each."""
+        out = []
+        for share_id in self._token._book.removals(current, doc):
+            tombstone = removal(share_id, current)
+            self._record(principal.label, "share-remove", tombstone, Decision(
+                True, f"the write takes the document out of share {share_id!r}"))
+            out.append(tombstone)
+        return out
 
     def _cmd_doc_delete(self, args: Mapping[str, Any]) -> dict:
         """{credential, current (stored winner), rev} -> {doc}: the tombstone to store (it
@@ -681,8 +702,8 @@ class Door:
         return {"verdicts": verdicts}
 
     def _cmd_share_incoming(self, args: Mapping[str, Any]) -> dict:
-        """{share, peer, docs, existing: {id: local winner}} -> {results}: for each doc in
-        order None (store it as sent), {"doc": the form to store} or {"refused": reason}. Decides membership, write
+        """{share, peer, docs, existing: {id: local winner, or its tombstone}} -> {results}:
+        for each doc in order None (store it as sent), {"doc": the form to store} or {"refused": reason}. Decides membership, write
         permission, scope, the current manifest, the local doc it would land on, and for an
         encrypted share the ciphertext; a sensitive doctype arriving in a plain share is
         sealed under this node's key before it is stored."""

@@ -14,6 +14,7 @@ when called, never at import time (either package may be imported first).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,10 @@ LEAVE_DOMAIN = LEAVE_PURPOSE.encode("ascii") + b"\x00"
 INVITATION_GRACE = 7 * 86400
 # Fields a sealed document keeps in clear that a selector may test (see envelope.py).
 CLEAR_RULE_FIELDS = frozenset(f for f in CLEAR_FIELDS if not f.startswith("_"))
+# The field of a removal (see `removal`): the id of the share the document left. A removal is
+# a tombstone that only that share carries.
+REMOVAL_FIELD = "left_share"
+_REMOVAL_DOMAIN = b"plugshare/removal/v1\x00"
 _X25519_SIZE = 32
 
 SignFn = Callable[[bytes], bytes]
@@ -500,7 +505,10 @@ class ShareBook:
         refusal = _scope_refusal(entry, meta)
         if refusal is None and manifest.encrypted:
             refusal = self._seal_refusal(entry, meta)
-        if refusal is None and existing is not None and _scope_refusal(entry, existing) is not None:
+        if refusal is None and existing is not None:
+            refusal = doctype_change_refusal(existing, meta)
+        if refusal is None and existing is not None and existing.get("_deleted") is not True \
+                and _scope_refusal(entry, existing) is not None:
             refusal = (
                 f"a document with this id exists here outside share {manifest.name!r}; "
                 "a share member may not overwrite or delete it"
@@ -560,6 +568,18 @@ class ShareBook:
         return Decision(
             True, f"{member.name!r} and this node are active members of share {manifest.name!r} "
             f"(manifest v{manifest.version})",
+        )
+
+    def removals(self, current: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
+        """The shares this node owns (and takes part in) that a write of `doc` over the live
+        stored `current` takes the document out of: `current` is in their scope, `doc` is
+        not. Their members are to lose their copies (see `removal`)."""
+        if current.get("_deleted") is True:
+            return []
+        return sorted(
+            share_id for share_id, e in self._entries.items()
+            if e.manifest.owner == self._self and e.here
+            and _scope_refusal(e, current) is None and _scope_refusal(e, doc) is not None
         )
 
     # --- changes ---
@@ -700,11 +720,46 @@ class ShareBook:
         return len(stale)
 
 
+def removal(share_id: str, current: Mapping[str, Any]) -> dict[str, Any]:
+    """The tombstone that takes a document out of share `share_id` at its members: a child of
+    `current` (the last revision in the share's scope), a sibling of the write that took the
+    document out. Its rev is derived from the share, the id and `current`'s rev, so every
+    member that gets it, from the owner or from another member, holds the same revision;
+    CouchDB's winner rule does the rest: where the document's new revision also arrives (a
+    member holding another share that still covers it) that live leaf wins over the removal,
+    anywhere else the removal is the winner, a deletion. Only share `share_id` carries it."""
+    doc_id, rev = current["_id"], current.get("_rev")
+    generation, _, parent = rev.partition("-") if isinstance(rev, str) else ("", "", "")
+    if not generation.isdigit() or not parent:
+        raise InvalidArgument(f"the stored document's _rev {rev!r} is not of the form N-hash")
+    digest = hashlib.sha256(_REMOVAL_DOMAIN + msgpack.packb([share_id, doc_id, rev])).hexdigest()
+    child = digest[:32]
+    start = int(generation) + 1
+    return {
+        "_id": doc_id, "_rev": f"{start}-{child}", "_deleted": True,
+        "_revisions": {"start": start, "ids": [child, parent]},
+        "doctype": current.get("doctype"), REMOVAL_FIELD: share_id,
+    }
+
+
+def doctype_change_refusal(existing: Mapping[str, Any], doc: Mapping[str, Any]) -> str | None:
+    """Why writing `doc` over the stored `existing` (live or a tombstone) would change the
+    document's doctype, or None. A doctype is fixed when a document is created: every share,
+    rule and key is chosen by it, and copies that disagree on it would never converge."""
+    old, new = existing.get("doctype"), doc.get("doctype")
+    if not isinstance(old, str) or not old or old == new:
+        return None  # an old tombstone without a doctype claims none
+    return (f"document {existing.get('_id')!r} is of doctype {old!r}, not {new!r}: a "
+            "document's doctype cannot change, even once it is deleted (use a new id for a "
+            "document of another doctype)")
+
+
 def _scope_refusal(entry: _Entry, meta: Mapping[str, Any]) -> str | None:
     """Why a document is outside the share's rule, or None if it is inside.
 
     A tombstone (`_deleted`) carries no fields but its doctype, so it is in scope when it
-    carries the share's doctype; the selector is not applied to it. (Pass `existing` to
+    carries the share's doctype (and, for a removal, names this share); the selector is not
+    applied to it. (Pass `existing` to
     `incoming` so that a tombstone cannot delete a local document outside the share.)"""
     if not isinstance(meta, Mapping):
         return f"document metadata is a {type(meta).__name__}, not an object"
@@ -715,6 +770,9 @@ def _scope_refusal(entry: _Entry, meta: Mapping[str, Any]) -> str | None:
             return f"the document has no doctype; share {name!r} holds {rule.doctype!r}"
         return f"doctype {doctype!r} is not {rule.doctype!r}, the doctype of share {name!r}"
     if meta.get("_deleted") is True:
+        left = meta.get(REMOVAL_FIELD)
+        if left is not None and left != entry.manifest.share_id:
+            return f"a removal from another share than {name!r}"
         return None
     if entry.predicate is not None and not entry.predicate(meta):
         return f"the document does not match the selector of share {name!r}"
@@ -745,5 +803,5 @@ def _not_writer(manifest: Manifest, sender: bytes) -> str:
 
 __all__ = [
     "CLEAR_RULE_FIELDS", "INVITATION_GRACE", "InvitationRefused", "LEAVE_DOMAIN", "LEAVE_PURPOSE",
-    "LeaveRequestRefused", "ShareBook",
+    "LeaveRequestRefused", "REMOVAL_FIELD", "ShareBook",
 ]
