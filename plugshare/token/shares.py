@@ -571,14 +571,16 @@ class ShareBook:
         )
 
     def removals(self, current: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
-        """The shares this node owns (and takes part in) that a write of `doc` over the live
-        stored `current` takes the document out of: `current` is in their scope, `doc` is
-        not. Their members are to lose their copies (see `removal`)."""
+        """The shares this node may write to (it owns them, or is an active member with
+        write permission) that a write of `doc` over the live stored `current` takes the
+        document out of: `current` is in their scope, `doc` is not. Their other members are
+        to lose their copies (see `removal`): for the share, editing a document out of its
+        scope is deleting it, which a writer may do."""
         if current.get("_deleted") is True:
             return []
         return sorted(
             share_id for share_id, e in self._entries.items()
-            if e.manifest.owner == self._self and e.here
+            if e.here and (e.manifest.owner == self._self or self._self in e.writers)
             and _scope_refusal(e, current) is None and _scope_refusal(e, doc) is not None
         )
 

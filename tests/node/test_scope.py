@@ -118,6 +118,23 @@ def test_a_doc_edited_out_of_a_share_leaves_every_member(cluster: Cluster, encry
     wait_until(lambda: _has(m2, "d2", back), what="d2 back on m2")
 
 
+def test_a_doc_a_write_member_edits_out_of_a_share_leaves_the_others(cluster: Cluster):
+    """Editing a doc out of a share's scope is, for the share, deleting it: a member with
+    write permission may do it, and the owner and the other members lose their copies; the
+    member keeps its edit, outside the share. A read-only member's edit stays its own."""
+    owner, writer, reader = cluster.add("owner"), cluster.add("writer"), cluster.add("reader")
+    share_between(owner, [writer, reader], name="work", doctype=NOTES,
+                  selector={"subject": "work"}, read_only=[reader])
+    rev = owner.put(NOTES, {"subject": "work", "t": "shared"}, "d1")
+    for node in (writer, reader):
+        wait_until(lambda: _has(node, "d1", rev), what=f"d1 on {node.name}")
+    out = writer.put(NOTES, {"subject": "home", "t": "the writer's now"}, "d1", rev)
+    for node in (owner, reader):
+        wait_until(lambda: _gone(node, "d1"), what=f"d1 removed from {node.name}")
+    doc = writer.get("d1", conflicts=True)
+    assert doc["_rev"] == out and doc["t"] == "the writer's now" and not doc.get("_conflicts")
+
+
 def test_a_removal_crosses_between_couchdb_nodes(cluster: Cluster, couchdb_url: str):
     # Node names make the database names: unique per run, as the server lives for the session.
     tag = uuid.uuid4().hex[:6]

@@ -61,14 +61,18 @@ def test_a_write_that_takes_a_doc_out_of_owned_shares_answers_one_removal_each(
     alices = token.create_share("alices", NOTES, {"author": "alice"}).share_id
     joined = second_token.create_share("theirs", NOTES, {"subject": "work"})
     join(second_token, token, "theirs", "write")
-    current = note("n1", subject="work")  # in work, alices and theirs
+    read_only = second_token.create_share("watched", NOTES, {"subject": "work"})
+    join(second_token, token, "watched", "read")
+    current = note("n1", subject="work")  # in work, alices, theirs and watched
     edit = {"_id": "n1", "_rev": current["_rev"], "doctype": NOTES, "subject": "home",
             "author": "alice"}
 
     removals = _write(door, owner, edit, current, 2)["removals"]
-    # Out of "work" only: still in "alices", and "theirs" is not this node's to empty.
-    assert [r["left_share"] for r in removals] == [work]
-    removal = removals[0]
+    # Out of "work" and "theirs" (a writer may delete there, so it may edit a doc out), not
+    # of "alices" (still in scope) nor "watched" (read-only here: not this node's to empty).
+    assert sorted(r["left_share"] for r in removals) == sorted([work, joined.share_id])
+    assert read_only.share_id not in {r["left_share"] for r in removals}
+    removal = next(r for r in removals if r["left_share"] == work)
     assert removal["_deleted"] is True and removal["doctype"] == NOTES
     assert removal["_rev"].startswith("2-") and removal["_rev"] != current["_rev"]
     assert removal["_revisions"] == {"start": 2, "ids": [removal["_rev"][2:],
@@ -86,7 +90,7 @@ def test_a_write_that_takes_a_doc_out_of_owned_shares_answers_one_removal_each(
     # nor an edit of a losing leaf (the winner, in the share, stays)
     assert "removals" not in _write(door, owner, {**edit, "_rev": "1-" + "9" * 32}, current, 2)
     entries = [e for e in token.audit_tail(50) if e.action == "share-remove"]
-    assert len(entries) == 2 and all(e.allowed and e.doc_id == "n1" for e in entries)
+    assert len(entries) == 4 and all(e.allowed and e.doc_id == "n1" for e in entries)
 
 
 def test_a_member_takes_a_removal_like_a_deletion(token_and_owner, second_token: Token) -> None:
