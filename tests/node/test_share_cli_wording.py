@@ -46,11 +46,17 @@ def test_ctrl_c_during_the_initial_sync_says_it_goes_on_and_exits_130(pair):
     accept = subprocess.Popen(
         [sys.executable, "-m", "plugshare", "--home", str(bob.home), "share", "accept", code],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    # once joined, the command only shows the sync's progress
+    # Once joined, the command only shows the sync's progress. Bob's node is frozen at once
+    # so that the command cannot see the (empty) share go live before its Ctrl-C comes:
+    # the progress it shows is then still under way, whatever the machine's load.
     first = accept.stderr.readline()
     assert first.startswith("joined 'notes'"), first
-    accept.send_signal(signal.SIGINT)
-    out, err = accept.communicate(timeout=60)
+    os.kill(bob.pid, signal.SIGSTOP)
+    try:
+        accept.send_signal(signal.SIGINT)
+        out, err = accept.communicate(timeout=60)
+    finally:
+        os.kill(bob.pid, signal.SIGCONT)
     assert accept.returncode == 130, (out, err)
     assert "goes on" in out + err and "0 docs" not in out, (out, err)
 
