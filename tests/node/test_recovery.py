@@ -18,7 +18,7 @@ import pytest
 from plugshare.node.session import SyncState
 from plugshare.node.watch import share_rows
 from tests.node.cluster import ApiError, Cluster, cluster, share_between, wait_until  # noqa: F401
-from tests.support.restartable_pouchdb import RestartablePouchDB
+from tests.support.pouchdb_disk import PouchDBOnDisk
 
 NOTES = "io.notes"
 SLOW = 90.0  # seconds: a retry backs off up to 30 s, and the machine may be loaded
@@ -26,7 +26,7 @@ SLOW = 90.0  # seconds: a retry backs off up to 30 s, and the machine may be loa
 
 @pytest.fixture
 def pouchdb(tmp_path):
-    server = RestartablePouchDB(tmp_path / "pouchdb")
+    server = PouchDBOnDisk(tmp_path / "pouchdb")
     server.start()
     try:
         yield server
@@ -51,7 +51,7 @@ def arrived(node, doc_id, rev, timeout=SLOW):
 
 
 def test_a_couchdb_restart_is_shown_as_retrying_and_the_sync_resumes_without_a_node_restart(
-        cluster: Cluster, pouchdb: RestartablePouchDB):
+        cluster: Cluster, pouchdb: PouchDBOnDisk):
     a = cluster.add("a")
     b = cluster.add("b", "--store", "couchdb", "--couchdb-url", pouchdb.url)
     share_between(a, [b], name="notes", doctype=NOTES)
@@ -60,7 +60,7 @@ def test_a_couchdb_restart_is_shown_as_retrying_and_the_sync_resumes_without_a_n
         wait_until(lambda: link_of(node)["state"] == "live", SLOW, what=f"{node.name} live")
     b_pid = b.pid
 
-    pouchdb.kill()
+    pouchdb.stop(kill=True)
     rev = a.put(NOTES, {"title": "written while b's CouchDB is down"}, "while-down")
 
     # a's push meets b's dead store; b's own push cannot read its feed. Neither says live.

@@ -33,7 +33,7 @@ from plugshare.store.base import StoreError, Unavailable
 from plugshare.store.couchdb import CouchDBStore
 from plugshare.store.sqlite import SQLiteStore
 from tests.replication.test_replicator import Side, everything, linked, until, wait_for_doc
-from tests.support.restartable_pouchdb import RestartablePouchDB
+from tests.support.pouchdb_disk import PouchDBOnDisk
 
 
 # --- the policy (pure) --------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_the_retry_flag_crosses_the_wire_both_ways():
 
 @pytest.fixture
 def pouchdb(tmp_path):
-    server = RestartablePouchDB(tmp_path / "pouchdb")
+    server = PouchDBOnDisk(tmp_path / "pouchdb")
     server.start()
     try:
         yield server
@@ -106,7 +106,7 @@ async def test_a_store_that_goes_down_mid_sync_is_caught_up_once_back_without_a_
         rev1 = await store_a.put({"_id": "before", "doctype": "note"})
         async with linked(a, b):
             await wait_for_doc(b, "before", rev1)
-            await trio.to_thread.run_sync(pouchdb.kill)
+            await trio.to_thread.run_sync(lambda: pouchdb.stop(kill=True))
             rev2 = await store_a.put({"_id": "while-down", "doctype": "note"})
             # a's push meets b's dead store: b refuses the stream as passing, a waits to retry.
             retrying = await until(lambda: a.events.of(StreamEnded, direction="push", passing=True),
