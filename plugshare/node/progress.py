@@ -239,6 +239,7 @@ class _Display:
     """A rich progress bar on a terminal; silence elsewhere (the summary line comes last)."""
 
     def __init__(self, share: str, file: TextIO):
+        self.share = share
         self.file = file
         self.progress: Progress | None = None
         if file.isatty():
@@ -256,6 +257,13 @@ class _Display:
         self.progress.update(self.task, description=f"{tracker.share} ({tracker.state or '…'})",
                              completed=tracker.done, total=tracker.total,
                              moved=tracker.bytes, rate=tracker.bytes_per_second())
+
+    def listening(self) -> None:
+        """Ctrl-C is taken from now on: say what it does (the bar shows it on a terminal)."""
+        if self.progress is None:
+            self.file.write(f"watching {self.share}'s sync (Ctrl-C stops watching; the sync "
+                            "goes on)\n")
+            self.file.flush()
 
     def finish(self, summary: SyncSummary) -> None:
         if self.progress is not None:
@@ -297,9 +305,11 @@ async def follow_sync(target: ApiTarget, share: str, *, timeout: float | None = 
                 pass  # offline or refused for now: the deadline decides when to stop
             await trio.sleep(poll)
 
-    async def stop_on_sigint(cancel_scope) -> None:
+    async def stop_on_sigint(cancel_scope, task_status=trio.TASK_STATUS_IGNORED) -> None:
         nonlocal reason
         with trio.open_signal_receiver(signal.SIGINT) as signals:
+            task_status.started()
+            display.listening()
             async for _ in signals:
                 reason = "interrupted"
                 cancel_scope.cancel()
@@ -311,7 +321,7 @@ async def follow_sync(target: ApiTarget, share: str, *, timeout: float | None = 
                     nursery.start_soon(watch_events, client)
                     nursery.start_soon(poll_status, client)
                     if handle_sigint:
-                        nursery.start_soon(stop_on_sigint, nursery.cancel_scope)
+                        await nursery.start(stop_on_sigint, nursery.cancel_scope)
                     while reason != "interrupted":
                         if tracker.live:
                             reason = "live"

@@ -198,7 +198,10 @@ class PeerSession:
     def close(self, reason: str) -> None:
         self.close_reason = reason
         if self._nursery is not None:
-            self._nursery.start_soon(self.connection.aclose, reason)
+            try:
+                self._nursery.start_soon(self.connection.aclose, reason)
+            except RuntimeError:  # its tasks have all ended: the session is ending already
+                pass
 
     # -- which shares flow on this link ---------------------------------------------------
 

@@ -99,6 +99,8 @@ def test_ctrl_c_during_the_initial_sync_says_it_goes_on_and_exits_130(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
         first = accept.stderr.readline()
         assert first.startswith("joined 'notes'"), first + accept.stderr.read()
+        listening = accept.stderr.readline()  # from now on Ctrl-C is the view's to take
+        assert "Ctrl-C stops watching" in listening, listening
         accept.send_signal(signal.SIGINT)
         out, err = accept.communicate(timeout=60)
     finally:
