@@ -818,6 +818,13 @@ class Token:
             raise InvalidArgument(f"action must be read, write or list, got {action!r}")
         if principal.kind == OWNER_KIND and principal == OWNER:
             decision = _OWNER_ALLOWED
+        elif principal.kind == LINK_KIND:
+            decision = (
+                Decision(True, f"{principal.label} may {action} its share's documents (only "
+                               "those in the share's scope)")
+                if self.link_may_touch_doctype(principal.id, action, doctype) else
+                Decision(False, f"{principal.label} may not {action} {doctype!r} documents")
+            )
         else:
             subjects = self._subjects.get((principal.kind, principal.id))
             found = self._rules.match_doctype(subjects, level, doctype) if subjects else None

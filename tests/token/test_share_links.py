@@ -341,3 +341,19 @@ def test_an_expired_share_ends_its_links_at_the_owner(token: Token, owner) -> No
     assert "expired" in token.list_links("brief")[0]["reason"]
     with pytest.raises(AuthenticationError):
         door.handle("auth", {"credential": credential})
+
+
+def test_a_link_to_an_encrypted_share_reads_its_sealed_documents_in_clear(token_and_owner):
+    token, owner_credential = token_and_owner
+    token.create_share("vault", NOTES, encrypted=True)
+    door = Door(token)
+    sealed = write(door, owner_credential, {"_id": "v1", "doctype": NOTES, "text": "secret"})
+    stored = {**sealed["doc"], "_rev": "1-" + "ef" * 16}
+    assert "secret" not in json.dumps(stored)
+    made = _wire(door.handle("share.link", {"credential": owner_credential, "share": "vault",
+                                            "permission": "read"}))
+    assert read(door, made["credential"], stored)["text"] == "secret"
+    principal = token.authenticate(made["credential"])
+    assert token.may_access_doctype(principal, "list", NOTES).allowed
+    assert not token.may_access_doctype(principal, "list", TASKS).allowed
+    assert not token.may_access_doctype(principal, "write", NOTES).allowed
