@@ -78,14 +78,14 @@ def test_share_link_prints_a_url_whose_credential_reads_that_share_alone(node):
     assert {(e["action"], e["doc_id"], e["allowed"]) for e in audit} >= {
         ("read", "s1", True), ("read", "p1", False), ("write", "new", False)}
 
-    gone = node.cli("share", "unlink", "notes", link_id)
+    gone = node.cli("share", "unlink", "notes", made.stdout.strip())  # by its URL
     assert gone.returncode == 0 and f"link {link_id} of share 'notes' unlinked" in gone.stdout
     with _as(node.api_url, credential) as link:
         refused = link.get("/data/io.notes/s1")
         assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
     rows = json.loads(node.cli("--json", "share", "links").stdout)["links"]
     assert [r["status"] for r in rows] == ["unlinked"]
-    again = node.cli("share", "unlink", "notes", link_id)
+    again = node.cli("share", "unlink", "notes", credential)  # by its credential
     assert again.returncode == 1 and "no link" in again.stderr
     refusals = json.loads(node.cli("--json", "audit", "--denied", "--principal",
                                    f"link:{link_id}", "--tail", "100").stdout)["entries"]
@@ -119,6 +119,9 @@ def test_a_write_link_writes_in_scope_and_an_expired_link_is_refused(node):
     rows = {r["id"]: r["status"] for r in
             json.loads(node.cli("--json", "share", "links").stdout)["links"]}
     assert rows == {link["id"]: "active", short["id"]: "expired"}
+    assert node.cli("share", "unlink", "notes", link["id"]).returncode == 0  # by its id
+    with _as(node.api_url, link["credential"]) as client:
+        assert client.get("/data/io.notes/w1").status_code == 401
 
 
 def test_a_members_link_ends_when_the_owner_revokes_the_member(cluster):
