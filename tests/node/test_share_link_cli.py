@@ -10,6 +10,7 @@ import json
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401 (fixture)
 
@@ -107,6 +108,16 @@ def test_a_write_link_writes_in_scope_and_an_expired_link_is_refused(node):
     doc = json.loads(node.cli("--json", "doc", "get", "w1").stdout)
     assert doc["tag"] == "shared"
 
+    with _as(node.api_url, node.credential) as owner:  # hostile bodies: 400, nothing made
+        for body in [{}, {"permission": "admin"}, {"permission": "read", "expires": "1h"},
+                     {"permission": "read", "expires": 1.0}, {"permission": ["read"]},
+                     {"permission": "read", "expires": 1e300}]:
+            answer = owner.post("/shares/notes/links", json=body)
+            assert answer.status_code == 400, (body, answer.text)
+            assert answer.json()["error"] == "bad_request"
+        assert owner.post("/shares/notes/links", content=b"{").status_code == 400
+        assert owner.delete("/shares/notes/links/" + "0" * 16).status_code == 404
+        assert len(owner.get("/links").json()["links"]) == 1
     bad = node.cli("share", "link", "notes", "--expires", "soon")
     assert bad.returncode == 2 and "--expires" in bad.stderr
     unknown = node.cli("share", "link", "nope")
@@ -139,3 +150,21 @@ def test_a_members_link_ends_when_the_owner_revokes_the_member(cluster):
     assert row["status"] == "ended" and "revoked" in row["reason"]
     refused = bob.cli("share", "link", "notes")
     assert refused.returncode == 1 and "revoked" in refused.stderr
+
+
+def test_the_link_url_opens_the_share_database_for_a_couchdb_client(node):
+    """Once the CouchDB API is mounted (couchcore, issue #12), the URL itself is what a
+    CouchDB client uses: HTTP Basic with the link's id and credential."""
+    pytest.importorskip("plugshare.node.couch", reason="the CouchDB API (/couch) is not here yet")
+    assert node.cli("share", "create", "notes", "--doctype", NOTES).returncode == 0
+    _put(node, "s1", NOTES, {"text": "hi"})
+    _put(node, "t1", "io.tasks", {"text": "not shared"})
+    url = urlsplit(node.cli("share", "link", "notes", "--read-only").stdout.strip())
+    base = f"{url.scheme}://{url.hostname}:{url.port}"
+    with httpx.Client(base_url=base, timeout=30, auth=(url.username, url.password)) as couch:
+        assert couch.get(url.path).status_code == 200
+        assert couch.get(f"{url.path}/s1").json()["text"] == "hi"
+        assert couch.get("/couch/io.tasks").status_code in (401, 403, 404)
+    node.cli("share", "unlink", "notes", url.username)
+    with httpx.Client(base_url=base, timeout=30, auth=(url.username, url.password)) as couch:
+        assert couch.get(url.path).status_code == 401
