@@ -168,3 +168,25 @@ def test_the_link_url_opens_the_share_database_for_a_couchdb_client(node):
     node.cli("share", "unlink", "notes", url.username)
     with httpx.Client(base_url=base, timeout=30, auth=(url.username, url.password)) as couch:
         assert couch.get(url.path).status_code == 401
+
+
+def test_the_link_url_names_an_address_outside_clients_can_reach():
+    """`share link` builds the URL from the API address the node runs on (run.json)."""
+    import socket
+
+    from plugshare.cli import _link_url
+
+    link = {"id": "0123456789abcdef", "credential": "ps1.0123456789abcdef.c2VjcmV0",
+            "share": "notes"}
+    userinfo = "0123456789abcdef:ps1.0123456789abcdef.c2VjcmV0"
+    url, note = _link_url("http://127.0.0.1:7414", link)
+    assert url == f"http://{userinfo}@127.0.0.1:7414/couch/share:notes"
+    assert "loopback only" in note and "[api] listen" in note
+    assert "loopback only" in _link_url("http://[::1]:7414", link)[1]
+    assert _link_url("http://192.168.1.20:7414", link) == (
+        f"http://{userinfo}@192.168.1.20:7414/couch/share:notes", None)
+    assert _link_url("http://[fd00::5]:7414", link)[0] == \
+        f"http://{userinfo}@[fd00::5]:7414/couch/share:notes"
+    anywhere, note = _link_url("http://0.0.0.0:7414", link)  # every address: the host's name
+    assert anywhere == f"http://{userinfo}@{socket.gethostname()}:7414/couch/share:notes"
+    assert note is None
