@@ -210,6 +210,8 @@ class Store(abc.ABC):
         merging with what is there; an already known revision is a no-op, never an error.
         A revision that would give its doc more than `MAX_LEAVES` leaves is refused for that
         doc alone: `{"id", "rev", "error": "forbidden", "reason"}` (the others are written).
+        A replicated attachment stub must name (with its digest) an attachment a leaf of the
+        same document holds here; else that doc fails with a `bad_request` "missing stub".
         The write is durable when the call returns (see `put`); replicated revisions that a
         CouchDB cluster keeps accepting below its write quorum raise `Unavailable` instead of
         counting as stored: the caller delivers them again later."""
@@ -217,7 +219,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
         """The given (id, rev) pairs with `_revisions`, ready for `bulk_docs(new_edits=False)`
-        on another store. A pair this store does not have (or has stemmed) is skipped."""
+        on another store. A pair this store does not have (or has stemmed) is skipped.
+        Attachments come as stubs: a target that lacks one gets its data through
+        `put_replicated`, streamed from `open_attachment(id, name, rev=rev)`."""
 
     @abc.abstractmethod
     async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:

@@ -604,3 +604,29 @@ async def test_sqlite_a_version_1_store_gets_the_attachment_tables(tmp_path):
         await store.aclose()
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+async def test_concurrent_uploads_on_one_revision_let_exactly_one_win(store):
+    rev1 = await store.put({"_id": "doc"})
+    before = (await store.info()).get("attachment_chunks")
+    outcomes = {}
+
+    async def upload(tag):
+        data = random_bytes(2 * CHUNK_SIZE, seed=hash(tag) % 1000)
+        try:
+            outcomes[tag] = (await store.put_attachment("doc", rev1, "f", "text/plain",
+                                                        stream(data)), data)
+        except Conflict:
+            outcomes[tag] = "conflict"
+
+    async with trio.open_nursery() as nursery:
+        for tag in ("a", "b"):
+            nursery.start_soon(upload, tag)
+    won = [value for value in outcomes.values() if value != "conflict"]
+    assert len(won) == 1, outcomes
+    [(rev2, data)] = won
+    assert (await store.get("doc"))["_rev"] == rev2
+    _, chunks = await store.open_attachment("doc", "f")
+    assert await read_all(chunks) == data
+    if before is not None:  # sqlite: the loser's data is gone, the winner's kept
+        assert (await store.info())["attachment_chunks"] == before + 2
