@@ -630,3 +630,35 @@ async def test_concurrent_uploads_on_one_revision_let_exactly_one_win(store):
     assert await read_all(chunks) == data
     if before is not None:  # sqlite: the loser's data is gone, the winner's kept
         assert (await store.info())["attachment_chunks"] == before + 2
+
+
+REPLICATED_FILE = 32 * MIB
+
+
+@pytest.mark.parametrize("direction", ["sqlite->couchdb", "couchdb->sqlite"])
+async def test_a_large_attachment_replicates_between_stores_with_low_memory(
+    direction, request, tmp_path
+):
+    source_kind, target_kind = direction.split("->")
+    source = await open_backend(source_kind, request, tmp_path)
+    target = await open_backend(target_kind, request, tmp_path)
+    try:
+        rev1 = await source.put({"_id": "big"})
+        watch = RssWatch()
+        sent = hashlib.md5()
+        rev2 = await source.put_attachment("big", rev1, "big.bin", "application/octet-stream",
+                                           big_file(watch, REPLICATED_FILE, sent))
+        await replicate(source, target, "big", rev2)
+        watch.sample()
+        meta, chunks = await target.open_attachment("big", "big.bin")
+        got = hashlib.md5()
+        async for piece in chunks:
+            got.update(piece)
+            watch.sample()
+        assert meta.length == REPLICATED_FILE and got.digest() == sent.digest()
+        print(f"\n{direction}: RSS growth while uploading, replicating and reading back "
+              f"32 MB: {watch.growth / MIB:.1f} MiB")
+        assert watch.growth < RSS_GROWTH_ALLOWED
+    finally:
+        await source.aclose()
+        await target.aclose()
