@@ -149,9 +149,15 @@ def _document(doc_id: str, rev: str, stored: str | None) -> Doc:
     return {"_id": doc_id, "_rev": rev, **body}
 
 
+def _has_attachments(stored: str | None) -> bool:
+    """Whether a stored body may have attachments (a quick test, no parsing: a user field
+    cannot be named `_attachments`, but a value may hold the text)."""
+    return stored is not None and '"_attachments"' in stored
+
+
 def _stored_attachments(stored: str | None) -> dict[str, dict[str, Any]]:
     """The `_attachments` of a stored leaf body, as stored (with their content ids)."""
-    if stored is None or '"_attachments"' not in stored:
+    if not _has_attachments(stored):
         return {}
     body = json.loads(stored[1:] if stored.startswith(_TOMBSTONE) else stored)
     return body.get("_attachments") or {}
@@ -437,9 +443,12 @@ class SQLiteStore(Store):
         for doc_id, record in records:
             leaves = record.tree.leaves()
             bodies = {leaf.rev: record.bodies.get(leaf.rev) for leaf in leaves}
-            contents = {entry["content"] for stored in bodies.values()
-                        for entry in _stored_attachments(stored).values()}
-            dropped |= chunks.set_doc_contents(conn, doc_id, contents)
+            # `record.bodies` still holds the leaves this write replaced: a doc that had no
+            # attachment before and has none now needs no bookkeeping (the common write).
+            if any(_has_attachments(stored) for stored in record.bodies.values()):
+                contents = {entry["content"] for stored in bodies.values()
+                            for entry in _stored_attachments(stored).values()}
+                dropped |= chunks.set_doc_contents(conn, doc_id, contents)
             seq += 1
             rows.append((
                 seq,
