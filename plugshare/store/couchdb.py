@@ -637,12 +637,26 @@ class CouchDBStore(Store):
         if rev is not None and rev not in (await self._leaves([doc_id])).get(doc_id, ()):
             raise Conflict(f"revision {rev} of {doc_id!r} is not current")
         async with _spooled(chunks, check) as spool:
-            headers = [(b"Content-Type", content_type.encode()),
-                       (b"Content-Length", str(check.length).encode())]
-            status, data = await self._send_stream(
-                "PUT", _attachment_path(doc_id, name), _read_spool(spool), headers,
-                params=None if rev is None else {"rev": rev},
-            )
+            if rev is None:
+                # A new document, or one recreated over a tombstone: the doc with its data
+                # inline, in one write (pouchdb-server's attachment PUT without a rev
+                # answers 404 on a deleted doc).
+                body_length, body = _streamed_doc_body(
+                    {"_id": doc_id}, {}, {name: ({"content_type": content_type}, check.length)},
+                    {name: spool}, replicated=False,
+                )
+                status, data = await self._send_stream(
+                    "PUT", _doc_path(doc_id), body,
+                    [(b"Content-Type", b"application/json"),
+                     (b"Content-Length", str(body_length).encode())],
+                )
+            else:
+                headers = [(b"Content-Type", content_type.encode()),
+                           (b"Content-Length", str(check.length).encode())]
+                status, data = await self._send_stream(
+                    "PUT", _attachment_path(doc_id, name), _read_spool(spool), headers,
+                    params={"rev": rev},
+                )
         if status >= 400:
             if status == 404 and rev is not None:  # no such doc or revision to write on
                 status = 409
@@ -771,7 +785,12 @@ class CouchDBStore(Store):
                     await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
                 for file in files.values():
                     await file.seek(0)
-                length, body = _streamed_bulk_body(wire, checked.attachments, follows, files)
+                inline = {name: ({"content_type": spec.content_type, "revpos": spec.revpos,
+                                  "digest": spec.digest, "length": spec.length}, spec.length)
+                          for name, spec in follows.items()}
+                length, body = _streamed_doc_body(
+                    wire, checked.attachments, inline, files, replicated=True
+                )
                 status, data = await self._send_stream(
                     "POST", "/_bulk_docs", body,
                     [(b"Content-Type", b"application/json"),
@@ -1314,30 +1333,30 @@ async def _bounded(response: Any, limit: int) -> AsyncIterator[bytes]:
 _BASE64_PIECE = 3 * 87_381  # bytes: a multiple of 3 near 256 KiB, so pieces encode apart
 
 
-def _streamed_bulk_body(
+def _streamed_doc_body(
     wire: dict[str, Any],
     stubs: Mapping[str, Any],
-    follows: Mapping[str, Follows],
+    inline: Mapping[str, tuple[dict[str, Any], int]],
     files: Mapping[str, Any],
+    *,
+    replicated: bool,
 ) -> tuple[int, AsyncIterator[bytes]]:
-    """`{"new_edits": false, "docs": [doc]}` with the data of `follows` attachments (read
-    from their checked spool files) inline as base64, generated as it is sent; and its
-    length, known beforehand (a body with a Content-Length passes every proxy)."""
+    """A document with the data of its `inline` attachments ({name: (metadata, length)},
+    read from their checked spool files) as base64, generated as it is sent, and the body's
+    length, known beforehand (a body with a Content-Length passes every proxy). Replicated:
+    as `{"new_edits": false, "docs": [doc]}` for `_bulk_docs`; else the doc alone."""
     doc = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
-    parts: list[bytes | str] = [('{"new_edits":false,"docs":[' + doc[:-1]
-                                 + ',"_attachments":{').encode()]
+    head = '{"new_edits":false,"docs":[' if replicated else ""
+    parts: list[bytes | str] = [(head + doc[:-1] + ',"_attachments":{').encode()]
     entries = [json.dumps(name) + ":" + json.dumps(stub, separators=(",", ":"))
                for name, stub in stubs.items()]
     parts.append(",".join(entries).encode())
-    for i, (name, spec) in enumerate(follows.items()):
-        meta = {"content_type": spec.content_type, "revpos": spec.revpos,
-                "digest": spec.digest, "length": spec.length}
-        head = json.dumps(meta, separators=(",", ":"))[:-1] + ',"data":"'
+    for i, (name, (meta, _)) in enumerate(inline.items()):
+        opening = json.dumps(meta, separators=(",", ":"))[:-1] + ',"data":"'
         separator = "," if entries or i else ""
-        parts.extend([(separator + json.dumps(name) + ":" + head).encode(), name, b'"}'])
-    parts.append(b"}}]}")
-    length = sum(len(p) if isinstance(p, bytes) else 4 * -(-follows[p].length // 3)
-                 for p in parts)
+        parts.extend([(separator + json.dumps(name) + ":" + opening).encode(), name, b'"}'])
+    parts.append(b"}}]}" if replicated else b"}}")
+    length = sum(len(p) if isinstance(p, bytes) else 4 * -(-inline[p][1] // 3) for p in parts)
 
     async def body() -> AsyncIterator[bytes]:
         for part in parts:

@@ -755,14 +755,13 @@ class SQLiteStore(Store):
         self, write: Callable[[sqlite3.Connection], list[str | StoreError]],
         staged: list[_Staged],
     ) -> Any:
-        """Run the write that references `staged` contents, then release them (removing
-        them if the write failed)."""
-        written = False
+        """Run the write that references `staged` contents, then release them, removing
+        those it did not come to reference (it failed, or the replicated revision was
+        delivered meanwhile by another call: a no-op)."""
         try:
             [result] = await self._run(write)
-            written = not isinstance(result, StoreError)
         finally:
-            await self._release(staged, collect=not written)
+            await self._release(staged, collect=True)
         if isinstance(result, StoreError):
             raise result
         return result

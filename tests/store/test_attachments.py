@@ -662,3 +662,13 @@ async def test_a_large_attachment_replicates_between_stores_with_low_memory(
     finally:
         await source.aclose()
         await target.aclose()
+
+
+async def test_an_attachment_put_without_rev_recreates_a_deleted_document(store):
+    _, rev2 = await put_doc_with_file(store, title="old")
+    await store.delete("doc", rev2)
+    rev4 = await store.put_attachment("doc", None, "new.txt", "text/plain", stream(b"new"))
+    assert rev4.startswith("4-")
+    doc = await store.get("doc")
+    assert set(doc) == {"_id", "_rev", "_attachments"}  # the old body and file are not back
+    assert list(doc["_attachments"]) == ["new.txt"]
