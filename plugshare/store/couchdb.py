@@ -612,11 +612,12 @@ class CouchDBStore(Store):
     # (digest, length, a cut stream) before the server sees a byte of it: pouchdb-server
     # 4.2.0 writes an empty attachment when a request body is cut short, so a check that
     # failed half-way through the request would leave a new revision behind.
-    # Replicated revisions with new attachment data go as one `_bulk_docs` new_edits=false
-    # whose JSON body is generated as the data streams, the data inline as base64: the form
-    # both pouchdb-server 4.2.0 and CouchDB 3 take there (`follows` needs a multipart PUT,
-    # which pouchdb-server's PUT cannot take with new_edits=false). This process never holds
-    # a file whole; the server may (pouchdb-server buffers every attachment body).
+    # Replicated revisions with new attachment data go as one `_bulk_docs` new_edits=false,
+    # the data inline as base64, the JSON body generated from the spool files as it is
+    # sent: the form both pouchdb-server 4.2.0 and CouchDB 3 take (`follows` parts need a
+    # multipart/related PUT per document; not tried). This process never holds a file
+    # whole; the server may (pouchdb-server buffers every attachment body, and CouchDB
+    # decodes a JSON body whole).
 
     async def put_attachment(
         self,
