@@ -77,14 +77,14 @@ class Follows:
 
 
 def check_attachment_name(name: object) -> str:
-    """A name is 1-255 characters, no control characters, never `/`, `..` or a leading `_`
+    """A name is 1-255 characters, no control characters, never `.`, `/`, `..` or a leading `_`
     (CouchDB's rule for names: `_` is reserved) -- a name ends up in URLs and file names."""
     if not isinstance(name, str) or not name:
         raise BadRequest(f"an attachment name must be a non-empty string, not {name!r}")
     if len(name) > MAX_NAME_LENGTH:
         raise BadRequest(f"attachment name longer than {MAX_NAME_LENGTH} characters")
-    if "/" in name or "\\" in name or ".." in name:
-        raise BadRequest(f"attachment name {name!r} must not hold '/', '\\' or '..'")
+    if "/" in name or "\\" in name or ".." in name or name == ".":
+        raise BadRequest(f"attachment name {name!r} must not be '.' or hold '/', '\\' or '..'")
     if name.startswith("_"):
         raise BadRequest(f"attachment name {name!r} must not start with '_'")
     if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in name):

@@ -313,7 +313,7 @@ async def test_a_cancelled_upload_leaves_the_previous_revision(store):
     assert (await store.info()).get("attachment_chunks") == usage
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "..", "../x", "a..b", "_hidden", "x\n", "a\\b",
+@pytest.mark.parametrize("name", ["", ".", "a/b", "..", "../x", "a..b", "_hidden", "x\n", "a\\b",
                                   "n" * 256, 7, None])
 async def test_a_bad_name_is_refused_before_any_data_is_read(store, name):
     rev1 = await store.put({"_id": "doc"})
