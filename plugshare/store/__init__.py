@@ -16,6 +16,7 @@ from plugshare.store.base import (
     Forbidden,
     NotFound,
     OwnerMismatch,
+    RangeNotSatisfiable,
     Seq,
     Store,
     StoreError,
@@ -24,6 +25,7 @@ from plugshare.store.base import (
 
 __all__ = [
     "MAX_LEAVES", "BadRequest", "Change", "ChangesPage", "Conflict", "Doc", "Forbidden",
+    "RangeNotSatisfiable",
     "NotFound", "OwnerMismatch", "Seq", "Store", "StoreError", "Unavailable",
     "couchdb_database_name", "open_store",
 ]

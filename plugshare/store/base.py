@@ -15,11 +15,15 @@ next. The changes feed is at-least-once: a change may be seen twice, none is eve
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from plugshare.errors import PlugshareError
+
+if TYPE_CHECKING:
+    from plugshare.store.attachments import AttachmentMeta
 
 Seq = int | str
 Doc = dict[str, Any]
@@ -36,7 +40,9 @@ MAX_LEAVES = 100
 OWNER_LOCAL_ID = "plugshare-owner"
 
 # Top-level fields a caller may send; every other field starting with "_" is refused.
-RESERVED_FIELDS = frozenset({"_id", "_rev", "_deleted", "_revisions", "_conflicts"})
+RESERVED_FIELDS = frozenset(
+    {"_id", "_rev", "_deleted", "_revisions", "_conflicts", "_attachments"}
+)
 
 
 class StoreError(PlugshareError):
@@ -63,6 +69,13 @@ class NotFound(StoreError):
 class Conflict(StoreError):
     status = 409
     error = "conflict"
+
+
+class RangeNotSatisfiable(StoreError):
+    """A byte range outside an attachment (HTTP 416)."""
+
+    status = 416
+    error = "range_not_satisfiable"
 
 
 class Forbidden(StoreError):
@@ -197,6 +210,8 @@ class Store(abc.ABC):
         merging with what is there; an already known revision is a no-op, never an error.
         A revision that would give its doc more than `MAX_LEAVES` leaves is refused for that
         doc alone: `{"id", "rev", "error": "forbidden", "reason"}` (the others are written).
+        A replicated attachment stub must name (with its digest) an attachment a leaf of the
+        same document holds here; else that doc fails with a `bad_request` "missing stub".
         The write is durable when the call returns (see `put`); replicated revisions that a
         CouchDB cluster keeps accepting below its write quorum raise `Unavailable` instead of
         counting as stored: the caller delivers them again later."""
@@ -204,7 +219,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def bulk_get(self, wanted: list[tuple[str, str]]) -> list[Doc]:
         """The given (id, rev) pairs with `_revisions`, ready for `bulk_docs(new_edits=False)`
-        on another store. A pair this store does not have (or has stemmed) is skipped."""
+        on another store. A pair this store does not have (or has stemmed) is skipped.
+        Attachments come as stubs: a target that lacks one gets its data through
+        `put_replicated`, streamed from `open_attachment(id, name, rev=rev)`."""
 
     @abc.abstractmethod
     async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:
@@ -237,3 +254,62 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_local(self, local_id: str) -> None:
         """Remove a local doc; `NotFound` when missing."""
+
+    # -- attachments (see plugshare/store/attachments.py) --------------------------------
+    #
+    # Documents show their attachments as stubs in `_attachments`: `{name: {"content_type",
+    # "length", "digest": "md5-<base64>", "revpos", "stub": true}}`. A write that sends a
+    # stub for a name keeps that attachment; one that leaves the name out removes it. Data
+    # only moves through the methods below, in chunks: never whole in memory.
+
+    @abc.abstractmethod
+    async def put_attachment(
+        self,
+        doc_id: str,
+        rev: str | None,
+        name: str,
+        content_type: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        digest: str | None = None,
+        length: int | None = None,
+    ) -> str:
+        """Stream `chunks` in as attachment `name` of the document at leaf `rev` (None: a
+        new or deleted document, made live with this attachment alone) and return the new
+        rev; the document's other attachments are kept. The md5 digest and length are
+        computed as the data streams. A `digest` or `length` the caller declares that the
+        data does not match is a `BadRequest`; a bad name (empty, `/`, `..`, a leading `_`)
+        too, before anything is read. A stale `rev` is a `Conflict`. Whatever fails (a
+        stream cut or raising, a mismatch, a cancel) leaves the document as it was."""
+
+    @abc.abstractmethod
+    async def open_attachment(
+        self,
+        doc_id: str,
+        name: str,
+        *,
+        rev: str | None = None,
+        range: tuple[int, int] | None = None,
+    ) -> tuple[AttachmentMeta, AsyncIterator[bytes]]:
+        """The attachment's metadata and its data as an async iterator of chunks, of the
+        winning revision (or `rev`). `range` is `(start, stop)`, half-open byte offsets;
+        one outside the file is `RangeNotSatisfiable`. A missing doc, rev or name is
+        `NotFound`. Close the iterator (`aclose()`) when stopping before its end."""
+
+    @abc.abstractmethod
+    async def delete_attachment(self, doc_id: str, rev: str, name: str) -> str:
+        """Remove attachment `name` from the document at leaf `rev`; the new rev.
+        `NotFound` when the revision has no such attachment."""
+
+    @abc.abstractmethod
+    async def put_replicated(
+        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
+    ) -> None:
+        """Write one replicated revision (as `bulk_docs(new_edits=False)`) with the data of
+        its new attachments: each `_attachments` entry is a stub this store can resolve (the
+        same name and digest on a revision of this document it holds) or `{"follows": true,
+        "content_type", "length", "digest", "revpos"}` whose data `streams[name]` yields,
+        checked against that digest and length. `bulk_get` gives stubs; the replicator
+        streams each attachment the target lacks from `open_attachment`. Errors as
+        `put_attachment`; an already known revision is a no-op (its streams are not read).
+        A stub that cannot be resolved is a `BadRequest` ("missing stub")."""

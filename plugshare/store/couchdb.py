@@ -42,10 +42,13 @@ worker threads, which could not be cancelled or closed (`python bench/store.py -
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
+import tempfile
 from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -53,6 +56,17 @@ import attrs
 import httpcore
 import trio
 
+from plugshare.store.attachments import (
+    CHUNK_SIZE,
+    AttachmentMeta,
+    Follows,
+    StreamCheck,
+    Stub,
+    check_attachment_name,
+    check_content_type,
+    check_range,
+    rechunk,
+)
 from plugshare.store.base import (
     LOCAL_PREFIX,
     MAX_LEAVES,
@@ -62,6 +76,7 @@ from plugshare.store.base import (
     ChangesPage,
     Conflict,
     Doc,
+    Forbidden,
     NotFound,
     Seq,
     Store,
@@ -283,6 +298,10 @@ class CouchDBStore(Store):
         parsed = parse_doc(doc)
         if parsed.is_local:
             return await self._write_local_doc(parsed)
+        completed = await self._complete_stubs(parsed)
+        if isinstance(completed, StoreError):
+            raise completed
+        parsed = completed
         answer = await self._write(
             "PUT", _doc_path(parsed.id), body=_wire_doc(parsed), action=f"write {parsed.id!r}"
         )
@@ -384,6 +403,18 @@ class CouchDBStore(Store):
             except StoreError as exc:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
                 results[i] = _failed(doc_id, exc.error, exc.reason)
+        checked: list[tuple[int, ParsedDoc | StoreError]]
+        if new_edits:
+            checked = [(i, await self._complete_stubs(parsed)) for i, parsed in remote]
+        else:
+            checked = await self._complete_replicated_stubs(remote)
+        remote = []
+        for i, parsed_or_error in checked:
+            if isinstance(parsed_or_error, StoreError):
+                results[i] = _failed(docs[i].get("_id"), parsed_or_error.error,
+                                     parsed_or_error.reason)
+            else:
+                remote.append((i, parsed_or_error))
         if remote and not new_edits:
             remote, refused = await self._cap_leaves(remote)
             for i, parsed, reason in refused:
@@ -573,6 +604,315 @@ class CouchDBStore(Store):
             if any(not _is_design(row["id"]) for row in answer["results"]):
                 return
             since = _seq_param(answer["last_seq"])
+
+    # -- attachments ----------------------------------------------------------------------
+    #
+    # Real CouchDB attachments, so other CouchDB clients see them: `PUT /db/doc/name?rev=`
+    # streamed, `GET` streamed, `DELETE`. An upload is spooled to a temporary file and checked
+    # (digest, length, a cut stream) before the server sees a byte of it: pouchdb-server
+    # 4.2.0 writes an empty attachment when a request body is cut short, so a check that
+    # failed half-way through the request would leave a new revision behind.
+    # Replicated revisions with new attachment data go as one `_bulk_docs` new_edits=false,
+    # the data inline as base64, the JSON body generated from the spool files as it is
+    # sent: the form both pouchdb-server 4.2.0 and CouchDB 3 take (`follows` parts need a
+    # multipart/related PUT per document; not tried). This process never holds a file
+    # whole; the server may (pouchdb-server buffers every attachment body, and CouchDB
+    # decodes a JSON body whole).
+
+    async def put_attachment(
+        self,
+        doc_id: str,
+        rev: str | None,
+        name: str,
+        content_type: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        digest: str | None = None,
+        length: int | None = None,
+    ) -> str:
+        _check_attachment_target(doc_id, rev, name)
+        check_content_type(content_type)
+        check = StreamCheck(digest=digest, length=length)
+        # Fail a stale rev before the upload (pouchdb-server would even make the doc anew
+        # on a rev of a missing doc).
+        if rev is not None and rev not in (await self._leaves([doc_id])).get(doc_id, ()):
+            raise Conflict(f"revision {rev} of {doc_id!r} is not current")
+        async with _spooled(chunks, check) as spool:
+            if rev is None:
+                # A new document, or one recreated over a tombstone: the doc with its data
+                # inline, in one write (pouchdb-server's attachment PUT without a rev
+                # answers 404 on a deleted doc).
+                body_length, body = _streamed_doc_body(
+                    {"_id": doc_id}, {}, {name: ({"content_type": content_type}, check.length)},
+                    {name: spool}, replicated=False,
+                )
+                status, data = await self._send_stream(
+                    "PUT", _doc_path(doc_id), body,
+                    [(b"Content-Type", b"application/json"),
+                     (b"Content-Length", str(body_length).encode())],
+                )
+            else:
+                headers = [(b"Content-Type", content_type.encode()),
+                           (b"Content-Length", str(check.length).encode())]
+                status, data = await self._send_stream(
+                    "PUT", _attachment_path(doc_id, name), _read_spool(spool), headers,
+                    params={"rev": rev},
+                )
+        if status >= 400:
+            if status == 404 and rev is not None:  # no such doc or revision to write on
+                status = 409
+            raise self._error(status, data, f"put attachment {name!r} of {doc_id!r}")
+        if status == 202:
+            await self._ensure_quorum([(doc_id, data["rev"])])
+        return data["rev"]
+
+    async def open_attachment(
+        self,
+        doc_id: str,
+        name: str,
+        *,
+        rev: str | None = None,
+        range: tuple[int, int] | None = None,
+    ) -> tuple[AttachmentMeta, AsyncIterator[bytes]]:
+        check_doc_id(doc_id)
+        check_attachment_name(name)
+        params = {}
+        if rev is not None:
+            parse_rev(rev)
+            params["rev"] = rev
+        doc = await self._call("GET", _doc_path(doc_id), params=params, action=f"get {doc_id!r}")
+        if doc.get("_deleted"):
+            raise NotFound(f"revision {doc['_rev']} of {doc_id!r} is deleted")
+        entry = (doc.get("_attachments") or {}).get(name)
+        if entry is None:
+            raise NotFound(f"revision {doc['_rev']} of {doc_id!r} has no attachment {name!r}")
+        meta = AttachmentMeta(name, entry["content_type"], entry["length"], entry["digest"],
+                              entry["revpos"])
+        start, stop = check_range(range, meta.length)
+        return meta, self._read_attachment(doc_id, name, doc["_rev"], start, stop)
+
+    async def _read_attachment(
+        self, doc_id: str, name: str, rev: str, start: int, stop: int
+    ) -> AsyncIterator[bytes]:
+        """Bytes `start` to `stop` of the attachment, as the server sends them. A server
+        that ignores `Range` (pouchdb-server) sends the whole file: the bytes outside the
+        range are skipped as they come, never kept."""
+        if stop == 0:
+            return
+        db_url, headers = self._nodes[self._node]
+        headers = [h for h in headers if h[0] != b"Accept"] + [(b"Accept", b"*/*")]
+        headers.append((b"Range", f"bytes={start}-{stop - 1}".encode()))
+        url = db_url + _attachment_path(doc_id, name) + "?" + urlencode({"rev": rev})
+        try:
+            async with self._pool.stream("GET", url, headers=headers,
+                                         extensions={"timeout": _timeouts()}) as response:
+                if response.status >= 400:
+                    body = b"".join([piece async for piece in _bounded(response, 64 * 1024)])
+                    try:
+                        data = json.loads(body)
+                    except ValueError:
+                        data = None
+                    raise self._error(response.status, data, f"read attachment {name!r}")
+                offset = start if response.status == 206 else 0
+                async for piece in response.aiter_stream():
+                    lo, hi = max(start - offset, 0), min(stop - offset, len(piece))
+                    offset += len(piece)
+                    if lo < hi:
+                        yield piece[lo:hi]
+                    if offset >= stop:
+                        break
+        except _REQUEST_FAILURES as exc:
+            raise Unavailable(
+                f"CouchDB at {db_url}: reading attachment {name!r} of {doc_id!r} failed "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+    async def delete_attachment(self, doc_id: str, rev: str, name: str) -> str:
+        _check_attachment_target(doc_id, rev, name)
+        # pouchdb-server answers 500 for a name the revision lacks: look first.
+        doc = await self._call("GET", _doc_path(doc_id), params={"rev": rev},
+                               action=f"get {doc_id!r}")
+        if name not in (doc.get("_attachments") or {}):
+            raise NotFound(f"revision {rev} of {doc_id!r} has no attachment {name!r}")
+        answer = await self._write(
+            "DELETE", _attachment_path(doc_id, name), params={"rev": rev},
+            action=f"delete attachment {name!r} of {doc_id!r}",
+        )
+        if answer.below_quorum:
+            await self._ensure_quorum([(doc_id, answer.data["rev"])])
+        return answer.data["rev"]
+
+    async def put_replicated(
+        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
+    ) -> None:
+        parsed = parse_doc(doc, new_edits=False)
+        follows = {n: s for n, s in parsed.attachments.items() if isinstance(s, Follows)}
+        if set(streams) != set(follows):
+            raise BadRequest(
+                f"document {parsed.id!r}: streams given for {sorted(streams)}, but the "
+                f"attachments that follow are {sorted(follows)}"
+            )
+        assert parsed.rev is not None
+        diff = await self.revs_diff({parsed.id: [parsed.rev]})
+        stubs = {n: Stub(s.digest, s.revpos) if isinstance(s, Follows) else s
+                 for n, s in parsed.attachments.items()}
+        if not diff or not follows:  # known (its data is not read again), or nothing to send
+            [result] = await self.bulk_docs(
+                [_replicated_doc(attrs.evolve(parsed, attachments=stubs))], new_edits=False
+            )
+            if "error" in result:
+                raise _result_error(result)
+            return
+        [(_, checked)] = await self._complete_replicated_stubs(
+            [(0, attrs.evolve(parsed, attachments={
+                n: s for n, s in parsed.attachments.items() if isinstance(s, Stub)}))]
+        )
+        if isinstance(checked, StoreError):
+            raise checked
+        _, refused = await self._cap_leaves([(0, parsed)])
+        if refused:
+            raise Forbidden(refused[0][2])
+        wire = _wire_doc(attrs.evolve(parsed, attachments={}), with_history=True,
+                         limit=self._history_limit)
+        async with contextlib.AsyncExitStack() as spools:
+            files = {}
+            for name, spec in follows.items():
+                check = StreamCheck(digest=spec.digest, length=spec.length)
+                files[name] = await spools.enter_async_context(_spooled(streams[name], check))
+            # Sent again (from the spool files) while the server answers 202, as
+            # `_write_replicated` does; still below quorum: `Unavailable`.
+            for attempt in range(QUORUM_ATTEMPTS):
+                if attempt:
+                    await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
+                for file in files.values():
+                    await file.seek(0)
+                inline = {name: ({"content_type": spec.content_type, "revpos": spec.revpos,
+                                  "digest": spec.digest, "length": spec.length}, spec.length)
+                          for name, spec in follows.items()}
+                length, body = _streamed_doc_body(
+                    wire, checked.attachments, inline, files, replicated=True
+                )
+                status, data = await self._send_stream(
+                    "POST", "/_bulk_docs", body,
+                    [(b"Content-Type", b"application/json"),
+                     (b"Content-Length", str(length).encode())],
+                )
+                if status >= 400:
+                    raise self._error(status, data, f"write replicated {parsed.id!r}")
+                for entry in data or []:
+                    if "error" in entry:
+                        raise _result_error(_bulk_result(parsed.id, entry))
+                if status != 202:
+                    return
+        raise Unavailable(
+            f"CouchDB at {self._db_url} accepted {parsed.id!r} {parsed.rev} on fewer nodes "
+            f"than its write quorum (HTTP 202), {QUORUM_ATTEMPTS} times; deliver it again"
+        )
+
+    async def _complete_stubs(self, parsed: ParsedDoc) -> ParsedDoc | StoreError:
+        """A doc written here with stubs: each stub completed from the parent revision
+        (pouchdb-server refuses a bare `{"stub": true}`), or the doc's error."""
+        if not parsed.attachments:
+            return parsed
+        parent = {}
+        if parsed.rev is not None:
+            status, data = await self._request(
+                "GET", _doc_path(parsed.id), params={"rev": parsed.rev}
+            )
+            if status == 200 and isinstance(data, dict):
+                parent = data.get("_attachments") or {}
+            elif status != 404:
+                return self._error(status, data, f"get {parsed.id!r}")
+        completed: dict[str, Any] = {}
+        for name, spec in parsed.attachments.items():
+            entry = parent.get(name)
+            if entry is None or (spec.digest is not None and spec.digest != entry["digest"]):
+                return BadRequest(
+                    f"document {parsed.id!r}: missing stub: the revision has no attachment "
+                    f"{name!r}"
+                )
+            completed[name] = entry
+        return attrs.evolve(parsed, attachments=completed)
+
+    async def _complete_replicated_stubs(
+        self, remote: list[tuple[int, ParsedDoc]]
+    ) -> list[tuple[int, ParsedDoc | StoreError]]:
+        """Replicated docs with stubs: each stub must name an attachment (name and digest)
+        a leaf of the same document holds here, as the SQLite store requires (a server may
+        resolve a digest from any document, or keep a stub whose data it lacks); it is sent
+        with that attachment's metadata (pouchdb-server keeps a stub as sent)."""
+        out: list[tuple[int, ParsedDoc | StoreError]] = []
+        leaves_of: dict[str, list[dict[str, Any]]] = {}
+        for i, parsed in remote:
+            if not parsed.attachments:
+                out.append((i, parsed))
+                continue
+            if parsed.id not in leaves_of:
+                status, data = await self._request(
+                    "GET", _doc_path(parsed.id), params={"open_revs": "all"}
+                )
+                if status == 404:
+                    data = []
+                elif status >= 400 or not isinstance(data, list):
+                    out.append((i, self._error(status, data, f"get {parsed.id!r}")))
+                    continue
+                leaves_of[parsed.id] = [
+                    item["ok"].get("_attachments") or {} for item in data if "ok" in item
+                ]
+            completed: dict[str, Any] = {}
+            error: StoreError | None = None
+            for name, spec in parsed.attachments.items():
+                if isinstance(spec, Follows):
+                    error = BadRequest(
+                        f"document {parsed.id!r}: attachment {name!r} follows: its data goes "
+                        "with put_replicated"
+                    )
+                    break
+                held = [a[name] for a in leaves_of[parsed.id]
+                        if name in a and a[name].get("digest") == spec.digest]
+                if not held:
+                    error = BadRequest(
+                        f"document {parsed.id!r}: missing stub: no revision held here has "
+                        f"attachment {name!r} with digest {spec.digest}"
+                    )
+                    break
+                completed[name] = {**held[0], "revpos": spec.revpos or held[0]["revpos"],
+                                   "stub": True}
+            out.append((i, error or attrs.evolve(parsed, attachments=completed)))
+        return out
+
+    async def _send_stream(
+        self,
+        method: str,
+        path: str,
+        content: AsyncIterable[bytes],
+        headers: list[tuple[bytes, bytes]],
+        *,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """Send a streamed body to the node in use (once: a stream cannot be sent again).
+        An exception from `content` (a cut upload, a digest that does not match) aborts the
+        request before its body is complete, so the server writes nothing."""
+        if self._closed:
+            raise StoreError(f"the store on {self._db_url} is closed")
+        db_url, node_headers = self._nodes[self._node]
+        names = {name.lower() for name, _ in headers}
+        all_headers = [h for h in node_headers if h[0].lower() not in names] + headers
+        query = "?" + urlencode(params) if params else ""
+        try:
+            response = await self._pool.request(
+                method, db_url + path + query, headers=all_headers, content=content,
+                extensions={"timeout": _timeouts()},
+            )
+        except _REQUEST_FAILURES as exc:
+            raise Unavailable(
+                f"CouchDB at {db_url} is unreachable ({type(exc).__name__}: {exc})"
+            ) from exc
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            data = None
+        return response.status, data
 
     # -- local documents ------------------------------------------------------------------
 
@@ -883,6 +1223,9 @@ def _wire_doc(
     doc: dict[str, Any] = {"_id": parsed.id, **parsed.body}
     if parsed.rev is not None:
         doc["_rev"] = parsed.rev
+    if parsed.attachments:  # stubs completed with the server's metadata (_complete_stubs)
+        assert all(isinstance(a, dict) for a in parsed.attachments.values())
+        doc["_attachments"] = parsed.attachments
     if parsed.deleted:
         doc["_deleted"] = True
     if with_history:
@@ -937,3 +1280,109 @@ def _bulk_result(doc_id: str, entry: dict[str, Any]) -> dict[str, Any]:
     return _failed(doc_id, error, reason)
 
 
+def _check_attachment_target(doc_id: str, rev: str | None, name: str) -> None:
+    check_doc_id(doc_id)
+    if doc_id.startswith(LOCAL_PREFIX):
+        raise BadRequest(f"local document {doc_id!r} has no attachments")
+    if rev is not None:
+        parse_rev(rev)
+    check_attachment_name(name)
+
+
+def _attachment_path(doc_id: str, name: str) -> str:
+    return _doc_path(doc_id) + "/" + quote(name, safe="")
+
+
+def _timeouts() -> dict[str, float]:
+    return {"connect": CONNECT_TIMEOUT, "read": READ_TIMEOUT, "write": READ_TIMEOUT,
+            "pool": READ_TIMEOUT}
+
+
+@contextlib.asynccontextmanager
+async def _spooled(chunks: AsyncIterable[bytes], check: StreamCheck) -> AsyncIterator[Any]:
+    """`chunks` written to an anonymous temporary file as they come, checked (`check`
+    raises on a digest or length that does not match); the file, rewound. It is gone when
+    the block ends, and on any failure."""
+    file = trio.wrap_file(await trio.to_thread.run_sync(tempfile.TemporaryFile))
+    try:
+        async for piece in rechunk(chunks):
+            check.update(piece)
+            await file.write(piece)
+        check.finish()
+        await file.seek(0)
+        yield file
+    finally:
+        with trio.CancelScope(shield=True):
+            await file.aclose()
+
+
+async def _read_spool(file: Any, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    while piece := await file.read(size):
+        yield piece
+
+
+async def _bounded(response: Any, limit: int) -> AsyncIterator[bytes]:
+    """At most `limit` bytes of a streamed response (an error body)."""
+    seen = 0
+    async for piece in response.aiter_stream():
+        yield piece[: limit - seen]
+        seen += len(piece)
+        if seen >= limit:
+            break
+
+
+_BASE64_PIECE = 3 * 87_381  # bytes: a multiple of 3 near 256 KiB, so pieces encode apart
+
+
+def _streamed_doc_body(
+    wire: dict[str, Any],
+    stubs: Mapping[str, Any],
+    inline: Mapping[str, tuple[dict[str, Any], int]],
+    files: Mapping[str, Any],
+    *,
+    replicated: bool,
+) -> tuple[int, AsyncIterator[bytes]]:
+    """A document with the data of its `inline` attachments ({name: (metadata, length)},
+    read from their checked spool files) as base64, generated as it is sent, and the body's
+    length, known beforehand (a body with a Content-Length passes every proxy). Replicated:
+    as `{"new_edits": false, "docs": [doc]}` for `_bulk_docs`; else the doc alone."""
+    doc = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+    head = '{"new_edits":false,"docs":[' if replicated else ""
+    parts: list[bytes | str] = [(head + doc[:-1] + ',"_attachments":{').encode()]
+    entries = [json.dumps(name) + ":" + json.dumps(stub, separators=(",", ":"))
+               for name, stub in stubs.items()]
+    parts.append(",".join(entries).encode())
+    for i, (name, (meta, _)) in enumerate(inline.items()):
+        opening = json.dumps(meta, separators=(",", ":"))[:-1] + ',"data":"'
+        separator = "," if entries or i else ""
+        parts.extend([(separator + json.dumps(name) + ":" + opening).encode(), name, b'"}'])
+    parts.append(b"}}]}" if replicated else b"}}")
+    length = sum(len(p) if isinstance(p, bytes) else 4 * -(-inline[p][1] // 3) for p in parts)
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            if isinstance(part, bytes):
+                yield part
+            else:
+                async for piece in _read_spool(files[part], _BASE64_PIECE):
+                    yield base64.b64encode(piece)
+
+    return length, body()
+
+
+def _replicated_doc(parsed: ParsedDoc) -> Doc:
+    """A parsed replicated doc back as a document for `bulk_docs(new_edits=False)`."""
+    assert parsed.path is not None
+    doc = _wire_doc(attrs.evolve(parsed, attachments={}), with_history=True)
+    if parsed.attachments:
+        doc["_attachments"] = {
+            name: {"stub": True, "digest": spec.digest, "revpos": spec.revpos}
+            for name, spec in parsed.attachments.items()
+        }
+    return doc
+
+
+def _result_error(result: dict[str, Any]) -> StoreError:
+    kinds = {"bad_request": BadRequest, "not_found": NotFound, "conflict": Conflict,
+             "forbidden": Forbidden}
+    return kinds.get(result["error"], StoreError)(result["reason"])

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
+from plugshare.store.attachments import parse_attachments
 from plugshare.store.base import LOCAL_PREFIX, RESERVED_FIELDS, BadRequest, Forbidden
 
 DEFAULT_REVS_LIMIT = 1000
@@ -157,6 +158,8 @@ class ParsedDoc:
     deleted: bool
     body: dict[str, Any]  # the fields without `_` prefix; empty for a tombstone
     path: tuple[str, ...] | None  # replicated: the revision and its ancestors, newest first
+    # `_attachments` as sent (attachments.Stub / Follows; a store adds its own staged kinds)
+    attachments: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def is_local(self) -> bool:
@@ -197,6 +200,11 @@ def parse_doc(doc: object, *, new_edits: bool = True) -> ParsedDoc:
     if type(deleted) is not bool:
         raise BadRequest(f"document {doc_id!r}: _deleted must be true or false, not {deleted!r}")
     rev = doc.get("_rev")
+    attachments: dict[str, Any] = {}
+    if "_attachments" in doc:
+        if doc_id.startswith(LOCAL_PREFIX):
+            raise BadRequest(f"document {doc_id!r}: local documents have no attachments")
+        attachments = parse_attachments(doc_id, doc["_attachments"], new_edits=new_edits)
     if doc_id.startswith(LOCAL_PREFIX):
         if not new_edits:
             raise BadRequest(f"document {doc_id!r}: local documents are never replicated")
@@ -213,7 +221,7 @@ def parse_doc(doc: object, *, new_edits: bool = True) -> ParsedDoc:
             parse_rev(rev)
     except BadRequest as exc:
         raise BadRequest(f"document {doc_id!r}: {exc.reason}") from None
-    return ParsedDoc(doc_id, rev, deleted, body, None if new_edits else path)
+    return ParsedDoc(doc_id, rev, deleted, body, None if new_edits else path, attachments)
 
 
 def check_local_id(local_id: object) -> str:

@@ -6,6 +6,13 @@ the tree. The row's `seq` (its rowid) is the document's latest change, so the ch
 a range scan. Non-leaf bodies are not kept (like CouchDB after compaction). Local documents
 live in `local_docs`, outside the feed.
 
+Attachments: a leaf body's `_attachments` entries hold their metadata and the id of their
+*content*, whose data lives in content-addressed chunks outside the JSON rows
+(`plugshare/store/chunks.py`: deduplication and garbage collection). An upload streams into
+a new content in transactions of `UPLOAD_BATCH` chunks, then one write transaction makes the
+revision that references it: a cut upload leaves the document as it was, and its chunks are
+collected at once (or by `compact` when the process died first).
+
 Concurrency: one connection, used by one worker thread at a time (a capacity limiter of 1),
 so every SQLite call runs off the trio thread and writes are serialised. The file is opened in
 WAL mode with `synchronous=FULL` (a write is on disk when the call returns) and an exclusive
@@ -18,14 +25,26 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import msgpack
 import trio
 
-from plugshare.store import revtree
+from plugshare.store import chunks, revtree
+from plugshare.store.attachments import (
+    AttachmentMeta,
+    Follows,
+    StreamCheck,
+    Stub,
+    check_attachment_name,
+    check_content_type,
+    check_range,
+    rechunk,
+)
 from plugshare.store.base import (
     LOCAL_PREFIX,
     MAX_LEAVES,
@@ -47,7 +66,8 @@ from plugshare.store.revtree import ParsedDoc, RevTree
 T = TypeVar("T")
 
 APPLICATION_ID = 0x706C7368  # "plsh": marks the file as a plugshare store
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: attachment chunk tables (a version 1 file gets them when opened)
+UPLOAD_BATCH = 16  # chunks written per transaction while an attachment streams in (4 MiB)
 _SQL_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's variable limit
 
 _SCHEMA = """
@@ -65,6 +85,17 @@ CREATE TABLE local_docs (
     body    TEXT NOT NULL
 );
 """
+
+
+@attrs.frozen
+class _Staged:
+    """Attachment data streamed into a content, waiting for the revision that uses it."""
+
+    content: int
+    content_type: str
+    length: int
+    digest: str
+    revpos: int | None  # replicated: the revpos sent; None: the new revision's generation
 
 
 class _Record:
@@ -106,9 +137,37 @@ def _document(doc_id: str, rev: str, stored: str | None) -> Doc:
         body = json.loads(stored[1:] if deleted else stored)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"the stored body of {doc_id!r} {rev} is corrupt: {exc}") from exc
+    attachments = body.get("_attachments")
+    if attachments is not None:
+        body["_attachments"] = {
+            name: {key: value for key, value in entry.items() if key != "content"}
+            | {"stub": True}
+            for name, entry in attachments.items()
+        }
     if deleted:
         return {"_id": doc_id, "_rev": rev, "_deleted": True, **body}
     return {"_id": doc_id, "_rev": rev, **body}
+
+
+def _has_attachments(stored: str | None) -> bool:
+    """Whether a stored body may have attachments (a quick test, no parsing: a user field
+    cannot be named `_attachments`, but a value may hold the text)."""
+    return stored is not None and '"_attachments"' in stored
+
+
+def _stored_attachments(stored: str | None) -> dict[str, dict[str, Any]]:
+    """The `_attachments` of a stored leaf body, as stored (with their content ids)."""
+    if not _has_attachments(stored):
+        return {}
+    body = json.loads(stored[1:] if stored.startswith(_TOMBSTONE) else stored)
+    return body.get("_attachments") or {}
+
+
+def _rev_body(body: dict[str, Any], attachments: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What a revision id is computed over: the body, and the digest of each attachment."""
+    if not attachments:
+        return body
+    return {**body, "_attachments": {name: a["digest"] for name, a in attachments.items()}}
 
 
 def _parse_seq(since: object) -> int:
@@ -133,6 +192,7 @@ class SQLiteStore(Store):
         self._seq = update_seq  # last committed seq; advanced by the worker after COMMIT
         self._notified_seq = update_seq
         self._changed = trio.Event()  # set (and replaced) when the feed grows
+        self._in_use: Counter[int] = Counter()  # contents being written or read: kept by GC
 
     @classmethod
     async def open(
@@ -309,29 +369,86 @@ class SQLiteStore(Store):
                 f"revision {doc.rev} of {doc.id!r} is not current (the winner is "
                 f"{tree.winner().rev})"
             )
-        rev = revtree.compute_rev(parent, doc.deleted, doc.body)
+        generation = 1 if parent is None else revtree.parse_rev(parent)[0] + 1
+        attachments = self._resolve_attachments(
+            doc, generation, _stored_attachments(record.bodies.get(parent)) if parent else {}
+        )
+        body = {**doc.body, "_attachments": attachments} if attachments else doc.body
+        rev = revtree.compute_rev(parent, doc.deleted, _rev_body(doc.body, attachments))
         tree.add_child(parent, rev, doc.deleted)
-        record.bodies[rev] = _stored_body(doc.body, doc.deleted)
+        record.bodies[rev] = _stored_body(body, doc.deleted)
         return rev
+
+    def _resolve_attachments(
+        self, doc: ParsedDoc, generation: int, known: dict[str, dict[str, Any]],
+        *, replicated: bool = False,
+    ) -> dict[str, dict[str, Any]]:
+        """The stored `_attachments` of a new revision of generation `generation`: a stub
+        takes the entry of that name in `known` (the parent's; replicated: any leaf's with
+        the same digest), staged data makes a new entry."""
+        resolved = {}
+        for name, spec in doc.attachments.items():
+            if isinstance(spec, _Staged):
+                resolved[name] = {
+                    "content_type": spec.content_type, "length": spec.length,
+                    "digest": spec.digest, "revpos": spec.revpos or generation,
+                    "content": spec.content,
+                }
+            elif isinstance(spec, Stub):
+                entry = known.get(name)
+                if entry is None or (spec.digest is not None and spec.digest != entry["digest"]):
+                    where = "any revision this store holds" if replicated else "the revision"
+                    raise BadRequest(
+                        f"document {doc.id!r}: missing stub: {where} has no attachment "
+                        f"{name!r}" + (f" with digest {spec.digest}" if spec.digest else "")
+                    )
+                resolved[name] = dict(entry)
+                if replicated and spec.revpos is not None:
+                    resolved[name]["revpos"] = spec.revpos
+            else:
+                assert isinstance(spec, Follows)
+                raise BadRequest(
+                    f"document {doc.id!r}: attachment {name!r} follows: its data goes with "
+                    "put_replicated"
+                )
+        return resolved
 
     def _merge(self, record: _Record, doc: ParsedDoc) -> tuple[str, bool]:
         """Insert a replicated revision with its history; a known one changes nothing. One that
         would give the doc more than `MAX_LEAVES` leaves is refused (`Forbidden`)."""
         assert doc.path is not None and doc.rev is not None
         known = doc.rev in record.tree
+        body = doc.body
+        if not known and doc.attachments:  # resolved before the tree changes: may refuse
+            held: dict[str, dict[str, Any]] = {}
+            for stored in record.bodies.values():
+                for name, entry in _stored_attachments(stored).items():
+                    spec = doc.attachments.get(name)
+                    if isinstance(spec, Stub) and spec.digest == entry["digest"]:
+                        held[name] = entry
+            generation = revtree.parse_rev(doc.rev)[0]
+            attachments = self._resolve_attachments(doc, generation, held, replicated=True)
+            body = {**doc.body, "_attachments": attachments}
         if not record.tree.merge(doc.path, doc.deleted, max_leaves=MAX_LEAVES):
             return doc.rev, False
         if not known:
-            record.bodies[doc.rev] = _stored_body(doc.body, doc.deleted)
+            record.bodies[doc.rev] = _stored_body(body, doc.deleted)
         return doc.rev, True
 
     def _save(self, conn: sqlite3.Connection, records: list[tuple[str, _Record]]) -> int:
         """Write the records, each with a new seq; return the last one."""
         rows = []
         seq = self._seq
+        dropped: set[int] = set()
         for doc_id, record in records:
             leaves = record.tree.leaves()
             bodies = {leaf.rev: record.bodies.get(leaf.rev) for leaf in leaves}
+            # `record.bodies` still holds the leaves this write replaced: a doc that had no
+            # attachment before and has none now needs no bookkeeping (the common write).
+            if any(_has_attachments(stored) for stored in record.bodies.values()):
+                contents = {entry["content"] for stored in bodies.values()
+                            for entry in _stored_attachments(stored).values()}
+                dropped |= chunks.set_doc_contents(conn, doc_id, contents)
             seq += 1
             rows.append((
                 seq,
@@ -346,6 +463,7 @@ class SQLiteStore(Store):
             "VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
+        chunks.collect(conn, dropped, self._in_use)  # the data no leaf references anymore
         return seq
 
     def _write_docs(
@@ -357,11 +475,13 @@ class SQLiteStore(Store):
     # -- documents (Store API) -------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        def count(conn: sqlite3.Connection) -> int:
-            return conn.execute("SELECT count(*) FROM docs WHERE deleted = 0").fetchone()[0]
+        def count(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+            docs = conn.execute("SELECT count(*) FROM docs WHERE deleted = 0").fetchone()[0]
+            return docs, chunks.usage(conn)
 
-        doc_count = await self._run(count)
-        return {"backend": self.backend, "doc_count": doc_count, "update_seq": self._seq}
+        doc_count, usage = await self._run(count)
+        return {"backend": self.backend, "doc_count": doc_count, "update_seq": self._seq,
+                **usage}
 
     async def put(self, doc: Doc) -> str:
         parsed = revtree.parse_doc(doc)
@@ -426,7 +546,236 @@ class SQLiteStore(Store):
         return await self._run(read)
 
     async def compact(self) -> None:
-        """Nothing to do: only leaf bodies are ever kept."""
+        """Only leaf bodies are ever kept; this collects attachment data no leaf references
+        (uploads cut when the process died, data that was being read when dropped)."""
+        await self._run(self._write, chunks.sweep, self._in_use)
+
+    # -- attachments (Store API) -----------------------------------------------------------
+
+    async def put_attachment(
+        self,
+        doc_id: str,
+        rev: str | None,
+        name: str,
+        content_type: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        digest: str | None = None,
+        length: int | None = None,
+    ) -> str:
+        _check_attachment_target(doc_id, rev, name)
+        check_content_type(content_type)
+        check = StreamCheck(digest=digest, length=length)
+        await self._run(self._check_leaf, doc_id, rev)  # a stale rev fails before any upload
+        staged = await self._stage(chunks, check, content_type, None)
+
+        def write(conn: sqlite3.Connection) -> list[str | StoreError]:
+            body, attachments = self._leaf_parts(conn, doc_id, rev)
+            specs: dict[str, Any] = {n: Stub(a["digest"], None) for n, a in attachments.items()}
+            specs[name] = staged
+            parsed = ParsedDoc(doc_id, rev, False, body, None, specs)
+            return self._write_docs(conn, [parsed], True)
+
+        return await self._commit_staged(write, [staged])
+
+    async def delete_attachment(self, doc_id: str, rev: str, name: str) -> str:
+        _check_attachment_target(doc_id, rev, name)
+
+        def write(conn: sqlite3.Connection) -> list[str | StoreError]:
+            body, attachments = self._leaf_parts(conn, doc_id, rev)
+            if name not in attachments:
+                raise NotFound(f"revision {rev} of {doc_id!r} has no attachment {name!r}")
+            specs = {n: Stub(a["digest"], None) for n, a in attachments.items() if n != name}
+            return self._write_docs(conn, [ParsedDoc(doc_id, rev, False, body, None, specs)],
+                                    True)
+
+        [result] = await self._run(write)
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def put_replicated(
+        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
+    ) -> None:
+        parsed = revtree.parse_doc(doc, new_edits=False)
+        follows = {n: s for n, s in parsed.attachments.items() if isinstance(s, Follows)}
+        if set(streams) != set(follows):
+            raise BadRequest(
+                f"document {parsed.id!r}: streams given for {sorted(streams)}, but the "
+                f"attachments that follow are {sorted(follows)}"
+            )
+
+        def known(conn: sqlite3.Connection) -> bool:
+            record = self._load_records(conn, [parsed.id]).get(parsed.id)
+            return record is not None and parsed.rev in record.tree
+
+        staged: list[_Staged] = []
+        specs = dict(parsed.attachments)
+        if not await self._run(known):  # a known revision's data is not read again
+            try:
+                for name, spec in follows.items():
+                    check = StreamCheck(digest=spec.digest, length=spec.length)
+                    specs[name] = await self._stage(
+                        streams[name], check, spec.content_type, spec.revpos
+                    )
+                    staged.append(specs[name])
+            except BaseException:
+                await self._release(staged, collect=True)
+                raise
+        else:
+            specs = {n: Stub(s.digest, s.revpos) for n, s in specs.items()}
+        replicated = attrs.evolve(parsed, attachments=specs)
+
+        def write(conn: sqlite3.Connection) -> list[str | StoreError]:
+            return self._write_docs(conn, [replicated], False)
+
+        await self._commit_staged(write, staged)
+
+    async def open_attachment(
+        self,
+        doc_id: str,
+        name: str,
+        *,
+        rev: str | None = None,
+        range: tuple[int, int] | None = None,
+    ) -> tuple[AttachmentMeta, AsyncIterator[bytes]]:
+        revtree.check_doc_id(doc_id)
+        check_attachment_name(name)
+        if rev is not None:
+            revtree.parse_rev(rev)
+
+        def read(conn: sqlite3.Connection) -> tuple[AttachmentMeta, int, int]:
+            row = conn.execute(
+                "SELECT deleted, leaves, bodies FROM docs WHERE id = ?", (doc_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"document {doc_id!r} does not exist")
+            deleted, leaves, raw_bodies = row
+            bodies = self._bodies(doc_id, raw_bodies)
+            wanted = rev
+            if wanted is None:
+                if deleted:
+                    raise NotFound(f"document {doc_id!r} is deleted")
+                wanted = leaves.partition(" ")[0]
+            if wanted not in bodies:
+                raise NotFound(f"revision {wanted} of {doc_id!r} is not available")
+            entry = _stored_attachments(bodies[wanted]).get(name)
+            if entry is None:
+                raise NotFound(f"revision {wanted} of {doc_id!r} has no attachment {name!r}")
+            chunk_size = chunks.chunk_size_of(conn, entry["content"])
+            if chunk_size is None:
+                raise StoreError(f"the data of attachment {name!r} of {doc_id!r} is missing")
+            meta = AttachmentMeta(name, entry["content_type"], entry["length"],
+                                  entry["digest"], entry["revpos"])
+            return meta, entry["content"], chunk_size
+
+        meta, content, chunk_size = await self._run(read)
+        start, stop = check_range(range, meta.length)
+        return meta, self._read_content(doc_id, name, content, chunk_size, start, stop)
+
+    async def _read_content(
+        self, doc_id: str, name: str, content: int, chunk_size: int, start: int, stop: int
+    ) -> AsyncIterator[bytes]:
+        """Bytes `start` to `stop` of a content, a chunk at a time. The content is kept from
+        garbage collection while this runs; one collected before the first chunk (the
+        attachment was removed meanwhile) is `NotFound`."""
+        self._in_use[content] += 1
+        try:
+            for index in range(start // chunk_size, (stop - 1) // chunk_size + 1 if stop else 0):
+                data = await self._run(chunks.read_chunk, content, index)
+                if data is None:
+                    raise NotFound(f"attachment {name!r} of {doc_id!r} was removed while read")
+                offset = index * chunk_size
+                yield data[max(start - offset, 0) : stop - offset]
+        finally:
+            self._in_use[content] -= 1
+            if not self._in_use[content]:
+                del self._in_use[content]
+
+    def _check_leaf(self, conn: sqlite3.Connection, doc_id: str, rev: str | None) -> None:
+        """Fail now, as the write would, when `rev` is not a leaf to write on."""
+        record = self._load_records(conn, [doc_id]).get(doc_id)
+        if record is None:
+            if rev is not None:
+                raise Conflict(f"document {doc_id!r} has no revision {rev}")
+            return
+        if rev is None:
+            winner = record.tree.winner()
+            if not winner.deleted:
+                raise Conflict(
+                    f"document {doc_id!r} exists: pass its current _rev ({winner.rev}) to update"
+                )
+        elif not record.tree.is_leaf(rev):
+            raise Conflict(f"revision {rev} of {doc_id!r} is not current")
+
+    def _leaf_parts(
+        self, conn: sqlite3.Connection, doc_id: str, rev: str | None
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The body (no `_` fields) and stored attachments of leaf `rev` to write on; for
+        `rev` None (a new or deleted doc: a new document) none."""
+        self._check_leaf(conn, doc_id, rev)
+        if rev is None:
+            return {}, {}
+        stored = self._load_records(conn, [doc_id])[doc_id].bodies.get(rev)
+        if _is_tombstone(stored):
+            raise Conflict(f"revision {rev} of {doc_id!r} is deleted")
+        document = _document(doc_id, rev, stored)
+        body = {k: v for k, v in document.items() if not k.startswith("_")}
+        return body, _stored_attachments(stored)
+
+    async def _stage(
+        self, data: AsyncIterable[bytes], check: StreamCheck, content_type: str,
+        revpos: int | None,
+    ) -> _Staged:
+        """Stream `data` into a new content, `UPLOAD_BATCH` chunks per transaction. The
+        content stays in use (kept from GC) until `_release`; on failure it is removed."""
+        content = await self._run(self._write, chunks.new_content)
+        self._in_use[content] += 1
+        staged = None
+        try:
+            batch: list[bytes] = []
+            index = 0
+            async for piece in rechunk(data):
+                check.update(piece)
+                batch.append(piece)
+                if len(batch) == UPLOAD_BATCH:
+                    await self._run(self._write, chunks.add_chunks, content, index, batch)
+                    index, batch = index + len(batch), []
+            if batch:
+                await self._run(self._write, chunks.add_chunks, content, index, batch)
+            digest = check.finish()
+            await self._run(self._write, chunks.finish_content, content, check.length, digest)
+            staged = _Staged(content, content_type, check.length, digest, revpos)
+        finally:
+            if staged is None:
+                await self._release([_Staged(content, content_type, 0, "", None)], collect=True)
+        return staged
+
+    async def _commit_staged(
+        self, write: Callable[[sqlite3.Connection], list[str | StoreError]],
+        staged: list[_Staged],
+    ) -> Any:
+        """Run the write that references `staged` contents, then release them, removing
+        those it did not come to reference (it failed, or the replicated revision was
+        delivered meanwhile by another call: a no-op)."""
+        try:
+            [result] = await self._run(write)
+        finally:
+            await self._release(staged, collect=True)
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    async def _release(self, staged: list[_Staged], *, collect: bool) -> None:
+        for item in staged:
+            self._in_use[item.content] -= 1
+            if not self._in_use[item.content]:
+                del self._in_use[item.content]
+        if collect and staged and self._conn is not None:
+            with trio.CancelScope(shield=True):  # also after a cancel: no orphan left
+                await self._run(
+                    self._write, chunks.collect, [item.content for item in staged], self._in_use
+                )
 
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:
@@ -593,6 +942,15 @@ class SQLiteStore(Store):
         return f"0-{_put_local(conn, local_id, doc.body)}"
 
 
+def _check_attachment_target(doc_id: str, rev: str | None, name: str) -> None:
+    revtree.check_doc_id(doc_id)
+    if doc_id.startswith(LOCAL_PREFIX):
+        raise BadRequest(f"local document {doc_id!r} has no attachments")
+    if rev is not None:
+        revtree.parse_rev(rev)
+    check_attachment_name(name)
+
+
 def _put_local(conn: sqlite3.Connection, local_id: str, body: dict[str, Any]) -> int:
     (version,) = conn.execute(
         "INSERT INTO local_docs (id, version, body) VALUES (?, 1, ?) "
@@ -672,7 +1030,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
     new = application_id == 0 and version == 0 and tables == 0
     if not new and application_id != APPLICATION_ID:  # checked before anything is changed
         raise StoreError(f"cannot open store {path}: it is an SQLite file of another program")
-    if not new and version != SCHEMA_VERSION:
+    if not new and version not in (1, SCHEMA_VERSION):
         raise StoreError(
             f"cannot open store {path}: schema version {version}, this program reads "
             f"version {SCHEMA_VERSION}"
@@ -689,6 +1047,8 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if new or version == 1:
+            chunks.create_tables(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if owner is not None:
             _claim(conn, path, owner)

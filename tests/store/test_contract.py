@@ -614,7 +614,9 @@ BAD_DOCS = [
     pytest.param({"_id": 7}, id="int-id"),
     pytest.param({"_id": "_secret"}, id="underscore-id"),
     pytest.param({"_id": "a", "_unknown": 1}, id="unknown-field"),
-    pytest.param({"_id": "a", "_attachments": {}}, id="attachments"),
+    pytest.param({"_id": "a", "_attachments": ["not", "an", "object"]}, id="attachments"),
+    pytest.param({"_id": "a", "_attachments": {"a/b": {"stub": True}}}, id="attachment-name"),
+    pytest.param({"_id": "a", "_attachments": {"x": {"stub": True}}}, id="stub-of-nothing"),
 ]
 
 BAD_REPLICATED = [

@@ -1,0 +1,172 @@
+"""Attachment data in the embedded store: content-addressed chunks in SQLite tables.
+
+A *content* is one attachment's data: its length, its md5 digest and the list of its chunks,
+each `CHUNK_SIZE` bytes (the last one shorter). A *chunk* is stored once, keyed by the
+SHA-256 of its bytes, however many contents (of however many documents and revisions) hold
+it. Documents reference contents from their leaf bodies (`_attachments[name]["content"]`);
+`doc_contents` lists which contents each document's leaves reference, so a content no leaf
+references anymore is found without reading any document.
+
+Garbage collection:
+- on the write that drops a document's last leaf reference to a content, in the same
+  transaction (`set_doc_contents` returns what a doc dropped, `collect` removes those no
+  other document references, then their chunks no other content holds);
+- on `compact` (`sweep`): every content no document references (an upload that was cut with
+  the process killed before it could clean up after itself, or one being read when its last
+  reference went), and the chunks only they held.
+Contents being written or read (`in_use`) are never collected.
+
+Every function runs inside the caller's transaction, on the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Collection, Iterable
+
+from plugshare.store.attachments import CHUNK_SIZE
+
+SCHEMA = """
+CREATE TABLE chunks (
+    id      INTEGER PRIMARY KEY,
+    hash    BLOB NOT NULL UNIQUE,     -- SHA-256 of data
+    data    BLOB NOT NULL
+);
+CREATE TABLE contents (
+    id          INTEGER PRIMARY KEY,
+    length      INTEGER,              -- NULL while its upload is under way
+    digest      TEXT,                 -- "md5-<base64>", NULL while under way
+    chunk_size  INTEGER NOT NULL
+);
+CREATE TABLE content_chunks (
+    content INTEGER NOT NULL,
+    idx     INTEGER NOT NULL,         -- the chunk's position in the content
+    chunk   INTEGER NOT NULL,
+    PRIMARY KEY (content, idx)
+) WITHOUT ROWID;
+CREATE INDEX content_chunks_by_chunk ON content_chunks (chunk);
+CREATE TABLE doc_contents (
+    doc     TEXT NOT NULL,
+    content INTEGER NOT NULL,
+    PRIMARY KEY (doc, content)
+) WITHOUT ROWID;
+CREATE INDEX doc_contents_by_content ON doc_contents (content);
+"""
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def new_content(conn: sqlite3.Connection) -> int:
+    """A content to upload into (unfinished: no length or digest yet)."""
+    return conn.execute(
+        "INSERT INTO contents (chunk_size) VALUES (?) RETURNING id", (CHUNK_SIZE,)
+    ).fetchone()[0]
+
+
+def add_chunks(conn: sqlite3.Connection, content: int, first: int, pieces: list[bytes]) -> None:
+    """Append `pieces` to `content` as its chunks `first`, `first + 1`...; a chunk already
+    stored (by any content) is referenced, not stored again."""
+    for index, piece in enumerate(pieces, first):
+        digest = hashlib.sha256(piece).digest()
+        conn.execute(
+            "INSERT INTO chunks (hash, data) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
+            (digest, piece),
+        )
+        conn.execute(
+            "INSERT INTO content_chunks (content, idx, chunk) "
+            "SELECT ?, ?, id FROM chunks WHERE hash = ?",
+            (content, index, digest),
+        )
+
+
+def finish_content(conn: sqlite3.Connection, content: int, length: int, digest: str) -> None:
+    conn.execute(
+        "UPDATE contents SET length = ?, digest = ? WHERE id = ?", (length, digest, content)
+    )
+
+
+def content_exists(conn: sqlite3.Connection, content: int) -> bool:
+    row = conn.execute("SELECT 1 FROM contents WHERE id = ?", (content,)).fetchone()
+    return row is not None
+
+
+def chunk_size_of(conn: sqlite3.Connection, content: int) -> int | None:
+    row = conn.execute("SELECT chunk_size FROM contents WHERE id = ?", (content,)).fetchone()
+    return None if row is None else row[0]
+
+
+def read_chunk(conn: sqlite3.Connection, content: int, index: int) -> bytes | None:
+    row = conn.execute(
+        "SELECT data FROM content_chunks JOIN chunks ON chunks.id = content_chunks.chunk "
+        "WHERE content = ? AND idx = ?",
+        (content, index),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def set_doc_contents(conn: sqlite3.Connection, doc_id: str, contents: set[int]) -> set[int]:
+    """Record the contents `doc_id`'s leaves reference; return those it referenced before
+    and no longer does."""
+    before = {row[0] for row in conn.execute(
+        "SELECT content FROM doc_contents WHERE doc = ?", (doc_id,)
+    )}
+    dropped = before - contents
+    conn.executemany(
+        "DELETE FROM doc_contents WHERE doc = ? AND content = ?",
+        ((doc_id, content) for content in dropped),
+    )
+    conn.executemany(
+        "INSERT INTO doc_contents (doc, content) VALUES (?, ?)",
+        ((doc_id, content) for content in contents - before),
+    )
+    return dropped
+
+
+def collect(conn: sqlite3.Connection, candidates: Iterable[int], in_use: Collection[int]) -> int:
+    """Remove the candidate contents no document references and nobody is using, and the
+    chunks no other content holds; return how many contents went."""
+    removed = 0
+    for content in candidates:
+        if content in in_use:
+            continue
+        referenced = conn.execute(
+            "SELECT 1 FROM doc_contents WHERE content = ? LIMIT 1", (content,)
+        ).fetchone()
+        if referenced is not None:
+            continue
+        chunk_ids = [row[0] for row in conn.execute(
+            "SELECT DISTINCT chunk FROM content_chunks WHERE content = ?", (content,)
+        )]
+        conn.execute("DELETE FROM content_chunks WHERE content = ?", (content,))
+        conn.execute("DELETE FROM contents WHERE id = ?", (content,))
+        conn.executemany(
+            "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
+            "(SELECT 1 FROM content_chunks WHERE chunk = ?1)",
+            ((chunk,) for chunk in chunk_ids),
+        )
+        removed += 1
+    return removed
+
+
+def sweep(conn: sqlite3.Connection, in_use: Collection[int]) -> int:
+    """`collect` every content no document references (compaction)."""
+    orphans = [row[0] for row in conn.execute(
+        "SELECT id FROM contents WHERE NOT EXISTS "
+        "(SELECT 1 FROM doc_contents WHERE content = contents.id)"
+    )]
+    return collect(conn, orphans, in_use)
+
+
+def usage(conn: sqlite3.Connection) -> dict[str, int]:
+    """How much attachment data is stored: distinct chunks, their bytes, contents."""
+    chunks, size = conn.execute(
+        "SELECT count(*), coalesce(sum(length(data)), 0) FROM chunks"
+    ).fetchone()
+    (contents,) = conn.execute("SELECT count(*) FROM contents").fetchone()
+    return {"attachment_chunks": chunks, "attachment_bytes": size,
+            "attachment_contents": contents}
