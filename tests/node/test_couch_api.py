@@ -277,3 +277,96 @@ def test_a_write_through_couch_reaches_a_peer_through_its_share(tmp_path):
     finally:
         cluster.close()
         print(cluster.logs())
+
+
+# -- 4. documents ---------------------------------------------------------------------------
+
+
+def test_document_crud_with_revs_etags_and_conflicts(alice):
+    with couch(alice) as owner:
+        made = owner.put("/crud.notes/d1", json={"title": "one"})
+        assert made.status_code == 201, made.text
+        rev1 = made.json()["rev"]
+        assert made.json() == {"ok": True, "id": "d1", "rev": rev1}
+        doc = owner.get("/crud.notes/d1")
+        assert doc.json() == {"_id": "d1", "_rev": rev1, "title": "one",
+                              "doctype": "crud.notes"}
+        assert doc.headers["etag"] == f'"{rev1}"'
+        head = owner.head("/crud.notes/d1")
+        assert head.status_code == 200 and head.headers["etag"] == f'"{rev1}"'
+
+        stale = owner.put("/crud.notes/d1", json={"title": "again"})
+        assert stale.status_code == 409 and stale.json() == {
+            "error": "conflict", "reason": "Document update conflict."}
+        rev2 = owner.put("/crud.notes/d1", json={"title": "two"},
+                         headers={"If-Match": f'"{rev1}"'}).json()["rev"]
+        assert owner.put("/crud.notes/d1", json={"title": "x"},
+                         headers={"If-Match": f'"{rev1}"'}).status_code == 409
+        differ = owner.put("/crud.notes/d1", params={"rev": rev2},
+                           json={"_rev": rev1, "title": "x"})
+        assert differ.status_code == 400 and differ.json()["error"] == "bad_request"
+        rev3 = owner.put("/crud.notes/d1", params={"rev": rev2},
+                         json={"title": "three"}).json()["rev"]
+
+        revs = owner.get("/crud.notes/d1", params={"revs": "true", "revs_info": "true"}).json()
+        assert revs["_revisions"]["start"] == 3 and len(revs["_revisions"]["ids"]) == 3
+        assert revs["_revs_info"][0] == {"rev": rev3, "status": "available"}
+        assert owner.get("/crud.notes/d1", params={"rev": rev3}).json()["title"] == "three"
+
+        # a conflict made by a replicator, then read as CouchDB shows it
+        owner.put("/crud.notes/d1", params={"new_edits": "false"}, json={
+            "_rev": rev(3, "f"), "title": "branch",
+            "_revisions": {"start": 3, "ids": ["f" * 32, rev2.split("-")[1],
+                                               rev1.split("-")[1]]}})
+        loser = min(rev3, rev(3, "f"))
+        conflicted = owner.get("/crud.notes/d1", params={"conflicts": "true"}).json()
+        assert conflicted["_conflicts"] == [loser]
+        both = owner.get("/crud.notes/d1", params={"open_revs": "all"},
+                         headers={"Accept": "application/json"}).json()
+        assert sorted(entry["ok"]["_rev"] for entry in both) == sorted([rev3, rev(3, "f")])
+        asked = owner.get("/crud.notes/d1", headers={"Accept": "application/json"}, params={
+            "open_revs": json.dumps([rev3, rev(7, "e")]), "latest": "true"}).json()
+        assert asked[0]["ok"]["_revisions"]["start"] == 3
+        assert asked[1] == {"missing": rev(7, "e")}
+        multipart = owner.get("/crud.notes/d1", params={"open_revs": "all"})
+        assert multipart.headers["content-type"].startswith("multipart/mixed")
+
+        deleted = owner.delete("/crud.notes/d1", params={"rev": loser})
+        assert deleted.status_code == 200 and deleted.json()["ok"] is True
+        winner = owner.get("/crud.notes/d1").json()
+        assert winner["_rev"] == max(rev3, rev(3, "f"))
+        owner.delete("/crud.notes/d1", headers={"If-Match": f'"{winner["_rev"]}"'})
+        gone = owner.get("/crud.notes/d1")
+        assert gone.status_code == 404 and gone.json() == {"error": "not_found",
+                                                           "reason": "missing"}
+
+        posted = owner.post("/crud.notes", json={"title": "new id"})
+        assert posted.status_code == 201 and posted.json()["id"]
+        typed = owner.put("/crud.notes/d2", json={"doctype": "other.kind"})
+        assert typed.status_code == 403 and typed.json()["error"] == "forbidden"
+
+
+def test_all_docs_ranges_keys_and_an_apps_view(alice):
+    app = add_app(alice, "all-app", "all.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/all.notes/_bulk_docs", json={"docs": [
+            {"_id": i, "tag": "work" if i != "c" else "home"} for i in "abcde"]})
+        ids = lambda answer: [row["id"] for row in answer["rows"]]  # noqa: E731
+        everything = owner.get("/all.notes/_all_docs").json()
+        assert ids(everything) == list("abcde") and everything["total_rows"] == 5
+        assert everything["rows"][0]["value"]["rev"].startswith("1-")
+        assert ids(reader.get("/all.notes/_all_docs").json()) == list("abde")
+        ranged = owner.get("/all.notes/_all_docs", params={
+            "startkey": '"b"', "endkey": '"d"', "inclusive_end": "false"}).json()
+        assert ids(ranged) == ["b", "c"]
+        assert ids(owner.get("/all.notes/_all_docs", params={
+            "start_key": '"d"', "descending": "true", "limit": "2", "skip": "1"}).json()) \
+            == ["c", "b"]
+        assert ids(owner.get("/all.notes/_all_docs", params={"key": '"e"'}).json()) == ["e"]
+        by_keys = reader.post("/all.notes/_all_docs", params={"include_docs": "true"},
+                              json={"keys": ["b", "c", "zz"]}).json()
+        assert by_keys["rows"][0]["doc"]["tag"] == "work"
+        assert by_keys["rows"][1:] == [{"key": "c", "error": "not_found"},
+                                       {"key": "zz", "error": "not_found"}]
+        assert "update_seq" in owner.get("/all.notes/_all_docs",
+                                         params={"update_seq": "true"}).json()
