@@ -528,3 +528,29 @@ def test_bookmarks_page_without_duplicate_or_gap(docs, limit, sort, selector):
         bookmark = page["bookmark"]
     assert seen == [d["_id"] for d in everything]
     assert len(seen) == len(set(seen))
+
+
+# --- hostile documents ------------------------------------------------------------------------
+
+def _nested(depth: int, leaf) -> list:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_deeply_nested_document_values_compare_and_sort():
+    # An app may store a value nested deeper than Python's recursion limit; comparing it
+    # with a selector's literal, or sorting by it, must still answer (no RecursionError).
+    deep_one, deep_two = _nested(5000, 1), _nested(5000, 2)
+    assert matches({"x": {"$eq": [[1]]}}, {"x": deep_one}) is False
+    assert matches({"x": {"$gt": [[1]]}}, {"x": deep_one}) is True  # [[[...]]] > [[1]]
+    assert matches({"x": {"$in": [[[1]]]}}, {"x": deep_one}) is False
+    assert matches({"x": {"$all": [[[1]]]}}, {"x": deep_one}) is False
+    docs = [{"_id": "b", "x": deep_one}, {"_id": "a", "x": deep_two}, {"_id": "c", "x": 5}]
+    answer = find({"selector": {}, "sort": ["x"], "fields": ["_id"]}, docs)
+    assert [d["_id"] for d in answer["docs"]] == ["c", "b", "a"]
+    # Paging past a deep value: its bookmark is refused as too deep, with a clear error.
+    answer = find({"selector": {}, "sort": ["x"], "limit": 2, "fields": ["_id"]}, docs)
+    with pytest.raises(MangoError, match="Invalid bookmark value"):
+        parse_query({"selector": {}, "sort": ["x"], "bookmark": answer["bookmark"]})

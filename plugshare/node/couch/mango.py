@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import heapq
 import json
 import math
@@ -125,23 +126,63 @@ def _rank(value: Any) -> int:
     return _RANK_OBJECT
 
 
+def json_compare(a: Any, b: Any) -> int:
+    """-1, 0 or 1: CouchDB's collation of two JSON values (strings by code point; 1 == 1.0).
+    Iterative, so a value nested deeper than Python's recursion limit still compares."""
+    stack: list = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        if x is _LENGTHS:  # all items so far equal: the shorter array or object first
+            if y[0] != y[1]:
+                return -1 if y[0] < y[1] else 1
+            continue
+        rx, ry = _rank(x), _rank(y)
+        if rx != ry:
+            return -1 if rx < ry else 1
+        if rx == _RANK_ARRAY:
+            stack.append((_LENGTHS, (len(x), len(y))))
+            stack.extend(reversed(list(zip(x, y))))
+        elif rx == _RANK_OBJECT:
+            if not isinstance(x, Mapping) or not isinstance(y, Mapping):
+                raise MangoError(f"{type(x).__name__} or {type(y).__name__} is not a JSON value")
+            stack.append((_LENGTHS, (len(x), len(y))))
+            for (kx, vx), (ky, vy) in reversed(list(zip(x.items(), y.items()))):
+                stack.append((vx, vy))
+                stack.append((kx, ky))  # keys first, then their values
+        elif x != y:
+            return -1 if x < y else 1
+    return 0
+
+
+_LENGTHS: Any = object()  # a marker on json_compare's stack
+
+
+@functools.total_ordering
+class _Deep:
+    """An array or object in a sort key, ordered by `json_compare`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Deep) and json_compare(self.value, other.value) == 0
+
+    def __lt__(self, other: _Deep) -> bool:
+        return json_compare(self.value, other.value) < 0
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def collation_key(value: Any) -> tuple:
-    """A key whose Python ordering is CouchDB's collation of JSON values (strings by code
-    point). Equal keys mean equal JSON values (1 and 1.0 are equal)."""
-    t = type(value)
-    if t is str:
-        return (_RANK_STRING, value)
-    if t is int or t is float:
-        return (_RANK_NUMBER, value)
-    if value is None:
-        return (_RANK_NULL,)
-    if t is bool:
-        return (_RANK_BOOL, value)
-    if t is list:
-        return (_RANK_ARRAY, tuple(collation_key(v) for v in value))
-    if isinstance(value, Mapping):
-        return (_RANK_OBJECT, tuple((k, collation_key(v)) for k, v in value.items()))
-    raise MangoError(f"{type(value).__name__} {value!r} is not a JSON value")
+    """A sort key whose Python ordering is CouchDB's collation of JSON values."""
+    rank = _rank(value)
+    if rank >= _RANK_ARRAY:
+        return (rank, _Deep(value))
+    if rank == _RANK_NULL:
+        return (rank,)
+    return (rank, value)
 
 
 def _json_type(value: Any) -> str:
@@ -556,9 +597,8 @@ def _eq_test(literal: Any) -> Predicate:
         return lambda v: v is None
     if t is bool:
         return lambda v: v is literal
-    key = collation_key(literal)
-    rank = key[0]
-    return lambda v: _rank(v) == rank and collation_key(v) == key
+    rank = _rank(literal)
+    return lambda v: _rank(v) == rank and json_compare(v, literal) == 0
 
 
 def _order_test(op: str, literal: Any) -> Predicate:
@@ -574,8 +614,7 @@ def _order_test(op: str, literal: Any) -> Predicate:
             return compare(v, literal) if r == rank else compare(r, rank)
 
         return test
-    key = collation_key(literal)
-    return lambda v: compare(collation_key(v), key)
+    return lambda v: compare(json_compare(v, literal), 0)
 
 
 def _membership(values: list) -> Predicate:
@@ -838,7 +877,19 @@ def _invalid_bookmark(text: Any, why: str) -> MangoError:
 
 
 def encode_bookmark(sort: tuple[str, ...], descending: bool, values: tuple, doc_id: str) -> str:
-    payload = {"sort": list(sort), "desc": descending, "key": list(values), "id": doc_id}
+    """A bookmark for the position after the document with these sort values and id. Sort
+    values too deep or too long for a bookmark give one that says so when it comes back."""
+    payload: dict[str, Any] = {"sort": list(sort), "desc": descending, "key": None, "id": doc_id}
+    try:
+        _check_size(list(values))
+        payload["key"] = list(values)
+        raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if len(text) <= MAX_BOOKMARK:
+            return text
+    except MangoError:
+        pass
+    payload["key"] = None
     raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -859,12 +910,16 @@ def decode_bookmark(text: Any, sort: tuple[str, ...], descending: bool) -> Bookm
     if not (
         isinstance(payload, dict)
         and payload.keys() == {"sort", "desc", "key", "id"}
-        and isinstance(payload["key"], list)
+        and isinstance(payload["key"], (list, type(None)))
         and isinstance(payload["id"], str)
     ):
         raise _invalid_bookmark(text, "not one this node gave")
     if payload["sort"] != list(sort) or payload["desc"] is not descending:
         raise _invalid_bookmark(text, "it continues a query with another sort")
+    if payload["key"] is None:
+        raise _invalid_bookmark(
+            text, "the last document's sort value is too large to continue from; use skip"
+        )
     if len(payload["key"]) != len(sort):
         raise _invalid_bookmark(text, "not one this node gave")
     try:
