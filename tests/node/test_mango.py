@@ -320,6 +320,16 @@ def test_everyday_regex_is_accepted(pattern):
     compile_selector({"x": {"$regex": pattern}})
 
 
+@pytest.mark.parametrize("engine", ["installed", "absent"])
+def test_regex_matches_with_or_without_the_regex_module(engine, monkeypatch):
+    if engine == "absent":
+        monkeypatch.setattr(mango, "_regex_engine", None)
+    elif mango._regex_engine is None:
+        pytest.skip("the `regex` module is not installed")
+    answer = find({"selector": {"title": {"$regex": "(?i)^a.*[ln]$"}}}, MOVIES)
+    assert [d["_id"] for d in answer["docs"]] == ["m1", "m4"]
+
+
 @pytest.mark.skipif(mango._regex_engine is None, reason="the `regex` module is not installed")
 def test_a_regex_match_that_overruns_its_time_bound_is_an_error(monkeypatch):
     # A polynomial pattern passes the static checks; the timeout is the guard. The bound is
@@ -391,6 +401,7 @@ def test_compatibility_keys_are_accepted_and_ignored():
         "stale": "ok", "bookmark": None,
     })
     assert [d["_id"] for d in run(query, MOVIES)["docs"]] == ["m2", "m3", "m4"]
+    assert query.execution_stats is True and query.conflicts is False  # for the caller
 
 
 def test_answer_shape_default_limit_and_id_order():

@@ -552,7 +552,10 @@ def _nested_quantifier(pattern: str) -> bool:
 
 def _regex_test(pattern: str) -> Callable[[Any], bool]:
     if _regex_engine is not None:
-        compiled = _regex_engine.compile(pattern)
+        try:
+            compiled = _regex_engine.compile(pattern)
+        except _regex_engine.error as exc:
+            raise _bad_arg("$regex", pattern, str(exc)) from None
 
         def search(value: Any) -> bool:
             if type(value) is not str:
@@ -818,6 +821,10 @@ class Query:
     limit: int
     skip: int
     bookmark: Bookmark | None
+    # Asked for and not acted on here: the caller may add `_conflicts` to each document, or
+    # CouchDB's "execution_stats" to the answer.
+    conflicts: bool = False
+    execution_stats: bool = False
 
     @property
     def sort_paths(self) -> tuple[tuple[str, ...], ...]:
@@ -951,7 +958,11 @@ def parse_query(body: Any) -> Query:
     limit = _non_negative("limit", body.get("limit", DEFAULT_LIMIT))
     skip = _non_negative("skip", body.get("skip", 0))
     bookmark = decode_bookmark(body.get("bookmark"), sort, descending)
-    return Query(selector, matches, fields, sort, descending, limit, skip, bookmark)
+    return Query(
+        selector, matches, fields, sort, descending, limit, skip, bookmark,
+        conflicts=body.get("conflicts", False),
+        execution_stats=body.get("execution_stats", False),
+    )
 
 
 # --- running it ---------------------------------------------------------------------------
