@@ -286,6 +286,17 @@ def test_invalid_selector(selector, message):
     assert caught.value.error  # CouchDB's error name, for the HTTP answer
 
 
+@pytest.mark.parametrize("selector, where", [
+    ({"a": {"b": {"$in": 1}}}, 'at field "a.b"'),
+    ({"a": {"$foo": 1}}, 'Invalid operator: $foo at field "a"'),
+    ({"a\\.b": {"$regex": "(a+)+"}}, 'at field "a\\\\.b"'),
+])
+def test_errors_say_where(selector, where):
+    with pytest.raises(MangoError) as caught:
+        compile_selector(selector)
+    assert where in str(caught.value)
+
+
 def test_selector_depth_and_size_are_bounded():
     deep: dict = {"x": 1}
     for _ in range(mango.MAX_DEPTH):

@@ -312,7 +312,6 @@ class _Sub:
     selector: Any  # a tree whose paths start at the element (or key)
 
 
-_COMBINATORS = frozenset({"$and", "$or", "$nor", "$not"})
 _SUB_SELECTORS = frozenset({"$elemMatch", "$allMatch", "$keyMapMatch"})
 _COMPARISONS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
 _TERMINALS = _COMPARISONS | frozenset(
@@ -327,9 +326,18 @@ _NEGATED = {
 }
 
 
-def _bad_arg(op: str, arg: Any, why: str = "") -> MangoError:
+def _bad_arg(op: str, arg: Any, why: str = "", path: tuple[str, ...] = ()) -> MangoError:
     suffix = f" ({why})" if why else ""
-    return MangoError(f"Bad argument for operator {op}: {_show(arg)}{suffix}", "bad_arg")
+    return MangoError(
+        f"Bad argument for operator {op}: {_show(arg)}{suffix}{_where(path)}", "bad_arg"
+    )
+
+
+def _where(path: tuple[str, ...]) -> str:
+    """ at field "a.b" for an error message; nothing at the top."""
+    if not path:
+        return ""
+    return f" at field {_show('.'.join(p.replace('.', chr(92) + '.') for p in path))}"
 
 
 def _check_size(selector: Any) -> None:
@@ -385,7 +393,7 @@ def _parse_pair(key: str, value: Any, path: tuple[str, ...]) -> Any:
         return _parse_value(value, path + parse_field(key))
     if key in ("$and", "$or", "$nor"):
         if not isinstance(value, list):
-            raise _bad_arg(key, value, "needs an array")
+            raise _bad_arg(key, value, "needs an array", path)
         items = tuple(_parse_value(item, path) for item in value)
         if key == "$and":
             return _And(items)
@@ -394,46 +402,46 @@ def _parse_pair(key: str, value: Any, path: tuple[str, ...]) -> Any:
         return _And(tuple(_negate(item) for item in items))
     if key == "$not":
         if not isinstance(value, Mapping):
-            raise _bad_arg(key, value, "needs an object")
+            raise _bad_arg(key, value, "needs an object", path)
         return _negate(_parse_value(value, path))
     if key in _SUB_SELECTORS:
         if not isinstance(value, Mapping):
-            raise _bad_arg(key, value, "needs an object")
+            raise _bad_arg(key, value, "needs an object", path)
         return _Field(path, _Sub(key, _parse_value(value, ())))
     if key in _TERMINALS:
-        return _Field(path, _Op(key, _check_arg(key, value)))
+        return _Field(path, _Op(key, _check_arg(key, value, path)))
     if key in _UNSUPPORTED:
-        raise MangoError(f"Unsupported operator: {key}", "not_supported")
-    raise MangoError(f"Invalid operator: {key}", "invalid_operator")
+        raise MangoError(f"Unsupported operator: {key}{_where(path)}", "not_supported")
+    raise MangoError(f"Invalid operator: {key}{_where(path)}", "invalid_operator")
 
 
-def _check_arg(op: str, arg: Any) -> Any:
+def _check_arg(op: str, arg: Any, path: tuple[str, ...]) -> Any:
     if op in _COMPARISONS:
         return arg
     if op in ("$in", "$nin", "$all"):
         if not isinstance(arg, list):
-            raise _bad_arg(op, arg, "needs an array")
+            raise _bad_arg(op, arg, "needs an array", path)
     elif op == "$exists":
         if not isinstance(arg, bool):
-            raise _bad_arg(op, arg, "needs true or false")
+            raise _bad_arg(op, arg, "needs true or false", path)
     elif op == "$type":
         if not isinstance(arg, str):
-            raise _bad_arg(op, arg, "needs a type name")
+            raise _bad_arg(op, arg, "needs a type name", path)
     elif op == "$size":
         if not _is_int(arg) or arg < 0:
-            raise _bad_arg(op, arg, "needs a non-negative integer")
+            raise _bad_arg(op, arg, "needs a non-negative integer", path)
     elif op == "$mod":
         if not (isinstance(arg, list) and len(arg) == 2 and all(_is_int(a) for a in arg)):
-            raise _bad_arg(op, arg, "needs [divisor, remainder], two integers")
+            raise _bad_arg(op, arg, "needs [divisor, remainder], two integers", path)
         if arg[0] == 0:
-            raise _bad_arg(op, arg, "the divisor cannot be 0")
+            raise _bad_arg(op, arg, "the divisor cannot be 0", path)
     elif op == "$beginsWith":
         if not isinstance(arg, str):
-            raise _bad_arg(op, arg, "needs a string")
+            raise _bad_arg(op, arg, "needs a string", path)
     elif op == "$regex":
         if not isinstance(arg, str):
-            raise _bad_arg(op, arg, "needs a string")
-        check_regex(arg)
+            raise _bad_arg(op, arg, "needs a string", path)
+        check_regex(arg, path)
     return arg
 
 
@@ -462,24 +470,24 @@ def _negate_cond(cond: Any) -> Any:
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\\g<|\\k<")
 
 
-def check_regex(pattern: str) -> None:
+def check_regex(pattern: str, path: tuple[str, ...] = ()) -> None:
     """Refuse a pattern too long, with back-references, or with a quantified group that holds
     a quantifier or an alternation; and one that does not compile."""
     if len(pattern) > MAX_REGEX_LENGTH:
         raise _bad_arg("$regex", pattern[:40] + "...",
-                       f"longer than {MAX_REGEX_LENGTH} characters")
+                       f"longer than {MAX_REGEX_LENGTH} characters", path)
     if _BACKREFERENCE.search(pattern):
-        raise _bad_arg("$regex", pattern, "back-references are not allowed")
+        raise _bad_arg("$regex", pattern, "back-references are not allowed", path)
     if _nested_quantifier(pattern):
         raise _bad_arg(
             "$regex", pattern,
             "a repeated group may not contain a repetition or an alternation; "
-            "rewrite it without nesting",
+            "rewrite it without nesting", path,
         )
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise _bad_arg("$regex", pattern, str(exc)) from None
+        raise _bad_arg("$regex", pattern, str(exc), path) from None
 
 
 def _quantifier_at(pattern: str, i: int) -> tuple[int, bool] | None:
