@@ -370,3 +370,36 @@ def test_all_docs_ranges_keys_and_an_apps_view(alice):
                                        {"key": "zz", "error": "not_found"}]
         assert "update_seq" in owner.get("/all.notes/_all_docs",
                                          params={"update_seq": "true"}).json()
+
+
+# -- 5. _find --------------------------------------------------------------------------------
+
+
+def test_find_sees_only_what_the_app_may_read(alice):
+    app = add_app(alice, "find-app", "find.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/find.notes/_bulk_docs", json={"docs": [
+            {"_id": "f1", "tag": "work", "n": 3}, {"_id": "f2", "tag": "home", "n": 5},
+            {"_id": "f3", "tag": "work", "n": 7}, {"_id": "f4", "tag": "work", "n": 1}]})
+        query = {"selector": {"n": {"$gt": 2}}, "fields": ["_id", "n"], "sort": ["n"]}
+        assert [d["_id"] for d in owner.post("/find.notes/_find", json=query).json()["docs"]] \
+            == ["f1", "f2", "f3"]
+        found = reader.post("/find.notes/_find", json=query).json()
+        assert found["docs"] == [{"_id": "f1", "n": 3}, {"_id": "f3", "n": 7}]
+        assert "bookmark" in found and "warning" in found
+        page = reader.post("/find.notes/_find", json={"selector": {}, "limit": 1}).json()
+        nxt = reader.post("/find.notes/_find", json={"selector": {}, "limit": 1,
+                                                     "bookmark": page["bookmark"]}).json()
+        assert [page["docs"][0]["_id"], nxt["docs"][0]["_id"]] == ["f1", "f3"]
+
+        bad = reader.post("/find.notes/_find", json={"selector": {"n": {"$bogus": 1}}})
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+        assert reader.get("/find.notes/_index").json()["indexes"][0]["name"] == "_all_docs"
+        refused = reader.post("/find.notes/_index", json={"index": {"fields": ["n"]}})
+        assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+        assert owner.post("/find.notes/_explain", json=query).json()["index"]["type"] == \
+            "special"
+
+        selected = reader.post("/find.notes/_changes", params={"filter": "_selector"},
+                               json={"selector": {"n": {"$in": [1, 5]}}}).json()
+        assert _changed_ids(selected) == ["f4"]  # f2 matches too, but is not the app's

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from plugshare import __version__
 from plugshare.node.couch import body as bodies
-from plugshare.node.couch import params
+from plugshare.node.couch import mango, params
 from plugshare.node.couch.databases import names, resolve
 from plugshare.node.couch.errors import CouchError, bad_request, forbidden
 from plugshare.node.couch.feeds import FeedSlots, follow
@@ -26,6 +26,8 @@ from plugshare.node.couch.view import (CONFLICT_REASON, DESIGN_REASON, DatabaseV
 MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
 COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
 INSTANCE_START = "0"
+ALL_DOCS_INDEX = {"ddoc": None, "name": "_all_docs", "type": "special",
+                  "def": {"fields": [{"_id": "asc"}]}}
 
 
 def _json(body: Any, status: int = 200, headers: dict | None = None) -> JSONResponse:
@@ -274,6 +276,31 @@ def endpoints(parts) -> list[Route]:
         return _json({"ok": True, "id": doc_id, "rev": result["rev"]}, 201,
                      headers={"etag": f'"{result["rev"]}"'})
 
+    async def find(request: Request) -> Response:
+        """POST: the documents this credential may read here that match a Mango selector
+        (selector, fields, sort, limit, skip, bookmark); scans, as no index is kept"""
+        view = await open_view(request)
+        query = _mango_query(await bodies.json_object(request, cap))
+        return _json(mango.run(query, await view.all_live()))
+
+    async def explain(request: Request) -> Response:
+        """POST: how a _find query would run: always over the special _all_docs index"""
+        view = await open_view(request)
+        query = _mango_query(await bodies.json_object(request, cap))
+        return _json({"dbname": view.db.name, "index": ALL_DOCS_INDEX,
+                      "selector": query.selector, "opts": {}, "limit": query.limit,
+                      "skip": query.skip, "fields": "all_fields" if query.fields is None
+                      else [".".join(f) for f in query.fields],
+                      "range": {"start_key": None, "end_key": "<MAX>"}})
+
+    async def index(request: Request) -> Response:
+        """GET: the indexes: only the special _all_docs one
+        POST: creating an index is refused (403): _find scans"""
+        await open_view(request)
+        if request.method == "POST":
+            raise forbidden("indexes are not supported here: _find scans the documents")
+        return _json({"total_rows": 1, "indexes": [ALL_DOCS_INDEX]})
+
     return [
         Route("/", welcome, methods=["GET"]),
         Route("/_all_dbs", all_dbs, methods=["GET"]),
@@ -289,6 +316,9 @@ def endpoints(parts) -> list[Route]:
               methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/{db}/_view/{rest:path}", design, methods=["GET", "POST"]),
         Route("/{db}/_all_docs", all_docs, methods=["GET", "POST"]),
+        Route("/{db}/_find", find, methods=["POST"]),
+        Route("/{db}/_explain", explain, methods=["POST"]),
+        Route("/{db}/_index", index, methods=["GET", "POST"]),
         Route("/{db}/{doc_id:path}", document, methods=["GET", "PUT", "DELETE"]),
     ]
 
@@ -399,12 +429,14 @@ def _filter(query, body: dict):
 
 def _compile_selector(selector: dict):
     try:
-        from plugshare.node.couch import mango
-    except ImportError:  # the Mango engine is built apart (issue 12): not merged yet
-        raise CouchError(501, "not_implemented", "Mango selectors are not available yet") \
-            from None
-    try:
         return mango.compile_selector(selector)
+    except mango.MangoError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def _mango_query(body: dict) -> mango.Query:
+    try:
+        return mango.parse_query(body)
     except mango.MangoError as exc:
         raise bad_request(str(exc)) from None
 
