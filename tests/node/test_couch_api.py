@@ -403,3 +403,110 @@ def test_find_sees_only_what_the_app_may_read(alice):
         selected = reader.post("/find.notes/_changes", params={"filter": "_selector"},
                                json={"selector": {"n": {"$in": [1, 5]}}}).json()
         assert _changed_ids(selected) == ["f4"]  # f2 matches too, but is not the app's
+
+
+# -- 6. refusals and bad input ---------------------------------------------------------------
+
+
+def _is(answer: httpx.Response, status: int, error: str) -> bool:
+    assert answer.status_code == status, (answer.status_code, answer.text)
+    body = answer.json()
+    assert body["error"] == error and isinstance(body["reason"], str), body
+    return True
+
+
+def test_design_documents_and_views_are_refused_in_couchdbs_shape(alice):
+    with couch(alice) as owner:
+        for method, path in (("PUT", "/bad.notes/_design/app"), ("GET", "/bad.notes/_design/app"),
+                             ("GET", "/bad.notes/_design/app/_view/by_tag"),
+                             ("GET", "/bad.notes/_view/x")):
+            answer = owner.request(method, path, json={"views": {}})
+            _is(answer, 403, "forbidden")
+            assert answer.json()["reason"] == "design documents are not supported"
+        batch = owner.post("/bad.notes/_bulk_docs", json={"docs": [
+            {"_id": "_design/app", "views": {}}, {"_id": "_private"}, {"_id": "fine"}]}).json()
+        assert [(r["id"], r.get("error")) for r in batch] == [
+            ("_design/app", "forbidden"), ("_private", "bad_request"), ("fine", None)]
+        _is(owner.put("/bad.notes/_private", json={}), 400, "bad_request")
+        assert owner.put("/bad.notes/_private", json={}).json()["reason"] == \
+            "Only reserved document ids may start with underscore."
+        assert [r["id"] for r in owner.get("/bad.notes/_all_docs").json()["rows"]] == ["fine"]
+
+
+def test_bad_bodies_and_parameters_get_couchdbs_errors_and_write_nothing(alice):
+    with couch(alice) as owner:
+        _is(owner.put("/in.notes/j1", content=b'{"title": ',
+                      headers={"content-type": "application/json"}), 400, "bad_request")
+        _is(owner.put("/in.notes/j1", content=b'{"title": "x"}',
+                      headers={"content-type": "text/plain"}), 415, "bad_content_type")
+        _is(owner.post("/in.notes/_bulk_docs", json={"docs": "nope"}), 400, "bad_request")
+        _is(owner.post("/in.notes/_bulk_docs", json=[1]), 400, "bad_request")
+        for name, value in (("since", "not-a-seq"), ("limit", "-1"), ("limit", "ten"),
+                            ("feed", "sometimes"), ("include_docs", "maybe"),
+                            ("style", "everything"), ("descending", "true"),
+                            ("filter", "nosuch")):
+            _is(owner.get("/in.notes/_changes", params={name: value}), 400, "bad_request")
+        ignored = owner.get("/in.notes/_changes", params={"conflicts": "true", "whatever": "1"})
+        assert ignored.status_code == 200  # unknown parameters are ignored, as CouchDB does
+        _is(owner.post("/in.notes/_find", json={"selector": "not mango"}), 400, "bad_request")
+        _is(owner.post("/in.notes/_changes", params={"filter": "_selector"},
+                       json={"selector": {"a": {"$nope": 1}}}), 400, "bad_request")
+        assert alice.get("j1") is None
+
+
+def test_a_body_over_the_cap_is_413_also_chunked_and_nothing_is_written(alice):
+    big = json.dumps({"docs": [{"_id": "big-1", "blob": "x" * (9 * 1024 * 1024)}]}).encode()
+
+    def chunks():
+        for start in range(0, len(big), 65536):
+            yield big[start:start + 65536]
+
+    with couch(alice) as owner:
+        _is(owner.post("/cap.notes/_bulk_docs", content=big,
+                       headers={"content-type": "application/json"}),
+            413, "request_entity_too_large")
+        _is(owner.post("/cap.notes/_bulk_docs", content=chunks(),
+                       headers={"content-type": "application/json"}),
+            413, "request_entity_too_large")
+        assert alice.get("big-1") is None
+        assert owner.get("/").status_code == 200  # and the node serves on
+
+
+# -- 7. bounds -------------------------------------------------------------------------------
+
+
+def test_batches_are_bounded(alice):
+    with couch(alice) as owner:
+        _is(owner.post("/bound.notes/_bulk_docs", json={"docs": [{}] * 10_001}),
+            413, "request_entity_too_large")
+        _is(owner.post("/bound.notes/_bulk_get", json={"docs": [{"id": "a"}] * 10_001}),
+            413, "request_entity_too_large")
+        _is(owner.post("/bound.notes/_revs_diff",
+                       json={f"d{i}": [rev(1, "a")] for i in range(10_001)}),
+            413, "request_entity_too_large")
+        _is(owner.post("/bound.notes/_all_docs", json={"keys": ["a"] * 10_001}),
+            400, "bad_request")
+        assert owner.get("/bound.notes/_changes").status_code == 200
+        assert owner.get("/bound.notes/_changes",
+                         params={"limit": "99999999999"}).status_code == 200  # capped
+
+
+def test_open_feeds_per_credential_are_bounded_and_given_back(alice):
+    app = add_app(alice, "feeds-app", "feed.notes", "read")
+    params = {"feed": "continuous", "heartbeat": "1000", "since": "now"}
+    with couch(alice, app) as reader, couch(alice) as owner:
+        streams = [reader.stream("GET", "/feed.notes/_changes", params=params)
+                   for _ in range(16)]
+        opened = [s.__enter__() for s in streams]
+        try:
+            assert all(r.status_code == 200 for r in opened)
+            _is(reader.get("/feed.notes/_changes", params=params), 429, "too_many_requests")
+            # another credential is not held back
+            with owner.stream("GET", "/feed.notes/_changes", params=params) as own:
+                assert own.status_code == 200
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        # closed feeds give their slots back (once the node sees the clients gone)
+        wait_until(lambda: reader.get("/feed.notes/_changes", params={
+            **params, "timeout": "1"}).status_code == 200, 60, what="a slot given back")
