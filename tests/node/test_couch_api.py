@@ -15,13 +15,15 @@ from tests.node.cluster import Cluster, ClusterNode, share_between, wait_until
 
 
 
-@pytest.fixture(scope="module")
-def alice(tmp_path_factory):
-    """One node for the whole module (starting one costs seconds); each test uses its own
-    doctype or ids, so the tests do not see each other's documents."""
+@pytest.fixture(scope="module", params=["sqlite", "couchdb"])
+def alice(request, tmp_path_factory):
+    """One node per store backend for the whole module (starting one costs seconds); each
+    test uses its own doctype or ids, so the tests do not see each other's documents."""
     cluster = Cluster(tmp_path_factory.mktemp("couch"))
+    store = () if request.param == "sqlite" else (
+        "--store", "couchdb", "--couchdb-url", request.getfixturevalue("couchdb_url"))
     try:
-        yield cluster.add("alice")
+        yield cluster.add("alice", *store)
     finally:
         cluster.close()
         print(cluster.logs())
