@@ -308,6 +308,22 @@ class Door:
                 tampered.append(stored["_id"])
         return {"docs": served, "tampered": tampered}
 
+    def _cmd_doc_count(self, args: Mapping[str, Any]) -> int:
+        """{credential, docs, doctype?, share?} -> how many of the live `docs` the caller may
+        read, as `doc.list` would serve them (not audited, like `share.count`: a count serves
+        no document, and a database's info asks for one)."""
+        principal = self._principal(args)
+        doctype = _arg(args, "doctype", str, optional=True)
+        docs = _docs_arg(args)
+        entry = self._share_opened(principal, args)
+        if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
+            return 0
+        return sum(1 for stored in docs
+                   if stored.get("_deleted") is not True
+                   and (doctype is None or stored.get("doctype") == doctype)
+                   and (entry is None or _scope_refusal(entry, stored) is None)
+                   and self._judge(principal, "list", stored).allowed)
+
     def _cmd_doc_write(self, args: Mapping[str, Any]) -> dict:
         """{credential, doc (clear, with _id, doctype, maybe _rev), current (the stored
         winner, else its tombstone, or None), generation, share?} -> {doc: the form to store,
@@ -944,6 +960,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "auth": ("credential",),
     "doc.read": ("credential", "doc", "doctype?", "share?"),
     "doc.list": ("credential", "docs", "doctype?", "share?"),
+    "doc.count": ("credential", "docs", "doctype?", "share?"),
     "doc.write": ("credential", "doc", "current?", "generation", "share?"),
     "doc.write_batch": ("credential", "docs", "current", "new_edits", "share?"),
     "db.list": ("credential",),

@@ -512,3 +512,22 @@ def test_open_feeds_per_credential_are_bounded_and_given_back(alice):
         # closed feeds give their slots back (once the node sees the clients gone)
         wait_until(lambda: reader.get("/feed.notes/_changes", params={
             **params, "timeout": "1"}).status_code == 200, 60, what="a slot given back")
+
+
+def test_database_info_counts_without_serving_a_document(alice):
+    """PouchDB asks for a database's info at every checkpoint: counting must not open (nor
+    log a decision for) every document each time."""
+    app = add_app(alice, "count-app", "count.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/count.notes/_bulk_docs", json={"docs": [
+            {"_id": f"k{i}", "tag": "work" if i % 2 else "home"} for i in range(20)]})
+
+        def logged() -> int:
+            return len(alice.api("GET", "/token/audit", params={
+                "tail": "100000", "principal": "app:count-app"})["entries"])
+
+        before = logged()
+        assert [reader.get("/count.notes").json()["doc_count"] for _ in range(3)] == [10] * 3
+        assert logged() == before
+        owner.put("/count.notes/k100", json={"tag": "work"})  # the count follows writes
+        assert reader.get("/count.notes").json()["doc_count"] == 11

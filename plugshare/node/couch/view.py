@@ -21,7 +21,8 @@ log = logging.getLogger("plugshare.couch")
 
 TokenCall = Callable[..., Awaitable[Any]]
 TOKEN_BATCH = 10_000  # documents the token takes in one command
-SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page
+SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page, at most
+MIN_SCAN = 50  # ...and at least (a page of few visible rows in a busy store)
 LOCAL_NAMESPACE = "couch"  # local docs of this API: couch/<principal>/<db>/<id>
 CONFLICT_REASON = "Document update conflict."
 DESIGN_REASON = "design documents are not supported"
@@ -68,6 +69,15 @@ class DatabaseView:
                             answer["tampered"])
             out += answer["docs"]
         return out
+
+    async def count(self) -> int:
+        """How many live documents of this database this credential may read."""
+        docs = [d for d in await self._store.all_docs() if d.get("doctype") == self.db.doctype]
+        total = 0
+        for start in range(0, len(docs), TOKEN_BATCH):
+            total += await self._call("doc.count", credential=self._credential,
+                                      docs=docs[start:start + TOKEN_BATCH], **self.db.scope())
+        return total
 
     async def all_live(self) -> list[Doc]:
         """Every live document of this database this credential may read, sorted by id."""
@@ -169,8 +179,11 @@ class DatabaseView:
         enough or the feed ends, so a page is empty only when nothing visible is left."""
         rows: list[dict] = []
         seq = since
+        # Read about as many changes as asked for: a replicator asks for small pages often
+        # (PouchDB: 100), and every change read is fetched and shown to the token.
+        scan = min(max(limit, MIN_SCAN), SCAN_PAGE)
         while True:
-            page = await self._store.changes(seq, limit=SCAN_PAGE)
+            page = await self._store.changes(seq, limit=scan)
             wanted = [c for c in page.results if doc_ids is None or c.id in doc_ids]
             if wanted:
                 stored = await self._store.bulk_get([(c.id, c.revs[0]) for c in wanted])
@@ -189,7 +202,7 @@ class DatabaseView:
                     rows.append(row)
                     if len(rows) >= limit:
                         return rows, change.seq
-            if len(page.results) < SCAN_PAGE:
+            if len(page.results) < scan:
                 return rows, page.last_seq
             seq = page.last_seq
 
