@@ -297,7 +297,12 @@ class Door:
             if entry is not None and _scope_refusal(entry, stored) is not None:
                 continue
             if stored.get("_deleted") is True:
-                if self._may_see_tombstone(principal, "read", stored, entry):
+                seen = self._may_see_tombstone(principal, "read", stored, entry)
+                self._record(principal.label, "list", stored, Decision(
+                    seen, "a deletion of a doctype the caller may read" if seen
+                    else f"no rule lets {principal.label} read {stored.get('doctype')!r} "
+                         "documents"))
+                if seen:
                     served.append(_bare_tombstone(stored))
                 continue
             try:

@@ -531,3 +531,26 @@ def test_database_info_counts_without_serving_a_document(alice):
         assert logged() == before
         owner.put("/count.notes/k100", json={"tag": "work"})  # the count follows writes
         assert reader.get("/count.notes").json()["doc_count"] == 11
+
+
+def test_an_eventsource_feed_and_a_deletion_in_the_feed(alice):
+    app = add_app(alice, "es-app", "es.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        made = owner.put("/es.notes/e1", json={"tag": "work"}).json()
+        with reader.stream("GET", "/es.notes/_changes", params={
+                "feed": "eventsource", "heartbeat": "500"}) as feed:
+            assert feed.headers["content-type"].startswith("text/event-stream")
+            events = []
+            for line in feed.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[len("data: "):]))
+                    if len(events) == 1:  # the live doc seen: now delete it
+                        owner.delete("/es.notes/e1", params={"rev": made["rev"]})
+                if len(events) == 2:
+                    break
+        assert events[0]["id"] == "e1" and "deleted" not in events[0]
+        assert events[1]["id"] == "e1" and events[1]["deleted"] is True  # its doctype's
+        audit = alice.api("GET", "/token/audit", params={"tail": "1000",
+                                                          "principal": "app:es-app"})
+        assert any(e["doc_id"] == "e1" and e["allowed"] and "deletion" in e["reason"]
+                   for e in audit["entries"])
