@@ -474,8 +474,14 @@ def _negate_cond(cond: Any) -> Any:
 # greedy and lazy repeats are the same.
 
 _CHAR, _SPLIT, _JUMP, _ASSERT, _MATCH = range(5)
-MAX_REGEX_PROGRAM = 4_096  # NFA instructions (`x{1000}` is 1,000 of them)
-_DFA_CACHE_LIMIT = 20_000  # cached transitions per pattern before the cache starts afresh
+MAX_REGEX_PROGRAM = 1_024  # NFA instructions (`x{500}` is 500 of them)
+_DFA_CACHE_LIMIT = 50_000  # cached transitions per pattern before the cache starts afresh
+# A DFA can have exponentially many states (`(a|b)*a(a|b){60}`: one more per character of a
+# random a/b string, each costing ~50 µs to build): a pattern past these bounds is refused
+# as too costly, rather than run for minutes over a large document. Everyday patterns have
+# a few dozen states.
+MAX_DFA_STATES = 10_000
+MAX_DFA_STATE_POSITIONS = 500_000  # NFA positions held in all states together
 _ASCII_SPACE = frozenset(" \t\n\r\f\v")
 
 
@@ -547,14 +553,36 @@ def _char_class(items: list, flags: int) -> Callable[[str], bool]:
     return (lambda c: not inside(c)) if negate else inside
 
 
+def _required_literal(items: list, flags: int) -> str:
+    """The longest run of consecutive case-sensitive literal characters at the top level of a
+    pattern: text without it cannot match. Empty when there is none to rely on."""
+    C = _re_constants
+    if flags & C.SRE_FLAG_IGNORECASE:
+        return ""
+    if any(op is C.BRANCH for op, _ in items):
+        return ""
+    best = run = ""
+    for op, arg in items:
+        if op is C.LITERAL:
+            run += chr(arg)
+            best = max(best, run, key=len)
+        elif op is C.AT:
+            continue  # zero-width: the run goes on across it
+        else:
+            run = ""
+    return best
+
+
 class _Program:
-    """A Thompson NFA: a list of instructions, built from `re._parser`'s tree."""
+    """A Thompson NFA: a list of instructions, built from `re._parser`'s tree; and the
+    longest run of plain characters every match contains (a fast first check)."""
 
     def __init__(self, pattern: str):
         tree = _re_parser.parse(pattern, 0)
         self.code: list[tuple] = []
         self._emit_sequence(list(tree), tree.state.flags)
         self.code.append((_MATCH,))
+        self.required = _required_literal(list(tree), tree.state.flags)
 
     def _add(self, instruction: tuple) -> int:
         if len(self.code) >= MAX_REGEX_PROGRAM:
@@ -628,17 +656,22 @@ class _Program:
             self.code[split] = (_SPLIT, split + 1, len(self.code))
 
 
-# What an assertion needs to know of the character before the position.
+# What an assertion needs to know of the character before a position: the start of the string
+# (_BEGIN), or (is a newline, is a word character, is an ASCII word character).
 _BEGIN = ("begin",)
 
 
+def _before_kind(c: str) -> tuple[bool, bool, bool]:
+    return (c == "\n", _is_word(c), _is_ascii_word(c))
+
+
 def _assertion_holds(at: Any, flags: int, before: Any, after: str | None, last: bool) -> bool:
-    """`^ $ \\A \\Z \\b \\B` between `before` (a character or _BEGIN) and `after` (a character,
-    or None at the end); `last`: `after` is the string's last character."""
+    """`^ $ \\A \\Z \\b \\B` between `before` (_BEGIN or a `_before_kind`) and `after` (a
+    character, or None at the end); `last`: `after` is the string's last character."""
     C = _re_constants
     multiline = flags & C.SRE_FLAG_MULTILINE
     if at is C.AT_BEGINNING:
-        return before is _BEGIN or (bool(multiline) and before == "\n")
+        return before is _BEGIN or (bool(multiline) and before[0])
     if at is C.AT_BEGINNING_STRING:
         return before is _BEGIN
     if at is C.AT_END:
@@ -650,25 +683,43 @@ def _assertion_holds(at: Any, flags: int, before: Any, after: str | None, last: 
     if at is C.AT_BOUNDARY or at is C.AT_NON_BOUNDARY:
         if before is _BEGIN and after is None:
             return False  # Python: neither \b nor \B matches in the empty string
-        word = _is_ascii_word if flags & C.SRE_FLAG_ASCII else _is_word
-        boundary = (before is not _BEGIN and word(before)) != (after is not None and word(after))
+        ascii_only = flags & C.SRE_FLAG_ASCII
+        word = _is_ascii_word if ascii_only else _is_word
+        word_before = before is not _BEGIN and before[2 if ascii_only else 1]
+        boundary = word_before != (after is not None and word(after))
         return boundary if at is C.AT_BOUNDARY else not boundary
     raise _RegexUnsupported(f"the assertion {at}")
 
 
 class _Searcher:
-    """Whether a pattern matches anywhere in a string, in time linear in the string: a DFA
-    over sets of NFA positions, built lazily and cached."""
+    """Whether a pattern matches anywhere in a string: a DFA over sets of NFA positions, built
+    lazily. Each character costs one cached transition, or, the first time, a closure over at
+    most the program's size: time linear in the string. The cache is bounded; past its bound
+    it starts afresh (still linear, only slower)."""
 
     def __init__(self, pattern: str):
-        self.code = _Program(pattern).code
+        program = _Program(pattern)
+        self.code = program.code
+        self._required = program.required
         self._transitions: dict[tuple, tuple[bool, frozenset, Any]] = {}
+        self._states: dict[frozenset, frozenset] = {}  # equal position sets stored once
+        self._state_positions = 0
+        self._assertions = False
+        # `^...` or `\A...` (not multiline): a match can only start at the beginning.
+        first = self.code[0]
+        self._anchored = first[0] == _ASSERT and (
+            first[1] is _re_constants.AT_BEGINNING_STRING
+            or (first[1] is _re_constants.AT_BEGINNING
+                and not first[2] & _re_constants.SRE_FLAG_MULTILINE)
+        )
         # Check every assertion once, so an unsupported one fails now, not mid-query.
         for instruction in self.code:
             if instruction[0] == _ASSERT:
+                self._assertions = True
                 _assertion_holds(instruction[1], instruction[2], _BEGIN, "a", False)
 
     def _closure(self, pcs: frozenset, before: Any, after: str | None, last: bool) -> set[int]:
+        """The consuming positions (and MATCH) reachable from `pcs` without consuming."""
         code = self.code
         reached: set[int] = set()
         seen: set[int] = set()
@@ -693,15 +744,28 @@ class _Searcher:
         return reached
 
     def _step(self, pcs: frozenset, before: Any, c: str, last: bool) -> tuple:
+        """(matched before `c`, the next position set, the next `before`)."""
         reached = self._closure(pcs, before, c, last)
         code = self.code
         if any(code[pc][0] == _MATCH for pc in reached):
-            return True, pcs, c
+            return True, pcs, before
         following = {pc + 1 for pc in reached if code[pc][1](c)}
-        following.add(0)  # a match may also start after this character
-        return False, frozenset(following), c
+        if not self._anchored:
+            following.add(0)  # a match may also start after this character
+        positions = frozenset(following)
+        stored = self._states.get(positions)
+        if stored is None:
+            self._state_positions += len(positions)
+            if (len(self._states) >= MAX_DFA_STATES
+                    or self._state_positions > MAX_DFA_STATE_POSITIONS):
+                raise _RegexTooCostly()
+            stored = self._states[positions] = positions
+        return False, stored, _before_kind(c) if self._assertions else None
 
     def search(self, text: str) -> bool:
+        """Whether the pattern matches somewhere in `text`. Raises _RegexTooCostly."""
+        if self._required and self._required not in text:
+            return False
         transitions = self._transitions
         if len(transitions) > _DFA_CACHE_LIMIT:
             transitions.clear()
@@ -716,8 +780,14 @@ class _Searcher:
             matched, pcs, before = step
             if matched:
                 return True
+            if not pcs:  # anchored at the start, and no way forward
+                return False
         reached = self._closure(pcs, before, None, False)
         return any(self.code[pc][0] == _MATCH for pc in reached)
+
+
+class _RegexTooCostly(Exception):
+    pass
 
 
 def check_regex(pattern: str, path: tuple[str, ...] = ()) -> _Searcher:
@@ -743,7 +813,20 @@ def check_regex(pattern: str, path: tuple[str, ...] = ()) -> _Searcher:
 
 def _regex_test(pattern: str) -> Callable[[Any], bool]:
     search = check_regex(pattern).search
-    return lambda value: type(value) is str and search(value)
+
+    def test(value: Any) -> bool:
+        if type(value) is not str:
+            return False
+        try:
+            return search(value)
+        except _RegexTooCostly:
+            raise _bad_arg(
+                "$regex", pattern,
+                f"too costly to match: its automaton grows past {MAX_DFA_STATES} states; "
+                "simplify the pattern",
+            ) from None
+
+    return test
 
 
 # --- compilation into closures -------------------------------------------------------------
