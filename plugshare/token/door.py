@@ -466,10 +466,8 @@ class Door:
     def _may_open_share(self, principal: Principal, entry: Any) -> bool:
         if principal == OWNER:
             return True
-        link_share = getattr(self._token, "link_share", None)  # share links (issue 12)
-        if principal.kind == "link":
-            return link_share is not None and \
-                link_share(principal.id) == entry.manifest.share_id
+        if principal.kind == "link":  # a share link opens its own share's database only
+            return self._token.link_share(principal.id) == entry.manifest.share_id
         return self._may_touch_doctype(principal, "read", entry.manifest.rule.doctype)
 
     def _cmd_db_list(self, args: Mapping[str, Any]) -> dict:

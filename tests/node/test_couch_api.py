@@ -554,3 +554,22 @@ def test_an_eventsource_feed_and_a_deletion_in_the_feed(alice):
                                                           "principal": "app:es-app"})
         assert any(e["doc_id"] == "e1" and e["allowed"] and "deletion" in e["reason"]
                    for e in audit["entries"])
+
+
+def test_a_share_link_opens_its_share_database_only(alice):
+    alice.cli_json("share", "create", "linked", "--doctype", "link.notes",
+                   "--selector", json.dumps({"tag": "work"}))
+    alice.put("link.notes", {"tag": "work"}, "l-in")
+    alice.put("link.notes", {"tag": "home"}, "l-out")
+    reader = alice.api("POST", "/shares/linked/links", json={"permission": "read"})
+    with couch(alice, reader["credential"], basic=reader.get("id", "link")) as link:
+        assert link.get("/_all_dbs").json() == ["share:linked"]
+        _is(link.get("/link.notes"), 404, "not_found")
+        rows = link.get("/share:linked/_changes").json()["results"]
+        assert [r["id"] for r in rows] == ["l-in"]
+        assert link.get("/share:linked/l-out").status_code == 404
+        pushed = link.post("/share:linked/_bulk_docs", json={"docs": [{"_id": "l-new"}]})
+        assert pushed.json()[0]["error"] == "forbidden"  # a read-only link
+        assert link.put("/share:linked/_local/cp", json={"seq": 1}).status_code == 201
+        alice.api("DELETE", f"/shares/linked/links/{reader['id']}")
+        assert link.get("/share:linked").status_code == 401  # unlinked: its credential is dead
