@@ -246,7 +246,8 @@ def test_a_continuous_feed_follows_live_writes(alice):
     app = add_app(alice, "cont-app", "cont.notes", "read", {"tag": "work"})
     with couch(alice, app) as reader:
         with reader.stream("GET", "/cont.notes/_changes", params={
-                "feed": "continuous", "heartbeat": "500", "since": "now"}) as feed:
+                "feed": "continuous", "heartbeat": "500", "since": "now",
+                "timeout": "90000"}) as feed:  # ends by itself: a failure is not a hang
             lines = feed.iter_lines()
             assert feed.status_code == 200
             alice.put("cont.notes", {"tag": "home"}, "c-hidden")
@@ -538,7 +539,7 @@ def test_an_eventsource_feed_and_a_deletion_in_the_feed(alice):
     with couch(alice) as owner, couch(alice, app) as reader:
         made = owner.put("/es.notes/e1", json={"tag": "work"}).json()
         with reader.stream("GET", "/es.notes/_changes", params={
-                "feed": "eventsource", "heartbeat": "500"}) as feed:
+                "feed": "eventsource", "heartbeat": "500", "timeout": "90000"}) as feed:
             assert feed.headers["content-type"].startswith("text/event-stream")
             events = []
             for line in feed.iter_lines():
