@@ -574,3 +574,21 @@ def test_a_share_link_opens_its_share_database_only(alice):
         assert link.put("/share:linked/_local/cp", json={"seq": 1}).status_code == 201
         alice.api("DELETE", f"/shares/linked/links/{reader['id']}")
         assert link.get("/share:linked").status_code == 401  # unlinked: its credential is dead
+
+
+def test_a_small_all_docs_page_does_not_open_the_whole_database(alice):
+    app = add_app(alice, "page-app", "big.notes", "read")
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/big.notes/_bulk_docs", json={"docs": [
+            {"_id": f"big{i:04d}"} for i in range(600)]})
+
+        def logged() -> int:
+            return len(alice.api("GET", "/token/audit", params={
+                "tail": "100000", "principal": "app:page-app"})["entries"])
+
+        before = logged()
+        page = reader.get("/big.notes/_all_docs", params={
+            "limit": "2", "startkey": '"big0100"'}).json()
+        assert [r["id"] for r in page["rows"]] == ["big0100", "big0101"]
+        assert page["total_rows"] == 600 and page["offset"] == 100
+        assert logged() - before < 600  # a page of the range was shown to the token, not all
