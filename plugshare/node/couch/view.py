@@ -22,7 +22,9 @@ log = logging.getLogger("plugshare.couch")
 
 TokenCall = Callable[..., Awaitable[Any]]
 TOKEN_BATCH = 10_000  # documents the token takes in one command
-TOKEN_BYTES = 16 * 1024 * 1024  # about this much JSON per token command (its frames: 64 MiB)
+# About this much JSON per token command: a quarter of its 64 MiB frame cap, a margin that
+# covers msgpack's wider encodings (a float is 9 bytes, "0.5" is 3 characters).
+TOKEN_BYTES = 16 * 1024 * 1024
 SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page, at most
 MIN_SCAN = 50  # ...and at least (a page of few visible rows in a busy store)
 ALL_DOCS_PAGE = 200  # stored documents shown to the token at a time for _all_docs
@@ -33,7 +35,8 @@ UNDERSCORE_REASON = "Only reserved document ids may start with underscore."
 
 
 def json_size(doc: Any) -> int:
-    """About how many bytes `doc` takes on the wire (never fewer: non-ASCII is escaped)."""
+    """About how many bytes `doc` takes on the wire (JSON escapes non-ASCII text, so text
+    never counts for less than its UTF-8)."""
     return len(json.dumps(doc, separators=(",", ":"))) if doc is not None else 0
 
 
