@@ -639,6 +639,28 @@ def _nested(depth: int, leaf) -> list:
     return value
 
 
+def test_membership_operators_are_linear_in_the_array_and_the_list():
+    # $all and $in compare every document item with every listed value: 20,000 values against
+    # 200,000 items would be 4·10⁹ comparisons (hours). In a child process with a generous
+    # deadline; hashing makes it about a second.
+    script = (
+        "from plugshare.node.couch.mango import compile_selector\n"
+        "values = list(range(20_000))\n"
+        "doc = {'_id': 'd', 'x': list(range(1, 200_001))}\n"
+        "assert compile_selector({'x': {'$all': values}})(doc) is False\n"
+        "assert compile_selector({'x': {'$all': values[1:]}})(doc) is True\n"
+        "boxed = {'_id': 'd', 'x': [[-i] for i in range(200_000)]}\n"
+        "assert compile_selector({'x': {'$in': [[i] for i in range(1, 20_001)]}})(boxed) is False\n"
+        "assert compile_selector({'x': {'$in': [[-5.0], {'a': 1}]}})(boxed) is True\n"
+        "assert compile_selector({'x': {'$nin': [[i] for i in range(1, 20_001)]}})(boxed) is True\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_deeply_nested_document_values_compare_and_sort():
     # An app may store a value nested deeper than Python's recursion limit; comparing it
     # with a selector's literal, or sorting by it, must still answer (no RecursionError).

@@ -832,8 +832,11 @@ def _regex_test(pattern: str) -> Callable[[Any], bool]:
 # --- compilation into closures -------------------------------------------------------------
 
 
-def _hashable(value: Any) -> Any:
-    """A hash key equal for collation-equal scalars; None for arrays and objects."""
+def _hashable(value: Any, depth: int = 0) -> Any:
+    """A hash key, equal for collation-equal JSON values (1 and 1.0; not 1 and true; objects
+    key by key in order), so `$in` and `$all` test membership in a set rather than compare
+    each item with each listed value. None for a value nested deeper than a selector may be
+    (MAX_DEPTH), which therefore equals no listed value."""
     t = type(value)
     if t is str:
         return ("s", value)
@@ -843,6 +846,14 @@ def _hashable(value: Any) -> Any:
         return ("z",)
     if t is bool:
         return ("b", value)
+    if depth >= MAX_DEPTH:
+        return None
+    if t is list:
+        items = tuple(_hashable(v, depth + 1) for v in value)
+        return None if None in items else ("a", items)
+    if isinstance(value, Mapping):
+        pairs = tuple((k, _hashable(v, depth + 1)) for k, v in value.items())
+        return None if any(h is None for _, h in pairs) else ("o", pairs)
     return None
 
 
@@ -877,23 +888,9 @@ def _order_test(op: str, literal: Any) -> Predicate:
 
 
 def _membership(values: list) -> Predicate:
-    """value -> it equals one of `values` (collation equality), with a set for scalars."""
-    keys = set()
-    others = []
-    for item in values:
-        h = _hashable(item)
-        if h is None:
-            others.append(_eq_test(item))
-        else:
-            keys.add(h)
-
-    def member(v: Any) -> bool:
-        h = _hashable(v)
-        if h is not None:
-            return h in keys
-        return any(test(v) for test in others)
-
-    return member
+    """value -> it equals one of `values` (collation equality), by a set lookup."""
+    keys = {_hashable(item) for item in values}  # selector literals: never too deep
+    return lambda v: _hashable(v) in keys
 
 
 def _op_test(op: str, arg: Any) -> Predicate:
@@ -937,13 +934,13 @@ def _op_test(op: str, arg: Any) -> Predicate:
     if op == "$all":
         if not arg:
             return lambda v: False
-        wanted = [_membership([item]) for item in arg]
+        wanted = {_hashable(item) for item in arg}
         whole = _eq_test(arg[0]) if len(arg) == 1 and type(arg[0]) is list else None
 
         def has_all(v: Any) -> bool:
             if type(v) is not list:
                 return False
-            if all(any(w(x) for x in v) for w in wanted):
+            if wanted.issubset({_hashable(x) for x in v}):
                 return True
             return whole is not None and whole(v)
 
