@@ -316,6 +316,11 @@ def test_selector_depth_and_size_are_bounded():
     with pytest.raises(MangoError, match="more than"):
         compile_selector({"x": {"$in": list(range(mango.MAX_NODES + 1))}})
     compile_selector({"x": {"$in": list(range(10_000))}})  # a long list is fine
+    # Every condition costs every document a test: their number is bounded too.
+    branches = [{"_id": str(i)} for i in range(mango.MAX_CONDITIONS)]
+    compile_selector({"$or": branches})
+    with pytest.raises(MangoError, match="conditions, more than"):
+        compile_selector({"$or": branches + [{"_id": {"$elemMatch": {"$eq": 1}}}]})
 
 
 @pytest.mark.parametrize("pattern, why", [

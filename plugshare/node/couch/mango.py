@@ -86,6 +86,7 @@ NO_INDEX_WARNING = "No matching index found, create an index to optimize query t
 
 MAX_DEPTH = 32  # nesting of the selector's JSON, literals included
 MAX_NODES = 50_000  # JSON values in one selector (long `$in` lists count)
+MAX_CONDITIONS = 500  # field conditions, which every document is tested against
 MAX_SORT_FIELDS = 16
 MAX_FIELDS = 256
 MAX_BOOKMARK = 16_384
@@ -1024,7 +1025,31 @@ def _parse_selector(selector: Any) -> Any:
         return _And(())
     tree = _parse_object(selector, ())
     _check_field_names(tree)
+    _check_conditions(tree)
     return tree
+
+
+def _check_conditions(tree: Any) -> None:
+    """Refuse more than MAX_CONDITIONS field conditions: each costs every document a test
+    (a long `$in` list is one condition, tested by a set lookup)."""
+    count = 0
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (_And, _Or)):
+            stack.extend(node.items)
+            continue
+        count += 1
+        cond = node.cond
+        while isinstance(cond, _CondNot):
+            cond = cond.cond
+        if isinstance(cond, _Sub):
+            stack.append(cond.selector)
+    if count > MAX_CONDITIONS:
+        raise MangoError(
+            f"Invalid selector: {count} conditions, more than {MAX_CONDITIONS}; "
+            "use $in for a list of values", "invalid_selector",
+        )
 
 
 def compile_selector(selector: Any) -> Callable[[dict], bool]:
