@@ -317,10 +317,28 @@ def test_selector_depth_and_size_are_bounded():
         compile_selector({"x": {"$in": list(range(mango.MAX_NODES + 1))}})
     compile_selector({"x": {"$in": list(range(10_000))}})  # a long list is fine
     # Every condition costs every document a test: their number is bounded too.
-    branches = [{"_id": str(i)} for i in range(mango.MAX_CONDITIONS)]
+    branches = [{f"f{i}": {"$gt": i}} for i in range(mango.MAX_CONDITIONS)]
     compile_selector({"$or": branches})
     with pytest.raises(MangoError, match="conditions, more than"):
         compile_selector({"$or": branches + [{"_id": {"$elemMatch": {"$eq": 1}}}]})
+    # ...but equalities on one field in a $or are one set lookup, as a $in list is.
+    ids = compile_selector({"$or": [{"_id": str(i)} for i in range(10_000)] + [{"n": 1}]})
+    assert ids({"_id": "9999"}) and ids({"_id": "x", "n": 1}) and not ids({"_id": "x"})
+
+
+@pytest.mark.parametrize("selector, doc, expected", [
+    ({"$or": [{"x": 1}, {"x": [1, 2]}]}, {"x": [1, 2]}, True),  # whole value, like $eq
+    ({"$or": [{"x": 1}, {"x": [1, 2]}]}, {"x": [2, 1]}, False),
+    ({"$or": [{"x": 1}, {"x": 2.0}]}, {"x": 2}, True),
+    ({"$or": [{"x": 1}, {"x": 2}]}, {"x": True}, False),
+    ({"$or": [{"x": 1}, {"x": 2}]}, {"y": 1}, False),
+    ({"$nor": [{"x": 1}, {"x": 2}]}, {"x": 3}, True),
+    ({"$nor": [{"x": 1}, {"x": 2}]}, {"x": 2}, False),
+    ({"$nor": [{"x": 1}, {"x": 2}]}, {"y": 3}, False),  # like $ne: the field must be there
+    ({"$not": {"$or": [{"x": 1}, {"x": 2}]}}, {"x": 3}, True),
+])
+def test_or_of_equalities_keeps_its_meaning(selector, doc, expected):
+    assert matches(selector, doc) is expected
 
 
 @pytest.mark.parametrize("pattern, why", [

@@ -44,7 +44,10 @@ document's sort key values and its `_id`; the next page starts strictly after th
 (and then applies `skip`, as CouchDB does).
 
 Bounds (the selector, the query and the bookmark come from outside): a selector nests at most
-`MAX_DEPTH` levels and holds at most `MAX_NODES` JSON values; `sort` and `fields` are short;
+`MAX_DEPTH` levels, holds at most `MAX_NODES` JSON values and `MAX_CONDITIONS` field
+conditions (what each document costs: `$in` lists, and `$or` branches that are equalities on
+one field, are one set lookup each); `$in`, `$nin` and `$all` hash, so they cost a document
+the length of its array, not that times the list's; `sort` and `fields` are short;
 a bookmark is at most `MAX_BOOKMARK` characters. A `$regex` pattern is at most
 `MAX_REGEX_LENGTH` characters and `MAX_REGEX_PROGRAM` automaton steps, and is never run by
 Python's backtracking `re` (which takes seconds on `[a-z]+\\d` over a 20,000-character string):
@@ -86,7 +89,7 @@ NO_INDEX_WARNING = "No matching index found, create an index to optimize query t
 
 MAX_DEPTH = 32  # nesting of the selector's JSON, literals included
 MAX_NODES = 50_000  # JSON values in one selector (long `$in` lists count)
-MAX_CONDITIONS = 500  # field conditions, which every document is tested against
+MAX_CONDITIONS = 128  # field conditions, which every document is tested against
 MAX_SORT_FIELDS = 16
 MAX_FIELDS = 256
 MAX_BOOKMARK = 16_384
@@ -318,6 +321,7 @@ _TERMINALS = _COMPARISONS | frozenset(
 _UNSUPPORTED = frozenset(
     {"$where", "$geoWithin", "$geoIntersects", "$near", "$nearSphere", "$text", "$default"}
 )
+_EQ_ANY = "=any"  # internal: equal (as a whole, like $eq) to one of a list; not Mango syntax
 _NEGATED = {
     "$lt": "$gte", "$lte": "$gt", "$gt": "$lte", "$gte": "$lt",
     "$eq": "$ne", "$ne": "$eq", "$in": "$nin", "$nin": "$in",
@@ -395,9 +399,8 @@ def _parse_pair(key: str, value: Any, path: tuple[str, ...]) -> Any:
         items = tuple(_parse_value(item, path) for item in value)
         if key == "$and":
             return _And(items)
-        if key == "$or":
-            return _Or(items)
-        return _And(tuple(_negate(item) for item in items))
+        either = _Or(_merge_equalities(items))
+        return either if key == "$or" else _negate(either)
     if key == "$not":
         if not isinstance(value, Mapping):
             raise _bad_arg(key, value, "needs an object", path)
@@ -411,6 +414,23 @@ def _parse_pair(key: str, value: Any, path: tuple[str, ...]) -> Any:
     if key in _UNSUPPORTED:
         raise MangoError(f"Unsupported operator: {key}{_where(path)}", "not_supported")
     raise MangoError(f"Invalid operator: {key}{_where(path)}", "invalid_operator")
+
+
+def _merge_equalities(items: tuple) -> tuple:
+    """`$or` branches that are equalities on one field become one set lookup (`_EQ_ANY`):
+    `{"$or": [{"_id": "a"}, {"_id": "b"}, ...]}` costs a document one test, not one per id."""
+    values_by_path: dict[tuple[str, ...], list] = {}
+    others = []
+    for item in items:
+        if isinstance(item, _Field) and isinstance(item.cond, _Op) and item.cond.op == "$eq":
+            values_by_path.setdefault(item.path, []).append(item.cond.arg)
+        else:
+            others.append(item)
+    merged = [
+        _Field(path, _Op(_EQ_ANY, values)) if len(values) > 1 else _Field(path, _Op("$eq", values[0]))
+        for path, values in values_by_path.items()
+    ]
+    return tuple(merged + others)
 
 
 def _check_arg(op: str, arg: Any, path: tuple[str, ...]) -> Any:
@@ -903,6 +923,8 @@ def _op_test(op: str, arg: Any) -> Predicate:
         return lambda v: not eq(v)
     if op in ("$gt", "$gte", "$lt", "$lte"):
         return _order_test(op, arg)
+    if op == _EQ_ANY:
+        return _membership(arg)
     if op in ("$in", "$nin"):
         member = _membership(arg)
 
@@ -1048,7 +1070,7 @@ def _check_conditions(tree: Any) -> None:
     if count > MAX_CONDITIONS:
         raise MangoError(
             f"Invalid selector: {count} conditions, more than {MAX_CONDITIONS}; "
-            "use $in for a list of values", "invalid_selector",
+            "use $in (or $or on one field) for a list of values", "invalid_selector",
         )
 
 
