@@ -141,6 +141,13 @@ def test_bad_path_matches_nothing_not_even_exists_false():
     assert matches({"c.b": {"$exists": False}}, doc) is True  # plain missing
 
 
+@pytest.mark.parametrize("segment", ["²", "٣", "1" * 5000, "-1", "1.5", " 1"])
+def test_odd_numeric_segments_on_an_array_are_bad_paths(segment):
+    doc = {"_id": "d", "a": [10, 20]}
+    assert matches({f"a.{segment}": {"$exists": True}}, doc) is False
+    assert find({"selector": {}, "fields": [f"a.{segment}"]}, [doc])["docs"] == [{}]
+
+
 @pytest.mark.parametrize("selector, expected", [
     ({"imdb.rating": 8}, True),
     ({"imdb": {"rating": 8}}, True),

@@ -235,9 +235,14 @@ MISSING: Any = _Absent("MISSING")  # the last segment is not there
 BAD_PATH: Any = _Absent("BAD_PATH")  # the path runs into something that is not a container
 
 
+_ARRAY_INDEX = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _index(segment: str) -> int | None:
-    # CouchDB: binary_to_integer, so "01" and "+1" index too; negative is a bad path.
-    if segment and (segment.isdigit() or (segment[0] in "+-" and segment[1:].isdigit())):
+    """A path segment as an array index (CouchDB: binary_to_integer, so "01" and "+1" index
+    too; a negative one is a bad path), or None. ASCII digits only, and short: "²" or a
+    5,000-digit segment is no index (and no ValueError from int())."""
+    if _ARRAY_INDEX.fullmatch(segment):
         return int(segment)
     return None
 
