@@ -706,3 +706,51 @@ def test_deeply_nested_document_values_compare_and_sort():
     answer = find({"selector": {}, "sort": ["x"], "limit": 2, "fields": ["_id"]}, docs)
     with pytest.raises(MangoError, match="Invalid bookmark value"):
         parse_query({"selector": {}, "sort": ["x"], "bookmark": answer["bookmark"]})
+
+
+# --- anything from outside: a MangoError or an answer, never another exception ----------------
+
+OPERATOR_NAMES = [
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$exists", "$type", "$in", "$nin", "$size",
+    "$mod", "$regex", "$all", "$elemMatch", "$allMatch", "$keyMapMatch", "$and", "$or",
+    "$nor", "$not", "$beginsWith", "$where", "$text", "$foo", "$",
+]
+json_keys = st.one_of(st.sampled_from(OPERATOR_NAMES), st.sampled_from(["a", "b", "a.b", "0",
+                      "a.0", "a\\.b", "", ".", "a..b", "²", "_id", "_deleted"]), st.text(max_size=4))
+any_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False,
+              allow_infinity=False), st.text(max_size=4),
+              st.sampled_from(["(a", "a*", "^a$", "[", "\\", "number", "string"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(json_keys, inner, max_size=3)),
+    max_leaves=12,
+)
+any_doc = st.dictionaries(st.sampled_from(["a", "b", "_id", "_deleted", "a.b"]), any_json,
+                          max_size=4)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(json_keys, any_json, max_size=3), st.lists(any_doc, max_size=4))
+def test_any_selector_is_an_answer_or_a_mango_error(selector, docs):
+    try:
+        predicate = compile_selector(selector)
+    except MangoError:
+        return
+    for doc in docs:
+        assert predicate(doc) in (True, False)
+
+
+query_keys = st.sampled_from(["selector", "fields", "sort", "limit", "skip", "bookmark", "r",
+                              "use_index", "conflicts", "stale", "bogus"])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(query_keys, any_json, max_size=5), st.lists(any_doc, max_size=4))
+def test_any_query_is_an_answer_or_a_mango_error(body, docs):
+    try:
+        query = parse_query({"selector": {}, **body})
+    except MangoError:
+        return
+    answer = run(query, docs)
+    assert set(answer) == {"docs", "bookmark", "warning"}
+    json.dumps(answer)
