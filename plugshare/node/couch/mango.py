@@ -603,6 +603,23 @@ def _required_literal(items: list, flags: int) -> str:
     return best
 
 
+def _class_chars(items: list, flags: int) -> frozenset[str] | None:
+    """Exactly the characters a `[...]` of plain characters accepts, case-sensitively; None
+    for anything else (a category, a negation, a wide range, IGNORECASE)."""
+    C = _re_constants
+    if flags & C.SRE_FLAG_IGNORECASE:
+        return None
+    chars: set[str] = set()
+    for op, arg in items:
+        if op is C.LITERAL:
+            chars.add(chr(arg))
+        elif op is C.RANGE and arg[1] - arg[0] < 64:
+            chars.update(chr(o) for o in range(arg[0], arg[1] + 1))
+        else:
+            return None
+    return frozenset(chars)
+
+
 class _Program:
     """A Thompson NFA: a list of instructions, built from `re._parser`'s tree; and the
     longest run of plain characters every match contains (a fast first check)."""
@@ -613,6 +630,32 @@ class _Program:
         self._emit_sequence(list(tree), tree.state.flags)
         self.code.append((_MATCH,))
         self.required = _required_literal(list(tree), tree.state.flags)
+        self.first = self._first_chars()
+
+    def _first_chars(self) -> frozenset[str] | None:
+        """The characters a match can start with, when they are a known finite set and no
+        match is empty (assertions are taken as passing: a superset); else None."""
+        chars: set[str] = set()
+        seen: set[int] = set()
+        stack = [0]
+        while stack:
+            pc = stack.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            instruction = self.code[pc]
+            kind = instruction[0]
+            if kind == _JUMP:
+                stack.append(instruction[1])
+            elif kind == _SPLIT:
+                stack.extend(instruction[1:])
+            elif kind == _ASSERT:
+                stack.append(pc + 1)
+            elif kind == _MATCH or instruction[2] is None:
+                return None
+            else:
+                chars.update(instruction[2])
+        return frozenset(chars)
 
     def _add(self, instruction: tuple) -> int:
         if len(self.code) >= MAX_REGEX_PROGRAM:
@@ -634,16 +677,16 @@ class _Program:
             else:
                 test = lambda c: not wanted.isdisjoint(_case_variants(c, flags))  # noqa: E731
             if op is C.LITERAL:
-                self._add((_CHAR, test))
+                self._add((_CHAR, test, wanted if len(wanted) == 1 else None))
             else:
-                self._add((_CHAR, lambda c: not test(c)))
+                self._add((_CHAR, lambda c: not test(c), None))
         elif op is C.ANY:
             if flags & C.SRE_FLAG_DOTALL:
-                self._add((_CHAR, lambda c: True))
+                self._add((_CHAR, lambda c: True, None))
             else:
-                self._add((_CHAR, lambda c: c != "\n"))
+                self._add((_CHAR, lambda c: c != "\n", None))
         elif op is C.IN:
-            self._add((_CHAR, _char_class(arg, flags)))
+            self._add((_CHAR, _char_class(arg, flags), _class_chars(arg, flags)))
         elif op is C.AT:
             self._add((_ASSERT, arg, flags))
         elif op is C.SUBPATTERN:
@@ -732,8 +775,9 @@ class _Searcher:
         self.code = program.code
         self._required = program.required
         self._transitions: dict[tuple, tuple[bool, frozenset, Any]] = {}
-        self._states: dict[frozenset, frozenset] = {}  # equal position sets stored once
-        self._state_positions = 0
+        self._start: frozenset = frozenset((0,))
+        self._states: dict[frozenset, frozenset] = {self._start: self._start}  # stored once
+        self._state_positions = 1
         self._assertions = False
         # `^...` or `\A...` (not multiline): a match can only start at the beginning.
         first = self.code[0]
@@ -747,6 +791,12 @@ class _Searcher:
             if instruction[0] == _ASSERT:
                 self._assertions = True
                 _assertion_holds(instruction[1], instruction[2], _BEGIN, "a", False)
+        # From the start state, characters no match begins with lead back to it: skip them
+        # with a one-character-class `re` search (linear: nothing to backtrack over).
+        self._skip = None
+        if program.first and not self._anchored:
+            escaped = "".join(re.escape(c) for c in sorted(program.first))
+            self._skip = re.compile(f"[{escaped}]")
 
     def _closure(self, pcs: frozenset, before: Any, after: str | None, last: bool) -> set[int]:
         """The consuming positions (and MATCH) reachable from `pcs` without consuming."""
@@ -799,19 +849,30 @@ class _Searcher:
         transitions = self._transitions
         if len(transitions) > _DFA_CACHE_LIMIT:
             transitions.clear()
-        pcs: frozenset = frozenset((0,))
+        pcs = start = self._start
         before: Any = _BEGIN
-        last = len(text) - 1
-        for i, c in enumerate(text):
-            key = (pcs, before, c, i == last)
+        skip = self._skip
+        i, end = 0, len(text)
+        while i < end:
+            if pcs is start and skip is not None:
+                found = skip.search(text, i)
+                if found is None:
+                    return False  # no match can start, and none is empty
+                if found.start() != i:
+                    i = found.start()
+                    before = _before_kind(text[i - 1]) if self._assertions else None
+            c = text[i]
+            last = i == end - 1
+            key = (pcs, before, c, last)
             step = transitions.get(key)
             if step is None:
-                step = transitions[key] = self._step(pcs, before, c, i == last)
+                step = transitions[key] = self._step(pcs, before, c, last)
             matched, pcs, before = step
             if matched:
                 return True
             if not pcs:  # anchored at the start, and no way forward
                 return False
+            i += 1
         reached = self._closure(pcs, before, None, False)
         return any(self.code[pc][0] == _MATCH for pc in reached)
 
