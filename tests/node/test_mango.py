@@ -227,11 +227,17 @@ def test_documented_examples(selector, ids):
 
 # --- collation across types ---------------------------------------------------------------
 
-# CouchDB's documented collation order ("Views Collation"), strings simplified to code points.
+# CouchDB's documented collation order ("Views Collation"): types, then strings as ICU orders
+# them (symbols in CouchDB's documented ASCII order, digits, then letters without regard to
+# case or accent first, then accents, then lowercase before uppercase).
 COLLATION_ORDER = [
-    None, False, True, -3, 1, 1.5, 2, "", "A", "B", "a", "aa", "b", "é",
-    [], [None], [1], [1, 2], [1, 3], [2], ["a"], [[]], {}, {"a": 1}, {"a": 2}, {"b": 1},
-    {"b": 1, "c": 0},
+    None, False, True, -3, 1, 1.5, 2,
+    "", " ", "`", "_", "-", "!", "\"", "[", "{", "@", "&", "+", "~", "$", "0", "9",
+    "a", "A", "aa", "ab", "Ab", "abc", "Abc", "ABC", "abc1", "AbcZZZZZ", "b", "B", "ba", "bb",
+    "e", "é", "É", "f", "z", "Z", "ω",
+    [], [None], [1], [1, 2], [1, 3], [2], ["a"], ["b"], ["b", "c"], ["b", "c", "a"],
+    ["b", "d"], [[]], {}, {"a": 1}, {"a": 2}, {"b": 1}, {"b": 2}, {"b": 2, "a": 1},
+    {"b": 2, "c": 2},
 ]
 
 
@@ -243,6 +249,19 @@ def test_collation_orders_every_pair():
             assert not matches({"x": {"$lte": low}}, doc), (high, low)
             assert matches({"x": {"$ne": low}}, doc), (high, low)
             assert not matches({"x": {"$lt": low}}, doc), (high, low)
+
+
+def test_collation_sorts_strings_like_couchdb_and_ids_raw():
+    words = ["b", "B", "aa", "A", "a", "é", "e", "ABC", "abc1", "Abc", "abc", "~", "1"]
+    docs = [{"_id": w, "w": w} for w in words]
+    by_word = find({"selector": {}, "sort": ["w"], "fields": ["w"], "limit": 99}, docs)
+    assert [d["w"] for d in by_word["docs"]] == [
+        "~", "1", "a", "A", "aa", "abc", "Abc", "ABC", "abc1", "b", "B", "e", "é"]
+    # _id is compared and sorted raw, by code point, as CouchDB's _all_docs does.
+    by_id = find({"selector": {"_id": {"$gt": "B"}}, "fields": ["_id"], "limit": 99}, docs)
+    assert [d["_id"] for d in by_id["docs"]] == ["a", "aa", "abc", "abc1", "b", "e", "~", "é"]
+    assert [d["_id"] for d in find({"selector": {}, "sort": ["_id"], "limit": 3}, docs)[
+        "docs"]] == ["1", "A", "ABC"]
 
 
 def test_numbers_compare_by_value_and_booleans_are_not_numbers():
@@ -754,3 +773,81 @@ def test_any_query_is_an_answer_or_a_mango_error(body, docs):
     answer = run(query, docs)
     assert set(answer) == {"docs", "bookmark", "warning"}
     json.dumps(answer)
+
+
+# --- CouchDB's own integration cases (test/elixir/test/mango/03_operator_test.exs and
+# src/mango/test/{17-multi-type-value,21-empty-selector}-tests.py), on the fields of their
+# user documents those cases read ------------------------------------------------------------
+
+USERS = [
+    {"user_id": 0, "manager": False, "favorites": ["Ruby", "C", "Python"], "age": 48, "twitter": "@stephaniekirkland", "location": {"state": "Nevada"}},  # noqa: E501
+    {"user_id": 1, "manager": False, "favorites": ["Ruby", "Python", "C", {"Versions": {"Alpha": "Beta"}}], "age": 31, "twitter": "@abbottwatson", "location": {"state": "Connecticut"}},  # noqa: E501
+    {"user_id": 2, "manager": True, "favorites": ["Lisp", "Python", "Erlang"], "age": 42, "location": {"state": "New Mexico"}},  # noqa: E501
+    {"user_id": 3, "manager": True, "favorites": [["Lisp", "Erlang", "Python"], "Erlang", "C", "Erlang"], "age": 79, "location": {"state": "Utah"}},  # noqa: E501
+    {"user_id": 4, "manager": False, "favorites": ["Lisp", "C", "Ruby", "Ruby"], "age": 61, "twitter": "@nonahorton", "location": {"state": "Georgia"}},  # noqa: E501
+    {"user_id": 5, "manager": True, "favorites": ["Lisp", "Lisp"], "age": 73, "location": {"state": "Michigan"}},  # noqa: E501
+    {"user_id": 6, "manager": True, "favorites": ["C", "Lisp", "Ruby", "C"], "age": 47, "location": {"state": "Illinois"}},  # noqa: E501
+    {"user_id": 7, "manager": True, "favorites": ["C", "C", "Ruby", "Ruby", "Erlang"], "age": 33, "ordered": None, "location": {"state": "Iowa"}},  # noqa: E501
+    {"user_id": 8, "manager": True, "favorites": None, "age": 68, "ordered": False, "location": {"state": "Maine"}},  # noqa: E501
+    {"user_id": 9, "manager": True, "favorites": ["Lisp", "Erlang", "Python"], "age": 22, "twitter": None, "ordered": True, "location": {"state": "Missouri"}},  # noqa: E501
+    {"user_id": 10, "manager": True, "favorites": ["Erlang", "Erlang"], "age": 43, "ordered": 9, "location": {"state": "New Hampshire"}},  # noqa: E501
+    {"user_id": 11, "manager": True, "favorites": ["Ruby", "Lisp", "C", "C++", "C++"], "age": 75, "ordered": 10000, "location": {"state": "Hawaii"}},  # noqa: E501
+    {"user_id": 12, "manager": True, "favorites": ["C", "Python", "Lisp"], "age": 71, "ordered": "a", "location": {"state": "Pennsylvania"}},  # noqa: E501
+    {"user_id": 13, "manager": False, "favorites": ["C", "Ruby", "Ruby"], "age": 78, "twitter": "@whitleyharvey", "ordered": "A", "location": {"state": "Minnesota"}},  # noqa: E501
+    {"user_id": 14, "favorites": ["Erlang", "Python", "Lisp"], "age": 51, "ordered": "aa", "location": {"state": "North Dakota"}},  # noqa: E501
+]
+USERS = [{"_id": f"u{u['user_id']:02}", **u} for u in USERS]
+
+
+@pytest.mark.parametrize("selector, user_ids", [
+    ({"manager": True, "favorites": {"$all": ["Lisp", "Python"]}}, [2, 9, 12]),
+    ({"manager": True, "location": {"$all": ["Ohai"]}}, []),
+    ({"manager": True, "favorites": {"$in": ["Ruby", "Python"]}}, [2, 6, 7, 9, 11, 12]),
+    ({"manager": True, "favorites": {"$nin": ["Erlang", "Python"]}}, [5, 6, 8, 11]),
+    ({"age": {"$gt": 40}, "location.state": {"$regex": "(?i)new.*"}}, [2, 10]),
+    ({"age": {"$gt": 0}, "twitter": {"$exists": False}}, [2, 3, 5, 6, 7, 8, 10, 11, 12, 14]),
+    ({"age": {"$gt": 0}, "twitter": None}, [9]),
+    ({"twitter": {"$ne": "notamatch"}}, [0, 1, 4, 9, 13]),
+    ({"twitter": {"$lte": None}}, [9]),
+    ({"twitter": {"$and": [{"$lte": "@z"}, {"$ne": None}]}}, [0, 1, 4, 13]),
+    ({"twitter": {"$gte": None}}, [0, 1, 4, 9, 13]),
+    ({"twitter": {"$exists": False}}, [2, 3, 5, 6, 7, 8, 10, 11, 12, 14]),
+    ({"twitter": {"$lt": 1}}, [9]),
+    ({"twitter": {"$lte": 1}}, [9]),
+    ({"location.state": {"$beginsWith": "New"}}, [2, 10]),
+    ({"location.state": {"$beginsWith": "New "}}, [2, 10]),
+    ({"location.state": {"$beginsWith": "Foo"}}, []),
+    ({"location.state": {"$beginsWith": " New"}}, []),
+    # ICU collation, which CouchDB uses: "a" < "A" < "aa" (not code point order: "A" < "a")
+    ({"ordered": {"$lte": "a"}}, [7, 8, 9, 10, 11, 12]),
+    ({"ordered": {"$gte": "a"}}, [12, 13, 14]),
+    ({"age": 22, "$or": []}, [9]),
+    ({"age": 22, "company": {"$in": []}}, []),
+    ({"age": 22, "$and": []}, [9]),
+    ({"age": 22, "favorites": {"$all": []}}, []),
+    ({"age": 22, "$and": [{"favorites": {"$all": []}}]}, []),
+    ({"favorites": {"$nin": []}}, list(range(15))),
+])
+def test_couchdb_operator_cases(selector, user_ids):
+    answer = find({"selector": selector, "limit": 100}, USERS)
+    assert sorted(d["user_id"] for d in answer["docs"]) == user_ids
+
+
+def test_couchdb_multi_type_and_keymap_cases():
+    docs = [
+        {"_id": "1", "name": "Jimi", "age": 10}, {"_id": "2", "name": {"forename": "Eddie"}, "age": 20},
+        {"_id": "3", "name": None, "age": 30}, {"_id": "4", "name": 1, "age": 40},
+        {"_id": "5", "forename": "Sam", "age": 50},
+    ]
+    ids = lambda selector: [d["_id"] for d in find({"selector": selector}, docs)["docs"]]  # noqa: E731
+    assert ids({"name": {"$exists": True}}) == ["1", "2", "3", "4"]
+    assert ids({"name.forename": {"$exists": True}}) == ["2"]
+    assert ids({"name": {"$gte": 0}}) == ["1", "2", "4"]
+    assert ids({"age": {"$gte": 0, "$lt": 40}, "name": {"$gte": 0}}) == ["1", "2"]
+    maps = [{"_id": "a", "foo": {"aa": "bar", "bb": "bang"}},
+            {"_id": "b", "foo": {"cc": "bar", "bb": "bang"}}]
+    assert [d["_id"] for d in find({"selector": {"foo": {"$keyMapMatch": {"$eq": "aa"}}}},
+                                   maps)["docs"]] == ["a"]
+    for prefix in (123, True, [], {}):
+        with pytest.raises(MangoError):
+            compile_selector({"location.state": {"$beginsWith": prefix}})

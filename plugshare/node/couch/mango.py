@@ -19,15 +19,18 @@ The semantics follow apache/couchdb's mango_selector.erl:
   - `$eq $ne $gt $gte $lt $lte` compare by CouchDB's collation across types:
     null < false < true < numbers < strings < arrays < objects (arrays element by element,
     then shorter first; objects key then value pair by pair, then fewer keys first), so
-    `{"$gt": 5}` also matches every string, array and object;
+    `{"$gt": 5}` also matches every string, array and object (strings: see below);
   - `$in` on an array field matches when any element equals any argument; `$in: []` matches
     nothing, `$nin: []` everything, `$and: []` and `$or: []` everything, `$all: []` nothing;
   - `$elemMatch` (any element), `$allMatch` (a non-empty array whose every element matches),
     `$keyMapMatch` (any key of an object) apply a sub-selector to the element or key itself;
   - `$mod` needs an integer field (CouchDB's `rem`: the remainder has the sign of the field).
 Simplifications, on purpose:
-  - strings collate by Unicode code point, not by CouchDB's ICU (UCA) collation: "B" < "a"
-    here, "a" < "B" in CouchDB; equality is the same;
+  - strings collate by an approximation of CouchDB's ICU (UCA) collation, not ICU itself:
+    symbols (ASCII in CouchDB's documented order) < digits < letters, compared without
+    regard to case and accents, then accents, then case, lowercase first ("a" < "A" < "aa" <
+    "b"); ICU's finer rules for other scripts and contractions are not reproduced; `_id`
+    compares and sorts raw, by code point, as in CouchDB; equality is exact either way;
   - `$all` and `$in` compare by collation equality (1 == 1.0), CouchDB's `$all` by exact terms;
   - `$regex` is Python's syntax (close to PCRE for everyday patterns), unanchored like
     CouchDB's `re:run`, matched in linear time (see "regular expressions" below);
@@ -68,6 +71,7 @@ import heapq
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 
 # Python's own regular-expression parser (private, stable since 3.11): $regex has Python's
@@ -131,8 +135,39 @@ def _rank(value: Any) -> int:
     return _RANK_OBJECT
 
 
-def json_compare(a: Any, b: Any) -> int:
-    """-1, 0 or 1: CouchDB's collation of two JSON values (strings by code point; 1 == 1.0).
+# Strings collate like CouchDB's ICU (Unicode Collation Algorithm) default, approximately:
+# symbols before digits before letters (ASCII in the order CouchDB documents), letters
+# without regard to case or accents first, then accents, then case with lowercase first
+# ("a" < "A" < "aa" < "b"); code point order only breaks what is left. `_id` compares raw
+# (code points), as CouchDB's does.
+_ASCII_SYMBOLS = " `^_-,;:!?.'\"()[]{}@*/\\&#%+<=>|~$"  # CouchDB's documented order
+_PRIMARY = str.maketrans(
+    {**{c: "\x01" for c in range(32)}, 127: "\x01",
+     **{ord(ch): chr(2 + i) for i, ch in enumerate(_ASCII_SYMBOLS)},
+     **{c: chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}}
+)
+_CASE = str.maketrans({c: "1" if "A" <= chr(c) <= "Z" else "0" for c in range(128)})
+
+
+def _text_key(s: str) -> tuple:
+    """A sort key for a string, approximating CouchDB's ICU collation (see above)."""
+    if s.isascii():
+        return (s.translate(_PRIMARY), "", s.translate(_CASE), s)
+    base: list[str] = []
+    marks: list[str] = []
+    for c in unicodedata.normalize("NFD", s):
+        (marks if unicodedata.combining(c) else base).append(c)
+    primary = "".join(c.translate(_PRIMARY) if c.isascii() else c.lower() for c in base)
+    case = "".join("1" if c.isupper() else "0" for c in base)
+    return (primary, "".join(marks), case, s)
+
+
+def _raw_text_key(s: str) -> str:
+    return s
+
+
+def json_compare(a: Any, b: Any, text_key: Callable[[str], Any] = _text_key) -> int:
+    """-1, 0 or 1: CouchDB's collation of two JSON values (strings by `text_key`; 1 == 1.0).
     Iterative, so a value nested deeper than Python's recursion limit still compares."""
     stack: list = [(a, b)]
     while stack:
@@ -155,6 +190,8 @@ def json_compare(a: Any, b: Any) -> int:
                 stack.append((vx, vy))
                 stack.append((kx, ky))  # keys first, then their values
         elif x != y:
+            if rx == _RANK_STRING:
+                x, y = text_key(x), text_key(y)
             return -1 if x < y else 1
     return 0
 
@@ -166,27 +203,30 @@ _LENGTHS: Any = object()  # a marker on json_compare's stack
 class _Deep:
     """An array or object in a sort key, ordered by `json_compare`."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "text_key")
 
-    def __init__(self, value: Any):
+    def __init__(self, value: Any, text_key: Callable[[str], Any]):
         self.value = value
+        self.text_key = text_key
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Deep) and json_compare(self.value, other.value) == 0
 
     def __lt__(self, other: _Deep) -> bool:
-        return json_compare(self.value, other.value) < 0
+        return json_compare(self.value, other.value, self.text_key) < 0
 
     __hash__ = None  # type: ignore[assignment]
 
 
-def collation_key(value: Any) -> tuple:
+def collation_key(value: Any, text_key: Callable[[str], Any] = _text_key) -> tuple:
     """A sort key whose Python ordering is CouchDB's collation of JSON values."""
     rank = _rank(value)
     if rank >= _RANK_ARRAY:
-        return (rank, _Deep(value))
+        return (rank, _Deep(value, text_key))
     if rank == _RANK_NULL:
         return (rank,)
+    if rank == _RANK_STRING:
+        return (rank, text_key(value))
     return (rank, value)
 
 
@@ -962,20 +1002,28 @@ def _eq_test(literal: Any) -> Predicate:
     return lambda v: _rank(v) == rank and json_compare(v, literal) == 0
 
 
-def _order_test(op: str, literal: Any) -> Predicate:
+def _order_test(op: str, literal: Any, text_key: Callable[[str], Any]) -> Predicate:
     compare = {
         "$gt": lambda a, b: a > b, "$gte": lambda a, b: a >= b,
         "$lt": lambda a, b: a < b, "$lte": lambda a, b: a <= b,
     }[op]
     rank = _rank(literal)
-    if rank == _RANK_NUMBER or rank == _RANK_STRING:
-        # The common case without building keys: same rank compares values, else ranks.
-        def test(v: Any) -> bool:
+    if rank == _RANK_NUMBER:
+        # The common cases without building keys: same rank compares values, else ranks.
+        def number(v: Any) -> bool:
             r = _rank(v)
             return compare(v, literal) if r == rank else compare(r, rank)
 
-        return test
-    return lambda v: compare(json_compare(v, literal), 0)
+        return number
+    if rank == _RANK_STRING:
+        key = text_key(literal)
+
+        def text(v: Any) -> bool:
+            r = _rank(v)
+            return compare(text_key(v), key) if r == rank else compare(r, rank)
+
+        return text
+    return lambda v: compare(json_compare(v, literal, text_key), 0)
 
 
 def _membership(values: list) -> Predicate:
@@ -984,15 +1032,15 @@ def _membership(values: list) -> Predicate:
     return lambda v: _hashable(v) in keys
 
 
-def _op_test(op: str, arg: Any) -> Predicate:
-    """The test of one operator on a value that is present."""
+def _op_test(op: str, arg: Any, text_key: Callable[[str], Any]) -> Predicate:
+    """The test of one operator on a value that is present, strings ordered by `text_key`."""
     if op == "$eq":
         return _eq_test(arg)
     if op == "$ne":
         eq = _eq_test(arg)
         return lambda v: not eq(v)
     if op in ("$gt", "$gte", "$lt", "$lte"):
-        return _order_test(op, arg)
+        return _order_test(op, arg, text_key)
     if op == _EQ_ANY:
         return _membership(arg)
     if op in ("$in", "$nin"):
@@ -1041,11 +1089,11 @@ def _op_test(op: str, arg: Any) -> Predicate:
     raise AssertionError(op)  # _check_arg let through an operator this does not know
 
 
-def _cond_test(cond: Any) -> Predicate:
+def _cond_test(cond: Any, text_key: Callable[[str], Any]) -> Predicate:
     if isinstance(cond, _Op):
-        return _op_test(cond.op, cond.arg)
+        return _op_test(cond.op, cond.arg, text_key)
     if isinstance(cond, _CondNot):
-        inner = _cond_test(cond.cond)
+        inner = _cond_test(cond.cond, text_key)
         return lambda v: not inner(v)
     sub = _compile_tree(cond.selector)
     if cond.op == "$elemMatch":
@@ -1072,7 +1120,8 @@ def _compile_tree(node: Any) -> Predicate:
             return lambda value: True  # CouchDB: an empty $or matches
         return lambda value: any(p(value) for p in preds)
     get = _getter(node.path)
-    test = _cond_test(node.cond)
+    # CouchDB compares `_id` raw (by code point), every other string by collation.
+    test = _cond_test(node.cond, _raw_text_key if node.path == ("_id",) else _text_key)
     # A missing field matches only an exact {"$exists": false}; a bad path matches nothing.
     when_missing = node.cond == _Op("$exists", False)
 
@@ -1382,6 +1431,7 @@ def run(query: Query, docs: Iterable[dict]) -> dict:
         page = [((), d) for d in pick(wanted, live, key=by_id)][query.skip:]
     else:
         getters = [_getter(p) for p in paths]
+        text_keys = [_raw_text_key if p == ("_id",) else _text_key for p in paths]
 
         def keyed() -> Iterable[tuple[tuple, dict]]:
             for doc in live:
@@ -1389,12 +1439,16 @@ def run(query: Query, docs: Iterable[dict]) -> dict:
                 # A JSON index on the sort fields holds only documents that have them.
                 if any(v is MISSING or v is BAD_PATH for v in values):
                     continue
-                key = tuple(collation_key(v) for v in values) + (str(doc.get("_id", "")),)
+                key = tuple(collation_key(v, k) for v, k in zip(values, text_keys)) + (
+                    str(doc.get("_id", "")),
+                )
                 yield key, (values, doc)
 
         candidates: Iterable = keyed()
         if query.bookmark is not None:
-            start = tuple(collation_key(v) for v in query.bookmark.values) + (
+            start = tuple(
+                collation_key(v, k) for v, k in zip(query.bookmark.values, text_keys)
+            ) + (
                 query.bookmark.doc_id,
             )
             if query.descending:
