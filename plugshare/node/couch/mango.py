@@ -476,7 +476,7 @@ def _merge_equalities(items: tuple) -> tuple:
         else:
             others.append(item)
     merged = [
-        _Field(path, _Op(_EQ_ANY, values)) if len(values) > 1 else _Field(path, _Op("$eq", values[0]))
+        _Field(path, _Op(_EQ_ANY, values) if len(values) > 1 else _Op("$eq", values[0]))
         for path, values in values_by_path.items()
     ]
     return tuple(merged + others)
