@@ -545,13 +545,13 @@ def _negate_cond(cond: Any) -> Any:
 
 _CHAR, _SPLIT, _JUMP, _ASSERT, _MATCH = range(5)
 MAX_REGEX_PROGRAM = 1_024  # NFA instructions (`x{500}` is 500 of them)
-_DFA_CACHE_LIMIT = 50_000  # cached transitions per pattern before the cache starts afresh
+_DFA_CACHE_LIMIT = 20_000  # cached transitions per pattern before the cache starts afresh
 # A DFA can have exponentially many states (`(a|b)*a(a|b){60}`: one more per character of a
 # random a/b string, each costing ~50 µs to build): a pattern past these bounds is refused
 # as too costly, rather than run for minutes over a large document. Everyday patterns have
 # a few dozen states.
 MAX_DFA_STATES = 10_000
-MAX_DFA_STATE_POSITIONS = 500_000  # NFA positions held in all states together
+MAX_DFA_STATE_POSITIONS = 200_000  # NFA positions held in all states together
 _ASCII_SPACE = frozenset(" \t\n\r\f\v")
 
 
