@@ -854,3 +854,36 @@ def test_couchdb_multi_type_and_keymap_cases():
     for prefix in (123, True, [], {}):
         with pytest.raises(MangoError):
             compile_selector({"location.state": {"$beginsWith": prefix}})
+
+
+# CouchDB's mango_selector unit cases for objects and combinators: each selector against
+# documents in order; MISSING_X stands for a document without "x".
+MISSING_X = object()
+X_OBJECTS = [MISSING_X, {}, {"a": 1}, {"a": 1, "b": 2}, []]
+X_NUMBERS = [6, 2, 9, MISSING_X]
+X_FALSY = [0, False, [], MISSING_X]
+RANGE_AND = {"$and": [{"$gt": 3}, {"$lt": 7}]}
+RANGE_OR = {"$or": [{"$lt": 3}, {"$gt": 7}]}
+
+
+@pytest.mark.parametrize("selector, values, expected", [
+    ({}, X_OBJECTS, [True] * 5),
+    ({"x": {}}, X_OBJECTS, [False, True, False, False, False]),
+    ({"$not": {"x": {}}}, X_OBJECTS, [False, False, True, True, True]),
+    ({"x": {"a": 1}}, X_OBJECTS, [False, False, True, True, False]),
+    ({"x": {"a": 1, "b": 2}}, X_OBJECTS, [False, False, False, True, False]),
+    ({"x.b": 2}, X_OBJECTS, [False, False, False, True, False]),
+    ({"x": {"$and": []}}, X_FALSY, [True] * 4),
+    ({"x": {"$not": {"$and": []}}}, X_FALSY, [True] * 4),
+    ({"x": {"$or": []}}, X_FALSY, [True] * 4),
+    ({"x": {"$not": {"$or": []}}}, X_FALSY, [True] * 4),
+    ({"x": {"$nor": []}}, X_FALSY, [True] * 4),
+    ({"x": RANGE_AND}, X_NUMBERS, [True, False, False, False]),
+    ({"x": {"$not": RANGE_AND}}, X_NUMBERS, [False, True, True, False]),
+    ({"x": RANGE_OR}, X_NUMBERS, [False, True, True, False]),
+    ({"x": {"$not": RANGE_OR}}, X_NUMBERS, [True, False, False, False]),
+    ({"x": {"$nor": RANGE_OR["$or"]}}, X_NUMBERS, [True, False, False, False]),
+])
+def test_couchdb_object_and_combinator_cases(selector, values, expected):
+    docs = [{"_id": "d"} if v is MISSING_X else {"_id": "d", "x": v} for v in values]
+    assert [matches(selector, doc) for doc in docs] == expected
