@@ -887,3 +887,21 @@ RANGE_OR = {"$or": [{"$lt": 3}, {"$gt": 7}]}
 def test_couchdb_object_and_combinator_cases(selector, values, expected):
     docs = [{"_id": "d"} if v is MISSING_X else {"_id": "d", "x": v} for v in values]
     assert [matches(selector, doc) for doc in docs] == expected
+
+
+def test_lone_surrogates_in_documents_are_handled():
+    # JSON allows "\ud800"; Python's json decodes it into a str that UTF-8 cannot encode.
+    docs = [{"_id": "a\ud800", "w": "\udfff"}, {"_id": "b", "w": "x"}]
+    answer = find({"selector": {"w": {"$gt": ""}}, "sort": ["w"], "limit": 1}, docs)
+    assert [d["_id"] for d in answer["docs"]] == ["b"]
+    rest = find({"selector": {"w": {"$gt": ""}}, "sort": ["w"], "bookmark": answer["bookmark"]},
+                docs)
+    assert [d["_id"] for d in rest["docs"]] == ["a\ud800"]
+    again = find({"selector": {}, "limit": 1, "bookmark": rest["bookmark"][:0] or None}, docs)
+    assert [d["_id"] for d in again["docs"]] == ["a\ud800"]
+    last = find({"selector": {}, "limit": 1}, docs)
+    assert find({"selector": {}, "bookmark": last["bookmark"]}, docs)["docs"][0]["_id"] == "b"
+    assert matches({"w": {"$regex": "\udfff"}}, docs[0])
+    with pytest.raises(MangoError) as caught:
+        compile_selector({"$\ud800": 1})
+    str(caught.value).encode("utf-8")  # the message can go into an answer

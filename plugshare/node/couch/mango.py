@@ -110,6 +110,9 @@ class MangoError(ValueError):
     """A query or selector that is not valid Mango. `error` is CouchDB's error name."""
 
     def __init__(self, reason: str, error: str = "bad_request"):
+        # A lone surrogate from the request ("\ud800" is valid JSON) would make the answer
+        # unencodable as UTF-8: shown escaped instead.
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(reason)
         self.reason = reason
         self.error = error
@@ -1309,14 +1312,14 @@ def encode_bookmark(sort: tuple[str, ...], descending: bool, values: tuple, doc_
     try:
         _check_size(list(values))
         payload["key"] = list(values)
-        raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        raw = json.dumps(payload, separators=(",", ":")).encode()  # ASCII (\u escapes)
         text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
         if len(text) <= MAX_BOOKMARK:
             return text
     except MangoError:
         pass
     payload["key"] = None
-    raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    raw = json.dumps(payload, separators=(",", ":")).encode()  # ASCII (\u escapes)
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
