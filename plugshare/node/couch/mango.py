@@ -538,8 +538,9 @@ def _negate_cond(cond: Any) -> Any:
 # --- regular expressions: a linear-time matcher ----------------------------------------------
 #
 # Python's `re` backtracks: `[a-z]+\d` takes seconds on a 20,000-character string and
-# `\w*\d\w*\d!` minutes, all of it holding the event loop. So `$regex` never runs `re` on a
-# document. The pattern is parsed by Python's own parser (`re._parser`: same syntax, same
+# `\w*\d\w*\d!` minutes, all of it holding the event loop. So `$regex` never runs the
+# pattern with `re` (its one use of `re` on a document finds the next character of a set,
+# which cannot backtrack). The pattern is parsed by Python's own parser (`re._parser`: same syntax, same
 # errors), compiled into a Thompson NFA, and searched by a lazily built DFA whose transitions
 # are cached per (state, character): time linear in the string, whatever the pattern.
 # Back-references, look-around, conditionals, atomic groups and possessive repeats (which no
