@@ -141,6 +141,13 @@ def test_bad_path_matches_nothing_not_even_exists_false():
     assert matches({"c.b": {"$exists": False}}, doc) is True  # plain missing
 
 
+@pytest.mark.parametrize("segment", ["²", "٣", "1" * 5000, "-1", "1.5", " 1"])
+def test_odd_numeric_segments_on_an_array_are_bad_paths(segment):
+    doc = {"_id": "d", "a": [10, 20]}
+    assert matches({f"a.{segment}": {"$exists": True}}, doc) is False
+    assert find({"selector": {}, "fields": [f"a.{segment}"]}, [doc])["docs"] == [{}]
+
+
 @pytest.mark.parametrize("selector, expected", [
     ({"imdb.rating": 8}, True),
     ({"imdb": {"rating": 8}}, True),
@@ -220,11 +227,17 @@ def test_documented_examples(selector, ids):
 
 # --- collation across types ---------------------------------------------------------------
 
-# CouchDB's documented collation order ("Views Collation"), strings simplified to code points.
+# CouchDB's documented collation order ("Views Collation"): types, then strings as ICU orders
+# them (symbols in CouchDB's documented ASCII order, digits, then letters without regard to
+# case or accent first, then accents, then lowercase before uppercase).
 COLLATION_ORDER = [
-    None, False, True, -3, 1, 1.5, 2, "", "A", "B", "a", "aa", "b", "é",
-    [], [None], [1], [1, 2], [1, 3], [2], ["a"], [[]], {}, {"a": 1}, {"a": 2}, {"b": 1},
-    {"b": 1, "c": 0},
+    None, False, True, -3, 1, 1.5, 2,
+    "", " ", "`", "_", "-", "!", "\"", "[", "{", "@", "&", "+", "~", "$", "0", "9",
+    "a", "A", "aa", "ab", "Ab", "abc", "Abc", "ABC", "abc1", "AbcZZZZZ", "b", "B", "ba", "bb",
+    "e", "é", "É", "f", "z", "Z", "ω",
+    [], [None], [1], [1, 2], [1, 3], [2], ["a"], ["b"], ["b", "c"], ["b", "c", "a"],
+    ["b", "d"], [[]], {}, {"a": 1}, {"a": 2}, {"b": 1}, {"b": 2}, {"b": 2, "a": 1},
+    {"b": 2, "c": 2},
 ]
 
 
@@ -236,6 +249,19 @@ def test_collation_orders_every_pair():
             assert not matches({"x": {"$lte": low}}, doc), (high, low)
             assert matches({"x": {"$ne": low}}, doc), (high, low)
             assert not matches({"x": {"$lt": low}}, doc), (high, low)
+
+
+def test_collation_sorts_strings_like_couchdb_and_ids_raw():
+    words = ["b", "B", "aa", "A", "a", "é", "e", "ABC", "abc1", "Abc", "abc", "~", "1"]
+    docs = [{"_id": w, "w": w} for w in words]
+    by_word = find({"selector": {}, "sort": ["w"], "fields": ["w"], "limit": 99}, docs)
+    assert [d["w"] for d in by_word["docs"]] == [
+        "~", "1", "a", "A", "aa", "abc", "Abc", "ABC", "abc1", "b", "B", "e", "é"]
+    # _id is compared and sorted raw, by code point, as CouchDB's _all_docs does.
+    by_id = find({"selector": {"_id": {"$gt": "B"}}, "fields": ["_id"], "limit": 99}, docs)
+    assert [d["_id"] for d in by_id["docs"]] == ["a", "aa", "abc", "abc1", "b", "e", "~", "é"]
+    assert [d["_id"] for d in find({"selector": {}, "sort": ["_id"], "limit": 3}, docs)[
+        "docs"]] == ["1", "A", "ABC"]
 
 
 def test_numbers_compare_by_value_and_booleans_are_not_numbers():
@@ -316,6 +342,29 @@ def test_selector_depth_and_size_are_bounded():
     with pytest.raises(MangoError, match="more than"):
         compile_selector({"x": {"$in": list(range(mango.MAX_NODES + 1))}})
     compile_selector({"x": {"$in": list(range(10_000))}})  # a long list is fine
+    # Every condition costs every document a test: their number is bounded too.
+    branches = [{f"f{i}": {"$gt": i}} for i in range(mango.MAX_CONDITIONS)]
+    compile_selector({"$or": branches})
+    with pytest.raises(MangoError, match="conditions, more than"):
+        compile_selector({"$or": branches + [{"_id": {"$elemMatch": {"$eq": 1}}}]})
+    # ...but equalities on one field in a $or are one set lookup, as a $in list is.
+    ids = compile_selector({"$or": [{"_id": str(i)} for i in range(10_000)] + [{"n": 1}]})
+    assert ids({"_id": "9999"}) and ids({"_id": "x", "n": 1}) and not ids({"_id": "x"})
+
+
+@pytest.mark.parametrize("selector, doc, expected", [
+    ({"$or": [{"x": 1}, {"x": [1, 2]}]}, {"x": [1, 2]}, True),  # whole value, like $eq
+    ({"$or": [{"x": 1}, {"x": [1, 2]}]}, {"x": [2, 1]}, False),
+    ({"$or": [{"x": 1}, {"x": 2.0}]}, {"x": 2}, True),
+    ({"$or": [{"x": 1}, {"x": 2}]}, {"x": True}, False),
+    ({"$or": [{"x": 1}, {"x": 2}]}, {"y": 1}, False),
+    ({"$nor": [{"x": 1}, {"x": 2}]}, {"x": 3}, True),
+    ({"$nor": [{"x": 1}, {"x": 2}]}, {"x": 2}, False),
+    ({"$nor": [{"x": 1}, {"x": 2}]}, {"y": 3}, False),  # like $ne: the field must be there
+    ({"$not": {"$or": [{"x": 1}, {"x": 2}]}}, {"x": 3}, True),
+])
+def test_or_of_equalities_keeps_its_meaning(selector, doc, expected):
+    assert matches(selector, doc) is expected
 
 
 @pytest.mark.parametrize("pattern, why", [
@@ -639,6 +688,28 @@ def _nested(depth: int, leaf) -> list:
     return value
 
 
+def test_membership_operators_are_linear_in_the_array_and_the_list():
+    # $all and $in compare every document item with every listed value: 20,000 values against
+    # 200,000 items would be 4·10⁹ comparisons (hours). In a child process with a generous
+    # deadline; hashing makes it about a second.
+    script = (
+        "from plugshare.node.couch.mango import compile_selector\n"
+        "values = list(range(20_000))\n"
+        "doc = {'_id': 'd', 'x': list(range(1, 200_001))}\n"
+        "assert compile_selector({'x': {'$all': values}})(doc) is False\n"
+        "assert compile_selector({'x': {'$all': values[1:]}})(doc) is True\n"
+        "boxed = {'_id': 'd', 'x': [[-i] for i in range(200_000)]}\n"
+        "assert compile_selector({'x': {'$in': [[i] for i in range(1, 20_001)]}})(boxed) is False\n"
+        "assert compile_selector({'x': {'$in': [[-5.0], {'a': 1}]}})(boxed) is True\n"
+        "assert compile_selector({'x': {'$nin': [[i] for i in range(1, 20_001)]}})(boxed) is True\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_deeply_nested_document_values_compare_and_sort():
     # An app may store a value nested deeper than Python's recursion limit; comparing it
     # with a selector's literal, or sorting by it, must still answer (no RecursionError).
@@ -654,3 +725,182 @@ def test_deeply_nested_document_values_compare_and_sort():
     answer = find({"selector": {}, "sort": ["x"], "limit": 2, "fields": ["_id"]}, docs)
     with pytest.raises(MangoError, match="Invalid bookmark value"):
         parse_query({"selector": {}, "sort": ["x"], "bookmark": answer["bookmark"]})
+
+
+# --- anything from outside: a MangoError or an answer, never another exception ----------------
+
+OPERATOR_NAMES = [
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$exists", "$type", "$in", "$nin", "$size",
+    "$mod", "$regex", "$all", "$elemMatch", "$allMatch", "$keyMapMatch", "$and", "$or",
+    "$nor", "$not", "$beginsWith", "$where", "$text", "$foo", "$",
+]
+json_keys = st.one_of(
+    st.sampled_from(OPERATOR_NAMES),
+    st.sampled_from(["a", "b", "a.b", "0", "a.0", "a\\.b", "", ".", "a..b", "²", "_id"]),
+    st.text(max_size=4),
+)
+any_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False,
+              allow_infinity=False), st.text(max_size=4),
+              st.sampled_from(["(a", "a*", "^a$", "[", "\\", "number", "string"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(json_keys, inner, max_size=3)),
+    max_leaves=12,
+)
+any_doc = st.dictionaries(st.sampled_from(["a", "b", "_id", "_deleted", "a.b"]), any_json,
+                          max_size=4)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(json_keys, any_json, max_size=3), st.lists(any_doc, max_size=4))
+def test_any_selector_is_an_answer_or_a_mango_error(selector, docs):
+    try:
+        predicate = compile_selector(selector)
+    except MangoError:
+        return
+    for doc in docs:
+        assert predicate(doc) in (True, False)
+
+
+query_keys = st.sampled_from(["selector", "fields", "sort", "limit", "skip", "bookmark", "r",
+                              "use_index", "conflicts", "stale", "bogus"])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(query_keys, any_json, max_size=5), st.lists(any_doc, max_size=4))
+def test_any_query_is_an_answer_or_a_mango_error(body, docs):
+    try:
+        query = parse_query({"selector": {}, **body})
+    except MangoError:
+        return
+    answer = run(query, docs)
+    assert set(answer) == {"docs", "bookmark", "warning"}
+    json.dumps(answer)
+
+
+# --- CouchDB's own integration cases (test/elixir/test/mango/03_operator_test.exs and
+# src/mango/test/{17-multi-type-value,21-empty-selector}-tests.py), on the fields of their
+# user documents those cases read ------------------------------------------------------------
+
+USERS = [
+    {"user_id": 0, "manager": False, "favorites": ["Ruby", "C", "Python"], "age": 48, "twitter": "@stephaniekirkland", "location": {"state": "Nevada"}},  # noqa: E501
+    {"user_id": 1, "manager": False, "favorites": ["Ruby", "Python", "C", {"Versions": {"Alpha": "Beta"}}], "age": 31, "twitter": "@abbottwatson", "location": {"state": "Connecticut"}},  # noqa: E501
+    {"user_id": 2, "manager": True, "favorites": ["Lisp", "Python", "Erlang"], "age": 42, "location": {"state": "New Mexico"}},  # noqa: E501
+    {"user_id": 3, "manager": True, "favorites": [["Lisp", "Erlang", "Python"], "Erlang", "C", "Erlang"], "age": 79, "location": {"state": "Utah"}},  # noqa: E501
+    {"user_id": 4, "manager": False, "favorites": ["Lisp", "C", "Ruby", "Ruby"], "age": 61, "twitter": "@nonahorton", "location": {"state": "Georgia"}},  # noqa: E501
+    {"user_id": 5, "manager": True, "favorites": ["Lisp", "Lisp"], "age": 73, "location": {"state": "Michigan"}},  # noqa: E501
+    {"user_id": 6, "manager": True, "favorites": ["C", "Lisp", "Ruby", "C"], "age": 47, "location": {"state": "Illinois"}},  # noqa: E501
+    {"user_id": 7, "manager": True, "favorites": ["C", "C", "Ruby", "Ruby", "Erlang"], "age": 33, "ordered": None, "location": {"state": "Iowa"}},  # noqa: E501
+    {"user_id": 8, "manager": True, "favorites": None, "age": 68, "ordered": False, "location": {"state": "Maine"}},  # noqa: E501
+    {"user_id": 9, "manager": True, "favorites": ["Lisp", "Erlang", "Python"], "age": 22, "twitter": None, "ordered": True, "location": {"state": "Missouri"}},  # noqa: E501
+    {"user_id": 10, "manager": True, "favorites": ["Erlang", "Erlang"], "age": 43, "ordered": 9, "location": {"state": "New Hampshire"}},  # noqa: E501
+    {"user_id": 11, "manager": True, "favorites": ["Ruby", "Lisp", "C", "C++", "C++"], "age": 75, "ordered": 10000, "location": {"state": "Hawaii"}},  # noqa: E501
+    {"user_id": 12, "manager": True, "favorites": ["C", "Python", "Lisp"], "age": 71, "ordered": "a", "location": {"state": "Pennsylvania"}},  # noqa: E501
+    {"user_id": 13, "manager": False, "favorites": ["C", "Ruby", "Ruby"], "age": 78, "twitter": "@whitleyharvey", "ordered": "A", "location": {"state": "Minnesota"}},  # noqa: E501
+    {"user_id": 14, "favorites": ["Erlang", "Python", "Lisp"], "age": 51, "ordered": "aa", "location": {"state": "North Dakota"}},  # noqa: E501
+]
+USERS = [{"_id": f"u{u['user_id']:02}", **u} for u in USERS]
+
+
+@pytest.mark.parametrize("selector, user_ids", [
+    ({"manager": True, "favorites": {"$all": ["Lisp", "Python"]}}, [2, 9, 12]),
+    ({"manager": True, "location": {"$all": ["Ohai"]}}, []),
+    ({"manager": True, "favorites": {"$in": ["Ruby", "Python"]}}, [2, 6, 7, 9, 11, 12]),
+    ({"manager": True, "favorites": {"$nin": ["Erlang", "Python"]}}, [5, 6, 8, 11]),
+    ({"age": {"$gt": 40}, "location.state": {"$regex": "(?i)new.*"}}, [2, 10]),
+    ({"age": {"$gt": 0}, "twitter": {"$exists": False}}, [2, 3, 5, 6, 7, 8, 10, 11, 12, 14]),
+    ({"age": {"$gt": 0}, "twitter": None}, [9]),
+    ({"twitter": {"$ne": "notamatch"}}, [0, 1, 4, 9, 13]),
+    ({"twitter": {"$lte": None}}, [9]),
+    ({"twitter": {"$and": [{"$lte": "@z"}, {"$ne": None}]}}, [0, 1, 4, 13]),
+    ({"twitter": {"$gte": None}}, [0, 1, 4, 9, 13]),
+    ({"twitter": {"$exists": False}}, [2, 3, 5, 6, 7, 8, 10, 11, 12, 14]),
+    ({"twitter": {"$lt": 1}}, [9]),
+    ({"twitter": {"$lte": 1}}, [9]),
+    ({"location.state": {"$beginsWith": "New"}}, [2, 10]),
+    ({"location.state": {"$beginsWith": "New "}}, [2, 10]),
+    ({"location.state": {"$beginsWith": "Foo"}}, []),
+    ({"location.state": {"$beginsWith": " New"}}, []),
+    # ICU collation, which CouchDB uses: "a" < "A" < "aa" (not code point order: "A" < "a")
+    ({"ordered": {"$lte": "a"}}, [7, 8, 9, 10, 11, 12]),
+    ({"ordered": {"$gte": "a"}}, [12, 13, 14]),
+    ({"age": 22, "$or": []}, [9]),
+    ({"age": 22, "company": {"$in": []}}, []),
+    ({"age": 22, "$and": []}, [9]),
+    ({"age": 22, "favorites": {"$all": []}}, []),
+    ({"age": 22, "$and": [{"favorites": {"$all": []}}]}, []),
+    ({"favorites": {"$nin": []}}, list(range(15))),
+])
+def test_couchdb_operator_cases(selector, user_ids):
+    answer = find({"selector": selector, "limit": 100}, USERS)
+    assert sorted(d["user_id"] for d in answer["docs"]) == user_ids
+
+
+def test_couchdb_multi_type_and_keymap_cases():
+    docs = [
+        {"_id": "1", "name": "Jimi", "age": 10}, {"_id": "2", "name": {"forename": "Eddie"}, "age": 20},
+        {"_id": "3", "name": None, "age": 30}, {"_id": "4", "name": 1, "age": 40},
+        {"_id": "5", "forename": "Sam", "age": 50},
+    ]
+    ids = lambda selector: [d["_id"] for d in find({"selector": selector}, docs)["docs"]]  # noqa: E731
+    assert ids({"name": {"$exists": True}}) == ["1", "2", "3", "4"]
+    assert ids({"name.forename": {"$exists": True}}) == ["2"]
+    assert ids({"name": {"$gte": 0}}) == ["1", "2", "4"]
+    assert ids({"age": {"$gte": 0, "$lt": 40}, "name": {"$gte": 0}}) == ["1", "2"]
+    maps = [{"_id": "a", "foo": {"aa": "bar", "bb": "bang"}},
+            {"_id": "b", "foo": {"cc": "bar", "bb": "bang"}}]
+    assert [d["_id"] for d in find({"selector": {"foo": {"$keyMapMatch": {"$eq": "aa"}}}},
+                                   maps)["docs"]] == ["a"]
+    for prefix in (123, True, [], {}):
+        with pytest.raises(MangoError):
+            compile_selector({"location.state": {"$beginsWith": prefix}})
+
+
+# CouchDB's mango_selector unit cases for objects and combinators: each selector against
+# documents in order; MISSING_X stands for a document without "x".
+MISSING_X = object()
+X_OBJECTS = [MISSING_X, {}, {"a": 1}, {"a": 1, "b": 2}, []]
+X_NUMBERS = [6, 2, 9, MISSING_X]
+X_FALSY = [0, False, [], MISSING_X]
+RANGE_AND = {"$and": [{"$gt": 3}, {"$lt": 7}]}
+RANGE_OR = {"$or": [{"$lt": 3}, {"$gt": 7}]}
+
+
+@pytest.mark.parametrize("selector, values, expected", [
+    ({}, X_OBJECTS, [True] * 5),
+    ({"x": {}}, X_OBJECTS, [False, True, False, False, False]),
+    ({"$not": {"x": {}}}, X_OBJECTS, [False, False, True, True, True]),
+    ({"x": {"a": 1}}, X_OBJECTS, [False, False, True, True, False]),
+    ({"x": {"a": 1, "b": 2}}, X_OBJECTS, [False, False, False, True, False]),
+    ({"x.b": 2}, X_OBJECTS, [False, False, False, True, False]),
+    ({"x": {"$and": []}}, X_FALSY, [True] * 4),
+    ({"x": {"$not": {"$and": []}}}, X_FALSY, [True] * 4),
+    ({"x": {"$or": []}}, X_FALSY, [True] * 4),
+    ({"x": {"$not": {"$or": []}}}, X_FALSY, [True] * 4),
+    ({"x": {"$nor": []}}, X_FALSY, [True] * 4),
+    ({"x": RANGE_AND}, X_NUMBERS, [True, False, False, False]),
+    ({"x": {"$not": RANGE_AND}}, X_NUMBERS, [False, True, True, False]),
+    ({"x": RANGE_OR}, X_NUMBERS, [False, True, True, False]),
+    ({"x": {"$not": RANGE_OR}}, X_NUMBERS, [True, False, False, False]),
+    ({"x": {"$nor": RANGE_OR["$or"]}}, X_NUMBERS, [True, False, False, False]),
+])
+def test_couchdb_object_and_combinator_cases(selector, values, expected):
+    docs = [{"_id": "d"} if v is MISSING_X else {"_id": "d", "x": v} for v in values]
+    assert [matches(selector, doc) for doc in docs] == expected
+
+
+def test_lone_surrogates_in_documents_are_handled():
+    # JSON allows "\ud800"; Python's json decodes it into a str that UTF-8 cannot encode.
+    docs = [{"_id": "a\ud800", "w": "\udfff"}, {"_id": "b", "w": "x"}]
+    answer = find({"selector": {"w": {"$gt": ""}}, "sort": ["w"], "limit": 1}, docs)
+    assert [d["_id"] for d in answer["docs"]] == ["b"]
+    rest = find({"selector": {"w": {"$gt": ""}}, "sort": ["w"], "bookmark": answer["bookmark"]},
+                docs)
+    assert [d["_id"] for d in rest["docs"]] == ["a\ud800"]
+    by_id = find({"selector": {}, "limit": 1}, docs)  # the bookmark holds the _id
+    assert [d["_id"] for d in by_id["docs"]] == ["a\ud800"]
+    assert find({"selector": {}, "bookmark": by_id["bookmark"]}, docs)["docs"][0]["_id"] == "b"
+    assert matches({"w": {"$regex": "\udfff"}}, docs[0])
+    with pytest.raises(MangoError) as caught:
+        compile_selector({"$\ud800": 1})
+    str(caught.value).encode("utf-8")  # the message can go into an answer

@@ -19,15 +19,18 @@ The semantics follow apache/couchdb's mango_selector.erl:
   - `$eq $ne $gt $gte $lt $lte` compare by CouchDB's collation across types:
     null < false < true < numbers < strings < arrays < objects (arrays element by element,
     then shorter first; objects key then value pair by pair, then fewer keys first), so
-    `{"$gt": 5}` also matches every string, array and object;
+    `{"$gt": 5}` also matches every string, array and object (strings: see below);
   - `$in` on an array field matches when any element equals any argument; `$in: []` matches
     nothing, `$nin: []` everything, `$and: []` and `$or: []` everything, `$all: []` nothing;
   - `$elemMatch` (any element), `$allMatch` (a non-empty array whose every element matches),
     `$keyMapMatch` (any key of an object) apply a sub-selector to the element or key itself;
   - `$mod` needs an integer field (CouchDB's `rem`: the remainder has the sign of the field).
 Simplifications, on purpose:
-  - strings collate by Unicode code point, not by CouchDB's ICU (UCA) collation: "B" < "a"
-    here, "a" < "B" in CouchDB; equality is the same;
+  - strings collate by an approximation of CouchDB's ICU (UCA) collation, not ICU itself:
+    symbols (ASCII in CouchDB's documented order) < digits < letters, compared without
+    regard to case and accents, then accents, then case, lowercase first ("a" < "A" < "aa" <
+    "b"); ICU's finer rules for other scripts and contractions are not reproduced; `_id`
+    compares and sorts raw, by code point, as in CouchDB; equality is exact either way;
   - `$all` and `$in` compare by collation equality (1 == 1.0), CouchDB's `$all` by exact terms;
   - `$regex` is Python's syntax (close to PCRE for everyday patterns), unanchored like
     CouchDB's `re:run`, matched in linear time (see "regular expressions" below);
@@ -44,12 +47,19 @@ document's sort key values and its `_id`; the next page starts strictly after th
 (and then applies `skip`, as CouchDB does).
 
 Bounds (the selector, the query and the bookmark come from outside): a selector nests at most
-`MAX_DEPTH` levels and holds at most `MAX_NODES` JSON values; `sort` and `fields` are short;
+`MAX_DEPTH` levels, holds at most `MAX_NODES` JSON values and `MAX_CONDITIONS` field
+conditions (what each document costs: `$in` lists, and `$or` branches that are equalities on
+one field, are one set lookup each); `$in`, `$nin` and `$all` hash, so they cost a document
+the length of its array, not that times the list's; `sort` and `fields` are short;
 a bookmark is at most `MAX_BOOKMARK` characters. A `$regex` pattern is at most
 `MAX_REGEX_LENGTH` characters and `MAX_REGEX_PROGRAM` automaton steps, and is never run by
 Python's backtracking `re` (which takes seconds on `[a-z]+\\d` over a 20,000-character string):
 it is matched by a lazily built DFA, in time linear in the string whatever the pattern; what
-no finite automaton can match (back-references, look-around, atomic groups) is refused.
+no finite automaton can match (back-references, look-around, atomic groups) is refused, and
+so is, when it happens, a pattern whose DFA grows past `MAX_DFA_STATES` states: the compiled
+predicate and `run` can therefore raise MangoError too, mid-scan. `run` is CPU work in
+proportion to the documents given (~25 ms per 100,000 for an equality; a regex ~0.3 µs a
+character): a caller on an event loop may want it in a worker thread.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ import heapq
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 
 # Python's own regular-expression parser (private, stable since 3.11): $regex has Python's
@@ -86,6 +97,7 @@ NO_INDEX_WARNING = "No matching index found, create an index to optimize query t
 
 MAX_DEPTH = 32  # nesting of the selector's JSON, literals included
 MAX_NODES = 50_000  # JSON values in one selector (long `$in` lists count)
+MAX_CONDITIONS = 128  # field conditions, which every document is tested against
 MAX_SORT_FIELDS = 16
 MAX_FIELDS = 256
 MAX_BOOKMARK = 16_384
@@ -98,6 +110,9 @@ class MangoError(ValueError):
     """A query or selector that is not valid Mango. `error` is CouchDB's error name."""
 
     def __init__(self, reason: str, error: str = "bad_request"):
+        # A lone surrogate from the request ("\ud800" is valid JSON) would make the answer
+        # unencodable as UTF-8: shown escaped instead.
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(reason)
         self.reason = reason
         self.error = error
@@ -123,8 +138,39 @@ def _rank(value: Any) -> int:
     return _RANK_OBJECT
 
 
-def json_compare(a: Any, b: Any) -> int:
-    """-1, 0 or 1: CouchDB's collation of two JSON values (strings by code point; 1 == 1.0).
+# Strings collate like CouchDB's ICU (Unicode Collation Algorithm) default, approximately:
+# symbols before digits before letters (ASCII in the order CouchDB documents), letters
+# without regard to case or accents first, then accents, then case with lowercase first
+# ("a" < "A" < "aa" < "b"); code point order only breaks what is left. `_id` compares raw
+# (code points), as CouchDB's does.
+_ASCII_SYMBOLS = " `^_-,;:!?.'\"()[]{}@*/\\&#%+<=>|~$"  # CouchDB's documented order
+_PRIMARY = str.maketrans(
+    {**{c: "\x01" for c in range(32)}, 127: "\x01",
+     **{ord(ch): chr(2 + i) for i, ch in enumerate(_ASCII_SYMBOLS)},
+     **{c: chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}}
+)
+_CASE = str.maketrans({c: "1" if "A" <= chr(c) <= "Z" else "0" for c in range(128)})
+
+
+def _text_key(s: str) -> tuple:
+    """A sort key for a string, approximating CouchDB's ICU collation (see above)."""
+    if s.isascii():
+        return (s.translate(_PRIMARY), "", s.translate(_CASE), s)
+    base: list[str] = []
+    marks: list[str] = []
+    for c in unicodedata.normalize("NFD", s):
+        (marks if unicodedata.combining(c) else base).append(c)
+    primary = "".join(c.translate(_PRIMARY) if c.isascii() else c.lower() for c in base)
+    case = "".join("1" if c.isupper() else "0" for c in base)
+    return (primary, "".join(marks), case, s)
+
+
+def _raw_text_key(s: str) -> str:
+    return s
+
+
+def json_compare(a: Any, b: Any, text_key: Callable[[str], Any] = _text_key) -> int:
+    """-1, 0 or 1: CouchDB's collation of two JSON values (strings by `text_key`; 1 == 1.0).
     Iterative, so a value nested deeper than Python's recursion limit still compares."""
     stack: list = [(a, b)]
     while stack:
@@ -147,6 +193,8 @@ def json_compare(a: Any, b: Any) -> int:
                 stack.append((vx, vy))
                 stack.append((kx, ky))  # keys first, then their values
         elif x != y:
+            if rx == _RANK_STRING:
+                x, y = text_key(x), text_key(y)
             return -1 if x < y else 1
     return 0
 
@@ -158,27 +206,30 @@ _LENGTHS: Any = object()  # a marker on json_compare's stack
 class _Deep:
     """An array or object in a sort key, ordered by `json_compare`."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "text_key")
 
-    def __init__(self, value: Any):
+    def __init__(self, value: Any, text_key: Callable[[str], Any]):
         self.value = value
+        self.text_key = text_key
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Deep) and json_compare(self.value, other.value) == 0
 
     def __lt__(self, other: _Deep) -> bool:
-        return json_compare(self.value, other.value) < 0
+        return json_compare(self.value, other.value, self.text_key) < 0
 
     __hash__ = None  # type: ignore[assignment]
 
 
-def collation_key(value: Any) -> tuple:
+def collation_key(value: Any, text_key: Callable[[str], Any] = _text_key) -> tuple:
     """A sort key whose Python ordering is CouchDB's collation of JSON values."""
     rank = _rank(value)
     if rank >= _RANK_ARRAY:
-        return (rank, _Deep(value))
+        return (rank, _Deep(value, text_key))
     if rank == _RANK_NULL:
         return (rank,)
+    if rank == _RANK_STRING:
+        return (rank, text_key(value))
     return (rank, value)
 
 
@@ -231,9 +282,14 @@ MISSING: Any = _Absent("MISSING")  # the last segment is not there
 BAD_PATH: Any = _Absent("BAD_PATH")  # the path runs into something that is not a container
 
 
+_ARRAY_INDEX = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _index(segment: str) -> int | None:
-    # CouchDB: binary_to_integer, so "01" and "+1" index too; negative is a bad path.
-    if segment and (segment.isdigit() or (segment[0] in "+-" and segment[1:].isdigit())):
+    """A path segment as an array index (CouchDB: binary_to_integer, so "01" and "+1" index
+    too; a negative one is a bad path), or None. ASCII digits only, and short: "²" or a
+    5,000-digit segment is no index (and no ValueError from int())."""
+    if _ARRAY_INDEX.fullmatch(segment):
         return int(segment)
     return None
 
@@ -317,6 +373,7 @@ _TERMINALS = _COMPARISONS | frozenset(
 _UNSUPPORTED = frozenset(
     {"$where", "$geoWithin", "$geoIntersects", "$near", "$nearSphere", "$text", "$default"}
 )
+_EQ_ANY = "=any"  # internal: equal (as a whole, like $eq) to one of a list; not Mango syntax
 _NEGATED = {
     "$lt": "$gte", "$lte": "$gt", "$gt": "$lte", "$gte": "$lt",
     "$eq": "$ne", "$ne": "$eq", "$in": "$nin", "$nin": "$in",
@@ -394,9 +451,8 @@ def _parse_pair(key: str, value: Any, path: tuple[str, ...]) -> Any:
         items = tuple(_parse_value(item, path) for item in value)
         if key == "$and":
             return _And(items)
-        if key == "$or":
-            return _Or(items)
-        return _And(tuple(_negate(item) for item in items))
+        either = _Or(_merge_equalities(items))
+        return either if key == "$or" else _negate(either)
     if key == "$not":
         if not isinstance(value, Mapping):
             raise _bad_arg(key, value, "needs an object", path)
@@ -410,6 +466,23 @@ def _parse_pair(key: str, value: Any, path: tuple[str, ...]) -> Any:
     if key in _UNSUPPORTED:
         raise MangoError(f"Unsupported operator: {key}{_where(path)}", "not_supported")
     raise MangoError(f"Invalid operator: {key}{_where(path)}", "invalid_operator")
+
+
+def _merge_equalities(items: tuple) -> tuple:
+    """`$or` branches that are equalities on one field become one set lookup (`_EQ_ANY`):
+    `{"$or": [{"_id": "a"}, {"_id": "b"}, ...]}` costs a document one test, not one per id."""
+    values_by_path: dict[tuple[str, ...], list] = {}
+    others = []
+    for item in items:
+        if isinstance(item, _Field) and isinstance(item.cond, _Op) and item.cond.op == "$eq":
+            values_by_path.setdefault(item.path, []).append(item.cond.arg)
+        else:
+            others.append(item)
+    merged = [
+        _Field(path, _Op(_EQ_ANY, values) if len(values) > 1 else _Op("$eq", values[0]))
+        for path, values in values_by_path.items()
+    ]
+    return tuple(merged + others)
 
 
 def _check_arg(op: str, arg: Any, path: tuple[str, ...]) -> Any:
@@ -465,8 +538,9 @@ def _negate_cond(cond: Any) -> Any:
 # --- regular expressions: a linear-time matcher ----------------------------------------------
 #
 # Python's `re` backtracks: `[a-z]+\d` takes seconds on a 20,000-character string and
-# `\w*\d\w*\d!` minutes, all of it holding the event loop. So `$regex` never runs `re` on a
-# document. The pattern is parsed by Python's own parser (`re._parser`: same syntax, same
+# `\w*\d\w*\d!` minutes, all of it holding the event loop. So `$regex` never runs the
+# pattern with `re` (its one use of `re` on a document finds the next character of a set,
+# which cannot backtrack). The pattern is parsed by Python's own parser (`re._parser`: same syntax, same
 # errors), compiled into a Thompson NFA, and searched by a lazily built DFA whose transitions
 # are cached per (state, character): time linear in the string, whatever the pattern.
 # Back-references, look-around, conditionals, atomic groups and possessive repeats (which no
@@ -475,13 +549,13 @@ def _negate_cond(cond: Any) -> Any:
 
 _CHAR, _SPLIT, _JUMP, _ASSERT, _MATCH = range(5)
 MAX_REGEX_PROGRAM = 1_024  # NFA instructions (`x{500}` is 500 of them)
-_DFA_CACHE_LIMIT = 50_000  # cached transitions per pattern before the cache starts afresh
+_DFA_CACHE_LIMIT = 20_000  # cached transitions per pattern before the cache starts afresh
 # A DFA can have exponentially many states (`(a|b)*a(a|b){60}`: one more per character of a
 # random a/b string, each costing ~50 µs to build): a pattern past these bounds is refused
 # as too costly, rather than run for minutes over a large document. Everyday patterns have
 # a few dozen states.
 MAX_DFA_STATES = 10_000
-MAX_DFA_STATE_POSITIONS = 500_000  # NFA positions held in all states together
+MAX_DFA_STATE_POSITIONS = 200_000  # NFA positions held in all states together
 _ASCII_SPACE = frozenset(" \t\n\r\f\v")
 
 
@@ -573,6 +647,23 @@ def _required_literal(items: list, flags: int) -> str:
     return best
 
 
+def _class_chars(items: list, flags: int) -> frozenset[str] | None:
+    """Exactly the characters a `[...]` of plain characters accepts, case-sensitively; None
+    for anything else (a category, a negation, a wide range, IGNORECASE)."""
+    C = _re_constants
+    if flags & C.SRE_FLAG_IGNORECASE:
+        return None
+    chars: set[str] = set()
+    for op, arg in items:
+        if op is C.LITERAL:
+            chars.add(chr(arg))
+        elif op is C.RANGE and arg[1] - arg[0] < 64:
+            chars.update(chr(o) for o in range(arg[0], arg[1] + 1))
+        else:
+            return None
+    return frozenset(chars)
+
+
 class _Program:
     """A Thompson NFA: a list of instructions, built from `re._parser`'s tree; and the
     longest run of plain characters every match contains (a fast first check)."""
@@ -583,6 +674,32 @@ class _Program:
         self._emit_sequence(list(tree), tree.state.flags)
         self.code.append((_MATCH,))
         self.required = _required_literal(list(tree), tree.state.flags)
+        self.first = self._first_chars()
+
+    def _first_chars(self) -> frozenset[str] | None:
+        """The characters a match can start with, when they are a known finite set and no
+        match is empty (assertions are taken as passing: a superset); else None."""
+        chars: set[str] = set()
+        seen: set[int] = set()
+        stack = [0]
+        while stack:
+            pc = stack.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            instruction = self.code[pc]
+            kind = instruction[0]
+            if kind == _JUMP:
+                stack.append(instruction[1])
+            elif kind == _SPLIT:
+                stack.extend(instruction[1:])
+            elif kind == _ASSERT:
+                stack.append(pc + 1)
+            elif kind == _MATCH or instruction[2] is None:
+                return None
+            else:
+                chars.update(instruction[2])
+        return frozenset(chars)
 
     def _add(self, instruction: tuple) -> int:
         if len(self.code) >= MAX_REGEX_PROGRAM:
@@ -604,16 +721,16 @@ class _Program:
             else:
                 test = lambda c: not wanted.isdisjoint(_case_variants(c, flags))  # noqa: E731
             if op is C.LITERAL:
-                self._add((_CHAR, test))
+                self._add((_CHAR, test, wanted if len(wanted) == 1 else None))
             else:
-                self._add((_CHAR, lambda c: not test(c)))
+                self._add((_CHAR, lambda c: not test(c), None))
         elif op is C.ANY:
             if flags & C.SRE_FLAG_DOTALL:
-                self._add((_CHAR, lambda c: True))
+                self._add((_CHAR, lambda c: True, None))
             else:
-                self._add((_CHAR, lambda c: c != "\n"))
+                self._add((_CHAR, lambda c: c != "\n", None))
         elif op is C.IN:
-            self._add((_CHAR, _char_class(arg, flags)))
+            self._add((_CHAR, _char_class(arg, flags), _class_chars(arg, flags)))
         elif op is C.AT:
             self._add((_ASSERT, arg, flags))
         elif op is C.SUBPATTERN:
@@ -702,8 +819,9 @@ class _Searcher:
         self.code = program.code
         self._required = program.required
         self._transitions: dict[tuple, tuple[bool, frozenset, Any]] = {}
-        self._states: dict[frozenset, frozenset] = {}  # equal position sets stored once
-        self._state_positions = 0
+        self._start: frozenset = frozenset((0,))
+        self._states: dict[frozenset, frozenset] = {self._start: self._start}  # stored once
+        self._state_positions = 1
         self._assertions = False
         # `^...` or `\A...` (not multiline): a match can only start at the beginning.
         first = self.code[0]
@@ -717,6 +835,12 @@ class _Searcher:
             if instruction[0] == _ASSERT:
                 self._assertions = True
                 _assertion_holds(instruction[1], instruction[2], _BEGIN, "a", False)
+        # From the start state, characters no match begins with lead back to it: skip them
+        # with a one-character-class `re` search (linear: nothing to backtrack over).
+        self._skip = None
+        if program.first and not self._anchored:
+            escaped = "".join(re.escape(c) for c in sorted(program.first))
+            self._skip = re.compile(f"[{escaped}]")
 
     def _closure(self, pcs: frozenset, before: Any, after: str | None, last: bool) -> set[int]:
         """The consuming positions (and MATCH) reachable from `pcs` without consuming."""
@@ -769,19 +893,30 @@ class _Searcher:
         transitions = self._transitions
         if len(transitions) > _DFA_CACHE_LIMIT:
             transitions.clear()
-        pcs: frozenset = frozenset((0,))
+        pcs = start = self._start
         before: Any = _BEGIN
-        last = len(text) - 1
-        for i, c in enumerate(text):
-            key = (pcs, before, c, i == last)
+        skip = self._skip
+        i, end = 0, len(text)
+        while i < end:
+            if pcs is start and skip is not None:
+                found = skip.search(text, i)
+                if found is None:
+                    return False  # no match can start, and none is empty
+                if found.start() != i:
+                    i = found.start()
+                    before = _before_kind(text[i - 1]) if self._assertions else None
+            c = text[i]
+            last = i == end - 1
+            key = (pcs, before, c, last)
             step = transitions.get(key)
             if step is None:
-                step = transitions[key] = self._step(pcs, before, c, i == last)
+                step = transitions[key] = self._step(pcs, before, c, last)
             matched, pcs, before = step
             if matched:
                 return True
             if not pcs:  # anchored at the start, and no way forward
                 return False
+            i += 1
         reached = self._closure(pcs, before, None, False)
         return any(self.code[pc][0] == _MATCH for pc in reached)
 
@@ -832,8 +967,11 @@ def _regex_test(pattern: str) -> Callable[[Any], bool]:
 # --- compilation into closures -------------------------------------------------------------
 
 
-def _hashable(value: Any) -> Any:
-    """A hash key equal for collation-equal scalars; None for arrays and objects."""
+def _hashable(value: Any, depth: int = 0) -> Any:
+    """A hash key, equal for collation-equal JSON values (1 and 1.0; not 1 and true; objects
+    key by key in order), so `$in` and `$all` test membership in a set rather than compare
+    each item with each listed value. None for a value nested deeper than a selector may be
+    (MAX_DEPTH), which therefore equals no listed value."""
     t = type(value)
     if t is str:
         return ("s", value)
@@ -843,6 +981,14 @@ def _hashable(value: Any) -> Any:
         return ("z",)
     if t is bool:
         return ("b", value)
+    if depth >= MAX_DEPTH:
+        return None
+    if t is list:
+        items = tuple(_hashable(v, depth + 1) for v in value)
+        return None if None in items else ("a", items)
+    if isinstance(value, Mapping):
+        pairs = tuple((k, _hashable(v, depth + 1)) for k, v in value.items())
+        return None if any(h is None for _, h in pairs) else ("o", pairs)
     return None
 
 
@@ -860,51 +1006,47 @@ def _eq_test(literal: Any) -> Predicate:
     return lambda v: _rank(v) == rank and json_compare(v, literal) == 0
 
 
-def _order_test(op: str, literal: Any) -> Predicate:
+def _order_test(op: str, literal: Any, text_key: Callable[[str], Any]) -> Predicate:
     compare = {
         "$gt": lambda a, b: a > b, "$gte": lambda a, b: a >= b,
         "$lt": lambda a, b: a < b, "$lte": lambda a, b: a <= b,
     }[op]
     rank = _rank(literal)
-    if rank == _RANK_NUMBER or rank == _RANK_STRING:
-        # The common case without building keys: same rank compares values, else ranks.
-        def test(v: Any) -> bool:
+    if rank == _RANK_NUMBER:
+        # The common cases without building keys: same rank compares values, else ranks.
+        def number(v: Any) -> bool:
             r = _rank(v)
             return compare(v, literal) if r == rank else compare(r, rank)
 
-        return test
-    return lambda v: compare(json_compare(v, literal), 0)
+        return number
+    if rank == _RANK_STRING:
+        key = text_key(literal)
+
+        def text(v: Any) -> bool:
+            r = _rank(v)
+            return compare(text_key(v), key) if r == rank else compare(r, rank)
+
+        return text
+    return lambda v: compare(json_compare(v, literal, text_key), 0)
 
 
 def _membership(values: list) -> Predicate:
-    """value -> it equals one of `values` (collation equality), with a set for scalars."""
-    keys = set()
-    others = []
-    for item in values:
-        h = _hashable(item)
-        if h is None:
-            others.append(_eq_test(item))
-        else:
-            keys.add(h)
-
-    def member(v: Any) -> bool:
-        h = _hashable(v)
-        if h is not None:
-            return h in keys
-        return any(test(v) for test in others)
-
-    return member
+    """value -> it equals one of `values` (collation equality), by a set lookup."""
+    keys = {_hashable(item) for item in values}  # selector literals: never too deep
+    return lambda v: _hashable(v) in keys
 
 
-def _op_test(op: str, arg: Any) -> Predicate:
-    """The test of one operator on a value that is present."""
+def _op_test(op: str, arg: Any, text_key: Callable[[str], Any]) -> Predicate:
+    """The test of one operator on a value that is present, strings ordered by `text_key`."""
     if op == "$eq":
         return _eq_test(arg)
     if op == "$ne":
         eq = _eq_test(arg)
         return lambda v: not eq(v)
     if op in ("$gt", "$gte", "$lt", "$lte"):
-        return _order_test(op, arg)
+        return _order_test(op, arg, text_key)
+    if op == _EQ_ANY:
+        return _membership(arg)
     if op in ("$in", "$nin"):
         member = _membership(arg)
 
@@ -937,13 +1079,13 @@ def _op_test(op: str, arg: Any) -> Predicate:
     if op == "$all":
         if not arg:
             return lambda v: False
-        wanted = [_membership([item]) for item in arg]
+        wanted = {_hashable(item) for item in arg}
         whole = _eq_test(arg[0]) if len(arg) == 1 and type(arg[0]) is list else None
 
         def has_all(v: Any) -> bool:
             if type(v) is not list:
                 return False
-            if all(any(w(x) for x in v) for w in wanted):
+            if wanted.issubset({_hashable(x) for x in v}):
                 return True
             return whole is not None and whole(v)
 
@@ -951,11 +1093,11 @@ def _op_test(op: str, arg: Any) -> Predicate:
     raise AssertionError(op)  # _check_arg let through an operator this does not know
 
 
-def _cond_test(cond: Any) -> Predicate:
+def _cond_test(cond: Any, text_key: Callable[[str], Any]) -> Predicate:
     if isinstance(cond, _Op):
-        return _op_test(cond.op, cond.arg)
+        return _op_test(cond.op, cond.arg, text_key)
     if isinstance(cond, _CondNot):
-        inner = _cond_test(cond.cond)
+        inner = _cond_test(cond.cond, text_key)
         return lambda v: not inner(v)
     sub = _compile_tree(cond.selector)
     if cond.op == "$elemMatch":
@@ -982,7 +1124,8 @@ def _compile_tree(node: Any) -> Predicate:
             return lambda value: True  # CouchDB: an empty $or matches
         return lambda value: any(p(value) for p in preds)
     get = _getter(node.path)
-    test = _cond_test(node.cond)
+    # CouchDB compares `_id` raw (by code point), every other string by collation.
+    test = _cond_test(node.cond, _raw_text_key if node.path == ("_id",) else _text_key)
     # A missing field matches only an exact {"$exists": false}; a bad path matches nothing.
     when_missing = node.cond == _Op("$exists", False)
 
@@ -1027,7 +1170,31 @@ def _parse_selector(selector: Any) -> Any:
         return _And(())
     tree = _parse_object(selector, ())
     _check_field_names(tree)
+    _check_conditions(tree)
     return tree
+
+
+def _check_conditions(tree: Any) -> None:
+    """Refuse more than MAX_CONDITIONS field conditions: each costs every document a test
+    (a long `$in` list is one condition, tested by a set lookup)."""
+    count = 0
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (_And, _Or)):
+            stack.extend(node.items)
+            continue
+        count += 1
+        cond = node.cond
+        while isinstance(cond, _CondNot):
+            cond = cond.cond
+        if isinstance(cond, _Sub):
+            stack.append(cond.selector)
+    if count > MAX_CONDITIONS:
+        raise MangoError(
+            f"Invalid selector: {count} conditions, more than {MAX_CONDITIONS}; "
+            "use $in (or $or on one field) for a list of values", "invalid_selector",
+        )
 
 
 def compile_selector(selector: Any) -> Callable[[dict], bool]:
@@ -1146,14 +1313,14 @@ def encode_bookmark(sort: tuple[str, ...], descending: bool, values: tuple, doc_
     try:
         _check_size(list(values))
         payload["key"] = list(values)
-        raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        raw = json.dumps(payload, separators=(",", ":")).encode()  # ASCII (\u escapes)
         text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
         if len(text) <= MAX_BOOKMARK:
             return text
     except MangoError:
         pass
     payload["key"] = None
-    raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    raw = json.dumps(payload, separators=(",", ":")).encode()  # ASCII (\u escapes)
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -1268,6 +1435,7 @@ def run(query: Query, docs: Iterable[dict]) -> dict:
         page = [((), d) for d in pick(wanted, live, key=by_id)][query.skip:]
     else:
         getters = [_getter(p) for p in paths]
+        text_keys = [_raw_text_key if p == ("_id",) else _text_key for p in paths]
 
         def keyed() -> Iterable[tuple[tuple, dict]]:
             for doc in live:
@@ -1275,12 +1443,16 @@ def run(query: Query, docs: Iterable[dict]) -> dict:
                 # A JSON index on the sort fields holds only documents that have them.
                 if any(v is MISSING or v is BAD_PATH for v in values):
                     continue
-                key = tuple(collation_key(v) for v in values) + (str(doc.get("_id", "")),)
+                key = tuple(collation_key(v, k) for v, k in zip(values, text_keys)) + (
+                    str(doc.get("_id", "")),
+                )
                 yield key, (values, doc)
 
         candidates: Iterable = keyed()
         if query.bookmark is not None:
-            start = tuple(collation_key(v) for v in query.bookmark.values) + (
+            start = tuple(
+                collation_key(v, k) for v, k in zip(query.bookmark.values, text_keys)
+            ) + (
                 query.bookmark.doc_id,
             )
             if query.descending:
