@@ -301,3 +301,25 @@ def test_the_token_bucket_paces_at_its_rate_after_a_burst():
     assert bucket.take(100, 1.0) == pytest.approx(0.1)
     assert bucket.take(100, 10.0) == 0.0  # refilled, up to the burst only
     assert bucket.take(500, 10.0) == pytest.approx(0.1)
+
+
+async def test_an_unpaired_half_expires_with_a_clear_refusal_and_its_key_is_then_void():
+    server = Node("behind-nat")
+    limits = RelayLimits(pending_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate(), limits)
+        address = await start_relay(nursery, relay)
+        keys: list[bytes] = []
+        joined = trio.Event()
+        nursery.start_soon(lambda: join_relay(address, node_id=server.id, joined=joined.set,
+                                              credentials=lambda: (server.tls_key, certificate_of(server)),
+                                              on_invitation=keys.append))  # never comes to pair
+        with trio.fail_after(TIMEOUT):
+            await joined.wait()
+            with pytest.raises(RelayRefused, match="did not arrive") as refused:
+                await request_session(address, server.id)
+            assert refused.value.code == "no_peer"
+            with pytest.raises(RelayRefused) as late:  # the invited node, too late
+                await open_session(address, keys[0])
+            assert late.value.code == "no_session"
+        nursery.cancel_scope.cancel()
