@@ -323,3 +323,31 @@ async def test_an_unpaired_half_expires_with_a_clear_refusal_and_its_key_is_then
                 await open_session(address, keys[0])
             assert late.value.code == "no_session"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_joined_node_that_vanishes_mid_connection_does_not_take_the_relay_down():
+    gone, server, client = Node("gone"), Node("behind-nat"), Node("dialer")
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        from plugshare.relay.client import _expect, _open_control, relay_client_context
+        from plugshare.relay.identity import join_message
+        from plugshare.relay.protocol import Joined
+
+        # Joins, then its TCP connection dies without a TLS close (a laptop lid closed).
+        stream, conversation, challenge = await _open_control(address, relay_client_context(), "joiner")
+        await stream.send_all(conversation.send(join_message(
+            gone.tls_key, certificate_of(gone), relay_id=relay.relay_id, nonce=challenge.nonce, node_id=gone.id)))
+        with trio.fail_after(TIMEOUT):
+            await _expect(stream, conversation, Joined)
+        await trio.aclose_forcefully(stream.transport_stream)
+        with trio.fail_after(TIMEOUT):
+            while relay.joined(gone.id):
+                await trio.sleep(0.01)
+        # The relay serves on.
+        await start_joined_node(nursery, server, address)
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe"})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        nursery.cancel_scope.cancel()

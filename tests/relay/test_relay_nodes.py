@@ -29,10 +29,12 @@ class RelayProcess:
         self.address = ""
 
     def start(self) -> RelayProcess:
+        log = open(self.key.parent / "relay.log", "a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "plugshare", "relay", "--listen", f"127.0.0.1:{self.port}",
              "--key", str(self.key)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
+            stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy())
+        log.close()
         line = self.process.stdout.readline()
         assert line.startswith("relay "), f"the relay printed {line!r}"
         self.address = line.split()[1]
@@ -47,9 +49,11 @@ class RelayProcess:
 
 @pytest.fixture
 def relay(tmp_path):
+    (tmp_path / "relay").mkdir()
     running = RelayProcess(tmp_path / "relay" / "relay.key").start()
     yield running
     running.stop()
+    print("===== relay =====\n" + (tmp_path / "relay" / "relay.log").read_text()[-6000:])
 
 
 def behind_nat(node, relay_address: str, *, advertise_direct: bool = False) -> None:
@@ -123,3 +127,19 @@ def test_a_relayed_link_is_upgraded_to_direct_when_the_peer_can_be_reached(clust
     assert "upgraded from the relay to direct" in alice.log() + bob.log()
     bob.put("io.notes", {"title": "direct"}, "d1")
     wait_until(lambda: synced(alice, "d1", "title", "direct"), LONG, what="sync over the direct link")
+
+
+def test_members_behind_nat_reach_each_other_through_the_relay_the_owner_tells_them(cluster, relay):
+    """bob and carol never exchanged a code: they learn each other's relay from the owner's
+    address hints (taken from the owner only), and link through it."""
+    nodes = [cluster.add(name, start=False) for name in ("alice", "bob", "carol")]
+    for node in nodes:
+        behind_nat(node, relay.address)
+        node.start()
+    alice, bob, carol = nodes
+    share_between(alice, [bob, carol], name="notes", doctype="io.notes")
+    wait_until(lambda: linked_via(bob, carol, "relay") and linked_via(carol, bob, "relay"), LONG,
+               what="bob and carol linked through the relay")
+    alice.stop()  # the owner away: the members still sync with each other
+    bob.put("io.notes", {"title": "bob to carol"}, "m1")
+    wait_until(lambda: synced(carol, "m1", "title", "bob to carol"), LONG, what="bob's note at carol")
