@@ -6,6 +6,7 @@ node's key cannot join under its id; quotas refuse one greedy client and keep se
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import pytest
 import trio
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from plugshare.relay import RelayAddress, RelayLimits, RelayRefused, join_relay, open_session, request_session
 from plugshare.relay.client import RelayError
 from plugshare.relay.identity import public_bytes
-from plugshare.relay.protocol import Connect, Conversation
+from plugshare.relay.protocol import RELAY_VERSION, Connect, Conversation, encode
 from plugshare.relay.quota import TokenBucket
 from plugshare.relay.server import RelayServer
 from plugshare.replication.transport import (
@@ -345,6 +346,41 @@ async def test_a_joined_node_that_vanishes_mid_connection_does_not_take_the_rela
             while relay.joined(gone.id):
                 await trio.sleep(0.01)
         # The relay serves on.
+        await start_joined_node(nursery, server, address)
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe"})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("garbage, code", [
+    (struct.pack(">BH", RELAY_VERSION, 65535), "protocol"),  # oversize, refused from the header
+    (struct.pack(">BH", RELAY_VERSION, 3) + b"\xc1\xc1\xc1", "protocol"),  # not msgpack
+    (encode(Connect(node_id=b"n" * 32)), "protocol"),  # a control message on a session connection
+    (b"\x07not a relay client", None),  # neither TLS nor a relay frame: closed without a word
+])
+async def test_hostile_bytes_get_a_clear_refusal_and_the_relay_serves_on(garbage, code):
+    server, client = Node("behind-nat"), Node("dialer")
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        await stream.send_all(garbage)
+        data = b""
+        with trio.fail_after(TIMEOUT):
+            try:
+                while chunk := await stream.receive_some(4096):
+                    data += chunk
+            except trio.BrokenResourceError:  # closed with our bytes unread: a reset
+                pass
+        if code is None:
+            assert data == b""
+        else:
+            conversation = Conversation("session")
+            conversation.state = "waiting"
+            conversation.receive_data(data)
+            assert conversation.next_message().code == code
         await start_joined_node(nursery, server, address)
         with trio.fail_after(TIMEOUT):
             async with relayed(address, server, client) as connection:
