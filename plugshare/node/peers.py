@@ -347,6 +347,9 @@ class PeerManager:
         """Ways to `fingerprint` through its relays (known from it, its share's owner or an
         invitation), tried after every direct address."""
         entries = list(extra) + list(self.book.get(fingerprint).addresses)
+        for manifest in self.shares.common(fingerprint):  # signed by the share's owner
+            member = manifest.member(fingerprint)
+            entries += [relay_entry(RelayAddress.parse(r)) for r in (member.relays if member else ())]
         relays = dict.fromkeys(r for r in map(parse_relay_entry, entries) if r is not None)
         return [relay_route(relay, fingerprint) for relay in relays]
 

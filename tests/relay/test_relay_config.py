@@ -94,3 +94,27 @@ def test_a_bad_relay_config_file_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "plugshare", "relay", "--config", str(path),
                            "--key", str(tmp_path / "k")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and str(path) in done.stderr and "session_rat" in done.stderr
+
+
+def test_a_manifest_carries_a_members_relays_under_the_owners_signature():
+    from plugshare.sharing.manifest import (
+        BadSignature, MalformedManifest, Manifest, ShareRule, sign, verify, with_member)
+    from plugshare.token.identity import Identity, verify_signature
+
+    owner, member = Identity.generate(), Identity.generate()
+    base = Manifest.create(name="notes", owner_key=owner.public_key_bytes, owner_name="alice",
+                           rule=ShareRule("io.notes", None))
+    plain = sign(with_member(base, member.fingerprint, "bob", "write"), owner.sign)
+    assert "relays" not in plain.to_dict()["members"][1]  # as before: old manifests unchanged
+    relayed = sign(with_member(base, member.fingerprint, "bob", "write", relays=(RELAY,)), owner.sign)
+    verify(relayed, verify_signature)
+    again = Manifest.from_dict(relayed.to_dict())
+    verify(again, verify_signature)
+    assert again.member(member.fingerprint).relays == (RELAY,)
+    # Whoever forwards it cannot point the member at another relay: the signature covers them.
+    forged = relayed.to_dict()
+    forged["members"][1]["relays"] = [f"{format_node_id(bytes(32))}@evil.example:22067"]
+    with pytest.raises(BadSignature):
+        verify(Manifest.from_dict(forged), verify_signature)
+    with pytest.raises(MalformedManifest, match="relay"):
+        with_member(base, member.fingerprint, "bob", "write", relays=("not a relay",))

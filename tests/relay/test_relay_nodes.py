@@ -131,7 +131,8 @@ def test_a_relayed_link_is_upgraded_to_direct_when_the_peer_can_be_reached(clust
 
 def test_members_behind_nat_reach_each_other_through_the_relay_the_owner_tells_them(cluster, relay):
     """bob and carol never exchanged a code: they learn each other's relay from the owner's
-    address hints (taken from the owner only), and link through it."""
+    address hints (taken from the owner only) and from the owner-signed manifest, where each
+    member's relays are recorded when it joins, and link through it."""
     nodes = [cluster.add(name, start=False) for name in ("alice", "bob", "carol")]
     for node in nodes:
         behind_nat(node, relay.address)
@@ -143,3 +144,13 @@ def test_members_behind_nat_reach_each_other_through_the_relay_the_owner_tells_t
     alice.stop()  # the owner away: the members still sync with each other
     bob.put("io.notes", {"title": "bob to carol"}, "m1")
     wait_until(lambda: synced(carol, "m1", "title", "bob to carol"), LONG, what="bob's note at carol")
+    # Both members forget every address and restart with the owner still away: the relays
+    # each gave when joining, in the owner-signed manifest, are all that leads them together.
+    for node in (bob, carol):
+        node.stop()
+        (node.home / "peers.json").unlink()
+    for node in (bob, carol):
+        node.start()
+    wait_until(lambda: linked_via(bob, carol, "relay"), LONG, what="bob and carol linked from the manifest")
+    carol.put("io.notes", {"title": "carol to bob"}, "m2")
+    wait_until(lambda: synced(bob, "m2", "title", "carol to bob"), LONG, what="carol's note at bob")
