@@ -84,6 +84,9 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     for node in (alice, bob):
         behind_nat(node, relay.address)
         node.start()
+    wait_until(lambda: alice.status()["relays"] == [{"relay": relay.address, "joined": True}], LONG,
+               what="alice joined to the relay")
+    assert f"relay    {relay.address} (joined)" in alice.cli_ok("status")
     alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
     code = alice.cli_json("share", "invite", "notes")["code"]
     invitation = Invitation.decode(code)  # no direct address: only the relay leads to alice
@@ -102,6 +105,7 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     # The relay restarts (same key, same port): both nodes rejoin and sync resumes.
     relay.stop()
     wait_until(lambda: not linked_via(alice, bob, "relay"), LONG, what="the relayed link to go down")
+    wait_until(lambda: alice.status()["relays"][0]["joined"] is False, LONG, what="alice to see the relay gone")
     relay.start()
     wait_until(lambda: linked_via(alice, bob, "relay") and linked_via(bob, alice, "relay"), LONG,
                what="the nodes to link again through the restarted relay")
