@@ -359,6 +359,7 @@ class RelayServer:
             return
         pending.paired.set()
         self._paired += 1
+        log.info("paired a session with node %s for %s", format_node_id(pending.target), pending.dialer_source)
         try:
             (other, other_early, other_source), (_, early, _) = pending.halves
             ready = conversation.send(Ready())

@@ -100,7 +100,8 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     row = peer_row(alice, bob)
     assert row["via"] == "relay" and all("@" in a or str(bob.peer_port) not in a for a in row["addresses"])
     peers_text = alice.cli_ok("peers")
-    assert "via relay" in peers_text
+    assert "connected via relay" in peers_text
+    assert "paired a session" in (relay.key.parent / "relay.log").read_text()
 
     # The relay restarts (same key, same port): both nodes rejoin and sync resumes.
     relay.stop()
@@ -114,6 +115,20 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     bob.put("io.notes", {"title": "bob after the restart"}, "b2")
     wait_until(lambda: synced(alice, "b2", "title", "bob after the restart"), LONG,
                what="sync back after the restart")
+
+
+def test_nodes_that_can_reach_each_other_directly_do_not_use_the_relay(cluster, relay, tmp_path):
+    alice = cluster.add("alice", start=False)
+    bob = cluster.add("bob", start=False)
+    for node in (alice, bob):
+        behind_nat(node, relay.address, advertise_direct=True)  # relays given, and reachable
+        node.start()
+    share_between(alice, [bob], name="notes", doctype="io.notes")
+    wait_until(lambda: linked_via(alice, bob, "direct") and linked_via(bob, alice, "direct"), LONG,
+               what="a direct link")
+    bob.put("io.notes", {"title": "direct"}, "d1")
+    wait_until(lambda: synced(alice, "d1", "title", "direct"), LONG, what="sync over the direct link")
+    assert "paired a session" not in (tmp_path / "relay" / "relay.log").read_text()
 
 
 def test_a_relayed_link_is_upgraded_to_direct_when_the_peer_can_be_reached(cluster, relay):
