@@ -118,3 +118,17 @@ def test_a_manifest_carries_a_members_relays_under_the_owners_signature():
         verify(Manifest.from_dict(forged), verify_signature)
     with pytest.raises(MalformedManifest, match="relay"):
         with_member(base, member.fingerprint, "bob", "write", relays=("not a relay",))
+
+
+def test_plugshare_relay_json_prints_one_json_document(tmp_path):
+    import json
+
+    process = subprocess.Popen([sys.executable, "-m", "plugshare", "relay", "--json", "--listen", "127.0.0.1:0",
+                                "--key", str(tmp_path / "relay.key")], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
+    try:
+        printed = json.loads(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert RelayAddress.parse(printed["relay"]).host == "127.0.0.1"
