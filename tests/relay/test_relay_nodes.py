@@ -4,47 +4,14 @@ themselves after the relay restarts; a node that can be reached directly is upgr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tomllib
-
 import pytest
-import tomli_w
 
 from plugshare.sharing.invitation import Invitation
 
-from tests.node.cluster import Cluster, cluster, free_port, share_between, wait_until  # noqa: F401
+from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401
+from tests.relay.processes import RelayProcess, behind_nat
 
 LONG = 90.0  # generous deadlines: these start real processes on a loaded machine
-
-
-class RelayProcess:
-    """`plugshare relay` in a subprocess; its address is the `ID@HOST:PORT` it prints."""
-
-    def __init__(self, key, port: int | None = None):
-        self.key = key
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-        self.address = ""
-
-    def start(self) -> RelayProcess:
-        log = open(self.key.parent / "relay.log", "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "plugshare", "relay", "--listen", f"127.0.0.1:{self.port}",
-             "--key", str(self.key)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy())
-        log.close()
-        line = self.process.stdout.readline()
-        assert line.startswith("relay "), f"the relay printed {line!r}"
-        self.address = line.split()[1]
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            self.process = None
 
 
 @pytest.fixture
@@ -54,14 +21,6 @@ def relay(tmp_path):
     yield running
     running.stop()
     print("===== relay =====\n" + (tmp_path / "relay" / "relay.log").read_text()[-6000:])
-
-
-def behind_nat(node, relay_address: str, *, advertise_direct: bool = False) -> None:
-    """Give `node` the relay, and (behind NAT) have it tell peers no direct address."""
-    path = node.home / "node.toml"
-    config = tomllib.loads(path.read_text())
-    config.setdefault("peer", {}).update(relays=[relay_address], advertise_direct=advertise_direct)
-    path.write_text(tomli_w.dumps(config))
 
 
 def peer_row(node, other) -> dict | None:
