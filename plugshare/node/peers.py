@@ -42,11 +42,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from plugshare.config import Address, Config
 from plugshare.node.access import Identity, ShareView
 from plugshare.node.home import write_private
+from plugshare.node.relays import RelayMembership, parse_relay_entry, relay_entry, relay_route
+from plugshare.relay import RelayAddress
 from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import LocalNode
-from plugshare.node.relays import RelayMembership, parse_relay_entry, relay_entry, relay_route
-from plugshare.relay import RelayAddress
 from plugshare.replication.transport import (
     Incoming,
     PeerConnectError,
