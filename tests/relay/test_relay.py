@@ -23,6 +23,7 @@ from plugshare.replication.transport import (
     FingerprintMismatch,
     Incoming,
     PeerConnectError,
+    PeerConnectionClosed,
     Route,
     connect_peer_via,
     serve_peers,
@@ -386,4 +387,22 @@ async def test_hostile_bytes_get_a_clear_refusal_and_the_relay_serves_on(garbage
             async with relayed(address, server, client) as connection:
                 await connection.send({"type": "probe"})
                 assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_that_tampers_with_an_established_link_ends_it_and_delivers_nothing_altered():
+    server, client = Node("behind-nat"), Node("dialer")
+    async with trio.open_nursery() as nursery:
+        relay = TamperingRelay(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        await start_joined_node(nursery, server, address)
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe", "n": 1})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe", "n": 1}}
+                relay.at = relay.seen[1] + 30  # inside the next record the node sends back
+                await connection.send({"type": "probe", "n": 2})
+                with pytest.raises(PeerConnectionClosed):
+                    await connection.receive()
+                assert "bad record mac" in connection.close_reason.lower()  # TLS caught it
         nursery.cancel_scope.cancel()
