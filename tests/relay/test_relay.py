@@ -211,10 +211,11 @@ async def test_a_relay_that_replays_a_recorded_session_is_refused():
         await start_joined_node(nursery, server, address, accepted=accepted)
         with trio.fail_after(TIMEOUT):
             async with relayed(address, server, client) as connection:
-                await connection.send({"type": "probe"})
+                await connection.send({"type": "probe", "text": "a secret note"})
                 await connection.receive()
         assert accepted == [client.id]
         recorded = b"".join(relay.recorded)
+        assert b"a secret note" not in recorded and client.local.name.encode() not in recorded  # ciphertext only
         # The relay now opens a session of its own with the node and replays the dialer's bytes.
         stream = await request_session(address, server.id)
         with trio.fail_after(TIMEOUT):
