@@ -247,6 +247,10 @@ async def pouchdb_puppet(db_dir: Path, *, timeout: float = ANSWER_TIMEOUT
             finally:
                 with trio.CancelScope(shield=True):
                     await puppet._close()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        raise group.exceptions[0] from None  # the test's own failure, not wrapped by the reader's nursery
     finally:
         if process.returncode is None:
             process.kill()

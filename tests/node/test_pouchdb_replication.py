@@ -1,0 +1,252 @@
+"""Real CouchDB-protocol clients against a real node's `/couch` API (issue #12): PouchDB (the
+npm package, driven through tests/support/pouchdb_client.py), pouchdb-server's `_replicate`,
+and a plain HTTP app. Each test checks what the client ends up holding against what the
+owner sees and what the app's grant allows."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from tests.node.cluster import Cluster, ClusterNode, cluster, free_port, wait_until  # noqa: F401
+from tests.support.pouchdb import running_pouchdb_server
+from tests.support.pouchdb_client import couch_url, eventually, pouchdb_puppet
+
+NOTES = "io.notes"
+DEADLINE = 60.0  # seconds for anything to arrive: generous, the machine may be busy
+
+
+def add_app(node: ClusterNode, name: str, doctype: str, perm: str,
+            selector: dict | None = None) -> str:
+    """`plugshare app add`; the app's credential."""
+    args = ["app", "add", name, "--doctype", doctype, "--perm", perm]
+    if selector is not None:
+        args += ["--selector", json.dumps(selector)]
+    return node.cli_json(*args)["credential"]
+
+
+def db_url(node: ClusterNode, db: str, credential: str, user: str = "app") -> str:
+    assert node.running is not None
+    return couch_url(node.running.api_url, db, credential, user=user)
+
+
+def tagged_notes(node: ClusterNode, tags: dict[str, str]) -> dict[str, str]:
+    """Owner writes: one io.notes doc per id with its tag; id -> rev."""
+    return node.put_many(NOTES, [(doc_id, {"tag": tag, "n": i})
+                                 for i, (doc_id, tag) in enumerate(sorted(tags.items()))])
+
+
+def shown(result: Any) -> str:
+    """A replication result whole in a failure message (pytest shortens a dict's repr)."""
+    return json.dumps(result, default=str)[:3000]
+
+
+async def node_wait(predicate, what: str, timeout: float = DEADLINE) -> Any:
+    """`wait_until` on the node's side, in a thread: the puppet's answers keep being read."""
+    return await trio.to_thread.run_sync(
+        functools.partial(wait_until, predicate, timeout, what=what))
+
+
+async def test_one_shot_pull_holds_exactly_what_the_token_allows(cluster: Cluster, tmp_path):
+    node = cluster.add("a")
+    tags = {f"n{i}": ("work" if i % 2 == 0 else "home") for i in range(10)}
+    revs = tagged_notes(node, tags)
+    node.put(NOTES, {"tag": "work", "n": 100, "edited": True}, "n0", rev=revs["n0"])
+    node.delete("n2", revs["n2"])  # a work doc deleted: gone from PouchDB's listing too
+    node.put("io.bank", {"tag": "work", "iban": "FR76"}, "b1")  # another doctype, same tag
+    credential = add_app(node, "reader", NOTES, "read", {"tag": "work"})
+    allowed = {doc_id: rev for doc_id, rev in node.revs(NOTES).items()
+               if tags[doc_id] == "work"}
+    assert sorted(allowed) == ["n0", "n4", "n6", "n8"]
+
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        result = await pouch.replicate_from(db_url(node, NOTES, credential, "reader"))
+        assert result["ok"] and result["doc_write_failures"] == 0, shown(result)
+        assert await pouch.revs() == allowed  # same ids, same revs, nothing else
+        edited = await pouch.get("n0")
+        assert edited["edited"] is True and edited["doctype"] == NOTES
+        for hidden in ("n1", "n3", "b1"):
+            assert await pouch.get_or_none(hidden) is None, hidden
+
+
+async def test_one_shot_push_lands_allowed_docs_and_refuses_the_rest_per_document(
+        cluster: Cluster, tmp_path):
+    node = cluster.add("a")
+    private_rev = node.put("io.bank", {"tag": "work", "iban": "FR76"}, "b1")
+    credential = add_app(node, "writer", NOTES, "write", {"tag": "work"})
+    allowed = [{"_id": f"w{i}", "tag": "work", "n": i} for i in range(12)]
+    refused = [
+        {"_id": "h1", "tag": "home"},  # outside the app's selector
+        {"_id": "h2", "tag": "home"},
+        {"_id": "b1", "tag": "work"},  # the id of the owner's private io.bank doc
+        {"_id": "x1", "tag": "work", "doctype": "io.bank"},  # says another doctype
+    ]
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        # Refused docs first and in the middle: a refusal must not stop the ones after it.
+        written = await pouch.bulk_docs(refused[:2] + allowed[:6] + refused[2:] + allowed[6:])
+        assert all(row.get("ok") for row in written), written
+        local = await pouch.revs()
+
+        result = await pouch.replicate_to(db_url(node, NOTES, credential, "writer"))
+        assert result["ok"], shown(result)
+        assert result["docs_written"] == len(allowed), shown(result)
+        assert result["doc_write_failures"] == len(refused), shown(result)
+        assert sorted(e["id"] for e in result["errors"]) == sorted(d["_id"] for d in refused)
+        assert {e["name"] for e in result["errors"]} == {"forbidden"}, result["errors"]
+
+    landed = node.revs(NOTES)
+    assert landed == {d["_id"]: local[d["_id"]] for d in allowed}  # same revs, nothing else
+    private = node.get("b1")
+    assert private["_rev"] == private_rev and private["doctype"] == "io.bank"
+    assert "iban" in private and node.get("x1") is None
+
+
+async def test_a_read_only_apps_pushes_are_refused_per_document(cluster: Cluster, tmp_path):
+    node = cluster.add("a")
+    owner_revs = tagged_notes(node, {"n1": "work"})
+    credential = add_app(node, "reader", NOTES, "read")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        pulled = await pouch.replicate_from(db_url(node, NOTES, credential, "reader"))
+        assert pulled["docs_written"] == 1, shown(pulled)
+        n1 = await pouch.get("n1")
+        await pouch.put({**n1, "tag": "edited"})
+        await pouch.bulk_docs([{"_id": f"new{i}", "tag": "work"} for i in range(3)])
+
+        result = await pouch.replicate_to(db_url(node, NOTES, credential, "reader"))
+        assert result["ok"], shown(result)  # refusals, not an error that ends the replication
+        assert result["docs_written"] == 0 and result["doc_write_failures"] == 4, shown(result)
+        assert {e["name"] for e in result["errors"]} == {"forbidden"}, result["errors"]
+    assert node.revs(NOTES) == owner_revs
+
+
+async def test_live_sync_carries_writes_both_ways(cluster: Cluster, tmp_path):
+    node = cluster.add("a")
+    credential = add_app(node, "notes", NOTES, "write")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        handle = await pouch.start_live("sync", db_url(node, NOTES, credential, "notes"),
+                                        retry=True)
+
+        # node -> PouchDB
+        rev = node.put(NOTES, {"text": "from the node"}, "from-node")
+        async def in_pouch(doc_id, rev):
+            doc = await pouch.get_or_none(doc_id)
+            return doc if doc and doc["_rev"] == rev else None
+        doc = await eventually(lambda: in_pouch("from-node", rev), DEADLINE,
+                               what="from-node in PouchDB")
+        assert doc["text"] == "from the node"
+
+        # PouchDB -> node
+        put = await pouch.put({"_id": "from-pouch", "text": "from PouchDB"})
+        arrived = await node_wait(
+            lambda: (d := node.get("from-pouch")) and d["_rev"] == put["rev"] and d,
+            "from-pouch on the node")
+        assert arrived["text"] == "from PouchDB" and arrived["doctype"] == NOTES
+
+        # an edit on the node of the doc PouchDB wrote comes back to PouchDB
+        rev2 = node.put(NOTES, {"text": "edited on the node"}, "from-pouch", rev=put["rev"])
+        doc = await eventually(lambda: in_pouch("from-pouch", rev2), DEADLINE,
+                               what="the node's edit of from-pouch in PouchDB")
+        assert doc["text"] == "edited on the node"
+        assert not pouch.events(handle, "denied") and not pouch.events(handle, "error"), \
+            pouch.events(handle)
+        await pouch.cancel(handle)
+
+
+async def test_checkpoints_resume_after_the_node_restarts(cluster: Cluster, tmp_path):
+    # A fixed API port, as a real node has: PouchDB knows the node by its URL.
+    node = cluster.add("a", "--api-listen", f"127.0.0.1:{free_port()}")
+    tagged_notes(node, {f"old{i}": "work" for i in range(20)})
+    credential = add_app(node, "reader", NOTES, "read")
+    url = db_url(node, NOTES, credential, "reader")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        first = await pouch.replicate_from(url)
+        assert first["docs_read"] == 20, shown(first)
+
+    node.stop()
+    node.start()
+    assert db_url(node, NOTES, credential, "reader") == url
+    tagged_notes(node, {f"new{i}": "work" for i in range(5)})
+
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:  # the same local database
+        again = await pouch.replicate_from(url)
+        assert again["docs_read"] == 5, shown(again)  # only the new ones: it resumed
+        assert again["docs_written"] == 5 and again["doc_write_failures"] == 0, shown(again)
+        assert await pouch.revs() == node.revs(NOTES)
+
+
+async def test_pouchdb_servers_replicator_pulls_what_the_app_may_read(cluster: Cluster):
+    node = cluster.add("a")
+    tags = {f"n{i}": ("work" if i % 3 else "home") for i in range(12)}
+    tagged_notes(node, tags)
+    credential = add_app(node, "copier", NOTES, "read", {"tag": "work"})
+    allowed = {doc_id: rev for doc_id, rev in node.revs(NOTES).items()
+               if tags[doc_id] == "work"}
+    with running_pouchdb_server() as server:
+        answer = httpx.post(f"{server}/_replicate", timeout=DEADLINE, json={
+            "source": db_url(node, NOTES, credential, "copier"),
+            "target": "copy", "create_target": True,
+        })
+        assert answer.status_code == 200 and answer.json()["ok"], answer.text
+        rows = httpx.get(f"{server}/copy/_all_docs").json()["rows"]
+    assert {row["id"]: row["value"]["rev"] for row in rows} == allowed
+
+
+async def test_a_plain_http_app_follows_changes_by_longpoll(cluster: Cluster):
+    node = cluster.add("a")
+    node.put(NOTES, {"tag": "work"}, "before")  # written before the follower starts
+    credential = add_app(node, "follower", NOTES, "read", {"tag": "work"})
+    base = node.running.api_url + f"/couch/{NOTES}"
+    auth = {"Authorization": f"Bearer {credential}"}
+    info = httpx.get(base, headers=auth)
+    assert info.status_code == 200, info.text
+    start_seq = info.json()["update_seq"]
+    seen: list[dict] = []
+
+    def follow(last_id: str) -> None:
+        """A longpoll follower as an app writes one: from a seq, then from each last_seq."""
+        with httpx.Client(headers=auth, timeout=DEADLINE + 10) as http:
+            since = start_seq
+            while not any(change["id"] == last_id for change in seen):
+                answer = http.get(f"{base}/_changes", params={
+                    "feed": "longpoll", "since": since, "timeout": 10000,
+                    "include_docs": "true"})
+                assert answer.status_code == 200, answer.text
+                body = answer.json()
+                seen.extend(body["results"])
+                since = body["last_seq"]
+
+    with trio.fail_after(DEADLINE * 2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(
+                trio.to_thread.run_sync, follow, "w-last", abandon_on_cancel=True))
+            for doc_id, tag in [("w1", "work"), ("h1", "home"), ("w2", "work"),
+                                ("w-last", "work")]:
+                await trio.to_thread.run_sync(
+                    functools.partial(node.put, NOTES, {"tag": tag}, doc_id))
+    ids = [change["id"] for change in seen]
+    assert ids == ["w1", "w2", "w-last"], seen  # in order; not h1 (outside its selector)
+    assert all(change["doc"]["tag"] == "work" for change in seen)
+
+
+async def test_a_plain_http_app_queries_with_find(cluster: Cluster):
+    node = cluster.add("a")
+    node.put_many(NOTES, [(f"n{i}", {"tag": "work" if i % 2 else "home", "n": i})
+                          for i in range(10)])
+    credential = add_app(node, "finder", NOTES, "read", {"tag": "work"})
+    answer = httpx.post(node.running.api_url + f"/couch/{NOTES}/_find",
+                        auth=("finder", credential), json={
+                            "selector": {"n": {"$gte": 4}},
+                            "fields": ["_id", "n"], "sort": [{"n": "desc"}], "limit": 3})
+    assert answer.status_code == 200, answer.text
+    # only docs the app may read (odd n, tag work), n >= 4, by n descending, 3 of them
+    assert answer.json()["docs"] == [{"_id": "n9", "n": 9}, {"_id": "n7", "n": 7},
+                                     {"_id": "n5", "n": 5}]
+    bad = httpx.post(node.running.api_url + f"/couch/{NOTES}/_find",
+                     auth=("finder", credential), json={"selector": {"n": {"$where": 1}}})
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_request", bad.text
+
