@@ -10,10 +10,16 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
-from tests.node.cluster import Cluster, ClusterNode, cluster, free_port, wait_until  # noqa: F401
+from tests.node.cluster import (  # noqa: F401
+    Cluster,
+    ClusterNode,
+    cluster,
+    free_port,
+    share_between,
+    wait_until,
+)
 from tests.support.pouchdb import running_pouchdb_server
 from tests.support.pouchdb_client import couch_url, eventually, pouchdb_puppet
 
@@ -250,3 +256,36 @@ async def test_a_plain_http_app_queries_with_find(cluster: Cluster):
                      auth=("finder", credential), json={"selector": {"n": {"$where": 1}}})
     assert bad.status_code == 400 and bad.json()["error"] == "bad_request", bad.text
 
+async def test_a_share_link_lets_pouchdb_replicate_the_share_both_ways(cluster: Cluster,
+                                                                       tmp_path):
+    owner, member = cluster.add("owner"), cluster.add("member")
+    share_between(owner, [member], name="notes", doctype=NOTES, selector={"shared": True})
+    in_share = owner.put_many(NOTES, [(f"s{i}", {"shared": True, "n": i}) for i in range(4)])
+    owner.put(NOTES, {"shared": False}, "private")  # same doctype, outside the share
+    link = owner.cli_json("share", "link", "notes")
+    read_only = owner.cli_json("share", "link", "notes", "--read-only")
+    assert link["url"].endswith("/couch/share:notes"), link
+
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        pulled = await pouch.replicate_from(link["url"])
+        assert pulled["ok"] and pulled["doc_write_failures"] == 0, shown(pulled)
+        assert await pouch.revs() == in_share  # the share's docs, not "private"
+
+        put = await pouch.put({"_id": "from-pouch", "shared": True, "doctype": NOTES})
+        await pouch.put({"_id": "out-of-scope", "shared": False, "doctype": NOTES})
+        pushed = await pouch.replicate_to(link["url"])
+        assert pushed["ok"] and pushed["docs_written"] == 1, shown(pushed)
+        assert [e["id"] for e in pushed["errors"]] == ["out-of-scope"], shown(pushed)
+        assert owner.get("from-pouch")["_rev"] == put["rev"]
+        # ...and on to the member, by the nodes' own peer sync
+        await node_wait(lambda: (d := member.get("from-pouch")) and d["_rev"] == put["rev"],
+                        "from-pouch on the member")
+        assert owner.get("out-of-scope") is None
+
+    async with pouchdb_puppet(tmp_path / "reader") as reader:
+        assert (await reader.replicate_from(read_only["url"]))["docs_written"] == 5
+        await reader.put({"_id": "refused", "shared": True, "doctype": NOTES})
+        refused = await reader.replicate_to(read_only["url"])
+        assert refused["ok"] and refused["docs_written"] == 0, shown(refused)
+        assert [(e["id"], e["name"]) for e in refused["errors"]] == [("refused", "forbidden")]
+    assert owner.get("refused") is None and member.get("refused") is None
