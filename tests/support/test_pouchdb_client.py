@@ -109,3 +109,22 @@ async def test_a_command_error_names_the_failure_and_the_puppet_goes_on(server, 
         with pytest.raises(PuppetError, match="unknown command"):
             await pouch.call("frobnicate")
         assert (await pouch.info())["doc_count"] == 1
+
+
+async def test_a_command_without_an_answer_fails_after_its_timeout(tmp_path):
+    """A server that accepts and never answers: the command fails naming itself, with the
+    puppet's stderr, instead of hanging the test."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held = []
+    async with trio.open_nursery() as nursery:
+        async def hold(stream):
+            held.append(stream)
+            await trio.sleep_forever()
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        async with pouchdb_puppet(tmp_path / "p", timeout=3) as pouch:
+            with pytest.raises(PuppetError, match="did not answer `replicate` within 3s") as err:
+                await pouch.replicate_from(f"http://127.0.0.1:{port}/silent")
+            assert "puppet stderr" in str(err.value)
+            assert (await pouch.info())["doc_count"] == 0  # it still serves other commands
+        nursery.cancel_scope.cancel()
