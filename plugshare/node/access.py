@@ -8,6 +8,9 @@ and names the errors the API maps to HTTP.
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 import attrs
 
 from plugshare.errors import PlugshareError
@@ -35,11 +38,26 @@ class Tampered(PlugshareError):
 
 
 def bearer(authorization: str | None) -> str:
-    """The credential of an `Authorization: Bearer ...` header."""
-    scheme, _, credential = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not credential.strip():
-        raise AuthenticationFailed("send the credential as 'Authorization: Bearer <credential>'")
-    return credential.strip()
+    """The credential of an `Authorization: Bearer ...` header, or of HTTP Basic with the
+    credential as the password (CouchDB clients send Basic; the user name is free text, an
+    app's name or anything: only the credential is checked, by the token)."""
+    scheme, _, value = (authorization or "").partition(" ")
+    value = value.strip()
+    if scheme.lower() == "basic" and value:
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthenticationFailed("the Basic credentials are not base64 of "
+                                       "'name:credential'") from None
+        _, colon, credential = decoded.partition(":")
+        if colon and credential:
+            return credential
+        raise AuthenticationFailed("send the credential as the password of Basic "
+                                   "authentication ('name:credential')")
+    if scheme.lower() != "bearer" or not value:
+        raise AuthenticationFailed("send the credential as 'Authorization: Bearer <credential>'"
+                                   " (or as the password of HTTP Basic)")
+    return value
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from plugshare import __version__, token
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed, bearer
+from plugshare.node.couch import MOUNT as COUCH, CouchParts, couch_routes
 from plugshare.node.events import events_route
 from plugshare.node.openapi import PUBLIC_PATHS, build_openapi
 
@@ -429,6 +430,8 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/joins/{share}", join_item, methods=["DELETE"]),
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
+        *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
+                                 max_body=MAX_BODY)),  # the CouchDB-compatible API
     ]
     spec = build_openapi(routes, version=__version__)
 
@@ -521,7 +524,10 @@ class _Guard:
             await self.node.call("auth", credential=credential)
         except (AuthenticationFailed, token.AuthenticationError) as exc:
             response = _error(401, "unauthorized", str(exc))
-            response.headers["www-authenticate"] = "Bearer"
+            # CouchDB clients send Basic only once asked for it
+            couch = scope["path"] == COUCH or scope["path"].startswith(COUCH + "/")
+            response.headers["www-authenticate"] = 'Basic realm="plugshare"' if couch \
+                else "Bearer"
             return await response(scope, receive, send)
         except PlugshareError as exc:  # the token process is down: 503, nothing decided
             response = _error(getattr(exc, "status", 503), getattr(exc, "error", "unavailable"),

@@ -80,13 +80,10 @@ class Documents:
         if not isinstance(doc_id, str) or doc_id.startswith("_"):
             raise BadRequest(f"document ids are text and may not start with '_' ({doc_id!r})")
         doc = {**body, "_id": doc_id, "doctype": doctype}
-        current = await self._winner(doc_id)
-        # A deleted doc's leaves: its tombstone keeps the doctype a new write may not change,
-        # and a write without `_rev` continues after it.
-        leaves = await self._leaves(doc_id) if current is None else []
-        if current is None and leaves:
-            current = await self._tombstone(doc_id, leaves)
-        generation = _next_generation(doc.get("_rev"), leaves)
+        current = (await self.landing([doc_id])).get(doc_id)
+        # Over a tombstone, a write without `_rev` continues after it.
+        after = [current["_rev"]] if current is not None and current.get("_deleted") else []
+        generation = _next_generation(doc.get("_rev"), after)
         answer = await self._call("doc.write", credential=credential, doc=doc, current=current,
                                   generation=generation)
         rev = await self._store_put(answer["doc"])
@@ -147,20 +144,26 @@ class Documents:
     async def _winner(self, doc_id: str) -> Doc | None:
         return (await self.store.winners([doc_id])).get(doc_id)
 
-    async def _tombstone(self, doc_id: str, leaves: list[str]) -> Doc | None:
-        """The winning tombstone of a deleted doc with these leaves."""
-        newest = max(leaves, key=lambda rev: (_rev_generation(rev), rev))
-        try:
-            return await self.store.get(doc_id, rev=newest)
-        except NotFound:
-            return None
-
-    async def _leaves(self, doc_id: str) -> list[str]:
+    async def landing(self, doc_ids: list[str]) -> dict[str, Doc]:
+        """What a write of each of `doc_ids` lands on: its live winner, else the winning
+        tombstone of a deleted doc (it keeps the doctype a new write may not change), in
+        three store calls whatever the count; ids the store never held are left out."""
+        found = await self.store.winners(doc_ids)
+        gone = [doc_id for doc_id in doc_ids if doc_id not in found]
+        if not gone:
+            return found
         # revs_diff of an impossibly late revision lists every leaf as a possible ancestor:
         # the way to learn a tombstone's revisions through the store contract.
         probe = f"{2**31}-{'0' * 32}"
-        known = (await self.store.revs_diff({doc_id: [probe]})).get(doc_id, {})
-        return known.get("possible_ancestors", [])
+        diff = await self.store.revs_diff({doc_id: [probe] for doc_id in gone})
+        newest = []
+        for doc_id in gone:
+            leaves = diff.get(doc_id, {}).get("possible_ancestors", [])
+            if leaves:
+                newest.append((doc_id, max(leaves, key=lambda r: (_rev_generation(r), r))))
+        for tombstone in await self.store.bulk_get(newest) if newest else []:
+            found[tombstone["_id"]] = {k: v for k, v in tombstone.items() if k != "_revisions"}
+        return found
 
 
 def _next_generation(rev: str | None, leaves: list[str]) -> int:

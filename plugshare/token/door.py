@@ -73,6 +73,46 @@ def _not_found(doc_id: Any) -> NotFound:
     return NotFound(f"no document {doc_id!r}")
 
 
+def _bare_tombstone(doc: Mapping[str, Any]) -> dict:
+    """A deletion as stored and served: what identifies it, never a body."""
+    return {k: doc[k] for k in ("_id", "_rev", "_deleted", "_revisions", "doctype")
+            if k in doc}
+
+
+def _parent_rev(doc: Mapping[str, Any], new_edits: bool) -> str | None:
+    """The revision a write continues: its `_rev`, or for a replicated revision (new_edits
+    false) the one before it in its `_revisions`."""
+    if new_edits:
+        return doc.get("_rev")
+    history = doc.get("_revisions")
+    if not isinstance(history, Mapping):
+        return None
+    start, ids = history.get("start"), history.get("ids")
+    if type(start) is not int or not isinstance(ids, list) or len(ids) < 2:
+        return None
+    return f"{start - 1}-{ids[1]}"
+
+
+def _write_generation(doc: Mapping[str, Any], landing: Any, new_edits: bool) -> int:
+    """The generation the store gives this write (sealed docs bind it): a replicated
+    revision keeps its own; an edit is its `_rev`'s plus one; a creation continues after
+    the tombstone it lands on, if any."""
+    def generation_of(rev: Any) -> int:
+        head = rev.partition("-")[0] if isinstance(rev, str) else ""
+        if not head.isdigit() or int(head) < 1:
+            raise InvalidArgument(f"rev {rev!r} is not of the form N-hash")
+        return int(head)
+
+    rev = doc.get("_rev")
+    if not new_edits:
+        return generation_of(rev)
+    if rev is not None:
+        return generation_of(rev) + 1
+    if isinstance(landing, Mapping) and landing.get("_deleted") is True:
+        return generation_of(landing.get("_rev")) + 1
+    return 1
+
+
 class Door:
     """Serves the token's commands over one `Token` (owned: `close` closes it)."""
 
@@ -214,11 +254,17 @@ class Door:
         return {"kind": principal.kind, "id": principal.id, "label": principal.label}
 
     def _cmd_doc_read(self, args: Mapping[str, Any]) -> dict:
-        """{credential, doc (stored), doctype?} -> {doc}: the document as the caller may see
-        it. A doc of another doctype than the route's is not found."""
+        """{credential, doc (stored), doctype?, share?} -> {doc}: the document as the caller
+        may see it. A doc of another doctype than the route's, or outside the scope of
+        `share` (a share's id), is not found."""
         principal = self._principal(args)
         stored = _doc_arg(args, "doc")
         doctype = _arg(args, "doctype", str, optional=True)
+        entry = self._share_opened(principal, args)
+        if entry is not None and _scope_refusal(entry, stored) is not None:
+            self._record(principal.label, "read", stored,
+                         Decision(False, _scope_refusal(entry, stored)))
+            raise _not_found(stored["_id"])
         if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
             refusal = Decision(False, f"no rule lets {principal.label} read {doctype!r} documents")
             self._record(principal.label, "read", {"doctype": doctype, "_id": stored["_id"]},
@@ -231,11 +277,15 @@ class Door:
         return {"doc": self._open(principal, stored)}
 
     def _cmd_doc_list(self, args: Mapping[str, Any]) -> dict:
-        """{credential, doctype?, docs} -> {docs, tampered}: the rows the caller may read,
-        in clear; rows it may not read are left out, tampered rows named by id only."""
+        """{credential, doctype?, docs, share?} -> {docs, tampered}: the rows the caller may
+        read, in clear; rows it may not read (or outside the scope of `share`, a share's id)
+        are left out, tampered rows named by id only. A tombstone is served (bare: id, rev,
+        doctype) when the caller may read documents of its doctype: a follower of the
+        changes feed learns that a document it may have copied is gone."""
         principal = self._principal(args)
         doctype = _arg(args, "doctype", str, optional=True)
         docs = _docs_arg(args)
+        entry = self._share_opened(principal, args)
         if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
             refusal = Decision(False, f"no rule lets {principal.label} list {doctype!r} documents")
             self._record(principal.label, "list", {"doctype": doctype}, refusal)
@@ -243,6 +293,12 @@ class Door:
         served, tampered = [], []
         for stored in docs:
             if doctype is not None and stored.get("doctype") != doctype:
+                continue
+            if entry is not None and _scope_refusal(entry, stored) is not None:
+                continue
+            if stored.get("_deleted") is True:
+                if self._may_see_tombstone(principal, "read", stored, entry):
+                    served.append(_bare_tombstone(stored))
                 continue
             try:
                 served.append(self._open(principal, stored, "list"))
@@ -254,25 +310,62 @@ class Door:
 
     def _cmd_doc_write(self, args: Mapping[str, Any]) -> dict:
         """{credential, doc (clear, with _id, doctype, maybe _rev), current (the stored
-        winner, else its tombstone, or None), generation} -> {doc: the form to store,
+        winner, else its tombstone, or None), generation, share?} -> {doc: the form to store,
         removals?: tombstones to store beside it (new_edits=false), one per share this node
         owns that the write takes the doc out of}."""
         principal = self._principal(args)
         doc = _doc_arg(args, "doc")
         current = _doc_arg(args, "current", optional=True)
         generation = _arg(args, "generation", int)
+        entry = self._share_opened(principal, args)
+        return self._decide_write(principal, doc, current, generation, entry)
+
+    def _cmd_doc_write_batch(self, args: Mapping[str, Any]) -> dict:
+        """{credential, docs (clear), current: {id: the stored winner, else its tombstone},
+        new_edits, share?} -> {results}: for each doc in order, what `doc.write` answers, or
+        {"error", "reason"} for a doc refused ("forbidden") or malformed ("bad_request"); a
+        refusal never fails the others. With new_edits=false each doc carries its `_rev`
+        and `_revisions` (a replicated revision, stored as given)."""
+        principal = self._principal(args)
+        docs = _docs_arg(args)
+        current = _arg(args, "current", dict)
+        new_edits = _arg(args, "new_edits", bool)
+        entry = self._share_opened(principal, args)
+        results: list[dict] = []
+        for doc in docs:
+            landing = current.get(doc["_id"])
+            try:
+                generation = _write_generation(doc, landing, new_edits)
+                results.append(self._decide_write(
+                    principal, doc, landing if isinstance(landing, dict) else None,
+                    generation, entry, new_edits=new_edits))
+            except AccessDenied as exc:
+                results.append({"id": doc["_id"], "error": "forbidden", "reason": str(exc)})
+            except (InvalidArgument, NotFound) as exc:
+                results.append({"id": doc["_id"], "error": "bad_request", "reason": str(exc)})
+        return {"results": results}
+
+    def _decide_write(self, principal: Principal, doc: dict, current: dict | None,
+                      generation: int, entry: Any = None, *, new_edits: bool = True) -> dict:
+        """One write decided and audited: {doc: the form to store, removals?}, or
+        `AccessDenied` / `InvalidArgument`. `current` is the stored winner it lands on (else
+        its tombstone, or None); `entry` the share the write is confined to, if any."""
         if not isinstance(doc.get("doctype"), str):
             raise InvalidArgument("a document needs a doctype")
+        allowed_fields = ("_id", "_rev", "_deleted") + (() if new_edits else ("_revisions",))
         if ENVELOPE_FIELD in doc or any(
-                k.startswith("_") and k not in ("_id", "_rev", "_deleted") for k in doc):
+                k.startswith("_") and k not in allowed_fields for k in doc):
             raise InvalidArgument(
                 f"a document may not carry {ENVELOPE_FIELD!r} or fields starting with '_' "
-                "other than _id, _rev and _deleted")
+                f"other than {', '.join(allowed_fields)}")
         live = current is not None and current.get("_deleted") is not True
         if live:
             # A writer may not overwrite a doc it could not write (one outside its selector,
-            # or of another doctype) by making the new version fit its rule.
+            # or of another doctype, or outside the share it writes through) by making the
+            # new version fit its rule.
             replace = self._judge(principal, "write", current)
+            if replace.allowed and entry is not None and _scope_refusal(entry, current):
+                replace = Decision(False, _scope_refusal(entry, current))
             if not replace.allowed:
                 self._record(principal.label, "write", doc, replace)
                 raise AccessDenied(replace, "this id belongs to a document you may not write")
@@ -286,14 +379,95 @@ class Door:
                 raise AccessDenied(Decision(False, changed),
                                    "this id belongs to a document you may not write")
             raise InvalidArgument(changed)
+        if doc.get("_deleted") is True:
+            return self._decide_removal(principal, doc, current if live else None, entry)
         decision = self._judge(principal, "write", doc)
+        if decision.allowed and entry is not None and _scope_refusal(entry, doc) is not None:
+            decision = Decision(False, _scope_refusal(entry, doc))
         self._record(principal.label, "write", doc, decision)
         if not decision.allowed:
             raise AccessDenied(decision, f"write refused: {decision.reason}")
         answer: dict[str, Any] = {"doc": self._stored_form(doc, generation)}
-        if live and doc.get("_rev") == current.get("_rev"):  # an edit of the winner
+        if live and _parent_rev(doc, new_edits) == current.get("_rev"):  # edits the winner
             answer["removals"] = self._removals(principal, current, doc)
         return answer
+
+    def _decide_removal(self, principal: Principal, doc: dict, live: dict | None,
+                        entry: Any) -> dict:
+        """A deletion: allowed when the caller may write the live doc it removes (a tombstone
+        has no fields a selector could match), or, over no live doc, may write documents of
+        its doctype. The stored tombstone is bare: a body sent with it could be in clear
+        what a sealed doctype keeps sealed."""
+        if live is not None:
+            decision = self._judge(principal, "write", live)  # scope checked by the caller
+        elif self._may_see_tombstone(principal, "write", doc, entry):
+            decision = Decision(True, f"{principal.label} may write {doc['doctype']!r} "
+                                      "documents")
+        else:
+            decision = Decision(False, f"no rule lets {principal.label} delete "
+                                       f"{doc['doctype']!r} documents")
+        self._record(principal.label, "delete", doc, decision)
+        if not decision.allowed:
+            raise AccessDenied(decision, f"delete refused: {decision.reason}")
+        return {"doc": _bare_tombstone(doc)}
+
+    def _may_see_tombstone(self, principal: Principal, action: str, tombstone: dict,
+                           entry: Any) -> bool:
+        """A tombstone carries no fields to match a rule's selector: it is the caller's when
+        a rule gives it `action` on some documents of its doctype (or, for a principal bound
+        to one share, when the share's permission allows it: its scope is checked apart)."""
+        doctype = tombstone.get("doctype")
+        if not isinstance(doctype, str):
+            return principal == OWNER
+        if self._judge(principal, action, tombstone).allowed:
+            return True
+        return self._may_touch_doctype(principal, action, doctype)
+
+    # -- virtual databases: what a credential may open -----------------------------------
+
+    def _share_opened(self, principal: Principal, args: Mapping[str, Any]) -> Any:
+        """The held share named by the optional `share` argument (an id), once checked that
+        `principal` may open it; None without one. `NotFound` for a share it may not open,
+        whether or not it exists."""
+        share_id = _arg(args, "share", str, optional=True)
+        if share_id is None:
+            return None
+        entry = self._token._book._entries.get(share_id)
+        if entry is None or not entry.active_at(time.time()) or \
+                not self._may_open_share(principal, entry):
+            self._record(principal.label, "open", {"_id": share_id},
+                         Decision(False, "share not held here or not open to the caller"))
+            raise NotFound("Database does not exist.")
+        return entry
+
+    def _may_open_share(self, principal: Principal, entry: Any) -> bool:
+        if principal == OWNER:
+            return True
+        link_share = getattr(self._token, "link_share", None)  # share links (issue 12)
+        if principal.kind == "link":
+            return link_share is not None and \
+                link_share(principal.id) == entry.manifest.share_id
+        return self._may_touch_doctype(principal, "read", entry.manifest.rule.doctype)
+
+    def _cmd_db_list(self, args: Mapping[str, Any]) -> dict:
+        """{credential} -> {principal, any_doctype, doctypes, shares: [{id, name, doctype}]}: the
+        virtual databases the caller may open: the doctypes its rules let it read (the
+        owner: any), and the shares held here it may read through."""
+        principal = self._principal(args)
+        token = self._token
+        subjects = token._subjects.get((principal.kind, principal.id)) or ()
+        doctypes = set(token._rules.doctypes(subjects, ACTION_LEVEL["read"]))
+        now = time.time()
+        shares = [{"id": e.manifest.share_id, "name": e.manifest.name,
+                   "doctype": e.manifest.rule.doctype}
+                  for e in token._book._entries.values()
+                  if e.active_at(now) and self._may_open_share(principal, e)]
+        if principal == OWNER:
+            doctypes |= {r.doctype for r in token.list_rules()}
+            doctypes |= {s["doctype"] for s in shares}
+        return {"principal": principal.label, "any_doctype": principal == OWNER,
+                "doctypes": sorted(doctypes),
+                "shares": sorted(shares, key=lambda s: (s["name"], s["id"]))}
 
     def _removals(self, principal: Principal, current: dict, doc: dict) -> list[dict]:
         """The removals (tombstones, one per share) that take `current` out of the shares
@@ -768,9 +942,11 @@ def _audit_json(entry) -> dict[str, Any]:
 # Protocol version 1: command -> the arguments it takes (for the docs and the tests).
 COMMANDS: dict[str, tuple[str, ...]] = {
     "auth": ("credential",),
-    "doc.read": ("credential", "doc", "doctype?"),
-    "doc.list": ("credential", "docs", "doctype?"),
-    "doc.write": ("credential", "doc", "current?", "generation"),
+    "doc.read": ("credential", "doc", "doctype?", "share?"),
+    "doc.list": ("credential", "docs", "doctype?", "share?"),
+    "doc.write": ("credential", "doc", "current?", "generation", "share?"),
+    "doc.write_batch": ("credential", "docs", "current", "new_edits", "share?"),
+    "db.list": ("credential",),
     "doc.delete": ("credential", "current", "rev"),
     "doc.reseal": ("credential", "docs"),
     "owner.check": ("credential", "action"),

@@ -408,6 +408,12 @@ class RuleSet:
                         return allow
         return None
 
+    def doctypes(self, subjects: Iterable[Subject], level: int) -> list[str]:
+        """The doctypes on some documents of which a rule grants `level` to `subjects`."""
+        wanted = set(subjects)
+        return sorted({doctype for (doctype, subject), entries in self._index.items()
+                       if subject in wanted and any(e[0] >= level for e in entries)})
+
     def match_doctype(
         self, subjects: Iterable[Subject], level: int, doctype: str
     ) -> tuple[Decision, bool] | None:

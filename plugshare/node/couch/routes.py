@@ -1,0 +1,288 @@
+"""The CouchDB endpoints of the `/couch` API (Starlette): HTTP mapped onto `DatabaseView`.
+
+Every request is authenticated before it gets here (`api._Guard`); the token's `db.list`
+then says which databases its credential may open, and each document read or write is the
+token's decision (see `view.py`). Unknown query parameters are ignored, as CouchDB does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from plugshare import __version__
+from plugshare.node.couch import body as bodies
+from plugshare.node.couch import params
+from plugshare.node.couch.databases import names, resolve
+from plugshare.node.couch.errors import CouchError, bad_request, forbidden
+from plugshare.node.couch.feeds import FeedSlots, follow
+from plugshare.node.couch.view import DESIGN_REASON, DatabaseView
+
+MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
+COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
+INSTANCE_START = "0"
+
+
+def _json(body: Any, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Feed(StreamingResponse):
+    """A streamed feed that gives its slot back however it ends (client gone included)."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def endpoints(parts) -> list[Route]:
+    """The routes, relative to the mount point (`/couch`)."""
+    call = parts.call
+    slots = FeedSlots()
+    cap = parts.max_body
+
+    async def open_view(request: Request) -> DatabaseView:
+        opened = await call("db.list", credential=request.state.credential)
+        db = resolve(request.path_params["db"], opened)
+        documents = parts.documents
+        return DatabaseView(db, request.state.credential, store=documents.store, call=call,
+                            landing=documents.landing, publish=parts.events.publish)
+
+    async def welcome(request: Request) -> Response:
+        """GET: CouchDB's welcome: this API's version and vendor"""
+        return _json({"couchdb": "Welcome", "version": COUCHDB_VERSION,
+                      "vendor": {"name": "plugshare", "version": __version__},
+                      "features": [], "uuid": parts.instance})
+
+    async def all_dbs(request: Request) -> Response:
+        """GET: the databases this credential may open (doctypes, and shares as share:NAME)"""
+        return _json(names(await call("db.list", credential=request.state.credential)))
+
+    async def database(request: Request) -> Response:
+        """GET: a database's info as this credential sees it (doc_count, update_seq)
+        PUT: databases are virtual: an existing one answers 412 file_exists
+        POST: create a document with a new id (or the body's _id)
+        DELETE: databases are virtual: refused (403)"""
+        view = await open_view(request)
+        if request.method == "PUT":
+            raise CouchError(412, "file_exists", "The database could not be created, the "
+                                                 "file already exists.")
+        if request.method == "POST":
+            doc = await bodies.json_object(request, cap)
+            result = await _write_one(view, doc, new_edits=True)
+            return _json({"ok": True, "id": result["id"], "rev": result["rev"]}, 201)
+        if request.method == "DELETE":
+            raise forbidden("databases are virtual: they cannot be deleted")
+        info = await view.store.info()
+        docs = await view.all_live()
+        return _json({
+            "db_name": view.db.name, "doc_count": len(docs), "doc_del_count": 0,
+            "update_seq": info["update_seq"], "purge_seq": 0, "compact_running": False,
+            "sizes": {"active": 0, "external": 0, "file": 0}, "disk_format_version": 8,
+            "instance_start_time": INSTANCE_START,
+            "props": {}, "cluster": {"q": 1, "n": 1, "w": 1, "r": 1},
+        })
+
+    async def changes(request: Request) -> Response:
+        """GET: the changes this credential may see (since, limit, include_docs, style,
+        feed=normal|longpoll|continuous|eventsource, heartbeat, timeout, filter=_doc_ids or
+        _selector)
+        POST: the same, with doc_ids or selector in the body"""
+        view = await open_view(request)
+        query = request.query_params
+        if params.flag(query, "descending"):
+            raise bad_request("descending is not supported on _changes")
+        feed = params.feed(query)
+        since = params.since(query)
+        limit = params.count(query, "limit")
+        include_docs = params.flag(query, "include_docs")
+        style = query.get("style", "main_only")
+        if style not in ("main_only", "all_docs"):
+            raise bad_request(f"Invalid value for 'style': {style!r} (main_only or all_docs)")
+        heartbeat = params.milliseconds(query, "heartbeat")
+        timeout = params.milliseconds(query, "timeout")
+        body = await _optional_body(request, cap) if request.method == "POST" else {}
+        doc_ids, selector = _filter(query, body)
+        if since == "now":
+            since = (await view.store.info())["update_seq"]
+        options = {"doc_ids": doc_ids, "selector": selector, "all_leaves": style == "all_docs",
+                   "include_docs": include_docs}
+
+        async def page(after, count: int):
+            return await view.changes(after, max(count, 1), **options)
+
+        if feed == "normal":
+            rows, last_seq = await page(since, params.MAX_LIMIT if limit is None
+                                        else min(limit, params.MAX_LIMIT))
+            return _json({"results": rows, "last_seq": last_seq, "pending": 0})
+        if timeout is None and heartbeat is None:
+            timeout = params.DEFAULT_TIMEOUT_MS / 1000
+        release = slots.take(view.db.principal)
+        try:
+            lines = follow(page, view.store.wait_for_change, feed=feed, since=since, limit=limit,
+                           heartbeat=heartbeat, timeout=timeout)
+            media = {"eventsource": "text/event-stream", "continuous": "application/json",
+                     "longpoll": "application/json"}[feed]
+            return _Feed(lines, release, media_type=media,
+                         headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+        except BaseException:
+            release()
+            raise
+
+    async def revs_diff(request: Request) -> Response:
+        """POST: the revisions of {id: [rev...]} this database lacks"""
+        view = await open_view(request)
+        asked = await bodies.json_object(request, cap)
+        if len(asked) > MAX_DOCS:
+            raise _too_many("ids")
+        for doc_id, revs in asked.items():
+            if not isinstance(revs, list) or not all(isinstance(r, str) for r in revs) \
+                    or len(revs) > MAX_DOCS:
+                raise bad_request(f"revisions of {doc_id!r} must be a list of revs")
+        return _json(await view.revs_diff(asked))
+
+    async def bulk_docs(request: Request) -> Response:
+        """POST: write many documents ({"docs": [...], "new_edits": bool}); a refused or
+        conflicting document is an error in its own result"""
+        view = await open_view(request)
+        body = await bodies.json_object(request, cap)
+        docs = body.get("docs")
+        new_edits = body.get("new_edits", True)
+        if not isinstance(docs, list):
+            raise bad_request("POST body must include `docs` parameter.")
+        if not isinstance(new_edits, bool):
+            raise bad_request("`new_edits` parameter must be a boolean.")
+        if len(docs) > MAX_DOCS:
+            raise _too_many("documents")
+        results = await view.write(docs, new_edits=new_edits)
+        if not new_edits:  # CouchDB answers only the failures of replicated revisions
+            results = [r for r in results if "error" in r]
+        return _json(results, 201)
+
+    async def bulk_get(request: Request) -> Response:
+        """POST: many documents by id and rev ({"docs": [{"id", "rev"?}]}, ?revs=true)"""
+        view = await open_view(request)
+        body = await bodies.json_object(request, cap)
+        asked = body.get("docs")
+        if not isinstance(asked, list):
+            raise bad_request("Missing JSON list of 'docs'.")
+        if len(asked) > MAX_DOCS:
+            raise _too_many("documents")
+        wanted = []
+        for item in asked:
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise bad_request("each of 'docs' must be an object with a text 'id'")
+            rev = item.get("rev")
+            if rev is not None and not isinstance(rev, str):
+                raise bad_request("'rev' must be text")
+            wanted.append((item["id"], rev))
+        revs = params.flag(request.query_params, "revs")
+        return _json({"results": await view.bulk_get(wanted, revs=revs)})
+
+    async def ensure_full_commit(request: Request) -> Response:
+        """POST: every write is durable when answered: nothing to commit"""
+        await open_view(request)
+        return _json({"ok": True, "instance_start_time": INSTANCE_START}, 201)
+
+    async def local_doc(request: Request) -> Response:
+        """GET: a local document of this credential (replication checkpoints)
+        PUT: store one (its _rev is 0-N)
+        DELETE: remove one"""
+        view = await open_view(request)
+        local_id = request.path_params["local_id"]
+        if request.method == "GET":
+            return _json(await view.get_local(local_id))
+        if request.method == "DELETE":
+            await view.delete_local(local_id, request.query_params.get("rev"))
+            return _json({"ok": True, "id": "_local/" + local_id, "rev": "0-0"})
+        rev = await view.put_local(local_id, await bodies.json_object(request, cap))
+        return _json({"ok": True, "id": "_local/" + local_id, "rev": rev}, 201)
+
+    async def design(request: Request) -> Response:
+        """Design documents and views are not supported (403 forbidden)."""
+        await open_view(request)
+        raise forbidden(DESIGN_REASON)
+
+    return [
+        Route("/", welcome, methods=["GET"]),
+        Route("/_all_dbs", all_dbs, methods=["GET"]),
+        Route("/{db}", database, methods=["GET", "PUT", "POST", "DELETE"]),
+        Route("/{db}/", database, methods=["GET", "PUT", "POST", "DELETE"]),
+        Route("/{db}/_changes", changes, methods=["GET", "POST"]),
+        Route("/{db}/_revs_diff", revs_diff, methods=["POST"]),
+        Route("/{db}/_bulk_docs", bulk_docs, methods=["POST"]),
+        Route("/{db}/_bulk_get", bulk_get, methods=["POST"]),
+        Route("/{db}/_ensure_full_commit", ensure_full_commit, methods=["POST"]),
+        Route("/{db}/_local/{local_id:path}", local_doc, methods=["GET", "PUT", "DELETE"]),
+        Route("/{db}/_design/{rest:path}", design,
+              methods=["GET", "PUT", "POST", "DELETE"]),
+        Route("/{db}/_view/{rest:path}", design, methods=["GET", "POST"]),
+    ]
+
+
+async def _write_one(view: DatabaseView, doc: dict, *, new_edits: bool) -> dict:
+    """One document written through the batch path: its result, or its error raised."""
+    [result] = await view.write([doc], new_edits=new_edits)
+    if "error" in result:
+        status = {"conflict": 409, "forbidden": 403, "bad_request": 400,
+                  "not_found": 404}.get(result["error"], 400)
+        raise CouchError(status, result["error"], result["reason"])
+    return result
+
+
+async def _optional_body(request: Request, cap: int) -> dict:
+    """A POST body that may be empty (`_changes`)."""
+    body = await bodies.json_body(request, cap, check_type=False, empty={})
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object")
+    return body
+
+
+def _filter(query, body: dict):
+    """(doc_ids, selector) of a `_changes` request's `filter`."""
+    name = query.get("filter")
+    if name is None:
+        return None, None
+    if name == "_doc_ids":
+        given, ids = params.json_value(query, "doc_ids")
+        if not given:
+            ids = body.get("doc_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise bad_request("filter=_doc_ids needs `doc_ids`, a JSON list of ids")
+        if len(ids) > MAX_DOCS:
+            raise _too_many("ids")
+        return set(ids), None
+    if name == "_selector":
+        selector = body.get("selector")
+        if not isinstance(selector, dict):
+            raise bad_request("filter=_selector needs a `selector` object in the body")
+        return None, _compile_selector(selector)
+    if name in ("_view", "_design") or "/" in name:
+        raise forbidden(DESIGN_REASON)
+    raise bad_request(f"unknown filter {name!r} (_doc_ids or _selector)")
+
+
+def _compile_selector(selector: dict):
+    try:
+        from plugshare.node.couch import mango
+    except ImportError:  # the Mango engine is built apart (issue 12): not merged yet
+        raise CouchError(501, "not_implemented", "Mango selectors are not available yet") \
+            from None
+    try:
+        return mango.compile_selector(selector)
+    except mango.MangoError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def _too_many(what: str) -> CouchError:
+    return CouchError(413, "request_entity_too_large", f"at most {MAX_DOCS} {what} per request")
+
+

@@ -1,0 +1,274 @@
+"""One virtual database as one credential sees it: the store underneath, every read filtered
+and every write decided by the token.
+
+A request costs a bounded number of store calls and token calls, never one per document: a
+page of documents goes to the token as one `doc.list` (reads) or one `doc.write_batch`
+(writes)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, Awaitable
+
+from plugshare.node.couch.databases import Database
+from plugshare.node.couch.errors import CouchError, bad_request, forbidden
+from plugshare.store import Doc, Store
+from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq
+
+log = logging.getLogger("plugshare.couch")
+
+TokenCall = Callable[..., Awaitable[Any]]
+TOKEN_BATCH = 10_000  # documents the token takes in one command
+SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page
+LOCAL_NAMESPACE = "couch"  # local docs of this API: couch/<principal>/<db>/<id>
+CONFLICT_REASON = "Document update conflict."
+DESIGN_REASON = "design documents are not supported"
+UNDERSCORE_REASON = "Only reserved document ids may start with underscore."
+
+
+def without_history(doc: Doc) -> Doc:
+    return {k: v for k, v in doc.items() if k != "_revisions"}
+
+
+def check_doc_id(doc_id: Any) -> str:
+    """A document id this API accepts for an ordinary document (CouchDB's refusals)."""
+    if not isinstance(doc_id, str) or not doc_id:
+        raise bad_request("Document id must be a non-empty string")
+    if doc_id.startswith("_design/"):
+        raise forbidden(DESIGN_REASON)
+    if doc_id.startswith("_"):
+        raise bad_request(UNDERSCORE_REASON)
+    return doc_id
+
+
+class DatabaseView:
+    def __init__(self, db: Database, credential: str, *, store: Store, call: TokenCall,
+                 landing: Callable[[list[str]], Awaitable[dict[str, Doc]]],
+                 publish: Callable[..., Any]):
+        self.db = db
+        self._credential = credential
+        self._store = self.store = store
+        self._call = call
+        self._landing = landing  # id -> the stored winner, else its tombstone (Documents)
+        self._publish = publish
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def visible(self, stored: list[Doc]) -> list[Doc]:
+        """The documents of `stored` this credential may read in this database, in clear,
+        in order (tombstones of a doctype it may read included, bare)."""
+        out: list[Doc] = []
+        for start in range(0, len(stored), TOKEN_BATCH):
+            page = [without_history(d) for d in stored[start:start + TOKEN_BATCH]]
+            answer = await self._call("doc.list", credential=self._credential, docs=page,
+                                      **self.db.scope())
+            if answer.get("tampered"):
+                log.warning("documents failing the token's checks left out: %s",
+                            answer["tampered"])
+            out += answer["docs"]
+        return out
+
+    async def all_live(self) -> list[Doc]:
+        """Every live document of this database this credential may read, sorted by id."""
+        docs = [d for d in await self._store.all_docs() if d.get("doctype") == self.db.doctype]
+        return await self.visible(docs)
+
+    async def get(self, doc_id: str, rev: str | None = None, *,
+                  conflicts: bool = False, revs: bool = False) -> Doc:
+        """One document (the winner, or `rev`), as this credential may see it; `missing`
+        (404) when absent, deleted or not its to read: the three answer alike."""
+        try:
+            stored = await self._store.get(doc_id, rev=rev, conflicts=conflicts, revs=revs)
+        except NotFound:
+            raise CouchError(404, "not_found", "missing") from None
+        seen = await self.visible([stored])
+        if not seen:
+            raise CouchError(404, "not_found", "missing")
+        doc = seen[0]
+        for extra in ("_conflicts", "_revisions"):
+            if extra in stored:
+                doc = {**doc, extra: stored[extra]}
+        return doc
+
+    async def changes(self, since: Seq, limit: int, *, doc_ids: set[str] | None = None,
+                      selector: Callable[[Doc], bool] | None = None, all_leaves: bool = False,
+                      include_docs: bool = False) -> tuple[list[dict], Seq]:
+        """(rows, last_seq): up to `limit` rows of the changes after `since` that this
+        credential may see. Reads the store's feed a page at a time until the rows are
+        enough or the feed ends, so a page is empty only when nothing visible is left."""
+        rows: list[dict] = []
+        seq = since
+        while True:
+            page = await self._store.changes(seq, limit=SCAN_PAGE)
+            wanted = [c for c in page.results if doc_ids is None or c.id in doc_ids]
+            if wanted:
+                stored = await self._store.bulk_get([(c.id, c.revs[0]) for c in wanted])
+                seen = {d["_id"]: d for d in await self.visible(stored)}
+                for change in wanted:
+                    doc = seen.get(change.id)
+                    if doc is None or (selector is not None and not selector(doc)):
+                        continue
+                    leaves = change.revs if all_leaves else change.revs[:1]
+                    row: dict[str, Any] = {"seq": change.seq, "id": change.id,
+                                           "changes": [{"rev": r} for r in leaves]}
+                    if change.deleted:
+                        row["deleted"] = True
+                    if include_docs:
+                        row["doc"] = doc
+                    rows.append(row)
+                    if len(rows) >= limit:
+                        return rows, change.seq
+            if len(page.results) < SCAN_PAGE:
+                return rows, page.last_seq
+            seq = page.last_seq
+
+    async def bulk_get(self, wanted: list[tuple[str, str | None]], *,
+                       revs: bool) -> list[dict]:
+        """CouchDB's `_bulk_get` results: per request, `{"id", "docs": [{"ok": doc}]}` or
+        `{"error": {...}}` when missing or not this credential's to read."""
+        winners = await self._store.winners([i for i, rev in wanted if rev is None])
+        pairs = [(i, rev if rev is not None else winners.get(i, {}).get("_rev"))
+                 for i, rev in wanted]
+        found = await self._store.bulk_get([(i, r) for i, r in pairs if r is not None])
+        history = {(d["_id"], d["_rev"]): d.get("_revisions") for d in found}
+        seen = {(d["_id"], d["_rev"]): d for d in await self.visible(found)}
+        results = []
+        for doc_id, rev in pairs:
+            doc = seen.get((doc_id, rev))
+            if doc is None:
+                error = {"id": doc_id, "rev": rev or "undefined", "error": "not_found",
+                         "reason": "missing"}
+                results.append({"id": doc_id, "docs": [{"error": error}]})
+                continue
+            if revs and history.get((doc_id, rev)) is not None:
+                doc = {**doc, "_revisions": history[(doc_id, rev)]}
+            results.append({"id": doc_id, "docs": [{"ok": doc}]})
+        return results
+
+    async def revs_diff(self, asked: dict[str, list[str]]) -> dict[str, dict]:
+        """CouchDB's `_revs_diff`. A document this credential may not read here is reported
+        wholly missing: what the store holds of it is not its to learn (a push of it is then
+        refused per document)."""
+        diff = await self._store.revs_diff(asked)
+        winners = await self._store.winners(list(asked))
+        seen = {d["_id"] for d in await self.visible(list(winners.values()))}
+        for doc_id, revs in asked.items():
+            if doc_id in winners and doc_id not in seen:
+                diff[doc_id] = {"missing": list(revs)}
+        return diff
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def write(self, docs: list[Any], *, new_edits: bool) -> list[dict]:
+        """Write `docs` (each decided by the token in one batch command): one result per
+        doc, in order, `{"ok", "id", "rev"}` or `{"id", "error", "reason"}`; a refused or
+        conflicting doc never fails the others."""
+        results: list[dict | None] = [None] * len(docs)
+        prepared: list[tuple[int, Doc]] = []
+        for index, doc in enumerate(docs):
+            try:
+                prepared.append((index, self._prepare(doc, new_edits)))
+            except CouchError as exc:
+                doc_id = doc.get("_id") if isinstance(doc, dict) else None
+                results[index] = {"id": doc_id, "error": exc.error, "reason": exc.reason}
+        if prepared:
+            await self._write_prepared(prepared, results, new_edits)
+        return [r for r in results if r is not None]
+
+    async def _write_prepared(self, prepared: list[tuple[int, Doc]],
+                              results: list[dict | None], new_edits: bool) -> None:
+        landing = await self._landing(sorted({doc["_id"] for _, doc in prepared}))
+        share = {"share": self.db.share} if self.db.share is not None else {}
+        answer = await self._call("doc.write_batch", credential=self._credential,
+                                  docs=[doc for _, doc in prepared], current=landing,
+                                  new_edits=new_edits, **share)
+        to_store: list[tuple[int, Doc]] = []
+        removals: list[Doc] = []
+        for (index, doc), verdict in zip(prepared, answer["results"]):
+            if "error" in verdict:
+                results[index] = {"id": doc["_id"], "error": verdict["error"],
+                                  "reason": verdict["reason"]}
+            else:
+                to_store.append((index, verdict["doc"]))
+                removals += verdict.get("removals") or []
+        if not to_store:
+            return
+        stored = await self._store.bulk_docs([doc for _, doc in to_store], new_edits=new_edits)
+        for (index, doc), result in zip(to_store, stored):
+            if "error" in result:
+                reason = CONFLICT_REASON if result["error"] == "conflict" else result["reason"]
+                results[index] = {"id": doc["_id"], "error": result["error"], "reason": reason}
+                continue
+            rev = result.get("rev") or doc.get("_rev")
+            results[index] = {"ok": True, "id": doc["_id"], "rev": rev}
+            self._publish("doc.written", id=doc["_id"], doctype=self.db.doctype, rev=rev,
+                          **({"deleted": True} if doc.get("_deleted") else {}))
+        if removals:
+            for result in await self._store.bulk_docs(removals, new_edits=False):
+                if "error" in result:
+                    log.warning("removal of %s from a share not stored: %s",
+                                result.get("id"), result.get("reason"))
+
+    def _prepare(self, doc: Any, new_edits: bool) -> Doc:
+        """A doc as the token is to decide it: a JSON object with an ordinary id (a new one
+        when absent), of this database's doctype (given it when it has none)."""
+        if not isinstance(doc, dict):
+            raise bad_request("Document must be a JSON object")
+        doc_id = doc.get("_id")
+        if doc_id is None and new_edits:
+            doc_id = uuid.uuid4().hex
+        check_doc_id(doc_id)
+        doctype = doc.get("doctype", self.db.doctype)
+        if doctype != self.db.doctype:
+            raise forbidden(f"database {self.db.name!r} holds {self.db.doctype!r} documents, "
+                            f"not {doctype!r}")
+        if not new_edits and not isinstance(doc.get("_rev"), str):
+            raise bad_request("new_edits=false needs each document's _rev")
+        return {**doc, "_id": doc_id, "doctype": doctype}
+
+    # -- local documents: the credential's own, per database -----------------------------
+
+    def _local_key(self, local_id: str) -> str:
+        return f"{LOCAL_NAMESPACE}/{self.db.principal}/{self.db.name}/{local_id}"
+
+    async def get_local(self, local_id: str) -> Doc:
+        try:
+            doc = await self._store.get_local(self._local_key(local_id))
+        except NotFound:
+            raise CouchError(404, "not_found", "missing") from None
+        return {**doc, "_id": LOCAL_PREFIX + local_id}
+
+    async def put_local(self, local_id: str, doc: Any) -> str:
+        """Store a local doc; its new `0-N` rev. A `_rev` other than the stored one (or none
+        over an existing doc) is a conflict, as in CouchDB."""
+        if not isinstance(doc, dict):
+            raise bad_request("Document must be a JSON object")
+        key = self._local_key(local_id)
+        current = await self._current_local(key)
+        if current is not None and doc.get("_rev") != current["_rev"]:
+            raise CouchError(409, "conflict", CONFLICT_REASON)
+        body = {k: v for k, v in doc.items() if k not in ("_id", "_rev")}
+        await self._store.put_local(key, body)
+        stored = await self._current_local(key)
+        return stored["_rev"] if stored is not None else "0-1"
+
+    async def delete_local(self, local_id: str, rev: str | None) -> None:
+        key = self._local_key(local_id)
+        current = await self._current_local(key)
+        if current is None:
+            raise CouchError(404, "not_found", "missing")
+        if rev is not None and rev != current["_rev"]:
+            raise CouchError(409, "conflict", CONFLICT_REASON)
+        await self._store.delete_local(key)
+
+    async def _current_local(self, key: str) -> Doc | None:
+        try:
+            return await self._store.get_local(key)
+        except NotFound:
+            return None
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
