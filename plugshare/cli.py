@@ -965,6 +965,104 @@ def share_joins(ctx: Context, cancel: str | None) -> None:
     ctx.emit(result, "\n".join(lines))
 
 
+@share.command("link")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="The client may read but not write.")
+@click.option("--expires", metavar="DURATION", help="The link stops working after this long "
+              "(90s, 30m, 1h, 2d, 1w, as `share invite --ttl`) [default: until unlinked].")
+@pass_ctx
+def share_link(ctx: Context, name: str, read_only: bool, expires: str | None) -> None:
+    """Print a URL with a credential of its own that lets a CouchDB-protocol client (PouchDB,
+    CouchDB) replicate share NAME, enforced by this node's token; `share unlink` revokes it.
+    The credential is shown this once."""
+    import time
+
+    from plugshare.sharing.invitation import InvalidTtl, parse_ttl
+
+    until = None
+    if expires is not None:
+        try:
+            until = time.time() + parse_ttl(expires)
+        except InvalidTtl as exc:
+            raise click.BadParameter(str(exc), param_hint="--expires") from None
+    with ctx.client() as client:
+        result = client.request("POST", f"/shares/{_quote(name)}/links",
+                                json={"permission": "read" if read_only else "write",
+                                      "expires": until})
+        url, note = _link_url(client.base_url, result)
+    result["url"] = url
+    if not ctx.as_json:
+        click.echo(f"link {result['id']}, {'read-only' if read_only else 'read-write'}, "
+                   + (f"until {_local_time(result['expires'])}" if result["expires"]
+                      else "until unlinked")
+                   + f"; unlink with `{ctx.hint('share', 'unlink', name, result['id'])}`",
+                   err=True)
+        if note:
+            click.echo(note, err=True)
+    ctx.emit(result, url)  # stdout holds the URL alone, to copy
+
+
+def _link_url(api: str, link: dict) -> tuple[str, str | None]:
+    """The URL a CouchDB client replicates the share from, with the link's id and credential
+    as user and password; and a note when outside clients cannot reach that address."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api)
+    host = parts.hostname or "127.0.0.1"
+    note = None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None and address.is_unspecified:  # listens on every address
+        host = socket.gethostname()
+    elif host == "localhost" or (address is not None and address.is_loopback):
+        note = ("note: the API listens on loopback only; for clients on other machines set "
+                "`[api] listen` in node.toml to another address (e.g. \"0.0.0.0:7414\") and "
+                "restart the node (the API speaks plain HTTP: outside the LAN, put TLS in "
+                "front of it)")
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{link['id']}:{link['credential']}@{host}:{parts.port}"
+    return f"{parts.scheme}://{netloc}/couch/share:{link['share']}", note
+
+
+@share.command("unlink")
+@click.argument("name")
+@click.argument("link", metavar="LINK")
+@pass_ctx
+def share_unlink(ctx: Context, name: str, link: str) -> None:
+    """Revoke link LINK (its id, as `share links` lists it) of share NAME: its credential
+    stops working at once."""
+    with ctx.client() as client:
+        result = client.request("DELETE", f"/shares/{_quote(name)}/links/{_quote(link.strip())}")
+    ctx.emit(result, f"link {result['id']} of share {name!r} unlinked")
+
+
+def _link_line(row: dict) -> str:
+    expires = _local_time(row["expires"]) if row["expires"] else "never"
+    return (f"{row['id']}  {row['share']:<16} {row['permission']:<5}  "
+            f"{_local_time(row['created'])}  {expires:<21}  {row['status']}")
+
+
+@share.command("links")
+@click.argument("name", required=False)
+@pass_ctx
+def share_links(ctx: Context, name: str | None) -> None:
+    """List the links for outside clients (of every share, or of NAME): id, share,
+    permission, created, expires, status (active, expired, ended, unlinked)."""
+    path = f"/shares/{_quote(name)}/links" if name else "/links"
+    with ctx.client() as client:
+        rows = client.request("GET", path)["links"]
+    if not rows:
+        ctx.emit({"links": rows}, "no links")
+        return
+    header = f"{'id':<16}  {'share':<16} {'perm':<5}  {'created':<21}  {'expires':<21}  status"
+    ctx.emit({"links": rows}, "\n".join([header, *map(_link_line, rows)]))
+
+
 @share.command("revoke")
 @click.argument("name")
 @click.argument("member")
@@ -1028,6 +1126,11 @@ def share_show(ctx: Context, name: str) -> None:
                      + ("  connected" if m["connected"] else ""))
     for p in s["peers"]:
         lines.append(f"sync     {p['peer']:<16} {_sync_state(p)}")
+    with ctx.client() as client:  # this node's links to the share, for outside clients
+        s["links"] = client.request("GET", f"/shares/{_quote(name)}/links")["links"]
+    for row in s["links"]:
+        lines.append(f"link     {row['id']}  {row['permission']:<5}  {row['status']}"
+                     + (f"  until {_local_time(row['expires'])}" if row["expires"] else ""))
     ctx.emit(s, "\n".join(lines))
 
 

@@ -322,6 +322,28 @@ def create_app(node: ApiParts) -> Starlette:
             request.state.credential, request.path_params["name"],
             request.path_params["invitation"]))
 
+    async def share_links(request: Request) -> Response:
+        """GET: the links for outside clients (of this share; at /links of all), without their
+        secrets (owner only)
+        POST: a link for a CouchDB-protocol client ({"permission": "read" or "write",
+        "expires": unix time, optional}); answers its credential, once"""
+        who, name = request.state.credential, request.path_params.get("name")
+        if request.method == "POST":
+            body = _object(await _json_body(request))
+            expires = body.get("expires")
+            if expires is not None and (not isinstance(expires, (int, float))
+                                        or isinstance(expires, bool)):
+                raise ApiError(400, "bad_request", "'expires' must be a unix time")
+            return JSONResponse(await sharing.link(who, name, permission=_text(body, "permission"),
+                                                   expires=expires), status_code=201)
+        return JSONResponse({"links": await sharing.links(who, name)})
+
+    async def share_link_item(request: Request) -> Response:
+        """DELETE: unlink: the link's credential stops working at once"""
+        return JSONResponse(await sharing.unlink(request.state.credential,
+                                                 request.path_params["name"],
+                                                 request.path_params["link"]))
+
     async def share_revoke(request: Request) -> Response:
         """POST: revoke a member (the share's key is rotated)"""
         body = _object(await _json_body(request))
@@ -423,6 +445,9 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/invitations", invitations, methods=["GET"]),
         Route("/shares/{name}/invitations", invitations, methods=["GET"]),
         Route("/shares/{name}/invitations/{invitation}", invitation_item, methods=["DELETE"]),
+        Route("/links", share_links, methods=["GET"]),
+        Route("/shares/{name}/links", share_links, methods=["GET", "POST"]),
+        Route("/shares/{name}/links/{link}", share_link_item, methods=["DELETE"]),
         Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
         Route("/join", join, methods=["POST"]),

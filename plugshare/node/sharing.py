@@ -309,6 +309,32 @@ class Sharing:
         await self.peers.refresh()
         return {"id": manifest.share_id, "name": manifest.name, "forgotten": True}
 
+    # -- links for outside clients (the token's share links) ---------------------------
+
+    async def link(self, credential: str, name: str, *, permission: str,
+                   expires: float | None = None) -> dict:
+        """A link to share `name` for a CouchDB-protocol client; its credential is in this
+        answer only. The token resolves the name after checking the caller is the owner."""
+        answer = await self._call("share.link", credential=credential, share=name,
+                                  permission=permission, expires=expires)
+        log.info("share %s: link %s made (%s)", name, answer["id"], permission)
+        return self._link_row(answer)
+
+    async def unlink(self, credential: str, name: str, link: str) -> dict:
+        answer = await self._call("share.unlink", credential=credential, share=name, link=link)
+        log.info("share %s: link %s unlinked", name, link)
+        return self._link_row(answer)
+
+    async def links(self, credential: str, name: str | None = None) -> list[dict]:
+        answer = await self._call("share.links", credential=credential, share=name)
+        return [self._link_row(row) for row in answer["links"]]
+
+    def _link_row(self, row: dict) -> dict:
+        """The token names the share by id; the API by name too."""
+        manifest = self.shares.get(row["share"])
+        return {**row, "share": manifest.name if manifest else row["share"],
+                "share_id": row["share"]}
+
     # -- propagation --------------------------------------------------------------------
 
     async def manifest_changed(self, manifest: Manifest, *,

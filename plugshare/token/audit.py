@@ -12,7 +12,8 @@ and rollback-checked, truncating or swapping a segment is detected.
 Hashing and sealing happen in `stage()`, called by the token's flush.
 
 Refusals of a caller the token could not identify (principal "anonymous": a bad or unknown
-credential, a malformed peer claim) are counted rather than logged one by one, since anyone
+credential, a malformed peer claim), and refused authentications of any credential (an
+expired share link), are counted rather than logged one by one, since anyone
 who can reach the node can send them as fast as it answers: in each `REFUSAL_WINDOW` the first
 refusal of a kind (principal, action, doctype, doc id, reason) is logged at once, the others
 only counted, and their count is logged as one entry (`count` > 1) when the window closes: at
@@ -43,6 +44,10 @@ MAX_UNFLUSHED = 16384  # the token flushes by itself past this many unflushed en
 REFUSAL_WINDOW = 60.0  # seconds over which refusals of unidentified callers are counted
 MAX_REFUSAL_KINDS = 64  # kinds counted at once; any further kind is counted as "other"
 UNIDENTIFIED = "anonymous"
+# A refused authentication is counted like an unidentified caller's refusal even when the
+# credential names who it was (an expired or unlinked share link): whoever holds that old
+# secret can send it as fast as the node answers.
+REFUSED_AUTH = "authenticate"
 _clock = time.monotonic  # the windows' clock (wall time may jump)
 _NONCE = 12
 _LEN = struct.Struct(">I")
@@ -178,7 +183,7 @@ class AuditLog:
         """Append one entry (or count it, see the module's doc); returns how many entries
         are waiting for a flush."""
         pending = self._pending
-        if principal == UNIDENTIFIED and not allowed:
+        if not allowed and (principal == UNIDENTIFIED or action == REFUSED_AUTH):
             kind = (principal, action, doctype, doc_id, reason)
             if self._count_refusal(kind):
                 return len(pending) + len(self._chained)

@@ -26,7 +26,7 @@ from plugshare.sharing import manifest as _manifest
 from . import tls
 from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
 from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
-from .principal import OWNER, Decision, Principal
+from .principal import LINK_KIND, OWNER, Decision, Principal
 from .rules import ACTION_LEVEL
 from .shares import _scope_refusal, doctype_change_refusal, removal
 from .token import Token
@@ -165,6 +165,8 @@ class Door:
         token = self._token
         if principal == OWNER:
             return True
+        if principal.kind == LINK_KIND:
+            return token.link_may_touch_doctype(principal.id, action, doctype)
         subjects = token._subjects.get((principal.kind, principal.id))
         return bool(subjects) and token._rules.match_doctype(
             subjects, ACTION_LEVEL[action], doctype) is not None
@@ -750,6 +752,32 @@ class Door:
         token._changed()
         return self._invitation_row(key, record)
 
+    def _cmd_share_link(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share, permission, expires?} -> {id, credential, share, permission,
+        created, expires}: a link to the share for an outside client (owner only). The
+        credential is shown this once; the token keeps only its hash."""
+        self._owner(args, "share_link")
+        expires = _arg(args, "expires", (int, float), optional=True)
+        credential, link = self._token.create_link(
+            _arg(args, "share", str), permission=_arg(args, "permission", str),
+            expires=None if expires is None else float(expires))
+        return {"id": link.id, "credential": credential, "share": link.share_id,
+                "permission": link.permission, "created": link.created,
+                "expires": link.expires}
+
+    def _cmd_share_unlink(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share, link} -> the link as listed: its credential stops working."""
+        self._owner(args, "share_unlink")
+        self._token.remove_link(_arg(args, "share", str), _arg(args, "link", str))
+        rows = self._token.list_links(_arg(args, "share", str))
+        return next(r for r in rows if r["id"] == args["link"])
+
+    def _cmd_share_links(self, args: Mapping[str, Any]) -> dict:
+        """{credential, share?} -> {links}: every link (of one share, or of all) without its
+        secret, with its status (active, expired, ended, unlinked)."""
+        self._owner(args, "share_links")
+        return {"links": self._token.list_links(_arg(args, "share", str, optional=True))}
+
     def _cmd_share_join(self, args: Mapping[str, Any]) -> dict:
         """{credential, code, manifest, key} (joiner): take the owner's answer."""
         self._owner(args, "share_accept")
@@ -969,6 +997,9 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                      "membership_expires?"),
     "share.invitations": ("credential", "share?"),
     "share.cancel_invitation": ("credential", "share", "invitation"),
+    "share.link": ("credential", "share", "permission", "expires?"),
+    "share.unlink": ("credential", "share", "link"),
+    "share.links": ("credential", "share?"),
     "share.join": ("credential", "code", "manifest", "key?"),
     "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519"),
     "share.accept_manifest": ("peer", "manifest", "grants?"),

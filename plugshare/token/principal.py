@@ -7,6 +7,7 @@ import attrs
 OWNER_KIND = "owner"
 APP_KIND = "app"
 PEER_KIND = "peer"
+LINK_KIND = "link"  # a share link: an outside client limited to one share (links.py)
 
 
 @attrs.frozen(slots=True)
@@ -15,8 +16,8 @@ class Principal:
     `Token.owner`); their roles are looked up at decision time, so removing an app or peer,
     or changing its roles, takes effect at once even for principals already handed out."""
 
-    kind: str  # "owner" | "app" | "peer"
-    id: str  # "owner", the app name, or the peer's node id
+    kind: str  # "owner" | "app" | "peer" | "link"
+    id: str  # "owner", the app name, the peer's node id, or the link id
     label: str = attrs.field(init=False, eq=False, repr=False)  # "kind:id", as logged
 
     def __attrs_post_init__(self) -> None:

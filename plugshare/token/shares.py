@@ -477,6 +477,38 @@ class ShareBook:
     def admitted_version(self, share_id: str, fingerprint: bytes) -> int:
         return self._entries[share_id].record.admitted.get(fingerprint.hex(), 1)
 
+    # --- share links (see links.py) ---
+
+    def link_refusal(self, share_id: str, now: float) -> str | None:
+        """Why this node cannot serve a link of share `share_id` now (the share is no longer
+        held, or this node no longer takes part in it: revoked, removed, left, expired), or
+        None."""
+        entry = self._entries.get(share_id)
+        if entry is None:
+            return f"share {share_id!r} is no longer held by this node"
+        if not entry.active_at(now):
+            return self._not_here(entry, now).reason
+        return None
+
+    def own_permission(self, share_id: str) -> str | None:
+        """This node's permission in the share: write for its owner, a member's own, None
+        when it is no active member."""
+        entry = self._entries.get(share_id)
+        if entry is None:
+            return None
+        manifest = entry.manifest
+        if manifest.owner == self._self:
+            return "write"
+        me = manifest.member(self._self)
+        return me.permission if me is not None and me.status == "active" else None
+
+    def scope_refusal(self, share_id: str, meta: Mapping[str, Any]) -> str | None:
+        """Why a document is outside the share's rule, or None (see `_scope_refusal`)."""
+        entry = self._entries.get(share_id)
+        if entry is None:
+            return f"share {share_id!r} is not held by this node"
+        return _scope_refusal(entry, meta)
+
     # --- scope and decisions ---
 
     def in_scope(self, share_id: str, meta: Mapping[str, Any]) -> bool:

@@ -72,6 +72,23 @@ class InvitationRecord:
 
 
 @attrs.define
+class LinkRecord:
+    """A share link (see links.py): a credential for an outside client, bound to one share.
+    Its id is the credential's id; the secret itself is not kept."""
+
+    id: str
+    share_id: str
+    permission: str  # "read" | "write"
+    created: float  # unix seconds
+    expires: float | None  # unix seconds, or None: until unlinked or the share ends here
+    credential: CredentialRecord
+    # Why it stopped working for good (unlinked, the share ended here), or None. Kept a
+    # while (links.ENDED_GRACE) so a late use is audited under the link's name.
+    ended: str | None = None
+    ended_at: float | None = None
+
+
+@attrs.define
 class TokenState:
     name: str
     signing_key: bytes
@@ -93,6 +110,7 @@ class TokenState:
     # share keys destroyed here, of shares this node forgot (`forget_share`) -> why they are
     # gone, so a copy sealed under one is refused with the reason rather than as tampered
     forgotten_kids: dict[str, str] = attrs.Factory(dict)
+    links: dict[str, LinkRecord] = attrs.Factory(dict)  # link id (= credential id) -> record
 
 
 _converter = cattrs.Converter()

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plugshare.sharing import manifest as _manifest
 
-from . import sharekey, shares as sharebook, state as state_codec, tls, vault
+from . import links as linkbook, sharekey, shares as sharebook, state as state_codec, tls, vault
 from .audit import MAX_UNFLUSHED, AuditEntry, AuditLog, AuditMeta, genesis_hash, new_meta
 from .credentials import matches, new_credential, parse_credential
 from .envelope import DocKey, is_sealed, key_id, open_doc, seal_doc, sealed_kid
@@ -60,10 +60,10 @@ from .identity import (
     verify_signature,
 )
 from .keystore import KEY_SIZE, Keystore
-from .principal import APP_KIND, OWNER, OWNER_KIND, PEER_KIND, Decision, Principal
-from .rules import ACTION_LEVEL, ROLE_KIND, Rule, RuleSet, check_name
+from .principal import APP_KIND, LINK_KIND, OWNER, OWNER_KIND, PEER_KIND, Decision, Principal
+from .rules import ACTION_LEVEL, PERM_LEVEL, ROLE_KIND, Rule, RuleSet, check_name
 from .shares import InvitationRefused, LeaveRequestRefused, ShareBook
-from .state import AppRecord, DataKeyRecord, PeerRecord, TokenState
+from .state import AppRecord, DataKeyRecord, LinkRecord, PeerRecord, TokenState
 
 if TYPE_CHECKING:
     from plugshare.sharing.invitation import HostPort, Invitation
@@ -401,17 +401,27 @@ class Token:
         return OWNER
 
     def authenticate(self, credential: str) -> Principal:
-        """The owner or app holding `credential`; `AuthenticationError` (and an audit
-        entry) if it is malformed or unknown."""
+        """The owner, app or share link holding `credential`; `AuthenticationError` (and an
+        audit entry) if it is malformed or unknown, or is a link that no longer works
+        (unlinked, expired, its share ended here): refused alike, audited as the link."""
         try:
             cid, secret = parse_credential(credential)
         except AuthenticationError as exc:
             self._refuse_auth(str(exc))
             raise
         state = self._state
+        link = state.links.get(cid)
         if cid == state.owner.id:
             if matches(state.owner, secret):
                 return OWNER
+        elif link is not None:
+            if matches(link.credential, secret):
+                reason = self._link_refusal(link, time.time())
+                if reason is None:
+                    return Principal(LINK_KIND, link.id)
+                self._audit_record(f"{LINK_KIND}:{link.id}", "authenticate", None, None,
+                                   False, reason)
+                raise AuthenticationError("unknown or revoked credential")
         else:
             for app in state.apps.values():
                 if app.credential.id == cid:
@@ -469,6 +479,136 @@ class Token:
         self._drop_subject_rules(APP_KIND, name)
         self._changed(rules=True)
         self._admin("remove_app", None, f"app {name!r} removed with its rules")
+
+    # --- principals: share links (see links.py) ---------------------------------------------
+
+    def create_link(
+        self, share: str, *, permission: str, expires: float | None = None,
+        now: float | None = None,
+    ) -> tuple[str, LinkRecord]:
+        """A link to `share` (held here) for an outside client, with `permission` ("read" or
+        "write") until `expires` (unix seconds, or None). Returns the credential, shown once
+        (only its hash is kept), and the record. `AccessDenied` (audited) when this node no
+        longer takes part in the share, or the permission exceeds this node's own in it (a
+        read-only member makes read links only); `InvalidArgument` for bad fields."""
+        now = time.time() if now is None else now
+        manifest = self._book.find(share)
+        share_id, name = manifest.share_id, manifest.name
+        permission = linkbook.check_permission(permission)
+        expires = sharebook.check_expiry("the link's expiry", expires, now)
+        refusal = self._book.link_refusal(share_id, now)
+        own = self._book.own_permission(share_id)
+        if refusal is None and PERM_LEVEL[permission] > PERM_LEVEL.get(own or "", 0):
+            refusal = (f"this node has {own} permission in share {name!r}; a link may not "
+                       f"have more ({permission})")
+        if refusal is not None:
+            self._audit_record(_ADMIN, "share_link", manifest.rule.doctype, None, False,
+                               refusal)
+            raise AccessDenied(Decision(False, refusal), f"cannot link share {name!r}: {refusal}")
+        linkbook.prune(self._state.links, now)
+        linkbook.check_room(self._state.links)
+        credential, record = linkbook.new_link(share_id, permission, now, expires)
+        self._state.links[record.id] = record
+        self._changed()
+        until = "" if expires is None else f", until {expires:.0f} (unix time)"
+        self._admin("share_link", manifest.rule.doctype,
+                    f"share {name!r}: link {record.id} made, {permission}{until}")
+        return credential, record
+
+    def remove_link(self, share: str, link_id: str, *, now: float | None = None) -> LinkRecord:
+        """Unlink: the link's credential stops working at once. `NotFound` for a link that
+        is not this share's (or was unlinked already). Audited."""
+        now = time.time() if now is None else now
+        manifest = self._book.find(share)
+        record = linkbook.find(self._state.links, manifest.share_id, link_id)
+        linkbook.end(record, linkbook.UNLINKED, now)
+        record.ended = linkbook.UNLINKED  # even a link that had ended otherwise
+        self._changed()
+        self._admin("share_unlink", manifest.rule.doctype,
+                    f"share {manifest.name!r}: link {record.id} unlinked")
+        return record
+
+    def list_links(self, share: str | None = None, *, now: float | None = None
+                   ) -> list[dict[str, Any]]:
+        """The links of every share, or of one, without their secrets: id, share (its id),
+        permission, created, expires, status (active, expired, ended, unlinked), reason."""
+        now = time.time() if now is None else now
+        share_id = self._book.find(share).share_id if share is not None else None
+        if linkbook.prune(self._state.links, now):
+            self._dirty = True
+        rows = []
+        for link in self._state.links.values():
+            if share_id is not None and link.share_id != share_id:
+                continue
+            why = linkbook.refusal(link, now)
+            share_refusal = None if why else self._book.link_refusal(link.share_id, now)
+            rows.append(linkbook.row(link, linkbook.status(link, share_refusal, now),
+                                     why or share_refusal))
+        return sorted(rows, key=lambda r: r["created"])
+
+    def link_share(self, link_id: str, *, now: float | None = None) -> str | None:
+        """The id of the share link `link_id` is bound to, or None once it no longer works
+        (unknown, unlinked, expired, or this node's part in the share ended). Not audited."""
+        link = self._state.links.get(link_id) if isinstance(link_id, str) else None
+        if link is None:
+            return None
+        return None if self._link_refusal(link, time.time() if now is None else now) \
+            else link.share_id
+
+    def _link_refusal(self, link: LinkRecord, now: float) -> str | None:
+        """Why `link` does not work now, or None. An end of this node's part in the share is
+        recorded in the link, for good: a later membership does not revive it."""
+        reason = linkbook.refusal(link, now)
+        if reason is not None:
+            return reason
+        share_refusal = self._book.link_refusal(link.share_id, now)
+        if share_refusal is None:
+            return None
+        linkbook.end(link, share_refusal, now)
+        self._dirty = True
+        return linkbook.refusal(link, now)
+
+    def _end_links(self, share_id: str, reason: str) -> None:
+        """End every link of a share for good (this node's part in it ended, or began anew)."""
+        now = time.time()
+        for link in linkbook.of_share(self._state.links.values(), share_id):
+            if link.ended is None:
+                linkbook.end(link, reason, now)
+                self._dirty = True
+                self._admin("share_link_end", None, f"link {link.id} ended: {reason}")
+
+    def _judge_link(self, principal: Principal, action: str, level: int,
+                    meta: Mapping[str, Any]) -> Decision:
+        """A link may do `action` on a document iff it works, the document is in its share's
+        scope and the action is within both the link's permission and this node's own."""
+        link = self._state.links.get(principal.id)
+        if link is None:
+            return self._denial(principal, False, action, meta.get("doctype"))
+        reason = self._link_refusal(link, time.time())
+        if reason is not None:
+            return Decision(False, reason)
+        share_id = link.share_id
+        allowed = min(PERM_LEVEL[link.permission],
+                      PERM_LEVEL.get(self._book.own_permission(share_id) or "", 0))
+        name = self._book.get(share_id).name  # type: ignore[union-attr]
+        if level > allowed:
+            return Decision(False, f"link {link.id} may only read share {name!r}")
+        scope = self._book.scope_refusal(share_id, meta)
+        if scope is not None:
+            return Decision(False, f"link {link.id}: {scope}")
+        return Decision(True, f"link {link.id} may {action} the documents of share {name!r}")
+
+    def link_may_touch_doctype(self, link_id: str, action: str, doctype: str) -> bool:
+        """May link `link_id` do `action` on some documents of `doctype` (its share's doctype,
+        within its permission)? For a whole listing; each document is still judged."""
+        link = self._state.links.get(link_id)
+        level = ACTION_LEVEL.get(action)
+        if link is None or level is None or self._link_refusal(link, time.time()):
+            return False
+        manifest = self._book.get(link.share_id)
+        allowed = min(PERM_LEVEL[link.permission],
+                      PERM_LEVEL.get(self._book.own_permission(link.share_id) or "", 0))
+        return manifest is not None and manifest.rule.doctype == doctype and level <= allowed
 
     # --- principals: peers -----------------------------------------------------------------
 
@@ -638,6 +778,8 @@ class Token:
         kind = principal.kind
         if kind == OWNER_KIND and principal == OWNER:
             return _OWNER_ALLOWED
+        if kind == LINK_KIND:  # its share's rule alone, never the rule set
+            return self._judge_link(principal, action, level, doc_metadata)
         subjects = self._subjects.get((kind, principal.id))
         return (
             subjects is not None and self._rules.match(subjects, level, doctype, doc_metadata)
@@ -676,6 +818,13 @@ class Token:
             raise InvalidArgument(f"action must be read, write or list, got {action!r}")
         if principal.kind == OWNER_KIND and principal == OWNER:
             decision = _OWNER_ALLOWED
+        elif principal.kind == LINK_KIND:
+            decision = (
+                Decision(True, f"{principal.label} may {action} its share's documents (only "
+                               "those in the share's scope)")
+                if self.link_may_touch_doctype(principal.id, action, doctype) else
+                Decision(False, f"{principal.label} may not {action} {doctype!r} documents")
+            )
         else:
             subjects = self._subjects.get((principal.kind, principal.id))
             found = self._rules.match_doctype(subjects, level, doctype) if subjects else None
@@ -1402,6 +1551,8 @@ class Token:
             self.accept_share_key(share_id, wrapped_key, accepted.owner)  # type: ignore[arg-type]
         self._book.put(accepted, left=False)
         self._book.clear_ended(share_id)
+        self._end_links(share_id, f"this node joined share {accepted.name!r} again; a link "
+                                  "of an earlier membership does not carry over")
         if format_node_id(accepted.owner) not in self._state.peers:
             self.add_peer(accepted.owner_key, name=accepted.members[0].name)
         self._changed()
@@ -1465,6 +1616,9 @@ class Token:
             f"(this node: {self._book.status(share_id, time.time())})",
         )
         self._share_ended(share_id)  # revoked, removed or expired: the keys are destroyed
+        ended = self._book.link_refusal(share_id, time.time())
+        if ended is not None:
+            self._end_links(share_id, ended)
         if grants is not None:
             self._take_grants(accepted, grants, label, True)
         return accepted, True
@@ -1523,6 +1677,7 @@ class Token:
         if self._book.status(share_id) == "left":
             return
         self._book.set_left(share_id)
+        self._end_links(share_id, f"this node left share {manifest.name!r}")
         self._changed()
         self._share_ended(share_id)  # destroys the keys, audited and flushed
         self._admin(
@@ -1552,6 +1707,7 @@ class Token:
         for kid in record.ended_kids:
             self._state.forgotten_kids[kid] = why
         self._state.share_keys.pop(share_id, None)
+        self._end_links(share_id, f"this node forgot share {manifest.name!r}")
         self._book.forget(share_id)
         self._changed()
         self._admin("forget_share", manifest.rule.doctype,
