@@ -128,3 +128,21 @@ async def test_a_command_without_an_answer_fails_after_its_timeout(tmp_path):
             assert "puppet stderr" in str(err.value)
             assert (await pouch.info())["doc_count"] == 0  # it still serves other commands
         nursery.cancel_scope.cancel()
+
+
+async def test_a_live_replication_streams_denied_and_paused_events(server, tmp_path):
+    db_url = make_db(server, "guarded-live")
+    validate = "function (doc) { if (doc.secret) { throw({forbidden: 'no secrets'}); } }"
+    httpx.put(f"{db_url}/_design/guard", json={"validate_doc_update": validate})
+    async with pouchdb_puppet(tmp_path / "p") as pouch:
+        handle = await pouch.start_live("to", db_url)
+        await pouch.bulk_docs([{"_id": "fine"}, {"_id": "hidden", "secret": True}])
+        denied = await pouch.wait_event(handle, "denied", timeout=DEADLINE)
+        assert denied["data"]["id"] == "hidden" and denied["data"]["name"] == "forbidden"
+        async def paused_after_denied():  # caught up after the refusal, and still live
+            kinds = [e["event"] for e in pouch.events(handle)]
+            return "paused" in kinds[kinds.index("denied"):]
+        await eventually(paused_after_denied, DEADLINE, what="a pause after the refusal")
+        assert "fine" in server_revs(db_url) and "hidden" not in server_revs(db_url)
+        assert pouch.events(handle, "active")
+        await pouch.cancel(handle)
