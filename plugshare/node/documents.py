@@ -125,6 +125,16 @@ class Documents:
             # read it (it may be another app's document), so say no more than CouchDB does.
             raise Conflict("document update conflict: send the current _rev") from None
 
+    async def leaves(self, doc_ids: list[str]) -> dict[str, list[str]]:
+        """Every leaf revision (live or deleted) of each of `doc_ids` the store holds, in one
+        store call."""
+        # revs_diff of an impossibly late revision lists every leaf as a possible ancestor:
+        # the way to learn a document's leaves through the store contract.
+        probe = f"{2**31}-{'0' * 32}"
+        diff = await self.store.revs_diff({doc_id: [probe] for doc_id in doc_ids})
+        return {doc_id: known["possible_ancestors"] for doc_id, known in diff.items()
+                if known.get("possible_ancestors")}
+
     async def reseal(self, credential: str) -> int:
         """Re-write, sealed, every live doc whose stored form the token would now write
         differently (after `encrypt DOCTYPE` or a new encrypted share), one token call per
@@ -152,15 +162,8 @@ class Documents:
         gone = [doc_id for doc_id in doc_ids if doc_id not in found]
         if not gone:
             return found
-        # revs_diff of an impossibly late revision lists every leaf as a possible ancestor:
-        # the way to learn a tombstone's revisions through the store contract.
-        probe = f"{2**31}-{'0' * 32}"
-        diff = await self.store.revs_diff({doc_id: [probe] for doc_id in gone})
-        newest = []
-        for doc_id in gone:
-            leaves = diff.get(doc_id, {}).get("possible_ancestors", [])
-            if leaves:
-                newest.append((doc_id, max(leaves, key=lambda r: (_rev_generation(r), r))))
+        newest = [(doc_id, max(leaves, key=lambda r: (_rev_generation(r), r)))
+                  for doc_id, leaves in (await self.leaves(gone)).items()]
         for tombstone in await self.store.bulk_get(newest) if newest else []:
             found[tombstone["_id"]] = {k: v for k, v in tombstone.items() if k != "_revisions"}
         return found

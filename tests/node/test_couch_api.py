@@ -277,3 +277,236 @@ def test_a_write_through_couch_reaches_a_peer_through_its_share(tmp_path):
     finally:
         cluster.close()
         print(cluster.logs())
+
+
+# -- 4. documents ---------------------------------------------------------------------------
+
+
+def test_document_crud_with_revs_etags_and_conflicts(alice):
+    with couch(alice) as owner:
+        made = owner.put("/crud.notes/d1", json={"title": "one"})
+        assert made.status_code == 201, made.text
+        rev1 = made.json()["rev"]
+        assert made.json() == {"ok": True, "id": "d1", "rev": rev1}
+        doc = owner.get("/crud.notes/d1")
+        assert doc.json() == {"_id": "d1", "_rev": rev1, "title": "one",
+                              "doctype": "crud.notes"}
+        assert doc.headers["etag"] == f'"{rev1}"'
+        head = owner.head("/crud.notes/d1")
+        assert head.status_code == 200 and head.headers["etag"] == f'"{rev1}"'
+
+        stale = owner.put("/crud.notes/d1", json={"title": "again"})
+        assert stale.status_code == 409 and stale.json() == {
+            "error": "conflict", "reason": "Document update conflict."}
+        rev2 = owner.put("/crud.notes/d1", json={"title": "two"},
+                         headers={"If-Match": f'"{rev1}"'}).json()["rev"]
+        assert owner.put("/crud.notes/d1", json={"title": "x"},
+                         headers={"If-Match": f'"{rev1}"'}).status_code == 409
+        differ = owner.put("/crud.notes/d1", params={"rev": rev2},
+                           json={"_rev": rev1, "title": "x"})
+        assert differ.status_code == 400 and differ.json()["error"] == "bad_request"
+        rev3 = owner.put("/crud.notes/d1", params={"rev": rev2},
+                         json={"title": "three"}).json()["rev"]
+
+        revs = owner.get("/crud.notes/d1", params={"revs": "true", "revs_info": "true"}).json()
+        assert revs["_revisions"]["start"] == 3 and len(revs["_revisions"]["ids"]) == 3
+        assert revs["_revs_info"][0] == {"rev": rev3, "status": "available"}
+        assert owner.get("/crud.notes/d1", params={"rev": rev3}).json()["title"] == "three"
+
+        # a conflict made by a replicator, then read as CouchDB shows it
+        owner.put("/crud.notes/d1", params={"new_edits": "false"}, json={
+            "_rev": rev(3, "f"), "title": "branch",
+            "_revisions": {"start": 3, "ids": ["f" * 32, rev2.split("-")[1],
+                                               rev1.split("-")[1]]}})
+        loser = min(rev3, rev(3, "f"))
+        conflicted = owner.get("/crud.notes/d1", params={"conflicts": "true"}).json()
+        assert conflicted["_conflicts"] == [loser]
+        both = owner.get("/crud.notes/d1", params={"open_revs": "all"},
+                         headers={"Accept": "application/json"}).json()
+        assert sorted(entry["ok"]["_rev"] for entry in both) == sorted([rev3, rev(3, "f")])
+        asked = owner.get("/crud.notes/d1", headers={"Accept": "application/json"}, params={
+            "open_revs": json.dumps([rev3, rev(7, "e")]), "latest": "true"}).json()
+        assert asked[0]["ok"]["_revisions"]["start"] == 3
+        assert asked[1] == {"missing": rev(7, "e")}
+        multipart = owner.get("/crud.notes/d1", params={"open_revs": "all"})
+        assert multipart.headers["content-type"].startswith("multipart/mixed")
+
+        deleted = owner.delete("/crud.notes/d1", params={"rev": loser})
+        assert deleted.status_code == 200 and deleted.json()["ok"] is True
+        winner = owner.get("/crud.notes/d1").json()
+        assert winner["_rev"] == max(rev3, rev(3, "f"))
+        owner.delete("/crud.notes/d1", headers={"If-Match": f'"{winner["_rev"]}"'})
+        gone = owner.get("/crud.notes/d1")
+        assert gone.status_code == 404 and gone.json() == {"error": "not_found",
+                                                           "reason": "missing"}
+
+        posted = owner.post("/crud.notes", json={"title": "new id"})
+        assert posted.status_code == 201 and posted.json()["id"]
+        typed = owner.put("/crud.notes/d2", json={"doctype": "other.kind"})
+        assert typed.status_code == 403 and typed.json()["error"] == "forbidden"
+
+
+def test_all_docs_ranges_keys_and_an_apps_view(alice):
+    app = add_app(alice, "all-app", "all.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/all.notes/_bulk_docs", json={"docs": [
+            {"_id": i, "tag": "work" if i != "c" else "home"} for i in "abcde"]})
+        ids = lambda answer: [row["id"] for row in answer["rows"]]  # noqa: E731
+        everything = owner.get("/all.notes/_all_docs").json()
+        assert ids(everything) == list("abcde") and everything["total_rows"] == 5
+        assert everything["rows"][0]["value"]["rev"].startswith("1-")
+        assert ids(reader.get("/all.notes/_all_docs").json()) == list("abde")
+        ranged = owner.get("/all.notes/_all_docs", params={
+            "startkey": '"b"', "endkey": '"d"', "inclusive_end": "false"}).json()
+        assert ids(ranged) == ["b", "c"]
+        assert ids(owner.get("/all.notes/_all_docs", params={
+            "start_key": '"d"', "descending": "true", "limit": "2", "skip": "1"}).json()) \
+            == ["c", "b"]
+        assert ids(owner.get("/all.notes/_all_docs", params={"key": '"e"'}).json()) == ["e"]
+        by_keys = reader.post("/all.notes/_all_docs", params={"include_docs": "true"},
+                              json={"keys": ["b", "c", "zz"]}).json()
+        assert by_keys["rows"][0]["doc"]["tag"] == "work"
+        assert by_keys["rows"][1:] == [{"key": "c", "error": "not_found"},
+                                       {"key": "zz", "error": "not_found"}]
+        assert "update_seq" in owner.get("/all.notes/_all_docs",
+                                         params={"update_seq": "true"}).json()
+
+
+# -- 5. _find --------------------------------------------------------------------------------
+
+
+def test_find_sees_only_what_the_app_may_read(alice):
+    app = add_app(alice, "find-app", "find.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/find.notes/_bulk_docs", json={"docs": [
+            {"_id": "f1", "tag": "work", "n": 3}, {"_id": "f2", "tag": "home", "n": 5},
+            {"_id": "f3", "tag": "work", "n": 7}, {"_id": "f4", "tag": "work", "n": 1}]})
+        query = {"selector": {"n": {"$gt": 2}}, "fields": ["_id", "n"], "sort": ["n"]}
+        assert [d["_id"] for d in owner.post("/find.notes/_find", json=query).json()["docs"]] \
+            == ["f1", "f2", "f3"]
+        found = reader.post("/find.notes/_find", json=query).json()
+        assert found["docs"] == [{"_id": "f1", "n": 3}, {"_id": "f3", "n": 7}]
+        assert "bookmark" in found and "warning" in found
+        page = reader.post("/find.notes/_find", json={"selector": {}, "limit": 1}).json()
+        nxt = reader.post("/find.notes/_find", json={"selector": {}, "limit": 1,
+                                                     "bookmark": page["bookmark"]}).json()
+        assert [page["docs"][0]["_id"], nxt["docs"][0]["_id"]] == ["f1", "f3"]
+
+        bad = reader.post("/find.notes/_find", json={"selector": {"n": {"$bogus": 1}}})
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+        assert reader.get("/find.notes/_index").json()["indexes"][0]["name"] == "_all_docs"
+        refused = reader.post("/find.notes/_index", json={"index": {"fields": ["n"]}})
+        assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+        assert owner.post("/find.notes/_explain", json=query).json()["index"]["type"] == \
+            "special"
+
+        selected = reader.post("/find.notes/_changes", params={"filter": "_selector"},
+                               json={"selector": {"n": {"$in": [1, 5]}}}).json()
+        assert _changed_ids(selected) == ["f4"]  # f2 matches too, but is not the app's
+
+
+# -- 6. refusals and bad input ---------------------------------------------------------------
+
+
+def _is(answer: httpx.Response, status: int, error: str) -> bool:
+    assert answer.status_code == status, (answer.status_code, answer.text)
+    body = answer.json()
+    assert body["error"] == error and isinstance(body["reason"], str), body
+    return True
+
+
+def test_design_documents_and_views_are_refused_in_couchdbs_shape(alice):
+    with couch(alice) as owner:
+        for method, path in (("PUT", "/bad.notes/_design/app"), ("GET", "/bad.notes/_design/app"),
+                             ("GET", "/bad.notes/_design/app/_view/by_tag"),
+                             ("GET", "/bad.notes/_view/x")):
+            answer = owner.request(method, path, json={"views": {}})
+            _is(answer, 403, "forbidden")
+            assert answer.json()["reason"] == "design documents are not supported"
+        batch = owner.post("/bad.notes/_bulk_docs", json={"docs": [
+            {"_id": "_design/app", "views": {}}, {"_id": "_private"}, {"_id": "fine"}]}).json()
+        assert [(r["id"], r.get("error")) for r in batch] == [
+            ("_design/app", "forbidden"), ("_private", "bad_request"), ("fine", None)]
+        _is(owner.put("/bad.notes/_private", json={}), 400, "bad_request")
+        assert owner.put("/bad.notes/_private", json={}).json()["reason"] == \
+            "Only reserved document ids may start with underscore."
+        assert [r["id"] for r in owner.get("/bad.notes/_all_docs").json()["rows"]] == ["fine"]
+
+
+def test_bad_bodies_and_parameters_get_couchdbs_errors_and_write_nothing(alice):
+    with couch(alice) as owner:
+        _is(owner.put("/in.notes/j1", content=b'{"title": ',
+                      headers={"content-type": "application/json"}), 400, "bad_request")
+        _is(owner.put("/in.notes/j1", content=b'{"title": "x"}',
+                      headers={"content-type": "text/plain"}), 415, "bad_content_type")
+        _is(owner.post("/in.notes/_bulk_docs", json={"docs": "nope"}), 400, "bad_request")
+        _is(owner.post("/in.notes/_bulk_docs", json=[1]), 400, "bad_request")
+        for name, value in (("since", "not-a-seq"), ("limit", "-1"), ("limit", "ten"),
+                            ("feed", "sometimes"), ("include_docs", "maybe"),
+                            ("style", "everything"), ("descending", "true"),
+                            ("filter", "nosuch")):
+            _is(owner.get("/in.notes/_changes", params={name: value}), 400, "bad_request")
+        ignored = owner.get("/in.notes/_changes", params={"conflicts": "true", "whatever": "1"})
+        assert ignored.status_code == 200  # unknown parameters are ignored, as CouchDB does
+        _is(owner.post("/in.notes/_find", json={"selector": "not mango"}), 400, "bad_request")
+        _is(owner.post("/in.notes/_changes", params={"filter": "_selector"},
+                       json={"selector": {"a": {"$nope": 1}}}), 400, "bad_request")
+        assert alice.get("j1") is None
+
+
+def test_a_body_over_the_cap_is_413_also_chunked_and_nothing_is_written(alice):
+    big = json.dumps({"docs": [{"_id": "big-1", "blob": "x" * (9 * 1024 * 1024)}]}).encode()
+
+    def chunks():
+        for start in range(0, len(big), 65536):
+            yield big[start:start + 65536]
+
+    with couch(alice) as owner:
+        _is(owner.post("/cap.notes/_bulk_docs", content=big,
+                       headers={"content-type": "application/json"}),
+            413, "request_entity_too_large")
+        _is(owner.post("/cap.notes/_bulk_docs", content=chunks(),
+                       headers={"content-type": "application/json"}),
+            413, "request_entity_too_large")
+        assert alice.get("big-1") is None
+        assert owner.get("/").status_code == 200  # and the node serves on
+
+
+# -- 7. bounds -------------------------------------------------------------------------------
+
+
+def test_batches_are_bounded(alice):
+    with couch(alice) as owner:
+        _is(owner.post("/bound.notes/_bulk_docs", json={"docs": [{}] * 10_001}),
+            413, "request_entity_too_large")
+        _is(owner.post("/bound.notes/_bulk_get", json={"docs": [{"id": "a"}] * 10_001}),
+            413, "request_entity_too_large")
+        _is(owner.post("/bound.notes/_revs_diff",
+                       json={f"d{i}": [rev(1, "a")] for i in range(10_001)}),
+            413, "request_entity_too_large")
+        _is(owner.post("/bound.notes/_all_docs", json={"keys": ["a"] * 10_001}),
+            400, "bad_request")
+        assert owner.get("/bound.notes/_changes").status_code == 200
+        assert owner.get("/bound.notes/_changes",
+                         params={"limit": "99999999999"}).status_code == 200  # capped
+
+
+def test_open_feeds_per_credential_are_bounded_and_given_back(alice):
+    app = add_app(alice, "feeds-app", "feed.notes", "read")
+    params = {"feed": "continuous", "heartbeat": "1000", "since": "now"}
+    with couch(alice, app) as reader, couch(alice) as owner:
+        streams = [reader.stream("GET", "/feed.notes/_changes", params=params)
+                   for _ in range(16)]
+        opened = [s.__enter__() for s in streams]
+        try:
+            assert all(r.status_code == 200 for r in opened)
+            _is(reader.get("/feed.notes/_changes", params=params), 429, "too_many_requests")
+            # another credential is not held back
+            with owner.stream("GET", "/feed.notes/_changes", params=params) as own:
+                assert own.status_code == 200
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        # closed feeds give their slots back (once the node sees the clients gone)
+        wait_until(lambda: reader.get("/feed.notes/_changes", params={
+            **params, "timeout": "1"}).status_code == 200, 60, what="a slot given back")

@@ -6,6 +6,8 @@ token's decision (see `view.py`). Unknown query parameters are ignored, as Couch
 
 from __future__ import annotations
 
+import json
+import secrets
 from typing import Any
 
 from starlette.requests import Request
@@ -14,15 +16,18 @@ from starlette.routing import Route
 
 from plugshare import __version__
 from plugshare.node.couch import body as bodies
-from plugshare.node.couch import params
+from plugshare.node.couch import mango, params
 from plugshare.node.couch.databases import names, resolve
 from plugshare.node.couch.errors import CouchError, bad_request, forbidden
 from plugshare.node.couch.feeds import FeedSlots, follow
-from plugshare.node.couch.view import DESIGN_REASON, DatabaseView
+from plugshare.node.couch.view import (CONFLICT_REASON, DESIGN_REASON, DatabaseView,
+                                      check_doc_id)
 
 MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
 COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
 INSTANCE_START = "0"
+ALL_DOCS_INDEX = {"ddoc": None, "name": "_all_docs", "type": "special",
+                  "def": {"fields": [{"_id": "asc"}]}}
 
 
 def _json(body: Any, status: int = 200, headers: dict | None = None) -> JSONResponse:
@@ -52,9 +57,8 @@ def endpoints(parts) -> list[Route]:
     async def open_view(request: Request) -> DatabaseView:
         opened = await call("db.list", credential=request.state.credential)
         db = resolve(request.path_params["db"], opened)
-        documents = parts.documents
-        return DatabaseView(db, request.state.credential, store=documents.store, call=call,
-                            landing=documents.landing, publish=parts.events.publish)
+        return DatabaseView(db, request.state.credential, documents=parts.documents,
+                            call=call, publish=parts.events.publish)
 
     async def welcome(request: Request) -> Response:
         """GET: CouchDB's welcome: this API's version and vendor"""
@@ -211,6 +215,92 @@ def endpoints(parts) -> list[Route]:
         await open_view(request)
         raise forbidden(DESIGN_REASON)
 
+    async def all_docs(request: Request) -> Response:
+        """GET: the documents this credential may read here, by id (keys, key, startkey,
+        endkey, inclusive_end, limit, skip, descending, include_docs, update_seq)
+        POST: the same, with {"keys": [...]} in the body"""
+        view = await open_view(request)
+        query = request.query_params
+        keys = None
+        if request.method == "POST":
+            keys = (await bodies.json_object(request, cap)).get("keys")
+            if keys is None:
+                raise bad_request("POST _all_docs needs {\"keys\": [...]}")
+        else:
+            given, keys = params.json_value(query, "keys")
+            keys = keys if given else None
+        if keys is not None and (not isinstance(keys, list) or len(keys) > MAX_DOCS):
+            raise bad_request(f"`keys` must be a JSON list of at most {MAX_DOCS} ids")
+        has_key, key = params.json_value(query, "key")
+        _, start = params.json_value(query, "startkey", "start_key")
+        _, end = params.json_value(query, "endkey", "end_key")
+        if has_key:
+            start = end = key
+        for name, value in (("startkey", start), ("endkey", end)):
+            if value is not None and not isinstance(value, str):
+                raise bad_request(f"`{name}` must be a JSON string (a document id)")
+        answer = await view.all_docs(
+            keys=keys, start=start, end=end,
+            inclusive_end=params.flag(query, "inclusive_end", True),
+            descending=params.flag(query, "descending"), skip=params.count(query, "skip", 0),
+            limit=params.limit(query), include_docs=params.flag(query, "include_docs"))
+        if params.flag(query, "update_seq"):
+            answer["update_seq"] = (await view.store.info())["update_seq"]
+        return _json(answer)
+
+    async def document(request: Request) -> Response:
+        """GET: a document (rev, revs, revs_info, open_revs, conflicts, latest; ETag: its rev)
+        PUT: create or update a document (_rev, If-Match or ?rev=; ?new_edits=false)
+        DELETE: delete a document (?rev= or If-Match)"""
+        view = await open_view(request)
+        doc_id = check_doc_id(request.path_params["doc_id"])
+        query = request.query_params
+        if request.method in ("GET", "HEAD"):
+            return await _read(request, view, doc_id)
+        if request.method == "DELETE":
+            rev = _named_rev(request, query.get("rev"), None)
+            await view.get(doc_id)  # a doc it may not read is missing, not refused
+            if rev is None:
+                raise CouchError(409, "conflict", CONFLICT_REASON)
+            result = await _write_one(view, {"_id": doc_id, "_rev": rev, "_deleted": True},
+                                      new_edits=True)
+            return _json({"ok": True, "id": doc_id, "rev": result["rev"]},
+                         headers={"etag": f'"{result["rev"]}"'})
+        doc = await bodies.json_object(request, cap)
+        if doc.get("_id", doc_id) != doc_id:
+            raise bad_request("Document id must match the id in the URL")
+        rev = _named_rev(request, query.get("rev"), doc.get("_rev"))
+        doc = {**doc, "_id": doc_id, **({"_rev": rev} if rev is not None else {})}
+        new_edits = params.flag(query, "new_edits", True)
+        result = await _write_one(view, doc, new_edits=new_edits)
+        return _json({"ok": True, "id": doc_id, "rev": result["rev"]}, 201,
+                     headers={"etag": f'"{result["rev"]}"'})
+
+    async def find(request: Request) -> Response:
+        """POST: the documents this credential may read here that match a Mango selector
+        (selector, fields, sort, limit, skip, bookmark); scans, as no index is kept"""
+        view = await open_view(request)
+        query = _mango_query(await bodies.json_object(request, cap))
+        return _json(mango.run(query, await view.all_live()))
+
+    async def explain(request: Request) -> Response:
+        """POST: how a _find query would run: always over the special _all_docs index"""
+        view = await open_view(request)
+        query = _mango_query(await bodies.json_object(request, cap))
+        return _json({"dbname": view.db.name, "index": ALL_DOCS_INDEX,
+                      "selector": query.selector, "opts": {}, "limit": query.limit,
+                      "skip": query.skip, "fields": "all_fields" if query.fields is None
+                      else [".".join(f) for f in query.fields],
+                      "range": {"start_key": None, "end_key": "<MAX>"}})
+
+    async def index(request: Request) -> Response:
+        """GET: the indexes: only the special _all_docs one
+        POST: creating an index is refused (403): _find scans"""
+        await open_view(request)
+        if request.method == "POST":
+            raise forbidden("indexes are not supported here: _find scans the documents")
+        return _json({"total_rows": 1, "indexes": [ALL_DOCS_INDEX]})
+
     return [
         Route("/", welcome, methods=["GET"]),
         Route("/_all_dbs", all_dbs, methods=["GET"]),
@@ -225,7 +315,74 @@ def endpoints(parts) -> list[Route]:
         Route("/{db}/_design/{rest:path}", design,
               methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/{db}/_view/{rest:path}", design, methods=["GET", "POST"]),
+        Route("/{db}/_all_docs", all_docs, methods=["GET", "POST"]),
+        Route("/{db}/_find", find, methods=["POST"]),
+        Route("/{db}/_explain", explain, methods=["POST"]),
+        Route("/{db}/_index", index, methods=["GET", "POST"]),
+        Route("/{db}/{doc_id:path}", document, methods=["GET", "PUT", "DELETE"]),
     ]
+
+
+async def _read(request: Request, view: DatabaseView, doc_id: str) -> Response:
+    query = request.query_params
+    given, open_revs = params.json_value(query, "open_revs") if query.get("open_revs") != "all" \
+        else (True, "all")
+    if given:
+        if open_revs != "all" and (not isinstance(open_revs, list) or len(open_revs) > MAX_DOCS
+                                   or not all(isinstance(r, str) for r in open_revs)):
+            raise bad_request("`open_revs` must be \"all\" or a JSON list of revisions")
+        found = await view.open_revs(doc_id, None if open_revs == "all" else open_revs)
+        if "application/json" in request.headers.get("accept", ""):
+            return _json(found)
+        return _multipart(found)
+    revs = params.flag(query, "revs")
+    revs_info = params.flag(query, "revs_info")
+    doc = await view.get(doc_id, query.get("rev"), conflicts=params.flag(query, "conflicts"),
+                         revs=revs or revs_info)
+    if revs_info:
+        history = doc["_revisions"]
+        doc = {**doc, "_revs_info": [
+            {"rev": f"{history['start'] - i}-{h}", "status": "available" if i == 0 else "missing"}
+            for i, h in enumerate(history["ids"])]}
+        if not revs:
+            doc.pop("_revisions")
+    etag = f'"{doc["_rev"]}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"etag": etag})
+    return _json(doc, headers={"etag": etag})
+
+
+def _multipart(found: list[dict]) -> Response:
+    """CouchDB's `multipart/mixed` answer to `open_revs` (one JSON part per revision)."""
+    boundary = secrets.token_hex(16)
+    parts = []
+    for entry in found:
+        parts.append(f"--{boundary}\r\nContent-Type: application/json\r\n\r\n"
+                     f"{json.dumps(entry['ok'] if 'ok' in entry else entry)}\r\n")
+    body = "".join(parts) + f"--{boundary}--"
+    return Response(body, media_type=f'multipart/mixed; boundary="{boundary}"')
+
+
+def _named_rev(request: Request, query_rev: str | None, body_rev: Any) -> str | None:
+    """The revision a write names: ?rev=, the body's _rev, or If-Match; those given must
+    agree (400 otherwise, as CouchDB answers)."""
+    if body_rev is not None and not isinstance(body_rev, str):
+        raise bad_request("_rev must be a string")
+    if query_rev is not None and body_rev is not None and query_rev != body_rev:
+        raise bad_request("Document rev from request body and query string have different "
+                          "values")
+    rev = query_rev if query_rev is not None else body_rev
+    match = request.headers.get("if-match")
+    if match is not None:
+        tag = match.strip()
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        tag = tag[1:-1] if len(tag) >= 2 and tag[0] == tag[-1] == '"' else tag
+        if rev is None:
+            rev = tag
+        elif rev != tag:  # CouchDB's answer; a stale If-Match alone is a 409 conflict
+            raise bad_request("Document rev and etag have different values")
+    return rev
 
 
 async def _write_one(view: DatabaseView, doc: dict, *, new_edits: bool) -> dict:
@@ -272,12 +429,14 @@ def _filter(query, body: dict):
 
 def _compile_selector(selector: dict):
     try:
-        from plugshare.node.couch import mango
-    except ImportError:  # the Mango engine is built apart (issue 12): not merged yet
-        raise CouchError(501, "not_implemented", "Mango selectors are not available yet") \
-            from None
-    try:
         return mango.compile_selector(selector)
+    except mango.MangoError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def _mango_query(body: dict) -> mango.Query:
+    try:
+        return mango.parse_query(body)
     except mango.MangoError as exc:
         raise bad_request(str(exc)) from None
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Awaitable
 
 from plugshare.node.couch.databases import Database
 from plugshare.node.couch.errors import CouchError, bad_request, forbidden
-from plugshare.store import Doc, Store
+from plugshare.store import Doc
 from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq
 
 log = logging.getLogger("plugshare.couch")
@@ -44,14 +44,13 @@ def check_doc_id(doc_id: Any) -> str:
 
 
 class DatabaseView:
-    def __init__(self, db: Database, credential: str, *, store: Store, call: TokenCall,
-                 landing: Callable[[list[str]], Awaitable[dict[str, Doc]]],
+    def __init__(self, db: Database, credential: str, *, documents: Any, call: TokenCall,
                  publish: Callable[..., Any]):
         self.db = db
         self._credential = credential
-        self._store = self.store = store
+        self._documents = documents  # plugshare.node.documents.Documents: where writes land
+        self._store = self.store = documents.store
         self._call = call
-        self._landing = landing  # id -> the stored winner, else its tombstone (Documents)
         self._publish = publish
 
     # -- reads --------------------------------------------------------------------------
@@ -91,6 +90,76 @@ class DatabaseView:
             if extra in stored:
                 doc = {**doc, extra: stored[extra]}
         return doc
+
+    async def open_revs(self, doc_id: str, wanted: list[str] | None) -> list[dict]:
+        """`[{"ok": doc (with _revisions)} | {"missing": rev}]` for the revisions `wanted`
+        (None: every leaf); `missing` (404) when asked for every leaf of a doc this
+        credential cannot see."""
+        every_leaf = wanted is None
+        if wanted is None:
+            wanted = (await self._documents.leaves([doc_id])).get(doc_id, [])
+        results = await self.bulk_get([(doc_id, rev) for rev in wanted], revs=True)
+        out = [{"ok": r["docs"][0]["ok"]} if "ok" in r["docs"][0] else {"missing": rev}
+               for rev, r in zip(wanted, results)]
+        if every_leaf and not any("ok" in entry for entry in out):
+            raise CouchError(404, "not_found", "missing")
+        return out
+
+    async def all_docs(self, *, keys: list | None, start: str | None, end: str | None,
+                       inclusive_end: bool, descending: bool, skip: int, limit: int,
+                       include_docs: bool) -> dict:
+        """CouchDB's `_all_docs` over the documents this credential may read here (ids in
+        code point order, as CouchDB collates them)."""
+        docs = await self.all_live()
+        if keys is not None:
+            return {"total_rows": len(docs), "offset": None,
+                    "rows": await self._rows_of_keys(keys, include_docs)}
+        if descending:
+            docs.reverse()
+
+        def before_start(doc_id: str) -> bool:
+            return start is not None and (doc_id > start if descending else doc_id < start)
+
+        def past_end(doc_id: str) -> bool:
+            if end is None:
+                return False
+            if doc_id == end:
+                return not inclusive_end
+            return doc_id < end if descending else doc_id > end
+
+        first = next((i for i, d in enumerate(docs) if not before_start(d["_id"])), len(docs))
+        selected = []
+        for doc in docs[first + skip:]:
+            if past_end(doc["_id"]) or len(selected) >= limit:
+                break
+            selected.append(doc)
+        rows = []
+        for doc in selected:
+            row = {"id": doc["_id"], "key": doc["_id"], "value": {"rev": doc["_rev"]}}
+            if include_docs:
+                row["doc"] = doc
+            rows.append(row)
+        return {"total_rows": len(docs), "offset": min(first + skip, len(docs)), "rows": rows}
+
+    async def _rows_of_keys(self, keys: list, include_docs: bool) -> list[dict]:
+        ids = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
+        landing = await self._documents.landing(ids)
+        seen = {d["_id"]: d for d in await self.visible(list(landing.values()))}
+        rows: list[dict] = []
+        for key in keys:
+            doc = seen.get(key) if isinstance(key, str) else None
+            if doc is None:
+                rows.append({"key": key, "error": "not_found"})
+                continue
+            row: dict[str, Any] = {"id": key, "key": key, "value": {"rev": doc["_rev"]}}
+            if doc.get("_deleted"):
+                row["value"]["deleted"] = True
+                if include_docs:
+                    row["doc"] = None
+            elif include_docs:
+                row["doc"] = doc
+            rows.append(row)
+        return rows
 
     async def changes(self, since: Seq, limit: int, *, doc_ids: set[str] | None = None,
                       selector: Callable[[Doc], bool] | None = None, all_leaves: bool = False,
@@ -179,7 +248,7 @@ class DatabaseView:
 
     async def _write_prepared(self, prepared: list[tuple[int, Doc]],
                               results: list[dict | None], new_edits: bool) -> None:
-        landing = await self._landing(sorted({doc["_id"] for _, doc in prepared}))
+        landing = await self._documents.landing(sorted({doc["_id"] for _, doc in prepared}))
         share = {"share": self.db.share} if self.db.share is not None else {}
         answer = await self._call("doc.write_batch", credential=self._credential,
                                   docs=[doc for _, doc in prepared], current=landing,
@@ -270,5 +339,3 @@ class DatabaseView:
             return None
 
 
-def unique(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
