@@ -289,3 +289,32 @@ async def test_a_share_link_lets_pouchdb_replicate_the_share_both_ways(cluster: 
         assert refused["ok"] and refused["docs_written"] == 0, shown(refused)
         assert [(e["id"], e["name"]) for e in refused["errors"]] == [("refused", "forbidden")]
     assert owner.get("refused") is None and member.get("refused") is None
+
+
+async def test_conflicts_and_deletions_converge_between_pouchdb_and_the_node(
+        cluster: Cluster, tmp_path):
+    node = cluster.add("a")
+    revs = node.put_many(NOTES, [(doc_id, {"v": 0}) for doc_id in ("c1", "d1", "d2")])
+    credential = add_app(node, "notes", NOTES, "write")
+    url = db_url(node, NOTES, credential, "notes")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        assert (await pouch.replicate_from(url))["docs_written"] == 3
+        # c1 edited apart on both sides: a conflict, the same winner on both
+        node_edit = node.put(NOTES, {"v": "node"}, "c1", rev=revs["c1"])
+        pouch_edit = (await pouch.put({"_id": "c1", "_rev": revs["c1"], "v": "pouch"}))["rev"]
+        # d1 deleted in PouchDB, d2 on the node
+        await pouch.remove("d1", revs["d1"])
+        node.delete("d2", revs["d2"])
+
+        pushed = await pouch.replicate_to(url)
+        assert pushed["ok"] and pushed["doc_write_failures"] == 0, shown(pushed)
+        pulled = await pouch.replicate_from(url)
+        assert pulled["ok"] and pulled["doc_write_failures"] == 0, shown(pulled)
+
+        on_node = node.get("c1", conflicts=True)
+        in_pouch = await pouch.get("c1", conflicts=True)
+        assert on_node["_rev"] == in_pouch["_rev"]
+        assert {on_node["_rev"], *on_node["_conflicts"]} == {node_edit, pouch_edit}
+        assert sorted(in_pouch["_conflicts"]) == sorted(on_node["_conflicts"])
+        assert node.get("d1") is None and await pouch.get_or_none("d2") is None
+        assert await pouch.revs() == node.revs(NOTES) == {"c1": on_node["_rev"]}
