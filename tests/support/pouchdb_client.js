@@ -75,21 +75,27 @@ function startLive({ handle, kind, url, options }) {
   const replication = kind === 'sync'
     ? PouchDB.sync(db, remoteDb(url), opts)
     : replicate(kind, url, opts);
-  live.set(handle, replication);
+  const entry = { replication, ended: false };
+  live.set(handle, entry);
   for (const event of ['change', 'paused', 'active', 'denied', 'error', 'complete']) {
     replication.on(event, (data) => send({ event, handle, data: data === undefined ? null : data }));
+  }
+  // An error (without retry) or completion ends it: a later cancel has nothing to wait for.
+  for (const event of ['error', 'complete']) {
+    replication.on(event, () => { entry.ended = true; });
   }
   return { started: handle };
 }
 
 function cancel({ handle }) {
-  const replication = live.get(handle);
-  if (!replication) { throw Object.assign(new Error('no such handle: ' + handle), { status: 404 }); }
+  const entry = live.get(handle);
+  if (!entry) { throw Object.assign(new Error('no such handle: ' + handle), { status: 404 }); }
   live.delete(handle);
+  if (entry.ended) { return { cancelled: handle }; }
   return new Promise((resolve) => {
-    replication.on('complete', () => resolve({ cancelled: handle }));
-    replication.on('error', () => resolve({ cancelled: handle }));
-    replication.cancel();
+    entry.replication.on('complete', () => resolve({ cancelled: handle }));
+    entry.replication.on('error', () => resolve({ cancelled: handle }));
+    entry.replication.cancel();
   });
 }
 

@@ -4,6 +4,8 @@ checkpoints that outlive the puppet."""
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 import trio
@@ -146,3 +148,16 @@ async def test_a_live_replication_streams_denied_and_paused_events(server, tmp_p
         assert "fine" in server_revs(db_url) and "hidden" not in server_revs(db_url)
         assert pouch.events(handle, "active")
         await pouch.cancel(handle)
+
+
+async def test_cancelling_a_live_replication_that_ended_in_an_error_answers(tmp_path):
+    """A live replication without retry ends at its first error; cancelling it then has
+    nothing to wait for (it used to wait for an end that had already come, until the
+    command's timeout, and closing the puppet did the same)."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{unused.getsockname()[1]}/gone"  # nothing listens
+    async with pouchdb_puppet(tmp_path / "p", timeout=20) as pouch:
+        handle = await pouch.start_live("sync", dead_url)
+        await pouch.wait_event(handle, "error", timeout=DEADLINE)
+        await pouch.cancel(handle)  # a PuppetError if it waits for nothing
