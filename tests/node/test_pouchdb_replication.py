@@ -167,12 +167,13 @@ async def test_live_sync_carries_writes_both_ways(cluster: Cluster, tmp_path):
 async def test_checkpoints_resume_after_the_node_restarts(cluster: Cluster, tmp_path):
     # A fixed API port, as a real node has: PouchDB knows the node by its URL.
     node = cluster.add("a", "--api-listen", f"127.0.0.1:{free_port()}")
-    tagged_notes(node, {f"old{i}": "work" for i in range(20)})
+    # more than PouchDB's batch of 100: several checkpoints, several pages of _changes
+    tagged_notes(node, {f"old{i:03d}": "work" for i in range(250)})
     credential = add_app(node, "reader", NOTES, "read")
     url = db_url(node, NOTES, credential, "reader")
     async with pouchdb_puppet(tmp_path / "pouch") as pouch:
         first = await pouch.replicate_from(url)
-        assert first["docs_read"] == 20, shown(first)
+        assert first["docs_read"] == 250, shown(first)
 
     node.stop()
     node.start()
@@ -381,3 +382,31 @@ async def test_a_feed_open_when_its_link_is_unlinked_ends_cleanly(cluster: Clust
     assert "after-unlink" not in ids
     again = httpx.get(feed, auth=(link["id"], link["credential"]))
     assert again.status_code == 401 and again.json()["error"] == "unauthorized"
+
+
+async def test_a_live_sync_with_retry_carries_on_after_the_node_restarts(cluster: Cluster,
+                                                                       tmp_path):
+    node = cluster.add("a", "--api-listen", f"127.0.0.1:{free_port()}")
+    credential = add_app(node, "notes", NOTES, "write")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        # retrying every half second: PouchDB's own pause doubles while the node is down
+        handle = await pouch.start_live("sync", db_url(node, NOTES, credential, "notes"),
+                                        retry=True, back_off_ms=500)
+        first = node.put(NOTES, {"v": 1}, "before-restart")
+        await eventually(lambda: _has(pouch, "before-restart", first), DEADLINE,
+                         what="before-restart in PouchDB")
+
+        node.stop()
+        written_offline = (await pouch.put({"_id": "while-down", "v": 2}))["rev"]
+        node.start()
+        after = node.put(NOTES, {"v": 3}, "after-restart")
+        await eventually(lambda: _has(pouch, "after-restart", after), DEADLINE,
+                         what="after-restart in PouchDB (the sync reconnected)")
+        await node_wait(lambda: (d := node.get("while-down")) and d["_rev"] == written_offline,
+                        "while-down, written while the node was down, on the node")
+        await pouch.cancel(handle)
+
+
+async def _has(pouch, doc_id: str, rev: str) -> bool:
+    doc = await pouch.get_or_none(doc_id)
+    return doc is not None and doc["_rev"] == rev

@@ -19,7 +19,10 @@
 //                                                      (docs_read, docs_written, doc_write_failures,
 //                                                      errors, last_seq...), also when it ended
 //                                                      in error (then with "error" set)
-//   live {handle, kind: "sync"|"from"|"to", url, options}   starts a live replication
+//   live {handle, kind: "sync"|"from"|"to", url, options}   starts a live replication;
+//                                                      options.back_off_ms: a fixed pause
+//                                                      between retries instead of PouchDB's
+//                                                      doubling one (up to 10 minutes)
 //   cancel {handle}   stops it; answers once PouchDB says it is complete
 //   close             closes the database and exits
 const PouchDB = require(process.argv[2]);
@@ -71,7 +74,11 @@ function oneShot({ direction, url, options }) {
 
 function startLive({ handle, kind, url, options }) {
   if (live.has(handle)) { throw Object.assign(new Error('handle in use: ' + handle), { status: 400 }); }
-  const opts = { ...(options || {}), live: true };
+  const { back_off_ms: backOff, ...rest } = options || {};
+  const opts = { ...rest, live: true };
+  if (backOff !== undefined) {  // a fixed pause between retries (PouchDB's own doubles)
+    opts.back_off_function = () => backOff;
+  }
   const replication = kind === 'sync'
     ? PouchDB.sync(db, remoteDb(url), opts)
     : replicate(kind, url, opts);

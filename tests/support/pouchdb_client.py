@@ -132,7 +132,8 @@ class PouchPuppet:
 
     async def start_live(self, kind: str, url: str, **options: Any) -> str:
         """Start a live replication, `kind` "sync" (both ways), "from" or "to"; its handle.
-        Its events arrive in `events(handle)`."""
+        Its events arrive in `events(handle)`. `back_off_ms=N` (with `retry=True`) retries
+        every N ms, where PouchDB's own pause doubles up to 10 minutes."""
         handle = f"live{next(self._handles)}"
         await self.call("live", handle=handle, kind=kind, url=url, options=options)
         return handle
