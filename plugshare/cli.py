@@ -1034,11 +1034,23 @@ def _link_url(api: str, link: dict) -> tuple[str, str | None]:
 @click.argument("link", metavar="LINK")
 @pass_ctx
 def share_unlink(ctx: Context, name: str, link: str) -> None:
-    """Revoke link LINK (its id, as `share links` lists it) of share NAME: its credential
-    stops working at once."""
+    """Revoke link LINK (its id, as `share links` lists it, or its credential or URL) of
+    share NAME: its credential stops working at once."""
     with ctx.client() as client:
-        result = client.request("DELETE", f"/shares/{_quote(name)}/links/{_quote(link.strip())}")
+        result = client.request("DELETE",
+                                f"/shares/{_quote(name)}/links/{_quote(_link_id(link))}")
     ctx.emit(result, f"link {result['id']} of share {name!r} unlinked")
+
+
+def _link_id(text: str) -> str:
+    """A link's id from its id, its credential (`ps1.<id>.<secret>`) or its URL."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    if "://" in text:
+        text = urlsplit(text).username or text
+    parts = text.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "ps1" else text
 
 
 def _link_line(row: dict) -> str:

@@ -299,7 +299,12 @@ class Door:
             if entry is not None and _scope_refusal(entry, stored) is not None:
                 continue
             if stored.get("_deleted") is True:
-                if self._may_see_tombstone(principal, "read", stored, entry):
+                seen = self._may_see_tombstone(principal, "read", stored, entry)
+                self._record(principal.label, "list", stored, Decision(
+                    seen, "a deletion of a doctype the caller may read" if seen
+                    else f"no rule lets {principal.label} read {stored.get('doctype')!r} "
+                         "documents"))
+                if seen:
                     served.append(_bare_tombstone(stored))
                 continue
             try:
@@ -309,6 +314,22 @@ class Door:
             except IntegrityError:
                 tampered.append(stored["_id"])
         return {"docs": served, "tampered": tampered}
+
+    def _cmd_doc_count(self, args: Mapping[str, Any]) -> int:
+        """{credential, docs, doctype?, share?} -> how many of the live `docs` the caller may
+        read, as `doc.list` would serve them (not audited, like `share.count`: a count serves
+        no document, and a database's info asks for one)."""
+        principal = self._principal(args)
+        doctype = _arg(args, "doctype", str, optional=True)
+        docs = _docs_arg(args)
+        entry = self._share_opened(principal, args)
+        if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
+            return 0
+        return sum(1 for stored in docs
+                   if stored.get("_deleted") is not True
+                   and (doctype is None or stored.get("doctype") == doctype)
+                   and (entry is None or _scope_refusal(entry, stored) is None)
+                   and self._judge(principal, "list", stored).allowed)
 
     def _cmd_doc_write(self, args: Mapping[str, Any]) -> dict:
         """{credential, doc (clear, with _id, doctype, maybe _rev), current (the stored
@@ -445,10 +466,8 @@ class Door:
     def _may_open_share(self, principal: Principal, entry: Any) -> bool:
         if principal == OWNER:
             return True
-        link_share = getattr(self._token, "link_share", None)  # share links (issue 12)
-        if principal.kind == "link":
-            return link_share is not None and \
-                link_share(principal.id) == entry.manifest.share_id
+        if principal.kind == "link":  # a share link opens its own share's database only
+            return self._token.link_share(principal.id) == entry.manifest.share_id
         return self._may_touch_doctype(principal, "read", entry.manifest.rule.doctype)
 
     def _cmd_db_list(self, args: Mapping[str, Any]) -> dict:
@@ -972,6 +991,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "auth": ("credential",),
     "doc.read": ("credential", "doc", "doctype?", "share?"),
     "doc.list": ("credential", "docs", "doctype?", "share?"),
+    "doc.count": ("credential", "docs", "doctype?", "share?"),
     "doc.write": ("credential", "doc", "current?", "generation", "share?"),
     "doc.write_batch": ("credential", "docs", "current", "new_edits", "share?"),
     "db.list": ("credential",),

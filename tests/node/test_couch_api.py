@@ -15,13 +15,15 @@ from tests.node.cluster import Cluster, ClusterNode, share_between, wait_until
 
 
 
-@pytest.fixture(scope="module")
-def alice(tmp_path_factory):
-    """One node for the whole module (starting one costs seconds); each test uses its own
-    doctype or ids, so the tests do not see each other's documents."""
+@pytest.fixture(scope="module", params=["sqlite", "couchdb"])
+def alice(request, tmp_path_factory):
+    """One node per store backend for the whole module (starting one costs seconds); each
+    test uses its own doctype or ids, so the tests do not see each other's documents."""
     cluster = Cluster(tmp_path_factory.mktemp("couch"))
+    store = () if request.param == "sqlite" else (
+        "--store", "couchdb", "--couchdb-url", request.getfixturevalue("couchdb_url"))
     try:
-        yield cluster.add("alice")
+        yield cluster.add("alice", *store)
     finally:
         cluster.close()
         print(cluster.logs())
@@ -244,7 +246,8 @@ def test_a_continuous_feed_follows_live_writes(alice):
     app = add_app(alice, "cont-app", "cont.notes", "read", {"tag": "work"})
     with couch(alice, app) as reader:
         with reader.stream("GET", "/cont.notes/_changes", params={
-                "feed": "continuous", "heartbeat": "500", "since": "now"}) as feed:
+                "feed": "continuous", "heartbeat": "500", "since": "now",
+                "timeout": "90000"}) as feed:  # ends by itself: a failure is not a hang
             lines = feed.iter_lines()
             assert feed.status_code == 200
             alice.put("cont.notes", {"tag": "home"}, "c-hidden")
@@ -510,3 +513,82 @@ def test_open_feeds_per_credential_are_bounded_and_given_back(alice):
         # closed feeds give their slots back (once the node sees the clients gone)
         wait_until(lambda: reader.get("/feed.notes/_changes", params={
             **params, "timeout": "1"}).status_code == 200, 60, what="a slot given back")
+
+
+def test_database_info_counts_without_serving_a_document(alice):
+    """PouchDB asks for a database's info at every checkpoint: counting must not open (nor
+    log a decision for) every document each time."""
+    app = add_app(alice, "count-app", "count.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/count.notes/_bulk_docs", json={"docs": [
+            {"_id": f"k{i}", "tag": "work" if i % 2 else "home"} for i in range(20)]})
+
+        def logged() -> int:
+            return len(alice.api("GET", "/token/audit", params={
+                "tail": "100000", "principal": "app:count-app"})["entries"])
+
+        before = logged()
+        assert [reader.get("/count.notes").json()["doc_count"] for _ in range(3)] == [10] * 3
+        assert logged() == before
+        owner.put("/count.notes/k100", json={"tag": "work"})  # the count follows writes
+        assert reader.get("/count.notes").json()["doc_count"] == 11
+
+
+def test_an_eventsource_feed_and_a_deletion_in_the_feed(alice):
+    app = add_app(alice, "es-app", "es.notes", "read", {"tag": "work"})
+    with couch(alice) as owner, couch(alice, app) as reader:
+        made = owner.put("/es.notes/e1", json={"tag": "work"}).json()
+        with reader.stream("GET", "/es.notes/_changes", params={
+                "feed": "eventsource", "heartbeat": "500", "timeout": "90000"}) as feed:
+            assert feed.headers["content-type"].startswith("text/event-stream")
+            events = []
+            for line in feed.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[len("data: "):]))
+                    if len(events) == 1:  # the live doc seen: now delete it
+                        owner.delete("/es.notes/e1", params={"rev": made["rev"]})
+                if len(events) == 2:
+                    break
+        assert events[0]["id"] == "e1" and "deleted" not in events[0]
+        assert events[1]["id"] == "e1" and events[1]["deleted"] is True  # its doctype's
+        audit = alice.api("GET", "/token/audit", params={"tail": "1000",
+                                                          "principal": "app:es-app"})
+        assert any(e["doc_id"] == "e1" and e["allowed"] and "deletion" in e["reason"]
+                   for e in audit["entries"])
+
+
+def test_a_share_link_opens_its_share_database_only(alice):
+    alice.cli_json("share", "create", "linked", "--doctype", "link.notes",
+                   "--selector", json.dumps({"tag": "work"}))
+    alice.put("link.notes", {"tag": "work"}, "l-in")
+    alice.put("link.notes", {"tag": "home"}, "l-out")
+    reader = alice.api("POST", "/shares/linked/links", json={"permission": "read"})
+    with couch(alice, reader["credential"], basic=reader.get("id", "link")) as link:
+        assert link.get("/_all_dbs").json() == ["share:linked"]
+        _is(link.get("/link.notes"), 404, "not_found")
+        rows = link.get("/share:linked/_changes").json()["results"]
+        assert [r["id"] for r in rows] == ["l-in"]
+        assert link.get("/share:linked/l-out").status_code == 404
+        pushed = link.post("/share:linked/_bulk_docs", json={"docs": [{"_id": "l-new"}]})
+        assert pushed.json()[0]["error"] == "forbidden"  # a read-only link
+        assert link.put("/share:linked/_local/cp", json={"seq": 1}).status_code == 201
+        alice.api("DELETE", f"/shares/linked/links/{reader['id']}")
+        assert link.get("/share:linked").status_code == 401  # unlinked: its credential is dead
+
+
+def test_a_small_all_docs_page_does_not_open_the_whole_database(alice):
+    app = add_app(alice, "page-app", "big.notes", "read")
+    with couch(alice) as owner, couch(alice, app) as reader:
+        owner.post("/big.notes/_bulk_docs", json={"docs": [
+            {"_id": f"big{i:04d}"} for i in range(600)]})
+
+        def logged() -> int:
+            return len(alice.api("GET", "/token/audit", params={
+                "tail": "100000", "principal": "app:page-app"})["entries"])
+
+        before = logged()
+        page = reader.get("/big.notes/_all_docs", params={
+            "limit": "2", "startkey": '"big0100"'}).json()
+        assert [r["id"] for r in page["rows"]] == ["big0100", "big0101"]
+        assert page["total_rows"] == 600 and page["offset"] == 100
+        assert logged() - before < 600  # a page of the range was shown to the token, not all

@@ -10,6 +10,7 @@ import json
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401 (fixture)
 
@@ -78,14 +79,14 @@ def test_share_link_prints_a_url_whose_credential_reads_that_share_alone(node):
     assert {(e["action"], e["doc_id"], e["allowed"]) for e in audit} >= {
         ("read", "s1", True), ("read", "p1", False), ("write", "new", False)}
 
-    gone = node.cli("share", "unlink", "notes", link_id)
+    gone = node.cli("share", "unlink", "notes", made.stdout.strip())  # by its URL
     assert gone.returncode == 0 and f"link {link_id} of share 'notes' unlinked" in gone.stdout
     with _as(node.api_url, credential) as link:
         refused = link.get("/data/io.notes/s1")
         assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
     rows = json.loads(node.cli("--json", "share", "links").stdout)["links"]
     assert [r["status"] for r in rows] == ["unlinked"]
-    again = node.cli("share", "unlink", "notes", link_id)
+    again = node.cli("share", "unlink", "notes", credential)  # by its credential
     assert again.returncode == 1 and "no link" in again.stderr
     refusals = json.loads(node.cli("--json", "audit", "--denied", "--principal",
                                    f"link:{link_id}", "--tail", "100").stdout)["entries"]
@@ -107,6 +108,16 @@ def test_a_write_link_writes_in_scope_and_an_expired_link_is_refused(node):
     doc = json.loads(node.cli("--json", "doc", "get", "w1").stdout)
     assert doc["tag"] == "shared"
 
+    with _as(node.api_url, node.credential) as owner:  # hostile bodies: 400, nothing made
+        for body in [{}, {"permission": "admin"}, {"permission": "read", "expires": "1h"},
+                     {"permission": "read", "expires": 1.0}, {"permission": ["read"]},
+                     {"permission": "read", "expires": 1e300}]:
+            answer = owner.post("/shares/notes/links", json=body)
+            assert answer.status_code == 400, (body, answer.text)
+            assert answer.json()["error"] == "bad_request"
+        assert owner.post("/shares/notes/links", content=b"{").status_code == 400
+        assert owner.delete("/shares/notes/links/" + "0" * 16).status_code == 404
+        assert len(owner.get("/links").json()["links"]) == 1
     bad = node.cli("share", "link", "notes", "--expires", "soon")
     assert bad.returncode == 2 and "--expires" in bad.stderr
     unknown = node.cli("share", "link", "nope")
@@ -119,6 +130,9 @@ def test_a_write_link_writes_in_scope_and_an_expired_link_is_refused(node):
     rows = {r["id"]: r["status"] for r in
             json.loads(node.cli("--json", "share", "links").stdout)["links"]}
     assert rows == {link["id"]: "active", short["id"]: "expired"}
+    assert node.cli("share", "unlink", "notes", link["id"]).returncode == 0  # by its id
+    with _as(node.api_url, link["credential"]) as client:
+        assert client.get("/data/io.notes/w1").status_code == 401
 
 
 def test_a_members_link_ends_when_the_owner_revokes_the_member(cluster):
@@ -136,3 +150,43 @@ def test_a_members_link_ends_when_the_owner_revokes_the_member(cluster):
     assert row["status"] == "ended" and "revoked" in row["reason"]
     refused = bob.cli("share", "link", "notes")
     assert refused.returncode == 1 and "revoked" in refused.stderr
+
+
+def test_the_link_url_opens_the_share_database_for_a_couchdb_client(node):
+    """Once the CouchDB API is mounted (couchcore, issue #12), the URL itself is what a
+    CouchDB client uses: HTTP Basic with the link's id and credential."""
+    pytest.importorskip("plugshare.node.couch", reason="the CouchDB API (/couch) is not here yet")
+    assert node.cli("share", "create", "notes", "--doctype", NOTES).returncode == 0
+    _put(node, "s1", NOTES, {"text": "hi"})
+    _put(node, "t1", "io.tasks", {"text": "not shared"})
+    url = urlsplit(node.cli("share", "link", "notes", "--read-only").stdout.strip())
+    base = f"{url.scheme}://{url.hostname}:{url.port}"
+    with httpx.Client(base_url=base, timeout=30, auth=(url.username, url.password)) as couch:
+        assert couch.get(url.path).status_code == 200
+        assert couch.get(f"{url.path}/s1").json()["text"] == "hi"
+        assert couch.get("/couch/io.tasks").status_code in (401, 403, 404)
+    node.cli("share", "unlink", "notes", url.username)
+    with httpx.Client(base_url=base, timeout=30, auth=(url.username, url.password)) as couch:
+        assert couch.get(url.path).status_code == 401
+
+
+def test_the_link_url_names_an_address_outside_clients_can_reach():
+    """`share link` builds the URL from the API address the node runs on (run.json)."""
+    import socket
+
+    from plugshare.cli import _link_url
+
+    link = {"id": "0123456789abcdef", "credential": "ps1.0123456789abcdef.c2VjcmV0",
+            "share": "notes"}
+    userinfo = "0123456789abcdef:ps1.0123456789abcdef.c2VjcmV0"
+    url, note = _link_url("http://127.0.0.1:7414", link)
+    assert url == f"http://{userinfo}@127.0.0.1:7414/couch/share:notes"
+    assert "loopback only" in note and "[api] listen" in note
+    assert "loopback only" in _link_url("http://[::1]:7414", link)[1]
+    assert _link_url("http://192.168.1.20:7414", link) == (
+        f"http://{userinfo}@192.168.1.20:7414/couch/share:notes", None)
+    assert _link_url("http://[fd00::5]:7414", link)[0] == \
+        f"http://{userinfo}@[fd00::5]:7414/couch/share:notes"
+    anywhere, note = _link_url("http://0.0.0.0:7414", link)  # every address: the host's name
+    assert anywhere == f"http://{userinfo}@{socket.gethostname()}:7414/couch/share:notes"
+    assert note is None

@@ -7,6 +7,7 @@ CouchDB ignores them (`conflicts` on `_changes`, `stale`, `r`...)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from plugshare.node.couch.errors import bad_request
 
 MAX_LIMIT = 10_000  # rows one request answers at most (a larger `limit` is capped)
 FEEDS = ("normal", "longpoll", "continuous", "eventsource")
+_SEQUENCE = re.compile(r"[0-9]+(-[A-Za-z0-9_=-]+)?")
 DEFAULT_TIMEOUT_MS = 60_000  # a longpoll or continuous feed without heartbeat ends after this
 
 
@@ -54,14 +56,16 @@ def json_value(params: Mapping[str, str], *names: str) -> tuple[bool, Any]:
 
 
 def since(params: Mapping[str, str]) -> str | int:
-    """`since`: 0, `now`, or a sequence this API handed out (opaque, checked by the store).
-    A JSON-quoted sequence (as some clients send) is taken unquoted."""
+    """`since`: 0, `now`, or a sequence this API handed out: opaque, checked by the store,
+    but of CouchDB's form whatever the backend (a number, then maybe `-` and base64url), so
+    a malformed one is refused here even where the store would take it. A JSON-quoted
+    sequence (as some clients send) is taken unquoted."""
     value = params.get("since", "0")
     if value == "now":
         return "now"
     if value.startswith('"') and value.endswith('"') and len(value) >= 2:
         value = value[1:-1]
-    if not value or len(value) > 1000 or not value.isprintable():
+    if len(value) > 1000 or not _SEQUENCE.fullmatch(value):
         raise bad_request(f"Malformed sequence supplied in 'since' parameter: {value!r}")
     return int(value) if value.isascii() and value.isdigit() else value
 

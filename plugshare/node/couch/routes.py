@@ -34,6 +34,28 @@ def _json(body: Any, status: int = 200, headers: dict | None = None) -> JSONResp
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class DocCounts:
+    """A database's `doc_count` for a principal, kept while the store's update_seq stays:
+    PouchDB asks for the info at every checkpoint, and counting reads every document. (A
+    rule changed since is seen at the next write.)"""
+
+    MAX = 256  # (principal, database) pairs kept
+
+    def __init__(self):
+        self._known: dict[tuple[str, str], tuple[Any, int]] = {}
+
+    async def count(self, view: DatabaseView, update_seq: Any) -> int:
+        key = (view.db.principal, view.db.name)
+        known = self._known.get(key)
+        if known is not None and known[0] == update_seq:
+            return known[1]
+        count = await view.count()
+        if len(self._known) >= self.MAX:
+            self._known.pop(next(iter(self._known)))
+        self._known[key] = (update_seq, count)
+        return count
+
+
 class _Feed(StreamingResponse):
     """A streamed feed that gives its slot back however it ends (client gone included)."""
 
@@ -52,6 +74,7 @@ def endpoints(parts) -> list[Route]:
     """The routes, relative to the mount point (`/couch`)."""
     call = parts.call
     slots = FeedSlots()
+    counts = DocCounts()
     cap = parts.max_body
 
     async def open_view(request: Request) -> DatabaseView:
@@ -86,9 +109,9 @@ def endpoints(parts) -> list[Route]:
         if request.method == "DELETE":
             raise forbidden("databases are virtual: they cannot be deleted")
         info = await view.store.info()
-        docs = await view.all_live()
         return _json({
-            "db_name": view.db.name, "doc_count": len(docs), "doc_del_count": 0,
+            "db_name": view.db.name, "doc_count": await counts.count(view, info["update_seq"]),
+            "doc_del_count": 0,
             "update_seq": info["update_seq"], "purge_seq": 0, "compact_running": False,
             "sizes": {"active": 0, "external": 0, "file": 0}, "disk_format_version": 8,
             "instance_start_time": INSTANCE_START,

@@ -21,7 +21,9 @@ log = logging.getLogger("plugshare.couch")
 
 TokenCall = Callable[..., Awaitable[Any]]
 TOKEN_BATCH = 10_000  # documents the token takes in one command
-SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page
+SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page, at most
+MIN_SCAN = 50  # ...and at least (a page of few visible rows in a busy store)
+ALL_DOCS_PAGE = 200  # stored documents shown to the token at a time for _all_docs
 LOCAL_NAMESPACE = "couch"  # local docs of this API: couch/<principal>/<db>/<id>
 CONFLICT_REASON = "Document update conflict."
 DESIGN_REASON = "design documents are not supported"
@@ -69,10 +71,23 @@ class DatabaseView:
             out += answer["docs"]
         return out
 
+    async def _stored_live(self) -> list[Doc]:
+        """The stored winners of every live document of this database's doctype, by id."""
+        return [d for d in await self._store.all_docs() if d.get("doctype") == self.db.doctype]
+
+    async def count(self, docs: list[Doc] | None = None) -> int:
+        """How many live documents of this database (or of `docs`, stored winners) this
+        credential may read; no document is opened, nor a decision logged."""
+        docs = await self._stored_live() if docs is None else docs
+        total = 0
+        for start in range(0, len(docs), TOKEN_BATCH):
+            total += await self._call("doc.count", credential=self._credential,
+                                      docs=docs[start:start + TOKEN_BATCH], **self.db.scope())
+        return total
+
     async def all_live(self) -> list[Doc]:
         """Every live document of this database this credential may read, sorted by id."""
-        docs = [d for d in await self._store.all_docs() if d.get("doctype") == self.db.doctype]
-        return await self.visible(docs)
+        return await self.visible(await self._stored_live())
 
     async def get(self, doc_id: str, rev: str | None = None, *,
                   conflicts: bool = False, revs: bool = False) -> Doc:
@@ -109,13 +124,16 @@ class DatabaseView:
                        inclusive_end: bool, descending: bool, skip: int, limit: int,
                        include_docs: bool) -> dict:
         """CouchDB's `_all_docs` over the documents this credential may read here (ids in
-        code point order, as CouchDB collates them)."""
-        docs = await self.all_live()
+        code point order, as CouchDB collates them). The range is cut on ids first, and the
+        token opens pages of it only until the rows are enough: a small `limit` costs little
+        in a large database."""
+        stored = await self._stored_live()
+        total = await self.count(stored)
         if keys is not None:
-            return {"total_rows": len(docs), "offset": None,
+            return {"total_rows": total, "offset": None,
                     "rows": await self._rows_of_keys(keys, include_docs)}
         if descending:
-            docs.reverse()
+            stored.reverse()
 
         def before_start(doc_id: str) -> bool:
             return start is not None and (doc_id > start if descending else doc_id < start)
@@ -127,19 +145,26 @@ class DatabaseView:
                 return not inclusive_end
             return doc_id < end if descending else doc_id > end
 
-        first = next((i for i, d in enumerate(docs) if not before_start(d["_id"])), len(docs))
-        selected = []
-        for doc in docs[first + skip:]:
-            if past_end(doc["_id"]) or len(selected) >= limit:
+        first = next((i for i, d in enumerate(stored) if not before_start(d["_id"])),
+                     len(stored))
+        stop = next((i for i in range(first, len(stored)) if past_end(stored[i]["_id"])),
+                    len(stored))
+        wanted = skip + limit
+        seen: list[Doc] = []
+        page = max(wanted, ALL_DOCS_PAGE)
+        for at in range(first, stop, page):
+            if len(seen) >= wanted:
                 break
-            selected.append(doc)
+            seen += await self.visible(stored[at:min(at + page, stop)])
         rows = []
-        for doc in selected:
+        for doc in seen[skip:wanted]:
             row = {"id": doc["_id"], "key": doc["_id"], "value": {"rev": doc["_rev"]}}
             if include_docs:
                 row["doc"] = doc
             rows.append(row)
-        return {"total_rows": len(docs), "offset": min(first + skip, len(docs)), "rows": rows}
+        offset = await self.count(stored[:first]) + min(skip, len(seen)) if first else \
+            min(skip, len(seen))
+        return {"total_rows": total, "offset": offset, "rows": rows}
 
     async def _rows_of_keys(self, keys: list, include_docs: bool) -> list[dict]:
         ids = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
@@ -169,8 +194,11 @@ class DatabaseView:
         enough or the feed ends, so a page is empty only when nothing visible is left."""
         rows: list[dict] = []
         seq = since
+        # Read about as many changes as asked for: a replicator asks for small pages often
+        # (PouchDB: 100), and every change read is fetched and shown to the token.
+        scan = min(max(limit, MIN_SCAN), SCAN_PAGE)
         while True:
-            page = await self._store.changes(seq, limit=SCAN_PAGE)
+            page = await self._store.changes(seq, limit=scan)
             wanted = [c for c in page.results if doc_ids is None or c.id in doc_ids]
             if wanted:
                 stored = await self._store.bulk_get([(c.id, c.revs[0]) for c in wanted])
@@ -189,7 +217,7 @@ class DatabaseView:
                     rows.append(row)
                     if len(rows) >= limit:
                         return rows, change.seq
-            if len(page.results) < SCAN_PAGE:
+            if len(page.results) < scan:
                 return rows, page.last_seq
             seq = page.last_seq
 
