@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -410,3 +411,34 @@ async def test_a_live_sync_with_retry_carries_on_after_the_node_restarts(cluster
 async def _has(pouch, doc_id: str, rev: str) -> bool:
     doc = await pouch.get_or_none(doc_id)
     return doc is not None and doc["_rev"] == rev
+
+
+async def test_pouchdb_round_trips_an_encrypted_doctype_kept_as_ciphertext(
+        cluster: Cluster, couchdb_url: str, tmp_path):
+    """PouchDB writes clear docs of a sealed doctype through the node; the node's CouchDB
+    server holds only ciphertext; another PouchDB reads them back in clear, same revs."""
+    node = cluster.add("a", "--store", "couchdb", "--couchdb-url", couchdb_url)
+    node.cli_json("encrypt", "io.health")
+    credential = add_app(node, "health", "io.health", "write")
+    url = db_url(node, "io.health", credential, "health")
+    secrets = {f"h{i}": f"plain-secret-{i}-{uuid.uuid4().hex[:8]}" for i in range(5)}
+    async with pouchdb_puppet(tmp_path / "writer") as writer:
+        await writer.bulk_docs([{"_id": doc_id, "diagnosis": secret}
+                                for doc_id, secret in secrets.items()])
+        pushed = await writer.replicate_to(url)
+        assert pushed["docs_written"] == 5 and pushed["doc_write_failures"] == 0, shown(pushed)
+        written = await writer.revs()
+
+    database = node.status()["store"]["database"]
+    raw = httpx.get(f"{couchdb_url}/{database}/_all_docs",
+                    params={"include_docs": "true"}).text
+    assert all(f'"{doc_id}"' in raw for doc_id in secrets)  # the docs are there...
+    assert not [secret for secret in secrets.values() if secret in raw]  # ...sealed
+    assert "diagnosis" not in raw
+
+    async with pouchdb_puppet(tmp_path / "reader") as reader:
+        pulled = await reader.replicate_from(url)
+        assert pulled["docs_written"] == 5, shown(pulled)
+        assert await reader.revs() == written == node.revs("io.health")
+        for doc_id, secret in secrets.items():
+            assert (await reader.get(doc_id))["diagnosis"] == secret
