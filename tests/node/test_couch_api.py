@@ -592,3 +592,19 @@ def test_a_small_all_docs_page_does_not_open_the_whole_database(alice):
         assert [r["id"] for r in page["rows"]] == ["big0100", "big0101"]
         assert page["total_rows"] == 600 and page["offset"] == 100
         assert logged() - before < 600  # a page of the range was shown to the token, not all
+
+
+def test_large_documents_never_make_a_token_command_over_its_frame_cap(alice):
+    """Each doc under the body cap, together over the token's 64 MiB frame: a page of them
+    is shown to the token in several commands, not refused as a whole."""
+    with couch(alice) as owner:
+        for i in range(10):
+            made = owner.put(f"/huge.notes/h{i}", json={"blob": str(i) * (7 * 1024 * 1024)})
+            assert made.status_code == 201, made.text
+        rows = owner.get("/huge.notes/_changes", params={"include_docs": "true"})
+        assert rows.status_code == 200, rows.text[:300]
+        assert [len(r["doc"]["blob"]) for r in rows.json()["results"]] == [7 * 1024 * 1024] * 10
+        updated = owner.post("/huge.notes/_bulk_docs", json={"docs": [
+            {"_id": f"h{i}", "_rev": r["changes"][0]["rev"], "blob": "small"}
+            for i, r in enumerate(rows.json()["results"])]})
+        assert all(r.get("ok") for r in updated.json()), updated.text[:300]

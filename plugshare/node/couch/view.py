@@ -7,9 +7,10 @@ page of documents goes to the token as one `doc.list` (reads) or one `doc.write_
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Awaitable
 
 from plugshare.node.couch.databases import Database
@@ -21,6 +22,9 @@ log = logging.getLogger("plugshare.couch")
 
 TokenCall = Callable[..., Awaitable[Any]]
 TOKEN_BATCH = 10_000  # documents the token takes in one command
+# About this much JSON per token command: a quarter of its 64 MiB frame cap, a margin that
+# covers msgpack's wider encodings (a float is 9 bytes, "0.5" is 3 characters).
+TOKEN_BYTES = 16 * 1024 * 1024
 SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page, at most
 MIN_SCAN = 50  # ...and at least (a page of few visible rows in a busy store)
 ALL_DOCS_PAGE = 200  # stored documents shown to the token at a time for _all_docs
@@ -28,6 +32,29 @@ LOCAL_NAMESPACE = "couch"  # local docs of this API: couch/<principal>/<db>/<id>
 CONFLICT_REASON = "Document update conflict."
 DESIGN_REASON = "design documents are not supported"
 UNDERSCORE_REASON = "Only reserved document ids may start with underscore."
+
+
+def json_size(doc: Any) -> int:
+    """About how many bytes `doc` takes on the wire (JSON escapes non-ASCII text, so text
+    never counts for less than its UTF-8)."""
+    return len(json.dumps(doc, separators=(",", ":"))) if doc is not None else 0
+
+
+def token_pages(items: list, size: Callable[[Any], int] = json_size) -> Iterator[list]:
+    """`items` cut into pages the token takes in one command: at most TOKEN_BATCH of them
+    and about TOKEN_BYTES (a page holds one item at least), so large documents never make
+    a command over the token's frame cap."""
+    page: list = []
+    used = 0
+    for item in items:
+        weight = size(item)
+        if page and (len(page) >= TOKEN_BATCH or used + weight > TOKEN_BYTES):
+            yield page
+            page, used = [], 0
+        page.append(item)
+        used += weight
+    if page:
+        yield page
 
 
 def without_history(doc: Doc) -> Doc:
@@ -61,8 +88,7 @@ class DatabaseView:
         """The documents of `stored` this credential may read in this database, in clear,
         in order (tombstones of a doctype it may read included, bare)."""
         out: list[Doc] = []
-        for start in range(0, len(stored), TOKEN_BATCH):
-            page = [without_history(d) for d in stored[start:start + TOKEN_BATCH]]
+        for page in token_pages([without_history(d) for d in stored]):
             answer = await self._call("doc.list", credential=self._credential, docs=page,
                                       **self.db.scope())
             if answer.get("tampered"):
@@ -80,9 +106,9 @@ class DatabaseView:
         credential may read; no document is opened, nor a decision logged."""
         docs = await self._stored_live() if docs is None else docs
         total = 0
-        for start in range(0, len(docs), TOKEN_BATCH):
-            total += await self._call("doc.count", credential=self._credential,
-                                      docs=docs[start:start + TOKEN_BATCH], **self.db.scope())
+        for page in token_pages(docs):
+            total += await self._call("doc.count", credential=self._credential, docs=page,
+                                      **self.db.scope())
         return total
 
     async def all_live(self) -> list[Doc]:
@@ -259,8 +285,8 @@ class DatabaseView:
     # -- writes -------------------------------------------------------------------------
 
     async def write(self, docs: list[Any], *, new_edits: bool) -> list[dict]:
-        """Write `docs` (each decided by the token in one batch command): one result per
-        doc, in order, `{"ok", "id", "rev"}` or `{"id", "error", "reason"}`; a refused or
+        """Write `docs` (decided by the token, a page of them per batch command): one result
+        per doc, in order, `{"ok", "id", "rev"}` or `{"id", "error", "reason"}`; a refused or
         conflicting doc never fails the others."""
         results: list[dict | None] = [None] * len(docs)
         prepared: list[tuple[int, Doc]] = []
@@ -271,15 +297,22 @@ class DatabaseView:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
                 results[index] = {"id": doc_id, "error": exc.error, "reason": exc.reason}
         if prepared:
-            await self._write_prepared(prepared, results, new_edits)
+            landing = await self._documents.landing(sorted({d["_id"] for _, d in prepared}))
+
+            def weight(item: tuple[int, Doc]) -> int:  # the doc, and the one it lands on
+                return json_size(item[1]) + json_size(landing.get(item[1]["_id"]))
+
+            for page in token_pages(prepared, weight):
+                await self._write_prepared(page, landing, results, new_edits)
         return [r for r in results if r is not None]
 
-    async def _write_prepared(self, prepared: list[tuple[int, Doc]],
+    async def _write_prepared(self, prepared: list[tuple[int, Doc]], landing: dict[str, Doc],
                               results: list[dict | None], new_edits: bool) -> None:
-        landing = await self._documents.landing(sorted({doc["_id"] for _, doc in prepared}))
         share = {"share": self.db.share} if self.db.share is not None else {}
+        ids = {doc["_id"] for _, doc in prepared}
         answer = await self._call("doc.write_batch", credential=self._credential,
-                                  docs=[doc for _, doc in prepared], current=landing,
+                                  docs=[doc for _, doc in prepared],
+                                  current={i: d for i, d in landing.items() if i in ids},
                                   new_edits=new_edits, **share)
         to_store: list[tuple[int, Doc]] = []
         removals: list[Doc] = []
