@@ -482,3 +482,23 @@ async def test_a_doc_with_an_attachment_does_not_stop_pouchdbs_push(cluster: Clu
         assert result["ok"] and result["docs_written"] == 150, shown(result)
         assert [e["id"] for e in result["errors"]] == ["with-attachment"], shown(result)
     assert len(node.revs(NOTES)) == 150
+
+
+async def test_a_wrong_or_removed_credential_ends_pouchdbs_replication_with_401(
+        cluster: Cluster, tmp_path):
+    node = cluster.add("a")
+    node.put(NOTES, {"v": 1}, "n1")
+    credential = add_app(node, "notes", NOTES, "write")
+    forged = credential[:-4] + ("AAAA" if not credential.endswith("AAAA") else "BBBB")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        refused = await pouch.replicate_from(db_url(node, NOTES, forged, "notes"))
+        assert not refused["ok"] and refused["error"]["status"] == 401, shown(refused)
+        assert await pouch.get_or_none("n1") is None
+
+        handle = await pouch.start_live("sync", db_url(node, NOTES, credential, "notes"))
+        await eventually(lambda: pouch.get_or_none("n1"), DEADLINE, what="n1 in PouchDB")
+        node.cli_ok("app", "rm", "notes")
+        await pouch.put({"_id": "after-removal"})
+        error = await pouch.wait_event(handle, "error", timeout=DEADLINE)
+        assert error["data"].get("status") == 401, pouch.events(handle)
+    assert node.get("after-removal") is None
