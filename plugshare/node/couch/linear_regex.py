@@ -27,8 +27,8 @@ __all__ = ["Searcher", "RegexUnsupported", "RegexTooCostly", "MAX_REGEX_PROGRAM"
 # Python's `re` backtracks: `[a-z]+\d` takes seconds on a 20,000-character string and
 # `\w*\d\w*\d!` minutes, all of it holding the event loop. So `$regex` never runs the
 # pattern with `re` (its one use of `re` on a document finds the next character of a set,
-# which cannot backtrack). The pattern is parsed by Python's own parser (`re._parser`: same syntax, same
-# errors), compiled into a Thompson NFA, and searched by a lazily built DFA whose transitions
+# which cannot backtrack). The pattern is parsed by Python's own parser (`re._parser`: same
+# syntax, same errors), compiled into a Thompson NFA, and searched by a lazily built DFA whose transitions
 # are cached per (state, character): time linear in the string, whatever the pattern.
 # Back-references, look-around, conditionals, atomic groups and possessive repeats (which no
 # finite automaton expresses) are refused. Only whether there is a match is computed, so
