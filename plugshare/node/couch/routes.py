@@ -304,7 +304,7 @@ def endpoints(parts) -> list[Route]:
         (selector, fields, sort, limit, skip, bookmark); scans, as no index is kept"""
         view = await open_view(request)
         query = _mango_query(await bodies.json_object(request, cap))
-        return _json(mango.run(query, await view.all_live()))
+        return _json(_run_mango(query, await view.all_live()))
 
     async def explain(request: Request) -> Response:
         """POST: how a _find query would run: always over the special _all_docs index"""
@@ -452,7 +452,23 @@ def _filter(query, body: dict):
 
 def _compile_selector(selector: dict):
     try:
-        return mango.compile_selector(selector)
+        predicate = mango.compile_selector(selector)
+    except mango.MangoError as exc:
+        raise bad_request(str(exc)) from None
+
+    def matches(doc: dict) -> bool:
+        try:
+            return predicate(doc)
+        except mango.MangoError as exc:  # mid-scan: a $regex automaton past its bound
+            raise bad_request(str(exc)) from None
+
+    return matches
+
+
+def _run_mango(query: mango.Query, docs: list[dict]) -> dict:
+    """`mango.run`, its MangoErrors (a $regex too costly on some document) as a 400."""
+    try:
+        return mango.run(query, docs)
     except mango.MangoError as exc:
         raise bad_request(str(exc)) from None
 

@@ -1,0 +1,57 @@
+"""Follow-ups on the CouchDB-compatible API (`/couch`, issue 12) against a real node: Mango
+errors met mid-scan, `_find` off the event loop, CouchDB's answers to the calls clients make
+around replication, and what a per-document refusal looks like."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.node.cluster import Cluster, wait_until
+from tests.node.test_couch_api import add_app, couch
+
+COSTLY_REGEX = "(a|b)*a(a|b){60}c"  # a new DFA state per character of a random a/b string
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("couchfix"))
+    try:
+        yield cluster.add("alice")
+    finally:
+        cluster.close()
+        print(cluster.logs())
+
+
+def _write(client: httpx.Client, db: str, docs: list[dict]) -> None:
+    answer = client.post(f"/{db}/_bulk_docs", json={"docs": docs})
+    assert answer.status_code == 201, answer.text
+    assert all(r.get("ok") for r in answer.json()), answer.text
+
+
+# -- Mango errors met mid-scan are 400s in CouchDB's shape ---------------------------------
+
+
+def test_a_regex_too_costly_on_some_document_is_a_400_in_find_and_changes(node):
+    text = "".join(random.Random(7).choices("ab", k=25_000))
+    selector = {"text": {"$regex": COSTLY_REGEX}}
+    with couch(node) as client:
+        _write(client, "costly", [{"_id": "plain", "text": "abc"}, {"_id": "long", "text": text}])
+        found = client.post("/costly/_find", json={"selector": selector})
+        assert found.status_code == 400, found.text
+        assert found.json()["error"] == "bad_request"
+        assert "too costly to match" in found.json()["reason"]
+        changes = client.post("/costly/_changes?filter=_selector", json={"selector": selector})
+        assert changes.status_code == 400, changes.text
+        assert "too costly to match" in changes.json()["reason"]
+        # A live feed has sent its status line already: it ends with the error, as JSON.
+        live = client.post("/costly/_changes?filter=_selector&feed=longpoll",
+                           json={"selector": selector})
+        assert live.json()["error"] == "bad_request", live.text
+        # The node keeps serving.
+        assert client.get("/costly/plain").json()["text"] == "abc"
