@@ -55,3 +55,38 @@ def test_a_regex_too_costly_on_some_document_is_a_400_in_find_and_changes(node):
         assert live.json()["error"] == "bad_request", live.text
         # The node keeps serving.
         assert client.get("/costly/plain").json()["text"] == "abc"
+
+
+# -- _find runs in a worker thread: the node answers meanwhile -------------------------------
+
+
+def test_the_node_answers_other_requests_while_a_heavy_find_runs(node):
+    # Seconds of CPU in the matcher over little data: 20 patterns that never match, each
+    # scanning 20 documents of 50,000 characters.
+    docs = [{"_id": f"heavy-{i:02}", "text": "ab" * 25_000} for i in range(20)]
+    selector = {"$or": [{"text": {"$regex": f"[a-z]+\\d{{{n}}}"}} for n in range(1, 21)]}
+    since = time.time()
+    with couch(node) as client:
+        _write(client, "heavyfind", docs)
+        outcome: dict = {}
+
+        def run_find() -> None:
+            with couch(node) as own:
+                outcome["answer"] = own.post("/heavyfind/_find", json={"selector": selector})
+
+        finder = threading.Thread(target=run_find)
+        finder.start()
+        try:
+            # The token has listed the documents for the find: its evaluation comes next.
+            wait_until(lambda: any(
+                '"heavy-19"' in json.dumps(e) and "list" in json.dumps(e)
+                for e in node.api("GET", "/token/audit",
+                                  params={"tail": "500", "since": str(since)})["entries"]),
+                timeout=120, what="the token listing the find's documents")
+            for _ in range(3):
+                assert node.api("GET", "/status")
+            assert finder.is_alive(), "the find was over before /status was answered"
+        finally:
+            finder.join(timeout=600)
+        assert outcome["answer"].status_code == 200, outcome["answer"].text
+        assert outcome["answer"].json()["docs"] == []

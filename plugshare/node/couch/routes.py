@@ -10,6 +10,7 @@ import json
 import secrets
 from typing import Any
 
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -26,6 +27,9 @@ from plugshare.node.couch.view import (CONFLICT_REASON, DESIGN_REASON, DatabaseV
 MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
 COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
 INSTANCE_START = "0"
+# `_find` evaluations running at once, each in a worker thread (seconds of CPU for a heavy
+# selector over a large database): more wait their turn, and the other threads stay free.
+FIND_THREADS = 2
 ALL_DOCS_INDEX = {"ddoc": None, "name": "_all_docs", "type": "special",
                   "def": {"fields": [{"_id": "asc"}]}}
 
@@ -76,6 +80,7 @@ def endpoints(parts) -> list[Route]:
     slots = FeedSlots()
     counts = DocCounts()
     cap = parts.max_body
+    find_threads = trio.CapacityLimiter(FIND_THREADS)
 
     async def open_view(request: Request) -> DatabaseView:
         opened = await call("db.list", credential=request.state.credential)
@@ -304,7 +309,9 @@ def endpoints(parts) -> list[Route]:
         (selector, fields, sort, limit, skip, bookmark); scans, as no index is kept"""
         view = await open_view(request)
         query = _mango_query(await bodies.json_object(request, cap))
-        return _json(_run_mango(query, await view.all_live()))
+        docs = await view.all_live()
+        return _json(await trio.to_thread.run_sync(_run_mango, query, docs,
+                                                   limiter=find_threads))
 
     async def explain(request: Request) -> Response:
         """POST: how a _find query would run: always over the special _all_docs index"""
