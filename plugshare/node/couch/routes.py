@@ -194,7 +194,7 @@ def endpoints(parts) -> list[Route]:
             raise bad_request("`new_edits` parameter must be a boolean.")
         if len(docs) > MAX_DOCS:
             raise _too_many("documents")
-        results = await view.write(docs, new_edits=new_edits)
+        results = [_as_refusal(r) for r in await view.write(docs, new_edits=new_edits)]
         if not new_edits:  # CouchDB answers only the failures of replicated revisions
             results = [r for r in results if "error" in r]
         return _json(results, 201)
@@ -422,6 +422,19 @@ async def _write_one(view: DatabaseView, doc: dict, *, new_edits: bool) -> dict:
         status = {"conflict": 409, "forbidden": 403, "bad_request": 400,
                   "not_found": 404}.get(result["error"], 400)
         raise CouchError(status, result["error"], result["reason"])
+    return result
+
+
+# Per-document errors PouchDB's replicator moves past; any other ends its replication.
+_TOLERATED = frozenset({"forbidden", "unauthorized", "conflict"})
+
+
+def _as_refusal(result: dict) -> dict:
+    """A per-document error of `_bulk_docs` as CouchDB names a refused write: `forbidden`
+    (what CouchDB answers when validation refuses a document), its reason kept. A malformed
+    document is no reason to end a replication: it is refused alone."""
+    if "error" in result and result["error"] not in _TOLERATED:
+        return {**result, "error": "forbidden"}
     return result
 
 
