@@ -445,9 +445,6 @@ async def test_pouchdb_round_trips_an_encrypted_doctype_kept_as_ciphertext(
             assert (await reader.get(doc_id))["diagnosis"] == secret
 
 
-@pytest.mark.xfail(strict=True, reason="protocol gap, couchcore: _revs_diff answers 400 for the "
-                   "whole request when one id is _design/..., and PouchDB's replication aborts "
-                   "(docs_written 0); _bulk_docs already refuses such a doc per document")
 async def test_a_local_design_doc_does_not_stop_pouchdbs_push(cluster: Cluster, tmp_path):
     """Apps' PouchDBs hold design docs (pouchdb-find keeps its indexes in them), and PouchDB
     pushes them like any doc: the node refuses them per document (forbidden), so the rest
