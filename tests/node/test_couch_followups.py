@@ -90,3 +90,40 @@ def test_the_node_answers_other_requests_while_a_heavy_find_runs(node):
             finder.join(timeout=600)
         assert outcome["answer"].status_code == 200, outcome["answer"].text
         assert outcome["answer"].json()["docs"] == []
+
+
+# -- a doc that leaves a credential's view shows as deleted to it, and to no one else ------
+
+
+def _feed(client: httpx.Client, db: str) -> dict[str, dict]:
+    answer = client.get(f"/{db}/_changes", params={"style": "all_docs"})
+    assert answer.status_code == 200, answer.text
+    return {row["id"]: row for row in answer.json()["results"]}
+
+
+def test_a_doc_edited_out_of_an_apps_selector_is_deleted_for_it_alone(node):
+    db = "left.notes"
+    work = add_app(node, "left-work", db, "read", {"tag": "work"})
+    home = add_app(node, "left-home", db, "read", {"tag": "home"})
+    first = node.put(db, {"tag": "work"}, "w1")
+    node.put(db, {"tag": "other"}, "w1", rev=first)  # out of work's view, never in home's
+    with couch(node, work) as worker, couch(node, home) as homer, couch(node) as owner:
+        row = _feed(worker, db)["w1"]
+        assert row["deleted"] is True and len(row["changes"]) == 1, row
+        removal = row["changes"][0]["rev"]
+        served = worker.get(f"/{db}/w1", params={"rev": removal, "revs": "true"}).json()
+        assert served["_deleted"] is True and set(served) <= {
+            "_id", "_rev", "_deleted", "_revisions", "doctype"}, served
+        assert served["_revisions"]["ids"][1] == first.split("-")[1]  # a child of what it read
+        # Still missing as a live doc, and nothing of it in its listing or count.
+        assert worker.get(f"/{db}/w1").status_code == 404
+        assert worker.get(f"/{db}/_all_docs").json()["rows"] == []
+        # The other app could never read it: not even its id shows.
+        assert "w1" not in _feed(homer, db)
+        assert homer.get(f"/{db}/w1", params={"rev": removal}).status_code == 404
+        # The owner's winner is the live revision.
+        assert owner.get(f"/{db}/w1").json()["tag"] == "other"
+        # Edited into the home app's view: it sees it live; the work app still deleted.
+        node.put(db, {"tag": "home"}, "w1", rev=node.revs(db)["w1"])
+        assert _feed(homer, db)["w1"].get("deleted") is None
+        assert _feed(worker, db)["w1"]["deleted"] is True

@@ -324,9 +324,6 @@ async def test_conflicts_and_deletions_converge_between_pouchdb_and_the_node(
         assert await pouch.revs() == node.revs(NOTES) == {"c1": on_node["_rev"]}
 
 
-@pytest.mark.xfail(strict=True, reason="protocol gap, couchcore: a doc that leaves a credential's "
-                   "view drops out of its _changes instead of showing as deleted, so PouchDB "
-                   "keeps the last revision it was allowed")
 async def test_a_doc_edited_out_of_an_apps_selector_leaves_its_pouchdb(cluster: Cluster,
                                                                        tmp_path):
     """What PouchDB holds is what the token allows *now*: a doc the owner edits out of the
@@ -342,6 +339,21 @@ async def test_a_doc_edited_out_of_an_apps_selector_leaves_its_pouchdb(cluster: 
         assert pulled["ok"], shown(pulled)
         held = await pouch.revs()
         assert held == {"w2": revs["w2"]}, (held, revs)  # w1 is no longer the app's to hold
+
+
+async def test_a_doc_edited_out_of_a_shares_scope_leaves_its_links_pouchdb(cluster: Cluster,
+                                                                          tmp_path):
+    node = cluster.add("a")
+    revs = tagged_notes(node, {"w1": "work", "w2": "work"})
+    node.cli_json("share", "create", "work", "--doctype", NOTES,
+                  "--selector", json.dumps({"tag": "work"}))
+    link = node.cli_json("share", "link", "work")
+    async with pouchdb_puppet(tmp_path / "pouch") as pouch:
+        assert (await pouch.replicate_from(link["url"]))["docs_written"] == 2
+        node.put(NOTES, {"tag": "home"}, "w1", rev=revs["w1"])
+        pulled = await pouch.replicate_from(link["url"])
+        assert pulled["ok"], shown(pulled)
+        assert await pouch.revs() == {"w2": revs["w2"]}
 
 
 async def test_an_unlinked_share_link_stops_a_live_pouchdb_sync(cluster: Cluster, tmp_path):
