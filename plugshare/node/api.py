@@ -294,6 +294,7 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def share_invite(request: Request) -> Response:
         """POST: an invitation code for a share (read-only or write, with a time to live)"""
+        await owner_only(request, "share_invite")  # before the share is looked up: no oracle
         body = _object(await _json_body(request))
         read_only = body.get("read_only", False)
         if not isinstance(read_only, bool):
@@ -346,6 +347,7 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def share_revoke(request: Request) -> Response:
         """POST: revoke a member (the share's key is rotated)"""
+        await owner_only(request, "share_revoke")  # before the share is looked up: no oracle
         body = _object(await _json_body(request))
         return JSONResponse(await sharing.revoke(request.state.credential,
                                                  request.path_params["name"],
@@ -458,7 +460,7 @@ def create_app(node: ApiParts) -> Starlette:
         *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
                                  max_body=MAX_BODY)),  # the CouchDB-compatible API
     ]
-    spec = build_openapi(routes, version=__version__)
+    spec = build_openapi(routes, version=__version__, basic_under=COUCH)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         names = {404: "not_found", 405: "method_not_allowed"}

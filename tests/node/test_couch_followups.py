@@ -127,3 +127,63 @@ def test_a_doc_edited_out_of_an_apps_selector_is_deleted_for_it_alone(node):
         node.put(db, {"tag": "home"}, "w1", rev=node.revs(db)["w1"])
         assert _feed(homer, db)["w1"].get("deleted") is None
         assert _feed(worker, db)["w1"]["deleted"] is True
+
+
+# -- small things clients meet ----------------------------------------------------------------
+
+
+def test_the_openapi_document_names_basic_auth_for_couch(node):
+    spec = httpx.get(node.running.api_url + "/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["basic"] == {"type": "http", "scheme": "basic"}
+    couch_ops = spec["paths"]["/couch/{db}/_changes"]
+    assert all({"basic": []} in op["security"] and {"bearer": []} in op["security"]
+               for op in couch_ops.values())
+    assert spec["paths"]["/status"]["get"]["security"] == [{"bearer": []}]
+
+
+def test_a_json_write_without_content_type_is_taken_and_a_wrong_one_is_415(node):
+    with couch(node) as client:
+        bare = client.put("/ctype.notes/untyped", content=b'{"v": 1}')
+        assert bare.status_code == 201, bare.text
+        wrong = client.put("/ctype.notes/wrong", content=b'{"v": 1}',
+                           headers={"content-type": "text/plain"})
+        assert wrong.status_code == 415 and wrong.json()["error"] == "bad_content_type"
+        assert client.get("/ctype.notes/wrong").status_code == 404
+
+
+def test_uuids_and_session_answer_as_couchdb_does(node):
+    credential = add_app(node, "sessioner", "session.notes", "read")
+    with couch(node, credential, basic="sessioner") as client:
+        one = client.get("/_uuids")
+        assert one.status_code == 200, one.text
+        [uuid] = one.json()["uuids"]
+        assert len(uuid) == 32 and int(uuid, 16) >= 0
+        many = client.get("/_uuids", params={"count": "5"}).json()["uuids"]
+        assert len(set(many)) == 5
+        for bad in ("0", "-1", "x", "1001"):
+            answer = client.get("/_uuids", params={"count": bad})
+            assert answer.status_code == 400 and answer.json()["error"] == "bad_request", bad
+        session = client.get("/_session")
+        assert session.status_code == 200, session.text
+        assert session.json()["ok"] is True
+        assert session.json()["userCtx"]["name"] == "sessioner"
+        assert isinstance(session.json()["userCtx"]["roles"], list)
+
+
+def test_descending_changes_says_why_not(node):
+    with couch(node) as client:
+        answer = client.get("/desc.notes/_changes", params={"descending": "true"})
+        assert answer.status_code == 400 and answer.json()["error"] == "bad_request"
+        assert "oldest first" in answer.json()["reason"]
+
+
+@pytest.mark.parametrize("action, body", [("invite", {}), ("revoke", {"member": "bob"})])
+def test_a_non_owner_learns_nothing_of_shares_from_invite_or_revoke(node, action, body):
+    node.cli_json("share", "create", f"exists-{action}", "--doctype", "owned.notes")
+    app = add_app(node, f"nosy-{action}", "owned.notes", "write")
+    with httpx.Client(base_url=node.running.api_url,
+                      headers={"Authorization": f"Bearer {app}"}) as client:
+        answers = [client.post(f"/shares/{name}/{action}", json=body)
+                   for name in (f"exists-{action}", f"no-such-share-{action}")]
+    assert [a.status_code for a in answers] == [403, 403], [a.text for a in answers]
+    assert answers[0].json() == answers[1].json()

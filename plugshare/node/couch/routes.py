@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 from typing import Any
 
 import trio
@@ -24,6 +25,7 @@ from plugshare.node.couch.feeds import FeedSlots, follow
 from plugshare.node.couch.view import (CONFLICT_REASON, DESIGN_REASON, DatabaseView,
                                       check_doc_id)
 
+MAX_UUIDS = 1_000  # ids in one _uuids answer (CouchDB's default max_count)
 MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
 COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
 INSTANCE_START = "0"
@@ -94,6 +96,22 @@ def endpoints(parts) -> list[Route]:
                       "vendor": {"name": "plugshare", "version": __version__},
                       "features": [], "uuid": parts.instance})
 
+    async def uuids(request: Request) -> Response:
+        """GET: new random document ids (?count=N, at most MAX_UUIDS), as CouchDB serves them"""
+        count = request.query_params.get("count", "1")
+        if not count.isdigit() or not 0 < int(count) <= MAX_UUIDS:
+            raise bad_request(f"count must be a number from 1 to {MAX_UUIDS}")
+        return _json({"uuids": [uuid.uuid4().hex for _ in range(int(count))]},
+                     headers={"cache-control": "must-revalidate, no-cache"})
+
+    async def session(request: Request) -> Response:
+        """GET: who this credential is, in CouchDB's shape (no cookie sessions: every request
+        carries its credential)"""
+        who = await call("auth", credential=request.state.credential)
+        return _json({"ok": True, "userCtx": {"name": who["id"], "roles": []},
+                      "info": {"authentication_handlers": ["default"],
+                               "authenticated": "default"}})
+
     async def all_dbs(request: Request) -> Response:
         """GET: the databases this credential may open (doctypes, and shares as share:NAME)"""
         return _json(names(await call("db.list", credential=request.state.credential)))
@@ -131,7 +149,9 @@ def endpoints(parts) -> list[Route]:
         view = await open_view(request)
         query = request.query_params
         if params.flag(query, "descending"):
-            raise bad_request("descending is not supported on _changes")
+            raise bad_request("descending is not supported on _changes: the feed is read from "
+                              "the store oldest first, a page at a time; read it with since "
+                              "and reverse it, or use _all_docs?descending=true")
         feed = params.feed(query)
         since = params.since(query)
         limit = params.count(query, "limit")
@@ -338,6 +358,8 @@ def endpoints(parts) -> list[Route]:
     return [
         Route("/", welcome, methods=["GET"]),
         Route("/_all_dbs", all_dbs, methods=["GET"]),
+        Route("/_uuids", uuids, methods=["GET"]),
+        Route("/_session", session, methods=["GET"]),
         Route("/{db}", database, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/{db}/", database, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/{db}/_changes", changes, methods=["GET", "POST"]),
