@@ -29,9 +29,10 @@ MAX_UUIDS = 1_000  # ids in one _uuids answer (CouchDB's default max_count)
 MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
 COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
 INSTANCE_START = "0"
-# `_find` evaluations running at once, each in a worker thread (seconds of CPU for a heavy
-# selector over a large database): more wait their turn, and the other threads stay free.
-FIND_THREADS = 2
+# `_find` queries running at once: each holds its database's documents in memory and then
+# evaluates them in a worker thread (seconds of CPU for a heavy selector over a large
+# database); more wait their turn, holding nothing, and the other threads stay free.
+FIND_SLOTS = 2
 ALL_DOCS_INDEX = {"ddoc": None, "name": "_all_docs", "type": "special",
                   "def": {"fields": [{"_id": "asc"}]}}
 
@@ -82,7 +83,7 @@ def endpoints(parts) -> list[Route]:
     slots = FeedSlots()
     counts = DocCounts()
     cap = parts.max_body
-    find_threads = trio.CapacityLimiter(FIND_THREADS)
+    find_slots = trio.CapacityLimiter(FIND_SLOTS)
 
     async def open_view(request: Request) -> DatabaseView:
         opened = await call("db.list", credential=request.state.credential)
@@ -333,9 +334,10 @@ def endpoints(parts) -> list[Route]:
         (selector, fields, sort, limit, skip, bookmark); scans, as no index is kept"""
         view = await open_view(request)
         query = _mango_query(await bodies.json_object(request, cap))
-        docs = await view.all_live()
-        return _json(await trio.to_thread.run_sync(_run_mango, query, docs,
-                                                   limiter=find_threads))
+        async with find_slots:
+            docs = await view.all_live()
+            answer = await trio.to_thread.run_sync(_run_mango, query, docs)
+        return _json(answer)
 
     async def explain(request: Request) -> Response:
         """POST: how a _find query would run: always over the special _all_docs index"""
