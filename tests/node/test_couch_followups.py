@@ -18,11 +18,14 @@ from tests.node.test_couch_api import add_app, couch
 COSTLY_REGEX = "(a|b)*a(a|b){60}c"  # a new DFA state per character of a random a/b string
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "couchdb"])
+def node(request, tmp_path_factory):
+    """One node per store backend for the module; each test uses its own doctypes."""
     cluster = Cluster(tmp_path_factory.mktemp("couchfix"))
+    store = () if request.param == "sqlite" else (
+        "--store", "couchdb", "--couchdb-url", request.getfixturevalue("couchdb_url"))
     try:
-        yield cluster.add("alice")
+        yield cluster.add("alice", *store)
     finally:
         cluster.close()
         print(cluster.logs())
