@@ -287,6 +287,7 @@ def create_app(node: ApiParts) -> Starlette:
         """GET: one share: its rule, members and sync state (owner only)
         DELETE: forget a share this node left or was removed from (its documents stay)"""
         if request.method == "DELETE":
+            await owner_only(request, "share_forget")  # before the share is looked up
             return JSONResponse(await sharing.forget(request.state.credential,
                                                      request.path_params["name"]))
         await owner_only(request, "share_show")
@@ -313,12 +314,14 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def invitations(request: Request) -> Response:
         """GET: the open invitations (of one share, or of all; owner only)"""
+        await owner_only(request, "share_invitations")  # before the share is looked up
         name = request.path_params.get("name") or request.query_params.get("share")
         return JSONResponse({"invitations": await sharing.invitations(
             request.state.credential, name)})
 
     async def invitation_item(request: Request) -> Response:
         """DELETE: cancel an open invitation, by its code or its id"""
+        await owner_only(request, "share_cancel_invitation")  # before the share is looked up
         return JSONResponse(await sharing.cancel_invitation(
             request.state.credential, request.path_params["name"],
             request.path_params["invitation"]))
@@ -355,6 +358,7 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def share_leave(request: Request) -> Response:
         """POST: leave a share this node is a member of"""
+        await owner_only(request, "share_leave")  # before the share is looked up
         return JSONResponse(await sharing.leave(request.state.credential,
                                                 request.path_params["name"]))
 

@@ -180,13 +180,26 @@ def test_descending_changes_says_why_not(node):
         assert "oldest first" in answer.json()["reason"]
 
 
-@pytest.mark.parametrize("action, body", [("invite", {}), ("revoke", {"member": "bob"})])
-def test_a_non_owner_learns_nothing_of_shares_from_invite_or_revoke(node, action, body):
-    node.cli_json("share", "create", f"exists-{action}", "--doctype", "owned.notes")
-    app = add_app(node, f"nosy-{action}", "owned.notes", "write")
+@pytest.fixture(scope="module")
+def nosy(node):
+    """The node with a share `owner-probe`, and the credential of an app that is no owner."""
+    node.cli_json("share", "create", "owner-probe", "--doctype", "owned.notes")
+    return node, add_app(node, "nosy", "owned.notes", "write")
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/shares/{}/invite", {}), ("POST", "/shares/{}/revoke", {"member": "bob"}),
+    ("DELETE", "/shares/{}", None), ("GET", "/shares/{}/invitations", None),
+    ("DELETE", "/shares/{}/invitations/abc", None), ("POST", "/shares/{}/leave", None),
+    ("GET", "/shares/{}", None), ("GET", "/shares/{}/links", None),
+    ("DELETE", "/shares/{}/links/abc", None),
+])
+def test_a_non_owner_learns_nothing_of_shares_from_owner_routes(nosy, method, path, body):
+    """403 whether or not the share exists: the owner check comes before the lookup."""
+    node, app = nosy
     with httpx.Client(base_url=node.running.api_url,
                       headers={"Authorization": f"Bearer {app}"}) as client:
-        answers = [client.post(f"/shares/{name}/{action}", json=body)
-                   for name in (f"exists-{action}", f"no-such-share-{action}")]
+        answers = [client.request(method, path.format(name), json=body)
+                   for name in ("owner-probe", "no-such-share")]
     assert [a.status_code for a in answers] == [403, 403], [a.text for a in answers]
-    assert answers[0].json() == answers[1].json()
+    assert answers[0].json()["error"] == answers[1].json()["error"] == "forbidden"
