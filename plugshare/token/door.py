@@ -285,15 +285,21 @@ class Door:
         return {"doc": self._open(principal, stored)}
 
     def _cmd_doc_list(self, args: Mapping[str, Any]) -> dict:
-        """{credential, doctype?, docs, share?} -> {docs, tampered}: the rows the caller may
-        read, in clear; rows it may not read (or outside the scope of `share`, a share's id)
-        are left out, tampered rows named by id only. A tombstone is served (bare: id, rev,
-        doctype) when the caller may read documents of its doctype: a follower of the
-        changes feed learns that a document it may have copied is gone."""
+        """{credential, doctype?, docs, share?, only_removals?} -> {docs, tampered}: the rows
+        the caller may read, in clear; rows it may not read (or outside the scope of `share`,
+        a share's id) are left out, tampered rows named by id only. A tombstone is served
+        (bare: id, rev, doctype) when the caller may read documents of its doctype: a
+        follower of the changes feed learns that a document it may have copied is gone.
+        With `only_removals` (other leaves of docs whose winner the caller may not read)
+        only the removals made for the caller are served: its app's, or the opened share's,
+        which exist only where it could read the revision before; never the id of a doc it
+        could not read."""
         principal = self._principal(args)
         doctype = _arg(args, "doctype", str, optional=True)
         docs = _docs_arg(args)
         entry = self._share_opened(principal, args)
+        only_removals = _arg(args, "only_removals", bool, optional=True) or False
+        mine = _view_removal_tag(principal)
         if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
             refusal = Decision(False, f"no rule lets {principal.label} list {doctype!r} documents")
             self._record(principal.label, "list", {"doctype": doctype}, refusal)
@@ -304,9 +310,9 @@ class Door:
                 continue
             if entry is not None and _scope_refusal(entry, stored) is not None:
                 continue
-            left = stored.get(REMOVAL_FIELD) if stored.get("_deleted") is True else None
-            if left is not None and entry is None and left != _view_removal_tag(principal):
-                continue  # another view's removal: which docs it could read is not the caller's
+            if only_removals and (stored.get("_deleted") is not True or stored.get(
+                    REMOVAL_FIELD) != (mine if entry is None else entry.manifest.share_id)):
+                continue
             if stored.get("_deleted") is True:
                 seen = self._may_see_tombstone(principal, "read", stored, entry)
                 self._record(principal.label, "list", stored, Decision(
@@ -1021,7 +1027,7 @@ def _audit_json(entry) -> dict[str, Any]:
 COMMANDS: dict[str, tuple[str, ...]] = {
     "auth": ("credential",),
     "doc.read": ("credential", "doc", "doctype?", "share?"),
-    "doc.list": ("credential", "docs", "doctype?", "share?"),
+    "doc.list": ("credential", "docs", "doctype?", "share?", "only_removals?"),
     "doc.count": ("credential", "docs", "doctype?", "share?"),
     "doc.write": ("credential", "doc", "current?", "generation", "share?"),
     "doc.write_batch": ("credential", "docs", "current", "new_edits", "share?"),

@@ -339,6 +339,13 @@ async def test_a_doc_edited_out_of_an_apps_selector_leaves_its_pouchdb(cluster: 
         assert pulled["ok"], shown(pulled)
         held = await pouch.revs()
         assert held == {"w2": revs["w2"]}, (held, revs)  # w1 is no longer the app's to hold
+    # An app that still reads w1 pulls it whole: the reader's removal beside it (a leaf its
+    # _changes lists with style=all_docs) does not fail its _bulk_get.
+    everything = add_app(node, "everything", NOTES, "read")
+    async with pouchdb_puppet(tmp_path / "pouch2") as pouch:
+        pulled = await pouch.replicate_from(db_url(node, NOTES, everything, "everything"))
+        assert pulled["ok"], shown(pulled)
+        assert await pouch.revs() == node.revs(NOTES)
 
 
 async def test_a_doc_edited_out_of_a_shares_scope_leaves_its_links_pouchdb(cluster: Cluster,

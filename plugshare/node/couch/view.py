@@ -84,13 +84,15 @@ class DatabaseView:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def visible(self, stored: list[Doc]) -> list[Doc]:
+    async def visible(self, stored: list[Doc], *, only_removals: bool = False) -> list[Doc]:
         """The documents of `stored` this credential may read in this database, in clear,
-        in order (tombstones of a doctype it may read included, bare)."""
+        in order (tombstones of a doctype it may read included, bare; with `only_removals`,
+        only the removals the token made for this credential)."""
         out: list[Doc] = []
+        removals = {"only_removals": True} if only_removals else {}
         for page in token_pages([without_history(d) for d in stored]):
             answer = await self._call("doc.list", credential=self._credential, docs=page,
-                                      **self.db.scope())
+                                      **self.db.scope(), **removals)
             if answer.get("tampered"):
                 log.warning("documents failing the token's checks left out: %s",
                             answer["tampered"])
@@ -258,8 +260,8 @@ class DatabaseView:
         others = [(c.id, rev) for c in unseen for rev in c.revs[1:]]
         if not others:
             return {}
-        shown = await self.visible(await self._store.bulk_get(others))
-        return {d["_id"]: d for d in shown if d.get("_deleted")}
+        shown = await self.visible(await self._store.bulk_get(others), only_removals=True)
+        return {d["_id"]: d for d in shown}
 
     async def bulk_get(self, wanted: list[tuple[str, str | None]], *,
                        revs: bool) -> list[dict]:
