@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.node.cluster import Cluster, wait_until
+from tests.node.cluster import Cluster, share_between, wait_until
 from tests.node.test_couch_api import add_app, couch
 
 COSTLY_REGEX = "(a|b)*a(a|b){60}c"  # a new DFA state per character of a random a/b string
@@ -207,3 +207,28 @@ def test_a_non_owner_learns_nothing_of_shares_from_owner_routes(nosy, method, pa
                    for name in ("owner-probe", "no-such-share")]
     assert [a.status_code for a in answers] == [403, 403], [a.text for a in answers]
     assert answers[0].json()["error"] == answers[1].json()["error"] == "forbidden"
+
+
+def test_an_apps_removal_stays_on_its_node(tmp_path):
+    """The removal made for an app is a leaf beside the edit on the owner's node only: a share
+    of the doctype carries the edit to its members, never the app's removal."""
+    cluster = Cluster(tmp_path)
+    try:
+        owner, member = cluster.add("carol"), cluster.add("dave")
+        share_between(owner, [member], name="notes", doctype="peer.notes")
+        add_app(owner, "worker", "peer.notes", "read", {"tag": "work"})
+        first = owner.put("peer.notes", {"tag": "work"}, "w1")
+        owner.put("peer.notes", {"tag": "home"}, "w1", rev=first)
+        with couch(owner) as mine:
+            leaves = mine.get("/peer.notes/w1", params={"open_revs": "all"},
+                              headers={"accept": "application/json"}).json()
+            assert len(leaves) == 2, leaves  # the edit, and the worker app's removal
+        wait_until(lambda: (member.get("w1") or {}).get("tag") == "home", 120,
+                   what="the edit at the member")
+        with couch(member) as theirs:
+            leaves = theirs.get("/peer.notes/w1", params={"open_revs": "all"},
+                                headers={"accept": "application/json"}).json()
+        assert [leaf["ok"]["tag"] for leaf in leaves] == ["home"], leaves
+    finally:
+        cluster.close()
+        print(cluster.logs())
