@@ -11,7 +11,6 @@ steps; `search` raises `RegexTooCostly` when the lazily built DFA grows past
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable
 
 # Python's own regular-expression parser (private, stable since 3.11): the same syntax and
