@@ -287,6 +287,7 @@ def create_app(node: ApiParts) -> Starlette:
         """GET: one share: its rule, members and sync state (owner only)
         DELETE: forget a share this node left or was removed from (its documents stay)"""
         if request.method == "DELETE":
+            await owner_only(request, "share_forget")  # before the share is looked up
             return JSONResponse(await sharing.forget(request.state.credential,
                                                      request.path_params["name"]))
         await owner_only(request, "share_show")
@@ -294,6 +295,7 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def share_invite(request: Request) -> Response:
         """POST: an invitation code for a share (read-only or write, with a time to live)"""
+        await owner_only(request, "share_invite")  # before the share is looked up: no oracle
         body = _object(await _json_body(request))
         read_only = body.get("read_only", False)
         if not isinstance(read_only, bool):
@@ -312,12 +314,14 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def invitations(request: Request) -> Response:
         """GET: the open invitations (of one share, or of all; owner only)"""
+        await owner_only(request, "share_invitations")  # before the share is looked up
         name = request.path_params.get("name") or request.query_params.get("share")
         return JSONResponse({"invitations": await sharing.invitations(
             request.state.credential, name)})
 
     async def invitation_item(request: Request) -> Response:
         """DELETE: cancel an open invitation, by its code or its id"""
+        await owner_only(request, "share_cancel_invitation")  # before the share is looked up
         return JSONResponse(await sharing.cancel_invitation(
             request.state.credential, request.path_params["name"],
             request.path_params["invitation"]))
@@ -346,6 +350,7 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def share_revoke(request: Request) -> Response:
         """POST: revoke a member (the share's key is rotated)"""
+        await owner_only(request, "share_revoke")  # before the share is looked up: no oracle
         body = _object(await _json_body(request))
         return JSONResponse(await sharing.revoke(request.state.credential,
                                                  request.path_params["name"],
@@ -353,6 +358,7 @@ def create_app(node: ApiParts) -> Starlette:
 
     async def share_leave(request: Request) -> Response:
         """POST: leave a share this node is a member of"""
+        await owner_only(request, "share_leave")  # before the share is looked up
         return JSONResponse(await sharing.leave(request.state.credential,
                                                 request.path_params["name"]))
 
@@ -458,7 +464,7 @@ def create_app(node: ApiParts) -> Starlette:
         *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
                                  max_body=MAX_BODY)),  # the CouchDB-compatible API
     ]
-    spec = build_openapi(routes, version=__version__)
+    spec = build_openapi(routes, version=__version__, basic_under=COUCH)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         names = {404: "not_found", 405: "method_not_allowed"}

@@ -40,14 +40,20 @@ def summaries(endpoint) -> dict[str, str]:
     return {method: first for method in _METHODS} if first else {}
 
 
-def build_openapi(routes: Iterable, *, version: str) -> dict:
+def build_openapi(routes: Iterable, *, version: str, basic_under: str | None = None) -> dict:
+    """The OpenAPI document of `routes`; those under the prefix `basic_under` (the CouchDB
+    API, whose clients send Basic) take HTTP Basic as well as Bearer."""
     spec = APISpec(
         title="plugshare local API", version=version, openapi_version="3.1.0",
         info={"description": "A node's documents, shares and token, for local apps. Every "
                              "route but / and /openapi.json needs `Authorization: Bearer "
-                             "<credential>`; what a credential may do is the token's decision."},
+                             "<credential>` (the CouchDB API also takes HTTP Basic, any user "
+                             "name and the credential as the password); what a credential "
+                             "may do is the token's decision."},
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    if basic_under is not None:  # any user name, the credential as the password
+        spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
     spec.components.schema("Error", {
         "type": "object", "required": ["error", "reason"],
         "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
@@ -73,6 +79,9 @@ def build_openapi(routes: Iterable, *, version: str) -> dict:
                 operation["parameters"] = parameters
             if path in PUBLIC_PATHS:
                 operation["security"] = []
+            elif basic_under is not None and (path == basic_under
+                                              or path.startswith(basic_under + "/")):
+                operation["security"] = [{"bearer": []}, {"basic": []}]
             else:
                 operation["security"] = [{"bearer": []}]
             operations[method.lower()] = operation

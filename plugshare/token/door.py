@@ -26,9 +26,9 @@ from plugshare.sharing import manifest as _manifest
 from . import tls
 from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
 from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
-from .principal import LINK_KIND, OWNER, Decision, Principal
+from .principal import APP_KIND, LINK_KIND, OWNER, Decision, Principal
 from .rules import ACTION_LEVEL
-from .shares import _scope_refusal, doctype_change_refusal, removal
+from .shares import REMOVAL_FIELD, _scope_refusal, doctype_change_refusal, removal
 from .token import Token
 
 __all__ = ["COMMANDS", "Door", "PROTOCOL_VERSION"]
@@ -77,6 +77,12 @@ def _bare_tombstone(doc: Mapping[str, Any]) -> dict:
     """A deletion as stored and served: what identifies it, never a body."""
     return {k: doc[k] for k in ("_id", "_rev", "_deleted", "_revisions", "doctype")
             if k in doc}
+
+
+def _view_removal_tag(principal: Principal) -> str:
+    """What a removal made for one app's view names in its REMOVAL_FIELD, where a share's
+    removal names the share: never a share id, so no share ever carries it."""
+    return f"view:{principal.label}"
 
 
 def _parent_rev(doc: Mapping[str, Any], new_edits: bool) -> str | None:
@@ -279,15 +285,21 @@ class Door:
         return {"doc": self._open(principal, stored)}
 
     def _cmd_doc_list(self, args: Mapping[str, Any]) -> dict:
-        """{credential, doctype?, docs, share?} -> {docs, tampered}: the rows the caller may
-        read, in clear; rows it may not read (or outside the scope of `share`, a share's id)
-        are left out, tampered rows named by id only. A tombstone is served (bare: id, rev,
-        doctype) when the caller may read documents of its doctype: a follower of the
-        changes feed learns that a document it may have copied is gone."""
+        """{credential, doctype?, docs, share?, only_removals?} -> {docs, tampered}: the rows
+        the caller may read, in clear; rows it may not read (or outside the scope of `share`,
+        a share's id) are left out, tampered rows named by id only. A tombstone is served
+        (bare: id, rev, doctype) when the caller may read documents of its doctype: a
+        follower of the changes feed learns that a document it may have copied is gone.
+        With `only_removals` (other leaves of docs whose winner the caller may not read)
+        only the removals made for the caller are served: its app's, or the opened share's,
+        which exist only where it could read the revision before; never the id of a doc it
+        could not read."""
         principal = self._principal(args)
         doctype = _arg(args, "doctype", str, optional=True)
         docs = _docs_arg(args)
         entry = self._share_opened(principal, args)
+        only_removals = _arg(args, "only_removals", bool, optional=True) or False
+        mine = _view_removal_tag(principal)
         if doctype is not None and not self._may_touch_doctype(principal, "read", doctype):
             refusal = Decision(False, f"no rule lets {principal.label} list {doctype!r} documents")
             self._record(principal.label, "list", {"doctype": doctype}, refusal)
@@ -297,6 +309,9 @@ class Door:
             if doctype is not None and stored.get("doctype") != doctype:
                 continue
             if entry is not None and _scope_refusal(entry, stored) is not None:
+                continue
+            if only_removals and (stored.get("_deleted") is not True or stored.get(
+                    REMOVAL_FIELD) != (mine if entry is None else entry.manifest.share_id)):
                 continue
             if stored.get("_deleted") is True:
                 seen = self._may_see_tombstone(principal, "read", stored, entry)
@@ -500,7 +515,29 @@ class Door:
             self._record(principal.label, "share-remove", tombstone, Decision(
                 True, f"the write takes the document out of share {share_id!r}"))
             out.append(tombstone)
+        for app in self._apps_losing(current, doc):
+            tombstone = removal(_view_removal_tag(app), current)
+            self._record(principal.label, "view-remove", tombstone, Decision(
+                True, f"the write takes the document out of what {app.label} may read"))
+            out.append(tombstone)
         return out
+
+    def _apps_losing(self, current: dict, doc: dict) -> list[Principal]:
+        """The apps that may read `current` but not `doc`, its next revision: each gets a
+        removal of its own (`_view_removal_tag`), which `doc.list` serves to it alone, so
+        the copy its CouchDB client holds is deleted at its next pull (a sibling tombstone
+        never wins over the live revision anywhere else, and no share carries it)."""
+        doctype = doc.get("doctype")
+        if not isinstance(doctype, str) or doc.get("_deleted") is True:
+            return []
+        losing = []
+        for name in sorted(self._token._state.apps):
+            app = Principal(APP_KIND, name)
+            if self._may_touch_doctype(app, "read", doctype) \
+                    and self._judge(app, "read", current).allowed \
+                    and not self._judge(app, "read", doc).allowed:
+                losing.append(app)
+        return losing
 
     def _cmd_doc_delete(self, args: Mapping[str, Any]) -> dict:
         """{credential, current (stored winner), rev} -> {doc}: the tombstone to store (it
@@ -993,7 +1030,7 @@ def _audit_json(entry) -> dict[str, Any]:
 COMMANDS: dict[str, tuple[str, ...]] = {
     "auth": ("credential",),
     "doc.read": ("credential", "doc", "doctype?", "share?"),
-    "doc.list": ("credential", "docs", "doctype?", "share?"),
+    "doc.list": ("credential", "docs", "doctype?", "share?", "only_removals?"),
     "doc.count": ("credential", "docs", "doctype?", "share?"),
     "doc.write": ("credential", "doc", "current?", "generation", "share?"),
     "doc.write_batch": ("credential", "docs", "current", "new_edits", "share?"),

@@ -429,7 +429,7 @@ def test_design_documents_and_views_are_refused_in_couchdbs_shape(alice):
         batch = owner.post("/bad.notes/_bulk_docs", json={"docs": [
             {"_id": "_design/app", "views": {}}, {"_id": "_private"}, {"_id": "fine"}]}).json()
         assert [(r["id"], r.get("error")) for r in batch] == [
-            ("_design/app", "forbidden"), ("_private", "bad_request"), ("fine", None)]
+            ("_design/app", "forbidden"), ("_private", "forbidden"), ("fine", None)]
         _is(owner.put("/bad.notes/_private", json={}), 400, "bad_request")
         assert owner.put("/bad.notes/_private", json={}).json()["reason"] == \
             "Only reserved document ids may start with underscore."

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import re
 import subprocess
 import sys
 
@@ -393,89 +392,20 @@ def test_everyday_regex_is_accepted(pattern):
     compile_selector({"x": {"$regex": pattern}})
 
 
-def test_regex_flags_and_anchors():
+def test_regex_in_find():
     answer = find({"selector": {"title": {"$regex": "(?i)^a.*[ln]$"}}}, MOVIES)
     assert [d["_id"] for d in answer["docs"]] == ["m1", "m4"]
-    assert matches({"x": {"$regex": "^b"}}, {"x": "a\nb"}) is False
     assert matches({"x": {"$regex": "(?m)^b"}}, {"x": "a\nb"}) is True
-    assert matches({"x": {"$regex": "a$"}}, {"x": "a\n"}) is True  # before a final newline
-    assert matches({"x": {"$regex": "a\\Z"}}, {"x": "a\n"}) is False
-    assert matches({"x": {"$regex": "\\bfoo\\b"}}, {"x": "a foo."}) is True
-    assert matches({"x": {"$regex": "\\bfoo\\b"}}, {"x": "afoo"}) is False
-    assert matches({"x": {"$regex": "a"}}, {"x": "A"}) is False
-    assert matches({"x": {"$regex": ""}}, {"x": ""}) is True
+    assert matches({"x": {"$regex": "^b"}}, {"x": "a\nb"}) is False
 
 
-# Patterns that make Python's backtracking `re` take seconds to hours on these strings.
-CATASTROPHIC = [
-    ("[a-z]+\\d", "a" * 200_000, False),
-    ("[a-z]+\\d", "a" * 200_000 + "1", True),
-    ("\\w*\\d\\w*\\d!", "a1" * 50_000, False),
-    ("(a+)+$", "a" * 100_000 + "!", False),
-    ("(a|aa)*b", "a" * 100_000, False),
-    ("^(\\w+\\s?)*$", "word " * 20_000 + "!", False),
-    (".*.*.*=", "x" * 100_000 + "=", True),
-]
-
-
-def test_regex_is_linear_in_the_string_whatever_the_pattern():
-    # In a child process with a generous deadline (minutes, where the automaton needs about a
-    # second): a backtracking matcher would hold the node's event loop for hours.
-    script = (
-        "import json, sys\n"
-        "from plugshare.node.couch.mango import compile_selector\n"
-        "for pattern, text, expected in json.loads(sys.stdin.read()):\n"
-        "    got = compile_selector({'x': {'$regex': pattern}})({'x': text})\n"
-        "    assert got is expected, (pattern, got)\n"
-        "print('ok')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], input=json.dumps(CATASTROPHIC), text=True,
-        capture_output=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
-
-
-def test_a_regex_whose_automaton_keeps_growing_is_refused_at_a_bounded_cost():
-    # Each character of a random a/b string is a new DFA state for this pattern, each costing
-    # ~50 µs to build: minutes over a large document. The bound counts states, not time, so
-    # the outcome is the same on any machine.
+def test_a_regex_too_costly_mid_scan_is_a_mango_error():
+    # The matcher's own bound (tests/node/test_linear_regex.py), surfaced as a MangoError
+    # from the compiled predicate, on the document that makes it grow.
     predicate = compile_selector({"x": {"$regex": "(a|b)*a(a|b){60}c"}})
     text = "".join(random.Random(7).choices("ab", k=2 * mango.MAX_DFA_STATES))
     with pytest.raises(MangoError, match="too costly to match"):
         predicate({"x": text})
-    # An automaton that stays small is fine on the same string.
-    assert compile_selector({"x": {"$regex": "(a|b)*a(a|b){8}c"}})({"x": text}) is False
-
-
-regex_pieces = st.sampled_from([
-    "a", "b", "ab", ".", "\\d", "\\w", "\\s", "\\W", "\\D", "[ab]", "[^a]", "[a-c1]",
-    "[\\d_]", "[^\\w]", "\\n", " ", "^", "$", "\\b", "\\B", "\\A", "\\Z", "*", "+", "?",
-    "*?", "{2}", "{1,3}", "{2,}", "|", "(", ")", "(?:", "(?i:", "(?m:", "(?s:",
-    "A", "é", "É", "_", "1", "k", "\u212a", "ſ",
-])
-# (A scoped `(?a:...)` is left out: Python's `re` applies it to `\w` but not to `\W`.)
-regex_flags = st.sampled_from(["", "(?i)", "(?m)", "(?s)", "(?a)", "(?im)", "(?ia)"])
-regex_subjects = st.text(alphabet="abAB1_ \néÉ-kK\u212aſ", max_size=12)
-
-
-@settings(max_examples=1500, deadline=None)
-@given(regex_flags, st.lists(regex_pieces, min_size=1, max_size=8).map("".join),
-       st.lists(regex_subjects, min_size=1, max_size=6))
-def test_regex_agrees_with_python_re(flags, body, subjects):
-    pattern = flags + body
-    try:
-        expected = re.compile(pattern)
-    except (re.error, ValueError, OverflowError):
-        return
-    try:
-        predicate = compile_selector({"x": {"$regex": pattern}})
-    except MangoError as refused:
-        assert "possessive repeat is not supported" in str(refused)  # `a*+`, `a++`
-        return
-    for subject in subjects:
-        assert predicate({"x": subject}) is (expected.search(subject) is not None), subject
 
 
 # --- deleted and design documents --------------------------------------------------------

@@ -56,6 +56,11 @@ def _row_line(row: dict, feed: str) -> str:
     return json.dumps(row) + "\n"
 
 
+def _error_line(exc: CouchError, feed: str) -> str:
+    error = json.dumps({"error": exc.error, "reason": exc.reason})
+    return f"event: error\ndata: {error}\n\n" if feed == "eventsource" else error + "\n"
+
+
 def _end_line(last_seq: Seq, feed: str) -> str:
     if feed == "eventsource":
         return ""
@@ -71,7 +76,11 @@ async def follow(page: ChangesPage, wait_for_change: Callable[[Seq], Awaitable[N
     remaining = math.inf if limit is None else limit
     seq = since
     while True:
-        rows, seq = await page(seq, int(min(remaining, 10_000)))
+        try:
+            rows, seq = await page(seq, int(min(remaining, 10_000)))
+        except CouchError as exc:  # the status line is sent: the feed ends with the error
+            yield _error_line(exc, feed)
+            return
         if feed == "longpoll" and rows:
             yield json.dumps({"results": rows, "last_seq": seq}) + "\n"
             return

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 from typing import Any
 
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -23,9 +25,14 @@ from plugshare.node.couch.feeds import FeedSlots, follow
 from plugshare.node.couch.view import (CONFLICT_REASON, DESIGN_REASON, DatabaseView,
                                       check_doc_id)
 
+MAX_UUIDS = 1_000  # ids in one _uuids answer (CouchDB's default max_count)
 MAX_DOCS = 10_000  # documents in one _bulk_docs, ids in one _bulk_get/_revs_diff/keys
 COUCHDB_VERSION = "3.3.3"  # the CouchDB API this one answers like
 INSTANCE_START = "0"
+# `_find` queries running at once: each holds its database's documents in memory and then
+# evaluates them in a worker thread (seconds of CPU for a heavy selector over a large
+# database); more wait their turn, holding nothing, and the other threads stay free.
+FIND_SLOTS = 2
 ALL_DOCS_INDEX = {"ddoc": None, "name": "_all_docs", "type": "special",
                   "def": {"fields": [{"_id": "asc"}]}}
 
@@ -76,6 +83,7 @@ def endpoints(parts) -> list[Route]:
     slots = FeedSlots()
     counts = DocCounts()
     cap = parts.max_body
+    find_slots = trio.CapacityLimiter(FIND_SLOTS)
 
     async def open_view(request: Request) -> DatabaseView:
         opened = await call("db.list", credential=request.state.credential)
@@ -88,6 +96,22 @@ def endpoints(parts) -> list[Route]:
         return _json({"couchdb": "Welcome", "version": COUCHDB_VERSION,
                       "vendor": {"name": "plugshare", "version": __version__},
                       "features": [], "uuid": parts.instance})
+
+    async def uuids(request: Request) -> Response:
+        """GET: new random document ids (?count=N, at most MAX_UUIDS), as CouchDB serves them"""
+        count = request.query_params.get("count", "1")
+        if not count.isdigit() or not 0 < int(count) <= MAX_UUIDS:
+            raise bad_request(f"count must be a number from 1 to {MAX_UUIDS}")
+        return _json({"uuids": [uuid.uuid4().hex for _ in range(int(count))]},
+                     headers={"cache-control": "must-revalidate, no-cache"})
+
+    async def session(request: Request) -> Response:
+        """GET: who this credential is, in CouchDB's shape (no cookie sessions: every request
+        carries its credential)"""
+        who = await call("auth", credential=request.state.credential)
+        return _json({"ok": True, "userCtx": {"name": who["id"], "roles": []},
+                      "info": {"authentication_handlers": ["default"],
+                               "authenticated": "default"}})
 
     async def all_dbs(request: Request) -> Response:
         """GET: the databases this credential may open (doctypes, and shares as share:NAME)"""
@@ -126,7 +150,9 @@ def endpoints(parts) -> list[Route]:
         view = await open_view(request)
         query = request.query_params
         if params.flag(query, "descending"):
-            raise bad_request("descending is not supported on _changes")
+            raise bad_request("descending is not supported on _changes: the feed is read from "
+                              "the store oldest first, a page at a time; read it with since "
+                              "and reverse it, or use _all_docs?descending=true")
         feed = params.feed(query)
         since = params.since(query)
         limit = params.count(query, "limit")
@@ -174,7 +200,11 @@ def endpoints(parts) -> list[Route]:
             if not isinstance(revs, list) or not all(isinstance(r, str) for r in revs) \
                     or len(revs) > MAX_DOCS:
                 raise bad_request(f"revisions of {doc_id!r} must be a list of revs")
-        return _json(await view.revs_diff(asked))
+        # Ids no document here has (`_design/...`: a PouchDB keeps its indexes in such docs)
+        # lack every revision: the push sends them, and _bulk_docs refuses each alone.
+        never = {i: {"missing": revs} for i, revs in asked.items() if i.startswith("_")}
+        diff = await view.revs_diff({i: r for i, r in asked.items() if i not in never})
+        return _json({**diff, **never})
 
     async def bulk_docs(request: Request) -> Response:
         """POST: write many documents ({"docs": [...], "new_edits": bool}); a refused or
@@ -189,7 +219,7 @@ def endpoints(parts) -> list[Route]:
             raise bad_request("`new_edits` parameter must be a boolean.")
         if len(docs) > MAX_DOCS:
             raise _too_many("documents")
-        results = await view.write(docs, new_edits=new_edits)
+        results = [_as_refusal(r) for r in await view.write(docs, new_edits=new_edits)]
         if not new_edits:  # CouchDB answers only the failures of replicated revisions
             results = [r for r in results if "error" in r]
         return _json(results, 201)
@@ -304,7 +334,10 @@ def endpoints(parts) -> list[Route]:
         (selector, fields, sort, limit, skip, bookmark); scans, as no index is kept"""
         view = await open_view(request)
         query = _mango_query(await bodies.json_object(request, cap))
-        return _json(mango.run(query, await view.all_live()))
+        async with find_slots:
+            docs = await view.all_live()
+            answer = await trio.to_thread.run_sync(_run_mango, query, docs)
+        return _json(answer)
 
     async def explain(request: Request) -> Response:
         """POST: how a _find query would run: always over the special _all_docs index"""
@@ -327,6 +360,8 @@ def endpoints(parts) -> list[Route]:
     return [
         Route("/", welcome, methods=["GET"]),
         Route("/_all_dbs", all_dbs, methods=["GET"]),
+        Route("/_uuids", uuids, methods=["GET"]),
+        Route("/_session", session, methods=["GET"]),
         Route("/{db}", database, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/{db}/", database, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/{db}/_changes", changes, methods=["GET", "POST"]),
@@ -418,6 +453,19 @@ async def _write_one(view: DatabaseView, doc: dict, *, new_edits: bool) -> dict:
     return result
 
 
+# Per-document errors PouchDB's replicator moves past; any other ends its replication.
+_TOLERATED = frozenset({"forbidden", "unauthorized", "conflict"})
+
+
+def _as_refusal(result: dict) -> dict:
+    """A per-document error of `_bulk_docs` as CouchDB names a refused write: `forbidden`
+    (what CouchDB answers when validation refuses a document), its reason kept. A malformed
+    document is no reason to end a replication: it is refused alone."""
+    if "error" in result and result["error"] not in _TOLERATED:
+        return {**result, "error": "forbidden"}
+    return result
+
+
 async def _optional_body(request: Request, cap: int) -> dict:
     """A POST body that may be empty (`_changes`)."""
     body = await bodies.json_body(request, cap, check_type=False, empty={})
@@ -452,7 +500,23 @@ def _filter(query, body: dict):
 
 def _compile_selector(selector: dict):
     try:
-        return mango.compile_selector(selector)
+        predicate = mango.compile_selector(selector)
+    except mango.MangoError as exc:
+        raise bad_request(str(exc)) from None
+
+    def matches(doc: dict) -> bool:
+        try:
+            return predicate(doc)
+        except mango.MangoError as exc:  # mid-scan: a $regex automaton past its bound
+            raise bad_request(str(exc)) from None
+
+    return matches
+
+
+def _run_mango(query: mango.Query, docs: list[dict]) -> dict:
+    """`mango.run`, its MangoErrors (a $regex too costly on some document) as a 400."""
+    try:
+        return mango.run(query, docs)
     except mango.MangoError as exc:
         raise bad_request(str(exc)) from None
 

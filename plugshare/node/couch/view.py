@@ -84,13 +84,15 @@ class DatabaseView:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def visible(self, stored: list[Doc]) -> list[Doc]:
+    async def visible(self, stored: list[Doc], *, only_removals: bool = False) -> list[Doc]:
         """The documents of `stored` this credential may read in this database, in clear,
-        in order (tombstones of a doctype it may read included, bare)."""
+        in order (tombstones of a doctype it may read included, bare; with `only_removals`,
+        only the removals the token made for this credential)."""
         out: list[Doc] = []
+        removals = {"only_removals": True} if only_removals else {}
         for page in token_pages([without_history(d) for d in stored]):
             answer = await self._call("doc.list", credential=self._credential, docs=page,
-                                      **self.db.scope())
+                                      **self.db.scope(), **removals)
             if answer.get("tampered"):
                 log.warning("documents failing the token's checks left out: %s",
                             answer["tampered"])
@@ -229,14 +231,17 @@ class DatabaseView:
             if wanted:
                 stored = await self._store.bulk_get([(c.id, c.revs[0]) for c in wanted])
                 seen = {d["_id"]: d for d in await self.visible(stored)}
+                seen.update(await self._removals_seen([c for c in wanted if c.id not in seen]))
                 for change in wanted:
                     doc = seen.get(change.id)
                     if doc is None or (selector is not None and not selector(doc)):
                         continue
                     leaves = change.revs if all_leaves else change.revs[:1]
+                    if doc["_rev"] != change.revs[0]:  # the doc left this view: its removal
+                        leaves = [doc["_rev"]]
                     row: dict[str, Any] = {"seq": change.seq, "id": change.id,
                                            "changes": [{"rev": r} for r in leaves]}
-                    if change.deleted:
+                    if change.deleted or doc.get("_deleted"):
                         row["deleted"] = True
                     if include_docs:
                         row["doc"] = doc
@@ -246,6 +251,17 @@ class DatabaseView:
             if len(page.results) < scan:
                 return rows, page.last_seq
             seq = page.last_seq
+
+    async def _removals_seen(self, unseen: list) -> dict[str, Doc]:
+        """For changes whose winner this credential may not read: the removal the token
+        serves it among their other leaves, by id. A write that takes a doc out of what a
+        credential may read stores a removal for it (a tombstone beside the new revision:
+        see the token's `doc.list`), so its client deletes its copy at its next pull."""
+        others = [(c.id, rev) for c in unseen for rev in c.revs[1:]]
+        if not others:
+            return {}
+        shown = await self.visible(await self._store.bulk_get(others), only_removals=True)
+        return {d["_id"]: d for d in shown}
 
     async def bulk_get(self, wanted: list[tuple[str, str | None]], *,
                        revs: bool) -> list[dict]:
