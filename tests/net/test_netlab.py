@@ -175,3 +175,17 @@ def test_real_nodes_in_the_lab_share_on_a_lan(tmp_path):
         finally:
             cluster.close()
             print(cluster.logs())
+
+
+def test_without_namespaces_the_tests_skip_but_fail_under_ci(monkeypatch):
+    import os
+
+    from _pytest.outcomes import Failed, Skipped
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a user who cannot make namespaces
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(Skipped, match="need root"):
+        require_netlab()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(Failed, match="CI=true but the network-namespace tests cannot run"):
+        require_netlab()
