@@ -542,6 +542,8 @@ class Door:
         kwargs: dict[str, Any] = {}
         if args.get("membership_expires") is not None:
             kwargs["membership_expires"] = float(args["membership_expires"])
+        if args.get("relays"):  # [[relay id, host, port], ...]: where the owner is reached behind NAT
+            kwargs["relays"] = [(bytes(r), str(h), int(p)) for r, h, p in _arg(args, "relays", list)]
         invitation = self._token.issue_invitation(
             _arg(args, "share", str), permission=_arg(args, "permission", str),
             ttl=_arg(args, "ttl", int), addresses=addresses, **kwargs)
@@ -789,7 +791,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "link.may_connect": ("peer",),
     "share.list": (),
     "share.create": ("credential", "name", "doctype", "selector?", "encrypted?", "expires?"),
-    "share.invite": ("credential", "share", "permission", "ttl", "addresses",
+    "share.invite": ("credential", "share", "permission", "ttl", "addresses", "relays?",
                      "membership_expires?"),
     "share.invitations": ("credential", "share?"),
     "share.cancel_invitation": ("credential", "share", "invitation"),

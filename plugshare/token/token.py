@@ -1241,6 +1241,7 @@ class Token:
         addresses: Iterable[HostPort],
         now: float | None = None,
         membership_expires: float | None = None,
+        relays: Iterable[tuple[bytes, str, int]] = (),
     ) -> Invitation:
         """An invitation for one new member of `share` (owned here) with `permission` ("read"
         or "write"), valid `ttl` seconds from `now`, naming `addresses` where this node
@@ -1258,7 +1259,7 @@ class Token:
             "the membership's expiry", membership_expires, now
         )
         invitation = sharebook.new_invitation(
-            self.fingerprint, addresses, manifest.share_id, permission, ttl, now
+            self.fingerprint, addresses, manifest.share_id, permission, ttl, now, relays
         )
         self._book.prune_invitations(now)
         self._book.add_invitation(invitation, membership_expires)
