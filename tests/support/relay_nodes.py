@@ -57,12 +57,15 @@ class Relay:
             self.process = None
 
 
-def add_node(cluster: Cluster, name: str, host: Host, relays: list[str]) -> ClusterNode:
-    """A node at `host` joined to `relays`; everything else as `plugshare init` makes it."""
+def add_node(cluster: Cluster, name: str, host: Host, relays: list[str], *,
+             advertise_direct: bool = True) -> ClusterNode:
+    """A node at `host` joined to `relays`; everything else as `plugshare init` makes it
+    (`advertise_direct=False`: it tells peers no direct address, so they go straight to
+    its relays instead of first waiting out a dial its router drops)."""
     node = cluster.add(name, place=host, start=False)
     path = node.home / "node.toml"
     config = tomllib.loads(path.read_text())
-    config.setdefault("peer", {})["relays"] = relays
+    config.setdefault("peer", {}).update(relays=relays, advertise_direct=advertise_direct)
     path.write_text(tomli_w.dumps(config))
     return node.start()
 
