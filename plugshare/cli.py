@@ -401,6 +401,8 @@ def status(ctx: Context) -> None:
             f"id       {info['node_id']}",
             f"api      {info['api']}",
             f"peer     {info.get('peer_address') or '-'}",
+            *(f"relay    {r['relay']} ({'joined' if r['joined'] else 'not joined, retrying'})"
+              for r in info.get("relays") or []),
             f"store    {store['backend']} ({store['doc_count']} docs, seq {store['update_seq']})",
             f"peers    {len(info['peers'])}",
             f"shares   {len(info['shares'])}",

@@ -42,11 +42,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from plugshare.config import Address, Config
 from plugshare.node.access import Identity, ShareView
 from plugshare.node.home import write_private
+from plugshare.node.relays import RelayMembership, parse_relay_entry, relay_entry, relay_route
+from plugshare.relay import RelayAddress
 from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import LocalNode
-from plugshare.node.relays import RelayMembership, parse_relay_entry, relay_entry, relay_route
-from plugshare.relay import RelayAddress
 from plugshare.replication.transport import (
     Incoming,
     PeerConnectError,
@@ -347,6 +347,9 @@ class PeerManager:
         """Ways to `fingerprint` through its relays (known from it, its share's owner or an
         invitation), tried after every direct address."""
         entries = list(extra) + list(self.book.get(fingerprint).addresses)
+        for manifest in self.shares.common(fingerprint):  # signed by the share's owner
+            member = manifest.member(fingerprint)
+            entries += [relay_entry(RelayAddress.parse(r)) for r in (member.relays if member else ())]
         relays = dict.fromkeys(r for r in map(parse_relay_entry, entries) if r is not None)
         return [relay_route(relay, fingerprint) for relay in relays]
 

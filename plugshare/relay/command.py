@@ -7,6 +7,7 @@ Unknown keys and bad values are errors naming the key and the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tomllib
@@ -84,9 +85,12 @@ def relay(listen: str | None, key_path: Path | None, config_path: Path | None, v
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()[1]
             address = RelayAddress(relay_id_of(public_bytes(key)), host, bound)
-            click.echo(f"relay {address}")
-            if host in ("0.0.0.0", "::"):
-                click.echo(f"  (give nodes this host's public address in place of {host})")
+            if getattr(click.get_current_context().find_object(object), "as_json", False):  # --json
+                click.echo(json.dumps({"relay": str(address), "key": str(path)}))
+            else:
+                click.echo(f"relay {address}")
+                if host in ("0.0.0.0", "::"):
+                    click.echo(f"  (give nodes this host's public address in place of {host})")
             sys.stdout.flush()
 
     try:

@@ -28,8 +28,8 @@ class RelayLimits:
     pending_timeout: float = 5.0  # an unpaired half waits this long for the other
     handshake_timeout: float = 10.0  # TLS and the first message of a connection
     keepalive: float = 20.0  # ping a joined node this often; drop it after 3 silent periods
-    session_rate: int = 8 * 1024 * 1024  # bytes/s forwarded in each direction of a session
-    source_rate: int = 16 * 1024 * 1024  # bytes/s forwarded from one source address
+    session_rate: int = 32 * 1024 * 1024  # bytes/s forwarded in each direction of a session
+    source_rate: int = 64 * 1024 * 1024  # bytes/s forwarded from one source address
     burst: int = 1024 * 1024  # bytes a bucket may hold
 
     def __attrs_post_init__(self) -> None:

@@ -55,6 +55,8 @@ log = logging.getLogger("plugshare.relay")
 
 _TLS_RECORD_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello
 _CHUNK = 64 * 1024
+# What ends one connection (the client went away, or broke the protocol); anything else is a bug.
+_CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, RelayProtocolError)
 _OUTBOX = 16  # messages queued for one joined node; a dial finding it full is refused (busy)
 
 
@@ -179,8 +181,8 @@ class RelayServer:
                 await self._control(PrefixedStream(stream, first), source, within_quota)
             elif first[0] == RELAY_VERSION:
                 await self._session(stream, first, source, within_quota)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            log.debug("connection from %s ended: %s", source, error)
+        except* _CONNECTION_ERRORS as group:  # bare, or from a connection's own tasks
+            log.debug("connection from %s ended: %s", source, group.exceptions[0])
         finally:
             if within_quota:
                 self._per_source.remove(source)
@@ -247,8 +249,8 @@ class RelayServer:
                     nursery.start_soon(self._ping, outbox_send)
                     await self._read_member(stream, conversation, outbox_send)
                     nursery.cancel_scope.cancel()
-        except RelayProtocolError as error:
-            log.info("dropped node %s: %s", format_node_id(node_id), error)
+        except* RelayProtocolError as group:
+            log.info("dropped node %s: %s", format_node_id(node_id), group.exceptions[0])
         finally:
             if member in members:
                 members.remove(member)
@@ -357,6 +359,7 @@ class RelayServer:
             return
         pending.paired.set()
         self._paired += 1
+        log.info("paired a session with node %s for %s", format_node_id(pending.target), pending.dialer_source)
         try:
             (other, other_early, other_source), (_, early, _) = pending.halves
             ready = conversation.send(Ready())

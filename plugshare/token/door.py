@@ -598,7 +598,8 @@ class Door:
         manifest, key = self._token.redeem_invitation(
             _arg(args, "share", str), _arg(args, "secret", bytes),
             joiner_public_key=public_key, joiner_name=_arg(args, "name", str),
-            joiner_x25519=_arg(args, "x25519", bytes))
+            joiner_x25519=_arg(args, "x25519", bytes),
+            joiner_relays=tuple(str(r) for r in (_arg(args, "relays", list, optional=True) or ())))
         return {"manifest": manifest.to_dict(), "key": key}
 
     def _cmd_share_accept_manifest(self, args: Mapping[str, Any]) -> dict:
@@ -796,7 +797,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "share.invitations": ("credential", "share?"),
     "share.cancel_invitation": ("credential", "share", "invitation"),
     "share.join": ("credential", "code", "manifest", "key?"),
-    "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519"),
+    "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519", "relays?"),
     "share.accept_manifest": ("peer", "manifest", "grants?"),
     "share.grants": ("share",),
     "share.revoke": ("credential", "share", "member"),

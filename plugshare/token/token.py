@@ -1280,6 +1280,7 @@ class Token:
         joiner_name: str,
         joiner_x25519: bytes,
         now: float | None = None,
+        joiner_relays: tuple[str, ...] = (),
     ) -> tuple[Manifest, bytes | None]:
         """At the owner: admit the node whose keys are given (its Ed25519 key must be the one
         the link authenticated) for presenting `secret`. Returns the new signed manifest and,
@@ -1317,7 +1318,10 @@ class Token:
                     admitted = _manifest.with_member(
                         manifest, joiner, joiner_name, record.permission,  # type: ignore[arg-type]
                         x25519=joiner_x25519, expires=record.membership_expires,
+                        relays=tuple(joiner_relays),
                     )
+                except _manifest.MalformedManifest as exc:
+                    raise InvalidArgument(str(exc)) from None
                 except _manifest.MembershipError as exc:
                     raise InvitationRefused(f"{exc}; the invitation stays unused") from None
                 admitted = _manifest.sign(admitted, self._identity.sign)

@@ -6,6 +6,7 @@ node's key cannot join under its id; quotas refuse one greedy client and keep se
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import pytest
 import trio
@@ -15,13 +16,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from plugshare.relay import RelayAddress, RelayLimits, RelayRefused, join_relay, open_session, request_session
 from plugshare.relay.client import RelayError
 from plugshare.relay.identity import public_bytes
-from plugshare.relay.protocol import Connect, Conversation
+from plugshare.relay.protocol import RELAY_VERSION, Connect, Conversation, encode
 from plugshare.relay.quota import TokenBucket
 from plugshare.relay.server import RelayServer
 from plugshare.replication.transport import (
     FingerprintMismatch,
     Incoming,
     PeerConnectError,
+    PeerConnectionClosed,
     Route,
     connect_peer_via,
     serve_peers,
@@ -209,10 +211,11 @@ async def test_a_relay_that_replays_a_recorded_session_is_refused():
         await start_joined_node(nursery, server, address, accepted=accepted)
         with trio.fail_after(TIMEOUT):
             async with relayed(address, server, client) as connection:
-                await connection.send({"type": "probe"})
+                await connection.send({"type": "probe", "text": "a secret note"})
                 await connection.receive()
         assert accepted == [client.id]
         recorded = b"".join(relay.recorded)
+        assert b"a secret note" not in recorded and client.local.name.encode() not in recorded  # ciphertext only
         # The relay now opens a session of its own with the node and replays the dialer's bytes.
         stream = await request_session(address, server.id)
         with trio.fail_after(TIMEOUT):
@@ -301,3 +304,106 @@ def test_the_token_bucket_paces_at_its_rate_after_a_burst():
     assert bucket.take(100, 1.0) == pytest.approx(0.1)
     assert bucket.take(100, 10.0) == 0.0  # refilled, up to the burst only
     assert bucket.take(500, 10.0) == pytest.approx(0.1)
+
+
+async def test_an_unpaired_half_expires_with_a_clear_refusal_and_its_key_is_then_void():
+    server = Node("behind-nat")
+    limits = RelayLimits(pending_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate(), limits)
+        address = await start_relay(nursery, relay)
+        keys: list[bytes] = []
+        joined = trio.Event()
+        nursery.start_soon(lambda: join_relay(address, node_id=server.id, joined=joined.set,
+                                              credentials=lambda: (server.tls_key, certificate_of(server)),
+                                              on_invitation=keys.append))  # never comes to pair
+        with trio.fail_after(TIMEOUT):
+            await joined.wait()
+            with pytest.raises(RelayRefused, match="did not arrive") as refused:
+                await request_session(address, server.id)
+            assert refused.value.code == "no_peer"
+            with pytest.raises(RelayRefused) as late:  # the invited node, too late
+                await open_session(address, keys[0])
+            assert late.value.code == "no_session"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_joined_node_that_vanishes_mid_connection_does_not_take_the_relay_down():
+    gone, server, client = Node("gone"), Node("behind-nat"), Node("dialer")
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        from plugshare.relay.client import _expect, _open_control, relay_client_context
+        from plugshare.relay.identity import join_message
+        from plugshare.relay.protocol import Joined
+
+        # Joins, then its TCP connection dies without a TLS close (a laptop lid closed).
+        stream, conversation, challenge = await _open_control(address, relay_client_context(), "joiner")
+        await stream.send_all(conversation.send(join_message(
+            gone.tls_key, certificate_of(gone), relay_id=relay.relay_id, nonce=challenge.nonce, node_id=gone.id)))
+        with trio.fail_after(TIMEOUT):
+            await _expect(stream, conversation, Joined)
+        await trio.aclose_forcefully(stream.transport_stream)
+        with trio.fail_after(TIMEOUT):
+            while relay.joined(gone.id):
+                await trio.sleep(0.01)
+        # The relay serves on.
+        await start_joined_node(nursery, server, address)
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe"})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("garbage, code", [
+    (struct.pack(">BH", RELAY_VERSION, 65535), "protocol"),  # oversize, refused from the header
+    (struct.pack(">BH", RELAY_VERSION, 3) + b"\xc1\xc1\xc1", "protocol"),  # not msgpack
+    (encode(Connect(node_id=b"n" * 32)), "protocol"),  # a control message on a session connection
+    (b"\x07not a relay client", None),  # neither TLS nor a relay frame: closed without a word
+])
+async def test_hostile_bytes_get_a_clear_refusal_and_the_relay_serves_on(garbage, code):
+    server, client = Node("behind-nat"), Node("dialer")
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        await stream.send_all(garbage)
+        data = b""
+        with trio.fail_after(TIMEOUT):
+            try:
+                while chunk := await stream.receive_some(4096):
+                    data += chunk
+            except trio.BrokenResourceError:  # closed with our bytes unread: a reset
+                pass
+        if code is None:
+            assert data == b""
+        else:
+            conversation = Conversation("session")
+            conversation.state = "waiting"
+            conversation.receive_data(data)
+            assert conversation.next_message().code == code
+        await start_joined_node(nursery, server, address)
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe"})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_that_tampers_with_an_established_link_ends_it_and_delivers_nothing_altered():
+    server, client = Node("behind-nat"), Node("dialer")
+    async with trio.open_nursery() as nursery:
+        relay = TamperingRelay(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        await start_joined_node(nursery, server, address)
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe", "n": 1})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe", "n": 1}}
+                relay.at = relay.seen[1] + 30  # inside the next record the node sends back
+                await connection.send({"type": "probe", "n": 2})
+                with pytest.raises(PeerConnectionClosed):
+                    await connection.receive()
+                assert "bad record mac" in connection.close_reason.lower()  # TLS caught it
+        nursery.cancel_scope.cancel()

@@ -4,60 +4,23 @@ themselves after the relay restarts; a node that can be reached directly is upgr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tomllib
-
 import pytest
-import tomli_w
 
 from plugshare.sharing.invitation import Invitation
 
-from tests.node.cluster import Cluster, cluster, free_port, share_between, wait_until  # noqa: F401
+from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401
+from tests.relay.processes import RelayProcess, behind_nat
 
 LONG = 90.0  # generous deadlines: these start real processes on a loaded machine
 
 
-class RelayProcess:
-    """`plugshare relay` in a subprocess; its address is the `ID@HOST:PORT` it prints."""
-
-    def __init__(self, key, port: int | None = None):
-        self.key = key
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-        self.address = ""
-
-    def start(self) -> RelayProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "plugshare", "relay", "--listen", f"127.0.0.1:{self.port}",
-             "--key", str(self.key)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
-        line = self.process.stdout.readline()
-        assert line.startswith("relay "), f"the relay printed {line!r}"
-        self.address = line.split()[1]
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            self.process = None
-
-
 @pytest.fixture
 def relay(tmp_path):
+    (tmp_path / "relay").mkdir()
     running = RelayProcess(tmp_path / "relay" / "relay.key").start()
     yield running
     running.stop()
-
-
-def behind_nat(node, relay_address: str, *, advertise_direct: bool = False) -> None:
-    """Give `node` the relay, and (behind NAT) have it tell peers no direct address."""
-    path = node.home / "node.toml"
-    config = tomllib.loads(path.read_text())
-    config.setdefault("peer", {}).update(relays=[relay_address], advertise_direct=advertise_direct)
-    path.write_text(tomli_w.dumps(config))
+    print("===== relay =====\n" + (tmp_path / "relay" / "relay.log").read_text()[-6000:])
 
 
 def peer_row(node, other) -> dict | None:
@@ -80,6 +43,9 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     for node in (alice, bob):
         behind_nat(node, relay.address)
         node.start()
+    wait_until(lambda: alice.status()["relays"] == [{"relay": relay.address, "joined": True}], LONG,
+               what="alice joined to the relay")
+    assert f"relay    {relay.address} (joined)" in alice.cli_ok("status")
     alice.cli_json("share", "create", "notes", "--doctype", "io.notes")
     code = alice.cli_json("share", "invite", "notes")["code"]
     invitation = Invitation.decode(code)  # no direct address: only the relay leads to alice
@@ -93,11 +59,13 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     row = peer_row(alice, bob)
     assert row["via"] == "relay" and all("@" in a or str(bob.peer_port) not in a for a in row["addresses"])
     peers_text = alice.cli_ok("peers")
-    assert "via relay" in peers_text
+    assert "connected via relay" in peers_text
+    assert "paired a session" in (relay.key.parent / "relay.log").read_text()
 
     # The relay restarts (same key, same port): both nodes rejoin and sync resumes.
     relay.stop()
     wait_until(lambda: not linked_via(alice, bob, "relay"), LONG, what="the relayed link to go down")
+    wait_until(lambda: alice.status()["relays"][0]["joined"] is False, LONG, what="alice to see the relay gone")
     relay.start()
     wait_until(lambda: linked_via(alice, bob, "relay") and linked_via(bob, alice, "relay"), LONG,
                what="the nodes to link again through the restarted relay")
@@ -106,6 +74,20 @@ def test_two_nodes_behind_nat_share_and_sync_both_ways_through_the_relay(cluster
     bob.put("io.notes", {"title": "bob after the restart"}, "b2")
     wait_until(lambda: synced(alice, "b2", "title", "bob after the restart"), LONG,
                what="sync back after the restart")
+
+
+def test_nodes_that_can_reach_each_other_directly_do_not_use_the_relay(cluster, relay, tmp_path):
+    alice = cluster.add("alice", start=False)
+    bob = cluster.add("bob", start=False)
+    for node in (alice, bob):
+        behind_nat(node, relay.address, advertise_direct=True)  # relays given, and reachable
+        node.start()
+    share_between(alice, [bob], name="notes", doctype="io.notes")
+    wait_until(lambda: linked_via(alice, bob, "direct") and linked_via(bob, alice, "direct"), LONG,
+               what="a direct link")
+    bob.put("io.notes", {"title": "direct"}, "d1")
+    wait_until(lambda: synced(alice, "d1", "title", "direct"), LONG, what="sync over the direct link")
+    assert "paired a session" not in (tmp_path / "relay" / "relay.log").read_text()
 
 
 def test_a_relayed_link_is_upgraded_to_direct_when_the_peer_can_be_reached(cluster, relay):
@@ -123,3 +105,30 @@ def test_a_relayed_link_is_upgraded_to_direct_when_the_peer_can_be_reached(clust
     assert "upgraded from the relay to direct" in alice.log() + bob.log()
     bob.put("io.notes", {"title": "direct"}, "d1")
     wait_until(lambda: synced(alice, "d1", "title", "direct"), LONG, what="sync over the direct link")
+
+
+def test_members_behind_nat_reach_each_other_through_the_relay_the_owner_tells_them(cluster, relay):
+    """bob and carol never exchanged a code: they learn each other's relay from the owner's
+    address hints (taken from the owner only) and from the owner-signed manifest, where each
+    member's relays are recorded when it joins, and link through it."""
+    nodes = [cluster.add(name, start=False) for name in ("alice", "bob", "carol")]
+    for node in nodes:
+        behind_nat(node, relay.address)
+        node.start()
+    alice, bob, carol = nodes
+    share_between(alice, [bob, carol], name="notes", doctype="io.notes")
+    wait_until(lambda: linked_via(bob, carol, "relay") and linked_via(carol, bob, "relay"), LONG,
+               what="bob and carol linked through the relay")
+    alice.stop()  # the owner away: the members still sync with each other
+    bob.put("io.notes", {"title": "bob to carol"}, "m1")
+    wait_until(lambda: synced(carol, "m1", "title", "bob to carol"), LONG, what="bob's note at carol")
+    # Both members forget every address and restart with the owner still away: the relays
+    # each gave when joining, in the owner-signed manifest, are all that leads them together.
+    for node in (bob, carol):
+        node.stop()
+        (node.home / "peers.json").unlink()
+    for node in (bob, carol):
+        node.start()
+    wait_until(lambda: linked_via(bob, carol, "relay"), LONG, what="bob and carol linked from the manifest")
+    carol.put("io.notes", {"title": "carol to bob"}, "m2")
+    wait_until(lambda: synced(bob, "m2", "title", "carol to bob"), LONG, what="carol's note at bob")
