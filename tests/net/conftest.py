@@ -7,7 +7,7 @@ import pytest
 
 from tests.node.cluster import Cluster
 from tests.support.netlab import netlab
-from tests.support.relay_nodes import Relay
+from tests.support.relay_nodes import relay_log, start_relay
 
 
 @pytest.fixture
@@ -18,10 +18,10 @@ def lab():
 
 @pytest.fixture
 def relay(lab, tmp_path):
-    running = Relay(lab.public, tmp_path / "relay" / "relay.key").start()
+    running = start_relay(lab.public, tmp_path / "relay" / "relay.key")
     yield running
-    running.kill()
-    print("===== relay =====\n" + running.log()[-6000:])
+    running.stop()
+    print("===== relay =====\n" + relay_log(running)[-6000:])
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from tests.node.cluster import wait_until
-from tests.support.relay_nodes import LONG, add_node, has, peer_row, share_across, sync_both_ways
+from tests.support.relay_nodes import (LONG, add_node, has, peer_row, relay_id,
+                                       share_across, sync_both_ways)
 from tests.support.tamper_relay import TamperRelay
 
 
@@ -18,16 +19,16 @@ def test_a_relay_that_tampers_replays_or_redirects_is_detected_and_the_link_refu
         lab, relay, cluster, tmp_path, cheat):
     public = lab.public
     proxy_address = (public.address, public.free_port())
-    carol = add_node(cluster, "carol", lab.host("b2"), [relay.address])  # the wrong node
+    carol = add_node(cluster, "carol", lab.host("b2"), relay.address)  # the wrong node
     proxy = TamperRelay(tmp_path / "proxy", public.command_prefix, proxy_address,
                         (public.address, relay.port), redirect_to=carol.node_id)
     try:
         # Alice (home A) and bob (home B) are given the proxy, pinned to the real relay's id,
         # and give each other no direct address (they know they are behind NAT): every link
         # between them goes through the proxy at once.
-        through_proxy = f"{relay.relay_id}@{proxy_address[0]}:{proxy_address[1]}"
-        alice = add_node(cluster, "alice", lab.host("a1"), [through_proxy], advertise_direct=False)
-        bob = add_node(cluster, "bob", lab.host("b1"), [through_proxy], advertise_direct=False)
+        through_proxy = f"{relay_id(relay)}@{proxy_address[0]}:{proxy_address[1]}"
+        alice = add_node(cluster, "alice", lab.host("a1"), through_proxy, advertise_direct=False)
+        bob = add_node(cluster, "bob", lab.host("b1"), through_proxy, advertise_direct=False)
         share_across(alice, bob, lab)
         sync_both_ways(alice, bob, "honest")
 

@@ -1,72 +1,46 @@
 """Real nodes around a real relay on a simulated network (tests/support/netlab.py), for
-tests/net/: `plugshare relay` in the public namespace (`Relay`), nodes placed on lab hosts
+tests/net/: `plugshare relay` in the public namespace (`start_relay`), nodes placed on lab hosts
 and joined to relays (`add_node`), and what the tests ask of them. The fixtures (`lab`,
 `relay`, `cluster`) are in tests/net/conftest.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tomllib
 from pathlib import Path
-
-import tomli_w
 
 from plugshare.sharing.invitation import Invitation
 from tests.node.cluster import Cluster, ClusterNode, wait_until
+from tests.relay.processes import RelayProcess, behind_nat
 from tests.support.netlab import Host, Netlab
 
 LONG = 120.0  # generous: real processes, TCP timeouts on dropped SYNs, a loaded machine
 
 
-class Relay:
-    """`plugshare relay` in the public namespace, on its address; restartable with the same
-    key and port."""
-
-    def __init__(self, public: Host, key: Path):
-        self.public, self.key = public, key
-        self.port = public.free_port()
-        self.process: subprocess.Popen | None = None
-        self.address = ""  # ID@HOST:PORT, as it prints it
-        self.log_file = key.parent / "relay.log"  # its stderr, shown when a test fails
-        key.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self) -> str:
-        return self.log_file.read_text() if self.log_file.exists() else ""
-
-    def start(self) -> Relay:
-        with open(self.log_file, "a") as log:
-            self.process = subprocess.Popen(
-                [*self.public.command_prefix, sys.executable, "-m", "plugshare", "relay", "-v",
-                 "--listen", f"{self.public.address}:{self.port}", "--key", str(self.key)],
-                stdout=subprocess.PIPE, stderr=log, text=True)
-        line = self.process.stdout.readline()
-        assert line.startswith("relay "), f"the relay printed {line!r}: {self.log()}"
-        self.address = line.split()[1]
-        return self
-
-    @property
-    def relay_id(self) -> str:
-        return self.address.partition("@")[0]
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            self.process = None
+def start_relay(public: Host, key: Path) -> RelayProcess:
+    """`plugshare relay` in the public namespace, on its address (tests/relay/processes.py's
+    RelayProcess: `stop` kills it, `start` brings it back with the same key and port)."""
+    key.parent.mkdir(parents=True, exist_ok=True)
+    return RelayProcess(key, public.free_port(), host=public.address,
+                        prefix=tuple(public.command_prefix)).start()
 
 
-def add_node(cluster: Cluster, name: str, host: Host, relays: list[str], *,
+def relay_log(relay: RelayProcess) -> str:
+    path = relay.key.parent / "relay.log"
+    return path.read_text() if path.exists() else ""
+
+
+def relay_id(relay: RelayProcess) -> str:
+    return relay.address.partition("@")[0]
+
+
+def add_node(cluster: Cluster, name: str, host: Host, relay_address: str, *,
              advertise_direct: bool = True) -> ClusterNode:
-    """A node at `host` joined to `relays`; everything else as `plugshare init` makes it
+    """A node at `host` joined to the relay at `relay_address`; everything else as
+    `plugshare init` makes it
     (`advertise_direct=False`: it tells peers no direct address, so they go straight to
     its relays instead of first waiting out a dial its router drops)."""
     node = cluster.add(name, place=host, start=False)
-    path = node.home / "node.toml"
-    config = tomllib.loads(path.read_text())
-    config.setdefault("peer", {}).update(relays=relays, advertise_direct=advertise_direct)
-    path.write_text(tomli_w.dumps(config))
+    behind_nat(node, relay_address, advertise_direct=advertise_direct)
     return node.start()
 
 
