@@ -51,6 +51,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Loopback:
+    """Where a node runs unless told otherwise: this host's network, its peer listener on
+    loopback. Another place (tests/support/netlab.py's `Host`: a network namespace) gives
+    the same four things."""
+
+    peer_host = "127.0.0.1"
+    command_prefix: tuple[str, ...] = ()  # how to run a program there
+
+    def http_transport(self) -> httpx.BaseTransport | None:
+        """How the test process reaches the node's API there (None: directly)."""
+        return None
+
+    def free_port(self) -> int:
+        return free_port()
+
+
+LOOPBACK = Loopback()
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT, *,
                what: str = "the condition", interval: float = POLL_INTERVAL) -> T:
     """Poll `predicate` until it returns a truthy value, and return that value. Fails the
@@ -80,11 +99,13 @@ def _short(value: Any, limit: int = 400) -> str:
 class ClusterNode:
     """One node of a cluster: its home, and its process while it runs."""
 
-    def __init__(self, home: Path, name: str, peer_port: int, node_id: str):
+    def __init__(self, home: Path, name: str, peer_port: int, node_id: str,
+                 place: Any = LOOPBACK):
         self.home = home
         self.name = name
         self.peer_port = peer_port
         self.node_id = node_id
+        self.place = place  # where it runs: `LOOPBACK`, or a netlab `Host`
         self.running: RunningNode | None = None
         self._http: httpx.Client | None = None
 
@@ -100,9 +121,10 @@ class ClusterNode:
 
     def start(self) -> ClusterNode:
         assert self.running is None, f"node {self.name} is already running"
-        self.running = start_node(self.home)
+        self.running = start_node(self.home, command_prefix=self.place.command_prefix)
         self._http = httpx.Client(
             base_url=self.running.api_url, timeout=30.0,
+            transport=self.place.http_transport(),
             headers={"Authorization": f"Bearer {self.running.credential}"},
         )
         return self
@@ -185,7 +207,7 @@ class ClusterNode:
     # -- the command line -------------------------------------------------------------------
 
     def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-        return plugshare(self.home, *args, **kwargs)
+        return plugshare(self.home, *args, command_prefix=self.place.command_prefix, **kwargs)
 
     def cli_ok(self, *args: str) -> str:
         """Run a command that must succeed; its stdout."""
@@ -204,14 +226,17 @@ class Cluster:
         self.root = root
         self.nodes: list[ClusterNode] = []
 
-    def add(self, name: str, *init_args: str, start: bool = True) -> ClusterNode:
+    def add(self, name: str, *init_args: str, start: bool = True,
+            place: Any = LOOPBACK) -> ClusterNode:
         """`plugshare init` a node named `name` (peer port fixed, API port free), then run it.
-        `init_args` go to init, e.g. ("--store", "couchdb", "--couchdb-url", url)."""
+        `init_args` go to init, e.g. ("--store", "couchdb", "--couchdb-url", url); `place`
+        is where it runs (a netlab `Host`: in that namespace, listening on its address)."""
         home = self.root / name
-        port = free_port()
+        port = place.free_port()
         created = init_node(home, "--json", "--name", name, "--peer-listen",
-                            f"127.0.0.1:{port}", *init_args)
-        node = ClusterNode(home, name, port, json.loads(created.stdout)["node_id"])
+                            f"{place.peer_host}:{port}", *init_args,
+                            command_prefix=place.command_prefix)
+        node = ClusterNode(home, name, port, json.loads(created.stdout)["node_id"], place)
         self.nodes.append(node)
         return node.start() if start else node
 

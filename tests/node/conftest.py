@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -15,10 +16,12 @@ import pytest
 
 
 def plugshare(home: Path, *args: str, input: str | None = None, env: dict | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run the real command line, as a person would."""
+              timeout: float = 60, command_prefix: Sequence[str] = ()
+              ) -> subprocess.CompletedProcess:
+    """Run the real command line, as a person would (`command_prefix`, e.g. `ip netns exec
+    NS`, runs it somewhere else)."""
     return subprocess.run(
-        [sys.executable, "-m", "plugshare", "--home", str(home), *args],
+        [*command_prefix, sys.executable, "-m", "plugshare", "--home", str(home), *args],
         capture_output=True, text=True, input=input, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
@@ -30,9 +33,10 @@ class RunningNode:
     process: subprocess.Popen
     api_url: str
     node_id: str | None = None  # as `plugshare init` printed it
+    command_prefix: Sequence[str] = attrs.field(default=(), kw_only=True)  # where it runs
 
     def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return plugshare(self.home, *args, **kwargs)
+        return plugshare(self.home, *args, command_prefix=self.command_prefix, **kwargs)
 
     @property
     def credential(self) -> str:
@@ -49,11 +53,13 @@ class RunningNode:
         return self.process.returncode
 
 
-def start_node(home: Path, timeout: float = 60) -> RunningNode:
-    """`plugshare run` in the background; returns once run.json names the API address."""
+def start_node(home: Path, timeout: float = 60, *,
+               command_prefix: Sequence[str] = ()) -> RunningNode:
+    """`plugshare run` in the background; returns once run.json names the API address.
+    `command_prefix` (e.g. `ip netns exec NS`) runs it somewhere else."""
     log = open(home / "node.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "plugshare", "--home", str(home), "run"],
+        [*command_prefix, sys.executable, "-m", "plugshare", "--home", str(home), "run"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout
@@ -65,7 +71,8 @@ def start_node(home: Path, timeout: float = 60) -> RunningNode:
         try:
             info = json.loads(run_file.read_text())
             if info.get("pid") == process.pid:
-                return RunningNode(home, process, info["api"])
+                return RunningNode(home, process, info["api"],
+                                   command_prefix=tuple(command_prefix))
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         time.sleep(0.05)
@@ -73,9 +80,11 @@ def start_node(home: Path, timeout: float = 60) -> RunningNode:
     raise RuntimeError("node did not start in time: " + (home / "node.log").read_text())
 
 
-def init_node(home: Path, *extra: str) -> subprocess.CompletedProcess:
+def init_node(home: Path, *extra: str, command_prefix: Sequence[str] = ()
+              ) -> subprocess.CompletedProcess:
     done = plugshare(home, *(["--json"] if "--json" in extra else []), "init", "--api-listen", "127.0.0.1:0", "--peer-listen",
-                     "127.0.0.1:0", "--no-discovery", *(a for a in extra if a != "--json"))
+                     "127.0.0.1:0", "--no-discovery", *(a for a in extra if a != "--json"),
+                     command_prefix=command_prefix)
     assert done.returncode == 0, done.stderr
     return done
 
