@@ -45,9 +45,14 @@ async def capped(chunks: AsyncIterable[bytes], cap: int, why: str) -> AsyncItera
 class Files:
     def __init__(self, documents: Documents, *, max_size: int = DEFAULT_MAX_ATTACHMENT):
         self.documents = documents
-        self.store = documents.store
-        self._call = documents._call
         self.max_size = max_size
+
+    @property
+    def store(self):
+        return self.documents.store
+
+    async def _call(self, command: str, **args: Any) -> Any:
+        return await self.documents._call(command, **args)
 
     async def put(self, credential: str, doctype: str, doc_id: str, name: str,
                   rev: str | None, content_type: str, chunks: AsyncIterable[bytes], *,

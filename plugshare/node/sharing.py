@@ -79,6 +79,8 @@ class Sharing:
                      encrypted: bool, expires: float | None = None,
                      **attachment_caps: Any) -> dict:
         """`attachment_caps`: the rule's optional `max_attachment_size`, `attachment_types`."""
+        if encrypted:
+            await self.documents.refuse_sealing_files(credential, doctype, "share_create")
         answer = await self._call("share.create", credential=credential, name=name,
                                   doctype=doctype, selector=selector, encrypted=encrypted,
                                   expires=expires, **attachment_caps)

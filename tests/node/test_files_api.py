@@ -210,3 +210,24 @@ def test_bad_input_is_refused_clearly_and_leaves_the_previous_revision(cluster):
                                   .decode()})
         assert fixed.status_code == 201, fixed.text
         assert http.get("/data/io.files/f1/data.bin").content == b"new"
+
+
+def test_sealing_a_doctype_or_share_whose_documents_carry_files_is_refused(cluster):
+    """Attachment data cannot be sealed yet: making a doctype sensitive, or an encrypted
+    share over it, while its documents carry files would leave their data in clear under a
+    sealed document. Refused clearly; the documents stay as they were."""
+    alice = cluster.add("alice")
+    with _http(alice) as http:
+        rev = http.put("/data/io.health/h1/scan.pdf", content=b"%PDF scan").json()["rev"]
+    done = alice.cli("encrypt", "io.health")
+    assert done.returncode != 0 and "attachment" in done.stderr, done.stderr
+    with pytest.raises(ApiError) as refused:
+        alice.api("POST", "/shares", json={"name": "care", "doctype": "io.health",
+                                           "encrypt": True})
+    assert refused.value.status == 400 and "attachment" in refused.value.body["reason"]
+    assert alice.api("GET", "/shares")["shares"] == []
+    with _http(alice) as http:
+        assert http.get("/data/io.health/h1").json()["_rev"] == rev
+        assert http.get("/data/io.health/h1/scan.pdf").content == b"%PDF scan"
+        # still not sensitive: a new document is stored in clear, as before
+        assert http.put("/data/io.health/h2", json={"n": 1}).status_code == 201
