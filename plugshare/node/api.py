@@ -466,7 +466,7 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
         *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
-                                 max_body=MAX_BODY)),  # the CouchDB-compatible API
+                                 max_body=MAX_BODY, files=files)),  # the CouchDB API
     ]
     spec = build_openapi(routes, version=__version__)
 

@@ -56,7 +56,8 @@ class Files:
 
     async def put(self, credential: str, doctype: str, doc_id: str, name: str,
                   rev: str | None, content_type: str, chunks: AsyncIterable[bytes], *,
-                  digest: str | None = None, length: int | None = None) -> str:
+                  digest: str | None = None, length: int | None = None,
+                  share: str | None = None) -> str:
         """Stream `chunks` in as attachment `name` of the document at `rev` (the current
         one; None: a new document of `doctype`, made with this attachment); the new rev.
         Whatever fails leaves the document as it was."""
@@ -66,7 +67,7 @@ class Files:
         current = (await self.documents.landing([doc_id])).get(doc_id)
         answer = await self._call("att.write", credential=credential, doctype=doctype,
                                   id=doc_id, name=name, current=current,
-                                  content_type=content_type)
+                                  content_type=content_type, **_scope(share))
         cap, why = self.max_size, "this node's cap"
         if answer.get("max_length") is not None and answer["max_length"] < cap:
             cap, why = answer["max_length"], "the share's cap"
@@ -110,7 +111,7 @@ class Files:
         return await self.store.open_attachment(doc_id, name, rev=rev, range=range)
 
     async def delete(self, credential: str, doctype: str, doc_id: str, name: str,
-                     rev: str | None) -> str:
+                     rev: str | None, *, share: str | None = None) -> str:
         _check_doctype(doctype)
         check_attachment_name(name)
         if not rev:
@@ -118,12 +119,17 @@ class Files:
         current = (await self.documents.landing([doc_id])).get(doc_id)
         if current is None or current.get("_deleted"):
             await self._call("doc.read", credential=credential, doc=_probe(doc_id, doctype),
-                             doctype=doctype)
+                             doctype=doctype, **_scope(share))
             raise NotFound(f"no document {doc_id!r}")
         await self._call("att.write", credential=credential, doctype=doctype, id=doc_id,
-                         name=name, current=current)
+                         name=name, current=current, **_scope(share))
         if rev != current["_rev"]:
             raise Conflict("document update conflict: send the current rev")
         new_rev = await self.store.delete_attachment(doc_id, rev, name)
         self.documents.events.publish("doc.written", id=doc_id, doctype=doctype, rev=new_rev)
         return new_rev
+
+
+def _scope(share: str | None) -> dict[str, str]:
+    """The token argument confining a command to a share's database (the CouchDB API's)."""
+    return {"share": share} if share is not None else {}

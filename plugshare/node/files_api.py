@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote
 
 from starlette.requests import ClientDisconnect, Request
@@ -30,7 +32,7 @@ def attachment_target(request: Request) -> tuple[str, str] | None:
     return unquote(parts[3]), unquote(parts[4])
 
 
-def _rev(request: Request) -> str | None:
+def named_rev(request: Request) -> str | None:
     rev = request.query_params.get("rev")
     tags = [t.strip() for t in request.headers.get("if-match", "").split(",") if t.strip()]
     if not tags:
@@ -42,7 +44,7 @@ def _rev(request: Request) -> str | None:
     return tags[0][1:-1]
 
 
-def _declared_digest(request: Request) -> str | None:
+def declared_digest(request: Request) -> str | None:
     """CouchDB's `Content-MD5` (base64 of the MD5), as a store digest."""
     value = request.headers.get("content-md5")
     if value is None:
@@ -55,7 +57,7 @@ def _declared_digest(request: Request) -> str | None:
     raise BadRequest(f"Content-MD5 {value!r} is not the base64 of an MD5 digest")
 
 
-def _declared_length(request: Request) -> int | None:
+def declared_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
@@ -88,7 +90,7 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     return start, stop
 
 
-async def _body(request: Request):
+async def request_body(request: Request):
     """The request body as it streams in; a client gone halfway is a clear refusal (the
     store then keeps the document as it was)."""
     try:
@@ -104,15 +106,25 @@ async def serve(request: Request, files: Files, doctype: str, doc_id: str,
     credential = request.state.credential
     if request.method == "PUT":
         rev = await files.put(
-            credential, doctype, doc_id, name, _rev(request),
-            request.headers.get("content-type") or DEFAULT_CONTENT_TYPE, _body(request),
-            digest=_declared_digest(request), length=_declared_length(request))
+            credential, doctype, doc_id, name, named_rev(request),
+            request.headers.get("content-type") or DEFAULT_CONTENT_TYPE, request_body(request),
+            digest=declared_digest(request), length=declared_length(request))
         return JSONResponse({"id": doc_id, "rev": rev, "ok": True}, status_code=201)
     if request.method == "DELETE":
-        rev = await files.delete(credential, doctype, doc_id, name, _rev(request))
+        rev = await files.delete(credential, doctype, doc_id, name, named_rev(request))
         return JSONResponse({"id": doc_id, "rev": rev, "ok": True})
     rev, stub = await files.stub(credential, doctype, doc_id, name,
                                  rev=request.query_params.get("rev"))
+    return await attachment_response(
+        request, stub, lambda wanted: files.open(doc_id, name, rev, wanted))
+
+
+async def attachment_response(request: Request, stub: dict,
+                              open_data: Callable[[tuple[int, int] | None], Awaitable[Any]]
+                              ) -> Response:
+    """GET/HEAD of an attachment whose read is decided: its content type, its digest as
+    ETag (304 on If-None-Match), one `Range` (206, 416 outside), the data streamed from
+    `open_data(range)` (-> (meta, chunks))."""
     length, etag = stub["length"], f'"{stub["digest"]}"'
     headers = {"etag": etag, "accept-ranges": "bytes",
                "content-type": stub.get("content_type") or DEFAULT_CONTENT_TYPE}
@@ -130,5 +142,5 @@ async def serve(request: Request, files: Files, doctype: str, doc_id: str,
     headers["content-length"] = str(length if wanted is None else wanted[1] - wanted[0])
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
-    _meta, chunks = await files.open(doc_id, name, rev, wanted)
+    _meta, chunks = await open_data(wanted)
     return StreamingResponse(chunks, status_code=status, headers=headers)

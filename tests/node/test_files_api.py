@@ -231,3 +231,54 @@ def test_sealing_a_doctype_or_share_whose_documents_carry_files_is_refused(clust
         assert http.get("/data/io.health/h1/scan.pdf").content == b"%PDF scan"
         # still not sensitive: a new document is stored in clear, as before
         assert http.put("/data/io.health/h2", json={"n": 1}).status_code == 201
+
+
+def test_the_couchdb_api_serves_and_takes_attachments(cluster):
+    """/couch: docs carry stubs; an attachment is read streamed (Range too) and written by
+    PUT ?rev=; `_bulk_get?attachments=true` and `open_revs` with attachments=true give the
+    data inline; replicated inline data that lies about its digest is refused per doc and
+    the document keeps its revision."""
+    alice = cluster.add("alice")
+    data = os.urandom(400_000)
+    with _http(alice) as http:
+        made = http.put("/couch/io.files/f1/a.bin", content=data,
+                        headers={"content-type": "application/x-a"})
+        assert made.status_code == 201, made.text
+        rev = made.json()["rev"]
+        doc = http.get("/couch/io.files/f1").json()
+        assert doc["_attachments"]["a.bin"] == {
+            "content_type": "application/x-a", "length": len(data), "digest": _md5(data),
+            "revpos": doc["_attachments"]["a.bin"]["revpos"], "stub": True}
+        got = http.get("/couch/io.files/f1/a.bin", params={"rev": rev})
+        assert got.content == data and got.headers["etag"] == f'"{_md5(data)}"'
+        part = http.get("/couch/io.files/f1/a.bin", headers={"range": "bytes=5-9"})
+        assert part.status_code == 206 and part.content == data[5:10]
+        assert http.get("/couch/io.files/f1/nope").status_code == 404
+
+        bulk = http.post("/couch/io.files/_bulk_get", params={"revs": "true",
+                                                               "attachments": "true"},
+                         json={"docs": [{"id": "f1", "rev": rev}, {"id": "missing"}]})
+        assert bulk.status_code == 200, bulk.text
+        results = bulk.json()["results"]
+        inline = results[0]["docs"][0]["ok"]["_attachments"]["a.bin"]
+        assert base64.b64decode(inline["data"]) == data and "stub" not in inline
+        assert inline["digest"] == _md5(data)
+        assert "error" in results[1]["docs"][0]
+        revs = http.get("/couch/io.files/f1", params={
+            "open_revs": json.dumps([rev]), "revs": "true", "attachments": "true"},
+            headers={"accept": "application/json"})
+        assert base64.b64decode(revs.json()[0]["ok"]["_attachments"]["a.bin"]["data"]) == data
+
+        # a replicated revision whose inline data does not match its digest
+        lying = {"_id": "f1", "_rev": "2-" + "b" * 32, "doctype": "io.files",
+                 "_revisions": {"start": 2, "ids": ["b" * 32, rev.split("-")[1]]},
+                 "_attachments": {"a.bin": {"content_type": "application/x-a",
+                                            "digest": _md5(b"other"), "revpos": 2,
+                                            "data": base64.b64encode(b"forged").decode()}}}
+        refused = http.post("/couch/io.files/_bulk_docs",
+                            json={"docs": [lying], "new_edits": False})
+        assert refused.status_code == 201
+        assert refused.json()[0]["error"] == "bad_request", refused.text
+        assert "digest" in refused.json()[0]["reason"]
+        assert http.get("/couch/io.files/f1").json()["_rev"] == rev
+        assert http.get("/couch/io.files/f1/a.bin").content == data
