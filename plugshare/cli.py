@@ -868,12 +868,18 @@ def _expiry(text: str | None) -> float | None:
 @click.option("--encrypt", is_flag=True, help="Members store and send it only encrypted.")
 @click.option("--expires", metavar="WHEN", help="The share ends then (30d, 12h, or a unix "
               "time): members' tokens destroy its keys, also offline.")
+@click.option("--max-file-size", type=click.IntRange(min=0), metavar="BYTES",
+              help="Refuse attachments larger than this in the share's documents.")
+@click.option("--file-type", "file_types", multiple=True, metavar="MIME",
+              help="Allow only attachments of this content type (image/png, or image/*); "
+                   "repeat for more.")
 @pass_ctx
 def share_create(ctx: Context, name: str, doctype: str, selector: str | None, encrypt: bool,
-                 expires: str | None):
+                 expires: str | None, max_file_size: int | None, file_types: tuple[str, ...]):
     """Create a share (this node is its owner)."""
     body = {"name": name, "doctype": doctype, "selector": _parse_selector(selector),
-            "encrypt": encrypt, "expires": _expiry(expires)}
+            "encrypt": encrypt, "expires": _expiry(expires),
+            "max_attachment_size": max_file_size, "attachment_types": list(file_types) or None}
     with ctx.client() as client:
         result = client.request("POST", "/shares", json=body)
     ctx.emit(result, f"share {name!r} created ({doctype}); invite members with "

@@ -93,3 +93,20 @@ def test_a_100_mb_file_goes_up_and_back_streamed(cluster, tmp_path):
     missing = alice.cli("--json", "file", "get", "v1", "nothing", "-o", str(tmp_path / "x"))
     assert missing.returncode != 0 and json.loads(missing.stdout)["error"] == "not_found"
     assert not (tmp_path / "x").exists()
+
+
+def test_share_create_takes_the_attachment_caps(cluster, tmp_path):
+    alice = cluster.add("alice")
+    alice.cli_json("share", "create", "pics", "--doctype", "io.photos",
+                   "--max-file-size", "1000", "--file-type", "image/*")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"b" * 2000)
+    done = alice.cli("--json", "file", "put", str(big), "--doctype", "io.photos")
+    assert done.returncode != 0 and json.loads(done.stdout)["error"] == "too_large"
+    text = tmp_path / "a.txt"
+    text.write_text("words")
+    done = alice.cli("--json", "file", "put", str(text), "--doctype", "io.photos")
+    assert done.returncode != 0 and "text/plain" in json.loads(done.stdout)["reason"]
+    small = tmp_path / "small.png"
+    small.write_bytes(b"s" * 500)
+    assert alice.cli_json("file", "put", str(small), "--doctype", "io.photos")["length"] == 500
