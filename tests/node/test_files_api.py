@@ -291,3 +291,9 @@ def test_the_couchdb_api_serves_and_takes_attachments(cluster, store):
         assert "digest" in refused.json()[0]["reason"]
         assert http.get("/couch/io.files/f1").json()["_rev"] == rev
         assert http.get("/couch/io.files/f1/a.bin").content == data
+        # an edit (new_edits true) with inline data is told where files go
+        edit = http.post("/couch/io.files/_bulk_docs", json={"docs": [{
+            "_id": "f1", "_rev": rev, "_attachments": {"b.txt": {
+                "content_type": "text/plain", "data": base64.b64encode(b"b").decode()}}}]})
+        assert edit.json()[0]["error"] == "bad_request", edit.text
+        assert "/couch/io.files/f1/b.txt" in edit.json()[0]["reason"]

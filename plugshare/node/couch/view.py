@@ -301,10 +301,15 @@ class DatabaseView:
         for index, doc in enumerate(docs):
             try:
                 ready = self._prepare(doc, new_edits)
-                if not new_edits:
-                    ready, data = take_inline(ready)
-                    if data:
-                        inline[index] = data
+                ready, data = take_inline(ready)
+                if data and new_edits:  # an edit is one revision: files are PUT apart
+                    raise bad_request(
+                        "inline attachment data is taken from replicated writes only "
+                        "(new_edits=false); PUT each file to "
+                        + ", ".join(f"/couch/{self.db.name}/{ready['_id']}/{name}"
+                                    for name in data))
+                if data:
+                    inline[index] = data
                 prepared.append((index, ready))
             except CouchError as exc:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
