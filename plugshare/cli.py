@@ -187,7 +187,8 @@ class _Root(_Group):
     """`plugshare` itself: also loads the terminal views (textual is heavy) only when they
     are asked for, and shows errors the way --json asks."""
 
-    _LAZY = {"watch": ("plugshare.node.watch", "watch"), "demo": ("plugshare.node.demo", "demo")}
+    _LAZY = {"watch": ("plugshare.node.watch", "watch"), "demo": ("plugshare.node.demo", "demo"),
+             "relay": ("plugshare.relay.command", "relay")}
     group_class = _Group
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -400,6 +401,8 @@ def status(ctx: Context) -> None:
             f"id       {info['node_id']}",
             f"api      {info['api']}",
             f"peer     {info.get('peer_address') or '-'}",
+            *(f"relay    {r['relay']} ({'joined' if r['joined'] else 'not joined, retrying'})"
+              for r in info.get("relays") or []),
             f"store    {store['backend']} ({store['doc_count']} docs, seq {store['update_seq']})",
             f"peers    {len(info['peers'])}",
             f"shares   {len(info['shares'])}",
@@ -1228,8 +1231,11 @@ def peers(ctx: Context) -> None:
     for p in result["peers"]:
         seen = (datetime.datetime.fromtimestamp(p["last_seen"]).isoformat(timespec="seconds")
                 if p["last_seen"] else "never")
-        lines.append(f"{p['name'] or '?':<16} {p['id']}  "
-                     f"{'connected' if p['connected'] else 'offline':<9}  "
+        state = "offline"
+        if p["connected"]:  # via: direct or relay; RTT once the first keepalive came back
+            rtt = f", rtt {p['rtt_ms']:.1f} ms" if p.get("rtt_ms") is not None else ""
+            state = f"connected via {p.get('via') or 'direct'}{rtt}"
+        lines.append(f"{p['name'] or '?':<16} {p['id']}  {state:<9}  "
                      f"{', '.join(p['addresses']) or '-'}  last seen {seen}")
     if not lines:
         lines.append("(no peers yet)")

@@ -112,11 +112,25 @@ class StoreSection:
             raise ValueError("backend 'couchdb' needs url (e.g. http://127.0.0.1:5984)")
 
 
+def _check_relays(_inst, attr, value: list[str]) -> None:
+    from plugshare.relay.identity import RelayAddress
+
+    for entry in value:
+        try:
+            RelayAddress.parse(entry)
+        except ValueError as error:
+            raise ValueError(f"{attr.name}: {error}") from None
+    if len(value) > 4:
+        raise ValueError(f"{attr.name}: at most 4 relays, got {len(value)}")
+
+
 @attrs.frozen
 class PeerSection:
     listen: Address = Address("0.0.0.0", 7415)
     discovery: bool = True
     static: list[Address] = attrs.field(factory=list)  # peer addresses tried without multicast
+    relays: list[str] = attrs.field(factory=list, validator=_check_relays)  # "ID@HOST:PORT"
+    advertise_direct: bool = True  # tell peers this node's direct addresses
 
 
 @attrs.frozen

@@ -114,6 +114,8 @@ class Node:
             "uptime_s": round(time.time() - self.started_at, 1),
             "api": self.api_url,
             "peer_address": str(self.peers.listen_address) if self.peers.listen_address else None,
+            "relays": [{"relay": str(relay), "joined": joined}
+                       for relay, joined in self.peers.relays.joined.items()],
             "discovery": self.discovery is not None,
             "store": await self._store_status(),
             "peers": self.peers.status(),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,15 +42,20 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from plugshare.config import Address, Config
 from plugshare.node.access import Identity, ShareView
 from plugshare.node.home import write_private
+from plugshare.node.relays import RelayMembership, parse_relay_entry, relay_entry, relay_route
+from plugshare.relay import RelayAddress
 from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import LocalNode
 from plugshare.replication.transport import (
+    Incoming,
     PeerConnectError,
     PeerConnection,
     PeerRefused,
+    Route,
     TransportConfig,
     connect_peer,
+    connect_peer_via,
     keep_connected,
     serve_peers,
 )
@@ -68,9 +74,13 @@ HINT_REDIAL_INTERVAL = 10.0  # seconds: a hint restarts a waiting dialer at most
 MAX_JOINING = 16  # links held from peers that share nothing with us yet
 MAX_JOINING_PER_SOURCE = 4  # ...from one source address
 JOINING_TIMEOUT = 30.0  # seconds such a link has to join a share
+UPGRADE = Backoff(initial=2.0, maximum=60.0)  # a relayed link re-tries direct addresses this often
+MAX_RELAYED_WAITING = 16  # relayed sessions handed to the listener, not yet taken
 
 
 def parse_host_port(text: str) -> tuple[str, int] | None:
+    if "@" in text:  # a relay entry (relay:ID@HOST:PORT), not a direct address
+        return None
     try:
         address = Address.parse(text)
     except ValueError:
@@ -124,7 +134,7 @@ class AddressBook:
         info = self.get(fingerprint)
         if name:
             info.name = name
-        for address in reversed([a for a in addresses if parse_host_port(a)]):
+        for address in reversed([a for a in addresses if _usable(a)]):
             if address in info.addresses:
                 info.addresses.remove(address)
             info.addresses.insert(0, address)
@@ -137,7 +147,7 @@ class AddressBook:
         """Addresses another node gave for `fingerprint`, kept after the ones seen first-hand;
         True if any was new."""
         info = self.get(fingerprint)
-        new = [a for a in dict.fromkeys(addresses) if parse_host_port(a) and a not in info.addresses]
+        new = [a for a in dict.fromkeys(addresses) if _usable(a) and a not in info.addresses]
         room = min(self.MAX_ADDRESSES - len(info.addresses), self.MAX_HINTED)
         if not new or room <= 0:
             return False
@@ -157,6 +167,11 @@ class AddressBook:
             self._save_failing = True
             return
         self._save_failing = False
+
+
+def _usable(address: str) -> bool:
+    """A direct HOST:PORT, or a relay entry."""
+    return bool(parse_host_port(address) or parse_relay_entry(address))
 
 
 @attrs.define(eq=False)
@@ -197,6 +212,11 @@ class PeerManager:
         self.listen_address: Address | None = None
         self.config = TransportConfig()
         self._client_context = tls.client_ssl_context()
+        self._relayed_send, self._relayed_receive = trio.open_memory_channel[Incoming](MAX_RELAYED_WAITING)
+        self._tls_credentials: tuple[Ed25519PrivateKey, bytes] | None = None
+        self.relays = RelayMembership(
+            [RelayAddress.parse(r) for r in config.peer.relays], node_id=identity.fingerprint,
+            credentials=lambda: self._tls_credentials, incoming=self._relayed_send)
 
     async def _prove(self, server_id: bytes, nonce: bytes) -> bytes:
         """This node's proof on a link it dials: signed inside the token."""
@@ -209,15 +229,20 @@ class PeerManager:
         key = Ed25519PrivateKey.generate()
         public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         answer = await self._call("link.certify", tls_public_key=public)
-        return tls.server_ssl_context(key, bytes(answer["delegation"]),
-                                      common_name=self.node_config.node.name)
+        delegation = bytes(answer["delegation"])
+        # The same certified key proves this node's id to its relays (see plugshare.relay).
+        certificate = tls.delegated_certificate(key, delegation, common_name=self.node_config.node.name)
+        self._tls_credentials = (key, certificate.public_bytes(Encoding.DER))
+        return tls.server_ssl_context(key, delegation, common_name=self.node_config.node.name)
 
     # -- what other nodes are told about this one ---------------------------------------
 
     def advertised_addresses(self) -> list[str]:
         """Addresses a peer may use to reach this node (listener bound to 0.0.0.0: this
-        host's IPv4 addresses, loopback last)."""
+        host's IPv4 addresses, loopback last); none with `[peer] advertise_direct = false`."""
         assert self.listen_address is not None
+        if not self.node_config.peer.advertise_direct:
+            return []
         host, port = self.listen_address.host, self.listen_address.port
         if host not in ("0.0.0.0", "::"):
             return [str(Address(host, port))]
@@ -237,7 +262,7 @@ class PeerManager:
         self.local = LocalNode(
             public_key=self.identity.public_key,
             name=self.node_config.node.name,
-            addresses=self.advertised_addresses(),
+            addresses=self.advertised_addresses() + [relay_entry(r) for r in self.relays.relays],
         )
         server_context = await self._server_context()
         async with trio.open_nursery() as nursery:
@@ -245,8 +270,9 @@ class PeerManager:
             await nursery.start(lambda task_status: serve_peers(
                 self._accepted, host=None, port=0, ssl_context=server_context,
                 local=self.local, accept_peer=self._may_connect, config=self.config,
-                listeners=[listener], task_status=task_status))
+                listeners=[listener], incoming=self._relayed_receive, task_status=task_status))
             log.info("listening for peers on %s", self.listen_address)
+            nursery.start_soon(self.relays.run)
             await self.refresh()
             task_status.started(self.listen_address)
 
@@ -315,11 +341,24 @@ class PeerManager:
     def known_addresses(self, fingerprint: bytes) -> list[tuple[str, int]]:
         """Where `fingerprint` may be now (LAN discovery, the address book, node.toml); none
         while a link to it is up."""
-        return self._addresses_for(fingerprint)
+        return self._direct_addresses(fingerprint) if fingerprint not in self.sessions else []
 
-    def _addresses_for(self, fingerprint: bytes) -> list[tuple[str, int]]:
+    def relay_routes(self, fingerprint: bytes, extra: list[str] = ()) -> list[Route]:
+        """Ways to `fingerprint` through its relays (known from it, its share's owner or an
+        invitation), tried after every direct address."""
+        entries = list(extra) + list(self.book.get(fingerprint).addresses)
+        for manifest in self.shares.common(fingerprint):  # signed by the share's owner
+            member = manifest.member(fingerprint)
+            entries += [relay_entry(RelayAddress.parse(r)) for r in (member.relays if member else ())]
+        relays = dict.fromkeys(r for r in map(parse_relay_entry, entries) if r is not None)
+        return [relay_route(relay, fingerprint) for relay in relays]
+
+    def _addresses_for(self, fingerprint: bytes) -> list[tuple[str, int] | Route]:
         if fingerprint in self.sessions:
             return []  # a link is up: nothing to dial
+        return [*self._direct_addresses(fingerprint), *self.relay_routes(fingerprint)]
+
+    def _direct_addresses(self, fingerprint: bytes) -> list[tuple[str, int]]:
         hints = list(self.book.get(fingerprint).addresses)
         discovery = self._discovery()
         if discovery is not None:
@@ -343,7 +382,7 @@ class PeerManager:
             )
 
     async def open_session(self, fingerprint: bytes,
-                           addresses: list[tuple[str, int]]) -> PeerSession:
+                           addresses: list[tuple[str, int] | Route]) -> PeerSession:
         """Dial a peer we may not know yet (accepting an invitation) and return its session
         once the link is up; the session then lives on in the background like any other.
         `PeerConnectError` if no address answers."""
@@ -358,13 +397,13 @@ class PeerManager:
         async def dial() -> None:
             errors, refused = [], []
             try:
-                for host, port in addresses:
+                for address in addresses:
+                    options = dict(expected_fingerprint=fingerprint, ssl_context=self._client_context,
+                                   local=self.local, config=self.config, prove=self._prove,
+                                   dial_limiter=self._dial_limiter)
                     try:
-                        async with connect_peer(host, port, expected_fingerprint=fingerprint,
-                                                ssl_context=self._client_context,
-                                                local=self.local, config=self.config,
-                                                prove=self._prove,
-                                                dial_limiter=self._dial_limiter) as conn:
+                        async with (connect_peer_via(address, **options) if isinstance(address, Route)
+                                    else connect_peer(*address, **options)) as conn:
                             await self._run_session(conn, dialed=True, on_session=up)
                             return
                     except PeerRefused as exc:  # it answered: a refusal, not an absence
@@ -391,13 +430,21 @@ class PeerManager:
         fp = conn.peer_fingerprint
         existing = self.sessions.get(fp)
         if existing is not None:
-            # Two links at once: keep the one dialed by the lower fingerprint (both ends agree).
+            # Two links at once: a direct one replaces a relayed one; otherwise keep the one
+            # dialed by the lower fingerprint (both ends agree without talking).
             me = self.identity.fingerprint
             dialer_of_new = me if dialed else fp
-            if dialer_of_new != min(me, fp):
+            if existing.connection.via == "relay" and conn.via == "direct":
+                log.info("link to %s upgraded from the relay to direct", format_node_id(fp))
+                existing.close("replaced by a direct link")
+            elif existing.connection.via == "direct" and conn.via == "relay":
+                log.debug("dropping a relayed link to %s: a direct one is up", format_node_id(fp))
+                return
+            elif dialer_of_new != min(me, fp):
                 log.debug("dropping a duplicate link to %s", format_node_id(fp))
                 return
-            existing.close("replaced by a simultaneous link")
+            else:
+                existing.close("replaced by a simultaneous link")
         hello = conn.peer_hello
         remote = [conn.remote_address] if dialed else []
         session = self._new_session(conn, dialed)
@@ -415,6 +462,8 @@ class PeerManager:
                 await nursery.start(session.run)
                 if joining is not None:
                     nursery.start_soon(self._expire_joining, joining)
+                if conn.via == "relay":
+                    nursery.start_soon(self._upgrade, fp)
                 if on_session is not None:
                     on_session(session)
                 await session.wait_closed()
@@ -429,6 +478,40 @@ class PeerManager:
             if fp in self.book.peers:
                 self.book.learn(fp, seen=True)
             self.events.publish("peer.disconnected", peer=hello.name, reason=reason)
+
+    async def _upgrade(self, fingerprint: bytes) -> None:
+        """While the link to `fingerprint` runs through a relay, try its direct addresses now
+        and then; a direct link that comes up replaces the relayed one (`_run_session`)."""
+        assert self._nursery is not None
+        attempt = 0
+        rng = random.Random()
+        while True:
+            await trio.sleep(UPGRADE.delay(attempt, rng))
+            attempt += 1
+            for host, port in self._direct_addresses(fingerprint):
+                outcome = trio.Event()
+                up: list[bool] = []
+                self._nursery.start_soon(self._dial_direct, fingerprint, host, port, outcome, up)
+                await outcome.wait()
+                if up:
+                    return
+
+    async def _dial_direct(self, fingerprint: bytes, host: str, port: int, outcome: trio.Event,
+                           up: list[bool]) -> None:
+        """One direct dial; the session it starts lives in the manager's nursery, beyond the
+        relayed session that asked for it."""
+        try:
+            async with connect_peer(host, port, expected_fingerprint=fingerprint,
+                                    ssl_context=self._client_context, local=self.local,
+                                    config=self.config, prove=self._prove,
+                                    dial_limiter=self._dial_limiter) as conn:
+                up.append(True)
+                outcome.set()
+                await self._run_session(conn, dialed=True)
+        except PeerConnectError as exc:
+            log.debug("no direct link to %s at %s:%s yet: %s", format_node_id(fingerprint), host, port, exc)
+        finally:
+            outcome.set()
 
     # -- joining links ----------------------------------------------------------------------
 
@@ -476,6 +559,7 @@ class PeerManager:
             session = self.sessions.get(fp)
             rtt = session.connection.rtt if session else None
             rows.append({
+                "via": session.connection.via if session else None,
                 "id": format_node_id(fp),
                 "name": info.name or self.shares.member_name(fp) or "",
                 "addresses": info.addresses,
@@ -485,4 +569,5 @@ class PeerManager:
                 "shares": [s.name for s in self.shares.common(fp)],
             })
         return sorted(rows, key=lambda r: (not r["connected"], r["name"]))
+
 

@@ -312,6 +312,7 @@ class PeerSession:
                 "name": name,
                 "public_key": self.parts.identity.public_key,
                 "x25519": self.parts.identity.x25519,
+                "relays": [str(r) for r in self.parts.peers.relays.relays],
             })
             with trio.move_on_after(JOIN_TIMEOUT):
                 await done.wait()
@@ -366,7 +367,8 @@ class PeerSession:
             answer = await self._call(
                 "share.redeem", peer=self.fingerprint, share=share,
                 secret=bytes(message["secret"]), name=str(message["name"]),
-                public_key=public_key, x25519=bytes(message["x25519"]))
+                public_key=public_key, x25519=bytes(message["x25519"]),
+                relays=_relays_of(message))
         except PlugshareError as exc:
             await self.connection.send({"type": "share.join_refused", "share": share,
                                         "reason": str(exc)})
@@ -535,3 +537,9 @@ class _TokenGate:
                                     existing=existing)
         return [doc if r is None else r["doc"] if "doc" in r else str(r["refused"])
                 for doc, r in zip(docs, answer["results"])]
+
+
+def _relays_of(message: Mapping[Any, Any]) -> list[str]:
+    """The relays a joiner says it is reached through (the token checks each one)."""
+    relays = message.get("relays")
+    return [r for r in relays if isinstance(r, str)][:4] if isinstance(relays, list) else []

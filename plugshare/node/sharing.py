@@ -102,6 +102,7 @@ class Sharing:
         answer = await self._call(
             "share.invite", credential=credential, share=manifest.share_id,
             permission="read" if read_only else "write", ttl=seconds, addresses=addresses,
+            relays=[[r.relay_id, r.host, r.port] for r in self.peers.relays.relays],
             membership_expires=membership_expires)
         return {"share": manifest.name, **answer}
 
@@ -143,7 +144,7 @@ class Sharing:
             return _pending_answer(waiting)  # accepted again: the same join, still waiting
         try:
             result = await self._join(credential, code, invitation, as_name,
-                                      list(invitation.owner_addresses))
+                                      [*invitation.owner_addresses, *self._relay_routes(invitation)])
         except OwnerUnreachable as exc:
             join = self.pending.add(share_id=invitation.share_id, code=code,
                                     credential=credential, as_name=as_name, owner=owner,
@@ -159,6 +160,17 @@ class Sharing:
             return _pending_answer(join)
         self.pending.remove(invitation.share_id)
         return result
+
+    def _relay_routes(self, invitation: Invitation) -> list:
+        """Ways to the owner through the relays its invitation names (after its addresses);
+        the book keeps them, so the link comes back the same way later."""
+        from plugshare.node.relays import relay_entry
+        from plugshare.relay import RelayAddress
+
+        entries = [relay_entry(RelayAddress(r, h, p)) for r, h, p in invitation.owner_relays]
+        if entries:
+            self.peers.book.add_hints(invitation.owner_fingerprint, entries)
+        return self.peers.relay_routes(invitation.owner_fingerprint, entries)
 
     async def _join(self, credential: str, code: str, invitation: Invitation,
                     as_name: str | None, addresses: list[tuple[str, int]]) -> dict:
@@ -251,6 +263,7 @@ class Sharing:
         invitation = Invitation.decode(join.code)
         addresses = list(invitation.owner_addresses)
         addresses += [a for a in self.peers.known_addresses(join.owner) if a not in addresses]
+        addresses += self._relay_routes(invitation)
         try:
             result = await self._join(join.credential, join.code, invitation, join.as_name,
                                       addresses)

@@ -214,7 +214,8 @@ def summary_text(status: dict[str, Any]) -> str:
 
 
 def peer_rows(status: dict[str, Any], now: float) -> list[tuple[str, ...]]:
-    """Rows of the peers table: name, short id, address, connected, RTT, last seen."""
+    """Rows of the peers table: name, short id, address, connected (yes, or relay when the
+    link runs through a relay), RTT, last seen."""
     rows = []
     for peer in _get(status, "peers", list, []):
         addresses = [a for a in _get(peer, "addresses", list, []) if isinstance(a, str)]
@@ -224,7 +225,8 @@ def peer_rows(status: dict[str, Any], now: float) -> list[tuple[str, ...]]:
             short_id(_get(peer, "id", str)),
             addresses[0] + (f" +{len(addresses) - 1}" if len(addresses) > 1 else "")
             if addresses else "—",
-            "● yes" if connected else ("○ no" if connected is False else "?"),
+            ("● relay" if _get(peer, "via", str) == "relay" else "● yes") if connected
+            else ("○ no" if connected is False else "?"),
             fmt_ms(_get(peer, "rtt_ms", _NUMBER)),
             ago(_get(peer, "last_seen", _NUMBER), now),
         ))

@@ -65,8 +65,10 @@ __all__ = [
     "PeerRefused",
     "ProofFailed",
     "Prove",
+    "Route",
     "TransportConfig",
     "connect_peer",
+    "connect_peer_via",
     "keep_connected",
     "serve_peers",
 ]
@@ -98,6 +100,28 @@ class TransportConfig:
     # to the maximum, and try again.
     accept_retry: float = 0.1
     accept_retry_max: float = 2.0
+
+
+@attrs.frozen
+class Route:
+    """A way to a peer other than a TCP connection to one of its addresses (through a relay):
+    `open()` returns a byte stream to it, or raises PeerConnectError; `label` names it in logs
+    and status; `via` says what kind of path it is."""
+
+    label: str
+    open: Callable[[], Awaitable[trio.abc.Stream]]
+    via: str = "relay"
+
+
+@attrs.frozen
+class Incoming:
+    """A stream that reached this node other than on its listener (a relayed session), to be
+    accepted like a direct connection. `source` is the key its admission counts under."""
+
+    stream: trio.abc.Stream
+    remote_address: str
+    source: str
+    via: str = "relay"
 
 
 class PeerConnectionClosed(Exception):
@@ -143,8 +167,11 @@ class PeerConnection:
     Created by `serve_peers` and `connect_peer`; its I/O tasks run for as long as they keep it.
     """
 
-    def __init__(self, stream: trio.SSLStream, link: Link, *, remote_address: str, config: TransportConfig) -> None:
+    def __init__(self, stream: trio.SSLStream, link: Link, *, remote_address: str, config: TransportConfig,
+                 via: str = "direct") -> None:
         assert link.state is LinkState.ESTABLISHED and link.peer is not None
+        self.via = via
+        """How the link runs: "direct" (TCP to the peer) or "relay" (through a relay)."""
         self._stream = stream
         self._link = link
         self._config = config
@@ -403,6 +430,7 @@ async def serve_peers(
     accept_peer: Callable[[bytes], bool | Awaitable[bool]],
     config: TransportConfig = TransportConfig(),
     listeners: list[trio.SocketListener] | None = None,
+    incoming: trio.MemoryReceiveChannel[Incoming] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Accept peer links on `host`:`port` (port 0 picks a free one) until cancelled, or on
@@ -416,19 +444,21 @@ async def serve_peers(
     and `handler(connection)` then runs for it (the connection closes when the handler returns;
     a PeerConnectionClosed escaping the handler is expected and swallowed, any other exception
     propagates). With ``nursery.start``, the started value is the list of listeners.
+
+    `incoming` streams (relayed sessions) are handled exactly like accepted connections: the
+    same handshake, admission bounds (counted under their `source`), `accept_peer` and handler.
     """
     if listeners is None:
         listeners = await trio.open_tcp_listeners(port, host=host)
     pending = Admission(per_source=config.max_pending_per_source, total=config.max_pending_handshakes)
     pending_scopes: dict[int, trio.CancelScope] = {}
 
-    async def serve_one(tcp_stream: trio.SocketStream) -> None:
-        remote = _remote_address(tcp_stream)
-        stream = trio.SSLStream(tcp_stream, ssl_context() if callable(ssl_context) else ssl_context, server_side=True)
+    async def serve_one(raw_stream: trio.abc.Stream, remote: str, source: str, via: str) -> None:
+        stream = trio.SSLStream(raw_stream, ssl_context() if callable(ssl_context) else ssl_context, server_side=True)
         accepted_at = trio.current_time()
         timeout = min(config.link.handshake_timeout, config.pending_handshake_timeout)
         link = Link.accepting(local, now=accepted_at, config=attrs.evolve(config.link, handshake_timeout=timeout))
-        admitted = pending.admit(_source_host(tcp_stream))
+        admitted = pending.admit(source)
         for ticket in admitted.evicted:
             pending_scopes.pop(ticket).cancel()
         scope = trio.CancelScope(deadline=accepted_at + config.pending_handshake_timeout)
@@ -472,17 +502,30 @@ async def serve_peers(
             pending.release(admitted.ticket)
             pending_scopes.pop(admitted.ticket, None)
         logger.info("accepted peer %s (%r) from %s", format_node_id(fingerprint), event.peer.name, remote)
-        await _run_with_handler(PeerConnection(stream, link, remote_address=remote, config=config), handler)
+        await _run_with_handler(PeerConnection(stream, link, remote_address=remote, config=config, via=via), handler)
 
     async def run_one(tcp_stream: trio.SocketStream) -> None:
         try:
-            await serve_one(tcp_stream)
+            await serve_one(tcp_stream, _remote_address(tcp_stream), _source_host(tcp_stream), "direct")
         finally:
             await trio.aclose_forcefully(tcp_stream)
+
+    async def run_incoming(item: Incoming) -> None:
+        try:
+            await serve_one(item.stream, item.remote_address, item.source, item.via)
+        finally:
+            await trio.aclose_forcefully(item.stream)
+
+    async def take_incoming(nursery: trio.Nursery) -> None:
+        assert incoming is not None
+        async for item in incoming:
+            nursery.start_soon(run_incoming, item)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept_forever, listener, nursery, run_one, config)
+        if incoming is not None:
+            nursery.start_soon(take_incoming, nursery)
         task_status.started(listeners)
     raise AssertionError("the accept loops never return")
 
@@ -532,27 +575,34 @@ async def _accept_forever(
 # --- connecting ---------------------------------------------------------------------------------
 
 
+async def _open_tcp(host: str, port: int, timeout: float) -> trio.abc.Stream:
+    where = f"{host}:{port}"
+    with trio.move_on_after(timeout):
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError as error:
+            raise PeerConnectError(f"cannot connect to {where}: {_describe(error)}") from error
+    raise PeerConnectError(f"cannot connect to {where}: no answer in {timeout}s")
+
+
 async def _establish(
-    host: str,
-    port: int,
+    open_stream: Callable[[], Awaitable[trio.abc.Stream]],
+    where: str,
     *,
+    via: str,
     expected_fingerprint: bytes,
     ssl_context: ssl.SSLContext,
     local: LocalNode,
     prove: Prove,
     config: TransportConfig,
 ) -> PeerConnection:
-    where = f"{host}:{port}"
     started = trio.current_time()
-    tcp_stream: trio.SocketStream | None = None
+    raw_stream: trio.abc.Stream | None = None
     with trio.move_on_at(started + config.link.handshake_timeout):
-        try:
-            tcp_stream = await trio.open_tcp_stream(host, port)
-        except OSError as error:
-            raise PeerConnectError(f"cannot connect to {where}: {_describe(error)}") from error
-    if tcp_stream is None:
+        raw_stream = await open_stream()
+    if raw_stream is None:
         raise PeerConnectError(f"cannot connect to {where}: no answer in {config.link.handshake_timeout}s")
-    stream = trio.SSLStream(tcp_stream, ssl_context, server_side=False)
+    stream = trio.SSLStream(raw_stream, ssl_context, server_side=False)
     link: Link | None = None
     tls_up = False
     try:
@@ -576,7 +626,7 @@ async def _establish(
         if isinstance(error, _CONNECTION_ERRORS):
             raise PeerConnectError(f"link to {where} failed: {_describe(error)}") from error
         raise
-    return PeerConnection(stream, link, remote_address=where, config=config)
+    return PeerConnection(stream, link, remote_address=where, config=config, via=via)
 
 
 @asynccontextmanager
@@ -601,10 +651,36 @@ async def connect_peer(
     connection closes when the block exits. With `dial_limiter`, the attempt (up to an
     established link) holds one of its tokens: it bounds the dials in flight at once.
     """
+    async with connect_peer_via(
+        Route(f"{host}:{port}", partial(_open_tcp, host, port, config.link.handshake_timeout), via="direct"),
+        expected_fingerprint=expected_fingerprint,
+        ssl_context=ssl_context,
+        local=local,
+        prove=prove,
+        config=config,
+        dial_limiter=dial_limiter,
+    ) as connection:
+        yield connection
+
+
+@asynccontextmanager
+async def connect_peer_via(
+    route: Route,
+    *,
+    expected_fingerprint: bytes,
+    ssl_context: ssl.SSLContext,
+    local: LocalNode,
+    prove: Prove,
+    config: TransportConfig = TransportConfig(),
+    dial_limiter: trio.CapacityLimiter | None = None,
+) -> AsyncIterator[PeerConnection]:
+    """`connect_peer` over the stream `route.open()` returns (a relayed session): the same
+    pinned TLS link and proof, end to end."""
     establish = partial(
         _establish,
-        host,
-        port,
+        route.open,
+        route.label,
+        via=route.via,
         expected_fingerprint=expected_fingerprint,
         ssl_context=ssl_context,
         local=local,
@@ -628,7 +704,7 @@ async def connect_peer(
 async def keep_connected(
     handler: Handler,
     *,
-    addresses: Callable[[], Iterable[tuple[str, int]]],
+    addresses: Callable[[], Iterable[tuple[str, int] | Route]],
     expected_fingerprint: bytes,
     ssl_context: ssl.SSLContext,
     local: LocalNode,
@@ -641,7 +717,7 @@ async def keep_connected(
     """Keep a link to one peer up until cancelled, running `handler` on each connection.
 
     Each round tries the peer's addresses (`addresses()` is asked again every round, so
-    discovery can update them) in order; when none answers, or after a link ends, it waits
+    discovery can update them) in order, each a (host, port) or a `Route` (a relay); when none answers, or after a link ends, it waits
     per `backoff` (the schedule restarts after every established link) and tries again.
     `prove` is as for `connect_peer`; its failures (ProofFailed) are retried like any other.
     """
@@ -649,11 +725,15 @@ async def keep_connected(
     attempt = 0
     peer = format_node_id(expected_fingerprint)
     while True:
-        for host, port in list(addresses()):
+        for address in list(addresses()):
+            route = address if isinstance(address, Route) else Route(
+                f"{address[0]}:{address[1]}",
+                partial(_open_tcp, address[0], address[1], config.link.handshake_timeout),
+                via="direct",
+            )
             try:
-                async with connect_peer(
-                    host,
-                    port,
+                async with connect_peer_via(
+                    route,
                     expected_fingerprint=expected_fingerprint,
                     ssl_context=ssl_context,
                     local=local,
@@ -666,7 +746,7 @@ async def keep_connected(
                         await handler(connection)
                     except PeerConnectionClosed:
                         pass
-                logger.info("link to peer %s at %s:%s ended: %s", peer, host, port, connection.close_reason)
+                logger.info("link to peer %s at %s ended: %s", peer, route.label, connection.close_reason)
                 break
             except PeerConnectError as error:
                 logger.info("cannot reach peer %s: %s", peer, error)

@@ -9,7 +9,11 @@ already used or has expired is the token's bookkeeping.
 Code format: `plugshare1:` followed by unpadded base64url of
 
     msgpack [owner fingerprint (32 bytes), [address, ...], share id, secret, permission (0 read,
-             1 write), expires_at (unix seconds)]  ||  first 4 bytes of SHA-256(domain || msgpack)
+             1 write), expires_at (unix seconds)(, [[relay id (32 bytes), address], ...])]
+             ||  first 4 bytes of SHA-256(domain || msgpack)
+
+The last field, the relays the owner stays joined to (see `plugshare.relay`), is left out
+when there are none, so such codes are byte for byte what older versions make and read.
 
 An address is 6 bytes (IPv4 + port) or 18 bytes (IPv6 + port), or [hostname, port]. The
 checksum turns a mistyped or truncated code into a clear error instead of a wrong invitation.
@@ -39,6 +43,7 @@ from plugshare.token.identity import format_node_id
 PREFIX = "plugshare1:"
 SECRET_MIN, SECRET_MAX = 16, 32
 MAX_ADDRESSES = 16
+MAX_RELAYS = 4
 MAX_SHARE_ID = 200
 MAX_TTL = 365 * 86400
 _CHECKSUM = 4
@@ -53,6 +58,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 Permission = Literal["read", "write"]
 HostPort = tuple[str, int]
+RelayHop = tuple[bytes, str, int]  # relay id, host, port
 
 
 class InvitationError(PlugshareError, ValueError):
@@ -139,6 +145,22 @@ def _check_expires(_inst: Any, _attr: Any, value: object) -> None:
 # --- the model ----------------------------------------------------------------------------
 
 
+def _relays(value: Iterable[Any]) -> tuple[RelayHop, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvitationError("owner relays are a list of (relay id, host, port)")
+    relays = []
+    for item in value:
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise InvitationError(f"an owner relay is (relay id, host, port), got {item!r:.80}")
+        relay_id, host, port = item
+        if not isinstance(relay_id, bytes) or len(relay_id) != 32:
+            raise InvitationError("a relay id is 32 bytes")
+        relays.append((relay_id, *_check_address((host, port))))
+    if len(relays) > MAX_RELAYS:
+        raise InvitationError(f"{len(relays)} owner relays; at most {MAX_RELAYS} fit in a code")
+    return tuple(relays)
+
+
 @attrs.frozen
 class Invitation:
     """One invitation to one share, for one new member."""
@@ -149,6 +171,7 @@ class Invitation:
     secret: bytes = attrs.field(validator=_check_secret, repr=False)
     permission: Permission = attrs.field(validator=_check_permission)
     expires_at: int = attrs.field(validator=_check_expires)
+    owner_relays: tuple[RelayHop, ...] = attrs.field(default=(), converter=_relays)
 
     @classmethod
     def new(
@@ -161,6 +184,7 @@ class Invitation:
         *,
         now: float | None = None,
         secret_size: int = SECRET_MIN,
+        relays: Iterable[RelayHop] = (),
     ) -> Invitation:
         """A fresh invitation with a random secret, valid for `ttl_seconds` from `now`."""
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
@@ -177,6 +201,7 @@ class Invitation:
             secrets.token_bytes(secret_size),
             permission,
             issued + ttl_seconds,
+            relays,
         )
 
     @property
@@ -200,17 +225,17 @@ class Invitation:
 
     def encode(self) -> str:
         """The one-line code: `plugshare1:` and base64url text (URL- and chat-safe)."""
-        payload = msgpack.packb(
-            [
-                self.owner_fingerprint,
-                [_pack_address(h, p) for h, p in self.owner_addresses],
-                self.share_id,
-                self.secret,
-                _PERMISSIONS.index(self.permission),
-                self.expires_at,
-            ],
-            use_bin_type=True,
-        )
+        fields = [
+            self.owner_fingerprint,
+            [_pack_address(h, p) for h, p in self.owner_addresses],
+            self.share_id,
+            self.secret,
+            _PERMISSIONS.index(self.permission),
+            self.expires_at,
+        ]
+        if self.owner_relays:
+            fields.append([[relay_id, _pack_address(h, p)] for relay_id, h, p in self.owner_relays])
+        payload = msgpack.packb(fields, use_bin_type=True)
         raw = payload + _checksum(payload)
         return PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
@@ -288,9 +313,12 @@ def _from_payload(payload: bytes) -> Invitation:
         fields = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as exc:
         raise InvitationError(f"the invitation code is not well formed ({exc})") from None
-    if not isinstance(fields, list) or len(fields) != 6:
+    if not isinstance(fields, list) or len(fields) not in (6, 7):
         raise InvitationError("the invitation code is not well formed (wrong number of fields)")
-    fingerprint, addresses, share_id, secret, permission, expires_at = fields
+    fingerprint, addresses, share_id, secret, permission, expires_at = fields[:6]
+    relays = fields[6] if len(fields) == 7 else []
+    if not isinstance(relays, list) or not all(isinstance(r, list) and len(r) == 2 for r in relays):
+        raise InvitationError("the invitation code is not well formed (relays)")
     if not isinstance(addresses, list):
         raise InvitationError("the invitation code is not well formed (addresses)")
     if isinstance(permission, bool) or permission not in (0, 1):
@@ -302,6 +330,7 @@ def _from_payload(payload: bytes) -> Invitation:
         secret,
         _PERMISSIONS[permission],
         expires_at,
+        [(relay_id, *_unpack_address(address)) for relay_id, address in relays],
     )
 
 

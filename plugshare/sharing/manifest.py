@@ -215,6 +215,27 @@ def _canonical(value: Any) -> Any:
 # --- models -------------------------------------------------------------------------------
 
 
+MAX_MEMBER_RELAYS = 4
+
+
+def _check_relays(_inst: object, _attr: attrs.Attribute, value: tuple[str, ...]) -> None:
+    from plugshare.relay.identity import RelayAddress
+
+    if not isinstance(value, tuple) or len(value) > MAX_MEMBER_RELAYS:
+        raise MalformedManifest(f"a member names at most {MAX_MEMBER_RELAYS} relays")
+    for relay in value:
+        try:
+            RelayAddress.parse(relay)
+        except ValueError as exc:
+            raise MalformedManifest(f"member relay: {exc}") from None
+
+
+def _relay_tuple(value: object) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise MalformedManifest("member relays are a list of ID@HOST:PORT texts")
+    return tuple(value)
+
+
 @attrs.frozen
 class Member:
     """One member of a share, known by its key fingerprint."""
@@ -231,6 +252,10 @@ class Member:
     expires: float | None = attrs.field(
         default=None, converter=_time_or_none, validator=_check_expires("member expiry")
     )
+    # The relays it said it is reached through when it joined (ID@HOST:PORT), so the other
+    # members find it behind NAT while the owner is away; signed like the rest. Left out of
+    # the dict when empty, so manifests without relays encode and verify as before.
+    relays: tuple[str, ...] = attrs.field(default=(), converter=_relay_tuple, validator=_check_relays)
 
     @property
     def node_id(self) -> str:
@@ -250,16 +275,18 @@ class Member:
             d["x25519"] = self.x25519.hex()
         if self.expires is not None:
             d["expires"] = self.expires
+        if self.relays:
+            d["relays"] = list(self.relays)
         return d
 
     @classmethod
     def from_dict(cls, data: object) -> Member:
         d = _fields(data, "member", ("fingerprint", "name", "permission", "status"),
-                    ("x25519", "expires"))
+                    ("x25519", "expires", "relays"))
         x25519 = d.get("x25519")
         return cls(_hex(d["fingerprint"], "member fingerprint"), d["name"], d["permission"],
                    d["status"], None if x25519 is None else _hex(x25519, "member X25519 key"),
-                   d.get("expires"))
+                   d.get("expires"), d.get("relays", ()))
 
 
 MAX_ATTACHMENT_TYPES = 64
@@ -611,11 +638,11 @@ def _next(manifest: Manifest, members: tuple[Member, ...]) -> Manifest:
 
 def with_member(
     manifest: Manifest, fingerprint: bytes, name: str, permission: Permission, *,
-    x25519: bytes | None = None, expires: float | None = None,
+    x25519: bytes | None = None, expires: float | None = None, relays: tuple[str, ...] = (),
 ) -> Manifest:
     """The next version with `fingerprint` as an active member (a revoked one is re-admitted
-    with the new name, permission, X25519 key and expiry)."""
-    new = Member(fingerprint, name, permission, "active", x25519, expires)
+    with the new name, permission, X25519 key, expiry and relays)."""
+    new = Member(fingerprint, name, permission, "active", x25519, expires, relays)
     existing = manifest.member(fingerprint)
     if existing is None:
         return _next(manifest, (*manifest.members, new))

@@ -832,6 +832,8 @@ class Door:
         kwargs: dict[str, Any] = {}
         if args.get("membership_expires") is not None:
             kwargs["membership_expires"] = float(args["membership_expires"])
+        if args.get("relays"):  # [[relay id, host, port], ...]: where the owner is reached behind NAT
+            kwargs["relays"] = [(bytes(r), str(h), int(p)) for r, h, p in _arg(args, "relays", list)]
         invitation = self._token.issue_invitation(
             _arg(args, "share", str), permission=_arg(args, "permission", str),
             ttl=_arg(args, "ttl", int), addresses=addresses, **kwargs)
@@ -912,7 +914,8 @@ class Door:
         manifest, key = self._token.redeem_invitation(
             _arg(args, "share", str), _arg(args, "secret", bytes),
             joiner_public_key=public_key, joiner_name=_arg(args, "name", str),
-            joiner_x25519=_arg(args, "x25519", bytes))
+            joiner_x25519=_arg(args, "x25519", bytes),
+            joiner_relays=tuple(str(r) for r in (_arg(args, "relays", list, optional=True) or ())))
         return {"manifest": manifest.to_dict(), "key": key}
 
     def _cmd_share_accept_manifest(self, args: Mapping[str, Any]) -> dict:
@@ -1111,7 +1114,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "share.list": (),
     "share.create": ("credential", "name", "doctype", "selector?", "encrypted?", "expires?",
                      "max_attachment_size?", "attachment_types?"),
-    "share.invite": ("credential", "share", "permission", "ttl", "addresses",
+    "share.invite": ("credential", "share", "permission", "ttl", "addresses", "relays?",
                      "membership_expires?"),
     "share.invitations": ("credential", "share?"),
     "share.cancel_invitation": ("credential", "share", "invitation"),
@@ -1119,7 +1122,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "share.unlink": ("credential", "share", "link"),
     "share.links": ("credential", "share?"),
     "share.join": ("credential", "code", "manifest", "key?"),
-    "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519"),
+    "share.redeem": ("peer", "share", "secret", "name", "public_key", "x25519", "relays?"),
     "share.accept_manifest": ("peer", "manifest", "grants?"),
     "share.grants": ("share",),
     "share.revoke": ("credential", "share", "member"),

@@ -187,7 +187,7 @@ def check_joiner(
 
 def new_invitation(
     owner: bytes, addresses: Iterable[HostPort], share_id: str, permission: str, ttl: int,
-    now: float,
+    now: float, relays: Iterable[tuple[bytes, str, int]] = (),
 ) -> Invitation:
     """A fresh invitation; the invitation module's errors for bad fields."""
     if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > _invitation.MAX_TTL:
@@ -196,7 +196,7 @@ def new_invitation(
             f"got {ttl} seconds"
         )
     return _invitation.Invitation.new(
-        owner, addresses, share_id, permission, ttl, now=now  # type: ignore[arg-type]
+        owner, addresses, share_id, permission, ttl, now=now, relays=relays  # type: ignore[arg-type]
     )
 
 

@@ -1394,6 +1394,7 @@ class Token:
         addresses: Iterable[HostPort],
         now: float | None = None,
         membership_expires: float | None = None,
+        relays: Iterable[tuple[bytes, str, int]] = (),
     ) -> Invitation:
         """An invitation for one new member of `share` (owned here) with `permission` ("read"
         or "write"), valid `ttl` seconds from `now`, naming `addresses` where this node
@@ -1411,7 +1412,7 @@ class Token:
             "the membership's expiry", membership_expires, now
         )
         invitation = sharebook.new_invitation(
-            self.fingerprint, addresses, manifest.share_id, permission, ttl, now
+            self.fingerprint, addresses, manifest.share_id, permission, ttl, now, relays
         )
         self._book.prune_invitations(now)
         self._book.add_invitation(invitation, membership_expires)
@@ -1432,6 +1433,7 @@ class Token:
         joiner_name: str,
         joiner_x25519: bytes,
         now: float | None = None,
+        joiner_relays: tuple[str, ...] = (),
     ) -> tuple[Manifest, bytes | None]:
         """At the owner: admit the node whose keys are given (its Ed25519 key must be the one
         the link authenticated) for presenting `secret`. Returns the new signed manifest and,
@@ -1469,7 +1471,10 @@ class Token:
                     admitted = _manifest.with_member(
                         manifest, joiner, joiner_name, record.permission,  # type: ignore[arg-type]
                         x25519=joiner_x25519, expires=record.membership_expires,
+                        relays=tuple(joiner_relays),
                     )
+                except _manifest.MalformedManifest as exc:
+                    raise InvalidArgument(str(exc)) from None
                 except _manifest.MembershipError as exc:
                     raise InvitationRefused(f"{exc}; the invitation stays unused") from None
                 admitted = _manifest.sign(admitted, self._identity.sign)
