@@ -297,3 +297,20 @@ def test_the_couchdb_api_serves_and_takes_attachments(cluster, store):
                 "content_type": "text/plain", "data": base64.b64encode(b"b").decode()}}}]})
         assert edit.json()[0]["error"] == "bad_request", edit.text
         assert "/couch/io.files/f1/b.txt" in edit.json()[0]["reason"]
+
+
+def test_the_nodes_own_cap_from_its_config_refuses_a_larger_file(cluster, store):
+    alice = cluster.add("alice", *store, start=False)
+    config = alice.home / "node.toml"
+    text = config.read_text()
+    assert "max_attachment_size = 4294967296" in text  # the default, written by init
+    config.write_text(text.replace("max_attachment_size = 4294967296",
+                                   "max_attachment_size = 100000"))
+    alice.start()
+    with _http(alice) as http:
+        rev = http.put("/data/io.files/f1/a.bin", content=b"a" * 100_000).json()["rev"]
+        for body in (b"b" * 100_001, _pieces(b"b" * 300_000, 8192)):
+            over = http.put("/data/io.files/f1/a.bin", params={"rev": rev}, content=body)
+            assert over.status_code == 413 and "node's cap" in over.json()["reason"], over.text
+        assert http.get("/data/io.files/f1").json()["_rev"] == rev
+        assert http.get("/data/io.files/f1/a.bin").content == b"a" * 100_000
