@@ -466,12 +466,16 @@ async def test_a_local_design_doc_does_not_stop_pouchdbs_push(cluster: Cluster, 
     assert sorted(node.revs(NOTES)) == ["n0", "n1", "n2"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "couchdb"])
 async def test_pouchdb_replicates_a_doc_with_an_attachment_to_and_from_a_node(
-        cluster: Cluster, tmp_path):
+        cluster: Cluster, tmp_path, backend, request):
     """Issue 13: PouchDB's push sends attachments inline (base64, `_bulk_docs` with
     new_edits=false), its pull asks `_bulk_get?attachments=true`; the file arrives equal,
-    digest and all, both ways, and the docs after it in the same push land too."""
-    node = cluster.add("a")
+    digest and all, both ways, and the docs after it in the same push land too (on both
+    store backends)."""
+    store = () if backend == "sqlite" else (
+        "--store", "couchdb", "--couchdb-url", request.getfixturevalue("couchdb_url"))
+    node = cluster.add("a", *store)
     credential = add_app(node, "notes", NOTES, "write")
     data = bytes(range(256)) * 40 + b"end"
     digest = "md5-" + base64.b64encode(hashlib.md5(data).digest()).decode()
