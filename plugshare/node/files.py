@@ -9,6 +9,7 @@ the caps: the node's own per-attachment cap and the cap of the shares the docume
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from plugshare.node.documents import Documents, _check_doctype, _probe
 from plugshare.store import BadRequest, Conflict, NotFound
 from plugshare.store.attachments import AttachmentMeta, check_attachment_name, check_content_type
 
+log = logging.getLogger("plugshare.files")
 DEFAULT_MAX_ATTACHMENT = 4 * 1024**3  # bytes: the node's cap on one attachment
 
 
@@ -60,7 +62,8 @@ class Files:
                   share: str | None = None) -> str:
         """Stream `chunks` in as attachment `name` of the document at `rev` (the current
         one; None: a new document of `doctype`, made with this attachment); the new rev.
-        Whatever fails leaves the document as it was."""
+        Whatever fails leaves the document as it was (a document made for the upload is
+        deleted again: a tombstone stays)."""
         _check_doctype(doctype)
         check_attachment_name(name)
         check_content_type(content_type)
@@ -87,9 +90,13 @@ class Files:
                 doc_id, rev, name, content_type, capped(chunks, cap, why),
                 digest=digest, length=length)
         except BaseException:
-            if not live:  # no half-made document stays behind a failed upload
+            if not live:  # no half-made document stays live behind a failed upload
                 with trio.CancelScope(shield=True):
-                    await self.store.delete(doc_id, rev)
+                    try:
+                        await self.store.delete(doc_id, rev)
+                    except Exception as exc:  # the upload's own error is the one to tell
+                        log.warning("document %r made for a failed upload stays: %s",
+                                    doc_id, exc)
             raise
         self.documents.events.publish("doc.written", id=doc_id, doctype=doctype, rev=new_rev)
         return new_rev

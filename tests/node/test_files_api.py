@@ -181,6 +181,12 @@ def test_bad_input_is_refused_clearly_and_leaves_the_previous_revision(cluster, 
                                 .decode()})
         assert bad.status_code == 400 and "digest mismatch" in bad.json()["reason"]
         untouched()
+        # ...also when it was to make a new document: none is left live
+        bad = http.put("/data/io.files/f2/data.bin", content=b"other",
+                       headers={"content-md5": base64.b64encode(hashlib.md5(b"x").digest())
+                                .decode()})
+        assert bad.status_code == 400 and "digest mismatch" in bad.json()["reason"]
+        assert http.get("/data/io.files/f2").status_code == 404
         # names with '/' or '..' (sent encoded, or the '/' raw)
         for path in ("/data/io.files/f1/dir/evil.bin", "/data/io.files/f1/..%2Fetc",
                      "/data/io.files/f1/a..b", "/data/io.files/f1/%2E%2E"):
