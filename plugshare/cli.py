@@ -555,6 +555,69 @@ def doc_rm(ctx: Context, doc_id: str, rev: str) -> None:
     ctx.emit(result, f"{result['id']} {result['rev']} (deleted)")
 
 
+# -- files: documents' attachments ------------------------------------------------------
+
+
+@cli.group("file")
+def file_group() -> None:
+    """Attach files to documents and get them back, streamed (see plugshare/node/transfer.py)."""
+
+
+@file_group.command("put")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--doctype", required=True, help="The document's doctype.")
+@click.option("--id", "doc_id", help="The document [default: a new random id].")
+@click.option("--name", help="The attachment's name [default: the file's name].")
+@click.option("--type", "content_type", metavar="MIME",
+              help="Its content type [default: guessed from the name].")
+@pass_ctx
+def file_put(ctx: Context, path: Path, doctype: str, doc_id: str | None, name: str | None,
+             content_type: str | None) -> None:
+    """Attach a file to a document (made if missing); prints the id, rev and digest."""
+    import uuid
+
+    from plugshare.node.transfer import upload
+
+    with ctx.client() as client:
+        result = upload(client, path, doctype=doctype, doc_id=doc_id or uuid.uuid4().hex,
+                        name=name or path.name, content_type=content_type,
+                        show=not ctx.as_json and sys.stderr.isatty())
+    ctx.emit(result, f"{result['id']} {result['rev']} {result['name']} "
+                     f"{result['length']} bytes {result['digest']}")
+
+
+@file_group.command("get")
+@click.argument("doc_id", metavar="ID")
+@click.argument("name")
+@click.option("-o", "--output", "out", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Where to write it.")
+@pass_ctx
+def file_get(ctx: Context, doc_id: str, name: str, out: Path) -> None:
+    """Save a document's attachment to a file (checked against its digest)."""
+    from plugshare.node.transfer import download
+
+    with ctx.client() as client:
+        result = download(client, doc_id, name, out,
+                          show=not ctx.as_json and sys.stderr.isatty())
+    ctx.emit(result, f"{result['path']} {result['length']} bytes {result['digest']}")
+
+
+@file_group.command("ls")
+@click.argument("doc_id", metavar="ID")
+@pass_ctx
+def file_ls(ctx: Context, doc_id: str) -> None:
+    """List a document's attachments: name, size, content type, digest."""
+    from plugshare.node.transfer import attachments
+
+    with ctx.client() as client:
+        doc, stubs = attachments(client, doc_id)
+    rows = [{"name": n, **{k: v for k, v in s.items() if k != "stub"}}
+            for n, s in sorted(stubs.items())]
+    lines = [f"{r['name']}  {r['length']}  {r['content_type']}  {r['digest']}" for r in rows]
+    ctx.emit({"id": doc_id, "rev": doc["_rev"], "attachments": rows},
+             "\n".join(lines) if lines else "(no attachments)")
+
+
 # -- the token: apps, rules, encryption, audit ------------------------------------------
 
 
@@ -808,12 +871,18 @@ def _expiry(text: str | None) -> float | None:
 @click.option("--encrypt", is_flag=True, help="Members store and send it only encrypted.")
 @click.option("--expires", metavar="WHEN", help="The share ends then (30d, 12h, or a unix "
               "time): members' tokens destroy its keys, also offline.")
+@click.option("--max-file-size", type=click.IntRange(min=0), metavar="BYTES",
+              help="Refuse attachments larger than this in the share's documents.")
+@click.option("--file-type", "file_types", multiple=True, metavar="MIME",
+              help="Allow only attachments of this content type (image/png, or image/*); "
+                   "repeat for more.")
 @pass_ctx
 def share_create(ctx: Context, name: str, doctype: str, selector: str | None, encrypt: bool,
-                 expires: str | None):
+                 expires: str | None, max_file_size: int | None, file_types: tuple[str, ...]):
     """Create a share (this node is its owner)."""
     body = {"name": name, "doctype": doctype, "selector": _parse_selector(selector),
-            "encrypt": encrypt, "expires": _expiry(expires)}
+            "encrypt": encrypt, "expires": _expiry(expires),
+            "max_attachment_size": max_file_size, "attachment_types": list(file_types) or None}
     with ctx.client() as client:
         result = client.request("POST", "/shares", json=body)
     ctx.emit(result, f"share {name!r} created ({doctype}); invite members with "

@@ -136,6 +136,8 @@ class PeerSection:
 @attrs.frozen
 class ApiSection:
     listen: Address = Address("127.0.0.1", 7414)
+    max_attachment_size: int = attrs.field(default=4 * 1024**3,
+                                           validator=attrs.validators.ge(0))  # bytes
 
     def __attrs_post_init__(self) -> None:
         if self.listen.host not in ("127.0.0.1", "localhost", "::1"):

@@ -45,6 +45,7 @@ class Admin:
     async def encrypt(self, credential: str, doctype: str) -> dict[str, Any]:
         """From now on `doctype` is stored sealed; its existing live docs are re-written
         sealed (a new revision each), so the database keeps no clear copy of a winner."""
+        await self.documents.refuse_sealing_files(credential, doctype, "doctype_encrypt")
         answer = await self._call("doctype.encrypt", credential=credential, doctype=doctype)
         answer["rewritten"] = await self.documents.reseal(credential)
         return answer

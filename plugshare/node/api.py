@@ -25,6 +25,8 @@ from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed, bearer
 from plugshare.node.couch import MOUNT as COUCH, CouchParts, couch_routes
 from plugshare.node.events import events_route
+from plugshare.node.files import DEFAULT_MAX_ATTACHMENT, Files
+from plugshare.node import files_api
 from plugshare.node.openapi import PUBLIC_PATHS, build_openapi
 
 
@@ -41,6 +43,7 @@ class ApiParts:
     peers_status: Callable[[], list]
     status: Callable[[], Awaitable[dict]]
     nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
+    max_attachment: int = DEFAULT_MAX_ATTACHMENT  # bytes, per attachment ([api] config)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
@@ -149,6 +152,7 @@ def _if_match_rev(request: Request, rev: str | None) -> str | None:
 
 def create_app(node: ApiParts) -> Starlette:
     docs = node.documents
+    files = Files(docs, max_size=node.max_attachment)
 
     async def get_doc(request: Request, doctype: str | None = None) -> Response:
         doc = await docs.get(
@@ -172,8 +176,12 @@ def create_app(node: ApiParts) -> Starlette:
     async def typed_doc(request: Request) -> Response:
         """GET: a document (ETag: its rev; If-None-Match answers 304)
         PUT: create or update a document (its _rev, or If-Match)
-        DELETE: delete a document (?rev= or If-Match)"""
+        DELETE: delete a document (?rev= or If-Match)
+        At /data/{doctype}/{id}/{name}: an attachment (see files_api), streamed"""
         doctype = request.path_params["doctype"]
+        attachment = files_api.attachment_target(request)
+        if attachment is not None:
+            return await files_api.serve(request, files, doctype, *attachment)
         if request.method in ("GET", "HEAD"):
             return await get_doc(request, doctype)
         if request.method == "DELETE":
@@ -275,9 +283,11 @@ def create_app(node: ApiParts) -> Starlette:
             if expires is not None and (not isinstance(expires, (int, float))
                                         or isinstance(expires, bool)):
                 raise ApiError(400, "bad_request", "'expires' must be a unix time")
+            caps = {k: body[k] for k in ("max_attachment_size", "attachment_types")
+                    if body.get(k) is not None}  # the token checks them
             share = await sharing.create(request.state.credential, _text(body, "name"),
                                          _text(body, "doctype"), _selector(body), encrypted,
-                                         expires)
+                                         expires, **caps)
             return JSONResponse(share, status_code=201)
         await owner_only(request, "share_list")
         return JSONResponse({"shares": await sharing.list(),
@@ -462,7 +472,7 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
         *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
-                                 max_body=MAX_BODY)),  # the CouchDB-compatible API
+                                 max_body=MAX_BODY, files=files)),  # the CouchDB API
     ]
     spec = build_openapi(routes, version=__version__, basic_under=COUCH)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -71,3 +73,23 @@ class NodeClient:
                 response.status_code, body.get("error", "error"), body.get("reason", "")
             )
         return body
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A request whose bodies stream (a file up or down); `ApiRefused` on an error
+        answer (read whole: it is a short JSON)."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if response.is_error:
+                    response.read()
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        body = {"error": "bad_response", "reason": response.text[:200]}
+                    raise ApiRefused(response.status_code, body.get("error", "error"),
+                                     body.get("reason", ""))
+                yield response
+        except httpx.TransportError as exc:
+            raise NodeUnreachable(
+                f"the node at {self.base_url} did not finish the transfer "
+                f"({exc.__class__.__name__}: {exc})") from None

@@ -151,6 +151,19 @@ class Documents:
             await self.store.compact()
         return count
 
+    async def refuse_sealing_files(self, credential: str, doctype: str, action: str) -> None:
+        """Before sealing `doctype` (made sensitive, or an encrypted share over it): refused
+        while any of its live documents carries attachments, whose data cannot be sealed
+        yet (it would stay in clear under a sealed document). The owner's question alone."""
+        with_files = [doc["_id"] for doc in await self.store.all_docs()
+                      if doc.get("doctype") == doctype and not doc.get("_deleted")
+                      and doc.get("_attachments")]
+        if with_files:
+            await self._call("owner.check", credential=credential, action=action)
+            raise BadRequest(
+                f"{len(with_files)} {doctype!r} document(s) carry attachments (e.g. "
+                f"{with_files[0]!r}), whose data cannot be sealed yet: remove them first")
+
     async def _winner(self, doc_id: str) -> Doc | None:
         return (await self.store.winners([doc_id])).get(doc_id)
 

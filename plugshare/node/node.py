@@ -172,7 +172,8 @@ class Node:
                 parts = ApiParts(call=self.token.call, documents=self.documents,
                                  admin=self.admin, sharing=self.sharing, events=self.events,
                                  peers_status=self.peers.status, nearby=self.nearby,
-                                 status=self.status)
+                                 status=self.status,
+                                 max_attachment=self.config.api.max_attachment_size)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)

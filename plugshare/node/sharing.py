@@ -76,10 +76,14 @@ class Sharing:
     # -- the owner's commands -----------------------------------------------------------
 
     async def create(self, credential: str, name: str, doctype: str, selector: dict | None,
-                     encrypted: bool, expires: float | None = None) -> dict:
+                     encrypted: bool, expires: float | None = None,
+                     **attachment_caps: Any) -> dict:
+        """`attachment_caps`: the rule's optional `max_attachment_size`, `attachment_types`."""
+        if encrypted:
+            await self.documents.refuse_sealing_files(credential, doctype, "share_create")
         answer = await self._call("share.create", credential=credential, name=name,
                                   doctype=doctype, selector=selector, encrypted=encrypted,
-                                  expires=expires)
+                                  expires=expires, **attachment_caps)
         manifest = Manifest.from_dict(answer)
         await self.shares.refresh()
         # Docs already in the scope of a new encrypted share are re-written sealed under its

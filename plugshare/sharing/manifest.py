@@ -289,6 +289,30 @@ class Member:
                    d.get("expires"), d.get("relays", ()))
 
 
+MAX_ATTACHMENT_TYPES = 64
+
+
+def _check_size_cap(_inst: Any, _attr: Any, value: object) -> None:
+    if value is not None and (type(value) is not int or value < 0):
+        raise MalformedManifest(f"max_attachment_size must be an integer >= 0, not {value!r}")
+
+
+def _types_copy(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_ATTACHMENT_TYPES:
+        raise MalformedManifest(
+            f"attachment_types must be a list of at most {MAX_ATTACHMENT_TYPES} content types")
+    types = []
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= 255 or "/" not in item \
+                or not item.isascii():
+            raise MalformedManifest(f"attachment type {item!r} is not like 'image/png' "
+                                    "or 'image/*'")
+        types.append(item.strip().lower())
+    return tuple(types)
+
+
 @attrs.frozen
 class ShareRule:
     """Which documents a share holds: all of one doctype, optionally only those matching a
@@ -296,14 +320,41 @@ class ShareRule:
 
     doctype: str = attrs.field(validator=_text("doctype"))
     selector: dict[str, Any] | None = attrs.field(default=None, converter=_selector_copy)
+    # Caps on the documents' attachments (None: no cap). Written to the manifest only when
+    # set, so a rule without them signs the same bytes as before they existed.
+    max_attachment_size: int | None = attrs.field(default=None, validator=_check_size_cap)
+    attachment_types: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_types_copy)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"doctype": self.doctype, "selector": _json_copy(self.selector, "selector")}
+        d = {"doctype": self.doctype, "selector": _json_copy(self.selector, "selector")}
+        if self.max_attachment_size is not None:
+            d["max_attachment_size"] = self.max_attachment_size
+        if self.attachment_types is not None:
+            d["attachment_types"] = list(self.attachment_types)
+        return d
 
     @classmethod
     def from_dict(cls, data: object) -> ShareRule:
-        d = _fields(data, "rule", ("doctype", "selector"))
-        return cls(d["doctype"], d["selector"])
+        d = _fields(data, "rule", ("doctype", "selector"),
+                    ("max_attachment_size", "attachment_types"))
+        return cls(d["doctype"], d["selector"], d.get("max_attachment_size"),
+                   d.get("attachment_types"))
+
+    def attachment_refusal(self, content_type: str) -> str | None:
+        """Why an attachment of `content_type` is refused by this rule, or None. A type
+        pattern is a full type (`image/png`) or a family (`image/*`); parameters are
+        ignored."""
+        if self.attachment_types is None:
+            return None
+        bare = content_type.split(";", 1)[0].strip().lower()
+        family = bare.split("/", 1)[0] + "/*"
+        if bare in self.attachment_types or family in self.attachment_types:
+            return None
+        return (f"content type {bare!r} is not one the share allows "
+                f"({', '.join(self.attachment_types)})")
+
+
 
 
 def _check_members(manifest: Manifest, _attr: Any, members: tuple[Member, ...]) -> None:

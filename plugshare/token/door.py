@@ -390,7 +390,8 @@ class Door:
         its tombstone, or None); `entry` the share the write is confined to, if any."""
         if not isinstance(doc.get("doctype"), str):
             raise InvalidArgument("a document needs a doctype")
-        allowed_fields = ("_id", "_rev", "_deleted") + (() if new_edits else ("_revisions",))
+        allowed_fields = ("_id", "_rev", "_deleted", "_attachments") + (
+            () if new_edits else ("_revisions",))
         if ENVELOPE_FIELD in doc or any(
                 k.startswith("_") and k not in allowed_fields for k in doc):
             raise InvalidArgument(
@@ -422,6 +423,11 @@ class Door:
         decision = self._judge(principal, "write", doc)
         if decision.allowed and entry is not None and _scope_refusal(entry, doc) is not None:
             decision = Decision(False, _scope_refusal(entry, doc))
+        if decision.allowed and doc.get("_attachments"):
+            sealed = self._attachments_unsealable(doc)
+            if sealed is not None:
+                self._record(principal.label, "write", doc, Decision(False, sealed))
+                raise InvalidArgument(sealed)
         self._record(principal.label, "write", doc, decision)
         if not decision.allowed:
             raise AccessDenied(decision, f"write refused: {decision.reason}")
@@ -448,6 +454,89 @@ class Door:
         if not decision.allowed:
             raise AccessDenied(decision, f"delete refused: {decision.reason}")
         return {"doc": _bare_tombstone(doc)}
+
+    # -- attachments: decided as the document's own writes -------------------------------
+
+    def _attachments_unsealable(self, doc: Mapping[str, Any]) -> str | None:
+        """Why `doc` may not carry attachments, or None. A doc stored sealed (sensitive
+        doctype, encrypted share) would keep its attachments' data in clear: the chunks are
+        not sealed yet, so such attachments are refused rather than stored in clear."""
+        token = self._token
+        doctype = doc.get("doctype")
+        if isinstance(doctype, str) and token.is_sensitive(doctype):
+            where = f"doctype {doctype!r} is sensitive"
+        elif token.encrypted_share_for(doc) is not None:
+            where = "the document is in an encrypted share"
+        else:
+            return None
+        return (f"{where}: attachments on sealed documents are refused until attachment "
+                "data is sealed too (it would be stored in clear)")
+
+    def _attachment_caps(self, doc: Mapping[str, Any], content_type: str | None
+                         ) -> tuple[int | None, str | None]:
+        """(the smallest size cap of the shares held here whose scope covers `doc`, None
+        for no cap; why `content_type` is refused by one of them, else None)."""
+        cap, refusal = None, None
+        now = time.time()
+        for entry in self._token._book._entries.values():
+            if not entry.active_at(now) or _scope_refusal(entry, doc) is not None:
+                continue
+            rule = entry.manifest.rule
+            if rule.max_attachment_size is not None:
+                cap = rule.max_attachment_size if cap is None else min(cap,
+                                                                       rule.max_attachment_size)
+            if content_type is not None and refusal is None:
+                refused = rule.attachment_refusal(content_type)
+                if refused is not None:
+                    refusal = f"share {entry.manifest.name!r}: {refused}"
+        return cap, refusal
+
+    def _cmd_att_write(self, args: Mapping[str, Any]) -> dict:
+        """{credential, doctype, id, name, current (the stored winner, else its tombstone, or
+        None), content_type? (absent: a removal), share?} -> {max_length: the most bytes the
+        attachment may hold under the rules of the shares it is in (None: no cap; the node
+        enforces it as the data streams, the token never sees the data), base: for a
+        document not live yet, the form to store first (the attachment is written on it)}.
+        Decided as a write of the document itself (its rule, its share's scope), audited
+        once; `AccessDenied` / `InvalidArgument` (a share's content types, a sealed doc)."""
+        principal = self._principal(args)
+        doctype = _arg(args, "doctype", str)
+        doc_id = _arg(args, "id", str)
+        name = _arg(args, "name", str)
+        current = _doc_arg(args, "current", optional=True)
+        content_type = _arg(args, "content_type", str, optional=True)
+        entry = self._share_opened(principal, args)
+        live = current is not None and current.get("_deleted") is not True
+        target = current if live else {"_id": doc_id, "doctype": doctype}
+        meta = {"_id": doc_id, "doctype": doctype}
+        if live and current.get("doctype") != doctype:
+            # another doctype's document: answered as a missing one
+            self._record(principal.label, "write", meta,
+                         Decision(False, "the document is of another doctype"))
+            raise _not_found(doc_id)
+        if not live and current is not None and current.get("doctype") != doctype:
+            self._record(principal.label, "write", meta,
+                         Decision(False, "the id was a document of another doctype"))
+            raise AccessDenied(Decision(False, "doctype change"),
+                               "this id belongs to a document you may not write")
+        decision = self._judge(principal, "write", target)
+        if decision.allowed and entry is not None and _scope_refusal(entry, target):
+            decision = Decision(False, _scope_refusal(entry, target))
+        if not decision.allowed:
+            self._record(principal.label, "write", target, decision)
+            if live and not self._judge(principal, "read", current).allowed:
+                raise _not_found(doc_id)  # existence is not revealed
+            raise AccessDenied(decision, f"write refused: {decision.reason}")
+        refusal = self._attachments_unsealable(target) if content_type is not None else None
+        cap, type_refusal = self._attachment_caps(target, content_type)
+        if refusal is None:
+            refusal = type_refusal
+        if refusal is not None:
+            self._record(principal.label, "write", target, Decision(False, refusal))
+            raise InvalidArgument(refusal)
+        self._record(principal.label, "write", target,
+                     Decision(True, f"{decision.reason} (attachment {name!r})"))
+        return {"max_length": cap, "base": None if live else dict(target)}
 
     def _may_see_tombstone(self, principal: Principal, action: str, tombstone: dict,
                            entry: Any) -> bool:
@@ -568,6 +657,10 @@ class Door:
                 continue
             wanted = self._reseal_target(stored)
             if wanted is None:
+                continue
+            if stored.get("_attachments"):  # the node refuses this before: see att.write
+                self._record("admin", "reseal", stored, Decision(
+                    False, "its attachments' data cannot be sealed yet"))
                 continue
             try:
                 clear = open_doc(stored, self._token._doc_key(sealed_kid(stored))[1]) \
@@ -763,6 +856,8 @@ class Door:
         expires = args.get("expires")
         if expires is not None:
             kwargs["expires"] = float(_arg(args, "expires", (int, float)))
+        kwargs["max_attachment_size"] = _arg(args, "max_attachment_size", int, optional=True)
+        kwargs["attachment_types"] = _arg(args, "attachment_types", list, optional=True)
         manifest = self._token.create_share(
             _arg(args, "name", str), _arg(args, "doctype", str),
             _arg(args, "selector", dict, optional=True), **kwargs)
@@ -1036,6 +1131,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "doc.write_batch": ("credential", "docs", "current", "new_edits", "share?"),
     "db.list": ("credential",),
     "doc.delete": ("credential", "current", "rev"),
+    "att.write": ("credential", "doctype", "id", "name", "current?", "content_type?",
+                  "share?"),
     "doc.reseal": ("credential", "docs"),
     "owner.check": ("credential", "action"),
     "app.add": ("credential", "name", "doctype", "perm", "selector?"),
@@ -1052,7 +1149,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "link.prove": ("server_id", "nonce"),
     "link.may_connect": ("peer",),
     "share.list": (),
-    "share.create": ("credential", "name", "doctype", "selector?", "encrypted?", "expires?"),
+    "share.create": ("credential", "name", "doctype", "selector?", "encrypted?", "expires?",
+                     "max_attachment_size?", "attachment_types?"),
     "share.invite": ("credential", "share", "permission", "ttl", "addresses", "relays?",
                      "membership_expires?"),
     "share.invitations": ("credential", "share?"),

@@ -12,6 +12,11 @@ generation (the number before the dash in `_rev`) and the clear `author`/`subjec
 flipped bit, a ciphertext copied into another document, another revision generation or
 another doctype, or edited clear metadata all fail with `IntegrityError`.
 
+A document's `_attachments` stubs stay in clear beside the envelope (the store resolves
+them); when there are any, their names, digests, lengths and content types are bound into
+the associated data too, so a stub swapped, added or removed fails alike. (A document
+without attachments binds exactly what it did before: older envelopes still open.)
+
 Key ids are derived from the key and its scope (`doctype:<name>` or `share:<id>`), so every
 member of a share names the share key alike without coordination.
 """
@@ -34,7 +39,8 @@ from .errors import IntegrityError, InvalidArgument
 ENVELOPE_FIELD = "plugshare:sealed"
 ENVELOPE_VERSION = 1
 CLEAR_FIELDS = frozenset(
-    {"_id", "_rev", "_deleted", "_revisions", "_conflicts", "doctype", "author", "subject"}
+    {"_id", "_rev", "_deleted", "_revisions", "_conflicts", "_attachments", "doctype", "author",
+     "subject"}
 )
 _KID_DOMAIN = b"plugshare/kid/v1\x00"
 _AD_DOMAIN = b"plugshare/doc/v1\x00"
@@ -76,12 +82,26 @@ def _meta(value: Any) -> Any:
     return ["json", json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)]
 
 
+def _attachments_bound(doc_id: Any, attachments: Any) -> list[list[Any]]:
+    """What the associated data binds of a document's attachment stubs: per name (sorted),
+    its digest, length and content type (the data itself is checked against the digest)."""
+    if not isinstance(attachments, Mapping):
+        raise IntegrityError(f"document {doc_id!r}: _attachments is not an object")
+    bound = []
+    for name in sorted(attachments):
+        stub = attachments[name]
+        if not isinstance(name, str) or not isinstance(stub, Mapping):
+            raise IntegrityError(f"document {doc_id!r}: malformed attachment stub {name!r}")
+        bound.append([name, stub.get("digest"), stub.get("length"), stub.get("content_type")])
+    return bound
+
+
 def _aad(kid: str, doctype: str, doc_id: str, generation: int, clear: Mapping[str, Any]) -> bytes:
-    return _AD_DOMAIN + msgpack.packb(
-        [ENVELOPE_VERSION, kid, doctype, doc_id, generation,
-         _meta(clear.get("author")), _meta(clear.get("subject"))],
-        use_bin_type=True,
-    )
+    fields = [ENVELOPE_VERSION, kid, doctype, doc_id, generation,
+              _meta(clear.get("author")), _meta(clear.get("subject"))]
+    if clear.get("_attachments"):  # absent or empty: the binding of documents without files
+        fields.append(_attachments_bound(doc_id, clear["_attachments"]))
+    return _AD_DOMAIN + msgpack.packb(fields, use_bin_type=True)
 
 
 def _b64(data: bytes) -> str:

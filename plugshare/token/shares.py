@@ -78,7 +78,9 @@ def reserved_signing_prefixes() -> tuple[bytes, ...]:
 # --- building and checking --------------------------------------------------------------------
 
 
-def share_rule(doctype: str, selector: Mapping[str, Any] | None, *, encrypted: bool) -> ShareRule:
+def share_rule(doctype: str, selector: Mapping[str, Any] | None, *, encrypted: bool,
+               max_attachment_size: int | None = None,
+               attachment_types: list[str] | None = None) -> ShareRule:
     """The rule of a new share; `RuleError` for a malformed selector, or for an encrypted
     share's selector that tests fields sealed away (it could never match a stored document)."""
     if selector is not None and not isinstance(selector, Mapping):
@@ -93,7 +95,8 @@ def share_rule(doctype: str, selector: Mapping[str, Any] | None, *, encrypted: b
                 f"({', '.join(sorted(CLEAR_RULE_FIELDS))}); {', '.join(hidden)} would be sealed"
             )
     try:
-        return _manifest.ShareRule(doctype, selector or None)  # {} selects every document
+        return _manifest.ShareRule(doctype, selector or None,  # {} selects every document
+                                   max_attachment_size, attachment_types)
     except _manifest.MalformedManifest as exc:
         raise RuleError(str(exc)) from None
 

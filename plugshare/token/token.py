@@ -1320,6 +1320,8 @@ class Token:
         encrypted: bool = False,
         expires: float | None = None,
         now: float | None = None,
+        max_attachment_size: int | None = None,
+        attachment_types: list[str] | None = None,
     ) -> Manifest:
         """A new share of the `doctype` documents matching `selector` (None: all), owned by
         this node: manifest version 1, signed, with this node (named as the token) its only
@@ -1336,7 +1338,9 @@ class Token:
         expires = sharebook.check_expiry(
             "the share's expiry", expires, time.time() if now is None else now
         )
-        rule = sharebook.share_rule(doctype, selector, encrypted=encrypted)
+        rule = sharebook.share_rule(doctype, selector, encrypted=encrypted,
+                                    max_attachment_size=max_attachment_size,
+                                    attachment_types=attachment_types)
         if self._book.name_taken(name):
             raise AlreadyExists(f"a share named {name!r} is already known here; pick another name")
         manifest = sharebook.draft_manifest(

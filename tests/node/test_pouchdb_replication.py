@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -481,21 +482,54 @@ async def test_a_local_design_doc_does_not_stop_pouchdbs_push(cluster: Cluster, 
     assert sorted(node.revs(NOTES)) == ["n0", "n1", "n2"]
 
 
-async def test_a_doc_with_an_attachment_does_not_stop_pouchdbs_push(cluster: Cluster,
-                                                                    tmp_path):
-    # Refused alone as `forbidden` (the token takes no `_attachments` field yet), which
-    # PouchDB moves past: the batches after it land.
-    node = cluster.add("a")
+@pytest.mark.parametrize("backend", ["sqlite", "couchdb"])
+async def test_pouchdb_replicates_a_doc_with_an_attachment_to_and_from_a_node(
+        cluster: Cluster, tmp_path, backend, request):
+    """Issue 13: PouchDB's push sends attachments inline (base64, `_bulk_docs` with
+    new_edits=false), its pull asks `_bulk_get?attachments=true`; the file arrives equal,
+    digest and all, both ways, and the docs after it in the same push land too (on both
+    store backends)."""
+    store = () if backend == "sqlite" else (
+        "--store", "couchdb", "--couchdb-url", request.getfixturevalue("couchdb_url"))
+    node = cluster.add("a", *store)
     credential = add_app(node, "notes", NOTES, "write")
+    data = bytes(range(256)) * 40 + b"end"
+    digest = "md5-" + base64.b64encode(hashlib.md5(data).digest()).decode()
     async with pouchdb_puppet(tmp_path / "pouch") as pouch:
-        await pouch.put({"_id": "with-attachment", "_attachments": {"a.txt": {
-            "content_type": "text/plain", "data": base64.b64encode(b"hello").decode()}}})
+        await pouch.put({"_id": "with-attachment", "title": "t", "_attachments": {"a.bin": {
+            "content_type": "application/x-test", "data": base64.b64encode(data).decode()}}})
         # written after it: more than one of PouchDB's batches of 100
         await pouch.bulk_docs([{"_id": f"n{i:03d}"} for i in range(150)])
         result = await pouch.replicate_to(db_url(node, NOTES, credential, "notes"))
-        assert result["ok"] and result["docs_written"] == 150, shown(result)
-        assert [e["id"] for e in result["errors"]] == ["with-attachment"], shown(result)
-    assert len(node.revs(NOTES)) == 150
+        assert result["ok"] and result["docs_written"] == 151, shown(result)
+        assert result["errors"] == [], shown(result)
+        sent_rev = (await pouch.get("with-attachment"))["_rev"]
+    assert len(node.revs(NOTES)) == 151
+    stub = node.get("with-attachment")["_attachments"]["a.bin"]
+    assert stub["digest"] == digest and stub["length"] == len(data)
+    assert stub["content_type"] == "application/x-test"
+    with httpx.Client(base_url=node.running.api_url, headers={
+            "Authorization": f"Bearer {node.running.credential}"}) as http:
+        got = http.get(f"/data/{NOTES}/with-attachment/a.bin")
+        assert got.status_code == 200 and got.content == data
+
+    # and back, into an empty PouchDB; the owner adds a second file on the node first
+    with httpx.Client(base_url=node.running.api_url, headers={
+            "Authorization": f"Bearer {node.running.credential}"}) as http:
+        added = http.put(f"/data/{NOTES}/with-attachment/b.txt", params={"rev": sent_rev},
+                         content=b"second file", headers={"content-type": "text/plain"})
+        assert added.status_code == 201, added.text
+    async with pouchdb_puppet(tmp_path / "pouch2") as pouch:
+        result = await pouch.replicate_from(db_url(node, NOTES, credential, "notes"))
+        assert result["ok"] and result["doc_write_failures"] == 0, shown(result)
+        doc = await pouch.get("with-attachment", attachments=True)
+        assert doc["_rev"] == added.json()["rev"]
+        atts = doc["_attachments"]
+        assert base64.b64decode(atts["a.bin"]["data"]) == data
+        assert atts["a.bin"]["digest"] == digest
+        assert base64.b64decode(atts["b.txt"]["data"]) == b"second file"
+        assert atts["b.txt"]["content_type"] == "text/plain"
+        assert len(await pouch.revs()) == 151
 
 
 async def test_a_malformed_doc_is_refused_alone_and_pouchdbs_push_goes_on(cluster: Cluster,

@@ -389,3 +389,18 @@ def test_every_refusal_is_a_manifest_error_with_a_message() -> None:
         with pytest.raises(ManifestError) as info:
             accept_update(v1, bad, verify_signature)
         assert str(info.value)
+
+
+def test_a_rule_may_cap_attachments_and_without_caps_signs_the_bytes_it_always_did() -> None:
+    """Issue 13: a share's rule may cap its documents' attachments (size, content types);
+    the fields are optional, absent from a rule without them."""
+    assert ShareRule("io.photos").to_dict() == {"doctype": "io.photos", "selector": None}
+    capped = ShareRule("io.photos", None, 10_000, ["image/*", "application/PDF"])
+    assert ShareRule.from_dict(capped.to_dict()) == capped
+    assert capped.attachment_refusal("image/png") is None
+    assert capped.attachment_refusal("application/pdf; q=1") is None
+    assert "text/plain" in capped.attachment_refusal("text/plain")
+    for bad in ({"max_attachment_size": -1}, {"max_attachment_size": "big"},
+                {"attachment_types": "image/*"}, {"attachment_types": ["png"]}):
+        with pytest.raises(MalformedManifest):
+            ShareRule.from_dict({"doctype": "io.photos", "selector": None, **bad})

@@ -159,3 +159,46 @@ def test_malformed_commands_get_an_error_never_a_crash_or_a_decision(door, token
         assert all(v is not None and "withheld" in v for v in answer["verdicts"])
     if command == "share.incoming":
         assert all(r is not None and "refused" in r for r in answer["results"])
+
+
+# -- attachments (issue 13): decided as the document's own writes ----------------------------
+
+def _att_write(door, credential, current, *, content_type="image/png", doctype="io.photos",
+               doc_id="p1", **extra):
+    return _wire(door.handle("att.write", {
+        "credential": credential, "doctype": doctype, "id": doc_id, "name": "a.png",
+        "current": current, "content_type": content_type, **extra}))
+
+
+def test_attachment_writes_follow_the_documents_rule_one_audit_entry_each(door, token):
+    d, owner = door
+    app = token.add_app("viewer", "io.photos", "write", {"album": "2024"})
+    mine = _stored({"_id": "p1", "doctype": "io.photos", "album": "2024"})
+    theirs = _stored({"_id": "p2", "doctype": "io.photos", "album": "2019"})
+    before = len(token.audit_tail(10_000))
+    assert _att_write(d, app, mine) == {"max_length": None, "base": None}
+    with pytest.raises(NotFound):  # another selector's doc: not the app's to learn of
+        _att_write(d, app, theirs, doc_id="p2")
+    new = _att_write(d, owner, None, doc_id="p3")
+    assert new["base"] == {"_id": "p3", "doctype": "io.photos"}
+    with pytest.raises(NotFound):  # another doctype's document is missing here
+        _att_write(d, owner, mine, doctype="io.notes")
+    assert len(token.audit_tail(10_000)) - before == 4
+
+
+def test_a_share_rule_caps_attachments_and_sealed_docs_take_none(door, token):
+    d, owner = door
+    d.handle("share.create", {"credential": owner, "name": "pics", "doctype": "io.photos",
+                              "max_attachment_size": 5000, "attachment_types": ["image/*"]})
+    doc = _stored({"_id": "p1", "doctype": "io.photos"})
+    assert _att_write(d, owner, doc)["max_length"] == 5000
+    with pytest.raises(TokenError, match="text/plain"):
+        _att_write(d, owner, doc, content_type="text/plain")
+    d.handle("doctype.encrypt", {"credential": owner, "doctype": "io.health"})
+    health = _stored(_write(d, owner, {"_id": "h1", "doctype": "io.health", "n": 1}))
+    with pytest.raises(TokenError, match="sealed"):
+        _att_write(d, owner, health, doctype="io.health", doc_id="h1")
+    # nor may a sealed doc be written carrying stubs
+    with pytest.raises(TokenError, match="sealed"):
+        _write(d, owner, {"_id": "h1", "_rev": health["_rev"], "doctype": "io.health",
+                          "_attachments": {"a.png": {"stub": True}}}, health, 2)

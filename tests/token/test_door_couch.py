@@ -39,7 +39,7 @@ def test_a_batch_decides_each_doc_and_a_refusal_fails_only_its_own(door, token):
         {"_id": "ok1", "doctype": "io.notes", "tag": "work"},
         {"_id": "no1", "doctype": "io.notes", "tag": "home"},
         {"_id": "t1", "_rev": theirs["_rev"], "doctype": "io.notes", "tag": "work"},
-        {"_id": "bad", "doctype": "io.notes", "_attachments": {}},
+        {"_id": "bad", "doctype": "io.notes", "_conflicts": []},  # _attachments is taken
     ], {"t1": theirs})
     assert results[0]["doc"]["_id"] == "ok1"
     assert [(r.get("id"), r.get("error")) for r in results[1:]] == [

@@ -245,3 +245,30 @@ def test_discarded_share_key_no_longer_opens(token: Token) -> None:
         token.discard_share_key("trip")
     with pytest.raises(NotFound):
         token.wrap_share_key_for("trip", token.x25519_public_bytes, token.fingerprint)
+
+
+def test_attachment_stubs_stay_in_clear_beside_the_envelope_and_are_authenticated():
+    """The store resolves a sealed document's attachment stubs, so they stay in clear; the
+    envelope binds their names, digests, lengths and content types (issue 13)."""
+    from plugshare.token.envelope import DocKey
+
+    key = DocKey("k1", b"\x01" * 32)
+    stubs = {"scan.pdf": {"content_type": "application/pdf", "length": 10,
+                          "digest": "md5-" + base64.b64encode(b"\x02" * 16).decode(),
+                          "revpos": 1, "stub": True}}
+    sealed = stored(seal_doc(note(_attachments=stubs), key, 2), 2)
+    assert sealed["_attachments"] == stubs and SECRET not in json.dumps(sealed)
+    assert open_doc(sealed, key)["_attachments"] == stubs
+    swapped = json.loads(json.dumps(sealed))
+    swapped["_attachments"]["scan.pdf"]["digest"] = "md5-" + base64.b64encode(
+        b"\x03" * 16).decode()
+    renamed = {**sealed, "_attachments": {"other.pdf": stubs["scan.pdf"]}}
+    stripped = {k: v for k, v in sealed.items() if k != "_attachments"}
+    added = stored(seal_doc(note(), key, 2), 2)
+    added["_attachments"] = stubs
+    for altered in (swapped, renamed, stripped, added):
+        with pytest.raises(IntegrityError):
+            open_doc(altered, key)
+    # a document without attachments binds what it always did
+    plain = stored(seal_doc(note(), key, 2), 2)
+    assert open_doc(plain, key)["text"] == SECRET

@@ -35,6 +35,7 @@ class CouchParts:
     documents: Any  # plugshare.node.documents.Documents: its store, and where writes land
     events: Any  # the node's event bus: API writes are published as doc.written
     max_body: int  # bytes a request body may hold
+    files: Any = None  # plugshare.node.files.Files: attachments' writes (caps, decisions)
     instance: str = attrs.field(factory=lambda: secrets.token_hex(16))
 
 

@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from plugshare import __version__
+from plugshare.node.couch import attachments as files_routes
 from plugshare.node.couch import body as bodies
-from plugshare.node.couch import mango, params
+from plugshare.node.couch import inline, mango, params
 from plugshare.node.couch.databases import names, resolve
 from plugshare.node.couch.errors import CouchError, bad_request, forbidden
 from plugshare.node.couch.feeds import FeedSlots, follow
@@ -242,7 +243,11 @@ def endpoints(parts) -> list[Route]:
                 raise bad_request("'rev' must be text")
             wanted.append((item["id"], rev))
         revs = params.flag(request.query_params, "revs")
-        return _json({"results": await view.bulk_get(wanted, revs=revs)})
+        results = await view.bulk_get(wanted, revs=revs)
+        if params.flag(request.query_params, "attachments"):  # data inline, streamed
+            return StreamingResponse(inline.results_with_data(results, view.open_attachment),
+                                     media_type="application/json")
+        return _json({"results": results})
 
     async def ensure_full_commit(request: Request) -> Response:
         """POST: every write is durable when answered: nothing to commit"""
@@ -306,6 +311,9 @@ def endpoints(parts) -> list[Route]:
         PUT: create or update a document (_rev, If-Match or ?rev=; ?new_edits=false)
         DELETE: delete a document (?rev= or If-Match)"""
         view = await open_view(request)
+        attachment = files_routes.target(request)
+        if attachment is not None:
+            return await files_routes.serve(request, view, parts.files, *attachment)
         doc_id = check_doc_id(request.path_params["doc_id"])
         query = request.query_params
         if request.method in ("GET", "HEAD"):
@@ -390,6 +398,9 @@ async def _read(request: Request, view: DatabaseView, doc_id: str) -> Response:
                                    or not all(isinstance(r, str) for r in open_revs)):
             raise bad_request("`open_revs` must be \"all\" or a JSON list of revisions")
         found = await view.open_revs(doc_id, None if open_revs == "all" else open_revs)
+        if params.flag(query, "attachments"):  # data inline, streamed (JSON only)
+            return StreamingResponse(inline.open_revs_with_data(found, view.open_attachment),
+                                     media_type="application/json")
         if "application/json" in request.headers.get("accept", ""):
             return _json(found)
         return _multipart(found)

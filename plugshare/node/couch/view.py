@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Awaitable
 
 from plugshare.node.couch.databases import Database
-from plugshare.node.couch.errors import CouchError, bad_request, forbidden
+from plugshare.node.couch.errors import CouchError, as_couch, bad_request, forbidden
+from plugshare.node.couch.inline import one_piece, take_inline
 from plugshare.store import Doc
-from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq
+from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq, StoreError
 
 log = logging.getLogger("plugshare.couch")
 
@@ -286,6 +287,12 @@ class DatabaseView:
             results.append({"id": doc_id, "docs": [{"ok": doc}]})
         return results
 
+    async def open_attachment(self, doc_id: str, name: str, rev: str, *,
+                              range: tuple[int, int] | None = None):
+        """The data of an attachment of a revision this credential was just shown (the
+        token decided that read); (meta, chunks)."""
+        return await self._store.open_attachment(doc_id, name, rev=rev, range=range)
+
     async def revs_diff(self, asked: dict[str, list[str]]) -> dict[str, dict]:
         """CouchDB's `_revs_diff`. A document this credential may not read here is reported
         wholly missing: what the store holds of it is not its to learn (a push of it is then
@@ -306,9 +313,20 @@ class DatabaseView:
         conflicting doc never fails the others."""
         results: list[dict | None] = [None] * len(docs)
         prepared: list[tuple[int, Doc]] = []
+        inline: dict[int, dict[str, bytes]] = {}  # replicated attachment data, by doc
         for index, doc in enumerate(docs):
             try:
-                prepared.append((index, self._prepare(doc, new_edits)))
+                ready = self._prepare(doc, new_edits)
+                ready, data = take_inline(ready)
+                if data and new_edits:  # an edit is one revision: files are PUT apart
+                    raise bad_request(
+                        "inline attachment data is taken from replicated writes only "
+                        "(new_edits=false); PUT each file to "
+                        + ", ".join(f"/couch/{self.db.name}/{ready['_id']}/{name}"
+                                    for name in data))
+                if data:
+                    inline[index] = data
+                prepared.append((index, ready))
             except CouchError as exc:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
                 results[index] = {"id": doc_id, "error": exc.error, "reason": exc.reason}
@@ -319,11 +337,12 @@ class DatabaseView:
                 return json_size(item[1]) + json_size(landing.get(item[1]["_id"]))
 
             for page in token_pages(prepared, weight):
-                await self._write_prepared(page, landing, results, new_edits)
+                await self._write_prepared(page, landing, results, new_edits, inline)
         return [r for r in results if r is not None]
 
     async def _write_prepared(self, prepared: list[tuple[int, Doc]], landing: dict[str, Doc],
-                              results: list[dict | None], new_edits: bool) -> None:
+                              results: list[dict | None], new_edits: bool,
+                              inline: dict[int, dict[str, bytes]] | None = None) -> None:
         share = {"share": self.db.share} if self.db.share is not None else {}
         ids = {doc["_id"] for _, doc in prepared}
         answer = await self._call("doc.write_batch", credential=self._credential,
@@ -341,7 +360,20 @@ class DatabaseView:
                 removals += verdict.get("removals") or []
         if not to_store:
             return
-        stored = await self._store.bulk_docs([doc for _, doc in to_store], new_edits=new_edits)
+        with_data = [(i, d) for i, d in to_store if inline and i in inline]
+        to_store = [(i, d) for i, d in to_store if not (inline and i in inline)]
+        stored = await self._store.bulk_docs([doc for _, doc in to_store], new_edits=new_edits) \
+            if to_store else []
+        for index, doc in with_data:  # a replicated revision with its attachments' data
+            try:
+                await self._store.put_replicated(
+                    doc, {name: one_piece(data) for name, data in inline[index].items()})
+                result: dict = {"ok": True, "id": doc["_id"], "rev": doc["_rev"]}
+            except StoreError as exc:
+                refusal = as_couch(exc)
+                result = {"error": refusal.error, "reason": refusal.reason}
+            to_store.append((index, doc))
+            stored.append(result)
         for (index, doc), result in zip(to_store, stored):
             if "error" in result:
                 reason = CONFLICT_REASON if result["error"] == "conflict" else result["reason"]

@@ -1,0 +1,142 @@
+"""The owner's files: documents' attachments as callers see them, streamed.
+
+Each request is one token command carrying the caller's credential, decided as the
+document's own access (`doc.read` for a read, `att.write` for a write or a removal: one
+audit entry each); the data then streams between the caller and the store, never whole in
+memory. The store checks names, digests and lengths (`plugshare.store.attachments`); here,
+the caps: the node's own per-attachment cap and the cap of the shares the document is in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import trio
+
+from plugshare.errors import PlugshareError
+from plugshare.node.documents import Documents, _check_doctype, _probe
+from plugshare.store import BadRequest, Conflict, NotFound
+from plugshare.store.attachments import AttachmentMeta, check_attachment_name, check_content_type
+
+log = logging.getLogger("plugshare.files")
+DEFAULT_MAX_ATTACHMENT = 4 * 1024**3  # bytes: the node's cap on one attachment
+
+
+class TooLarge(PlugshareError):
+    """An attachment over a cap (HTTP 413)."""
+
+    status, error = 413, "too_large"
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def capped(chunks: AsyncIterable[bytes], cap: int, why: str) -> AsyncIterator[bytes]:
+    """`chunks`, refused (`TooLarge`) as soon as more than `cap` bytes have come."""
+    total = 0
+    async for piece in chunks:
+        total += len(piece)
+        if total > cap:
+            raise TooLarge(f"the attachment is over {why} of {cap} bytes")
+        yield piece
+
+
+class Files:
+    def __init__(self, documents: Documents, *, max_size: int = DEFAULT_MAX_ATTACHMENT):
+        self.documents = documents
+        self.max_size = max_size
+
+    @property
+    def store(self):
+        return self.documents.store
+
+    async def _call(self, command: str, **args: Any) -> Any:
+        return await self.documents._call(command, **args)
+
+    async def put(self, credential: str, doctype: str, doc_id: str, name: str,
+                  rev: str | None, content_type: str, chunks: AsyncIterable[bytes], *,
+                  digest: str | None = None, length: int | None = None,
+                  share: str | None = None) -> str:
+        """Stream `chunks` in as attachment `name` of the document at `rev` (the current
+        one; None: a new document of `doctype`, made with this attachment); the new rev.
+        Whatever fails leaves the document as it was (a document made for the upload is
+        deleted again: a tombstone stays)."""
+        _check_doctype(doctype)
+        check_attachment_name(name)
+        check_content_type(content_type)
+        current = (await self.documents.landing([doc_id])).get(doc_id)
+        answer = await self._call("att.write", credential=credential, doctype=doctype,
+                                  id=doc_id, name=name, current=current,
+                                  content_type=content_type, **_scope(share))
+        cap, why = self.max_size, "this node's cap"
+        if answer.get("max_length") is not None and answer["max_length"] < cap:
+            cap, why = answer["max_length"], "the share's cap"
+        if length is not None and length > cap:
+            raise TooLarge(f"the attachment ({length} bytes) is over {why} of {cap} bytes")
+        base = answer.get("base")
+        live = base is None
+        if live and rev != current["_rev"]:
+            # also a rev of a losing branch: the token decided on the winner
+            raise Conflict("document update conflict: send the current rev")
+        if not live and rev is not None:
+            raise Conflict(f"document {doc_id!r} does not exist: send no rev to create it")
+        if not live:
+            rev = await self.store.put(base)  # the doc the attachment is written on
+        try:
+            new_rev = await self.store.put_attachment(
+                doc_id, rev, name, content_type, capped(chunks, cap, why),
+                digest=digest, length=length)
+        except BaseException:
+            if not live:  # no half-made document stays live behind a failed upload
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.store.delete(doc_id, rev)
+                    except Exception as exc:  # the upload's own error is the one to tell
+                        log.warning("document %r made for a failed upload stays: %s",
+                                    doc_id, exc)
+            raise
+        self.documents.events.publish("doc.written", id=doc_id, doctype=doctype, rev=new_rev)
+        return new_rev
+
+    async def stub(self, credential: str, doctype: str, doc_id: str, name: str, *,
+                   rev: str | None = None) -> tuple[str, dict[str, Any]]:
+        """(the revision read, the attachment's stub) once the token lets the caller read
+        the document; `NotFound` alike for a missing doc, name or one it may not read."""
+        check_attachment_name(name)
+        doc = await self.documents.get(credential, doc_id, doctype=doctype, rev=rev)
+        stub = (doc.get("_attachments") or {}).get(name)
+        if doc.get("_deleted") or not isinstance(stub, dict):
+            raise NotFound(f"document {doc_id!r} has no attachment {name!r}")
+        return doc["_rev"], stub
+
+    async def open(self, doc_id: str, name: str, rev: str,
+                   range: tuple[int, int] | None) -> tuple[AttachmentMeta, AsyncIterator[bytes]]:
+        """The data of an attachment `stub` allowed the read of (same request)."""
+        return await self.store.open_attachment(doc_id, name, rev=rev, range=range)
+
+    async def delete(self, credential: str, doctype: str, doc_id: str, name: str,
+                     rev: str | None, *, share: str | None = None) -> str:
+        _check_doctype(doctype)
+        check_attachment_name(name)
+        if not rev:
+            raise BadRequest("removing an attachment needs the current rev (?rev= or If-Match)")
+        current = (await self.documents.landing([doc_id])).get(doc_id)
+        if current is None or current.get("_deleted"):
+            await self._call("doc.read", credential=credential, doc=_probe(doc_id, doctype),
+                             doctype=doctype, **_scope(share))
+            raise NotFound(f"no document {doc_id!r}")
+        await self._call("att.write", credential=credential, doctype=doctype, id=doc_id,
+                         name=name, current=current, **_scope(share))
+        if rev != current["_rev"]:
+            raise Conflict("document update conflict: send the current rev")
+        new_rev = await self.store.delete_attachment(doc_id, rev, name)
+        self.documents.events.publish("doc.written", id=doc_id, doctype=doctype, rev=new_rev)
+        return new_rev
+
+
+def _scope(share: str | None) -> dict[str, str]:
+    """The token argument confining a command to a share's database (the CouchDB API's)."""
+    return {"share": share} if share is not None else {}
