@@ -313,3 +313,29 @@ class Store(abc.ABC):
         streams each attachment the target lacks from `open_attachment`. Errors as
         `put_attachment`; an already known revision is a no-op (its streams are not read).
         A stub that cannot be resolved is a `BadRequest` ("missing stub")."""
+
+    # -- staged chunks: an incoming attachment transfer, resumable ---------------------------
+    #
+    # A replicated attachment arrives as SHA-256-addressed chunks of `CHUNK_SIZE` bytes (the
+    # last shorter). The receiver stages each chunk durably as it arrives, and once it holds
+    # them all writes the revision with `put_replicated`, streaming them back from staging;
+    # then it releases them. A transfer cut by a crash resumes with only the chunks not yet
+    # staged. Staged chunks are never garbage-collected before they are released.
+
+    async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
+        """Stage every chunk of `hashes` this store already holds (by any attachment or an
+        earlier transfer) and return those: they need not travel."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def stage_chunk(self, data: bytes) -> bytes:
+        """Store one chunk of an incoming transfer, durably; its SHA-256."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def read_staged_chunk(self, digest: bytes) -> bytes:
+        """A staged chunk's data; `NotFound` when it is not staged."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def release_chunks(self, hashes: list[bytes]) -> None:
+        """Release staged chunks (their transfer is done or abandoned); chunks no
+        attachment holds go."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")

@@ -777,6 +777,23 @@ class SQLiteStore(Store):
                     self._write, chunks.collect, [item.content for item in staged], self._in_use
                 )
 
+    # -- staged chunks of incoming transfers (see chunks.py) ---------------------------------
+
+    async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
+        return await self._run(self._write, chunks.claim_chunks, hashes)
+
+    async def stage_chunk(self, data: bytes) -> bytes:
+        return await self._run(self._write, chunks.stage_chunk, data)
+
+    async def read_staged_chunk(self, digest: bytes) -> bytes:
+        data = await self._run(chunks.read_staged, digest)
+        if data is None:
+            raise NotFound(f"no staged chunk {digest.hex()}")
+        return data
+
+    async def release_chunks(self, hashes: list[bytes]) -> None:
+        await self._run(self._write, chunks.unstage, hashes)
+
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:
             revtree.check_doc_id(doc_id)
@@ -1050,6 +1067,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
         if new or version == 1:
             chunks.create_tables(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        chunks.create_staging(conn)
         if owner is not None:
             _claim(conn, path, owner)
         (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()

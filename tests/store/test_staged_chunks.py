@@ -1,0 +1,81 @@
+"""Staged chunks in the store contract: what a resumable incoming attachment transfer
+holds on to (`claim_chunks`, `stage_chunk`, `read_staged_chunk`, `release_chunks`).
+
+Implemented on the embedded store; the CouchDB backend does not stage chunks yet (its
+attachments still replicate, only without resuming a cut transfer), so it is skipped here."""
+
+import hashlib
+
+import pytest
+
+from plugshare.store.attachments import CHUNK_SIZE
+from plugshare.store.base import NotFound
+from plugshare.store.sqlite import SQLiteStore
+from tests.store.test_attachments import md5_digest, random_bytes, put_doc_with_file, stream
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path):
+    store = await SQLiteStore.open(tmp_path / "store.sqlite")
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def pieces(data: bytes) -> list[bytes]:
+    return [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+
+
+async def test_staged_chunks_survive_a_restart_and_feed_put_replicated(tmp_path):
+    data = random_bytes(3 * CHUNK_SIZE + 17)
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    assert await store.claim_chunks(hashes) == set()
+    for piece in pieces(data)[:2]:
+        assert await store.stage_chunk(piece) in hashes
+    await store.compact()  # staged chunks are no garbage
+    await store.aclose()
+
+    store = await SQLiteStore.open(path)  # a crash between chunks: they are still there
+    try:
+        assert await store.claim_chunks(hashes) == set(hashes[:2])
+        for piece in pieces(data)[2:]:
+            await store.stage_chunk(piece)
+
+        async def staged():
+            for digest in hashes:
+                yield await store.read_staged_chunk(digest)
+
+        doc = {"_id": "d", "_rev": "1-" + "a" * 32, "_revisions": {"start": 1, "ids": ["a" * 32]},
+               "_attachments": {"f": {"follows": True, "content_type": "x/y", "length": len(data),
+                                      "digest": md5_digest(data), "revpos": 1}}}
+        await store.put_replicated(doc, {"f": staged()})
+        await store.release_chunks(hashes)
+        _, body = await store.open_attachment("d", "f")
+        assert b"".join([p async for p in body]) == data
+        await store.compact()
+        assert (await store.info())["attachment_chunks"] == len(hashes)  # held by the doc
+    finally:
+        await store.aclose()
+
+
+async def test_a_released_chunk_no_attachment_holds_is_removed(sqlite_store):
+    digest = await sqlite_store.stage_chunk(b"lonely")
+    await sqlite_store.release_chunks([digest])
+    with pytest.raises(NotFound):
+        await sqlite_store.read_staged_chunk(digest)
+    assert await sqlite_store.claim_chunks([digest]) == set()
+
+
+async def test_claiming_a_chunk_an_attachment_holds_keeps_it_after_the_attachment_goes(sqlite_store):
+    data = random_bytes(CHUNK_SIZE + 5, seed=3)
+    _, rev = await put_doc_with_file(sqlite_store, "d", data=data)
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    assert await sqlite_store.claim_chunks(hashes) == set(hashes)
+    await sqlite_store.delete("d", rev)  # the only content holding them goes
+    await sqlite_store.compact()
+    assert [await sqlite_store.read_staged_chunk(h) for h in hashes] == pieces(data)
+    await sqlite_store.release_chunks(hashes)
+    assert await sqlite_store.claim_chunks(hashes) == set()
