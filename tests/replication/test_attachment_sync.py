@@ -1,0 +1,93 @@
+"""Attachment data between two real stores over a real pinned-TLS link: a revision comes
+with its stubs, only the chunks the target lacks travel (apart from the document stream, so
+small docs do not wait behind a large file), and the revision is written once its data is
+all there and checked."""
+
+import pytest
+import trio
+
+from plugshare.replication.attachment_sync import RevisionFetched
+from plugshare.replication.protocol import DocRefused
+from plugshare.replication.replicator import PeerReplication, store_instance_id
+from plugshare.store.base import NotFound
+from tests.replication.test_replicator import Side, everything, linked, stores, until, wait_for_doc  # noqa: F401 (a fixture)
+from tests.store.test_attachments import md5_digest, put_doc_with_file, random_bytes
+
+MIB = 1024 * 1024
+
+
+class RecordingSide(Side):
+    """A side that keeps its `PeerReplication` for the test to look at."""
+
+    replication = None
+
+    async def replicate(self, connection, peer_id: bytes) -> None:
+        self.connection = connection
+        self.store_id = self.store_id or await store_instance_id(self.store)
+        self.replication = PeerReplication(
+            connection, self.store, peer=peer_id.hex(), store_id=self.store_id,
+            accept_share=self.accept_share, on_event=self.events, config=self.config,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.replication.run)
+            for share, in_scope in self.pushes.items():
+                self.replication.start_push(share, in_scope=in_scope)
+
+
+async def read_attachment(store, doc_id, name="file.bin") -> bytes:
+    meta, data = await store.open_attachment(doc_id, name)
+    return b"".join([piece async for piece in data])
+
+
+async def poll_until(check, timeout=120):
+    """Until `check()` holds, looking again every few ms (for state no event announces)."""
+    with trio.fail_after(timeout):
+        while not check():
+            await trio.sleep(0.005)
+
+
+def fetched(side, doc_id):
+    return side.events.of(RevisionFetched, doc_id=doc_id)
+
+
+async def test_a_doc_with_a_large_attachment_syncs_and_a_second_copy_sends_no_chunk_data(stores):
+    store_a, store_b = stores
+    data = random_bytes(50 * MIB + 123)
+    await put_doc_with_file(store_a, "big", data=data, doctype="io.files")
+    a = RecordingSide("a", store_a, pushes={"notes": everything})
+    b = RecordingSide("b", store_b)
+    async with linked(a, b):
+        await until(lambda: fetched(b, "big"), b.events)
+        assert await read_attachment(store_b, "big") == data
+        sent = a.replication.attachment_server.sent_bytes
+        assert sent == len(data)  # every chunk once
+        [event] = fetched(b, "big")
+        assert event.fetched_bytes == len(data) and event.held_chunks == 0
+
+        await put_doc_with_file(store_a, "copy", data=data, doctype="io.files")
+        await until(lambda: fetched(b, "copy"), b.events)
+        assert await read_attachment(store_b, "copy") == data
+        [event] = fetched(b, "copy")
+        assert event.fetched_bytes == 0 and event.held_chunks > 0
+        assert a.replication.attachment_server.sent_bytes == sent  # no chunk data travelled
+    meta, _ = await store_b.open_attachment("copy", "file.bin")
+    assert meta.digest == md5_digest(data)
+
+
+async def test_a_small_doc_written_during_a_100_mb_transfer_arrives_before_it_ends(stores):
+    store_a, store_b = stores
+    data = random_bytes(100 * MIB)
+    await put_doc_with_file(store_a, "big", data=data, doctype="io.files")
+    a = RecordingSide("a", store_a, pushes={"notes": everything})
+    b = RecordingSide("b", store_b)
+    async with linked(a, b):
+        await poll_until(lambda: b.replication is not None
+                         and b.replication.attachment_fetcher.fetched_bytes > 0)
+        await store_a.put({"_id": "small", "doctype": "io.notes", "text": "x" * 1000})
+        await wait_for_doc(b, "small")
+        # The small doc is readable on B while the big one is not complete there yet.
+        with pytest.raises(NotFound):
+            await store_b.get("big")
+        assert b.replication.attachment_fetcher.fetched_bytes < len(data)
+        await until(lambda: fetched(b, "big"), b.events)
+    assert await read_attachment(store_b, "big") == data
