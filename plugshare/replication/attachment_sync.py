@@ -43,6 +43,7 @@ being pushed to the peer right now (ask again later)."""
 # refused like any missing stub (the peer cannot make us keep unboundedly many).
 MAX_PENDING_REVISIONS = 10_000
 FETCH_BACKOFF = Backoff(initial=1.0, maximum=60.0, multiplier=2.0, jitter=0.2)
+PROGRESS_EVERY = 64  # chunks (16 MiB) between two progress lines in the log
 REPLY_TIMEOUT = 120.0  # seconds without a reply before a request is given up (and retried)
 
 
@@ -353,12 +354,17 @@ class AttachmentFetcher:
             claimed.extend(held)
             fetch.held(held)
             self._held_chunks += len(held)
+            logger.info("fetching attachment %r of %s from peer %s: %d chunks to fetch, %d "
+                        "held here already", name, doc["_id"], self.peer, fetch.missing, len(held))
             while not fetch.complete:
                 for ask in fetch.asks():
                     await self._connection.send(ask)
                 data = fetch.chunk(await self._reply(replies, transfer.CHUNK))
                 claimed.append(await self._store.stage_chunk(data))
                 self.fetched_bytes += len(data)
+                if fetch.fetched % PROGRESS_EVERY == 0:
+                    logger.info("attachment %r of %s: %d chunks fetched, %d to go", name,
+                                doc["_id"], fetch.fetched, fetch.missing)
             logger.info("fetched attachment %r of %s from peer %s: %d chunks (%d bytes) "
                         "fetched, %d held here already", name, doc["_id"], self.peer,
                         fetch.fetched, fetch.fetched_bytes, len(set(hashes)) - fetch.fetched)
