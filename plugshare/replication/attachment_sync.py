@@ -283,8 +283,15 @@ class AttachmentFetcher:
                             retry_later = True
                             break
                         self._refused(kept, refused.reason)
-                    except (transfer.TransferError, BadRequest) as error:
+                    except BadRequest as error:  # the data does not check: for good
+                        self._refused(kept, error.reason)
+                    except transfer.TransferError as error:
                         self._refused(kept, str(error))
+                    except StoreError as error:  # our store away: later, from what is staged
+                        logger.warning("cannot fetch the data of %s from %s now: %s",
+                                       kept["doc"].get("_id"), self.peer, error)
+                        retry_later = True
+                        break
                     await self._release(claimed)
                     await self._forget(entry)
                     attempt = 0

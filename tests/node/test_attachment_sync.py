@@ -75,3 +75,21 @@ def test_a_receiver_killed_mid_transfer_resumes_without_the_chunks_it_stored(clu
     doc = bob.get("big")
     assert doc["_attachments"]["file.bin"]["digest"] == md5_digest(data)
     assert hashlib.sha256(read_file_offline(bob, "big")).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_sender_killed_mid_transfer_then_restarted_resumes_where_it_stopped(cluster):
+    alice, bob = cluster.add("alice"), cluster.add("bob")
+    share_between(alice, [bob], name="files", doctype=FILES)
+    data = random_bytes(100 * MIB, seed=8)
+    chunks = -(-len(data) // (256 * 1024))
+    put_file_offline(alice, "big", data)
+
+    wait_until(lambda: re.search(r"attachment 'file.bin' of big: \d+ chunks fetched", bob.log()),
+               120, what="bob to have fetched part of the file")
+    alice.kill()
+    alice.start()
+    wait_until(lambda: bob.get("big"), 180, what="the file's doc on bob after alice's restart")
+    first, second = fetch_counts(bob.log(), "big")
+    assert first == (chunks, 0)
+    assert second[1] >= 64 and sum(second) == chunks  # the stored chunks were not sent again
+    assert hashlib.sha256(read_file_offline(bob, "big")).digest() == hashlib.sha256(data).digest()
