@@ -1,8 +1,8 @@
 """Staged chunks in the store contract: what a resumable incoming attachment transfer
 holds on to (`claim_chunks`, `stage_chunk`, `read_staged_chunk`, `release_chunks`).
 
-Implemented on the embedded store; the CouchDB backend does not stage chunks yet (its
-attachments still replicate, only without resuming a cut transfer), so it is skipped here."""
+On every backend; on CouchDB only chunks staged by a transfer are found held (its own
+attachments are not chunk-addressed)."""
 
 import hashlib
 
@@ -61,12 +61,35 @@ async def test_staged_chunks_survive_a_restart_and_feed_put_replicated(tmp_path)
         await store.aclose()
 
 
-async def test_a_released_chunk_no_attachment_holds_is_removed(sqlite_store):
-    digest = await sqlite_store.stage_chunk(b"lonely")
-    await sqlite_store.release_chunks([digest])
+async def test_staged_chunks_feed_put_replicated_then_go_when_released(store):
+    data = random_bytes(2 * CHUNK_SIZE + 3, seed=5)
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    assert await store.stage_chunk(pieces(data)[0]) == hashes[0]
+    assert await store.claim_chunks(hashes) == {hashes[0]}  # a cut transfer's, found again
+    for piece in pieces(data)[1:]:
+        await store.stage_chunk(piece)
+
+    async def staged():
+        for digest in hashes:
+            yield await store.read_staged_chunk(digest)
+
+    doc = {"_id": "d", "_rev": "1-" + "b" * 32, "_revisions": {"start": 1, "ids": ["b" * 32]},
+           "_attachments": {"f": {"follows": True, "content_type": "x/y", "length": len(data),
+                                  "digest": md5_digest(data), "revpos": 1}}}
+    await store.put_replicated(doc, {"f": staged()})
+    await store.release_chunks(hashes)
+    _, body = await store.open_attachment("d", "f")
+    assert b"".join([p async for p in body]) == data
     with pytest.raises(NotFound):
-        await sqlite_store.read_staged_chunk(digest)
-    assert await sqlite_store.claim_chunks([digest]) == set()
+        await store.read_staged_chunk(hashes[1])
+
+
+async def test_a_released_chunk_no_attachment_holds_is_removed(store):
+    digest = await store.stage_chunk(b"lonely")
+    await store.release_chunks([digest])
+    with pytest.raises(NotFound):
+        await store.read_staged_chunk(digest)
+    assert await store.claim_chunks([digest]) == set()
 
 
 async def test_claiming_a_chunk_an_attachment_holds_keeps_it_after_the_attachment_goes(sqlite_store):
