@@ -91,3 +91,18 @@ async def test_a_small_doc_written_during_a_100_mb_transfer_arrives_before_it_en
         assert b.replication.attachment_fetcher.fetched_bytes < len(data)
         await until(lambda: fetched(b, "big"), b.events)
     assert await read_attachment(store_b, "big") == data
+
+
+@pytest.mark.parametrize("stores", ["couchdb"], indirect=True)
+@pytest.mark.parametrize("direction", ["to couchdb", "from couchdb"])
+async def test_attachments_sync_to_and_from_the_couchdb_backend(stores, direction):
+    sqlite, couch = stores
+    source, target = (sqlite, couch) if direction == "to couchdb" else (couch, sqlite)
+    data = random_bytes(20 * MIB + 5, seed=11)
+    await put_doc_with_file(source, "f", data=data, doctype="io.files")
+    a = RecordingSide("a", sqlite, pushes={"notes": everything} if source is sqlite else {})
+    b = RecordingSide("b", couch, pushes={"notes": everything} if source is couch else {})
+    receiver = b if target is couch else a
+    async with linked(a, b):
+        await until(lambda: fetched(receiver, "f"), receiver.events)
+    assert await read_attachment(target, "f") == data
