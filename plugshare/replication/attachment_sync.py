@@ -43,6 +43,7 @@ being pushed to the peer right now (ask again later)."""
 # refused like any missing stub (the peer cannot make us keep unboundedly many).
 MAX_PENDING_REVISIONS = 10_000
 FETCH_BACKOFF = Backoff(initial=1.0, maximum=60.0, multiplier=2.0, jitter=0.2)
+PRUNE_EVERY = 64  # kept revisions dropped between two rewrites of the index
 PROGRESS_EVERY = 64  # chunks (16 MiB) between two progress lines in the log
 REPLY_TIMEOUT = 120.0  # seconds without a reply before a request is given up (and retried)
 
@@ -209,6 +210,7 @@ class AttachmentFetcher:
         self._rng = random.Random()
         self.fetched_bytes = 0  # chunk data received from this peer
         self._held_chunks = 0  # of the revision being fetched: chunks that need not travel
+        self._forgotten: set[str] = set()  # kept revisions dropped, still in the index
 
     # -- the revisions kept aside, durably ------------------------------------------------
 
@@ -218,30 +220,49 @@ class AttachmentFetcher:
         except NotFound:
             return []
 
-    async def defer(self, share: str, doc: Doc) -> bool:
-        """Keep `doc` (a revision whose attachment data this store lacks) to write once its
-        data is fetched; False when too many are kept already."""
-        entry = _entry_id(self.peer, share, doc)
+    async def defer(self, share: str, docs: list[Doc]) -> list[bool]:
+        """Keep each of `docs` (revisions whose attachment data this store lacks) to write
+        once its data is fetched; False for those refused because too many are kept already.
+        The index is written once for the whole batch."""
+        kept = []
         async with self._lock:
             entries = await self._entries()
-            if entry not in entries:
-                if len(entries) >= MAX_PENDING_REVISIONS:
-                    return False
-                await self._store.put_local(entry, {"share": share, "doc": doc})
-                await self._store.put_local(_index_id(self.peer), {"entries": [*entries, entry]})
+            known, added = set(entries), False
+            for doc in docs:
+                entry = _entry_id(self.peer, share, doc)
+                if entry not in known:
+                    if len(entries) >= MAX_PENDING_REVISIONS:
+                        kept.append(False)
+                        continue
+                    await self._store.put_local(entry, {"share": share, "doc": doc})
+                    entries.append(entry)
+                    known.add(entry)
+                    added = True
+                kept.append(True)
+            if added:
+                await self._store.put_local(_index_id(self.peer), {"entries": entries})
         self._wake.set()
-        return True
+        return kept
 
     async def _forget(self, entry: str) -> None:
+        """Drop a kept revision (written or refused). Its index entry goes later, with others
+        (`_prune`): an entry whose doc is gone is skipped meanwhile, also after a restart."""
+        try:
+            await self._store.delete_local(entry)
+        except NotFound:
+            pass
+        self._forgotten.add(entry)
+        if len(self._forgotten) >= PRUNE_EVERY:
+            await self._prune()
+
+    async def _prune(self) -> None:
+        if not self._forgotten:
+            return
         async with self._lock:
             entries = await self._entries()
-            if entry in entries:
-                entries.remove(entry)
-                await self._store.put_local(_index_id(self.peer), {"entries": entries})
-            try:
-                await self._store.delete_local(entry)
-            except NotFound:
-                pass
+            await self._store.put_local(_index_id(self.peer), {
+                "entries": [entry for entry in entries if entry not in self._forgotten]})
+            self._forgotten.clear()
 
     async def pending(self) -> int:
         return len(await self._entries())
@@ -295,6 +316,7 @@ class AttachmentFetcher:
                     await self._release(claimed)
                     await self._forget(entry)
                     attempt = 0
+                await self._prune()
                 if retry_later:
                     attempt += 1
                     with trio.move_on_after(FETCH_BACKOFF.delay(attempt - 1, self._rng)):

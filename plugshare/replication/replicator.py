@@ -530,12 +530,16 @@ class PeerReplication:
             [doc for index, doc in enumerate(docs) if index not in refusals], new_edits=False))
         results = [refusals[index] if index in refusals else next(written)
                    for index in range(len(docs))]
-        for index, result in enumerate(results):
-            # A revision whose attachment data we lack waits (durably) for its data, fetched
-            # apart from this stream: the batch, and the small docs behind it, go on.
-            if (result.get("error") == "bad_request" and "missing stub" in str(result.get("reason"))
-                    and await self.attachment_fetcher.defer(share, docs[index])):
-                results[index] = {"id": docs[index]["_id"], "rev": docs[index]["_rev"], "ok": True}
+        # A revision whose attachment data we lack waits (durably) for its data, fetched
+        # apart from this stream: the batch, and the small docs behind it, go on.
+        lacking = [index for index, result in enumerate(results)
+                   if result.get("error") == "bad_request"
+                   and "missing stub" in str(result.get("reason"))]
+        if lacking:
+            kept = await self.attachment_fetcher.defer(share, [docs[i] for i in lacking])
+            for index, ok in zip(lacking, kept):
+                if ok:
+                    results[index] = {"id": docs[index]["_id"], "rev": docs[index]["_rev"], "ok": True}
         return results
 
     async def _may_serve(self, share: str, doc: Doc) -> Doc | str | None:

@@ -106,3 +106,18 @@ async def test_attachments_sync_to_and_from_the_couchdb_backend(stores, directio
     async with linked(a, b):
         await until(lambda: fetched(receiver, "f"), receiver.events)
     assert await read_attachment(target, "f") == data
+
+
+async def test_many_docs_with_small_files_all_arrive_and_nothing_stays_kept_aside(stores):
+    store_a, store_b = stores
+    files = {f"photo-{n:03}": random_bytes(10_000 + n, seed=100 + n) for n in range(300)}
+    for doc_id, data in files.items():
+        await put_doc_with_file(store_a, doc_id, data=data, doctype="io.files")
+    a = RecordingSide("a", store_a, pushes={"notes": everything})
+    b = RecordingSide("b", store_b)
+    async with linked(a, b):
+        await until(lambda: len(b.events.of(RevisionFetched)) == len(files), b.events)
+        await poll_until(lambda: not b.replication.attachment_fetcher._forgotten)
+        assert await b.replication.attachment_fetcher.pending() == 0
+    for doc_id, data in list(files.items())[::37]:
+        assert await read_attachment(store_b, doc_id) == data
