@@ -44,7 +44,7 @@ being pushed to the peer right now (ask again later)."""
 MAX_PENDING_REVISIONS = 10_000
 FETCH_BACKOFF = Backoff(initial=1.0, maximum=60.0, multiplier=2.0, jitter=0.2)
 PRUNE_EVERY = 64  # kept revisions dropped between two rewrites of the index
-PROGRESS_EVERY = 64  # chunks (16 MiB) between two progress lines in the log
+PROGRESS_BYTES = 16 * 1024 * 1024  # fetched between two progress lines in the log
 REPLY_TIMEOUT = 120.0  # seconds without a reply before a request is given up (and retried)
 
 
@@ -388,10 +388,21 @@ class AttachmentFetcher:
             while not fetch.complete:
                 for ask in fetch.asks():
                     await self._connection.send(ask)
-                data = fetch.chunk(await self._reply(replies, transfer.CHUNK))
-                claimed.append(await self._store.stage_chunk(data))
-                self.fetched_bytes += len(data)
-                if fetch.fetched % PROGRESS_EVERY == 0:
+                # The chunk awaited, and those arrived meanwhile: checked, the next asked
+                # for, then staged in one write (a durable write per chunk is what costs).
+                batch = [fetch.chunk(await self._reply(replies, transfer.CHUNK))]
+                while True:
+                    try:
+                        batch.append(fetch.chunk(self._checked(replies.receive_nowait(),
+                                                               transfer.CHUNK)))
+                    except trio.WouldBlock:
+                        break
+                for ask in fetch.asks():
+                    await self._connection.send(ask)
+                claimed.extend(await self._store.stage_chunks(batch))
+                before = self.fetched_bytes
+                self.fetched_bytes += sum(len(data) for data in batch)
+                if before // PROGRESS_BYTES != self.fetched_bytes // PROGRESS_BYTES:
                     logger.info("attachment %r of %s: %d chunks fetched, %d to go", name,
                                 doc["_id"], fetch.fetched, fetch.missing)
             logger.info("fetched attachment %r of %s from peer %s: %d chunks (%d bytes) "
@@ -408,13 +419,16 @@ class AttachmentFetcher:
                 except PeerConnectionClosed:
                     pass
 
+    @staticmethod
+    def _checked(message: Mapping[Any, Any], expected: str) -> Mapping[Any, Any]:
+        if message.get("type") == transfer.FAIL:
+            raise TransferRefused(transfer.reason_of(message.get("reason")),
+                                  retry=message.get("retry") is True)
+        if message.get("type") != expected:
+            raise transfer.TransferError(f"expected {expected}, got {message.get('type')!r}")
+        return message
+
     async def _reply(self, replies: trio.MemoryReceiveChannel, expected: str) -> Mapping[Any, Any]:
         with trio.move_on_after(REPLY_TIMEOUT):
-            message = await replies.receive()
-            if message.get("type") == transfer.FAIL:
-                raise TransferRefused(transfer.reason_of(message.get("reason")),
-                                      retry=message.get("retry") is True)
-            if message.get("type") != expected:
-                raise transfer.TransferError(f"expected {expected}, got {message.get('type')!r}")
-            return message
+            return self._checked(await replies.receive(), expected)
         raise TransferRefused(f"no {expected} from the peer in {REPLY_TIMEOUT:.0f} s", retry=True)

@@ -49,7 +49,7 @@ FAIL = "att.fail"
 TO_SERVER = frozenset({WANT, GET, DONE})
 TO_FETCHER = frozenset({MANIFEST, CHUNK, FAIL})
 
-WINDOW = 8  # chunks asked and not yet received, per request (2 MiB)
+WINDOW = 16  # chunks asked and not yet received, per request (4 MiB)
 MAX_GET_INDEXES = WINDOW
 MAX_OPEN_REQUESTS = 4  # requests a peer may have open at a source at once
 # Chunks one manifest may list: 32 bytes each, 8 MiB of hashes at most in one frame (a

@@ -327,8 +327,9 @@ class Store(abc.ABC):
         earlier transfer) and return those: they need not travel."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
-    async def stage_chunk(self, data: bytes) -> bytes:
-        """Store one chunk of an incoming transfer, durably; its SHA-256."""
+    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+        """Store chunks of an incoming transfer, durably (in one write where the backend
+        can); their SHA-256s, in order."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:

@@ -90,18 +90,22 @@ def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> set[bytes
     return held
 
 
-def stage_chunk(conn: sqlite3.Connection, data: bytes) -> bytes:
-    """Store `data` as a staged chunk (once, however often it is staged); its SHA-256."""
-    digest = hashlib.sha256(data).digest()
-    conn.execute(
-        "INSERT INTO chunks (hash, data) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
-        (digest, data),
-    )
-    conn.execute(
-        "INSERT OR IGNORE INTO staged_chunks (chunk) SELECT id FROM chunks WHERE hash = ?",
-        (digest,),
-    )
-    return digest
+def stage_chunks(conn: sqlite3.Connection, pieces: list[bytes]) -> list[bytes]:
+    """Store `pieces` as staged chunks (each once, however often it is staged); their
+    SHA-256s."""
+    digests = []
+    for data in pieces:
+        digest = hashlib.sha256(data).digest()
+        conn.execute(
+            "INSERT INTO chunks (hash, data) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
+            (digest, data),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO staged_chunks (chunk) SELECT id FROM chunks WHERE hash = ?",
+            (digest,),
+        )
+        digests.append(digest)
+    return digests
 
 
 def read_staged(conn: sqlite3.Connection, digest: bytes) -> bytes | None:

@@ -988,10 +988,13 @@ class CouchDBStore(Store):
                 held.add(digest)
         return held
 
-    async def stage_chunk(self, data: bytes) -> bytes:
-        digest = hashlib.sha256(data).digest()
-        await self._put_local(_staged_id(digest), {"data": base64.b64encode(data).decode()})
-        return digest
+    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+        digests = []
+        for data in pieces:
+            digest = hashlib.sha256(data).digest()
+            await self._put_local(_staged_id(digest), {"data": base64.b64encode(data).decode()})
+            digests.append(digest)
+        return digests
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
         status, doc = await self._request("GET", _local_path(_staged_id(digest)))

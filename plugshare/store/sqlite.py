@@ -782,8 +782,8 @@ class SQLiteStore(Store):
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
         return await self._run(self._write, chunks.claim_chunks, hashes)
 
-    async def stage_chunk(self, data: bytes) -> bytes:
-        return await self._run(self._write, chunks.stage_chunk, data)
+    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+        return await self._run(self._write, chunks.stage_chunks, pieces)
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
         data = await self._run(chunks.read_staged, digest)

@@ -1,5 +1,5 @@
 """Staged chunks in the store contract: what a resumable incoming attachment transfer
-holds on to (`claim_chunks`, `stage_chunk`, `read_staged_chunk`, `release_chunks`).
+holds on to (`claim_chunks`, `stage_chunks`, `read_staged_chunk`, `release_chunks`).
 
 On every backend; on CouchDB only chunks staged by a transfer are found held (its own
 attachments are not chunk-addressed)."""
@@ -34,15 +34,14 @@ async def test_staged_chunks_survive_a_restart_and_feed_put_replicated(tmp_path)
     hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
     assert await store.claim_chunks(hashes) == set()
     for piece in pieces(data)[:2]:
-        assert await store.stage_chunk(piece) in hashes
+        assert await store.stage_chunks([piece]) == [hashlib.sha256(piece).digest()]
     await store.compact()  # staged chunks are no garbage
     await store.aclose()
 
     store = await SQLiteStore.open(path)  # a crash between chunks: they are still there
     try:
         assert await store.claim_chunks(hashes) == set(hashes[:2])
-        for piece in pieces(data)[2:]:
-            await store.stage_chunk(piece)
+        assert await store.stage_chunks(pieces(data)[2:]) == hashes[2:]
 
         async def staged():
             for digest in hashes:
@@ -64,10 +63,9 @@ async def test_staged_chunks_survive_a_restart_and_feed_put_replicated(tmp_path)
 async def test_staged_chunks_feed_put_replicated_then_go_when_released(store):
     data = random_bytes(2 * CHUNK_SIZE + 3, seed=5)
     hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
-    assert await store.stage_chunk(pieces(data)[0]) == hashes[0]
+    assert await store.stage_chunks(pieces(data)[:1]) == hashes[:1]
     assert await store.claim_chunks(hashes) == {hashes[0]}  # a cut transfer's, found again
-    for piece in pieces(data)[1:]:
-        await store.stage_chunk(piece)
+    assert await store.stage_chunks(pieces(data)[1:]) == hashes[1:]
 
     async def staged():
         for digest in hashes:
@@ -85,7 +83,7 @@ async def test_staged_chunks_feed_put_replicated_then_go_when_released(store):
 
 
 async def test_a_released_chunk_no_attachment_holds_is_removed(store):
-    digest = await store.stage_chunk(b"lonely")
+    [digest] = await store.stage_chunks([b"lonely"])
     await store.release_chunks([digest])
     with pytest.raises(NotFound):
         await store.read_staged_chunk(digest)
