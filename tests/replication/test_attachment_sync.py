@@ -34,6 +34,11 @@ class RecordingSide(Side):
                 self.replication.start_push(share, in_scope=in_scope)
 
 
+    @staticmethod
+    async def pending_of(side) -> int:
+        return await side.replication.attachment_fetcher.pending()
+
+
 async def read_attachment(store, doc_id, name="file.bin") -> bytes:
     meta, data = await store.open_attachment(doc_id, name)
     return b"".join([piece async for piece in data])
@@ -121,3 +126,40 @@ async def test_many_docs_with_small_files_all_arrive_and_nothing_stays_kept_asid
         assert await b.replication.attachment_fetcher.pending() == 0
     for doc_id, data in list(files.items())[::37]:
         assert await read_attachment(store_b, doc_id) == data
+
+
+class TamperingSide(RecordingSide):
+    """A source whose attachment server flips a bit in every chunk it sends."""
+
+    async def replicate(self, connection, peer_id: bytes) -> None:
+        from plugshare.replication import transfer
+
+        original = connection.send
+
+        async def send(message):
+            if message.get("type") == transfer.CHUNK:
+                data = bytearray(message["data"])
+                data[0] ^= 1
+                message = {**message, "data": bytes(data)}
+            await original(message)
+
+        connection.send = send
+        await super().replicate(connection, peer_id)
+
+
+async def test_a_tampered_chunk_is_refused_and_the_rest_goes_on(stores):
+    store_a, store_b = stores
+    data = random_bytes(3 * MIB, seed=21)
+    await put_doc_with_file(store_a, "bad", data=data, doctype="io.files")
+    a = TamperingSide("a", store_a, pushes={"notes": everything})
+    b = RecordingSide("b", store_b)
+    async with linked(a, b):
+        await until(lambda: b.events.of(DocRefused, doc_id="bad"), b.events)
+        [refused] = b.events.of(DocRefused, doc_id="bad")
+        assert "does not match" in refused.reason
+        await store_a.put({"_id": "after", "doctype": "io.notes"})
+        await wait_for_doc(b, "after")  # the link and the share go on
+    with pytest.raises(NotFound):
+        await store_b.get("bad")
+    assert (await store_b.info())["attachment_chunks"] == 0  # nothing of it stays staged
+    assert await RecordingSide.pending_of(b) == 0
