@@ -11,7 +11,10 @@ attachment, document, revision or share (swapped), or a file cut short at a chun
 all fail to open with `IntegrityError`.
 
 A sealed chunk is `MAGIC || kid (16 bytes) || nonce (12) || ciphertext+tag`: it names its
-key, so a share's key rotation leaves older chunks readable.
+key, so a share's key rotation leaves older chunks readable. Seal plaintext pieces of
+`PLAINTEXT_CHUNK` bytes: a sealed chunk is then exactly one store chunk (`CHUNK_SIZE`), so
+chunk i of the stored, sealed attachment is sealed chunk i, checkable on its own where it
+arrives.
 
 Content addresses: a sealed chunk's address is an HMAC-SHA256 of its plaintext under a
 second key derived from the same data key, so members of one share can tell they hold a
@@ -38,6 +41,8 @@ _KID_BYTES = 16
 _NONCE = 12
 _TAG = 16
 OVERHEAD = len(MAGIC) + _KID_BYTES + _NONCE + _TAG
+CHUNK_SIZE = 256 * 1024  # the store's chunk size (store.attachments.CHUNK_SIZE; a test checks)
+PLAINTEXT_CHUNK = CHUNK_SIZE - OVERHEAD
 _AD_DOMAIN = b"plugshare/chunk/v1\x00"
 
 

@@ -41,7 +41,6 @@ DELEGATION_LIFETIME = 7 * 86400  # seconds a certified TLS key stays valid
 _ALLOWED = Decision(True, "the owner may do everything")
 _CHUNKS = "node:attachments"  # who seals and opens attachment chunks: the node's data path
 MAX_CHUNKS = 8  # chunks per seal/open command (2 MiB)
-CHUNK_SIZE = 256 * 1024  # the store's chunk size (store.attachments.CHUNK_SIZE; a test checks)
 
 
 def _arg(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *,
@@ -983,7 +982,7 @@ class Door:
         doc_id, name = _arg(args, "doc_id", str), _arg(args, "name", str)
         revpos, first = _arg(args, "revpos", int), _arg(args, "first", int)
         last, chunks = _arg(args, "last", bool), _arg(args, "chunks", list)
-        limit = CHUNK_SIZE + (chunkseal.OVERHEAD if sealed else 0)
+        limit = chunkseal.CHUNK_SIZE if sealed else chunkseal.PLAINTEXT_CHUNK
         if not (doc_id and name and revpos >= 1 and first >= 0):
             raise InvalidArgument("doc_id and name must not be empty, revpos >= 1, first >= 0")
         if not 0 < len(chunks) <= MAX_CHUNKS or any(

@@ -12,7 +12,8 @@ import pytest
 
 from plugshare.store.attachments import CHUNK_SIZE
 from plugshare.token import IntegrityError, InvalidArgument
-from plugshare.token.door import CHUNK_SIZE as DOOR_CHUNK_SIZE
+from plugshare.token.chunkseal import CHUNK_SIZE as SEAL_CHUNK_SIZE
+from plugshare.token.chunkseal import PLAINTEXT_CHUNK
 from plugshare.token.door import Door
 
 NOTES = "io.notes"
@@ -50,13 +51,17 @@ def refusals(token):
     return [e for e in token.audit_tail(10) if e.action == "attachment-open" and not e.allowed]
 
 
-def test_the_door_caps_chunks_at_the_stores_chunk_size():
-    assert DOOR_CHUNK_SIZE == CHUNK_SIZE
+def test_a_sealed_full_chunk_is_exactly_one_store_chunk(door, token):
+    assert SEAL_CHUNK_SIZE == CHUNK_SIZE
+    d, _ = door
+    share = token.create_share("s", NOTES, encrypted=True).share_id
+    [sealed] = seal(d, [b"p" * PLAINTEXT_CHUNK], share=share)["chunks"]
+    assert len(sealed) == CHUNK_SIZE
 
 
 def test_chunks_sealed_in_an_encrypted_share_open_where_they_stand(door, encrypted_share):
     d, _ = door
-    plain = [b"a" * CHUNK_SIZE, b"b" * 100]
+    plain = [b"a" * PLAINTEXT_CHUNK, b"b" * 100]
     sealed = seal(d, plain, share=encrypted_share)
     assert all(b"aaaa" not in c and b"bbbb" not in c for c in sealed["chunks"])
     assert open_(d, sealed["chunks"], share=encrypted_share) == plain
@@ -119,6 +124,6 @@ def test_plain_scopes_and_bad_arguments_are_refused(door, token):
     with pytest.raises(InvalidArgument, match="exactly one"):
         seal(d, [b"x"])
     with pytest.raises(InvalidArgument):
-        seal(d, [b"x" * (CHUNK_SIZE + 1)], doctype="io.health")
+        seal(d, [b"x" * (PLAINTEXT_CHUNK + 1)], doctype="io.health")
     with pytest.raises(InvalidArgument):
         seal(d, [b"x"] * 9, doctype="io.health")
