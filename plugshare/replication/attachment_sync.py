@@ -143,9 +143,11 @@ class AttachmentServer:
             if transfer.chunk_count(meta.length) > transfer.MAX_MANIFEST_CHUNKS:
                 await data.aclose()
                 raise TransferRefused(f"attachment {want.name!r} is too big to transfer")
-            hashes = []
-            async for piece in rechunk(data):
-                hashes.append(hashlib.sha256(piece).digest())
+            hashes = await self._store.chunk_addresses(want.doc_id, want.name, want.rev)
+            if hashes is None:  # a backend that does not keep them: read and hash the data
+                hashes = [hashlib.sha256(piece).digest() async for piece in rechunk(data)]
+            else:
+                await data.aclose()
         except TransferRefused as refused:
             self._open.pop(want.req, None)
             await self._connection.send(transfer.fail_message(want.req, refused.reason, retry=refused.retry))

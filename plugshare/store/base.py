@@ -322,6 +322,14 @@ class Store(abc.ABC):
     # then it releases them. A transfer cut by a crash resumes with only the chunks not yet
     # staged. Staged chunks are never garbage-collected before they are released.
 
+    async def chunk_addresses(self, doc_id: str, name: str, rev: str) -> list[bytes] | None:
+        """The SHA-256 of each `CHUNK_SIZE` chunk of attachment `name` of revision `rev`,
+        when the backend keeps them (the embedded store does), else None: the caller then
+        reads the data to hash it. `NotFound` as `open_attachment`."""
+        _, data = await self.open_attachment(doc_id, name, rev=rev)
+        await data.aclose()
+        return None
+
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
         """Stage every chunk of `hashes` this store already holds (by any attachment or an
         earlier transfer) and return those: they need not travel."""

@@ -168,6 +168,14 @@ def chunk_size_of(conn: sqlite3.Connection, content: int) -> int | None:
     return None if row is None else row[0]
 
 
+def chunk_hashes(conn: sqlite3.Connection, content: int) -> list[bytes]:
+    """The SHA-256 of each chunk of `content`, in order."""
+    return [row[0] for row in conn.execute(
+        "SELECT hash FROM content_chunks JOIN chunks ON chunks.id = content_chunks.chunk "
+        "WHERE content = ? ORDER BY idx", (content,)
+    )]
+
+
 def read_chunk(conn: sqlite3.Connection, content: int, index: int) -> bytes | None:
     row = conn.execute(
         "SELECT data FROM content_chunks JOIN chunks ON chunks.id = content_chunks.chunk "

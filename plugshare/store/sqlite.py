@@ -36,6 +36,7 @@ import trio
 
 from plugshare.store import chunks, revtree
 from plugshare.store.attachments import (
+    CHUNK_SIZE,
     AttachmentMeta,
     Follows,
     StreamCheck,
@@ -778,6 +779,23 @@ class SQLiteStore(Store):
                 )
 
     # -- staged chunks of incoming transfers (see chunks.py) ---------------------------------
+
+    async def chunk_addresses(self, doc_id: str, name: str, rev: str) -> list[bytes] | None:
+        meta, data = await self.open_attachment(doc_id, name, rev=rev, range=None)
+        await data.aclose()
+
+        def read(conn: sqlite3.Connection) -> list[bytes] | None:
+            row = conn.execute("SELECT bodies FROM docs WHERE id = ?", (doc_id,)).fetchone()
+            entry = _stored_attachments(self._bodies(doc_id, row[0]).get(rev)).get(name) \
+                if row is not None else None
+            if entry is None or chunks.chunk_size_of(conn, entry["content"]) != CHUNK_SIZE:
+                return None  # gone meanwhile, or stored in another chunking
+            return chunks.chunk_hashes(conn, entry["content"])
+
+        hashes = await self._run(read)
+        if hashes is not None and len(hashes) != -(-meta.length // CHUNK_SIZE):
+            return None
+        return hashes
 
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
         return await self._run(self._write, chunks.claim_chunks, hashes)

@@ -100,3 +100,15 @@ async def test_claiming_a_chunk_an_attachment_holds_keeps_it_after_the_attachmen
     assert [await sqlite_store.read_staged_chunk(h) for h in hashes] == pieces(data)
     await sqlite_store.release_chunks(hashes)
     assert await sqlite_store.claim_chunks(hashes) == set()
+
+
+async def test_chunk_addresses_are_the_sha256_of_each_chunk_when_the_backend_keeps_them(store):
+    data = random_bytes(2 * CHUNK_SIZE + 9, seed=6)
+    _, rev = await put_doc_with_file(store, "d", data=data)
+    addresses = await store.chunk_addresses("d", "file.bin", rev)
+    if store.backend == "sqlite":
+        assert addresses == [hashlib.sha256(p).digest() for p in pieces(data)]
+    else:
+        assert addresses is None  # the caller hashes the data itself
+    with pytest.raises(NotFound):
+        await store.chunk_addresses("d", "nope", rev)
