@@ -93,3 +93,26 @@ def test_a_sender_killed_mid_transfer_then_restarted_resumes_where_it_stopped(cl
     assert first == (chunks, 0)
     assert second[1] >= 64 and sum(second) == chunks  # the stored chunks were not sent again
     assert hashlib.sha256(read_file_offline(bob, "big")).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_small_doc_overtakes_a_100_mb_file_and_a_copy_of_the_file_sends_no_chunk(cluster):
+    alice, bob = cluster.add("alice"), cluster.add("bob")
+    share_between(alice, [bob], name="files", doctype=FILES)
+    data = random_bytes(100 * MIB, seed=9)
+    chunks = -(-len(data) // (256 * 1024))
+    put_file_offline(alice, "big", data)
+
+    wait_until(lambda: re.search(r"attachment 'file.bin' of big: \d+ chunks fetched", bob.log()),
+               120, what="bob to have fetched part of the file")
+    alice.put(FILES, {"title": "small", "text": "x" * 1000}, "small")
+    wait_until(lambda: bob.get("small"), 120, what="the small doc on bob")
+    # Ordering, not timing: the small doc is readable on bob while the big one is not yet.
+    assert bob.get("big") is None
+    assert not re.search(r"wrote revision \S+ of big", bob.log())
+    wait_until(lambda: bob.get("big"), 180, what="the file's doc on bob")
+
+    put_file_offline(alice, "copy", data)  # the same file in another document
+    wait_until(lambda: bob.get("copy"), 120, what="the copy's doc on bob")
+    assert fetch_counts(bob.log(), "copy") == [(0, chunks)]  # no chunk travelled for it
+    assert re.search(r"fetched attachment 'file.bin' of copy from peer \S+: 0 chunks \(0 bytes\)",
+                     bob.log())
