@@ -304,7 +304,7 @@ class AttachmentFetcher:
                             logger.info("fetching the data of %s from %s later: %s",
                                         kept["doc"].get("_id"), self.peer, refused.reason)
                             retry_later = True
-                            break
+                            continue  # the others may be served (e.g. another share's)
                         self._refused(kept, refused.reason)
                     except BadRequest as error:  # the data does not check: for good
                         self._refused(kept, error.reason)

@@ -163,3 +163,21 @@ async def test_a_tampered_chunk_is_refused_and_the_rest_goes_on(stores):
         await store_b.get("bad")
     assert (await store_b.info())["attachment_chunks"] == 0  # nothing of it stays staged
     assert await RecordingSide.pending_of(b) == 0
+
+
+async def test_a_revision_the_source_will_not_serve_now_does_not_hold_up_the_others(stores):
+    from plugshare.replication.attachment_sync import AttachmentFetcher
+
+    store_a, store_b = stores
+    await put_doc_with_file(store_a, "stuck", data=b"s" * 1000, doctype="io.files")
+    data = random_bytes(MIB, seed=31)
+    await put_doc_with_file(store_a, "f", data=data, doctype="io.files")
+    a = RecordingSide("a", store_a, pushes={"notes": lambda doc: doc["_id"] != "stuck"})
+    b = RecordingSide("b", store_b)
+    # Kept aside on b before the link: a revision of a share a does not push (any more).
+    [stuck] = await store_a.bulk_get([("stuck", (await store_a.get("stuck"))["_rev"])])
+    assert await AttachmentFetcher(None, store_b, peer=a.node.id.hex()).defer("gone", [stuck]) == [True]
+    async with linked(a, b):
+        await until(lambda: fetched(b, "f"), b.events)
+        assert await read_attachment(store_b, "f") == data
+        assert await b.replication.attachment_fetcher.pending() == 1  # still kept, retried later
