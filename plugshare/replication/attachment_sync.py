@@ -321,8 +321,9 @@ class AttachmentFetcher:
                 await self._prune()
                 if retry_later:
                     attempt += 1
+                    # New revisions kept aside meanwhile are fetched at once, not after it.
                     with trio.move_on_after(FETCH_BACKOFF.delay(attempt - 1, self._rng)):
-                        await trio.sleep_forever()
+                        await self._wake.wait()
                 elif not self._wake.is_set():
                     await self._wake.wait()
         except PeerConnectionClosed:

@@ -10,7 +10,15 @@ from plugshare.replication.attachment_sync import RevisionFetched
 from plugshare.replication.protocol import DocRefused
 from plugshare.replication.replicator import PeerReplication, store_instance_id
 from plugshare.store.base import NotFound
-from tests.replication.test_replicator import Side, everything, linked, stores, until, wait_for_doc  # noqa: F401 (a fixture)
+from tests.replication.test_replicator import (  # noqa: F401 (stores: a fixture)
+    Side,
+    everything,
+    linked,
+    stores,
+    until,
+    wait_caught_up,
+    wait_for_doc,
+)  # noqa: F401 (a fixture)
 from tests.store.test_attachments import md5_digest, put_doc_with_file, random_bytes
 
 MIB = 1024 * 1024
@@ -181,3 +189,22 @@ async def test_a_revision_the_source_will_not_serve_now_does_not_hold_up_the_oth
         await until(lambda: fetched(b, "f"), b.events)
         assert await read_attachment(store_b, "f") == data
         assert await b.replication.attachment_fetcher.pending() == 1  # still kept, retried later
+
+
+async def test_a_file_written_while_another_waits_for_a_retry_is_fetched_at_once(stores, monkeypatch):
+    from plugshare.replication import attachment_sync
+    from plugshare.replication.backoff import Backoff
+
+    # A back-off far longer than the test waits: what arrives must not wait for it.
+    monkeypatch.setattr(attachment_sync, "FETCH_BACKOFF", Backoff(initial=3600, maximum=3600))
+    store_a, store_b = stores
+    await put_doc_with_file(store_a, "stuck", data=b"s" * 1000, doctype="io.files")
+    a = RecordingSide("a", store_a, pushes={"notes": lambda doc: doc["_id"] != "stuck"})
+    b = RecordingSide("b", store_b)
+    [stuck] = await store_a.bulk_get([("stuck", (await store_a.get("stuck"))["_rev"])])
+    await attachment_sync.AttachmentFetcher(None, store_b, peer=a.node.id.hex()).defer("gone", [stuck])
+    async with linked(a, b):
+        await wait_caught_up(a)
+        for n in range(3):
+            await put_doc_with_file(store_a, f"f{n}", data=random_bytes(1000, seed=n), doctype="io.files")
+            await until(lambda n=n: fetched(b, f"f{n}"), b.events)
