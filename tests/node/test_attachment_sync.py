@@ -116,3 +116,21 @@ def test_a_small_doc_overtakes_a_100_mb_file_and_a_copy_of_the_file_sends_no_chu
     assert fetch_counts(bob.log(), "copy") == [(0, chunks)]  # no chunk travelled for it
     assert re.search(r"fetched attachment 'file.bin' of copy from peer \S+: 0 chunks \(0 bytes\)",
                      bob.log())
+
+
+def test_a_file_syncs_to_a_node_on_the_couchdb_backend_and_resumes_there(cluster, couchdb_url):
+    alice = cluster.add("alice")
+    bob = cluster.add("bob", "--store", "couchdb", "--couchdb-url", couchdb_url)
+    share_between(alice, [bob], name="files", doctype=FILES)
+    data = random_bytes(40 * MIB, seed=12)
+    chunks = -(-len(data) // (256 * 1024))
+    put_file_offline(alice, "f", data)
+
+    wait_until(lambda: re.search(r"attachment 'file.bin' of f: \d+ chunks fetched", bob.log()),
+               120, what="bob to have fetched part of the file")
+    bob.kill()
+    bob.start()
+    wait_until(lambda: bob.get("f"), 180, what="the file's doc on bob after the restart")
+    [(to_fetch, held)] = fetch_counts(bob.log(), "f")
+    assert held >= 64 and to_fetch + held == chunks  # staged in CouchDB, not sent again
+    assert bob.get("f")["_attachments"]["file.bin"]["digest"] == md5_digest(data)
