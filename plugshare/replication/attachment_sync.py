@@ -59,6 +59,18 @@ class RevisionFetched(ReplicationEvent):
     held_chunks: int
 
 
+class ChunkRefused(PlugshareError):
+    """`check_chunks` refused chunks of an attachment (tampered, reordered, swapped): the
+    revision is refused for good."""
+
+
+ChunkCheck = Callable[[str, Doc, str, int, "list[tuple[int, bytes]]", int], Awaitable[None]]
+"""`check_chunks(share, doc, name, revpos, chunks, count)`: `(index, data)` chunks of
+attachment `name` (of `count` chunks) as they arrived, before they are staged;
+raises `ChunkRefused` for chunks that must not be kept (a sealed share's chunk that does not
+open where it stands), `TransferRefused(retry=True)` when it cannot tell now."""
+
+
 class TransferRefused(PlugshareError):
     """The source will not send this attachment (for good, or `retry`: later)."""
 
@@ -200,11 +212,13 @@ def _entry_id(peer: str, share: str, doc: Doc) -> str:
 
 class AttachmentFetcher:
     def __init__(self, connection: Any, store: Store, *, peer: str,
-                 on_event: Callable[[ReplicationEvent], None] | None = None) -> None:
+                 on_event: Callable[[ReplicationEvent], None] | None = None,
+                 check_chunks: ChunkCheck | None = None) -> None:
         self._connection = connection
         self._store = store
         self.peer = peer
         self._on_event = on_event
+        self._check_chunks = check_chunks
         self._reqs = itertools.count(1)
         self._replies: dict[int, trio.MemorySendChannel[Mapping[Any, Any]]] = {}
         self._lock = trio.Lock()  # one writer of the index at a time
@@ -308,7 +322,7 @@ class AttachmentFetcher:
                         self._refused(kept, refused.reason)
                     except BadRequest as error:  # the data does not check: for good
                         self._refused(kept, error.reason)
-                    except transfer.TransferError as error:
+                    except (transfer.TransferError, ChunkRefused) as error:
                         self._refused(kept, str(error))
                     except StoreError as error:  # our store away: later, from what is staged
                         logger.warning("cannot fetch the data of %s from %s now: %s",
@@ -393,15 +407,19 @@ class AttachmentFetcher:
                     await self._connection.send(ask)
                 # The chunk awaited, and those arrived meanwhile: checked, the next asked
                 # for, then staged in one write (a durable write per chunk is what costs).
-                batch = [fetch.chunk(await self._reply(replies, transfer.CHUNK))]
+                messages = [await self._reply(replies, transfer.CHUNK)]
                 while True:
                     try:
-                        batch.append(fetch.chunk(self._checked(replies.receive_nowait(),
-                                                               transfer.CHUNK)))
+                        messages.append(self._checked(replies.receive_nowait(), transfer.CHUNK))
                     except trio.WouldBlock:
                         break
+                batch = [fetch.chunk(message) for message in messages]
                 for ask in fetch.asks():
                     await self._connection.send(ask)
+                if self._check_chunks is not None:
+                    await self._check_chunks(share, doc, name, stub["revpos"],
+                                             [(m["index"], data) for m, data in zip(messages, batch)],
+                                             len(hashes))
                 claimed.extend(await self._store.stage_chunks(batch))
                 before = self.fetched_bytes
                 self.fetched_bytes += sum(len(data) for data in batch)

@@ -50,7 +50,7 @@ import trio
 
 from plugshare.errors import PlugshareError
 from plugshare.replication import transfer
-from plugshare.replication.attachment_sync import AttachmentFetcher, AttachmentServer
+from plugshare.replication.attachment_sync import AttachmentFetcher, AttachmentServer, ChunkCheck
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
@@ -309,7 +309,8 @@ class PeerReplication:
     Run it with ``await nursery.start(replication.run)``; then `start_push` each share to send
     to this peer. `accept_share(share)` is asked when the peer opens a push of `share`: falsy
     refuses the share; a callable `accept(peer, doc) -> (ok, reason)` decides each incoming
-    doc; `gate` decides whole batches. `store_id` is `await store_instance_id(store)`.
+    doc; `gate` decides whole batches; `check_chunks` checks attachment chunks as they arrive
+    (see `attachment_sync.ChunkCheck`). `store_id` is `await store_instance_id(store)`.
     """
 
     def __init__(
@@ -325,6 +326,7 @@ class PeerReplication:
         on_event: EventSink | None = None,
         other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
         config: ReplicationConfig = ReplicationConfig(),
+        check_chunks: ChunkCheck | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -347,7 +349,8 @@ class PeerReplication:
         self.attachment_server = AttachmentServer(connection, store, peer=peer,
                                                   may_serve=self._may_serve)
         self.attachment_fetcher = AttachmentFetcher(connection, store, peer=peer,
-                                                    on_event=self._emit)
+                                                    on_event=self._emit,
+                                                    check_chunks=check_chunks)
 
     @property
     def pushing(self) -> frozenset[str]:
