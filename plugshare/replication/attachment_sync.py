@@ -329,6 +329,11 @@ class AttachmentFetcher:
                                        kept["doc"].get("_id"), self.peer, error)
                         retry_later = True
                         break
+                    except PlugshareError as error:  # a check that failed otherwise: later
+                        logger.warning("fetching the data of %s from %s failed; again later: %s",
+                                       kept["doc"].get("_id"), self.peer, error)
+                        retry_later = True
+                        continue
                     await self._release(claimed)
                     await self._forget(entry)
                     attempt = 0
