@@ -33,7 +33,6 @@ from plugshare.store.base import BadRequest, Doc, NotFound, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
-MAY_SERVE_RETRY = "retry"
 MayServe = Callable[[str, Doc], Awaitable["Doc | str | None"]]
 """`may_serve(share, doc)`: the form of `doc` we would send this peer in `share` (its
 `_attachments` are what may be served), a reason it is refused, or None when the share is not

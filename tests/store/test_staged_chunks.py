@@ -11,7 +11,7 @@ import pytest
 from plugshare.store.attachments import CHUNK_SIZE
 from plugshare.store.base import NotFound
 from plugshare.store.sqlite import SQLiteStore
-from tests.store.test_attachments import md5_digest, random_bytes, put_doc_with_file, stream
+from tests.store.test_attachments import md5_digest, put_doc_with_file, random_bytes
 
 
 @pytest.fixture
