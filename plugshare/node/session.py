@@ -38,7 +38,8 @@ from plugshare.sharing.manifest import Manifest
 from plugshare.store import Store
 from plugshare.store.base import StoreError
 from plugshare.replication.protocol import LocalProtocolError
-from plugshare.token import TokenError, format_node_id
+from plugshare.replication.attachment_sync import ChunkRefused, TransferRefused
+from plugshare.token import IntegrityError, TokenError, format_node_id
 from plugshare.token.wire import TokenUnavailable
 
 log = logging.getLogger("plugshare.session")
@@ -158,6 +159,7 @@ class PeerSession:
                 accept_share=self._accept_share, gate=_TokenGate(self._call, self.fingerprint),
                 on_event=self._on_event,
                 other_message=self._on_message,
+                check_chunks=self._check_chunks,
             )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -202,6 +204,24 @@ class PeerSession:
                 self._nursery.start_soon(self.connection.aclose, reason)
             except RuntimeError:  # its tasks have all ended: the session is ending already
                 pass
+
+    async def _check_chunks(self, share_id: str, doc: dict, name: str, revpos: int,
+                            chunks: list[tuple[int, bytes]], count: int) -> None:
+        """An encrypted share's attachment chunks, as they arrive: the token opens each
+        where it stands (and audits a refusal); the plaintext is dropped. Clear shares' are
+        checked by their content addresses alone."""
+        manifest = self.shares.get(share_id)
+        if manifest is None or not manifest.encrypted:
+            return
+        for index, data in chunks:
+            try:
+                await self._call("share.open_chunks", share=share_id, doc_id=doc["_id"],
+                                 name=name, revpos=revpos, first=index,
+                                 last=index == count - 1, chunks=[data])
+            except IntegrityError as exc:
+                raise ChunkRefused(str(exc)) from exc
+            except (TokenUnavailable, TokenError) as exc:  # e.g. the share key not here yet
+                raise TransferRefused(f"the token cannot check it now: {exc}", retry=True) from exc
 
     # -- which shares flow on this link ---------------------------------------------------
 

@@ -49,6 +49,8 @@ import attrs
 import trio
 
 from plugshare.errors import PlugshareError
+from plugshare.replication import transfer
+from plugshare.replication.attachment_sync import AttachmentFetcher, AttachmentServer, ChunkCheck
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
@@ -307,7 +309,8 @@ class PeerReplication:
     Run it with ``await nursery.start(replication.run)``; then `start_push` each share to send
     to this peer. `accept_share(share)` is asked when the peer opens a push of `share`: falsy
     refuses the share; a callable `accept(peer, doc) -> (ok, reason)` decides each incoming
-    doc; `gate` decides whole batches. `store_id` is `await store_instance_id(store)`.
+    doc; `gate` decides whole batches; `check_chunks` checks attachment chunks as they arrive
+    (see `attachment_sync.ChunkCheck`). `store_id` is `await store_instance_id(store)`.
     """
 
     def __init__(
@@ -323,6 +326,7 @@ class PeerReplication:
         on_event: EventSink | None = None,
         other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
         config: ReplicationConfig = ReplicationConfig(),
+        check_chunks: ChunkCheck | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -341,6 +345,12 @@ class PeerReplication:
         self._nursery: trio.Nursery | None = None
         # Refusals of streams that never opened; dropped (and logged) if the peer stops reading.
         self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](64)
+        # Attachment data, on demand and apart from the document streams (attachment_sync).
+        self.attachment_server = AttachmentServer(connection, store, peer=peer,
+                                                  may_serve=self._may_serve)
+        self.attachment_fetcher = AttachmentFetcher(connection, store, peer=peer,
+                                                    on_event=self._emit,
+                                                    check_chunks=check_chunks)
 
     @property
     def pushing(self) -> frozenset[str]:
@@ -360,6 +370,8 @@ class PeerReplication:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._send_control)
+            nursery.start_soon(self.attachment_server.run)
+            nursery.start_soon(self.attachment_fetcher.run)
             task_status.started()
             try:
                 while True:
@@ -383,6 +395,14 @@ class PeerReplication:
 
     async def _route(self, message: Mapping[Any, Any]) -> None:
         message_type = message.get("type")
+        if message_type in transfer.TO_SERVER or message_type in transfer.TO_FETCHER:
+            side = (self.attachment_server if message_type in transfer.TO_SERVER
+                    else self.attachment_fetcher)
+            try:
+                side.deliver(message)
+            except transfer.TransferError as error:
+                logger.warning("peer %s broke an attachment transfer; dropped: %s", self.peer, error)
+            return
         if not (isinstance(message_type, str) and message_type.startswith("rep.")):
             if self._other_message is not None:
                 await self._other_message(message)
@@ -511,8 +531,34 @@ class PeerReplication:
                     refusals[index] = {"id": doc["_id"], "error": "forbidden", "reason": reason}
         written = iter(await self._store.bulk_docs(
             [doc for index, doc in enumerate(docs) if index not in refusals], new_edits=False))
-        return [refusals[index] if index in refusals else next(written)
-                for index in range(len(docs))]
+        results = [refusals[index] if index in refusals else next(written)
+                   for index in range(len(docs))]
+        # A revision whose attachment data we lack waits (durably) for its data, fetched
+        # apart from this stream: the batch, and the small docs behind it, go on.
+        lacking = [index for index, result in enumerate(results)
+                   if result.get("error") == "bad_request"
+                   and "missing stub" in str(result.get("reason"))]
+        if lacking:
+            kept = await self.attachment_fetcher.defer(share, [docs[i] for i in lacking])
+            for index, ok in zip(lacking, kept):
+                if ok:
+                    results[index] = {"id": docs[index]["_id"], "rev": docs[index]["_rev"], "ok": True}
+        return results
+
+    async def _may_serve(self, share: str, doc: Doc) -> Doc | str | None:
+        """What of `doc` the peer may fetch attachment data of: as our push of `share` would
+        send it (its scope, then the gate), a reason, or None while we do not push it."""
+        push = self._pushes.get(share)
+        if push is None:
+            return None
+        if push.in_scope is not None and not push.in_scope(doc):
+            return f"document {doc.get('_id')!r} is not in share {share!r}"
+        if self._gate is not None:
+            sent = await self._gate.outgoing(share, [doc])
+            if not sent:
+                return f"document {doc.get('_id')!r} may not leave in share {share!r}"
+            doc = sent[0]
+        return doc
 
     async def _serve_pull(self, pull: _Pull) -> Ending | None:
         """Serve one incoming stream until it ends; why it ended, or None when the

@@ -313,3 +313,38 @@ class Store(abc.ABC):
         streams each attachment the target lacks from `open_attachment`. Errors as
         `put_attachment`; an already known revision is a no-op (its streams are not read).
         A stub that cannot be resolved is a `BadRequest` ("missing stub")."""
+
+    # -- staged chunks: an incoming attachment transfer, resumable ---------------------------
+    #
+    # A replicated attachment arrives as SHA-256-addressed chunks of `CHUNK_SIZE` bytes (the
+    # last shorter). The receiver stages each chunk durably as it arrives, and once it holds
+    # them all writes the revision with `put_replicated`, streaming them back from staging;
+    # then it releases them. A transfer cut by a crash resumes with only the chunks not yet
+    # staged. Staged chunks are never garbage-collected before they are released.
+
+    async def chunk_addresses(self, doc_id: str, name: str, rev: str) -> list[bytes] | None:
+        """The SHA-256 of each `CHUNK_SIZE` chunk of attachment `name` of revision `rev`,
+        when the backend keeps them (the embedded store does), else None: the caller then
+        reads the data to hash it. `NotFound` as `open_attachment`."""
+        _, data = await self.open_attachment(doc_id, name, rev=rev)
+        await data.aclose()
+        return None
+
+    async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
+        """Stage every chunk of `hashes` this store already holds (by any attachment or an
+        earlier transfer) and return those: they need not travel."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+        """Store chunks of an incoming transfer, durably (in one write where the backend
+        can); their SHA-256s, in order."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def read_staged_chunk(self, digest: bytes) -> bytes:
+        """A staged chunk's data; `NotFound` when it is not staged."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def release_chunks(self, hashes: list[bytes]) -> None:
+        """Release staged chunks (their transfer is done or abandoned); chunks no
+        attachment holds go."""
+        raise StoreError(f"the {self.backend} store does not stage attachment chunks")

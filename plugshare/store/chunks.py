@@ -16,6 +16,12 @@ Garbage collection:
   reference went), and the chunks only they held.
 Contents being written or read (`in_use`) are never collected.
 
+Staged chunks: a replicated attachment arrives a chunk at a time, possibly over several
+connections (a transfer cut by a crash resumes). Each chunk received is stored at once and
+marked in `staged_chunks` (as is a chunk already held that the transfer will reuse), so it
+survives a restart and is never collected (by `collect` or `sweep`) until the transfer that
+needs it releases it (`unstage`), once its revision is written or abandoned.
+
 Every function runs inside the caller's transaction, on the store's worker thread.
 """
 
@@ -54,11 +60,73 @@ CREATE TABLE doc_contents (
 CREATE INDEX doc_contents_by_content ON doc_contents (content);
 """
 
+STAGING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS staged_chunks (
+    chunk   INTEGER PRIMARY KEY          -- a chunk an incoming transfer holds on to
+)
+"""
+
 
 def create_tables(conn: sqlite3.Connection) -> None:
     for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+    create_staging(conn)
+
+
+def create_staging(conn: sqlite3.Connection) -> None:
+    """The staging table (added after schema version 2: created when missing)."""
+    conn.execute(STAGING_SCHEMA)
+
+
+def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> set[bytes]:
+    """Mark every chunk of `hashes` that is stored as staged; return those stored."""
+    held = set()
+    for digest in hashes:
+        row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        if row is not None:
+            conn.execute("INSERT OR IGNORE INTO staged_chunks (chunk) VALUES (?)", (row[0],))
+            held.add(digest)
+    return held
+
+
+def stage_chunks(conn: sqlite3.Connection, pieces: list[bytes]) -> list[bytes]:
+    """Store `pieces` as staged chunks (each once, however often it is staged); their
+    SHA-256s."""
+    digests = []
+    for data in pieces:
+        digest = hashlib.sha256(data).digest()
+        conn.execute(
+            "INSERT INTO chunks (hash, data) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
+            (digest, data),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO staged_chunks (chunk) SELECT id FROM chunks WHERE hash = ?",
+            (digest,),
+        )
+        digests.append(digest)
+    return digests
+
+
+def read_staged(conn: sqlite3.Connection, digest: bytes) -> bytes | None:
+    row = conn.execute(
+        "SELECT data FROM chunks JOIN staged_chunks ON staged_chunks.chunk = chunks.id "
+        "WHERE hash = ?", (digest,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def unstage(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
+    """Release staged chunks; those no content holds are removed."""
+    for digest in hashes:
+        row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        if row is None:
+            continue
+        conn.execute("DELETE FROM staged_chunks WHERE chunk = ?", (row[0],))
+        conn.execute(
+            "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
+            "(SELECT 1 FROM content_chunks WHERE chunk = ?1)", (row[0],)
+        )
 
 
 def new_content(conn: sqlite3.Connection) -> int:
@@ -98,6 +166,14 @@ def content_exists(conn: sqlite3.Connection, content: int) -> bool:
 def chunk_size_of(conn: sqlite3.Connection, content: int) -> int | None:
     row = conn.execute("SELECT chunk_size FROM contents WHERE id = ?", (content,)).fetchone()
     return None if row is None else row[0]
+
+
+def chunk_hashes(conn: sqlite3.Connection, content: int) -> list[bytes]:
+    """The SHA-256 of each chunk of `content`, in order."""
+    return [row[0] for row in conn.execute(
+        "SELECT hash FROM content_chunks JOIN chunks ON chunks.id = content_chunks.chunk "
+        "WHERE content = ? ORDER BY idx", (content,)
+    )]
 
 
 def read_chunk(conn: sqlite3.Connection, content: int, index: int) -> bytes | None:
@@ -146,7 +222,8 @@ def collect(conn: sqlite3.Connection, candidates: Iterable[int], in_use: Collect
         conn.execute("DELETE FROM contents WHERE id = ?", (content,))
         conn.executemany(
             "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
-            "(SELECT 1 FROM content_chunks WHERE chunk = ?1)",
+            "(SELECT 1 FROM content_chunks WHERE chunk = ?1) AND NOT EXISTS "
+            "(SELECT 1 FROM staged_chunks WHERE chunk = ?1)",
             ((chunk,) for chunk in chunk_ids),
         )
         removed += 1

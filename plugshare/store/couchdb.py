@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -974,6 +975,45 @@ class CouchDBStore(Store):
             return "0-0"
         return await self._put_local(local_id, parsed.body)
 
+    # -- staged chunks of incoming transfers (see base.Store) ---------------------------------
+    #
+    # Each staged chunk is a local document (never replicated, not in the feed) named by its
+    # SHA-256, its data in base64. CouchDB's own attachments are not chunk-addressed, so only
+    # chunks staged by a transfer (one that was cut, or another revision's) are found held.
+
+    async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
+        held = set()
+        for digest in dict.fromkeys(hashes):
+            if await self._local_rev(_staged_id(digest)) is not None:
+                held.add(digest)
+        return held
+
+    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+        digests = []
+        for data in pieces:
+            digest = hashlib.sha256(data).digest()
+            await self._put_local(_staged_id(digest), {"data": base64.b64encode(data).decode()})
+            digests.append(digest)
+        return digests
+
+    async def read_staged_chunk(self, digest: bytes) -> bytes:
+        status, doc = await self._request("GET", _local_path(_staged_id(digest)))
+        if status == 404:
+            raise NotFound(f"no staged chunk {digest.hex()}")
+        if status >= 400:
+            raise self._error(status, doc, f"read staged chunk {digest.hex()}")
+        data = base64.b64decode(doc["data"])
+        if hashlib.sha256(data).digest() != digest:
+            raise StoreError(f"staged chunk {digest.hex()} was altered in the database")
+        return data
+
+    async def release_chunks(self, hashes: list[bytes]) -> None:
+        for digest in dict.fromkeys(hashes):
+            try:
+                await self.delete_local(_staged_id(digest))
+            except NotFound:
+                pass
+
     # -- HTTP ----------------------------------------------------------------------------
 
     async def _call(
@@ -1186,6 +1226,10 @@ def _parse_server_url(url: str) -> tuple[str, list[tuple[bytes, bytes]]]:
 
 def _doc_path(doc_id: str) -> str:
     return "/" + quote(doc_id, safe="")  # ids may hold "/" or any Unicode
+
+
+def _staged_id(digest: bytes) -> str:
+    return "plugshare-chunk-" + digest.hex()
 
 
 def _local_path(local_id: str) -> str:

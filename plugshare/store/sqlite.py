@@ -36,6 +36,7 @@ import trio
 
 from plugshare.store import chunks, revtree
 from plugshare.store.attachments import (
+    CHUNK_SIZE,
     AttachmentMeta,
     Follows,
     StreamCheck,
@@ -777,6 +778,40 @@ class SQLiteStore(Store):
                     self._write, chunks.collect, [item.content for item in staged], self._in_use
                 )
 
+    # -- staged chunks of incoming transfers (see chunks.py) ---------------------------------
+
+    async def chunk_addresses(self, doc_id: str, name: str, rev: str) -> list[bytes] | None:
+        meta, data = await self.open_attachment(doc_id, name, rev=rev, range=None)
+        await data.aclose()
+
+        def read(conn: sqlite3.Connection) -> list[bytes] | None:
+            row = conn.execute("SELECT bodies FROM docs WHERE id = ?", (doc_id,)).fetchone()
+            entry = _stored_attachments(self._bodies(doc_id, row[0]).get(rev)).get(name) \
+                if row is not None else None
+            if entry is None or chunks.chunk_size_of(conn, entry["content"]) != CHUNK_SIZE:
+                return None  # gone meanwhile, or stored in another chunking
+            return chunks.chunk_hashes(conn, entry["content"])
+
+        hashes = await self._run(read)
+        if hashes is not None and len(hashes) != -(-meta.length // CHUNK_SIZE):
+            return None
+        return hashes
+
+    async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
+        return await self._run(self._write, chunks.claim_chunks, hashes)
+
+    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+        return await self._run(self._write, chunks.stage_chunks, pieces)
+
+    async def read_staged_chunk(self, digest: bytes) -> bytes:
+        data = await self._run(chunks.read_staged, digest)
+        if data is None:
+            raise NotFound(f"no staged chunk {digest.hex()}")
+        return data
+
+    async def release_chunks(self, hashes: list[bytes]) -> None:
+        await self._run(self._write, chunks.unstage, hashes)
+
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:
             revtree.check_doc_id(doc_id)
@@ -1050,6 +1085,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
         if new or version == 1:
             chunks.create_tables(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        chunks.create_staging(conn)
         if owner is not None:
             _claim(conn, path, owner)
         (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()

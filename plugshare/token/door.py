@@ -23,7 +23,7 @@ from plugshare.errors import PlugshareError
 from plugshare.sharing import invitation as _invitation
 from plugshare.sharing import manifest as _manifest
 
-from . import tls
+from . import chunkseal, tls
 from .envelope import ENVELOPE_FIELD, is_sealed, open_doc, sealed_kid
 from .errors import AccessDenied, IntegrityError, InvalidArgument, NotFound, TokenError
 from .principal import APP_KIND, LINK_KIND, OWNER, Decision, Principal
@@ -39,6 +39,8 @@ INVITATION_ID_LENGTH = 12  # hex digits of an invitation key shown as its id
 DELEGATION_LIFETIME = 7 * 86400  # seconds a certified TLS key stays valid
 
 _ALLOWED = Decision(True, "the owner may do everything")
+_CHUNKS = "node:attachments"  # who seals and opens attachment chunks: the node's data path
+MAX_CHUNKS = 8  # chunks per seal/open command (2 MiB)
 
 
 def _arg(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *,
@@ -1087,6 +1089,76 @@ class Door:
                 results.append(None if form is doc else {"doc": form})
         return {"results": results}
 
+    # -- attachment chunks of an encrypted share or a sensitive doctype (chunkseal) ----------
+
+    def _chunk_keys(self, args: Mapping[str, Any], kid: str | None = None):
+        """(scope, doctype, ChunkKeys) for `share` (an encrypted share) or `doctype` (a
+        sensitive one), given exactly one; the newest key, or `kid` when it is one of them."""
+        token = self._token
+        share_id = _arg(args, "share", str, optional=True)
+        doctype = _arg(args, "doctype", str, optional=True)
+        if (share_id is None) == (doctype is None):
+            raise InvalidArgument("give exactly one of 'share' and 'doctype'")
+        if share_id is not None:
+            if not self._share_entry(share_id).manifest.encrypted:
+                raise InvalidArgument(f"share {share_id!r} is not encrypted: its chunks are not sealed")
+            scope, kids = f"share:{share_id}", token.share_key_ids(share_id)
+        else:
+            scope = f"doctype:{doctype}"
+            kids = (token._state.doctype_keys[doctype],) if token.is_sensitive(doctype) else ()
+        if not kids:
+            raise NotFound(f"no data key for {scope}")
+        if kid is not None and kid not in kids:
+            raise IntegrityError(f"a chunk sealed under key {kid}, which is not one of {scope}'s")
+        chosen = kid or kids[-1]
+        return scope, doctype, chunkseal.ChunkKeys(chosen, token._doc_key(chosen)[0])
+
+    def _chunk_args(self, args: Mapping[str, Any], sealed: bool):
+        doc_id, name = _arg(args, "doc_id", str), _arg(args, "name", str)
+        revpos, first = _arg(args, "revpos", int), _arg(args, "first", int)
+        last, chunks = _arg(args, "last", bool), _arg(args, "chunks", list)
+        limit = chunkseal.CHUNK_SIZE if sealed else chunkseal.PLAINTEXT_CHUNK
+        if not (doc_id and name and revpos >= 1 and first >= 0):
+            raise InvalidArgument("doc_id and name must not be empty, revpos >= 1, first >= 0")
+        if not 0 < len(chunks) <= MAX_CHUNKS or any(
+                not isinstance(c, bytes) or len(c) > limit for c in chunks):
+            raise InvalidArgument(f"chunks must be 1..{MAX_CHUNKS} byte strings of at most {limit} bytes")
+        return doc_id, name, revpos, first, last, chunks
+
+    def _cmd_share_seal_chunks(self, args: Mapping[str, Any]) -> dict:
+        """{share | doctype, doc_id, name, revpos, first, last, chunks} -> {chunks, addresses}:
+        chunks `first`, `first + 1`... of an attachment (the final one of the file when
+        `last`) sealed, and their keyed content addresses. One audit entry."""
+        doc_id, name, revpos, first, last, chunks = self._chunk_args(args, sealed=False)
+        scope, doctype, keys = self._chunk_keys(args)
+        final = len(chunks) - 1
+        sealed = [keys.seal(scope, doc_id, name, revpos, first + i, last and i == final, c)
+                  for i, c in enumerate(chunks)]
+        self._token._audit_record(_CHUNKS, "attachment-seal", doctype, doc_id, True,
+                                  f"{len(chunks)} chunks of {name!r} in {scope}")
+        return {"chunks": sealed, "addresses": [keys.address(c) for c in chunks]}
+
+    def _cmd_share_open_chunks(self, args: Mapping[str, Any]) -> dict:
+        """{share | doctype, doc_id, name, revpos, first, last, chunks} -> {chunks}: the
+        plaintext of sealed chunks, each checked where it stands (index, attachment,
+        document, revision, scope, end of file). A chunk that fails is `IntegrityError`,
+        audited as refused; nothing of the call is returned."""
+        doc_id, name, revpos, first, last, chunks = self._chunk_args(args, sealed=True)
+        final = len(chunks) - 1
+        opened, scope, doctype = [], None, _arg(args, "doctype", str, optional=True)
+        try:
+            for i, chunk in enumerate(chunks):
+                scope, doctype, keys = self._chunk_keys(args, chunkseal.sealed_kid(chunk))
+                opened.append(keys.open(scope, doc_id, name, revpos, first + i,
+                                        last and i == final, chunk))
+        except IntegrityError as exc:
+            self._token._audit_record(_CHUNKS, "attachment-open", doctype, doc_id, False,
+                                      f"tampered chunk refused: {exc}")
+            raise
+        self._token._audit_record(_CHUNKS, "attachment-open", doctype, doc_id, True,
+                                  f"{len(chunks)} chunks of {name!r} in {scope}")
+        return {"chunks": opened}
+
     def _incoming_form(self, share_id: str, doc: dict) -> dict:
         token = self._token
         if doc.get("_deleted") is True:
@@ -1170,4 +1242,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "share.may_push": ("share", "peer"),
     "share.outgoing": ("share", "peer", "docs"),
     "share.incoming": ("share", "peer", "docs", "existing"),
+    "share.seal_chunks": ("share?", "doctype?", "doc_id", "name", "revpos", "first", "last",
+                          "chunks"),
+    "share.open_chunks": ("share?", "doctype?", "doc_id", "name", "revpos", "first", "last",
+                          "chunks"),
 }

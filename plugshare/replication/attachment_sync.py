@@ -1,0 +1,459 @@
+"""Attachment data with one peer, on trio: the I/O around `transfer`.
+
+`AttachmentServer` answers the peer's requests for the data of our documents' attachments
+(only those of documents our push of the share would send it). `AttachmentFetcher` keeps the
+revisions that came without their data aside, durably (local docs, one per revision and an
+index per peer), fetches the chunks this store lacks, stages each one as it arrives (so a
+transfer cut by a crash resumes with the chunks still missing), and writes the revision with
+`put_replicated` once every chunk is staged and checked.
+
+Neither ever waits on the network in the connection's receive loop: incoming messages go
+into bounded queues (`deliver`), and an overflowing queue is the peer breaking the protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from plugshare.errors import PlugshareError
+from plugshare.replication import transfer
+from plugshare.replication.backoff import Backoff
+from plugshare.replication.protocol import DocRefused, ReplicationEvent
+from plugshare.replication.transport import PeerConnectionClosed
+from plugshare.store.attachments import rechunk
+from plugshare.store.base import BadRequest, Doc, NotFound, Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+MayServe = Callable[[str, Doc], Awaitable["Doc | str | None"]]
+"""`may_serve(share, doc)`: the form of `doc` we would send this peer in `share` (its
+`_attachments` are what may be served), a reason it is refused, or None when the share is not
+being pushed to the peer right now (ask again later)."""
+
+# Revisions kept aside for their data, per peer: past this, a revision without its data is
+# refused like any missing stub (the peer cannot make us keep unboundedly many).
+MAX_PENDING_REVISIONS = 10_000
+FETCH_BACKOFF = Backoff(initial=1.0, maximum=60.0, multiplier=2.0, jitter=0.2)
+PRUNE_EVERY = 64  # kept revisions dropped between two rewrites of the index
+PROGRESS_BYTES = 16 * 1024 * 1024  # fetched between two progress lines in the log
+REPLY_TIMEOUT = 120.0  # seconds without a reply before a request is given up (and retried)
+
+
+@attrs.frozen(kw_only=True)
+class RevisionFetched(ReplicationEvent):
+    """Target: a revision kept aside for its attachment data is written: `fetched_bytes` of
+    chunk data came from the peer for it, `held_chunks` were here already (not sent)."""
+
+    doc_id: str
+    rev: str
+    fetched_bytes: int
+    held_chunks: int
+
+
+class ChunkRefused(PlugshareError):
+    """`check_chunks` refused chunks of an attachment (tampered, reordered, swapped): the
+    revision is refused for good."""
+
+
+ChunkCheck = Callable[[str, Doc, str, int, "list[tuple[int, bytes]]", int], Awaitable[None]]
+"""`check_chunks(share, doc, name, revpos, chunks, count)`: `(index, data)` chunks of
+attachment `name` (of `count` chunks) as they arrived, before they are staged;
+raises `ChunkRefused` for chunks that must not be kept (a sealed share's chunk that does not
+open where it stands), `TransferRefused(retry=True)` when it cannot tell now."""
+
+
+class TransferRefused(PlugshareError):
+    """The source will not send this attachment (for good, or `retry`: later)."""
+
+    def __init__(self, reason: str, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+
+
+def _send_or_break(channel: trio.MemorySendChannel, item: Any, what: str) -> None:
+    try:
+        channel.send_nowait(item)
+    except trio.WouldBlock:
+        raise transfer.TransferError(f"the peer sent more {what} than it may have outstanding")
+
+
+# --- serving our attachments -------------------------------------------------------------------
+
+
+class AttachmentServer:
+    def __init__(self, connection: Any, store: Store, *, peer: str, may_serve: MayServe) -> None:
+        self._connection = connection
+        self._store = store
+        self.peer = peer
+        self._may_serve = may_serve
+        # req -> (want, length, hashes) once its manifest is sent; None while it is made.
+        self._open: dict[int, tuple[transfer.Want, int, list[bytes]] | None] = {}
+        self._served: dict[int, list[int]] = {}  # req -> [chunks, bytes] sent
+        bound = transfer.MAX_OPEN_REQUESTS * (transfer.WINDOW + 2)
+        self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, ...]](bound)
+        self.sent_bytes = 0  # chunk data sent to this peer, all requests
+
+    def deliver(self, message: Mapping[Any, Any]) -> None:
+        """Take a request from the peer (never waits). `TransferError` for a broken one."""
+        kind = message.get("type")
+        if kind == transfer.WANT:
+            want = transfer.parse_want(message)
+            if want.req in self._open:
+                raise transfer.TransferError(f"request {want.req} is already open")
+            if len(self._open) >= transfer.MAX_OPEN_REQUESTS:
+                raise transfer.TransferError(f"more than {transfer.MAX_OPEN_REQUESTS} open requests")
+            self._open[want.req] = None
+            _send_or_break(self._jobs_send, ("want", want), "requests")
+        elif kind == transfer.GET:
+            req = message.get("req")
+            opened = self._open.get(req) if type(req) is int else None
+            if opened is None:
+                raise transfer.TransferError(f"{transfer.GET} for request {req!r}, which has no manifest")
+            _, indexes = transfer.parse_get(message, len(opened[2]))
+            for index in indexes:
+                _send_or_break(self._jobs_send, ("chunk", req, index), "chunk requests")
+        elif kind == transfer.DONE:
+            req = message.get("req")
+            if self._open.pop(req, None) is not None:
+                chunks, size = self._served.pop(req, [0, 0])
+                logger.info("served %d chunks (%d bytes) of an attachment to peer %s",
+                            chunks, size, self.peer)
+
+    async def run(self) -> None:
+        """Carry out requests one at a time until cancelled or the connection closes."""
+        try:
+            async for job in self._jobs:
+                if job[0] == "want":
+                    await self._manifest(job[1])
+                else:
+                    await self._chunk(job[1], job[2])
+        except PeerConnectionClosed:
+            pass
+
+    async def _manifest(self, want: transfer.Want) -> None:
+        try:
+            docs = await self._store.bulk_get([(want.doc_id, want.rev)])
+            answer = await self._may_serve(want.share, docs[0]) if docs else "no such revision here"
+            if answer is None:
+                raise TransferRefused(f"share {want.share!r} is not pushed to you now", retry=True)
+            if isinstance(answer, str):
+                raise TransferRefused(answer)
+            stub = (answer.get("_attachments") or {}).get(want.name)
+            if not isinstance(stub, dict):
+                raise TransferRefused(f"revision {want.rev} of {want.doc_id!r} has no attachment {want.name!r}")
+            meta, data = await self._store.open_attachment(want.doc_id, want.name, rev=want.rev)
+            if transfer.chunk_count(meta.length) > transfer.MAX_MANIFEST_CHUNKS:
+                await data.aclose()
+                raise TransferRefused(f"attachment {want.name!r} is too big to transfer")
+            hashes = await self._store.chunk_addresses(want.doc_id, want.name, want.rev)
+            if hashes is None:  # a backend that does not keep them: read and hash the data
+                hashes = [hashlib.sha256(piece).digest() async for piece in rechunk(data)]
+            else:
+                await data.aclose()
+        except TransferRefused as refused:
+            self._open.pop(want.req, None)
+            await self._connection.send(transfer.fail_message(want.req, refused.reason, retry=refused.retry))
+            return
+        except (NotFound, BadRequest) as error:
+            self._open.pop(want.req, None)
+            await self._connection.send(transfer.fail_message(want.req, error.reason))
+            return
+        except StoreError as error:  # the store away: the peer may ask again later
+            self._open.pop(want.req, None)
+            await self._connection.send(transfer.fail_message(want.req, error.reason, retry=True))
+            return
+        if want.req not in self._open:
+            return  # the peer gave up meanwhile
+        self._open[want.req] = (want, meta.length, hashes)
+        self._served[want.req] = [0, 0]
+        await self._connection.send(transfer.manifest_message(want.req, meta.length, meta.digest, hashes))
+
+    async def _chunk(self, req: int, index: int) -> None:
+        opened = self._open.get(req)
+        if opened is None:
+            return  # done or failed meanwhile
+        want, length, _ = opened
+        try:
+            _, data = await self._store.open_attachment(
+                want.doc_id, want.name, rev=want.rev, range=transfer.chunk_range(index, length))
+            piece = b"".join([part async for part in data])
+        except StoreError as error:
+            self._open.pop(req, None)
+            await self._connection.send(transfer.fail_message(req, error.reason, retry=True))
+            return
+        served = self._served.setdefault(req, [0, 0])
+        served[0] += 1
+        served[1] += len(piece)
+        self.sent_bytes += len(piece)
+        await self._connection.send(transfer.chunk_message(req, index, piece))
+
+
+# --- fetching the peer's ---------------------------------------------------------------------
+
+
+def _index_id(peer: str) -> str:
+    return "plugshare-fetch-" + hashlib.sha256(peer.encode()).hexdigest()[:32]
+
+
+def _entry_id(peer: str, share: str, doc: Doc) -> str:
+    key = "\0".join((peer, share, doc["_id"], doc["_rev"]))
+    return "plugshare-fetch-entry-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class AttachmentFetcher:
+    def __init__(self, connection: Any, store: Store, *, peer: str,
+                 on_event: Callable[[ReplicationEvent], None] | None = None,
+                 check_chunks: ChunkCheck | None = None) -> None:
+        self._connection = connection
+        self._store = store
+        self.peer = peer
+        self._on_event = on_event
+        self._check_chunks = check_chunks
+        self._reqs = itertools.count(1)
+        self._replies: dict[int, trio.MemorySendChannel[Mapping[Any, Any]]] = {}
+        self._lock = trio.Lock()  # one writer of the index at a time
+        self._wake = trio.Event()
+        self._rng = random.Random()
+        self.fetched_bytes = 0  # chunk data received from this peer
+        self._held_chunks = 0  # of the revision being fetched: chunks that need not travel
+        self._forgotten: set[str] = set()  # kept revisions dropped, still in the index
+
+    # -- the revisions kept aside, durably ------------------------------------------------
+
+    async def _entries(self) -> list[str]:
+        try:
+            return list((await self._store.get_local(_index_id(self.peer))).get("entries", []))
+        except NotFound:
+            return []
+
+    async def defer(self, share: str, docs: list[Doc]) -> list[bool]:
+        """Keep each of `docs` (revisions whose attachment data this store lacks) to write
+        once its data is fetched; False for those refused because too many are kept already.
+        The index is written once for the whole batch."""
+        kept = []
+        async with self._lock:
+            entries = await self._entries()
+            known, added = set(entries), False
+            for doc in docs:
+                entry = _entry_id(self.peer, share, doc)
+                if entry not in known:
+                    if len(entries) >= MAX_PENDING_REVISIONS:
+                        kept.append(False)
+                        continue
+                    await self._store.put_local(entry, {"share": share, "doc": doc})
+                    entries.append(entry)
+                    known.add(entry)
+                    added = True
+                kept.append(True)
+            if added:
+                await self._store.put_local(_index_id(self.peer), {"entries": entries})
+        self._wake.set()
+        return kept
+
+    async def _forget(self, entry: str) -> None:
+        """Drop a kept revision (written or refused). Its index entry goes later, with others
+        (`_prune`): an entry whose doc is gone is skipped meanwhile, also after a restart."""
+        try:
+            await self._store.delete_local(entry)
+        except NotFound:
+            pass
+        self._forgotten.add(entry)
+        if len(self._forgotten) >= PRUNE_EVERY:
+            await self._prune()
+
+    async def _prune(self) -> None:
+        if not self._forgotten:
+            return
+        async with self._lock:
+            entries = await self._entries()
+            await self._store.put_local(_index_id(self.peer), {
+                "entries": [entry for entry in entries if entry not in self._forgotten]})
+            self._forgotten.clear()
+
+    async def pending(self) -> int:
+        return len(await self._entries())
+
+    # -- messages from the peer -----------------------------------------------------------
+
+    def deliver(self, message: Mapping[Any, Any]) -> None:
+        """An answer from the peer (never waits); one for a request no longer open is dropped."""
+        req = message.get("req")
+        channel = self._replies.get(req) if type(req) is int else None
+        if channel is None:
+            return
+        _send_or_break(channel, message, "chunks")
+
+    # -- fetching -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Fetch the data of every revision kept aside, oldest first, until cancelled or the
+        connection closes; a request the source says to retry waits with a back-off."""
+        attempt = 0
+        try:
+            while True:
+                self._wake = trio.Event()
+                entries = await self._entries()
+                retry_later = False
+                for entry in entries:
+                    try:
+                        kept = await self._store.get_local(entry)
+                    except NotFound:
+                        await self._forget(entry)
+                        continue
+                    claimed: list[bytes] = []
+                    try:
+                        await self._fetch_revision(kept["share"], kept["doc"], claimed)
+                    except TransferRefused as refused:
+                        if refused.retry:  # what is staged stays: the next attempt resumes
+                            logger.info("fetching the data of %s from %s later: %s",
+                                        kept["doc"].get("_id"), self.peer, refused.reason)
+                            retry_later = True
+                            continue  # the others may be served (e.g. another share's)
+                        self._refused(kept, refused.reason)
+                    except BadRequest as error:  # the data does not check: for good
+                        self._refused(kept, error.reason)
+                    except (transfer.TransferError, ChunkRefused) as error:
+                        self._refused(kept, str(error))
+                    except StoreError as error:  # our store away: later, from what is staged
+                        logger.warning("cannot fetch the data of %s from %s now: %s",
+                                       kept["doc"].get("_id"), self.peer, error)
+                        retry_later = True
+                        break
+                    except PlugshareError as error:  # a check that failed otherwise: later
+                        logger.warning("fetching the data of %s from %s failed; again later: %s",
+                                       kept["doc"].get("_id"), self.peer, error)
+                        retry_later = True
+                        continue
+                    await self._release(claimed)
+                    await self._forget(entry)
+                    attempt = 0
+                await self._prune()
+                if retry_later:
+                    attempt += 1
+                    # New revisions kept aside meanwhile are fetched at once, not after it.
+                    with trio.move_on_after(FETCH_BACKOFF.delay(attempt - 1, self._rng)):
+                        await self._wake.wait()
+                elif not self._wake.is_set():
+                    await self._wake.wait()
+        except PeerConnectionClosed:
+            pass
+
+    async def _release(self, claimed: list[bytes]) -> None:
+        if claimed:
+            with trio.CancelScope(shield=True):
+                await self._store.release_chunks(claimed)
+
+    def _refused(self, kept: Doc, reason: str) -> None:
+        logger.warning("refused revision %s of %s from peer %s: %s", kept["doc"].get("_rev"),
+                       kept["doc"].get("_id"), self.peer, reason)
+        if self._on_event is not None:
+            self._on_event(DocRefused(share=kept["share"], peer=self.peer, direction="pull",
+                                      doc_id=str(kept["doc"].get("_id")),
+                                      rev=str(kept["doc"].get("_rev")),
+                                      reason=f"its attachment data: {reason}"))
+
+    async def _fetch_revision(self, share: str, doc: Doc, claimed: list[bytes]) -> None:
+        """Fetch the chunks of every attachment of `doc` this store lacks (staging them, and
+        claiming those it holds, into `claimed`), then write the revision."""
+        attachments = doc.get("_attachments") or {}
+        fetched_before = self.fetched_bytes
+        self._held_chunks = 0
+        addresses = {name: await self._fetch_attachment(share, doc, name, stub, claimed)
+                     for name, stub in attachments.items()}
+
+        async def staged(hashes: list[bytes]):
+            for digest in hashes:
+                yield await self._store.read_staged_chunk(digest)
+
+        follows = {name: {"follows": True, "content_type": stub["content_type"],
+                          "length": stub["length"], "digest": stub["digest"],
+                          "revpos": stub["revpos"]}
+                   for name, stub in attachments.items()}
+        await self._store.put_replicated({**doc, "_attachments": follows},
+                                         {name: staged(h) for name, h in addresses.items()})
+        fetched = self.fetched_bytes - fetched_before
+        logger.info("wrote revision %s of %s with its attachments from peer %s (%d bytes "
+                    "fetched)", doc["_rev"], doc["_id"], self.peer, fetched)
+        if self._on_event is not None:
+            self._on_event(RevisionFetched(share=share, peer=self.peer, doc_id=doc["_id"],
+                                           rev=doc["_rev"], fetched_bytes=fetched,
+                                           held_chunks=self._held_chunks))
+
+    async def _fetch_attachment(self, share: str, doc: Doc, name: str, stub: Mapping[str, Any],
+                                claimed: list[bytes]) -> list[bytes]:
+        if not isinstance(stub, Mapping) or type(stub.get("length")) is not int:
+            raise transfer.TransferError(f"attachment {name!r} of {doc['_id']!r} has no stub")
+        req = next(self._reqs)
+        fetch = transfer.ChunkFetch(req, share, doc["_id"], doc["_rev"], name,
+                                    length=stub["length"], digest=stub.get("digest"))
+        send, replies = trio.open_memory_channel[Mapping[Any, Any]](transfer.WINDOW + 2)
+        self._replies[req] = send
+        try:
+            await self._connection.send(fetch.want_message())
+            hashes = fetch.manifest(await self._reply(replies, transfer.MANIFEST))
+            held = await self._store.claim_chunks(hashes)
+            claimed.extend(held)
+            fetch.held(held)
+            self._held_chunks += len(held)
+            logger.info("fetching attachment %r of %s from peer %s: %d chunks to fetch, %d "
+                        "held here already", name, doc["_id"], self.peer, fetch.missing, len(held))
+            while not fetch.complete:
+                for ask in fetch.asks():
+                    await self._connection.send(ask)
+                # The chunk awaited, and those arrived meanwhile: checked, the next asked
+                # for, then staged in one write (a durable write per chunk is what costs).
+                messages = [await self._reply(replies, transfer.CHUNK)]
+                while True:
+                    try:
+                        messages.append(self._checked(replies.receive_nowait(), transfer.CHUNK))
+                    except trio.WouldBlock:
+                        break
+                batch = [fetch.chunk(message) for message in messages]
+                for ask in fetch.asks():
+                    await self._connection.send(ask)
+                if self._check_chunks is not None:
+                    await self._check_chunks(share, doc, name, stub["revpos"],
+                                             [(m["index"], data) for m, data in zip(messages, batch)],
+                                             len(hashes))
+                claimed.extend(await self._store.stage_chunks(batch))
+                before = self.fetched_bytes
+                self.fetched_bytes += sum(len(data) for data in batch)
+                if before // PROGRESS_BYTES != self.fetched_bytes // PROGRESS_BYTES:
+                    logger.info("attachment %r of %s: %d chunks fetched, %d to go", name,
+                                doc["_id"], fetch.fetched, fetch.missing)
+            logger.info("fetched attachment %r of %s from peer %s: %d chunks (%d bytes) "
+                        "fetched, %d held here already", name, doc["_id"], self.peer,
+                        fetch.fetched, fetch.fetched_bytes, len(set(hashes)) - fetch.fetched)
+            return hashes
+        finally:
+            del self._replies[req]
+            # Closes the request at the source, also after a failure (best effort: a closed
+            # connection has closed it anyway).
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self._connection.send(fetch.done_message())
+                except PeerConnectionClosed:
+                    pass
+
+    @staticmethod
+    def _checked(message: Mapping[Any, Any], expected: str) -> Mapping[Any, Any]:
+        if message.get("type") == transfer.FAIL:
+            raise TransferRefused(transfer.reason_of(message.get("reason")),
+                                  retry=message.get("retry") is True)
+        if message.get("type") != expected:
+            raise transfer.TransferError(f"expected {expected}, got {message.get('type')!r}")
+        return message
+
+    async def _reply(self, replies: trio.MemoryReceiveChannel, expected: str) -> Mapping[Any, Any]:
+        with trio.move_on_after(REPLY_TIMEOUT):
+            return self._checked(await replies.receive(), expected)
+        raise TransferRefused(f"no {expected} from the peer in {REPLY_TIMEOUT:.0f} s", retry=True)

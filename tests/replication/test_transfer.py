@@ -1,0 +1,68 @@
+"""The attachment transfer's target side (`transfer.ChunkFetch`, pure): it asks only for the
+chunks the store lacks, never more than `WINDOW` at once, and refuses what does not check."""
+
+import hashlib
+
+import pytest
+
+from plugshare.replication import transfer
+from plugshare.store.attachments import CHUNK_SIZE
+from tests.store.test_attachments import md5_digest, random_bytes
+
+
+def pieces(data):
+    return [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+
+
+def fetch_of(data):
+    fetch = transfer.ChunkFetch(1, "s", "d", "1-" + "a" * 32, "f", length=len(data),
+                                digest=md5_digest(data))
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    fetch.manifest(transfer.manifest_message(1, len(data), md5_digest(data), hashes))
+    return fetch, hashes
+
+
+def test_only_missing_chunks_are_asked_each_once_and_at_most_a_window_at_a_time():
+    chunk = random_bytes(CHUNK_SIZE, seed=1)
+    data = b"".join([chunk, random_bytes(CHUNK_SIZE * 20, seed=2), chunk])  # chunk 0 == 21
+    fetch, hashes = fetch_of(data)
+    fetch.held({hashes[1], hashes[2]})
+    asked = []
+    while not fetch.complete:
+        for ask in fetch.asks():
+            assert len(ask["indexes"]) <= transfer.WINDOW
+            asked += ask["indexes"]
+        assert len(asked) - fetch.fetched <= transfer.WINDOW
+        index = asked[fetch.fetched]
+        fetch.chunk(transfer.chunk_message(1, index, pieces(data)[index]))
+    assert sorted(asked) == [0, *range(3, 21)]  # not the held ones, not chunk 21 again
+
+
+def test_a_tampered_or_swapped_chunk_or_one_not_asked_for_is_refused():
+    data = random_bytes(3 * CHUNK_SIZE, seed=3)
+    fetch, hashes = fetch_of(data)
+    fetch.held(set())
+    [ask] = fetch.asks()
+    assert ask["indexes"] == [0, 1, 2]
+    tampered = bytearray(pieces(data)[0])
+    tampered[7] ^= 1
+    with pytest.raises(transfer.TransferError, match="does not match"):
+        fetch.chunk(transfer.chunk_message(1, 0, bytes(tampered)))
+    with pytest.raises(transfer.TransferError, match="does not match"):
+        fetch.chunk(transfer.chunk_message(1, 0, pieces(data)[1]))  # chunk 1 sent as chunk 0
+    fetch.chunk(transfer.chunk_message(1, 0, pieces(data)[0]))
+    with pytest.raises(transfer.TransferError, match="not asked"):
+        fetch.chunk(transfer.chunk_message(1, 0, pieces(data)[0]))  # sent twice
+
+
+def test_a_manifest_that_disagrees_with_the_stub_is_refused():
+    data = random_bytes(CHUNK_SIZE + 1, seed=4)
+    fetch = transfer.ChunkFetch(1, "s", "d", "1-" + "a" * 32, "f", length=len(data),
+                                digest=md5_digest(data))
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    with pytest.raises(transfer.TransferError, match="stub"):
+        fetch.manifest(transfer.manifest_message(1, len(data) + 1, md5_digest(data), hashes))
+    with pytest.raises(transfer.TransferError, match="2 SHA-256"):
+        fetch.manifest(transfer.manifest_message(1, len(data), md5_digest(data), hashes[:1]))
+    with pytest.raises(transfer.TransferError, match="2 SHA-256"):
+        fetch.manifest(transfer.manifest_message(1, len(data), md5_digest(data), [b"x", b"y"]))

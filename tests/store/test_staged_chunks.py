@@ -1,0 +1,114 @@
+"""Staged chunks in the store contract: what a resumable incoming attachment transfer
+holds on to (`claim_chunks`, `stage_chunks`, `read_staged_chunk`, `release_chunks`).
+
+On every backend; on CouchDB only chunks staged by a transfer are found held (its own
+attachments are not chunk-addressed)."""
+
+import hashlib
+
+import pytest
+
+from plugshare.store.attachments import CHUNK_SIZE
+from plugshare.store.base import NotFound
+from plugshare.store.sqlite import SQLiteStore
+from tests.store.test_attachments import md5_digest, put_doc_with_file, random_bytes
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path):
+    store = await SQLiteStore.open(tmp_path / "store.sqlite")
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def pieces(data: bytes) -> list[bytes]:
+    return [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+
+
+async def test_staged_chunks_survive_a_restart_and_feed_put_replicated(tmp_path):
+    data = random_bytes(3 * CHUNK_SIZE + 17)
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    assert await store.claim_chunks(hashes) == set()
+    for piece in pieces(data)[:2]:
+        assert await store.stage_chunks([piece]) == [hashlib.sha256(piece).digest()]
+    await store.compact()  # staged chunks are no garbage
+    await store.aclose()
+
+    store = await SQLiteStore.open(path)  # a crash between chunks: they are still there
+    try:
+        assert await store.claim_chunks(hashes) == set(hashes[:2])
+        assert await store.stage_chunks(pieces(data)[2:]) == hashes[2:]
+
+        async def staged():
+            for digest in hashes:
+                yield await store.read_staged_chunk(digest)
+
+        doc = {"_id": "d", "_rev": "1-" + "a" * 32, "_revisions": {"start": 1, "ids": ["a" * 32]},
+               "_attachments": {"f": {"follows": True, "content_type": "x/y", "length": len(data),
+                                      "digest": md5_digest(data), "revpos": 1}}}
+        await store.put_replicated(doc, {"f": staged()})
+        await store.release_chunks(hashes)
+        _, body = await store.open_attachment("d", "f")
+        assert b"".join([p async for p in body]) == data
+        await store.compact()
+        assert (await store.info())["attachment_chunks"] == len(hashes)  # held by the doc
+    finally:
+        await store.aclose()
+
+
+async def test_staged_chunks_feed_put_replicated_then_go_when_released(store):
+    data = random_bytes(2 * CHUNK_SIZE + 3, seed=5)
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    assert await store.stage_chunks(pieces(data)[:1]) == hashes[:1]
+    assert await store.claim_chunks(hashes) == {hashes[0]}  # a cut transfer's, found again
+    assert await store.stage_chunks(pieces(data)[1:]) == hashes[1:]
+
+    async def staged():
+        for digest in hashes:
+            yield await store.read_staged_chunk(digest)
+
+    doc = {"_id": "d", "_rev": "1-" + "b" * 32, "_revisions": {"start": 1, "ids": ["b" * 32]},
+           "_attachments": {"f": {"follows": True, "content_type": "x/y", "length": len(data),
+                                  "digest": md5_digest(data), "revpos": 1}}}
+    await store.put_replicated(doc, {"f": staged()})
+    await store.release_chunks(hashes)
+    _, body = await store.open_attachment("d", "f")
+    assert b"".join([p async for p in body]) == data
+    with pytest.raises(NotFound):
+        await store.read_staged_chunk(hashes[1])
+
+
+async def test_a_released_chunk_no_attachment_holds_is_removed(store):
+    [digest] = await store.stage_chunks([b"lonely"])
+    await store.release_chunks([digest])
+    with pytest.raises(NotFound):
+        await store.read_staged_chunk(digest)
+    assert await store.claim_chunks([digest]) == set()
+
+
+async def test_claiming_a_chunk_an_attachment_holds_keeps_it_after_the_attachment_goes(sqlite_store):
+    data = random_bytes(CHUNK_SIZE + 5, seed=3)
+    _, rev = await put_doc_with_file(sqlite_store, "d", data=data)
+    hashes = [hashlib.sha256(p).digest() for p in pieces(data)]
+    assert await sqlite_store.claim_chunks(hashes) == set(hashes)
+    await sqlite_store.delete("d", rev)  # the only content holding them goes
+    await sqlite_store.compact()
+    assert [await sqlite_store.read_staged_chunk(h) for h in hashes] == pieces(data)
+    await sqlite_store.release_chunks(hashes)
+    assert await sqlite_store.claim_chunks(hashes) == set()
+
+
+async def test_chunk_addresses_are_the_sha256_of_each_chunk_when_the_backend_keeps_them(store):
+    data = random_bytes(2 * CHUNK_SIZE + 9, seed=6)
+    _, rev = await put_doc_with_file(store, "d", data=data)
+    addresses = await store.chunk_addresses("d", "file.bin", rev)
+    if store.backend == "sqlite":
+        assert addresses == [hashlib.sha256(p).digest() for p in pieces(data)]
+    else:
+        assert addresses is None  # the caller hashes the data itself
+    with pytest.raises(NotFound):
+        await store.chunk_addresses("d", "nope", rev)
