@@ -69,7 +69,14 @@ def server_main(install_dir: Path = INSTALL_DIR) -> Path:
 
 def ensure_installed(install_dir: Path = INSTALL_DIR) -> Path:
     """Install pouchdb-server with npm unless it is there already; return its main module."""
-    main = server_main(install_dir)
+    return ensure_npm_package(
+        install_dir, f"pouchdb-server@{POUCHDB_SERVER_VERSION}", server_main(install_dir)
+    )
+
+
+def ensure_npm_package(install_dir: Path, spec: str, main: Path) -> Path:
+    """`npm install spec` into `install_dir` (a project of its own under the ignored `.cache/`)
+    unless `main`, the module that install provides, is there already; return `main`."""
     if main.exists():
         return main
     install_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +84,7 @@ def ensure_installed(install_dir: Path = INSTALL_DIR) -> Path:
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing right now
         if not main.exists():
-            _npm_install(install_dir)
+            _npm_install(install_dir, spec)
     if not main.exists():
         raise PouchDBServerError(
             f"npm finished but {main} is missing; remove {install_dir} and retry"
@@ -85,7 +92,7 @@ def ensure_installed(install_dir: Path = INSTALL_DIR) -> Path:
     return main
 
 
-def _npm_install(install_dir: Path) -> None:
+def _npm_install(install_dir: Path, spec: str) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise PouchDBServerError(
@@ -94,11 +101,8 @@ def _npm_install(install_dir: Path) -> None:
     install_dir.mkdir(parents=True, exist_ok=True)
     manifest = install_dir / "package.json"
     if not manifest.exists():  # npm wants a project to install into
-        manifest.write_text('{"name": "plugshare-test-servers", "private": true}\n')
-    command = [
-        npm, "install", "--no-audit", "--no-fund", "--prefix", str(install_dir),
-        f"pouchdb-server@{POUCHDB_SERVER_VERSION}",
-    ]
+        manifest.write_text(f'{{"name": "plugshare-test-{install_dir.name}", "private": true}}\n')
+    command = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(install_dir), spec]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False,
@@ -228,6 +232,9 @@ def running_pouchdb_server(*, stock: bool = False) -> Iterator[str]:
 if __name__ == "__main__":
     import sys
 
+    from tests.support.pouchdb_client import POUCHDB_VERSION, ensure_client_installed
+
     if sys.argv[1:] != ["--install"]:
         sys.exit("usage: python -m tests.support.pouchdb --install")
     print(f"pouchdb-server {POUCHDB_SERVER_VERSION}: {ensure_installed()}")
+    print(f"pouchdb {POUCHDB_VERSION} (the test client): {ensure_client_installed()}")
