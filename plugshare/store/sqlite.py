@@ -293,11 +293,15 @@ class SQLiteStore(Store):
             async with self._commit_lock:
                 if not job.done.is_set():
                     group, self._queue = self._queue, []
-                    await trio.to_thread.run_sync(
-                        self._commit_group, group, limiter=self._limiter
-                    )
-                    for queued in group:
-                        queued.done.set()
+                    try:
+                        # shielded: the group holds other tasks' writes, which it must run
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(
+                                self._commit_group, group, limiter=self._limiter
+                            )
+                    finally:
+                        for queued in group:
+                            queued.done.set()
         except trio.Cancelled:
             if job in self._queue:  # never started: it is not written
                 self._queue.remove(job)

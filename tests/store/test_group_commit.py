@@ -87,7 +87,7 @@ async def test_writes_of_one_doc_in_a_group_see_each_other(store):
     assert (await store.get("same"))["_rev"] == made[0]
 
 
-async def test_a_cancelled_write_that_never_started_is_not_written(store):
+async def test_cancelled_writers_leave_whole_writes_and_a_working_store(store):
     async with trio.open_nursery() as nursery:
         for i in range(20):
             nursery.start_soon(store.put, {"_id": f"w{i}"})
