@@ -340,14 +340,16 @@ class SQLiteStore(Store):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._txn_seq = self._seq
-            error = self._store_error(exc)
-            for job in jobs:
-                job.error, job.result = error, None
+            for job in jobs:  # an error each: they are raised in different tasks
+                job.error, job.result = self._store_error(exc), None
             return
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._txn_seq = self._seq
+            for job in jobs:  # none of them was written
+                job.error = StoreError(f"a write to {self.path} was interrupted")
+                job.result = None
             raise
         self.commits += 1
         self._seq = self._txn_seq
