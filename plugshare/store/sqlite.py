@@ -14,7 +14,10 @@ revision that references it: a cut upload leaves the document as it was, and its
 collected at once (or by `compact` when the process died first).
 
 Concurrency: one connection, used by one worker thread at a time (a capacity limiter of 1),
-so every SQLite call runs off the trio thread and writes are serialised. The file is opened in
+so every SQLite call runs off the trio thread and writes are serialised. Group commit: writes
+that arrive while a commit is in flight queue up and share the next transaction (one fsync),
+each in a savepoint of its own so that one write's error undoes that write alone; every
+caller is answered once that transaction is durable. The file is opened in
 WAL mode with `synchronous=FULL` (a write is on disk when the call returns) and an exclusive
 lock, so a second store (in this process or another) cannot open it while this one is open.
 The file (and so its -wal and -shm, which SQLite gives the same mode) is private: 0600.
@@ -97,6 +100,24 @@ class _Staged:
     length: int
     digest: str
     revpos: int | None  # replicated: the revpos sent; None: the new revision's generation
+
+
+class _Job:
+    """One write waiting for (or inside) a group commit: `fn(conn, *args)` and its outcome."""
+
+    __slots__ = ("fn", "args", "result", "error", "done")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self.fn = fn
+        self.args = args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()  # set once its group committed (or failed)
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class _Record:
@@ -191,6 +212,10 @@ class SQLiteStore(Store):
         self._conn: sqlite3.Connection | None = conn
         self._limiter = trio.CapacityLimiter(1)
         self._seq = update_seq  # last committed seq; advanced by the worker after COMMIT
+        self._txn_seq = update_seq  # the last seq used inside the open transaction
+        self._queue: list[_Job] = []  # writes waiting for the next group commit
+        self._commit_lock = trio.Lock()  # held by the task running a group commit
+        self.commits = 0  # write transactions committed (group commit shares them)
         self._notified_seq = update_seq
         self._changed = trio.Event()  # set (and replaced) when the feed grows
         self._in_use: Counter[int] = Counter()  # contents being written or read: kept by GC
@@ -247,28 +272,92 @@ class SQLiteStore(Store):
         try:
             return fn(conn, *args)
         except sqlite3.Error as exc:
-            if "malformed" in str(exc):
-                raise StoreError(
-                    f"the store file {self.path} is corrupt ({exc}): restore it from a backup, "
-                    "or move it away and sync again from peers"
-                ) from exc
-            raise StoreError(f"SQLite store {self.path} failed: {exc}") from exc
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: sqlite3.Error) -> StoreError:
+        if "malformed" in str(exc):
+            return StoreError(
+                f"the store file {self.path} is corrupt ({exc}): restore it from a backup, "
+                "or move it away and sync again from peers"
+            )
+        return StoreError(f"SQLite store {self.path} failed: {exc}")
+
+    async def _transact(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in a write transaction, shared with the writes queued
+        meanwhile (group commit); return (or raise) its own outcome once committed.
+
+        The first writer to find no commit in flight runs the queue as one transaction;
+        those that queued behind it find their job done when they get the lock."""
+        job = _Job(fn, args)
+        self._queue.append(job)
+        try:
+            async with self._commit_lock:
+                if not job.done.is_set():
+                    group, self._queue = self._queue, []
+                    try:
+                        # shielded: the group holds other tasks' writes, which it must run
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(
+                                self._commit_group, group, limiter=self._limiter
+                            )
+                    finally:
+                        for queued in group:
+                            queued.done.set()
+        except trio.Cancelled:
+            if job in self._queue:  # never started: it is not written
+                self._queue.remove(job)
+                raise
+            with trio.CancelScope(shield=True):  # in another task's group: wait for it
+                await job.done.wait()
+            raise
+        finally:
+            if self._seq > self._notified_seq:
+                self._notified_seq = self._seq
+                self._wake_waiters()
+        return job.outcome()
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        """In the worker thread: every job in one transaction, each in a savepoint (an
+        error undoes that job alone), then one COMMIT. A failed COMMIT fails them all."""
+        conn = self._conn
+        if conn is None:
+            for job in jobs:
+                job.error = StoreError(f"the store {self.path} is closed")
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                seq_before = self._txn_seq
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.fn(conn, *job.args)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    self._txn_seq = seq_before
+                    job.error = self._store_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._txn_seq = self._seq
+            for job in jobs:  # an error each: they are raised in different tasks
+                job.error, job.result = self._store_error(exc), None
+            return
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._txn_seq = self._seq
+            for job in jobs:  # none of them was written
+                job.error = StoreError(f"a write to {self.path} was interrupted")
+                job.result = None
+            raise
+        self.commits += 1
+        self._seq = self._txn_seq
 
     def _wake_waiters(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
-
-    def _write(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` in one write transaction (in the worker thread)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
 
     # -- reading records -------------------------------------------------------------------
 
@@ -439,7 +528,7 @@ class SQLiteStore(Store):
     def _save(self, conn: sqlite3.Connection, records: list[tuple[str, _Record]]) -> int:
         """Write the records, each with a new seq; return the last one."""
         rows = []
-        seq = self._seq
+        seq = self._txn_seq
         dropped: set[int] = set()
         for doc_id, record in records:
             leaves = record.tree.leaves()
@@ -465,12 +554,14 @@ class SQLiteStore(Store):
             rows,
         )
         chunks.collect(conn, dropped, self._in_use)  # the data no leaf references anymore
+        self._txn_seq = seq
         return seq
 
     def _write_docs(
         self, conn: sqlite3.Connection, docs: list[ParsedDoc | StoreError], new_edits: bool
     ) -> list[str | StoreError]:
-        results, self._seq = self._write(conn, self._apply, docs, new_edits)  # once committed
+        """Inside a `_transact` transaction: `self._seq` advances when it commits."""
+        results, _ = self._apply(conn, docs, new_edits)
         return results
 
     # -- documents (Store API) -------------------------------------------------------------
@@ -486,7 +577,7 @@ class SQLiteStore(Store):
 
     async def put(self, doc: Doc) -> str:
         parsed = revtree.parse_doc(doc)
-        [result] = await self._run(self._write_docs, [parsed], True)
+        [result] = await self._transact(self._write_docs, [parsed], True)
         if isinstance(result, StoreError):
             raise result
         return result
@@ -504,7 +595,7 @@ class SQLiteStore(Store):
                 raise NotFound(f"document {doc_id!r} does not exist")
             return self._write_docs(conn, [parsed], True)
 
-        [result] = await self._run(delete)
+        [result] = await self._transact(delete)
         if isinstance(result, StoreError):
             raise result
         return result
@@ -549,7 +640,7 @@ class SQLiteStore(Store):
     async def compact(self) -> None:
         """Only leaf bodies are ever kept; this collects attachment data no leaf references
         (uploads cut when the process died, data that was being read when dropped)."""
-        await self._run(self._write, chunks.sweep, self._in_use)
+        await self._transact(chunks.sweep, self._in_use)
 
     # -- attachments (Store API) -----------------------------------------------------------
 
@@ -590,7 +681,7 @@ class SQLiteStore(Store):
             return self._write_docs(conn, [ParsedDoc(doc_id, rev, False, body, None, specs)],
                                     True)
 
-        [result] = await self._run(write)
+        [result] = await self._transact(write)
         if isinstance(result, StoreError):
             raise result
         return result
@@ -730,7 +821,7 @@ class SQLiteStore(Store):
     ) -> _Staged:
         """Stream `data` into a new content, `UPLOAD_BATCH` chunks per transaction. The
         content stays in use (kept from GC) until `_release`; on failure it is removed."""
-        content = await self._run(self._write, chunks.new_content)
+        content = await self._transact(chunks.new_content)
         self._in_use[content] += 1
         staged = None
         try:
@@ -740,12 +831,12 @@ class SQLiteStore(Store):
                 check.update(piece)
                 batch.append(piece)
                 if len(batch) == UPLOAD_BATCH:
-                    await self._run(self._write, chunks.add_chunks, content, index, batch)
+                    await self._transact(chunks.add_chunks, content, index, batch)
                     index, batch = index + len(batch), []
             if batch:
-                await self._run(self._write, chunks.add_chunks, content, index, batch)
+                await self._transact(chunks.add_chunks, content, index, batch)
             digest = check.finish()
-            await self._run(self._write, chunks.finish_content, content, check.length, digest)
+            await self._transact(chunks.finish_content, content, check.length, digest)
             staged = _Staged(content, content_type, check.length, digest, revpos)
         finally:
             if staged is None:
@@ -760,7 +851,7 @@ class SQLiteStore(Store):
         those it did not come to reference (it failed, or the replicated revision was
         delivered meanwhile by another call: a no-op)."""
         try:
-            [result] = await self._run(write)
+            [result] = await self._transact(write)
         finally:
             await self._release(staged, collect=True)
         if isinstance(result, StoreError):
@@ -774,8 +865,8 @@ class SQLiteStore(Store):
                 del self._in_use[item.content]
         if collect and staged and self._conn is not None:
             with trio.CancelScope(shield=True):  # also after a cancel: no orphan left
-                await self._run(
-                    self._write, chunks.collect, [item.content for item in staged], self._in_use
+                await self._transact(
+                    chunks.collect, [item.content for item in staged], self._in_use
                 )
 
     # -- staged chunks of incoming transfers (see chunks.py) ---------------------------------
@@ -867,7 +958,7 @@ class SQLiteStore(Store):
             raise BadRequest("bulk_docs takes a list of documents")
         if type(new_edits) is not bool:
             raise BadRequest(f"new_edits must be true or false, not {new_edits!r}")
-        return await self._run(self._bulk_docs, docs, new_edits)
+        return await self._transact(self._bulk_docs, docs, new_edits)
 
     def _bulk_docs(
         self, conn: sqlite3.Connection, docs: list[Doc], new_edits: bool
@@ -962,11 +1053,11 @@ class SQLiteStore(Store):
     async def put_local(self, local_id: str, doc: Doc) -> None:
         revtree.check_local_id(local_id)
         body = revtree.parse_local_doc(local_id, doc)
-        await self._run(self._write, _put_local, local_id, body)
+        await self._transact(_put_local, local_id, body)
 
     async def delete_local(self, local_id: str) -> None:
         revtree.check_local_id(local_id)
-        await self._run(self._write, _delete_local, local_id)
+        await self._transact(_delete_local, local_id)
 
     def _write_local_doc(self, conn: sqlite3.Connection, doc: ParsedDoc) -> str:
         """A `_local/` document written through `put`/`bulk_docs` (inside a transaction)."""

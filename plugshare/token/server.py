@@ -46,7 +46,8 @@ from .wire import (
 __all__ = ["MAX_CONNECTIONS", "Dispatcher", "close_socket", "harden_process", "is_dumpable", "receive_some",
            "send_all", "serve"]
 
-SETTLE_EVERY = 0.02  # seconds: the longest a busy token defers making answers durable
+SETTLE_EVERY = 0.02  # seconds: the longest a busy token holds answers to settle them together
+NOT_DURABLE_REASON = "the token could not make its decision durable"
 log = logging.getLogger("plugshare.token.server")
 
 MAX_CONNECTIONS = 64
@@ -205,38 +206,64 @@ def _answer(dispatcher: Dispatcher, request: Request, max_frame: int) -> bytes:
 
 async def _serve_connection(sock: stdlib_socket.socket, dispatcher: Dispatcher, max_frame: int) -> None:
     decoder = Decoder("request", max_frame=max_frame)
-    last_settle = time.monotonic()
+    group = _AnswerGroup()
     while True:
         data = await receive_some(sock, RECEIVE_SIZE)
         if not data:
             return
-        # Requests that arrived together are answered with one send, unless their answers
-        # add up to more than FLUSH_SIZE: a pipelining client must not make us hoard memory.
-        answers: list[bytes] = []
-        size = 0
+        if not group.answers:
+            group.started = time.monotonic()
         try:
             decoder.feed(data)
             while (request := decoder.next_message()) is not None:
-                answer = _answer(dispatcher, request, max_frame)
-                answers.append(answer)
-                size += len(answer)
-                if size >= FLUSH_SIZE:
-                    await send_all(sock, b"".join(answers))
-                    _settle(dispatcher)
-                    answers, size = [], 0
+                group.add(request.id, _answer(dispatcher, request, max_frame))
+                # a pipelining client must not make us hoard answers past FLUSH_SIZE
+                if group.size >= FLUSH_SIZE:
+                    await _settle_and_send(sock, dispatcher, group)
         except WireError as error:
             log.warning("closing a connection that sent a malformed request: %s", error)
-            answers.append(encode_error(0, "bad_request", str(error)))
-            await send_all(sock, b"".join(answers))
+            group.add(0, encode_error(0, "bad_request", str(error)))
+            await _settle_and_send(sock, dispatcher, group)
             return
-        if answers:
-            await send_all(sock, answers[0] if len(answers) == 1 else b"".join(answers))
-            # Group commit: while more requests are already waiting (a sync in full flow),
-            # answer them first and settle once for all, at most SETTLE_EVERY apart.
-            now = time.monotonic()
-            if not _readable_now(sock) or now - last_settle >= SETTLE_EVERY:
-                _settle(dispatcher)
-                last_settle = time.monotonic()
+        # Group commit: while more requests are already waiting (a sync in full flow),
+        # decide them too and settle once for all, holding answers at most SETTLE_EVERY.
+        if group.answers and (not _readable_now(sock)
+                              or time.monotonic() - group.started >= SETTLE_EVERY):
+            await _settle_and_send(sock, dispatcher, group)
+
+
+class _AnswerGroup:
+    """Answers decided but not yet sent (their decisions not yet settled)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.answers: list[bytes] = []
+        self.size = 0
+        self.started = 0.0
+
+    def add(self, request_id: int, answer: bytes) -> None:
+        self.ids.append(request_id)
+        self.answers.append(answer)
+        self.size += len(answer)
+
+    def take(self) -> tuple[list[int], list[bytes]]:
+        taken = self.ids, self.answers
+        self.ids, self.answers, self.size = [], [], 0
+        return taken
+
+
+async def _settle_and_send(sock: stdlib_socket.socket, dispatcher: Dispatcher,
+                           group: _AnswerGroup) -> None:
+    """Make durable what the group's answers decided, then send them: an audit entry is on
+    disk before the answer it justifies leaves the token. One checkpoint first lets other
+    connections decide what they already received, so that one flush covers them too (theirs
+    then finds nothing left to flush). If the flush fails, each answer becomes an internal
+    error: a decision that is not durable is not announced."""
+    ids, answers = group.take()
+    await trio.lowlevel.checkpoint()
+    if not _settle(dispatcher):
+        answers = [encode_error(request_id, "internal", NOT_DURABLE_REASON) for request_id in ids]
+    await send_all(sock, answers[0] if len(answers) == 1 else b"".join(answers))
 
 
 def _readable_now(sock: stdlib_socket.socket) -> bool:
@@ -244,18 +271,19 @@ def _readable_now(sock: stdlib_socket.socket) -> bool:
     return bool(readable)
 
 
-def _settle(dispatcher: Dispatcher) -> None:
-    """Let the dispatcher make durable what the answers just sent decided (the token
-    flushes its audit log and state): once per group of requests that arrived together, and
-    off the answers' path, as the node flushed after each request before the token had a
-    process of its own. A failure is logged; the next command's flush tries again."""
+def _settle(dispatcher: Dispatcher) -> bool:
+    """Let the dispatcher make durable what the answers about to leave decided (the token
+    flushes its audit log and state): once per group of requests that arrived together.
+    False (and logged) if it failed; the next command's flush tries again."""
     settle = getattr(dispatcher, "settle", None)
     if settle is None:
-        return
+        return True
     try:
         settle()
     except Exception:
         log.exception("the token could not make its state durable")
+        return False
+    return True
 
 
 class _Server:

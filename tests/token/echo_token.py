@@ -48,13 +48,38 @@ class EchoDispatcher:
         raise error_from("invalid_argument", f"unknown command {cmd!r}")
 
 
-async def main(socket_path: str, harden: bool, exit_after: float | None) -> None:
+class SettlingDispatcher(EchoDispatcher):
+    """Also numbers decisions (`decide`); `settle` writes the last number durably to a file,
+    as the token's flush makes its audit entries durable."""
+
+    def __init__(self, settle_file: str) -> None:
+        self.decided = 0
+        self.settle_file = settle_file
+
+    def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "decide":
+            self.decided += 1
+            return {"decision": self.decided}
+        return super().handle(cmd, args)
+
+    def settle(self) -> None:
+        fd = os.open(self.settle_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, str(self.decided).encode().ljust(20), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+async def main(socket_path: str, harden: bool, exit_after: float | None,
+               settle_file: str | None = None) -> None:
     if harden:
         harden_process()
     elif not is_dumpable():  # a uid change clears the flag; a normal process has it set
         ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
     async with trio.open_nursery() as nursery:
-        path = await nursery.start(serve, socket_path, EchoDispatcher())
+        dispatcher = SettlingDispatcher(settle_file) if settle_file else EchoDispatcher()
+        path = await nursery.start(serve, socket_path, dispatcher)
         print(f"ready {path}", flush=True)
         if exit_after is not None:
             await trio.sleep(exit_after)
@@ -69,6 +94,7 @@ if __name__ == "__main__":
     parser.add_argument("--hang", action="store_true", help="never get ready (tests the ready timeout)")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (tests the kill)")
     parser.add_argument("--exit-after", type=float, help="exit with status 3 this long after ready")
+    parser.add_argument("--settle-file", help="number decisions and settle them to this file")
     parser.add_argument("--as-uid", type=int, help="drop to this uid first (started as root)")
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -83,6 +109,7 @@ if __name__ == "__main__":
         print("starting, slowly", file=sys.stderr, flush=True)
         time.sleep(3600)
     try:
-        trio.run(main, options.socket, not options.no_harden, options.exit_after)
+        trio.run(main, options.socket, not options.no_harden, options.exit_after,
+                 options.settle_file)
     except KeyboardInterrupt:
         pass

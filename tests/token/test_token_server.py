@@ -453,3 +453,30 @@ async def test_child_ignoring_sigterm_is_killed(sock_path: Path, caplog: pytest.
     assert "ignored SIGTERM" in caplog.text
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+
+async def test_no_answer_leaves_before_its_decision_is_settled(sock_path: Path) -> None:
+    """A decision's audit entry is durable before the answer it justifies leaves the token:
+    however requests are grouped (pipelined on two connections here), an answer arrives
+    only after a settle covering its decision (the token process writes the last settled
+    decision to a file, durably, and the test reads it on each answer)."""
+    settle_file = sock_path.parent / "settled"
+    early: list[tuple[int, int]] = []
+
+    def settled() -> int:
+        text = settle_file.read_text().strip() if settle_file.exists() else ""
+        return int(text or 0)
+
+    async def caller(client: TokenClient, calls: int) -> None:
+        for _ in range(calls):
+            decision = (await client.call("decide"))["decision"]
+            if settled() < decision:
+                early.append((decision, settled()))
+
+    async with echo_process(sock_path, "--settle-file", str(settle_file)).run():
+        async with TokenClient.open(sock_path) as one, TokenClient.open(sock_path) as two:
+            async with trio.open_nursery() as callers:
+                for client in (one, two) * 4:
+                    callers.start_soon(caller, client, 50)
+    assert early == [], f"{len(early)} of 400 answers arrived before their settle: {early[:5]}"
