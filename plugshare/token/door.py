@@ -426,7 +426,9 @@ class Door:
         if decision.allowed and entry is not None and _scope_refusal(entry, doc) is not None:
             decision = Decision(False, _scope_refusal(entry, doc))
         if decision.allowed and doc.get("_attachments"):
-            sealed = self._attachments_unsealable(doc)
+            seal, sealed = self._attachment_seal(doc)
+            if sealed is None and seal is not None:
+                sealed = self._inline_attachment_refusal(doc)
             if sealed is not None:
                 self._record(principal.label, "write", doc, Decision(False, sealed))
                 raise InvalidArgument(sealed)
@@ -459,20 +461,38 @@ class Door:
 
     # -- attachments: decided as the document's own writes -------------------------------
 
-    def _attachments_unsealable(self, doc: Mapping[str, Any]) -> str | None:
-        """Why `doc` may not carry attachments, or None. A doc stored sealed (sensitive
-        doctype, encrypted share) would keep its attachments' data in clear: the chunks are
-        not sealed yet, so such attachments are refused rather than stored in clear."""
+    def _attachment_seal(self, doc: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+        """(the scope `doc`'s attachment data is sealed under, as `share.seal_chunks` takes
+        it: {share} for a doc of an encrypted share, {doctype} for a sensitive doctype, None
+        for clear data; why attachments are refused on it, else None). A sensitive doctype's
+        doc in a plain share is refused: its members could not open data sealed under this
+        node's key, and the link does not open chunks for them yet."""
         token = self._token
+        share_id = token.encrypted_share_for(doc)
+        if share_id is not None:
+            return {"share": share_id}, None
         doctype = doc.get("doctype")
-        if isinstance(doctype, str) and token.is_sensitive(doctype):
-            where = f"doctype {doctype!r} is sensitive"
-        elif token.encrypted_share_for(doc) is not None:
-            where = "the document is in an encrypted share"
-        else:
+        if not (isinstance(doctype, str) and token.is_sensitive(doctype)):
+            return None, None
+        now = time.time()
+        for entry in self._token._book._entries.values():
+            if entry.active_at(now) and _scope_refusal(entry, doc) is None:
+                return None, (f"doctype {doctype!r} is sensitive and the document is in plain "
+                              f"share {entry.manifest.name!r}: its attachments are refused "
+                              "until the link can carry them opened")
+        return {"doctype": doctype}, None
+
+    @staticmethod
+    def _inline_attachment_refusal(doc: Mapping[str, Any]) -> str | None:
+        """Why a doc write may not carry its attachments' data inline (sealed docs only):
+        that data would be stored in clear. Stubs (data already stored, sealed) pass."""
+        inline = [name for name, stub in (doc.get("_attachments") or {}).items()
+                  if not (isinstance(stub, Mapping) and stub.get("stub") is True)]
+        if not inline:
             return None
-        return (f"{where}: attachments on sealed documents are refused until attachment "
-                "data is sealed too (it would be stored in clear)")
+        return (f"attachments {sorted(inline)} carry data inline on a sealed document: write "
+                "them through the attachment API (/data/{doctype}/{id}/{name}), which seals "
+                "them as they stream in")
 
     def _attachment_caps(self, doc: Mapping[str, Any], content_type: str | None
                          ) -> tuple[int | None, str | None]:
@@ -529,7 +549,9 @@ class Door:
             if live and not self._judge(principal, "read", current).allowed:
                 raise _not_found(doc_id)  # existence is not revealed
             raise AccessDenied(decision, f"write refused: {decision.reason}")
-        refusal = self._attachments_unsealable(target) if content_type is not None else None
+        seal, refusal = self._attachment_seal(target)
+        if content_type is None:
+            refusal = None  # a removal leaves nothing in clear
         cap, type_refusal = self._attachment_caps(target, content_type)
         if refusal is None:
             refusal = type_refusal
@@ -538,7 +560,38 @@ class Door:
             raise InvalidArgument(refusal)
         self._record(principal.label, "write", target,
                      Decision(True, f"{decision.reason} (attachment {name!r})"))
-        return {"max_length": cap, "base": None if live else dict(target)}
+        base = None if live else (self._stored_form(dict(target), 1) if seal else dict(target))
+        return {"max_length": cap, "base": base, "seal": seal}
+
+    def _cmd_att_sealing(self, args: Mapping[str, Any]) -> dict:
+        """{doc (stored)} -> {seal}: the scope its attachments' data is sealed under (as
+        `share.open_chunks` takes it), None when it is stored in clear. A sealed document's
+        attachments are sealed under the scope of its envelope's key."""
+        stored = _doc_arg(args, "doc")
+        if not is_sealed(stored) or not stored.get("_attachments"):
+            return {"seal": None}
+        kid, token = sealed_kid(stored), self._token
+        doctype = stored.get("doctype")
+        if isinstance(doctype, str) and token._state.doctype_keys.get(doctype) == kid:
+            return {"seal": {"doctype": doctype}}
+        for share_id in token._state.share_keys:
+            if kid in token.share_key_ids(share_id):
+                return {"seal": {"share": share_id}}
+        raise NotFound(f"no data key {kid} here for the attachments of {stored['_id']!r}")
+
+    def _cmd_att_seal_revision(self, args: Mapping[str, Any]) -> dict:
+        """{current (the stored, sealed leaf), attachments (the new revision's stubs),
+        generation} -> {doc}: the new revision's stored form, its envelope binding the new
+        stubs (their sealed data's digests and lengths). The write was decided by
+        `att.write`; the data was sealed by `share.seal_chunks`."""
+        current = _doc_arg(args, "current")
+        attachments = _arg(args, "attachments", dict)
+        generation = _arg(args, "generation", int)
+        if not is_sealed(current):
+            raise InvalidArgument(f"document {current['_id']!r} is not stored sealed")
+        clear = open_doc(current, self._token._doc_key(sealed_kid(current))[1])
+        clear["_attachments"] = attachments
+        return {"doc": self._stored_form(clear, generation)}
 
     def _may_see_tombstone(self, principal: Principal, action: str, tombstone: dict,
                            entry: Any) -> bool:
@@ -1205,6 +1258,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "doc.delete": ("credential", "current", "rev"),
     "att.write": ("credential", "doctype", "id", "name", "current?", "content_type?",
                   "share?"),
+    "att.sealing": ("doc",),
+    "att.seal_revision": ("current", "attachments", "generation"),
     "doc.reseal": ("credential", "docs"),
     "owner.check": ("credential", "action"),
     "app.add": ("credential", "name", "doctype", "perm", "selector?"),
