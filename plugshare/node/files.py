@@ -176,8 +176,8 @@ class Files:
             raise NotFound(f"document {doc_id!r} has no attachment {name!r}")
         [stored] = await self.store.bulk_get([(doc_id, doc["_rev"])])
         seal = (await self._call("att.sealing", doc=stored))["seal"]
-        if seal is not None:
-            stub = {**sealed_files.clear_stub(stub), "sealed_length": stub["length"]}
+        if seal is not None:  # the token gave the clear length; the store holds the sealed data
+            stub = {**stub, "sealed_length": stored["_attachments"][name]["length"]}
         return doc["_rev"], stub, seal
 
     async def open(self, doc_id: str, name: str, rev: str, range: tuple[int, int] | None,

@@ -8,7 +8,7 @@ other way (`share.open_chunks`), chunk by chunk, so a Range read opens only the 
 covers. Nothing here holds more than one batch of chunks; no key is ever here.
 
 The stored stub describes the sealed data (its digest and length: what the store checks and
-what the envelope binds); the clear length is derived from it (`clear_length`).
+what the envelope binds); the token gives readers the clear length (`clear_length`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,6 @@ def chunk_count(sealed_length: int) -> int:
 def clear_length(sealed_length: int) -> int:
     """The clear length of an attachment whose sealed data is `sealed_length` bytes."""
     return sealed_length - chunk_count(sealed_length) * OVERHEAD
-
-
-def clear_stub(stub: Mapping[str, Any]) -> dict[str, Any]:
-    """A sealed attachment's stub as readers see it: its clear length. (The digest stays
-    the sealed data's: an ETag that tells nothing of the plaintext.)"""
-    return {**stub, "length": clear_length(stub["length"])}
 
 
 async def _with_last(pieces: AsyncIterable[bytes]) -> AsyncIterator[tuple[bytes, bool]]:

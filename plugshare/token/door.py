@@ -232,7 +232,7 @@ class Door:
             return stored
         kid = sealed_kid(stored)
         self._check_share_key_usable(kid)
-        return open_doc(stored, token._doc_key(kid)[1])
+        return _clear_stubs(open_doc(stored, token._doc_key(kid)[1]))
 
     def _check_share_key_usable(self, kid: str) -> None:
         """A share's key opens documents only while this node's membership is active and
@@ -429,6 +429,8 @@ class Door:
             seal, sealed = self._attachment_seal(doc)
             if sealed is None and seal is not None:
                 sealed = self._inline_attachment_refusal(doc)
+                if sealed is None:
+                    doc, sealed = _stored_stubs(doc, current)
             if sealed is not None:
                 self._record(principal.label, "write", doc, Decision(False, sealed))
                 raise InvalidArgument(sealed)
@@ -1244,6 +1246,35 @@ def _audit_json(entry) -> dict[str, Any]:
         "allowed": entry.allowed, "reason": entry.reason, "hash": entry.hash.hex(),
         "count": entry.count,  # over 1: that many alike refusals of unidentified callers
     }
+
+
+def _clear_stubs(clear: dict) -> dict:
+    """An opened sealed document as readers see it: its attachments' clear lengths (the
+    stored stubs describe the sealed data)."""
+    attachments = clear.get("_attachments")
+    if isinstance(attachments, Mapping) and attachments:
+        clear["_attachments"] = {
+            name: {**stub, "length": chunkseal.clear_length(stub["length"])}
+            if isinstance(stub, Mapping) and isinstance(stub.get("length"), int) else stub
+            for name, stub in attachments.items()}
+    return clear
+
+
+def _stored_stubs(doc: dict, current: Mapping[str, Any] | None) -> tuple[dict, str | None]:
+    """(`doc` with its attachment stubs, as a reader sent them back, replaced by the stored
+    stubs they name, which its envelope binds; why not, else None). A stub must name an
+    attachment of the revision it lands on, by name and digest."""
+    stored = (current or {}).get("_attachments") or {}
+    out = {}
+    for name, stub in (doc.get("_attachments") or {}).items():
+        held = stored.get(name)
+        if not isinstance(held, Mapping) or (
+                stub.get("digest") is not None and stub.get("digest") != held.get("digest")):
+            return doc, (f"attachment stub {name!r} names no attachment of the revision it "
+                         "is written on")
+        out[name] = {k: held[k] for k in ("content_type", "digest", "length", "revpos")
+                     if k in held} | {"stub": True}
+    return {**doc, "_attachments": out}, None
 
 
 # Protocol version 1: command -> the arguments it takes (for the docs and the tests).

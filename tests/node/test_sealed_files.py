@@ -116,3 +116,26 @@ def test_the_node_cuts_clear_data_as_the_token_seals_it():
     for clear in (1, plain, plain + 1, 10 * plain - 3):
         chunks = -(-clear // plain)
         assert sealed_files.clear_length(clear + chunks * chunkseal.OVERHEAD) == clear
+
+
+def test_a_sealed_doc_with_a_file_reads_with_clear_stubs_and_edits_keep_the_file(cluster):
+    alice = cluster.add("alice")
+    alice.cli_ok("encrypt", "io.health")
+    data = _marked(600_000)
+    with _http(alice) as http:
+        made = http.put("/data/io.health/h1/scan.pdf", content=_pieces(data),
+                        headers={"content-type": "application/pdf"})
+        assert made.status_code == 201, made.text
+        doc = http.get("/data/io.health/h1").json()
+        stub = doc["_attachments"]["scan.pdf"]
+        assert stub["length"] == len(data)  # the clear form's, as the file's own GET says
+        head = http.head("/data/io.health/h1/scan.pdf")
+        assert int(head.headers["content-length"]) == len(data)
+        assert head.headers["etag"] == f'"{stub["digest"]}"'
+        # an edit carrying the stubs as read keeps the file, sealed
+        edited = http.put("/data/io.health/h1", json={**doc, "note": "seen by Dr. B"})
+        assert edited.status_code in (200, 201), edited.text
+        again = http.get("/data/io.health/h1").json()
+        assert again["note"] == "seen by Dr. B"
+        assert again["_attachments"]["scan.pdf"]["length"] == len(data)
+        assert http.get("/data/io.health/h1/scan.pdf").content == data
