@@ -174,11 +174,18 @@ class Files:
         stub = (doc.get("_attachments") or {}).get(name)
         if doc.get("_deleted") or not isinstance(stub, dict):
             raise NotFound(f"document {doc_id!r} has no attachment {name!r}")
-        [stored] = await self.store.bulk_get([(doc_id, doc["_rev"])])
+        stub, seal = await self.sealing(doc_id, doc["_rev"], name, stub)
+        return doc["_rev"], stub, seal
+
+    async def sealing(self, doc_id: str, rev: str, name: str, stub: dict
+                      ) -> tuple[dict, dict | None]:
+        """(the reader's `stub` of a read the token allowed, with the stored data's length
+        when sealed; the scope it is sealed under, or None): what `open` takes."""
+        [stored] = await self.store.bulk_get([(doc_id, rev)])
         seal = (await self._call("att.sealing", doc=stored))["seal"]
         if seal is not None:  # the token gave the clear length; the store holds the sealed data
             stub = {**stub, "sealed_length": stored["_attachments"][name]["length"]}
-        return doc["_rev"], stub, seal
+        return stub, seal
 
     async def open(self, doc_id: str, name: str, rev: str, range: tuple[int, int] | None,
                    *, stub: dict | None = None, seal: dict | None = None

@@ -139,3 +139,9 @@ def test_a_sealed_doc_with_a_file_reads_with_clear_stubs_and_edits_keep_the_file
         assert again["note"] == "seen by Dr. B"
         assert again["_attachments"]["scan.pdf"]["length"] == len(data)
         assert http.get("/data/io.health/h1/scan.pdf").content == data
+        # the CouchDB-compatible API serves it opened too, with the same stub
+        couch = http.get("/couch/io.health/h1").json()
+        assert couch["_attachments"]["scan.pdf"]["length"] == len(data)
+        assert http.get("/couch/io.health/h1/scan.pdf").content == data
+        part = http.get("/couch/io.health/h1/scan.pdf", headers={"range": "bytes=5-9"})
+        assert part.status_code == 206 and part.content == data[5:10]
