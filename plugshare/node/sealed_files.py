@@ -75,16 +75,26 @@ async def open_stream(call: Call, seal: Mapping[str, str], doc_id: str, name: st
                       revpos: int, sealed_length: int, first: int, start: int, stop: int,
                       sealed: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """Clear bytes `start` to `stop` of an attachment, from its sealed chunks from index
-    `first` on, each opened by the token where it stands (a tampered one is refused there,
-    audited, and ends the stream with `IntegrityError`)."""
+    `first` on, opened by the token `BATCH` at a time, each where it stands (a tampered one
+    is refused there, audited, and ends the stream with `IntegrityError`)."""
     count = chunk_count(sealed_length)
     index = first
-    async for chunk in rechunk(sealed, SEALED_CHUNK):
-        [opened] = (await call("share.open_chunks", **seal, doc_id=doc_id, name=name,
-                               revpos=revpos, first=index, last=index == count - 1,
-                               chunks=[chunk]))["chunks"]
-        offset = index * PLAIN_CHUNK
-        piece = opened[max(start - offset, 0): stop - offset]
-        if piece:
-            yield piece
-        index += 1
+    batch: list[bytes] = []
+
+    async def opened_batch() -> list[bytes]:
+        answer = await call("share.open_chunks", **seal, doc_id=doc_id, name=name,
+                            revpos=revpos, first=index, last=index + len(batch) == count,
+                            chunks=batch)
+        return answer["chunks"]
+
+    async for chunk, final in _with_last(rechunk(sealed, SEALED_CHUNK)):
+        batch.append(chunk)
+        if len(batch) < BATCH and not final:
+            continue
+        for opened in await opened_batch():
+            offset = index * PLAIN_CHUNK
+            piece = opened[max(start - offset, 0): stop - offset]
+            if piece:
+                yield piece
+            index += 1
+        batch = []
