@@ -1102,6 +1102,10 @@ class Door:
                 try:
                     if encrypted and (not sealed or sealed_kid(doc) not in share_kids):
                         refusal = "not sealed under the share's key (re-seal pending)"
+                    elif not encrypted and sealed and doc.get("_attachments"):
+                        # its data is sealed under a key the members do not hold
+                        refusal = ("its attachments are stored sealed under this node's "
+                                   "key: the link does not carry them opened yet")
                     elif not encrypted and sealed:
                         form = open_doc(doc, token._doc_key(sealed_kid(doc))[1])
                 except (IntegrityError, NotFound) as exc:

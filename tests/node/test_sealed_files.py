@@ -145,3 +145,20 @@ def test_a_sealed_doc_with_a_file_reads_with_clear_stubs_and_edits_keep_the_file
         assert http.get("/couch/io.health/h1/scan.pdf").content == data
         part = http.get("/couch/io.health/h1/scan.pdf", headers={"range": "bytes=5-9"})
         assert part.status_code == 206 and part.content == data[5:10]
+
+
+def test_a_sensitive_doc_with_a_file_is_withheld_from_a_plain_share_not_sent_unopenable(cluster):
+    """Its data is sealed under the owner's doctype key, which the member does not hold:
+    until the link carries such data opened (issue 13, item 2), the owner withholds the
+    doc (audited) rather than send the member a file it could never open."""
+    alice, bob = cluster.add("alice"), cluster.add("bob")
+    alice.cli_ok("encrypt", "io.health")
+    with _http(alice) as http:
+        made = http.put("/data/io.health/h1/scan.pdf", content=_marked(300_000))
+        assert made.status_code == 201, made.text
+    share_between(alice, [bob], name="health", doctype="io.health")
+    alice.put("io.health", {"note": "no file"}, "h2")
+    wait_until(lambda: bob.get("h2"), 120, what="the doc without a file on bob")
+    assert bob.get("h1") is None
+    entries = alice.cli_json("audit", "--tail", "1000")["entries"]
+    assert [e for e in entries if e["action"] == "share-send" and not e["allowed"]]
