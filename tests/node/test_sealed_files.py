@@ -162,3 +162,29 @@ def test_a_sensitive_doc_with_a_file_is_withheld_from_a_plain_share_not_sent_uno
     assert bob.get("h1") is None
     entries = alice.cli_json("audit", "--tail", "1000")["entries"]
     assert [e for e in entries if e["action"] == "share-send" and not e["allowed"]]
+
+
+def test_bad_input_on_a_sealed_file_is_refused_and_leaves_the_previous_revision(cluster):
+    import base64
+
+    alice = cluster.add("alice")
+    alice.cli_ok("encrypt", "io.health")
+    data = _marked(700_000)
+    with _http(alice) as http:
+        made = http.put("/data/io.health/h1/scan.pdf", content=_pieces(data))
+        assert made.status_code == 201, made.text
+        rev = made.json()["rev"]
+        wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+        bad = http.put("/data/io.health/h1/scan.pdf", params={"rev": rev},
+                       content=_pieces(_marked(500_000)), headers={"content-md5": wrong_md5})
+        assert bad.status_code == 400 and "digest" in bad.json()["reason"], bad.text
+        assert http.get("/data/io.health/h1").json()["_rev"] == rev
+        assert http.get("/data/io.health/h1/scan.pdf").content == data
+        # a second file on the same doc keeps the first one readable
+        second = http.put("/data/io.health/h1/notes.txt", params={"rev": rev},
+                          content=b"PLAINTEXT-MARKER-7f3c notes", headers={"content-type": "text/plain"})
+        assert second.status_code == 201, second.text
+        assert http.get("/data/io.health/h1/scan.pdf").content == data
+        assert http.get("/data/io.health/h1/notes.txt").content == b"PLAINTEXT-MARKER-7f3c notes"
+    alice.stop()
+    assert MARKER not in (alice.home / "store.sqlite").read_bytes()
