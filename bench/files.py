@@ -1,6 +1,6 @@
 """Files benchmark between real nodes (a script, not a test):
 
-    python bench/files.py [--size-mb 1024] [--small 10000] [--small-kb 16] [--no-sealed]
+    python bench/files.py [--size-mb 1024] [--small 10000] [--small-kb 16,128] [--no-sealed]
                           [--no-rsync] [--json PATH]
 
 Two `plugshare run` subprocesses on 127.0.0.1 (embedded store), a share between them,
@@ -13,7 +13,8 @@ everything through the local API. Measures, side by side in one run:
   - the same file copied by `rsync -e ssh` between two directories over loopback, through a
     throwaway sshd (temp host key and authorized key, its own port; the system sshd is not
     touched);
-  - --small files of --small-kb each: time to sync them all vs bytes (files/s, MB/s).
+  - --small files of each --small-kb size (a run per size): time for B's join to bring them
+    all, vs bytes (files/s, MB/s, ms per MB).
 Goals (issue 13): clear >= 200 MB/s, sealed >= 150 MB/s, >= half of rsync's; RSS <= 150 MB.
 Prints a table, and the numbers as JSON (stdout, or --json PATH).
 """
@@ -183,7 +184,7 @@ def big_file(root: Path, source: Path, sha: str, *, sealed: bool, table: Table) 
 def small_files(root: Path, count: int, size_kb: int, table: Table) -> None:
     """`count` files of `size_kb` KB on A (8 uploads at a time), then B joins: time until
     B holds the last one."""
-    cluster = Cluster(root / "small")
+    cluster = Cluster(root / f"small-{size_kb}")
     a, b = cluster.add("a"), cluster.add("b")
     try:
         a.cli_json("share", "create", "files", "--doctype", DOCTYPE)
@@ -217,10 +218,12 @@ def small_files(root: Path, count: int, size_kb: int, table: Table) -> None:
                   f"{count / elapsed:.0f} files/s",
                   f"({elapsed:.1f} s, {total / MB / elapsed:.1f} MB/s, "
                   f"{elapsed / (total / MB) * 1000:.1f} ms per MB)",
-                  small_files_per_s=count / elapsed, small_mbps=total / MB / elapsed,
-                  small_seconds=elapsed, small_bytes=total)
+                  **{f"small_{size_kb}kb_files_per_s": count / elapsed,
+                     f"small_{size_kb}kb_mbps": total / MB / elapsed,
+                     f"small_{size_kb}kb_seconds": elapsed, f"small_{size_kb}kb_bytes": total})
     finally:
         cluster.close()
+        shutil.rmtree(root / f"small-{size_kb}", ignore_errors=True)
 
 
 # -- rsync -e ssh -------------------------------------------------------------------------
@@ -292,7 +295,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="the big file's size")
     parser.add_argument("--small", type=int, default=10000, help="how many small files")
-    parser.add_argument("--small-kb", type=int, default=16, help="each small file's size")
+    parser.add_argument("--small-kb", default="16,128",
+                        help="each small file's size, a run per size (time vs bytes)")
     parser.add_argument("--no-sealed", action="store_true", help="skip the sealed run")
     parser.add_argument("--no-rsync", action="store_true", help="skip rsync -e ssh")
     parser.add_argument("--json", type=Path, help="write the numbers there, not to stdout")
@@ -311,8 +315,8 @@ def main() -> None:
             if rate:
                 table.add("clear / rsync -e ssh", f"{clear / rate:.0%}", "(goal >= 50%)")
         source.unlink()
-        if args.small:
-            small_files(root, args.small, args.small_kb, table)
+        for size_kb in [int(k) for k in args.small_kb.split(",") if k] if args.small else []:
+            small_files(root, args.small, size_kb, table)
     table.print()
     numbers = json.dumps(table.numbers, indent=2, sort_keys=True)
     if args.json:
