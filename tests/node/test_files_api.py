@@ -228,7 +228,8 @@ def test_bad_input_is_refused_clearly_and_leaves_the_previous_revision(cluster, 
 
 
 def test_sealing_a_doctype_or_share_whose_documents_carry_files_is_refused(cluster, store):
-    """Attachment data cannot be sealed yet: making a doctype sensitive, or an encrypted
+    """Stored attachment data is not re-sealed (files written on sealed docs are sealed as they
+    stream in, those already stored are not): making a doctype sensitive, or an encrypted
     share over it, while its documents carry files would leave their data in clear under a
     sealed document. Refused clearly; the documents stay as they were."""
     alice = cluster.add("alice", *store)
