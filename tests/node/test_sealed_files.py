@@ -188,3 +188,19 @@ def test_bad_input_on_a_sealed_file_is_refused_and_leaves_the_previous_revision(
         assert http.get("/data/io.health/h1/notes.txt").content == b"PLAINTEXT-MARKER-7f3c notes"
     alice.stop()
     assert MARKER not in (alice.home / "store.sqlite").read_bytes()
+
+
+def test_a_member_writes_a_sealed_file_in_an_encrypted_share_the_owner_reads_it(cluster):
+    alice, bob = cluster.add("alice"), cluster.add("bob")
+    share_between(alice, [bob], name="vault", doctype="io.files", encrypt=True)
+    data = _marked(1_200_000)
+    with _http(bob) as http:
+        made = http.put("/data/io.files/b1/from-bob.bin", content=_pieces(data))
+        assert made.status_code == 201, made.text
+        rev = made.json()["rev"]
+    wait_until(lambda: (alice.get("b1") or {}).get("_rev") == rev, 120,
+               what="bob's sealed file on alice")
+    with _http(alice) as http:
+        assert http.get("/data/io.files/b1/from-bob.bin").content == data
+    bob.stop()
+    assert MARKER not in (bob.home / "store.sqlite").read_bytes()
