@@ -204,3 +204,14 @@ def test_a_member_writes_a_sealed_file_in_an_encrypted_share_the_owner_reads_it(
         assert http.get("/data/io.files/b1/from-bob.bin").content == data
     bob.stop()
     assert MARKER not in (bob.home / "store.sqlite").read_bytes()
+
+
+def test_an_empty_sealed_file_reads_empty(cluster):
+    alice = cluster.add("alice")
+    alice.cli_ok("encrypt", "io.health")
+    with _http(alice) as http:
+        made = http.put("/data/io.health/e1/empty.txt", content=b"")
+        assert made.status_code == 201, made.text
+        assert http.get("/data/io.health/e1").json()["_attachments"]["empty.txt"]["length"] == 0
+        got = http.get("/data/io.health/e1/empty.txt")
+        assert got.status_code == 200 and got.content == b""
