@@ -10,6 +10,7 @@ the caps: the node's own per-attachment cap and the cap of the shares the docume
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -18,7 +19,9 @@ import trio
 from plugshare.errors import PlugshareError
 from plugshare.node.documents import Documents, _check_doctype, _probe
 from plugshare.store import BadRequest, Conflict, NotFound
-from plugshare.store.attachments import AttachmentMeta, check_attachment_name, check_content_type
+from plugshare.node import sealed_files
+from plugshare.store.attachments import (AttachmentMeta, StreamCheck, check_attachment_name,
+                                         check_content_type)
 
 log = logging.getLogger("plugshare.files")
 DEFAULT_MAX_ATTACHMENT = 4 * 1024**3  # bytes: the node's cap on one attachment
@@ -86,9 +89,14 @@ class Files:
         if not live:
             rev = await self.store.put(base)  # the doc the attachment is written on
         try:
-            new_rev = await self.store.put_attachment(
-                doc_id, rev, name, content_type, capped(chunks, cap, why),
-                digest=digest, length=length)
+            if answer.get("seal"):
+                new_rev = await self._put_sealed(
+                    answer["seal"], doc_id, rev, name, content_type, capped(chunks, cap, why),
+                    digest=digest, length=length)
+            else:
+                new_rev = await self.store.put_attachment(
+                    doc_id, rev, name, content_type, capped(chunks, cap, why),
+                    digest=digest, length=length)
         except BaseException:
             if not live:  # no half-made document stays live behind a failed upload
                 with trio.CancelScope(shield=True):
@@ -101,21 +109,105 @@ class Files:
         self.documents.events.publish("doc.written", id=doc_id, doctype=doctype, rev=new_rev)
         return new_rev
 
+    async def _put_sealed(self, seal: dict, doc_id: str, rev: str, name: str,
+                          content_type: str, chunks: AsyncIterable[bytes], *,
+                          digest: str | None, length: int | None) -> str:
+        """Seal `chunks` in the token as they stream in, staging each sealed chunk in the
+        store (durable, kept from GC), then write the new revision: its envelope, re-sealed
+        by the token for the new generation, binds the new stubs. The clear data is checked
+        against the declared digest and length here; the store checks the sealed data."""
+        [current] = await self.store.bulk_get([(doc_id, rev)])
+        parent_gen, _, parent_hash = rev.partition("-")
+        generation = int(parent_gen) + 1
+        clear_check = StreamCheck(digest=digest, length=length)
+        sealed_check = StreamCheck()
+
+        async def checked() -> AsyncIterator[bytes]:
+            async for piece in chunks:
+                clear_check.update(piece)
+                yield piece
+
+        staged: list[bytes] = []
+        try:
+            batch: list[bytes] = []
+            async for sealed in sealed_files.seal_stream(self._call, seal, doc_id, name,
+                                                         generation, checked()):
+                sealed_check.update(sealed)
+                batch.append(sealed)
+                if len(batch) == sealed_files.BATCH:
+                    staged.extend(await self.store.stage_chunks(batch))
+                    batch = []
+            if batch:
+                staged.extend(await self.store.stage_chunks(batch))
+            clear_check.finish()
+            new = {"content_type": content_type, "digest": sealed_check.finish(),
+                   "length": sealed_check.length, "revpos": generation}
+            others = {n: {k: a[k] for k in ("content_type", "digest", "length", "revpos")}
+                      for n, a in (current.get("_attachments") or {}).items() if n != name}
+            answer = await self._call("att.seal_revision", current=current,
+                                      attachments={**others, name: new}, generation=generation)
+            new_rev = f"{generation}-{uuid.uuid4().hex}"
+            doc = {**answer["doc"], "_id": doc_id, "_rev": new_rev,
+                   "_revisions": {"start": generation,
+                                  "ids": [new_rev.partition("-")[2], parent_hash]},
+                   "_attachments": {**{n: {**a, "stub": True} for n, a in others.items()},
+                                    name: {**new, "follows": True}}}
+
+            async def staged_data() -> AsyncIterator[bytes]:
+                for address in staged:
+                    yield await self.store.read_staged_chunk(address)
+
+            await self.store.put_replicated(doc, {name: staged_data()})
+            return new_rev
+        finally:
+            if staged:
+                with trio.CancelScope(shield=True):
+                    await self.store.release_chunks(staged)
+
     async def stub(self, credential: str, doctype: str, doc_id: str, name: str, *,
-                   rev: str | None = None) -> tuple[str, dict[str, Any]]:
-        """(the revision read, the attachment's stub) once the token lets the caller read
-        the document; `NotFound` alike for a missing doc, name or one it may not read."""
+                   rev: str | None = None) -> tuple[str, dict[str, Any], dict | None]:
+        """(the revision read, the attachment's stub as the reader sees it, the scope its
+        data is sealed under or None) once the token lets the caller read the document;
+        `NotFound` alike for a missing doc, name or one it may not read."""
         check_attachment_name(name)
         doc = await self.documents.get(credential, doc_id, doctype=doctype, rev=rev)
         stub = (doc.get("_attachments") or {}).get(name)
         if doc.get("_deleted") or not isinstance(stub, dict):
             raise NotFound(f"document {doc_id!r} has no attachment {name!r}")
-        return doc["_rev"], stub
+        stub, seal = await self.sealing(doc_id, doc["_rev"], name, stub)
+        return doc["_rev"], stub, seal
 
-    async def open(self, doc_id: str, name: str, rev: str,
-                   range: tuple[int, int] | None) -> tuple[AttachmentMeta, AsyncIterator[bytes]]:
-        """The data of an attachment `stub` allowed the read of (same request)."""
-        return await self.store.open_attachment(doc_id, name, rev=rev, range=range)
+    async def sealing(self, doc_id: str, rev: str, name: str, stub: dict
+                      ) -> tuple[dict, dict | None]:
+        """(the reader's `stub` of a read the token allowed, with the stored data's length
+        when sealed; the scope it is sealed under, or None): what `open` takes."""
+        [stored] = await self.store.bulk_get([(doc_id, rev)])
+        seal = (await self._call("att.sealing", doc=stored))["seal"]
+        if seal is not None:  # the token gave the clear length; the store holds the sealed data
+            stub = {**stub, "sealed_length": stored["_attachments"][name]["length"]}
+        return stub, seal
+
+    async def open(self, doc_id: str, name: str, rev: str, range: tuple[int, int] | None,
+                   *, stub: dict | None = None, seal: dict | None = None
+                   ) -> tuple[AttachmentMeta, AsyncIterator[bytes]]:
+        """The data of an attachment `stub` allowed the read of (same request); for a
+        sealed one (`seal`, and its `stub`), opened by the token as it streams out."""
+        if seal is None:
+            return await self.store.open_attachment(doc_id, name, rev=rev, range=range)
+        assert stub is not None
+        start, stop = range if range is not None else (0, stub["length"])
+        if stop <= start:
+            async def nothing() -> AsyncIterator[bytes]:
+                return
+                yield b""
+            return AttachmentMeta(name, stub["content_type"], stub["length"], stub["digest"],
+                                  stub["revpos"]), nothing()
+        sealed_length = stub["sealed_length"]
+        first, sealed_start, sealed_stop = sealed_files.sealed_range(sealed_length, start, stop)
+        meta, data = await self.store.open_attachment(doc_id, name, rev=rev,
+                                                      range=(sealed_start, sealed_stop))
+        return meta, sealed_files.open_stream(self._call, seal, doc_id, name, meta.revpos,
+                                              sealed_length, first, start, stop, data)
 
     async def delete(self, credential: str, doctype: str, doc_id: str, name: str,
                      rev: str | None, *, share: str | None = None) -> str:

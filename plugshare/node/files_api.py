@@ -113,10 +113,11 @@ async def serve(request: Request, files: Files, doctype: str, doc_id: str,
     if request.method == "DELETE":
         rev = await files.delete(credential, doctype, doc_id, name, named_rev(request))
         return JSONResponse({"id": doc_id, "rev": rev, "ok": True})
-    rev, stub = await files.stub(credential, doctype, doc_id, name,
-                                 rev=request.query_params.get("rev"))
+    rev, stub, seal = await files.stub(credential, doctype, doc_id, name,
+                                       rev=request.query_params.get("rev"))
     return await attachment_response(
-        request, stub, lambda wanted: files.open(doc_id, name, rev, wanted))
+        request, stub, lambda wanted: files.open(doc_id, name, rev, wanted, stub=stub,
+                                                 seal=seal))
 
 
 async def attachment_response(request: Request, stub: dict,

@@ -213,11 +213,17 @@ class PeerSession:
         manifest = self.shares.get(share_id)
         if manifest is None or not manifest.encrypted:
             return
+        runs: list[tuple[int, list[bytes]]] = []  # consecutive chunks, 8 per token command
         for index, data in chunks:
+            if runs and runs[-1][0] + len(runs[-1][1]) == index and len(runs[-1][1]) < 8:
+                runs[-1][1].append(data)
+            else:
+                runs.append((index, [data]))
+        for first, run in runs:
             try:
                 await self._call("share.open_chunks", share=share_id, doc_id=doc["_id"],
-                                 name=name, revpos=revpos, first=index,
-                                 last=index == count - 1, chunks=[data])
+                                 name=name, revpos=revpos, first=first,
+                                 last=first + len(run) == count, chunks=run)
             except IntegrityError as exc:
                 raise ChunkRefused(str(exc)) from exc
             except (TokenUnavailable, TokenError) as exc:  # e.g. the share key not here yet

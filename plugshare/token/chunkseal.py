@@ -94,6 +94,11 @@ class ChunkKeys:
             ) from None
 
 
+def clear_length(sealed_length: int) -> int:
+    """The clear length of an attachment whose sealed data is `sealed_length` bytes."""
+    return sealed_length - -(-sealed_length // CHUNK_SIZE) * OVERHEAD
+
+
 def sealed_kid(sealed: bytes) -> str:
     """The key id a sealed chunk names; `IntegrityError` when it is no sealed chunk."""
     if not isinstance(sealed, bytes) or len(sealed) < OVERHEAD or not sealed.startswith(MAGIC):

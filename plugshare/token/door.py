@@ -232,7 +232,7 @@ class Door:
             return stored
         kid = sealed_kid(stored)
         self._check_share_key_usable(kid)
-        return open_doc(stored, token._doc_key(kid)[1])
+        return _clear_stubs(open_doc(stored, token._doc_key(kid)[1]))
 
     def _check_share_key_usable(self, kid: str) -> None:
         """A share's key opens documents only while this node's membership is active and
@@ -426,7 +426,11 @@ class Door:
         if decision.allowed and entry is not None and _scope_refusal(entry, doc) is not None:
             decision = Decision(False, _scope_refusal(entry, doc))
         if decision.allowed and doc.get("_attachments"):
-            sealed = self._attachments_unsealable(doc)
+            seal, sealed = self._attachment_seal(doc)
+            if sealed is None and seal is not None:
+                sealed = self._inline_attachment_refusal(doc)
+                if sealed is None:
+                    doc, sealed = _stored_stubs(doc, current)
             if sealed is not None:
                 self._record(principal.label, "write", doc, Decision(False, sealed))
                 raise InvalidArgument(sealed)
@@ -459,20 +463,38 @@ class Door:
 
     # -- attachments: decided as the document's own writes -------------------------------
 
-    def _attachments_unsealable(self, doc: Mapping[str, Any]) -> str | None:
-        """Why `doc` may not carry attachments, or None. A doc stored sealed (sensitive
-        doctype, encrypted share) would keep its attachments' data in clear: the chunks are
-        not sealed yet, so such attachments are refused rather than stored in clear."""
+    def _attachment_seal(self, doc: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+        """(the scope `doc`'s attachment data is sealed under, as `share.seal_chunks` takes
+        it: {share} for a doc of an encrypted share, {doctype} for a sensitive doctype, None
+        for clear data; why attachments are refused on it, else None). A sensitive doctype's
+        doc in a plain share is refused: its members could not open data sealed under this
+        node's key, and the link does not open chunks for them yet."""
         token = self._token
+        share_id = token.encrypted_share_for(doc)
+        if share_id is not None:
+            return {"share": share_id}, None
         doctype = doc.get("doctype")
-        if isinstance(doctype, str) and token.is_sensitive(doctype):
-            where = f"doctype {doctype!r} is sensitive"
-        elif token.encrypted_share_for(doc) is not None:
-            where = "the document is in an encrypted share"
-        else:
+        if not (isinstance(doctype, str) and token.is_sensitive(doctype)):
+            return None, None
+        now = time.time()
+        for entry in self._token._book._entries.values():
+            if entry.active_at(now) and _scope_refusal(entry, doc) is None:
+                return None, (f"doctype {doctype!r} is sensitive and the document is in plain "
+                              f"share {entry.manifest.name!r}: its attachments are refused "
+                              "until the link can carry them opened")
+        return {"doctype": doctype}, None
+
+    @staticmethod
+    def _inline_attachment_refusal(doc: Mapping[str, Any]) -> str | None:
+        """Why a doc write may not carry its attachments' data inline (sealed docs only):
+        that data would be stored in clear. Stubs (data already stored, sealed) pass."""
+        inline = [name for name, stub in (doc.get("_attachments") or {}).items()
+                  if not (isinstance(stub, Mapping) and stub.get("stub") is True)]
+        if not inline:
             return None
-        return (f"{where}: attachments on sealed documents are refused until attachment "
-                "data is sealed too (it would be stored in clear)")
+        return (f"attachments {sorted(inline)} carry data inline on a sealed document: write "
+                "them through the attachment API (/data/{doctype}/{id}/{name}), which seals "
+                "them as they stream in")
 
     def _attachment_caps(self, doc: Mapping[str, Any], content_type: str | None
                          ) -> tuple[int | None, str | None]:
@@ -529,7 +551,9 @@ class Door:
             if live and not self._judge(principal, "read", current).allowed:
                 raise _not_found(doc_id)  # existence is not revealed
             raise AccessDenied(decision, f"write refused: {decision.reason}")
-        refusal = self._attachments_unsealable(target) if content_type is not None else None
+        seal, refusal = self._attachment_seal(target)
+        if content_type is None:
+            refusal = None  # a removal leaves nothing in clear
         cap, type_refusal = self._attachment_caps(target, content_type)
         if refusal is None:
             refusal = type_refusal
@@ -538,7 +562,38 @@ class Door:
             raise InvalidArgument(refusal)
         self._record(principal.label, "write", target,
                      Decision(True, f"{decision.reason} (attachment {name!r})"))
-        return {"max_length": cap, "base": None if live else dict(target)}
+        base = None if live else (self._stored_form(dict(target), 1) if seal else dict(target))
+        return {"max_length": cap, "base": base, "seal": seal}
+
+    def _cmd_att_sealing(self, args: Mapping[str, Any]) -> dict:
+        """{doc (stored)} -> {seal}: the scope its attachments' data is sealed under (as
+        `share.open_chunks` takes it), None when it is stored in clear. A sealed document's
+        attachments are sealed under the scope of its envelope's key."""
+        stored = _doc_arg(args, "doc")
+        if not is_sealed(stored) or not stored.get("_attachments"):
+            return {"seal": None}
+        kid, token = sealed_kid(stored), self._token
+        doctype = stored.get("doctype")
+        if isinstance(doctype, str) and token._state.doctype_keys.get(doctype) == kid:
+            return {"seal": {"doctype": doctype}}
+        for share_id in token._state.share_keys:
+            if kid in token.share_key_ids(share_id):
+                return {"seal": {"share": share_id}}
+        raise NotFound(f"no data key {kid} here for the attachments of {stored['_id']!r}")
+
+    def _cmd_att_seal_revision(self, args: Mapping[str, Any]) -> dict:
+        """{current (the stored, sealed leaf), attachments (the new revision's stubs),
+        generation} -> {doc}: the new revision's stored form, its envelope binding the new
+        stubs (their sealed data's digests and lengths). The write was decided by
+        `att.write`; the data was sealed by `share.seal_chunks`."""
+        current = _doc_arg(args, "current")
+        attachments = _arg(args, "attachments", dict)
+        generation = _arg(args, "generation", int)
+        if not is_sealed(current):
+            raise InvalidArgument(f"document {current['_id']!r} is not stored sealed")
+        clear = open_doc(current, self._token._doc_key(sealed_kid(current))[1])
+        clear["_attachments"] = attachments
+        return {"doc": self._stored_form(clear, generation)}
 
     def _may_see_tombstone(self, principal: Principal, action: str, tombstone: dict,
                            entry: Any) -> bool:
@@ -1047,6 +1102,10 @@ class Door:
                 try:
                     if encrypted and (not sealed or sealed_kid(doc) not in share_kids):
                         refusal = "not sealed under the share's key (re-seal pending)"
+                    elif not encrypted and sealed and doc.get("_attachments"):
+                        # its data is sealed under a key the members do not hold
+                        refusal = ("its attachments are stored sealed under this node's "
+                                   "key: the link does not carry them opened yet")
                     elif not encrypted and sealed:
                         form = open_doc(doc, token._doc_key(sealed_kid(doc))[1])
                 except (IntegrityError, NotFound) as exc:
@@ -1193,6 +1252,35 @@ def _audit_json(entry) -> dict[str, Any]:
     }
 
 
+def _clear_stubs(clear: dict) -> dict:
+    """An opened sealed document as readers see it: its attachments' clear lengths (the
+    stored stubs describe the sealed data)."""
+    attachments = clear.get("_attachments")
+    if isinstance(attachments, Mapping) and attachments:
+        clear["_attachments"] = {
+            name: {**stub, "length": chunkseal.clear_length(stub["length"])}
+            if isinstance(stub, Mapping) and isinstance(stub.get("length"), int) else stub
+            for name, stub in attachments.items()}
+    return clear
+
+
+def _stored_stubs(doc: dict, current: Mapping[str, Any] | None) -> tuple[dict, str | None]:
+    """(`doc` with its attachment stubs, as a reader sent them back, replaced by the stored
+    stubs they name, which its envelope binds; why not, else None). A stub must name an
+    attachment of the revision it lands on, by name and digest."""
+    stored = (current or {}).get("_attachments") or {}
+    out = {}
+    for name, stub in (doc.get("_attachments") or {}).items():
+        held = stored.get(name)
+        if not isinstance(held, Mapping) or (
+                stub.get("digest") is not None and stub.get("digest") != held.get("digest")):
+            return doc, (f"attachment stub {name!r} names no attachment of the revision it "
+                         "is written on")
+        out[name] = {k: held[k] for k in ("content_type", "digest", "length", "revpos")
+                     if k in held} | {"stub": True}
+    return {**doc, "_attachments": out}, None
+
+
 # Protocol version 1: command -> the arguments it takes (for the docs and the tests).
 COMMANDS: dict[str, tuple[str, ...]] = {
     "auth": ("credential",),
@@ -1205,6 +1293,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "doc.delete": ("credential", "current", "rev"),
     "att.write": ("credential", "doctype", "id", "name", "current?", "content_type?",
                   "share?"),
+    "att.sealing": ("doc",),
+    "att.seal_revision": ("current", "attachments", "generation"),
     "doc.reseal": ("credential", "docs"),
     "owner.check": ("credential", "action"),
     "app.add": ("credential", "name", "doctype", "perm", "selector?"),

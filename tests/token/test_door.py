@@ -153,7 +153,8 @@ def test_malformed_commands_get_an_error_never_a_crash_or_a_decision(door, token
         return
     # What a command without a credential may answer: public facts only.
     assert command in ("info", "share.list", "share.grants", "link.may_connect",
-                       "share.may_push", "share.outgoing", "share.incoming", "share.count"), \
+                       "share.may_push", "share.outgoing", "share.incoming", "share.count",
+                       "att.sealing"), \
         (command, args, answer)
     if command == "share.outgoing":
         assert all(v is not None and "withheld" in v for v in answer["verdicts"])
@@ -176,7 +177,7 @@ def test_attachment_writes_follow_the_documents_rule_one_audit_entry_each(door, 
     mine = _stored({"_id": "p1", "doctype": "io.photos", "album": "2024"})
     theirs = _stored({"_id": "p2", "doctype": "io.photos", "album": "2019"})
     before = len(token.audit_tail(10_000))
-    assert _att_write(d, app, mine) == {"max_length": None, "base": None}
+    assert _att_write(d, app, mine) == {"max_length": None, "base": None, "seal": None}
     with pytest.raises(NotFound):  # another selector's doc: not the app's to learn of
         _att_write(d, app, theirs, doc_id="p2")
     new = _att_write(d, owner, None, doc_id="p3")
@@ -186,7 +187,7 @@ def test_attachment_writes_follow_the_documents_rule_one_audit_entry_each(door, 
     assert len(token.audit_tail(10_000)) - before == 4
 
 
-def test_a_share_rule_caps_attachments_and_sealed_docs_take_none(door, token):
+def test_a_share_rule_caps_attachments_and_sealed_docs_take_them_sealed(door, token):
     d, owner = door
     d.handle("share.create", {"credential": owner, "name": "pics", "doctype": "io.photos",
                               "max_attachment_size": 5000, "attachment_types": ["image/*"]})
@@ -196,9 +197,11 @@ def test_a_share_rule_caps_attachments_and_sealed_docs_take_none(door, token):
         _att_write(d, owner, doc, content_type="text/plain")
     d.handle("doctype.encrypt", {"credential": owner, "doctype": "io.health"})
     health = _stored(_write(d, owner, {"_id": "h1", "doctype": "io.health", "n": 1}))
-    with pytest.raises(TokenError, match="sealed"):
-        _att_write(d, owner, health, doctype="io.health", doc_id="h1")
-    # nor may a sealed doc be written carrying stubs
-    with pytest.raises(TokenError, match="sealed"):
+    # a sensitive doctype's attachments are sealed under its key as they stream in
+    assert _att_write(d, owner, health, doctype="io.health", doc_id="h1")["seal"] == {
+        "doctype": "io.health"}
+    # a sealed doc may be written carrying stubs (data stored sealed), not inline data
+    with pytest.raises(TokenError, match="inline"):
         _write(d, owner, {"_id": "h1", "_rev": health["_rev"], "doctype": "io.health",
-                          "_attachments": {"a.png": {"stub": True}}}, health, 2)
+                          "_attachments": {"a.png": {"data": "aGk=",
+                                                     "content_type": "text/plain"}}}, health, 2)

@@ -47,6 +47,11 @@ async def serve(request: Request, view: DatabaseView, files, doc_id: str,
     stub = (doc.get("_attachments") or {}).get(name)
     if doc.get("_deleted") or not isinstance(stub, dict):
         raise missing()
+    stub, seal = await files.sealing(doc_id, doc["_rev"], name, stub)
+    if seal is not None:  # opened by the token as it streams out
+        return await files_api.attachment_response(
+            request, stub, lambda wanted: files.open(doc_id, name, doc["_rev"], wanted,
+                                                     stub=stub, seal=seal))
     return await files_api.attachment_response(
         request, stub, lambda wanted: view.open_attachment(doc_id, name, doc["_rev"],
                                                            range=wanted))
