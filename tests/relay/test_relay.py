@@ -457,3 +457,41 @@ async def test_a_few_source_addresses_cannot_take_all_of_one_nodes_session_slots
                 await connection.send({"type": "probe"})
                 assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
         nursery.cancel_scope.cancel()
+
+
+async def test_stale_direct_addresses_do_not_hold_up_the_relay_route():
+    """A peer's direct addresses went stale (something there takes the TCP connection and never
+    answers, as a blackholed address never does): keep_connected dials the relay route after a
+    short head start of the direct ones instead of waiting one handshake timeout per address
+    (here a minute each, so three of them would blow the deadline below)."""
+    from plugshare.replication.link import LinkConfig
+    from plugshare.replication.transport import TransportConfig, keep_connected
+
+    server, client = Node("behind-nat"), Node("dialer")
+    patient = TransportConfig(link=LinkConfig(handshake_timeout=60.0, ping_interval=0.2, dead_after=5.0),
+                              close_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        await start_joined_node(nursery, server, address)
+        silent = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(3)]  # never accepted
+        stale = [("127.0.0.1", listeners[0].socket.getsockname()[1]) for listeners in silent]
+        route = Route(f"relay {address}", lambda: request_session(address, server.id))
+        linked = trio.Event()
+        vias = []
+
+        async def handler(connection):
+            vias.append(connection.via)
+            await connection.send({"type": "probe"})
+            assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+            linked.set()
+            await trio.sleep_forever()
+
+        nursery.start_soon(lambda: keep_connected(
+            handler, addresses=lambda: [*stale, route], expected_fingerprint=server.id,
+            ssl_context=client_ssl_context(), local=client.local, prove=client.prove, config=patient))
+        with trio.fail_after(TIMEOUT):
+            await linked.wait()
+        assert vias == ["relay"]
+        nursery.cancel_scope.cancel()
+
