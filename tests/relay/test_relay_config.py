@@ -164,3 +164,11 @@ def test_plugshare_relay_help_says_what_it_does_how_to_configure_it_and_how_to_s
     for needed in ("--listen", "--key", "--config", "[limits]", "[peer] relays", "SIGTERM", "ID@HOST:PORT",
                    "stateless"):
         assert needed in text, needed
+
+
+def test_plugshare_config_example_shows_the_relays_key(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "plugshare", "config", "--example"], capture_output=True,
+                          text=True, timeout=60, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    peer = done.stdout.split("[peer]", 1)[1].split("\n[", 1)[0]
+    assert "\nrelays = []" in peer and "ID@HOST:PORT" in peer and "advertise_direct = true" in peer
