@@ -49,13 +49,14 @@ from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import LocalNode
 from plugshare.replication.transport import (
     Incoming,
+    NoRouteAnswered,
     PeerConnectError,
     PeerConnection,
     PeerRefused,
     Route,
     TransportConfig,
+    connect_first,
     connect_peer,
-    connect_peer_via,
     keep_connected,
     serve_peers,
 )
@@ -395,24 +396,16 @@ class PeerManager:
             ready.set()
 
         async def dial() -> None:
-            errors, refused = [], []
             try:
-                for address in addresses:
-                    options = dict(expected_fingerprint=fingerprint, ssl_context=self._client_context,
-                                   local=self.local, config=self.config, prove=self._prove,
-                                   dial_limiter=self._dial_limiter)
-                    try:
-                        async with (connect_peer_via(address, **options) if isinstance(address, Route)
-                                    else connect_peer(*address, **options)) as conn:
-                            await self._run_session(conn, dialed=True, on_session=up)
-                            return
-                    except PeerRefused as exc:  # it answered: a refusal, not an absence
-                        refused.append(str(exc))
-                    except PeerConnectError as exc:
-                        errors.append(str(exc))
+                async with connect_first(addresses, expected_fingerprint=fingerprint,
+                                         ssl_context=self._client_context, local=self.local,
+                                         config=self.config, prove=self._prove,
+                                         dial_limiter=self._dial_limiter) as conn:
+                    await self._run_session(conn, dialed=True, on_session=up)
+            except NoRouteAnswered as exc:
+                refused = [str(e) for e in exc.errors if isinstance(e, PeerRefused)]  # it answered: no
                 result["error"] = (PeerRefused("; ".join(refused)) if refused else
-                                   PeerConnectError("; ".join(errors)
-                                                    or "the invitation names no address"))
+                                   PeerConnectError(str(exc) if exc.errors else "the invitation names no address"))
             finally:
                 ready.set()
 

@@ -31,6 +31,20 @@ class RelaySettings:
     limits: RelayLimits = RelayLimits()
 
 
+def _limits_help() -> str:
+    """One line per field of RelayLimits: its name, default and what it bounds."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(RelayLimits).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            comments[name] = rest.partition("#")[2].strip()
+    # Indented as the docstring's lines are, so that click's dedent keeps them aligned.
+    return "\n    ".join(f"  {field.name} = {field.default}   # {comments.get(field.name, '')}"
+                         for field in attrs.fields(RelayLimits))
+
+
 def _split(listen: str) -> tuple[str, int]:
     host, colon, port = listen.rpartition(":")
     host = host.strip("[]")
@@ -63,8 +77,21 @@ def load_settings(path: Path) -> RelaySettings:
 @click.option("-v", "--verbose", is_flag=True, help="Log every join and session.")
 def relay(listen: str | None, key_path: Path | None, config_path: Path | None, verbose: bool) -> None:
     """Run a relay: nodes that cannot reach each other directly (behind NAT) are paired here,
-    and it forwards their end-to-end encrypted links without being able to read them. Prints
-    its address `ID@HOST:PORT`; give that to nodes (`[peer] relays` in node.toml)."""
+    and it forwards their end-to-end encrypted links without being able to read them.
+
+    \b
+    It prints its address, ID@HOST:PORT (the ID is the hash of its key, which nodes pin);
+    give that, with the host's public address, to nodes: `[peer] relays` in node.toml.
+    The relay is stateless (nothing is written but its key): restart it at will, nodes
+    rejoin by themselves. SIGTERM or Ctrl-C stops it with the line `relay stopped`.
+
+    \b
+    --config FILE is TOML with `listen`, `key` and a [limits] table (options given on the
+    command line win). Unknown keys are errors. The limits, with their defaults:
+    {limits}
+    """
+    import signal
+
     import trio
 
     from plugshare.relay.server import RelayServer
@@ -81,19 +108,30 @@ def relay(listen: str | None, key_path: Path | None, config_path: Path | None, v
     server = RelayServer(key, settings.limits)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(server.serve, host, port)
-            bound = listeners[0].socket.getsockname()[1]
-            address = RelayAddress(relay_id_of(public_bytes(key)), host, bound)
-            if getattr(click.get_current_context().find_object(object), "as_json", False):  # --json
-                click.echo(json.dumps({"relay": str(address), "key": str(path)}))
-            else:
-                click.echo(f"relay {address}")
-                if host in ("0.0.0.0", "::"):
-                    click.echo(f"  (give nodes this host's public address in place of {host})")
-            sys.stdout.flush()
+        # Signals are taken before the address is printed: whoever reads it may stop us at once.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(server.serve, host, port)
+                bound = listeners[0].socket.getsockname()[1]
+                address = RelayAddress(relay_id_of(public_bytes(key)), host, bound)
+                if getattr(click.get_current_context().find_object(object), "as_json", False):  # --json
+                    click.echo(json.dumps({"relay": str(address), "key": str(path)}))
+                else:
+                    click.echo(f"relay {address}")
+                    if host in ("0.0.0.0", "::"):
+                        click.echo(f"  (give nodes this host's public address in place of {host})")
+                sys.stdout.flush()
+                async for number in signals:
+                    stopped_by.append(signal.Signals(number).name)
+                    nursery.cancel_scope.cancel()
+                    break
 
+    stopped_by: list[str] = []
     try:
         trio.run(main)
-    except KeyboardInterrupt:
-        click.echo("relay stopped", err=True)
+    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was in place
+        stopped_by.append("SIGINT")
+    click.echo(f"relay stopped ({', '.join(stopped_by) or 'exited'})", err=True)
+
+
+relay.help = (relay.help or "").replace("{limits}", _limits_help())

@@ -24,6 +24,9 @@ class RelayLimits:
     sessions_per_node: int = 32  # pending and paired sessions that involve one node id
     max_pending_sessions: int = 256  # sessions granted, not yet paired
     pending_per_source: int = 8  # ...asked for from one source address
+    pending_per_node: int = 8  # ...for one node id; when full, a new dialer takes over the slot of
+    # the oldest session of the source holding the most (dialers are anonymous: no waiting it out)
+    pending_per_source_per_node: int = 2  # ...asked for from one source address for one node id
     max_sessions: int = 512  # paired sessions in all
     pending_timeout: float = 5.0  # an unpaired half waits this long for the other
     handshake_timeout: float = 10.0  # TLS and the first message of a connection

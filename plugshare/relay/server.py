@@ -4,7 +4,9 @@ rejoin by themselves after a restart.
 
 Every resource an outsider can make it spend is bounded by `RelayLimits`: open connections
 (in all and per source address), joined connections per node id, pending and paired sessions
-(in all and per node id), unpaired halves (they expire), and bytes per second (each session
+(in all, per node id, per source and per source and node id: a dialer cannot keep a node's
+slots by never pairing them, a newer one takes them over), unpaired halves (they expire), and
+bytes per second (each session
 direction and each source address, token buckets). A client over a limit gets a `Refused`
 saying which, and the relay goes on serving the others.
 """
@@ -111,7 +113,9 @@ class _Pending:
     target: bytes
     halves: list[tuple[trio.SocketStream, bytes, str]] = attrs.Factory(list)  # stream, early bytes, source
     paired: trio.Event = attrs.Factory(trio.Event)
+    settled: trio.Event = attrs.Factory(trio.Event)  # paired, or given up for a newer dialer
     done: trio.Event = attrs.Factory(trio.Event)
+    evicted: bool = False
 
 
 class RelayServer:
@@ -125,6 +129,7 @@ class RelayServer:
         self._pending: dict[bytes, _Pending] = {}
         self._node_sessions = Counts(limits.sessions_per_node)
         self._pending_by_source = Counts(limits.pending_per_source)
+        self._pending_by_node: dict[bytes, list[_Pending]] = {}  # node id -> unpaired, oldest first
         self._paired = 0
         self._source_buckets: dict[str, TokenBucket] = {}
         self._nursery: trio.Nursery | None = None
@@ -295,6 +300,12 @@ class RelayServer:
             raise _Refusal("unknown_node", f"node {format_node_id(connect.node_id)} is not joined to this relay")
         if len(self._pending) >= self.limits.max_pending_sessions:
             raise _Refusal("busy", "too many sessions are waiting to be paired; try again later")
+        waiting = self._pending_by_node.setdefault(connect.node_id, [])
+        if sum(p.dialer_source == source for p in waiting) >= self.limits.pending_per_source_per_node:
+            raise _Refusal("over_quota", f"too many sessions with node {format_node_id(connect.node_id)} "
+                                         f"waiting to be paired for {source}")
+        if len(waiting) >= self.limits.pending_per_node:
+            self._evict_for(waiting, source)
         if not self._pending_by_source.try_add(source):
             raise _Refusal("over_quota", f"too many sessions waiting to be paired for {source}")
         if not self._node_sessions.try_add(connect.node_id):
@@ -309,16 +320,38 @@ class RelayServer:
             self._pending_by_source.remove(source)
             raise _Refusal("busy", "the node is not taking invitations right now") from None
         self._pending[key] = pending
+        waiting.append(pending)
         assert self._nursery is not None
         self._nursery.start_soon(self._expire, pending)
         await stream.send_all(conversation.send(SessionGranted(session_key=key)))
 
+    def _evict_for(self, waiting: list[_Pending], source: str) -> None:
+        """Make room among a node's unpaired sessions for a dialer from `source`: the oldest
+        of the source holding the most gives its slot up (refused if `source` is that one)."""
+        held: dict[str, int] = {}
+        for pending in waiting:
+            held[pending.dialer_source] = held.get(pending.dialer_source, 0) + 1
+        greediest = max(held, key=lambda s: held[s])
+        if held[greediest] <= held.get(source, 0):
+            raise _Refusal("busy", "too many sessions with this node are waiting to be paired; try again later")
+        victim = next(p for p in waiting if p.dialer_source == greediest)
+        waiting.remove(victim)
+        victim.evicted = True
+        victim.settled.set()
+        log.info("gave up a session with node %s asked for by %s: a newer dialer needs the slot",
+                 format_node_id(victim.target), greediest)
+
     async def _expire(self, pending: _Pending) -> None:
-        """Forget a session whose halves did not both arrive in time; release its quota
-        once it ends."""
+        """Forget a session whose halves did not both arrive in time (or that was given up
+        for a newer dialer); release its quota once it ends."""
         with trio.move_on_after(self.limits.pending_timeout):
-            await pending.paired.wait()
+            await pending.settled.wait()
         self._pending.pop(pending.key, None)
+        waiting = self._pending_by_node.get(pending.target, [])
+        if pending in waiting:
+            waiting.remove(pending)
+        if not waiting:
+            self._pending_by_node.pop(pending.target, None)
         self._pending_by_source.remove(pending.dialer_source)
         if not pending.paired.is_set():
             pending.done.set()
@@ -342,22 +375,27 @@ class RelayServer:
             await self._refuse(stream, conversation, "over_quota", f"too many connections from {source}")
             return
         pending = self._pending.get(message.session_key)
-        if pending is None or len(pending.halves) >= 2 or pending.done.is_set():
+        if pending is None or len(pending.halves) >= 2 or pending.done.is_set() or pending.evicted:
             await self._refuse(stream, conversation, "no_session", "no such session waits here (expired or used)")
             return
         pending.halves.append((stream, conversation.rest(), source))
         if len(pending.halves) == 1:  # the first half waits for the other, then for the end
             await pending.done.wait()
-            if not pending.paired.is_set():
+            if pending.evicted:
+                await self._refuse(stream, conversation, "no_peer",
+                                   "the other side did not arrive, and a newer dialer took the slot")
+            elif not pending.paired.is_set():
                 await self._refuse(stream, conversation, "no_peer",
                                    f"the other side did not arrive within {self.limits.pending_timeout:.0f}s")
             return
         self._pending.pop(pending.key, None)
         if self._paired >= self.limits.max_sessions:
+            pending.settled.set()
             pending.done.set()
             await self._refuse(stream, conversation, "busy", "this relay forwards all the sessions it can")
             return
         pending.paired.set()
+        pending.settled.set()
         self._paired += 1
         log.info("paired a session with node %s for %s", format_node_id(pending.target), pending.dialer_source)
         try:

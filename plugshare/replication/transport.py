@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
+import math
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -67,6 +68,8 @@ __all__ = [
     "Prove",
     "Route",
     "TransportConfig",
+    "NoRouteAnswered",
+    "connect_first",
     "connect_peer",
     "connect_peer_via",
     "keep_connected",
@@ -134,6 +137,14 @@ class PeerConnectionClosed(Exception):
 
 class PeerConnectError(Exception):
     """A link to a peer could not be established; the message says why."""
+
+
+class NoRouteAnswered(PeerConnectError):
+    """None of the routes tried at once led to a link; `errors` says why each did not."""
+
+    def __init__(self, errors: list[PeerConnectError]) -> None:
+        super().__init__("; ".join(map(str, errors)) or "no address to try")
+        self.errors = errors
 
 
 class FingerprintMismatch(PeerConnectError):
@@ -595,7 +606,10 @@ async def _establish(
     local: LocalNode,
     prove: Prove,
     config: TransportConfig,
+    pinned: Callable[[], None] = lambda: None,
 ) -> PeerConnection:
+    """A link over `open_stream()`; `pinned()` is called once the peer's certificate proved
+    it is the node we meant (what is left is the in-band proof)."""
     started = trio.current_time()
     raw_stream: trio.abc.Stream | None = None
     with trio.move_on_at(started + config.link.handshake_timeout):
@@ -616,6 +630,7 @@ async def _establish(
                 f"{where} is node {format_node_id(fingerprint)}, not the expected "
                 f"{format_node_id(expected_fingerprint)}"
             )
+        pinned()
         link = Link.connecting(local, pinned_peer_id=fingerprint, now=started, config=config.link)
         event = await _link_handshake(stream, link, prove)
         if isinstance(event, PeerClosed):
@@ -701,6 +716,116 @@ async def connect_peer_via(
                 await connection.aclose()
 
 
+RELAY_HEAD_START = 0.5  # seconds the direct routes are tried alone before the relayed ones join
+
+
+def as_route(address: tuple[str, int] | Route, config: TransportConfig) -> Route:
+    if isinstance(address, Route):
+        return address
+    host, port = address
+    return Route(f"{host}:{port}", partial(_open_tcp, host, port, config.link.handshake_timeout), via="direct")
+
+
+@asynccontextmanager
+async def connect_first(
+    addresses: Iterable[tuple[str, int] | Route],
+    *,
+    expected_fingerprint: bytes,
+    ssl_context: ssl.SSLContext,
+    local: LocalNode,
+    prove: Prove,
+    config: TransportConfig = TransportConfig(),
+    dial_limiter: trio.CapacityLimiter | None = None,
+    head_start: float = RELAY_HEAD_START,
+) -> AsyncIterator[PeerConnection]:
+    """`connect_peer_via` on several routes at once (happy eyeballs), keeping the first link
+    that authenticates: every direct address is dialed at once, the relayed routes after
+    `head_start` (or as soon as every direct dial failed), so a stale address costs the relay
+    fallback a head start, not a handshake timeout. The others are cancelled, or closed if
+    they came up too. NoRouteAnswered (with each route's error) if none leads to a link."""
+    routes = [as_route(address, config) for address in addresses]
+    direct = [route for route in routes if route.via == "direct"]
+    relayed = [route for route in routes if route.via != "direct"]
+    errors: list[PeerConnectError] = []
+    winner: list[PeerConnection] = []
+    direct_left = len(direct)  # direct dials not over yet
+    direct_pinned = 0  # ...of which the peer's certificate already answered: alive, not stale
+    changed = trio.Event()  # set (and replaced) whenever those counts change
+
+    def counts_changed() -> None:
+        nonlocal changed
+        changed.set()
+        changed = trio.Event()
+
+    async def race(route: Route, nursery: trio.Nursery) -> None:
+        nonlocal direct_left, direct_pinned
+        reached = False
+
+        def reached_peer() -> None:
+            nonlocal direct_pinned, reached
+            if route.via == "direct":
+                reached = True
+                direct_pinned += 1
+                counts_changed()
+
+        attempt = partial(_establish, route.open, route.label, via=route.via,
+                          expected_fingerprint=expected_fingerprint, ssl_context=ssl_context,
+                          local=local, prove=prove, config=config, pinned=reached_peer)
+        try:
+            if dial_limiter is None:
+                connection = await attempt()
+            else:
+                async with dial_limiter:
+                    connection = await attempt()
+        except PeerConnectError as error:
+            errors.append(error)
+            return
+        finally:
+            if route.via == "direct":
+                direct_left -= 1
+                direct_pinned -= reached
+                counts_changed()
+        if winner:  # another route came up in the same moment: this one goes
+            await _discard(connection, "another route to the peer came up first")
+            return
+        winner.append(connection)
+        nursery.cancel_scope.cancel()
+
+    async def wait_for_direct() -> None:
+        """Until the head start is over, unless a direct dial already reached the peer itself
+        (then until it is over), or every direct dial failed."""
+        deadline = trio.current_time() + head_start
+        while direct_left and (direct_pinned or trio.current_time() < deadline):
+            with trio.move_on_at(math.inf if direct_pinned else deadline):
+                await changed.wait()
+
+    async with trio.open_nursery() as nursery:
+        for route in direct:
+            nursery.start_soon(race, route, nursery)
+        if relayed:
+            await wait_for_direct()
+            for route in relayed:
+                nursery.start_soon(race, route, nursery)
+    if not winner:
+        raise NoRouteAnswered(errors)
+    connection = winner[0]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection._run)
+        try:
+            yield connection
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+
+
+async def _discard(connection: PeerConnection, reason: str) -> None:
+    """Close an established connection nobody will use (its I/O runs just long enough)."""
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._run)
+            await connection.aclose(reason)
+
+
 async def keep_connected(
     handler: Handler,
     *,
@@ -717,7 +842,9 @@ async def keep_connected(
     """Keep a link to one peer up until cancelled, running `handler` on each connection.
 
     Each round tries the peer's addresses (`addresses()` is asked again every round, so
-    discovery can update them) in order, each a (host, port) or a `Route` (a relay); when none answers, or after a link ends, it waits
+    discovery can update them), each a (host, port) or a `Route` (a relay), with
+    `connect_first`: direct ones at once, relayed ones after a head start; when none answers,
+    or after a link ends, it waits
     per `backoff` (the schedule restarts after every established link) and tries again.
     `prove` is as for `connect_peer`; its failures (ProofFailed) are retried like any other.
     """
@@ -725,31 +852,25 @@ async def keep_connected(
     attempt = 0
     peer = format_node_id(expected_fingerprint)
     while True:
-        for address in list(addresses()):
-            route = address if isinstance(address, Route) else Route(
-                f"{address[0]}:{address[1]}",
-                partial(_open_tcp, address[0], address[1], config.link.handshake_timeout),
-                via="direct",
-            )
-            try:
-                async with connect_peer_via(
-                    route,
-                    expected_fingerprint=expected_fingerprint,
-                    ssl_context=ssl_context,
-                    local=local,
-                    prove=prove,
-                    config=config,
-                    dial_limiter=dial_limiter,
-                ) as connection:
-                    attempt = 0
-                    try:
-                        await handler(connection)
-                    except PeerConnectionClosed:
-                        pass
-                logger.info("link to peer %s at %s ended: %s", peer, route.label, connection.close_reason)
-                break
-            except PeerConnectError as error:
-                logger.info("cannot reach peer %s: %s", peer, error)
+        try:
+            async with connect_first(
+                addresses(),
+                expected_fingerprint=expected_fingerprint,
+                ssl_context=ssl_context,
+                local=local,
+                prove=prove,
+                config=config,
+                dial_limiter=dial_limiter,
+            ) as connection:
+                attempt = 0
+                try:
+                    await handler(connection)
+                except PeerConnectionClosed:
+                    pass
+            logger.info("link to peer %s at %s ended: %s", peer, connection.remote_address, connection.close_reason)
+        except NoRouteAnswered as error:
+            for each in error.errors:
+                logger.info("cannot reach peer %s: %s", peer, each)
         delay = backoff.delay(attempt, rng)
         attempt += 1
         await trio.sleep(delay)

@@ -407,3 +407,91 @@ async def test_a_relay_that_tampers_with_an_established_link_ends_it_and_deliver
                     await connection.receive()
                 assert "bad record mac" in connection.close_reason.lower()  # TLS caught it
         nursery.cancel_scope.cancel()
+
+
+async def test_a_few_source_addresses_cannot_take_all_of_one_nodes_session_slots():
+    """Dialers are not identified to the relay: an attacker with several source addresses
+    asks for sessions with one node and never comes to pair them. Each source holds only a
+    couple of that node's pending slots, and a new dialer gets a slot at once (the attacker's
+    oldest waiting session gives it up) instead of waiting out the pending timeout."""
+    server, client = Node("behind-nat"), Node("dialer")
+    limits = RelayLimits(pending_timeout=120.0, handshake_timeout=30.0)  # nothing expires during the test
+    sources = [f"127.0.0.{n}" for n in range(2, 8)]
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate(), limits)
+        address = await start_relay(nursery, relay)
+        await start_joined_node(nursery, server, address)
+        from plugshare.relay.client import _expect, relay_client_context
+        from plugshare.relay.protocol import Challenge, SessionGranted
+
+        async def ask_and_vanish(source: str) -> bool:
+            """A session asked for from `source`, its half never presented: granted?"""
+            tcp = await trio.open_tcp_stream(address.host, address.port, local_address=source)
+            stream = trio.SSLStream(tcp, relay_client_context(), server_side=False)
+            conversation = Conversation("dialer")
+            try:
+                await _expect(stream, conversation, Challenge)
+                await stream.send_all(conversation.send(Connect(node_id=server.id)))
+                await _expect(stream, conversation, SessionGranted)
+                return True
+            except RelayRefused:
+                return False
+            finally:
+                await trio.aclose_forcefully(stream)
+
+        granted = {}
+        with trio.fail_after(TIMEOUT):
+            for source in sources:
+                granted[source] = sum([await ask_and_vanish(source) for _ in range(limits.pending_per_source)])
+        assert max(granted.values()) <= 2, granted  # a couple per source and node, not pending_per_source
+        # An honest dialer is paired at once, with the attacker's sessions still waiting.
+        with trio.fail_after(TIMEOUT):
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe"})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        # ...and so is the next one, however often the attacker comes back.
+        with trio.fail_after(TIMEOUT):
+            for source in sources:
+                await ask_and_vanish(source)
+            async with relayed(address, server, client) as connection:
+                await connection.send({"type": "probe"})
+                assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_stale_direct_addresses_do_not_hold_up_the_relay_route():
+    """A peer's direct addresses went stale (something there takes the TCP connection and never
+    answers, as a blackholed address never does): keep_connected dials the relay route after a
+    short head start of the direct ones instead of waiting one handshake timeout per address
+    (here a minute each, so three of them would blow the deadline below)."""
+    from plugshare.replication.link import LinkConfig
+    from plugshare.replication.transport import TransportConfig, keep_connected
+
+    server, client = Node("behind-nat"), Node("dialer")
+    patient = TransportConfig(link=LinkConfig(handshake_timeout=60.0, ping_interval=0.2, dead_after=5.0),
+                              close_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        relay = RelayServer(Ed25519PrivateKey.generate())
+        address = await start_relay(nursery, relay)
+        await start_joined_node(nursery, server, address)
+        silent = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(3)]  # never accepted
+        stale = [("127.0.0.1", listeners[0].socket.getsockname()[1]) for listeners in silent]
+        route = Route(f"relay {address}", lambda: request_session(address, server.id))
+        linked = trio.Event()
+        vias = []
+
+        async def handler(connection):
+            vias.append(connection.via)
+            await connection.send({"type": "probe"})
+            assert await connection.receive() == {"type": "echo", "of": {"type": "probe"}}
+            linked.set()
+            await trio.sleep_forever()
+
+        nursery.start_soon(lambda: keep_connected(
+            handler, addresses=lambda: [*stale, route], expected_fingerprint=server.id,
+            ssl_context=client_ssl_context(), local=client.local, prove=client.prove, config=patient))
+        with trio.fail_after(TIMEOUT):
+            await linked.wait()
+        assert vias == ["relay"]
+        nursery.cancel_scope.cancel()
+

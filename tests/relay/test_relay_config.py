@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
 from plugshare.config import ConfigError, example_config, load_config
 from plugshare.node.watch import peer_rows
 from plugshare.relay import RelayAddress
+from plugshare.relay.quota import RelayLimits
 from plugshare.sharing.invitation import Invitation, InvitationError
 from plugshare.token import format_node_id
 
@@ -132,3 +135,40 @@ def test_plugshare_relay_json_prints_one_json_document(tmp_path):
         process.kill()
         process.wait(timeout=30)
     assert RelayAddress.parse(printed["relay"]).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_plugshare_relay_stops_cleanly_with_a_line_on_sigterm_and_ctrl_c(tmp_path, sig):
+    process = subprocess.Popen([sys.executable, "-m", "plugshare", "relay", "--listen", "127.0.0.1:0",
+                                "--key", str(tmp_path / "relay.key")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert process.stdout.readline().startswith("relay ")
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "relay stopped" in stderr and "Traceback" not in stderr
+
+
+def test_plugshare_relay_help_says_what_it_does_how_to_configure_it_and_how_to_stop_it():
+    done = subprocess.run([sys.executable, "-m", "plugshare", "relay", "--help"], capture_output=True,
+                          text=True, timeout=60, env=os.environ.copy())
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for field in attrs.fields(RelayLimits):  # every limit of the [limits] table, by name
+        assert field.name in text, field.name
+    for needed in ("--listen", "--key", "--config", "[limits]", "[peer] relays", "SIGTERM", "ID@HOST:PORT",
+                   "stateless"):
+        assert needed in text, needed
+
+
+def test_plugshare_config_example_shows_the_relays_key(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "plugshare", "config", "--example"], capture_output=True,
+                          text=True, timeout=60, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    peer = done.stdout.split("[peer]", 1)[1].split("\n[", 1)[0]
+    assert "\nrelays = []" in peer and "ID@HOST:PORT" in peer and "advertise_direct = true" in peer
