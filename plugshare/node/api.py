@@ -8,7 +8,10 @@ token (each request is one command carrying the caller's credential), document s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 import attrs
@@ -47,9 +50,12 @@ class ApiParts:
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
+RECENTLY_AUTHENTICATED = 1024  # credentials remembered by the guard (see `_RecentCredentials`)
+RECENT_FOR = 2.0  # seconds: how long the guard trusts that a credential is known to the token
 
 # The token speaks in its own errors; this is how they read over HTTP.
 _TOKEN_ERRORS = [
+    (token.AuthenticationError, (401, "unauthorized")),  # a command's own authentication
     (token.NotFound, (404, "not_found")),
     (token.AlreadyExists, (409, "conflict")),
     (token.AccessDenied, (403, "forbidden")),
@@ -534,13 +540,60 @@ class _Body:
                 return
 
 
+class _RecentCredentials:
+    """Digests of the credentials the token authenticated in the last RECENT_FOR seconds,
+    at most RECENTLY_AUTHENTICATED of them (oldest forgotten first).
+
+    Not an access decision: every command the request then makes carries the credential and
+    the token authenticates it again (a revoked one gets its 401 from there). This only spares
+    the guard's own `auth` round trip, whose job is to answer 401 *before reading a body*
+    for a caller the token does not know; a caller it knew two seconds ago may have its body
+    (bounded by MAX_BODY) read before that 401."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    @staticmethod
+    def _key(credential: str) -> bytes:
+        return hashlib.sha256(credential.encode()).digest()
+
+    def known(self, credential: str) -> bool:
+        key = self._key(credential)
+        at = self._seen.get(key)
+        if at is None:
+            return False
+        if time.monotonic() - at > RECENT_FOR:
+            del self._seen[key]
+            return False
+        return True
+
+    def remember(self, credential: str) -> None:
+        key = self._key(credential)
+        self._seen[key] = time.monotonic()
+        self._seen.move_to_end(key)
+        while len(self._seen) > RECENTLY_AUTHENTICATED:
+            self._seen.popitem(last=False)
+
+    def forget(self, credential: str) -> None:
+        self._seen.pop(self._key(credential), None)
+
+
+def _challenge(scope) -> str:
+    """The WWW-Authenticate of a 401: CouchDB clients send Basic only once asked for it."""
+    couch = scope["path"] == COUCH or scope["path"].startswith(COUCH + "/")
+    return 'Basic realm="plugshare"' if couch else "Bearer"
+
+
 class _Guard:
     """ASGI middleware: every request carries a credential the token knows (401 otherwise);
-    the credential then travels with each command the request makes."""
+    the credential then travels with each command the request makes. One token call per
+    request: a credential the token authenticated moments ago goes straight to its command,
+    which authenticates it anyway (a 401 from there gets the same challenge header)."""
 
     def __init__(self, app: Starlette, node: ApiParts):
         self.app = app
         self.node = node
+        self.recent = _RecentCredentials()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -562,17 +615,27 @@ class _Guard:
         request = Request(scope, receive)
         try:
             credential = bearer(request.headers.get("authorization"))
-            await self.node.call("auth", credential=credential)
+            if not self.recent.known(credential):
+                await self.node.call("auth", credential=credential)
+                self.recent.remember(credential)
         except (AuthenticationFailed, token.AuthenticationError) as exc:
             response = _error(401, "unauthorized", str(exc))
-            # CouchDB clients send Basic only once asked for it
-            couch = scope["path"] == COUCH or scope["path"].startswith(COUCH + "/")
-            response.headers["www-authenticate"] = 'Basic realm="plugshare"' if couch \
-                else "Bearer"
+            response.headers["www-authenticate"] = _challenge(scope)
             return await response(scope, receive, send)
         except PlugshareError as exc:  # the token process is down: 503, nothing decided
             response = _error(getattr(exc, "status", 503), getattr(exc, "error", "unavailable"),
                               str(exc))
             return await response(scope, receive, send)
         scope.setdefault("state", {})["credential"] = credential
-        await self.app(scope, receive, send)
+
+        async def send_challenging(message) -> None:
+            # the command's token refused the credential: the guard's 401, as it would be
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                self.recent.forget(credential)
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() != b"www-authenticate"]
+                headers.append((b"www-authenticate", _challenge(scope).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_challenging)

@@ -104,12 +104,14 @@ class AuditMeta:
 
 @attrs.frozen
 class StagedAppend:
-    """A record written to disk but not yet referenced by a committed state."""
+    """A record to append (`AuditLog.write`), not yet referenced by a committed state."""
 
     meta: AuditMeta
     count: int
     path: Path
     old_length: int
+    record: bytes
+    new_segment: bool
 
 
 def genesis_hash(fingerprint: bytes) -> bytes:
@@ -286,8 +288,9 @@ class AuditLog:
                 os.fsync(f.fileno())
 
     def stage(self) -> StagedAppend | None:
-        """Seal every unflushed entry into one record appended (durably) to the current
-        segment. The result is not committed until the token state referencing it is."""
+        """Seal every unflushed entry into one record for the current segment, and the log
+        position after it (`write` appends it durably). Not committed until the token state
+        referencing it is."""
         self._chain()
         entries = self._chained
         if not entries:
@@ -302,29 +305,34 @@ class AuditLog:
         ad = _RECORD_DOMAIN + _RECORD_AD.pack(seg.index, entries[0][0])
         sealed = nonce + self._aead.encrypt(nonce, payload, ad)
         record = _LEN.pack(len(sealed)) + sealed
-        path = self.segment_path(seg.index)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            if size < seg.length:
-                raise TokenStateError(
-                    f"audit segment {path} holds {size} bytes but the sealed state records "
-                    f"{seg.length}: it was truncated"
-                )
-            os.ftruncate(fd, seg.length)
-            os.pwrite(fd, record, seg.length)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if seg.length == 0:
-            fsync_dir(self._dir)
         segments[-1] = SegmentRef(
             seg.index, seg.first_seq, seg.entries + len(entries), seg.length + len(record),
             entries[-1][8],
         )
         meta = attrs.evolve(self.meta, next_seq=entries[-1][0] + 1, head=entries[-1][8],
                             segments=tuple(segments))
-        return StagedAppend(meta, len(entries), path, seg.length)
+        return StagedAppend(meta, len(entries), self.segment_path(seg.index), seg.length,
+                            record, seg.length == 0)
+
+    def write(self, staged: StagedAppend) -> None:
+        """Append a staged record to its segment, durably (no other method touches the
+        files, so this may run in another thread while the token writes its state)."""
+        path = staged.path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size < staged.old_length:
+                raise TokenStateError(
+                    f"audit segment {path} holds {size} bytes but the sealed state records "
+                    f"{staged.old_length}: it was truncated"
+                )
+            os.ftruncate(fd, staged.old_length)
+            os.pwrite(fd, staged.record, staged.old_length)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if staged.new_segment:
+            fsync_dir(self._dir)
 
     def commit(self, staged: StagedAppend) -> None:
         self.meta = staged.meta

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -76,6 +77,13 @@ class Keystore(abc.ABC):
     @abc.abstractmethod
     def advance_anchor(self, counter: int) -> None:
         """Record `counter` as the highest state version (never goes down)."""
+
+    def stage_anchor(self, counter: int) -> Callable[[], None]:
+        """Prepare `advance_anchor(counter)` as far as it can go without recording it (the
+        soft keystore writes its new anchor file aside, durably); the returned function
+        records it. Lets the token prepare the anchor while it writes the state, and still
+        record it only once the state is durable. By default nothing can be prepared."""
+        return lambda: self.advance_anchor(counter)
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -22,7 +22,10 @@ import base64
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
+
+import attrs
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -37,7 +40,7 @@ from .errors import (
     TokenStateError,
     WrongSecretError,
 )
-from .files import atomic_write, read_file
+from .files import atomic_write, discard, install, read_file, write_temp
 from .keystore import KEY_SIZE, Keystore
 
 FORMAT = "plugshare-soft-keystore/1"
@@ -275,7 +278,29 @@ class SoftKeystore(Keystore):
         return counter
 
     def advance_anchor(self, counter: int) -> None:
+        atomic_write(self.directory / ANCHOR_FILE, self._sealed_anchor(counter))
+
+    def stage_anchor(self, counter: int) -> Callable[[], None]:
+        """The new anchor file written aside (fsynced) now; renamed in place by the result."""
+        path = self.directory / ANCHOR_FILE
+        return StagedAnchor(write_temp(path, self._sealed_anchor(counter)), path)
+
+    def _sealed_anchor(self, counter: int) -> bytes:
         self._need_open()
         nonce = os.urandom(_NONCE)
         sealed = self._anchor_aead.encrypt(nonce, struct.pack(">Q", counter), _ANCHOR_AD)  # type: ignore[union-attr]
-        atomic_write(self.directory / ANCHOR_FILE, nonce + sealed)
+        return nonce + sealed
+
+
+@attrs.frozen
+class StagedAnchor:
+    """An anchor file written aside: calling it records it, `discard` drops it."""
+
+    tmp: str
+    path: Path
+
+    def __call__(self) -> None:
+        install(self.tmp, self.path)
+
+    def discard(self) -> None:
+        discard(self.tmp)

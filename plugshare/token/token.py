@@ -25,6 +25,7 @@ import shutil
 import ssl
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plugshare.sharing import manifest as _manifest
 
-from . import links as linkbook, sharekey, shares as sharebook, state as state_codec, tls, vault
+from . import files, links as linkbook, sharekey, shares as sharebook, state as state_codec, tls, vault
 from .audit import MAX_UNFLUSHED, AuditEntry, AuditLog, AuditMeta, genesis_hash, new_meta
 from .credentials import matches, new_credential, parse_credential
 from .envelope import DocKey, is_sealed, key_id, open_doc, seal_doc, sealed_kid
@@ -160,6 +161,7 @@ class Token:
         self._wrapped_state_key = wrapped_state_key
         self._counter = counter
         self._dirty = False
+        self._io: ThreadPoolExecutor | None = None  # see `flush`
         self._audit = AuditLog(
             state_dir / AUDIT_DIR, AESGCM(state.audit_key), audit_meta,
             genesis_hash(self._identity.fingerprint),
@@ -295,6 +297,9 @@ class Token:
             self._audit.close_windows()  # the refusals counted so far are logged too
             self.flush()
         finally:
+            if self._io is not None:
+                self._io.shutdown(wait=True)
+                self._io = None
             self._keys.clear()
             self._keystore.close()
             os.close(self._lock_fd)
@@ -320,9 +325,37 @@ class Token:
             self._state_aead, counter, self._state_master, self._wrapped_state_key,
             state_codec.encode(self._state, meta),
         )
+        path = self._dir / vault.STATE_FILE
+        # What each sync protects, and the order that keeps it:
+        #  1. the audit record (fsync; + the directory's for a new segment): the entries of
+        #     the decisions about to be answered. Bytes past the length a durable state
+        #     records are cut at open, so on its own it commits nothing;
+        #  2. the new state in a temporary file (fsync), then renamed over token.state (the
+        #     directory's fsync): the commit point of the state and of the audit record,
+        #     which it references - so it must come after 1 is durable;
+        #  3. the anchor (the keystore's; the soft one: a temporary file + fsync, then a
+        #     rename + the directory's fsync): refuses any older state put back. It must come
+        #     after 2, or a crash in between would leave an anchor above the only state.
+        # The writes aside in 1, 2 and 3 show nothing before their renames, so they run at
+        # once (fsync releases the GIL); only the two renames wait for them, in order.
+        io = self._sync_threads()
+        audit_done = io.submit(self._audit.write, staged) if staged is not None else None
+        anchor_staged = io.submit(self._keystore.stage_anchor, counter)
+        tmp = None
         try:
-            vault.write(self._dir / vault.STATE_FILE, blob)
+            try:
+                tmp = vault.write_temp_state(path, blob)
+            finally:
+                if audit_done is not None:
+                    audit_done.exception()  # wait for it, whatever happened here
+            if audit_done is not None:
+                audit_done.result()
+            vault.install_state(tmp, path)
+            tmp = None
         except BaseException:
+            if tmp is not None:
+                files.discard(tmp)
+            _drop_staged_anchor(anchor_staged)
             if staged is not None:
                 self._audit.abort(staged)
             raise
@@ -330,8 +363,14 @@ class Token:
         self._dirty = False
         if staged is not None:
             self._audit.commit(staged)
-        self._keystore.advance_anchor(counter)
+        anchor_staged.result()()  # 3: the state is durable; now the anchor may follow
         self._retire_masters()
+
+    def _sync_threads(self) -> ThreadPoolExecutor:
+        """Two threads for a flush's durable writes running beside the state's."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="token-sync")
+        return self._io
 
     def info(self) -> TokenInfo:
         return TokenInfo(
@@ -2011,3 +2050,14 @@ def _grant_fingerprint(value: object) -> bytes:
 
 
 __all__ = ["AppInfo", "PeerInfo", "Token", "TokenInfo"]
+
+
+def _drop_staged_anchor(staged: Future) -> None:
+    """A flush failed: the anchor written aside (if it was) is not to be recorded."""
+    try:
+        record = staged.result()
+    except BaseException:
+        return
+    drop = getattr(record, "discard", None)
+    if drop is not None:
+        drop()

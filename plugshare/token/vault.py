@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import RollbackError, TokenStateError
-from .files import atomic_write, read_file
+from .files import atomic_write, install, read_file, write_temp
 
 STATE_FILE = "token.state"
 MAGIC = b"PLUGSHARE-TOKEN\x00"
@@ -105,3 +105,13 @@ def read(path: Path) -> SealedState:
 
 def write(path: Path, blob: bytes) -> None:
     atomic_write(path, blob)
+
+
+def write_temp_state(path: Path, blob: bytes) -> str:
+    """The first half of `write`: `blob` durable in a temporary file, `path` unchanged."""
+    return write_temp(path, blob)
+
+
+def install_state(tmp: str, path: Path) -> None:
+    """The second half of `write`: the temporary file renamed over `path`, durably."""
+    install(tmp, path)
