@@ -889,10 +889,10 @@ class SQLiteStore(Store):
         return hashes
 
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
-        return await self._run(self._write, chunks.claim_chunks, hashes)
+        return await self._transact(chunks.claim_chunks, hashes)
 
     async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
-        return await self._run(self._write, chunks.stage_chunks, pieces)
+        return await self._transact(chunks.stage_chunks, pieces)
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
         data = await self._run(chunks.read_staged, digest)
@@ -901,7 +901,7 @@ class SQLiteStore(Store):
         return data
 
     async def release_chunks(self, hashes: list[bytes]) -> None:
-        await self._run(self._write, chunks.unstage, hashes)
+        await self._transact(chunks.unstage, hashes)
 
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:

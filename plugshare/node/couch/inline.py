@@ -66,19 +66,10 @@ async def results_with_data(results: list[dict],
     for i, result in enumerate(results):
         if i:
             yield b","
-        docs = result.get("docs") or []
-        yield b'{"id":' + json.dumps(result.get("id")).encode() + b',"docs":['
-        for j, entry in enumerate(docs):
-            if j:
-                yield b","
-            if "ok" not in entry:
-                yield json.dumps(entry).encode()
-                continue
-            yield b'{"ok":'
-            async for piece in _doc_with_data(entry["ok"], open_attachment):
-                yield piece
-            yield b"}"
-        yield b"]}"
+        yield b'{"id":' + json.dumps(result.get("id")).encode() + b',"docs":'
+        async for piece in open_revs_with_data(result.get("docs") or [], open_attachment):
+            yield piece
+        yield b"}"
     yield b"]}"
 
 
