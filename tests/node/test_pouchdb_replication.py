@@ -385,7 +385,7 @@ async def test_an_unlinked_share_link_stops_a_live_pouchdb_sync(cluster: Cluster
         assert owner.get("pushed-after-unlink") is None
 
 
-@pytest.mark.xfail(strict=True, reason="protocol gap, couchcore: a longpoll whose credential is "
+@pytest.mark.xfail(strict=True, reason="known gap of /couch: a longpoll whose credential is "
                    "revoked while it is open is cut mid-response (AuthenticationError after the "
                    "response started) instead of ending as valid JSON")
 async def test_a_feed_open_when_its_link_is_unlinked_ends_cleanly(cluster: Cluster):

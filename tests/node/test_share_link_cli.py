@@ -153,9 +153,8 @@ def test_a_members_link_ends_when_the_owner_revokes_the_member(cluster):
 
 
 def test_the_link_url_opens_the_share_database_for_a_couchdb_client(node):
-    """Once the CouchDB API is mounted (couchcore, issue #12), the URL itself is what a
+    """The URL itself is what a
     CouchDB client uses: HTTP Basic with the link's id and credential."""
-    pytest.importorskip("plugshare.node.couch", reason="the CouchDB API (/couch) is not here yet")
     assert node.cli("share", "create", "notes", "--doctype", NOTES).returncode == 0
     _put(node, "s1", NOTES, {"text": "hi"})
     _put(node, "t1", "io.tasks", {"text": "not shared"})
