@@ -10,7 +10,6 @@ import json
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401 (fixture)
 
