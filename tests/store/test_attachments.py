@@ -142,6 +142,7 @@ async def test_deleting_the_document_drops_its_attachments(store):
 
 # -- a large file, streamed: the test process's memory stays low -------------------------------
 
+PROXIED_FILE = 8 * MIB  # through the in-process cluster proxy
 BIG_FILE = 100 * MIB
 RSS_GROWTH_ALLOWED = 48 * MIB  # the file whole in memory would be 100 MB (twice, as bytes)
 
@@ -179,23 +180,28 @@ async def big_file(watch: RssWatch, size: int, md5):
 
 
 async def test_a_100_mb_file_streams_in_and_out_with_low_memory(store):
-    if _behind_proxy(store):
-        pytest.skip("the cluster proxy runs in this process and buffers bodies")
+    # The cluster proxy runs in this process and buffers whole bodies: through it the file
+    # is smaller and only its round trip is checked (this process's memory says nothing of
+    # the store's there).
+    proxied = _behind_proxy(store)
+    size = PROXIED_FILE if proxied else BIG_FILE
     rev1 = await store.put({"_id": "big"})
     watch = RssWatch()
     sent = hashlib.md5()
     rev2 = await store.put_attachment("big", rev1, "big.bin", "application/octet-stream",
-                                      big_file(watch, BIG_FILE, sent), length=BIG_FILE)
+                                      big_file(watch, size, sent), length=size)
     upload_growth = watch.growth
     expected = "md5-" + base64.b64encode(sent.digest()).decode()
     meta, chunks = await store.open_attachment("big", "big.bin", rev=rev2)
-    assert (meta.length, meta.digest) == (BIG_FILE, expected)
+    assert (meta.length, meta.digest) == (size, expected)
     got, length = hashlib.md5(), 0
     async for piece in chunks:
         got.update(piece)
         length += len(piece)
         watch.sample()
-    assert length == BIG_FILE and got.digest() == sent.digest()
+    assert length == size and got.digest() == sent.digest()
+    if proxied:
+        return
     print(f"\n{store.backend}: RSS growth while uploading 100 MB {upload_growth / MIB:.1f} MiB, "
           f"up to the end of the download {watch.growth / MIB:.1f} MiB")
     assert watch.growth < RSS_GROWTH_ALLOWED
