@@ -43,8 +43,13 @@ import httpx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, _HERE)
+
+from sync import Table  # noqa: E402
 
 from tests.node.cluster import Cluster, ClusterNode, share_between, wait_until  # noqa: E402
+
+del sys.path[0]  # bench/ again: only `sync` was wanted from it
 
 DOCTYPE = "bench.files"
 MB = 1024 * 1024
@@ -67,26 +72,6 @@ def reset_peak(pid: int) -> None:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError:
         pass  # not allowed here: the peak then covers the upload too
-
-
-class Table:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str]] = []
-        self.numbers: dict[str, float] = {}
-
-    def add(self, what: str, value: str, note: str = "", **numbers: float) -> None:
-        self.rows.append((what, value, note))
-        self.numbers.update(numbers)
-        print(f"  {what}: {value} {note}", flush=True)
-
-    def print(self) -> None:
-        width = max(len(r[0]) for r in self.rows)
-        vwidth = max(len(r[1]) for r in self.rows)
-        print()
-        print(f"{'measure':<{width}}  {'value':>{vwidth}}  note")
-        print("-" * (width + vwidth + 30))
-        for what, value, note in self.rows:
-            print(f"{what:<{width}}  {value:>{vwidth}}  {note}")
 
 
 def make_file(path: Path, size: int) -> str:

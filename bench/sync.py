@@ -78,11 +78,15 @@ def ms(seconds: float) -> str:
 
 
 class Table:
+    """Rows printed as they come and as a table at the end; `numbers` for the JSON."""
+
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str]] = []
+        self.numbers: dict[str, float] = {}
 
-    def add(self, what: str, value: str, note: str = "") -> None:
+    def add(self, what: str, value: str, note: str = "", **numbers: float) -> None:
         self.rows.append((what, value, note))
+        self.numbers.update(numbers)
         print(f"  {what}: {value} {note}", flush=True)
 
     def print(self) -> None:
