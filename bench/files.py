@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, _HERE)
 
-from sync import Table  # noqa: E402
+from sync import Table, memory_mb  # noqa: E402
 
 from tests.node.cluster import Cluster, ClusterNode, share_between, wait_until  # noqa: E402
 
@@ -54,16 +54,6 @@ del sys.path[0]  # bench/ again: only `sync` was wanted from it
 DOCTYPE = "bench.files"
 MB = 1024 * 1024
 RSS_LIMIT_MB = 150
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM: the peak) of a process, in MB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
 
 
 def reset_peak(pid: int) -> None:
