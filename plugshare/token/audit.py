@@ -287,6 +287,23 @@ class AuditLog:
                 f.truncate(seg.length)
                 os.fsync(f.fileno())
 
+    def tail_intact(self) -> bool:
+        """Whether the segment being appended to holds, authentic, every record and entry the
+        meta references. The token asks this at open of a state newer than the anchor: its
+        flush wrote the state and the audit record at once, so a crash may have made the
+        state durable without the record (that state's answers were never sent)."""
+        if not self.meta.segments:
+            return True
+        seg = self.meta.segments[-1]
+        count, last = 0, None
+        try:
+            for rows in self._read_segment(seg):
+                count += len(rows)
+                last = rows[-1]
+        except _Damaged:
+            return False
+        return count == seg.entries and (last is None or last[8] == seg.last_hash)
+
     def stage(self) -> StagedAppend | None:
         """Seal every unflushed entry into one record for the current segment, and the log
         position after it (`write` appends it durably). Not committed until the token state
@@ -326,13 +343,14 @@ class AuditLog:
                     f"audit segment {path} holds {size} bytes but the sealed state records "
                     f"{staged.old_length}: it was truncated"
                 )
-            os.ftruncate(fd, staged.old_length)
+            if size > staged.old_length:  # what a failed flush left: never referenced
+                os.ftruncate(fd, staged.old_length)
             os.pwrite(fd, staged.record, staged.old_length)
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data and the new size; the times need not be durable
         finally:
             os.close(fd)
         if staged.new_segment:
-            fsync_dir(self._dir)
+            fsync_dir(self._dir)  # the new file's name
 
     def commit(self, staged: StagedAppend) -> None:
         self.meta = staged.meta

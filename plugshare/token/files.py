@@ -57,6 +57,34 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     install(write_temp(path, data, mode), path)
 
 
+def open_in_place(path: Path, mode: int = 0o600) -> int:
+    """A descriptor for rewriting `path` in place (`write_in_place`). Creating the file is
+    made durable here, once (its directory entry); later writes need no directory fsync."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        os.fsync(fd)
+        fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_in_place(fd: int, data: bytes, offset: int) -> None:
+    """`data` at `offset`, durably (pwrite + fdatasync). A write that stays inside the file's
+    size changes no metadata fdatasync must carry: one data write and a cache flush. A crash
+    may leave the range torn (part old, part new): callers keep a second copy elsewhere."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    os.fdatasync(fd)
+
+
 def read_file(path: Path, what: str, error: type[Exception]) -> bytes:
     """The bytes of `path`, or `error` saying which file of what is missing or unreadable."""
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -76,14 +75,9 @@ class Keystore(abc.ABC):
 
     @abc.abstractmethod
     def advance_anchor(self, counter: int) -> None:
-        """Record `counter` as the highest state version (never goes down)."""
-
-    def stage_anchor(self, counter: int) -> Callable[[], None]:
-        """Prepare `advance_anchor(counter)` as far as it can go without recording it (the
-        soft keystore writes its new anchor file aside, durably); the returned function
-        records it. Lets the token prepare the anchor while it writes the state, and still
-        record it only once the state is durable. By default nothing can be prepared."""
-        return lambda: self.advance_anchor(counter)
+        """Record `counter` as the highest state version (never goes down), durably: the
+        token calls it once the state it names is durable, and sends the answers that state
+        settled only after it returns."""
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -3,7 +3,12 @@
 Files in the keystore directory (all mode 0600):
   keystore.json    format, protection, scrypt parameters and salt, the wrapped master keys
   keystore.key     unattended mode only: the 32 random bytes that wrap the master keys
-  keystore.anchor  the rollback anchor, sealed under a key derived from the wrapping key
+  keystore.anchor  the rollback anchor, sealed under a key derived from the wrapping key:
+                   two slots (at bytes 0 and 4096, so that rewriting one never rewrites the
+                   other's page), each `nonce | AES-GCM(counter u64)`, rewritten in place in
+                   turn (pwrite + fdatasync); the higher authentic value is the anchor, so a
+                   slot torn by a crash leaves the one before. A file of one record (the
+                   format before, replaced by rename) is read as slot 0.
 
 With a passphrase the key-encryption key is scrypt(passphrase, salt, n=2^17, r=8, p=1)
 (about 128 MiB and a fraction of a second per unlock). Unattended mode is weaker: whoever
@@ -13,7 +18,8 @@ backups that leave that file behind.
 What an attacker who can write these files can do: replace `keystore.anchor` and
 `token.state` (and the audit segments) together with older copies of all of them. Each copy
 is authentic, so the rollback goes unnoticed; only an anchor the attacker cannot write (the
-PKCS#11 keystore's device) stops that. Replacing one without the other is detected.
+PKCS#11 keystore's device) stops that. Replacing one without the other is detected (damaging the anchor slot holding the higher
+value lowers the anchor by one flush: with the state alone, that opens nothing older).
 """
 
 from __future__ import annotations
@@ -22,10 +28,7 @@ import base64
 import json
 import os
 import struct
-from collections.abc import Callable
 from pathlib import Path
-
-import attrs
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -40,7 +43,7 @@ from .errors import (
     TokenStateError,
     WrongSecretError,
 )
-from .files import atomic_write, discard, install, read_file, write_temp
+from .files import atomic_write, open_in_place, read_file, write_in_place
 from .keystore import KEY_SIZE, Keystore
 
 FORMAT = "plugshare-soft-keystore/1"
@@ -58,6 +61,8 @@ _MASTER_AD = b"plugshare/soft-master/v1\x00"
 _WRAP_AD = b"plugshare/soft-wrap/v1\x00"
 _ANCHOR_AD = b"plugshare/soft-anchor/v1\x00"
 _NONCE = 12
+_ANCHOR_RECORD = _NONCE + 8 + 16  # nonce | sealed u64 | tag
+ANCHOR_SLOTS = (0, 4096)  # offsets: one page apart
 
 
 def _b64(data: bytes) -> str:
@@ -95,6 +100,8 @@ class SoftKeystore(Keystore):
         self._masters: dict[int, AESGCM] = {}
         self._kek_aead: AESGCM | None = None
         self._anchor_aead: AESGCM | None = None
+        self._anchor_fd: int | None = None
+        self._anchor_values: list[int | None] | None = None  # per slot (None: not authentic)
 
     @classmethod
     def from_environment(cls, directory: str | os.PathLike[str]) -> SoftKeystore:
@@ -196,6 +203,10 @@ class SoftKeystore(Keystore):
     def close(self) -> None:
         self._masters.clear()
         self._kek_aead = self._anchor_aead = None
+        self._anchor_values = None
+        if self._anchor_fd is not None:
+            os.close(self._anchor_fd)
+            self._anchor_fd = None
 
     def destroy(self) -> None:
         self.close()
@@ -267,40 +278,50 @@ class SoftKeystore(Keystore):
     # --- rollback anchor -------------------------------------------------------------------
 
     def read_anchor(self) -> int:
-        self._need_open()
         path = self.directory / ANCHOR_FILE
-        blob = read_file(path, "rollback anchor", TokenStateError)
-        try:
-            plain = self._anchor_aead.decrypt(blob[:_NONCE], blob[_NONCE:], _ANCHOR_AD)  # type: ignore[union-attr]
-            (counter,) = struct.unpack(">Q", plain)
-        except (InvalidTag, ValueError, struct.error):
-            raise TokenStateError(f"rollback anchor {path} fails authentication") from None
-        return counter
+        values = self._read_anchor_slots(read_file(path, "rollback anchor", TokenStateError))
+        if all(v is None for v in values):
+            raise TokenStateError(f"rollback anchor {path} fails authentication")
+        return max(v for v in values if v is not None)
+
+    def _read_anchor_slots(self, blob: bytes) -> list[int | None]:
+        aead = self._need_anchor()
+        values: list[int | None] = []
+        for offset in ANCHOR_SLOTS:
+            record = blob[offset : offset + _ANCHOR_RECORD]
+            try:
+                plain = aead.decrypt(record[:_NONCE], record[_NONCE:], _ANCHOR_AD)
+                values.append(struct.unpack(">Q", plain)[0])
+            except (InvalidTag, ValueError, struct.error):
+                values.append(None)
+        self._anchor_values = values
+        return values
 
     def advance_anchor(self, counter: int) -> None:
-        atomic_write(self.directory / ANCHOR_FILE, self._sealed_anchor(counter))
-
-    def stage_anchor(self, counter: int) -> Callable[[], None]:
-        """The new anchor file written aside (fsynced) now; renamed in place by the result."""
+        """Rewrite, in place, the slot not holding the highest value (never the one a torn
+        write would leave the anchor without)."""
+        aead = self._need_anchor()
         path = self.directory / ANCHOR_FILE
-        return StagedAnchor(write_temp(path, self._sealed_anchor(counter)), path)
-
-    def _sealed_anchor(self, counter: int) -> bytes:
-        self._need_open()
+        if self._anchor_fd is None:
+            created = not path.exists()
+            self._anchor_fd = open_in_place(path)
+            if created:  # both slots' bytes exist from the start: no size change later
+                write_in_place(self._anchor_fd, bytes(ANCHOR_SLOTS[-1] + _ANCHOR_RECORD), 0)
+                self._anchor_values = [None, None]
+        if self._anchor_values is None:
+            self._read_anchor_slots(os.pread(self._anchor_fd, ANCHOR_SLOTS[-1] + _ANCHOR_RECORD, 0))
+        values = self._anchor_values
+        assert values is not None
+        if any(v is not None and v >= counter for v in values):
+            return
+        slot = min(range(len(values)), key=lambda i: -1 if values[i] is None else values[i])
         nonce = os.urandom(_NONCE)
-        sealed = self._anchor_aead.encrypt(nonce, struct.pack(">Q", counter), _ANCHOR_AD)  # type: ignore[union-attr]
-        return nonce + sealed
+        record = nonce + aead.encrypt(nonce, struct.pack(">Q", counter), _ANCHOR_AD)
+        values[slot] = None  # until the write is known durable
+        write_in_place(self._anchor_fd, record, ANCHOR_SLOTS[slot])
+        values[slot] = counter
 
-
-@attrs.frozen
-class StagedAnchor:
-    """An anchor file written aside: calling it records it, `discard` drops it."""
-
-    tmp: str
-    path: Path
-
-    def __call__(self) -> None:
-        install(self.tmp, self.path)
-
-    def discard(self) -> None:
-        discard(self.tmp)
+    def _need_anchor(self) -> AESGCM:
+        self._need_open()
+        assert self._anchor_aead is not None
+        return self._anchor_aead

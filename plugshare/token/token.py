@@ -4,7 +4,8 @@ Modelled on PlugDB (a secure microcontroller: trusted code and keys inside, only
 data outside). Here the "inside" is this object plus its keystore; the "outside" is the state
 directory, which holds only sealed blobs:
 
-    <state_dir>/token.state        the whole token state, AES-256-GCM under the state key
+    <state_dir>/token.state.0, .1  the whole token state, AES-256-GCM under the state key,
+                                   in two slots written in turn (see vault.py)
     <state_dir>/audit/NNNNNNNN.seg the decision log, sealed records (see audit.py)
 
 The state key is wrapped by a keystore master key (a file keystore or a PKCS#11 device) and
@@ -25,7 +26,7 @@ import shutil
 import ssl
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plugshare.sharing import manifest as _manifest
 
-from . import files, links as linkbook, sharekey, shares as sharebook, state as state_codec, tls, vault
+from . import links as linkbook, sharekey, shares as sharebook, state as state_codec, tls, vault
 from .audit import MAX_UNFLUSHED, AuditEntry, AuditLog, AuditMeta, genesis_hash, new_meta
 from .credentials import matches, new_credential, parse_credential
 from .envelope import DocKey, is_sealed, key_id, open_doc, seal_doc, sealed_kid
@@ -149,6 +150,8 @@ class Token:
         state_master: int,
         wrapped_state_key: bytes,
         counter: int,
+        slot: int | None = None,
+        legacy_file: bool = False,
     ):
         """Private: use `Token.create` or `Token.open`."""
         self._dir = state_dir
@@ -160,6 +163,8 @@ class Token:
         self._state_master = state_master
         self._wrapped_state_key = wrapped_state_key
         self._counter = counter
+        self._slots = vault.StateSlots(state_dir, slot)
+        self._legacy_file = legacy_file  # a format-1 token.state to remove (see vault.py)
         self._dirty = False
         self._io: ThreadPoolExecutor | None = None  # see `flush`
         self._audit = AuditLog(
@@ -228,7 +233,7 @@ class Token:
             token.flush()
         except BaseException:
             keystore.destroy()
-            (state_dir / vault.STATE_FILE).unlink(missing_ok=True)
+            vault.remove_all(state_dir)
             shutil.rmtree(state_dir / AUDIT_DIR, ignore_errors=True)
             os.close(lock_fd)
             raise
@@ -242,9 +247,10 @@ class Token:
         `RollbackError` if it is an older copy, `WrongSecretError`/`KeystoreError` if the
         keystore will not open, `TokenBusyError` if another process has it open."""
         state_dir = Path(state_dir)
-        path = state_dir / vault.STATE_FILE
-        if not path.exists():
-            raise TokenStateError(f"no token state at {path} (create the token first)")
+        if not vault.candidates(state_dir):
+            raise TokenStateError(
+                f"no token state in {state_dir} (create the token first)"
+            )
         lock_fd = _lock_dir(state_dir)
         try:
             keystore.open()
@@ -252,22 +258,63 @@ class Token:
             os.close(lock_fd)
             raise
         try:
-            sealed = vault.read(path)
+            token = cls._open_newest(state_dir, keystore, lock_fd)
+        except BaseException:
+            keystore.close()
+            os.close(lock_fd)
+            raise
+        return token
+
+    @classmethod
+    def _open_newest(cls, state_dir: Path, keystore: Keystore, lock_fd: int) -> Token:
+        """Which state wins at open, and why it keeps the rollback protection exact.
+
+        Invariant (kept by `flush`): the anchor A (the keystore's) is at most the counter of a
+        durable, authentic state whose audit records are durable too; and every answer the
+        token sent was settled by a flush whose counter is at most A (the anchor advances
+        before the answers leave). So the state to open is the newest authentic one that is
+        not below A. One newer than A is the trace of a crash after its slot was written and
+        before the anchor followed; its answers were never sent, and since its audit record
+        was written at the same time as the slot, it is taken only if that record is there
+        (`AuditLog.tail_intact`), else the other slot (still not below A) is. A slot torn by
+        a crash fails authentication and is skipped; an old copy put back is below A."""
+        found = vault.candidates(state_dir)
+        opened: list[tuple[vault.Candidate, bytes, bytes]] = []
+        errors: list[TokenStateError] = [c.error for c in found if c.error is not None]
+        for cand in found:
+            if cand.sealed is None:
+                continue
+            sealed = cand.sealed
             try:
                 state_key = keystore.unwrap(
                     sealed.master_id, sealed.wrapped_state_key, _STATE_KEY_CONTEXT
                 )
+                plaintext = vault.unseal(AESGCM(state_key), sealed, cand.path)
             except IntegrityError:
-                raise TokenStateError(
-                    f"token state {path}: its state key fails authentication (file altered, "
-                    f"or it belongs to another keystore than {keystore.describe()})"
-                ) from None
+                errors.append(TokenStateError(
+                    f"token state {cand.path}: its state key fails authentication (file "
+                    f"altered, or it belongs to another keystore than {keystore.describe()})"
+                ))
+                continue
             except KeystoreError as exc:
-                raise TokenStateError(f"token state {path} cannot be unlocked: {exc}") from None
-            plaintext = vault.unseal(AESGCM(state_key), sealed, path)
-            anchor = keystore.read_anchor()
-            vault.check_anchor(sealed.counter, anchor, path)
-            state, audit_meta = state_codec.decode(plaintext, str(path))
+                errors.append(TokenStateError(
+                    f"token state {cand.path} cannot be unlocked: {exc}"))
+                continue
+            except TokenStateError as exc:
+                errors.append(exc)
+                continue
+            opened.append((cand, state_key, plaintext))
+        if not opened:
+            raise errors[0]
+        opened.sort(key=lambda o: o[0].sealed.counter, reverse=True)  # type: ignore[union-attr]
+        anchor = keystore.read_anchor()
+        newest = opened[0][0]
+        for cand, state_key, plaintext in opened:
+            sealed = cand.sealed
+            assert sealed is not None
+            if sealed.counter < anchor:
+                break
+            state, audit_meta = state_codec.decode(plaintext, str(cand.path))
             token = cls(
                 state_dir=state_dir,
                 keystore=keystore,
@@ -278,16 +325,28 @@ class Token:
                 state_master=sealed.master_id,
                 wrapped_state_key=sealed.wrapped_state_key,
                 counter=sealed.counter,
+                slot=cand.slot,
+                legacy_file=(state_dir / vault.LEGACY_STATE_FILE).exists(),
             )
+            if sealed.counter > anchor and not token._audit.tail_intact():
+                token._slots.close()
+                continue  # its flush did not finish: the state before it stands
             token._audit.check_open_segment()
             token._audit.remove_stray_segments()
             if sealed.counter > anchor:  # a crash came between state write and anchor
                 keystore.advance_anchor(sealed.counter)
-        except BaseException:
-            keystore.close()
-            os.close(lock_fd)
-            raise
-        return token
+            return token
+        if errors:  # a newer slot may be what failed: say so beside the rollback
+            raise TokenStateError(
+                f"{errors[0]}; and the newest authentic state, {newest.path}, is version "
+                f"{newest.sealed.counter}, below the keystore's anchor {anchor}: "  # type: ignore[union-attr]
+                "refusing to open an older state"
+            )
+        vault.check_anchor(newest.sealed.counter, anchor, newest.path)  # type: ignore[union-attr]
+        raise TokenStateError(  # every state not below the anchor lacks its audit records
+            f"token state {newest.path}: the audit records it references are missing or "
+            "damaged (the audit log was cut)"
+        )
 
     def close(self) -> None:
         """Flush, forget the keys and release the state directory. Idempotent."""
@@ -301,6 +360,7 @@ class Token:
                 self._io.shutdown(wait=True)
                 self._io = None
             self._keys.clear()
+            self._slots.close()
             self._keystore.close()
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -325,51 +385,51 @@ class Token:
             self._state_aead, counter, self._state_master, self._wrapped_state_key,
             state_codec.encode(self._state, meta),
         )
-        path = self._dir / vault.STATE_FILE
-        # What each sync protects, and the order that keeps it:
-        #  1. the audit record (fsync; + the directory's for a new segment): the entries of
-        #     the decisions about to be answered. Bytes past the length a durable state
-        #     records are cut at open, so on its own it commits nothing;
-        #  2. the new state in a temporary file (fsync), then renamed over token.state (the
-        #     directory's fsync): the commit point of the state and of the audit record,
-        #     which it references - so it must come after 1 is durable;
-        #  3. the anchor (the keystore's; the soft one: a temporary file + fsync, then a
-        #     rename + the directory's fsync): refuses any older state put back. It must come
-        #     after 2, or a crash in between would leave an anchor above the only state.
-        # The writes aside in 1, 2 and 3 show nothing before their renames, so they run at
-        # once (fsync releases the GIL); only the two renames wait for them, in order.
-        io = self._sync_threads()
-        audit_done = io.submit(self._audit.write, staged) if staged is not None else None
-        anchor_staged = io.submit(self._keystore.stage_anchor, counter)
-        tmp = None
+        slot = self._slots.next
+        # What each sync protects, and the order that keeps it (the invariant is stated in
+        # `_open_newest`):
+        #  1. the audit record (pwrite + fdatasync; + the directory's fsync for a new
+        #     segment): the entries of the decisions about to be answered;
+        #  2. the new state in the slot not holding the current one (pwrite + fdatasync):
+        #     the commit point of the state and of the audit record it references. 1 and 2
+        #     run at once (fdatasync releases the GIL): a crash that makes 2 durable without
+        #     1 leaves a state newer than the anchor whose record is missing, and open then
+        #     takes the other slot;
+        #  3. the anchor (the keystore's; the soft one: one of its two slots rewritten in
+        #     place): refuses any older state put back. Only once 1 and 2 are durable, or a
+        #     crash could leave an anchor above the only state it can open.
+        # A crash at any point before 3 is durable leaves the anchor at the previous flush,
+        # whose state (the other slot) and records are intact: that flush's answers were sent,
+        # this one's were not. After 3, this flush's state opens.
+        audit_done = (self._sync_threads().submit(self._audit.write, staged)
+                      if staged is not None else None)
         try:
             try:
-                tmp = vault.write_temp_state(path, blob)
+                self._slots.write(slot, blob)
             finally:
                 if audit_done is not None:
                     audit_done.exception()  # wait for it, whatever happened here
             if audit_done is not None:
                 audit_done.result()
-            vault.install_state(tmp, path)
-            tmp = None
         except BaseException:
-            if tmp is not None:
-                files.discard(tmp)
-            _drop_staged_anchor(anchor_staged)
             if staged is not None:
                 self._audit.abort(staged)
             raise
         self._counter = counter
+        self._slots.current = slot
         self._dirty = False
         if staged is not None:
             self._audit.commit(staged)
-        anchor_staged.result()()  # 3: the state is durable; now the anchor may follow
+        self._keystore.advance_anchor(counter)  # 3: both durable; now the anchor may follow
+        if self._legacy_file:  # format 1: the anchor has passed it, it can go
+            vault.remove_legacy(self._dir)
+            self._legacy_file = False
         self._retire_masters()
 
     def _sync_threads(self) -> ThreadPoolExecutor:
-        """Two threads for a flush's durable writes running beside the state's."""
+        """A thread for a flush's audit append, running beside the state's write."""
         if self._io is None:
-            self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="token-sync")
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-sync")
         return self._io
 
     def info(self) -> TokenInfo:
@@ -2051,13 +2111,3 @@ def _grant_fingerprint(value: object) -> bytes:
 
 __all__ = ["AppInfo", "PeerInfo", "Token", "TokenInfo"]
 
-
-def _drop_staged_anchor(staged: Future) -> None:
-    """A flush failed: the anchor written aside (if it was) is not to be recorded."""
-    try:
-        record = staged.result()
-    except BaseException:
-        return
-    drop = getattr(record, "discard", None)
-    if drop is not None:
-        drop()

@@ -1,6 +1,6 @@
-"""`Token.flush` writes the audit record, the state and the anchor at once and renames the
-state, then the anchor, in place (issue 15): what a flush leaves behind when it succeeds and
-when one of its writes fails, on real files."""
+"""`Token.flush` writes the audit record and the state's free slot at once, then the anchor,
+each in place (issue 15): what a flush leaves behind when it succeeds and when one of its
+writes fails, on real files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from plugshare.token.inside import OWNER, SoftKeystore, Token, TokenStateError
-from plugshare.token.vault import STATE_FILE
+from plugshare.token import vault
 
 NOTES = "io.plugshare.notes"
 
@@ -40,7 +40,7 @@ def test_a_failed_audit_append_commits_no_state_and_no_anchor(tmp_path: Path) ->
     token, _ = Token.create(tmp_path / "state", SoftKeystore(tmp_path / "ks", None), name="n")
     token.decide(OWNER, "read", {"doctype": NOTES})
     token.flush()
-    state_before = (tmp_path / "state" / STATE_FILE).read_bytes()
+    current = token._slots.path(token._slots.current)
     anchor_before = token._keystore.read_anchor()
     segment = sorted((tmp_path / "state" / "audit").glob("*.seg"))[-1]
     segment.write_bytes(segment.read_bytes()[:-1])  # cut below what the state records
@@ -48,6 +48,9 @@ def test_a_failed_audit_append_commits_no_state_and_no_anchor(tmp_path: Path) ->
     token.decide(OWNER, "read", {"doctype": NOTES})
     with pytest.raises(TokenStateError, match="truncated"):
         token.flush()
-    assert (tmp_path / "state" / STATE_FILE).read_bytes() == state_before
     assert token._keystore.read_anchor() == anchor_before
     assert _temporaries(tmp_path / "state", tmp_path / "ks") == []
+    # the state written beside the failed append is in the free slot, never over the
+    # current one; the anchor did not follow it, so it is not what opens
+    assert [c.sealed.counter for c in vault.candidates(tmp_path / "state")
+            if c.path == current] == [anchor_before]

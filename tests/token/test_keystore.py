@@ -23,6 +23,7 @@ from plugshare.token.inside import (
     WrongSecretError,
 )
 from plugshare.token.pkcs11_keystore import DEFAULT_MODULE
+from plugshare.token.soft_keystore import ANCHOR_SLOTS
 
 from .conftest import HSM_PIN, HSM_TOKEN_LABEL, PASSPHRASE, PIN_ENV, KeystoreFactory
 
@@ -138,9 +139,12 @@ def test_soft_passphrase_from_environment(tmp_path: Path, monkeypatch) -> None:
 def test_soft_damaged_files_are_reported(tmp_path: Path) -> None:
     ks = SoftKeystore(tmp_path, None)
     ks.create()
+    ks.advance_anchor(1)  # both slots hold a value now (0 and 1)
     anchor = tmp_path / "keystore.anchor"
-    data = anchor.read_bytes()
-    anchor.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # always a change (a last byte of 0 made it none: 1 run in 256)
+    data = bytearray(anchor.read_bytes())
+    for offset in ANCHOR_SLOTS:  # the tag of each slot: always a change
+        data[offset + 35] ^= 1
+    anchor.write_bytes(bytes(data))
     with pytest.raises(TokenStateError, match="anchor .* fails authentication"):
         ks.read_anchor()
     anchor.unlink()

@@ -22,7 +22,7 @@ from plugshare.token.inside import (
     TokenStateError,
     WrongSecretError,
 )
-from plugshare.token.vault import STATE_FILE
+from plugshare.token import vault
 
 from .conftest import KeystoreFactory
 
@@ -85,19 +85,22 @@ def test_a_second_open_is_refused_while_the_token_is_open(token, make_keystore) 
         Token.open(token._dir, make_keystore())
 
 
+def _slot_bytes(state_dir: Path) -> list[bytes | None]:
+    return [p.read_bytes() if p.exists() else None
+            for p in (state_dir / name for name in vault.SLOT_FILES)]
+
+
 def test_flush_is_free_when_nothing_changed(token) -> None:
-    path = token._dir / STATE_FILE
     token.flush()
-    before = path.stat()
+    before = _slot_bytes(token._dir)
     version = token.info().state_version
     token.flush()
     token.flush()
-    after = path.stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert _slot_bytes(token._dir) == before
     assert token.info().state_version == version
     token.decide(OWNER, "read", {"doctype": NOTES})  # a decision is news: it is logged
     token.flush()
-    assert path.stat().st_ino != before.st_ino
+    assert _slot_bytes(token._dir) != before
     assert token.info().state_version == version + 1
 
 
@@ -113,15 +116,25 @@ def test_unflushed_audit_is_bounded(token, monkeypatch) -> None:
 # --- sealed state: tampering, truncation, rollback ----------------------------------------
 
 
+def _newest_slot(state_dir: Path) -> tuple[Path, int]:
+    """The slot file holding the newest state, and where its sealed bytes end (the rest of
+    the file is padding)."""
+    found = [c for c in vault.candidates(state_dir) if c.sealed is not None]
+    newest = max(found, key=lambda c: c.sealed.counter)
+    return newest.path, len(newest.sealed.aad) + len(newest.sealed.ciphertext)
+
+
 @pytest.mark.parametrize("where", ["magic", "counter", "wrapped key", "nonce", "body", "tag"])
 def test_tampered_state_is_refused(token, make_keystore, where: str) -> None:
+    """The newest slot altered: it fails authentication, and the other slot is older than
+    the anchor, so nothing opens."""
     state_dir = token._dir
     token.add_rule(NOTES, "role", "x", "read")
     token.close()
-    path = state_dir / STATE_FILE
+    path, end = _newest_slot(state_dir)
     blob = bytearray(path.read_bytes())
-    offset = {"magic": 3, "counter": 20, "wrapped key": 40, "nonce": -40, "body": -20,
-              "tag": -1}[where]
+    offset = {"magic": 3, "counter": 20, "wrapped key": 40, "nonce": end - 40,
+              "body": end - 20, "tag": end - 1}[where]
     blob[offset] ^= 0x10
     path.write_bytes(bytes(blob))
     with pytest.raises(TokenStateError):
@@ -132,9 +145,9 @@ def test_tampered_state_is_refused(token, make_keystore, where: str) -> None:
 def test_truncated_state_is_refused(token, make_keystore, keep: int) -> None:
     state_dir = token._dir
     token.close()
-    path = state_dir / STATE_FILE
+    path, end = _newest_slot(state_dir)
     blob = path.read_bytes()
-    path.write_bytes(blob[:keep])
+    path.write_bytes(blob[: keep if keep >= 0 else end + keep])
     with pytest.raises(TokenStateError, match="truncated|fails authentication"):
         Token.open(state_dir, make_keystore())
     path.write_bytes(blob)  # nothing was lost: the intact file opens again
