@@ -401,6 +401,12 @@ class Token:
         # A crash at any point before 3 is durable leaves the anchor at the previous flush,
         # whose state (the other slot) and records are intact: that flush's answers were sent,
         # this one's were not. After 3, this flush's state opens.
+        # The state is rewritten even when only audit entries were added: it is what records
+        # the log's length (and head) under the anchor. Records are authenticated and
+        # chained, so an edit or a reordering shows, but any prefix of the log is itself a
+        # valid log; only an anchored high-water mark tells a cut tail from the whole, so an
+        # audit-only settle would still need its anchor write after the append: the same two
+        # sequential fdatasyncs, for the saving of one parallel write.
         audit_done = (self._sync_threads().submit(self._audit.write, staged)
                       if staged is not None else None)
         try:
