@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import TokenStateError
-from .files import fsync_dir
+from .files import datasync, fsync_dir
 
 SEGMENT_MAX_BYTES = 1 << 20  # start a new segment file past 1 MiB
 MAX_UNFLUSHED = 16384  # the token flushes by itself past this many unflushed entries
@@ -346,7 +346,7 @@ class AuditLog:
             if size > staged.old_length:  # what a failed flush left: never referenced
                 os.ftruncate(fd, staged.old_length)
             os.pwrite(fd, staged.record, staged.old_length)
-            os.fdatasync(fd)  # the data and the new size; the times need not be durable
+            datasync(fd)  # the data and the new size; the times need not be durable
         finally:
             os.close(fd)
         if staged.new_segment:

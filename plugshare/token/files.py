@@ -6,6 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+# fdatasync where the platform has it (Linux): the data and the metadata needed to read it
+# back (the size), not the times; fsync elsewhere.
+datasync = getattr(os, "fdatasync", os.fsync)
+
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename or a new file in `directory` durable."""
@@ -82,7 +86,7 @@ def write_in_place(fd: int, data: bytes, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    os.fdatasync(fd)
+    datasync(fd)
 
 
 def read_file(path: Path, what: str, error: type[Exception]) -> bytes:
