@@ -1170,6 +1170,20 @@ def share_leave(ctx: Context, name: str) -> None:
     ctx.emit(result, f"left {name!r}{note}")
 
 
+@share.command("fetch")
+@click.argument("name")
+@click.argument("mode", type=click.Choice(["eager", "on-read"]))
+@pass_ctx
+def share_fetch(ctx: Context, name: str, mode: str) -> None:
+    """How this node fetches a share's attachment data: eager (as documents arrive, the
+    default) or on-read (documents arrive with stubs; data is fetched when first read, from
+    a connected member). Back to eager fetches what is missing."""
+    with ctx.client() as client:
+        result = client.request("PUT", f"/shares/{_quote(name)}/fetch", json={"fetch": mode})
+    ctx.emit(result, f"{result['share']}: attachment data fetched "
+             + ("when first read" if result["fetch"] == "on-read" else "as documents arrive"))
+
+
 @share.command("rm")
 @click.argument("name")
 @pass_ctx
@@ -1204,7 +1218,9 @@ def share_show(ctx: Context, name: str) -> None:
         return
     lines = [_share_summary(s), f"id       {s['id']} (manifest v{s['version']})",
              f"rule     doctype {s['doctype']}"
-             + (f", selector {json.dumps(s['selector'])}" if s["selector"] else "")]
+             + (f", selector {json.dumps(s['selector'])}" if s["selector"] else ""),
+             f"fetch    {s.get('fetch', 'eager')} (attachment data: "
+             + ("when first read)" if s.get("fetch") == "on-read" else "as documents arrive)")]
     for m in s["members"]:
         lines.append(f"member   {m['name']:<16} {m['id']}  {m['permission']:<5}  {m['status']}"
                      + ("  connected" if m["connected"] else ""))

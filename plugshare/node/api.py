@@ -47,6 +47,8 @@ class ApiParts:
     status: Callable[[], Awaitable[dict]]
     nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
     max_attachment: int = DEFAULT_MAX_ATTACHMENT  # bytes, per attachment ([api] config)
+    open_stored: Callable[..., Awaitable[Any]] | None = None  # data, fetched if not here
+    set_fetch_mode: Callable[[str, object], Awaitable[dict]] | None = None
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
@@ -158,7 +160,7 @@ def _if_match_rev(request: Request, rev: str | None) -> str | None:
 
 def create_app(node: ApiParts) -> Starlette:
     docs = node.documents
-    files = Files(docs, max_size=node.max_attachment)
+    files = Files(docs, max_size=node.max_attachment, open_stored=node.open_stored)
 
     async def get_doc(request: Request, doctype: str | None = None) -> Response:
         doc = await docs.get(
@@ -372,6 +374,16 @@ def create_app(node: ApiParts) -> Starlette:
                                                  request.path_params["name"],
                                                  _text(body, "member")))
 
+    async def share_fetch(request: Request) -> Response:
+        """PUT: how this node fetches a share's attachment data: `{"fetch": "eager" |
+        "on-read"}` (eager: as documents arrive; on-read: when first read)"""
+        await owner_only(request, "share_fetch")  # before the share is looked up
+        if node.set_fetch_mode is None:
+            raise ApiError(404, "not_found", "this node does not set fetch modes")
+        body = _object(await _json_body(request))
+        return JSONResponse(await node.set_fetch_mode(request.path_params["name"],
+                                                      body.get("fetch")))
+
     async def share_leave(request: Request) -> Response:
         """POST: leave a share this node is a member of"""
         await owner_only(request, "share_leave")  # before the share is looked up
@@ -472,6 +484,7 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/shares/{name}/links/{link}", share_link_item, methods=["DELETE"]),
         Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
+        Route("/shares/{name}/fetch", share_fetch, methods=["PUT"]),
         Route("/join", join, methods=["POST"]),
         Route("/joins", joins, methods=["GET"]),
         Route("/joins/{share}", join_item, methods=["DELETE"]),

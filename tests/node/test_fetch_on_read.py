@@ -1,0 +1,169 @@
+"""A member that fetches a share's attachment data on first read (`plugshare share fetch NAME
+on-read`; issue 13 item 3): documents replicate with their stubs alone, the first read of an
+attachment fetches its chunks from a connected member (checked, sealed ones opened by the
+token) and streams them as they come, and the data is then local. Real nodes, real sockets,
+the real token and store."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import re
+
+import httpx
+import pytest
+
+from tests.node.cluster import ApiError, cluster, share_between, wait_until  # noqa: F401
+
+FILES = "io.files"
+MB = 1024 * 1024
+CHUNK = 256 * 1024
+
+
+def _http(node) -> httpx.Client:
+    running = node.running
+    return httpx.Client(base_url=running.api_url, timeout=300,
+                        headers={"Authorization": f"Bearer {running.credential}"})
+
+
+def _data(size: int, seed: int) -> bytes:
+    out, block = bytearray(), hashlib.sha256(seed.to_bytes(4, "big")).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block * 64
+    return bytes(out[:size])
+
+
+def _put_file(node, doc_id: str, data: bytes) -> str:
+    with _http(node) as http:
+        made = http.put(f"/data/{FILES}/{doc_id}/file.bin", content=data,
+                        headers={"content-type": "application/octet-stream"})
+        assert made.status_code == 201, made.text
+        return made.json()["rev"]
+
+
+def _chunks_held(node) -> int:
+    return node.status()["store"]["attachment_chunks"]
+
+
+def _fetches_on_read(node, doc_id: str) -> int:
+    return len(re.findall(rf"fetched attachment 'file.bin' of {doc_id} on read", node.log()))
+
+
+def _on_read_member(cluster, *, encrypt: bool = False):
+    alice, bob = cluster.add("alice"), cluster.add("bob")
+    share_between(alice, [bob], name="files", doctype=FILES, encrypt=encrypt)
+    assert bob.share("files")["fetch"] == "eager"  # the default
+    answer = bob.cli_json("share", "fetch", "files", "on-read")
+    assert answer == {"share": "files", "fetch": "on-read"}
+    assert bob.share("files")["fetch"] == "on-read"
+    assert "fetch    on-read" in bob.cli_ok("share", "show", "files")
+    return alice, bob
+
+
+def test_an_on_read_member_fetches_a_file_when_first_read_then_reads_it_locally(cluster):
+    alice, bob = _on_read_member(cluster)
+    data = _data(3 * MB + 1234, seed=1)
+    rev = _put_file(alice, "f1", data)
+    wait_until(lambda: (bob.get("f1") or {}).get("_rev") == rev, 120, what="f1's doc on bob")
+    stub = bob.get("f1")["_attachments"]["file.bin"]
+    assert stub["length"] == len(data) and stub["stub"] is True
+    assert _chunks_held(bob) == 0  # the doc came, no chunk of its data
+
+    with _http(bob) as http:
+        # A range of data not here yet: fetched, and the exact bytes given.
+        part = http.get(f"/data/{FILES}/f1/file.bin", headers={"range": "bytes=300000-900009"})
+        assert part.status_code == 206, part.text
+        assert part.content == data[300000:900010]
+        whole = http.get(f"/data/{FILES}/f1/file.bin")
+        assert whole.status_code == 200, whole.text
+        assert whole.content == data
+    wait_until(lambda: _chunks_held(bob) >= len(data) // CHUNK, 60,
+               what="f1's data stored on bob")
+    assert _fetches_on_read(bob, "f1") == 1  # the two reads fetched it once
+
+    alice.stop()  # the next read is local
+    with _http(bob) as http:
+        again = http.get(f"/data/{FILES}/f1/file.bin")
+        assert again.status_code == 200 and again.content == data
+        couch = http.get(f"/couch/{FILES}/f1/file.bin")
+        assert couch.status_code == 200 and couch.content == data
+    assert bob.cli("file", "get", "f1", "file.bin", "-o", str(cluster.root / "out.bin")).returncode == 0
+    assert (cluster.root / "out.bin").read_bytes() == data
+
+
+def test_a_read_with_no_member_connected_is_a_clear_503_naming_the_share(cluster):
+    alice, bob = _on_read_member(cluster)
+    data = _data(CHUNK + 10, seed=2)
+    rev = _put_file(alice, "f2", data)
+    wait_until(lambda: (bob.get("f2") or {}).get("_rev") == rev, 120, what="f2's doc on bob")
+    alice.stop()
+    wait_until(lambda: not bob.peer_connected(alice), 60, what="bob to see alice gone")
+    with _http(bob) as http:
+        refused = http.get(f"/data/{FILES}/f2/file.bin")
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "unavailable"
+        assert "'files'" in refused.json()["reason"]
+        assert http.get("/status").status_code == 200  # the node serves on
+    alice.start()
+    wait_until(lambda: bob.peer_connected(alice), 120, what="alice back")
+    with _http(bob) as http:
+        got = http.get(f"/data/{FILES}/f2/file.bin")
+        assert got.status_code == 200 and got.content == data
+
+
+def test_concurrent_first_reads_fetch_the_file_once(cluster):
+    alice, bob = _on_read_member(cluster)
+    data = _data(4 * MB + 7, seed=3)
+    rev = _put_file(alice, "f3", data)
+    wait_until(lambda: (bob.get("f3") or {}).get("_rev") == rev, 120, what="f3's doc on bob")
+
+    def read(_):
+        with _http(bob) as http:
+            response = http.get(f"/data/{FILES}/f3/file.bin")
+            return response.status_code, hashlib.sha256(response.content).digest()
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(read, range(6)))
+    assert results == [(200, hashlib.sha256(data).digest())] * 6
+    assert _fetches_on_read(bob, "f3") == 1
+    served = sum(int(n) for n in re.findall(r"served (\d+) chunks", alice.log()))
+    assert served == -(-len(data) // CHUNK)  # each chunk sent once
+
+
+def test_an_on_read_member_of_an_encrypted_share_reads_the_sealed_file(cluster):
+    alice, bob = _on_read_member(cluster, encrypt=True)
+    data = _data(2 * MB + 999, seed=4)
+    rev = _put_file(alice, "s1", data)
+    wait_until(lambda: (bob.get("s1") or {}).get("_rev") == rev, 120, what="s1's doc on bob")
+    assert bob.get("s1")["_attachments"]["file.bin"]["length"] == len(data)  # clear length
+    assert _chunks_held(bob) == 0
+    with _http(bob) as http:
+        part = http.get(f"/data/{FILES}/s1/file.bin", headers={"range": "bytes=-1000"})
+        assert part.status_code == 206 and part.content == data[-1000:]
+        whole = http.get(f"/data/{FILES}/s1/file.bin")
+        assert whole.status_code == 200 and whole.content == data
+    wait_until(lambda: _fetches_on_read(bob, "s1") == 1, 60, what="s1 stored on bob")
+    alice.stop()
+    with _http(bob) as http:
+        again = http.get(f"/data/{FILES}/s1/file.bin")
+        assert again.status_code == 200 and again.content == data
+
+
+def test_switching_back_to_eager_fetches_what_is_missing_and_bad_modes_are_refused(cluster):
+    alice, bob = _on_read_member(cluster)
+    with pytest.raises(ApiError) as bad:
+        bob.api("PUT", "/shares/files/fetch", json={"fetch": "lazy"})
+    assert bad.value.status == 400 and "'eager' or 'on-read'" in bad.value.body["reason"]
+    assert bob.cli("share", "fetch", "files", "lazy").returncode == 2  # a usage error
+    data = _data(CHUNK * 2 + 5, seed=5)
+    rev = _put_file(alice, "f5", data)
+    wait_until(lambda: (bob.get("f5") or {}).get("_rev") == rev, 120, what="f5's doc on bob")
+    assert _chunks_held(bob) == 0
+    bob.cli_json("share", "fetch", "files", "eager")
+    wait_until(lambda: _chunks_held(bob) >= 3, 120, what="f5's data fetched by bob")
+    alice.stop()
+    with _http(bob) as http:
+        got = http.get(f"/data/{FILES}/f5/file.bin")
+        assert got.status_code == 200 and got.content == data
+    assert bob.share("files")["fetch"] == "eager"
