@@ -606,14 +606,18 @@ def file_get(ctx: Context, doc_id: str, name: str, out: Path) -> None:
 @click.argument("doc_id", metavar="ID")
 @pass_ctx
 def file_ls(ctx: Context, doc_id: str) -> None:
-    """List a document's attachments: name, size, content type, digest."""
+    """List a document's attachments: name, size, content type, digest, and whether the
+    data is on this node (a share fetched on read gets it when first read)."""
     from plugshare.node.transfer import attachments
 
     with ctx.client() as client:
         doc, stubs = attachments(client, doc_id)
     rows = [{"name": n, **{k: v for k, v in s.items() if k != "stub"}}
             for n, s in sorted(stubs.items())]
-    lines = [f"{r['name']}  {r['length']}  {r['content_type']}  {r['digest']}" for r in rows]
+    for row in rows:  # data fetched on first read and not read yet: "local": false
+        row["local"] = row.get("local", True)
+    lines = [f"{r['name']}  {r['length']}  {r['content_type']}  {r['digest']}  "
+             + ("local" if r["local"] else "not local (fetched when read)") for r in rows]
     ctx.emit({"id": doc_id, "rev": doc["_rev"], "attachments": rows},
              "\n".join(lines) if lines else "(no attachments)")
 

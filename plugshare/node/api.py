@@ -27,6 +27,7 @@ from plugshare import __version__, token
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed, bearer
 from plugshare.node.couch import MOUNT as COUCH, CouchParts, couch_routes
+from plugshare.node.on_read import mark_absent
 from plugshare.node.events import events_route
 from plugshare.node.files import DEFAULT_MAX_ATTACHMENT, Files
 from plugshare.node import files_api
@@ -170,7 +171,7 @@ def create_app(node: ApiParts) -> Starlette:
             rev=request.query_params.get("rev"),
             conflicts=_flag(request, "conflicts"),
         )
-        return _doc_response(request, doc)
+        return _doc_response(request, await mark_absent(docs.store, doc))
 
     async def delete_doc(request: Request, doctype: str | None = None) -> Response:
         rev = await docs.delete(

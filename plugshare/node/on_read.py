@@ -43,6 +43,9 @@ PEER_WAIT = 5.0  # seconds a read waits for a member of the share to be connecte
 MANIFEST_WAIT = 30.0  # seconds a read waits for the serving member's first answer
 SWEEP_RETRY = 30.0  # seconds before data an eager share still lacks is tried again
 SWEEP_PAGE = 1000  # documents with absent data looked at per round
+# Attachments fetched at once: a source serves 4 requests per peer (the eager fetcher
+# holds one); more reads of other files wait their turn.
+MAX_FETCHES = 3
 
 
 class DataUnavailable(PlugshareError):
@@ -149,6 +152,7 @@ class OnRead:
         self._fetches: dict[tuple[str, str, str], _Fetch] = {}
         self._nursery: trio.Nursery | None = None
         self._sweep_wake = trio.Event()
+        self._slots = trio.Semaphore(MAX_FETCHES)
 
     def wake_sweep(self) -> None:
         self._sweep_wake.set()
@@ -241,7 +245,8 @@ class OnRead:
     async def _run_fetch(self, fetch: _Fetch) -> None:
         claimed: list[bytes] = []
         try:
-            await self._fetch_from_members(fetch, claimed)
+            async with self._slots:
+                await self._fetch_from_members(fetch, claimed)
 
             async def staged() -> AsyncIterator[bytes]:
                 assert fetch.hashes is not None
@@ -250,8 +255,8 @@ class OnRead:
 
             await self._store.fill_absent(fetch.doc_id, fetch.rev, fetch.name, staged())
             fetch.filled = True
-            log.info("fetched attachment %r of %s on read (share %s)", fetch.name,
-                     fetch.doc_id, self._share_name(fetch.share))
+            log.info("fetched the data of attachment %r of %s, which it came without "
+                     "(share %s)", fetch.name, fetch.doc_id, self._share_name(fetch.share))
         except (PlugshareError, PeerConnectionClosed) as error:
             if not isinstance(error, PlugshareError) or isinstance(error, StoreError):
                 error = DataUnavailable(f"fetching attachment {fetch.name!r} of "
@@ -339,3 +344,16 @@ class OnRead:
 async def _cancel_when_closed(session: Any, scope: trio.CancelScope) -> None:
     await session.wait_closed()
     scope.cancel()
+
+
+async def mark_absent(store: Store, doc: dict) -> dict:
+    """`doc` with `"local": false` on the stubs of attachments whose data is not on this
+    node yet (fetched when first read); the others are left as they are (local)."""
+    stubs = doc.get("_attachments")
+    if not isinstance(stubs, dict) or not stubs or "_rev" not in doc:
+        return doc
+    absent = await store.absent_attachments(doc["_id"], doc["_rev"])
+    if not absent:
+        return doc
+    return {**doc, "_attachments": {name: {**stub, "local": False} if name in absent else stub
+                                    for name, stub in stubs.items()}}

@@ -47,7 +47,11 @@ def _chunks_held(node) -> int:
 
 
 def _fetches_on_read(node, doc_id: str) -> int:
-    return len(re.findall(rf"fetched attachment 'file.bin' of {doc_id} on read", node.log()))
+    return len(re.findall(rf"fetched the data of attachment 'file.bin' of {doc_id}, ", node.log()))
+
+
+def _served_chunks(node) -> int:
+    return sum(int(n) for n in re.findall(r"served (\d+) chunks", node.log()))
 
 
 def _on_read_member(cluster, *, encrypt: bool = False):
@@ -68,6 +72,9 @@ def test_an_on_read_member_fetches_a_file_when_first_read_then_reads_it_locally(
     wait_until(lambda: (bob.get("f1") or {}).get("_rev") == rev, 120, what="f1's doc on bob")
     stub = bob.get("f1")["_attachments"]["file.bin"]
     assert stub["length"] == len(data) and stub["stub"] is True
+    assert stub["local"] is False  # the stub says the data is not here
+    assert bob.cli_json("file", "ls", "f1")["attachments"][0]["local"] is False
+    assert "not local" in bob.cli_ok("file", "ls", "f1")
     assert _chunks_held(bob) == 0  # the doc came, no chunk of its data
 
     with _http(bob) as http:
@@ -78,9 +85,11 @@ def test_an_on_read_member_fetches_a_file_when_first_read_then_reads_it_locally(
         whole = http.get(f"/data/{FILES}/f1/file.bin")
         assert whole.status_code == 200, whole.text
         assert whole.content == data
-    wait_until(lambda: _chunks_held(bob) >= len(data) // CHUNK, 60,
-               what="f1's data stored on bob")
+    wait_until(lambda: _fetches_on_read(bob, "f1") >= 1, 60, what="f1's data stored on bob")
     assert _fetches_on_read(bob, "f1") == 1  # the two reads fetched it once
+    assert _chunks_held(bob) == -(-len(data) // CHUNK)
+    assert "local" not in bob.get("f1")["_attachments"]["file.bin"]
+    assert bob.cli_json("file", "ls", "f1")["attachments"][0]["local"] is True
 
     alice.stop()  # the next read is local
     with _http(bob) as http:
@@ -126,9 +135,11 @@ def test_concurrent_first_reads_fetch_the_file_once(cluster):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(read, range(6)))
     assert results == [(200, hashlib.sha256(data).digest())] * 6
+    wait_until(lambda: _fetches_on_read(bob, "f3") >= 1, 60, what="f3's data stored on bob")
     assert _fetches_on_read(bob, "f3") == 1
-    served = sum(int(n) for n in re.findall(r"served (\d+) chunks", alice.log()))
-    assert served == -(-len(data) // CHUNK)  # each chunk sent once
+    chunks = -(-len(data) // CHUNK)
+    wait_until(lambda: _served_chunks(alice) >= chunks, 60, what="alice's serving logged")
+    assert _served_chunks(alice) == chunks  # each chunk sent once
 
 
 def test_an_on_read_member_of_an_encrypted_share_reads_the_sealed_file(cluster):
@@ -161,7 +172,8 @@ def test_switching_back_to_eager_fetches_what_is_missing_and_bad_modes_are_refus
     wait_until(lambda: (bob.get("f5") or {}).get("_rev") == rev, 120, what="f5's doc on bob")
     assert _chunks_held(bob) == 0
     bob.cli_json("share", "fetch", "files", "eager")
-    wait_until(lambda: _chunks_held(bob) >= 3, 120, what="f5's data fetched by bob")
+    wait_until(lambda: _fetches_on_read(bob, "f5") >= 1, 120, what="f5's data fetched by bob")
+    assert _chunks_held(bob) == 3
     alice.stop()
     with _http(bob) as http:
         got = http.get(f"/data/{FILES}/f5/file.bin")
