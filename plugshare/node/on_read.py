@@ -97,6 +97,10 @@ class FetchModes:
 
     async def set(self, share_id: str, mode: object) -> str:
         mode = check_mode(mode)
+        if mode == ON_READ and not self._store.keeps_absent_data:
+            raise BadFetchMode(
+                f"fetching on read needs the embedded store (sqlite); this node's store is "
+                f"{self._store.backend}, where a document is kept only with its attachment data")
         modes = {**self._modes, share_id: mode}
         if mode == EAGER:
             del modes[share_id]  # the default is not kept
@@ -185,7 +189,7 @@ class OnRead:
         # A clear error before the response starts when no member can serve it.
         with trio.move_on_after(PEER_WAIT + MANIFEST_WAIT):
             await fetch.answered.wait()
-        if fetch.error is not None and not fetch.staged:
+        if fetch.error is not None:
             raise fetch.error
         if not fetch.answered.is_set():
             raise DataUnavailable(
@@ -245,6 +249,9 @@ class OnRead:
     async def _run_fetch(self, fetch: _Fetch) -> None:
         claimed: list[bytes] = []
         try:
+            if fetch.name not in await self._store.absent_attachments(fetch.doc_id, fetch.rev):
+                fetch.filled = True  # a fetch that just ended brought it
+                return
             async with self._slots:
                 await self._fetch_from_members(fetch, claimed)
 

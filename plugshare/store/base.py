@@ -336,6 +336,8 @@ class Store(abc.ABC):
     # and `fill_absent` brings its data in later, the revision unchanged. Only the embedded
     # store keeps them.
 
+    keeps_absent_data = False  # whether this backend implements the methods below
+
     async def put_replicated_absent(self, doc: Doc, source: str) -> None:
         """Write a replicated revision (as `bulk_docs(new_edits=False)`) whose stubs this
         store cannot resolve: those attachments are kept without their data, tagged

@@ -219,6 +219,7 @@ class SQLiteStore(Store):
     """A `Store` in one SQLite file. Open with `await SQLiteStore.open(path)`."""
 
     backend = "sqlite"
+    keeps_absent_data = True
 
     def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int):
         """Use `open()`; this takes an already opened and checked connection."""

@@ -179,3 +179,13 @@ def test_switching_back_to_eager_fetches_what_is_missing_and_bad_modes_are_refus
         got = http.get(f"/data/{FILES}/f5/file.bin")
         assert got.status_code == 200 and got.content == data
     assert bob.share("files")["fetch"] == "eager"
+
+
+def test_on_read_is_refused_clearly_on_the_couchdb_backend(cluster, couchdb_url):
+    alice = cluster.add("alice")
+    bob = cluster.add("bob", "--store", "couchdb", "--couchdb-url", couchdb_url)
+    share_between(alice, [bob], name="files", doctype=FILES)
+    refused = bob.cli("share", "fetch", "files", "on-read")
+    assert refused.returncode == 1
+    assert "needs the embedded store (sqlite)" in refused.stderr
+    assert bob.share("files")["fetch"] == "eager"
