@@ -6,6 +6,7 @@ the real token and store."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import hashlib
 import re
@@ -116,7 +117,13 @@ def test_a_read_with_no_member_connected_is_a_clear_503_naming_the_share(cluster
         assert http.get("/status").status_code == 200  # the node serves on
     alice.start()
     wait_until(lambda: bob.peer_connected(alice), 120, what="alice back")
-    with _http(bob) as http:
+    with _http(bob) as http:  # inline data over /couch is fetched too (what PouchDB pulls)
+        got = http.post(f"/couch/{FILES}/_bulk_get", params={"attachments": "true"},
+                        json={"docs": [{"id": "f2"}]})
+        assert got.status_code == 200, got.text
+        [result] = got.json()["results"]
+        inline = result["docs"][0]["ok"]["_attachments"]["file.bin"]["data"]
+        assert base64.b64decode(inline) == data
         got = http.get(f"/data/{FILES}/f2/file.bin")
         assert got.status_code == 200 and got.content == data
 
