@@ -74,3 +74,33 @@ async def test_an_edit_on_top_of_absent_data_keeps_it_absent_until_filled(tmp_pa
         assert b"".join([p async for p in body]) == data
     finally:
         await store.aclose()
+
+
+async def test_only_the_attachments_not_held_are_kept_absent(tmp_path):
+    held, missing = random_bytes(1000), random_bytes(CHUNK_SIZE + 3)
+    store = await SQLiteStore.open(tmp_path / "store.sqlite")
+    try:
+        first = {"_id": "d", "_rev": "1-" + "a" * 32, "_revisions": {"start": 1, "ids": ["a" * 32]},
+                 "_attachments": {"a": {"follows": True, "content_type": "x/y",
+                                        "length": len(held), "digest": md5_digest(held),
+                                        "revpos": 1}}}
+        await store.put_replicated(first, {"a": stream(held)})
+        second = {"_id": "d", "_rev": "2-" + "b" * 32,
+                  "_revisions": {"start": 2, "ids": ["b" * 32, "a" * 32]},
+                  "_attachments": {
+                      "a": {"stub": True, "content_type": "x/y", "length": len(held),
+                            "digest": md5_digest(held), "revpos": 1},
+                      "b": {"stub": True, "content_type": "x/z", "length": len(missing),
+                            "digest": md5_digest(missing), "revpos": 2}}}
+        await store.put_replicated_absent(second, "s")
+        assert await store.absent_attachments("d", second["_rev"]) == {"b": "s"}
+        _, body = await store.open_attachment("d", "a")
+        assert b"".join([p async for p in body]) == held
+        with pytest.raises(BadRequest, match="full stub"):
+            await store.put_replicated_absent(
+                {**second, "_rev": "3-" + "c" * 32,
+                 "_revisions": {"start": 3, "ids": ["c" * 32, "b" * 32, "a" * 32]},
+                 "_attachments": {"c": {"stub": True, "digest": md5_digest(b"x"),
+                                        "revpos": 3}}}, "s")
+    finally:
+        await store.aclose()
