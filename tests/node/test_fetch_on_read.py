@@ -196,3 +196,22 @@ def test_on_read_is_refused_clearly_on_the_couchdb_backend(cluster, couchdb_url)
     assert refused.returncode == 1
     assert "needs the embedded store (sqlite)" in refused.stderr
     assert bob.share("files")["fetch"] == "eager"
+
+
+def test_a_first_read_streams_the_data_as_it_arrives(cluster):
+    alice, bob = _on_read_member(cluster)
+    data = _data(32 * MB + 3, seed=6)
+    rev = _put_file(alice, "f6", data)
+    wait_until(lambda: (bob.get("f6") or {}).get("_rev") == rev, 120, what="f6's doc on bob")
+    digest, size = hashlib.sha256(), 0
+    with _http(bob) as http, http.stream("GET", f"/data/{FILES}/f6/file.bin") as response:
+        assert response.status_code == 200
+        for piece in response.iter_bytes():
+            if size == 0:
+                # Ordering, not timing: the first bytes came before the file was all here
+                # (its last chunk is only sent once all are stored and checked).
+                assert _fetches_on_read(bob, "f6") == 0
+            digest.update(piece)
+            size += len(piece)
+    assert size == len(data) and digest.digest() == hashlib.sha256(data).digest()
+    assert _fetches_on_read(bob, "f6") == 1
