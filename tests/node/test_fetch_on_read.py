@@ -215,3 +215,36 @@ def test_a_first_read_streams_the_data_as_it_arrives(cluster):
             size += len(piece)
     assert size == len(data) and digest.digest() == hashlib.sha256(data).digest()
     assert _fetches_on_read(bob, "f6") == 1
+
+
+def test_a_member_killed_mid_fetch_resumes_with_the_chunks_it_staged(cluster):
+    alice, bob = _on_read_member(cluster)
+    data = _data(48 * MB + 11, seed=7)
+    chunks = -(-len(data) // CHUNK)
+    rev = _put_file(alice, "f7", data)
+    wait_until(lambda: (bob.get("f7") or {}).get("_rev") == rev, 120, what="f7's doc on bob")
+
+    def read_until_cut():
+        try:
+            with _http(bob) as http, http.stream("GET", f"/data/{FILES}/f7/file.bin") as response:
+                for _ in response.iter_bytes():
+                    pass
+        except httpx.HTTPError:
+            pass  # cut by the kill
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_until_cut)
+        wait_until(lambda: re.search(r"attachment 'file.bin' of f7: \d+ chunks fetched",
+                                     bob.log()), 120, what="bob to have fetched part of f7")
+        bob.kill()
+        reading.result(timeout=60)
+    bob.start()
+    wait_until(lambda: bob.peer_connected(alice), 120, what="bob linked to alice again")
+    with _http(bob) as http:
+        got = http.get(f"/data/{FILES}/f7/file.bin")
+        assert got.status_code == 200
+        assert hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
+    pattern = r"fetching attachment 'file.bin' of f7 from peer \S+: (\d+) chunks to fetch, (\d+) held"
+    # (the log is the restarted node's)
+    [(to_fetch, held)] = [(int(a), int(b)) for a, b in re.findall(pattern, bob.log())]
+    assert held >= 64 and to_fetch + held == chunks  # what was staged did not travel again
