@@ -606,14 +606,18 @@ def file_get(ctx: Context, doc_id: str, name: str, out: Path) -> None:
 @click.argument("doc_id", metavar="ID")
 @pass_ctx
 def file_ls(ctx: Context, doc_id: str) -> None:
-    """List a document's attachments: name, size, content type, digest."""
+    """List a document's attachments: name, size, content type, digest, and whether the
+    data is on this node (a share fetched on read gets it when first read)."""
     from plugshare.node.transfer import attachments
 
     with ctx.client() as client:
         doc, stubs = attachments(client, doc_id)
     rows = [{"name": n, **{k: v for k, v in s.items() if k != "stub"}}
             for n, s in sorted(stubs.items())]
-    lines = [f"{r['name']}  {r['length']}  {r['content_type']}  {r['digest']}" for r in rows]
+    for row in rows:  # data fetched on first read and not read yet: "local": false
+        row["local"] = row.get("local", True)
+    lines = [f"{r['name']}  {r['length']}  {r['content_type']}  {r['digest']}  "
+             + ("local" if r["local"] else "not local (fetched when read)") for r in rows]
     ctx.emit({"id": doc_id, "rev": doc["_rev"], "attachments": rows},
              "\n".join(lines) if lines else "(no attachments)")
 
@@ -1170,6 +1174,20 @@ def share_leave(ctx: Context, name: str) -> None:
     ctx.emit(result, f"left {name!r}{note}")
 
 
+@share.command("fetch")
+@click.argument("name")
+@click.argument("mode", type=click.Choice(["eager", "on-read"]))
+@pass_ctx
+def share_fetch(ctx: Context, name: str, mode: str) -> None:
+    """How this node fetches a share's attachment data: eager (as documents arrive, the
+    default) or on-read (documents arrive with stubs; data is fetched when first read, from
+    a connected member). Back to eager fetches what is missing."""
+    with ctx.client() as client:
+        result = client.request("PUT", f"/shares/{_quote(name)}/fetch", json={"fetch": mode})
+    ctx.emit(result, f"{result['share']}: attachment data fetched "
+             + ("when first read" if result["fetch"] == "on-read" else "as documents arrive"))
+
+
 @share.command("rm")
 @click.argument("name")
 @pass_ctx
@@ -1204,7 +1222,9 @@ def share_show(ctx: Context, name: str) -> None:
         return
     lines = [_share_summary(s), f"id       {s['id']} (manifest v{s['version']})",
              f"rule     doctype {s['doctype']}"
-             + (f", selector {json.dumps(s['selector'])}" if s["selector"] else "")]
+             + (f", selector {json.dumps(s['selector'])}" if s["selector"] else ""),
+             f"fetch    {s.get('fetch', 'eager')} (attachment data: "
+             + ("when first read)" if s.get("fetch") == "on-read" else "as documents arrive)")]
     for m in s["members"]:
         lines.append(f"member   {m['name']:<16} {m['id']}  {m['permission']:<5}  {m['status']}"
                      + ("  connected" if m["connected"] else ""))

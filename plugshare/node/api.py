@@ -27,6 +27,7 @@ from plugshare import __version__, token
 from plugshare.errors import PlugshareError
 from plugshare.node.access import AuthenticationFailed, bearer
 from plugshare.node.couch import MOUNT as COUCH, CouchParts, couch_routes
+from plugshare.node.on_read import mark_absent
 from plugshare.node.events import events_route
 from plugshare.node.files import DEFAULT_MAX_ATTACHMENT, Files
 from plugshare.node import files_api
@@ -47,6 +48,8 @@ class ApiParts:
     status: Callable[[], Awaitable[dict]]
     nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
     max_attachment: int = DEFAULT_MAX_ATTACHMENT  # bytes, per attachment ([api] config)
+    open_stored: Callable[..., Awaitable[Any]] | None = None  # data, fetched if not here
+    set_fetch_mode: Callable[[str, object], Awaitable[dict]] | None = None
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
@@ -158,7 +161,7 @@ def _if_match_rev(request: Request, rev: str | None) -> str | None:
 
 def create_app(node: ApiParts) -> Starlette:
     docs = node.documents
-    files = Files(docs, max_size=node.max_attachment)
+    files = Files(docs, max_size=node.max_attachment, open_stored=node.open_stored)
 
     async def get_doc(request: Request, doctype: str | None = None) -> Response:
         doc = await docs.get(
@@ -168,7 +171,7 @@ def create_app(node: ApiParts) -> Starlette:
             rev=request.query_params.get("rev"),
             conflicts=_flag(request, "conflicts"),
         )
-        return _doc_response(request, doc)
+        return _doc_response(request, await mark_absent(docs.store, doc))
 
     async def delete_doc(request: Request, doctype: str | None = None) -> Response:
         rev = await docs.delete(
@@ -372,6 +375,16 @@ def create_app(node: ApiParts) -> Starlette:
                                                  request.path_params["name"],
                                                  _text(body, "member")))
 
+    async def share_fetch(request: Request) -> Response:
+        """PUT: how this node fetches a share's attachment data: `{"fetch": "eager" |
+        "on-read"}` (eager: as documents arrive; on-read: when first read)"""
+        await owner_only(request, "share_fetch")  # before the share is looked up
+        if node.set_fetch_mode is None:
+            raise ApiError(404, "not_found", "this node does not set fetch modes")
+        body = _object(await _json_body(request))
+        return JSONResponse(await node.set_fetch_mode(request.path_params["name"],
+                                                      body.get("fetch")))
+
     async def share_leave(request: Request) -> Response:
         """POST: leave a share this node is a member of"""
         await owner_only(request, "share_leave")  # before the share is looked up
@@ -472,6 +485,7 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/shares/{name}/links/{link}", share_link_item, methods=["DELETE"]),
         Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
+        Route("/shares/{name}/fetch", share_fetch, methods=["PUT"]),
         Route("/join", join, methods=["POST"]),
         Route("/joins", joins, methods=["GET"]),
         Route("/joins/{share}", join_item, methods=["DELETE"]),

@@ -48,13 +48,21 @@ async def capped(chunks: AsyncIterable[bytes], cap: int, why: str) -> AsyncItera
 
 
 class Files:
-    def __init__(self, documents: Documents, *, max_size: int = DEFAULT_MAX_ATTACHMENT):
+    def __init__(self, documents: Documents, *, max_size: int = DEFAULT_MAX_ATTACHMENT,
+                 open_stored=None):
         self.documents = documents
         self.max_size = max_size
+        # Reads the stored data; the node's also fetches what a share fetched on read lacks.
+        self._open_stored = open_stored
 
     @property
     def store(self):
         return self.documents.store
+
+    async def _open_data(self, doc_id: str, name: str, *, rev: str,
+                         range: tuple[int, int] | None):
+        opener = self._open_stored or self.store.open_attachment
+        return await opener(doc_id, name, rev=rev, range=range)
 
     async def _call(self, command: str, **args: Any) -> Any:
         return await self.documents._call(command, **args)
@@ -193,7 +201,7 @@ class Files:
         """The data of an attachment `stub` allowed the read of (same request); for a
         sealed one (`seal`, and its `stub`), opened by the token as it streams out."""
         if seal is None:
-            return await self.store.open_attachment(doc_id, name, rev=rev, range=range)
+            return await self._open_data(doc_id, name, rev=rev, range=range)
         assert stub is not None
         start, stop = range if range is not None else (0, stub["length"])
         if stop <= start:
@@ -204,8 +212,8 @@ class Files:
                                   stub["revpos"]), nothing()
         sealed_length = stub["sealed_length"]
         first, sealed_start, sealed_stop = sealed_files.sealed_range(sealed_length, start, stop)
-        meta, data = await self.store.open_attachment(doc_id, name, rev=rev,
-                                                      range=(sealed_start, sealed_stop))
+        meta, data = await self._open_data(doc_id, name, rev=rev,
+                                           range=(sealed_start, sealed_stop))
         return meta, sealed_files.open_stream(self._call, seal, doc_id, name, meta.revpos,
                                               sealed_length, first, start, stop, data)
 

@@ -22,6 +22,7 @@ from plugshare.node.documents import Documents
 from plugshare.node.events import EventBus
 from plugshare.node.home import Home
 from plugshare.node.listen import bind_listener
+from plugshare.node.on_read import EAGER, FetchModes, OnRead
 from plugshare.node.peers import PeerManager
 from plugshare.node.session import PeerSession, SessionParts
 from plugshare.node.sharing import Sharing
@@ -77,9 +78,16 @@ class Node:
         self.sharing = Sharing(call=call, identity=identity, shares=self.shares, store=store,
                                documents=self.documents, events=self.events, peers=self.peers,
                                node_name=config.node.name)
+        # Attachment data fetched on first read, for the shares this member keeps so.
+        self.fetch_modes = FetchModes(store, on_change=lambda share, mode: (
+            self.on_read.wake_sweep() if mode == EAGER else None))
+        self.on_read = OnRead(store, self.fetch_modes, sessions=lambda: self.peers.sessions,
+                              common=self.shares.common, share_name=self._share_name)
+        self.sharing.fetch_mode = self.fetch_modes.mode
         parts_holder["parts"] = SessionParts(
             store=store, call=call, identity=identity, shares=self.shares, events=self.events,
-            peers=self.peers, manifest_changed=self.sharing.manifest_changed)
+            peers=self.peers, manifest_changed=self.sharing.manifest_changed,
+            on_read=self.fetch_modes.on_read)
         self.api_url: str | None = None
         self.started_at = time.time()
         self._stopping = trio.Event()
@@ -99,9 +107,20 @@ class Node:
                 try:
                     node = cls(home, config, store, token, identity, process)
                     await node.shares.refresh()
+                    await node.fetch_modes.load()
                     yield node
                 finally:
                     await store.aclose()
+
+    def _share_name(self, share_id: str) -> str:
+        manifest = self.shares.get(share_id)
+        return manifest.name if manifest is not None else share_id
+
+    async def set_fetch_mode(self, name: str, mode: object) -> dict:
+        """A share's fetch mode on this node (`eager` or `on-read`)."""
+        manifest = self.shares.find(name)
+        mode = await self.fetch_modes.set(manifest.share_id, mode)
+        return {"share": manifest.name, "fetch": mode}
 
     async def status(self) -> dict:
         return {
@@ -173,7 +192,9 @@ class Node:
                                  admin=self.admin, sharing=self.sharing, events=self.events,
                                  peers_status=self.peers.status, nearby=self.nearby,
                                  status=self.status,
-                                 max_attachment=self.config.api.max_attachment_size)
+                                 max_attachment=self.config.api.max_attachment_size,
+                                 open_stored=self.on_read.open_attachment,
+                                 set_fetch_mode=self.set_fetch_mode)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)
@@ -182,6 +203,7 @@ class Node:
 
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.on_read.run)
                 await nursery.start(self.peers.run)
                 nursery.start_soon(self._follow_expiry)
                 nursery.start_soon(self.sharing.retry_pending_joins)

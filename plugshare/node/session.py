@@ -123,6 +123,7 @@ class SessionParts:
     events: EventBus
     peers: Any  # the PeerManager: address book and hints
     manifest_changed: Callable[..., Awaitable[None]]  # (manifest, source=session)
+    on_read: Callable[[str], bool] = lambda share_id: False  # its data fetched on first read
 
 
 class PeerSession:
@@ -160,6 +161,7 @@ class PeerSession:
                 on_event=self._on_event,
                 other_message=self._on_message,
                 check_chunks=self._check_chunks,
+                on_read=self.parts.on_read,
             )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -72,6 +72,8 @@ class Sharing:
         self.pending = PendingJoins()
         self._pending_changed = trio.Event()
         self._owner_seen_at: dict[bytes, frozenset] = {}  # owner -> where it was last seen
+        # a share's fetch mode on this node (set by the node: node/on_read.py)
+        self.fetch_mode: Callable[[str], str] = lambda share_id: "eager"
 
     # -- the owner's commands -----------------------------------------------------------
 
@@ -423,6 +425,7 @@ class Sharing:
             "doctype": manifest.rule.doctype,
             "selector": manifest.rule.selector,
             "encrypted": manifest.encrypted,
+            "fetch": self.fetch_mode(manifest.share_id),  # attachment data: eager | on-read
             "version": manifest.version,
             "owner": format_node_id(manifest.owner),
             "role": "owner" if manifest.owner == me else "member",

@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import attrs
@@ -68,6 +68,9 @@ ChunkCheck = Callable[[str, Doc, str, int, "list[tuple[int, bytes]]", int], Awai
 attachment `name` (of `count` chunks) as they arrived, before they are staged;
 raises `ChunkRefused` for chunks that must not be kept (a sealed share's chunk that does not
 open where it stands), `TransferRefused(retry=True)` when it cannot tell now."""
+
+
+ChunkProgress = Callable[["list[bytes]", "Collection[bytes]"], None]
 
 
 class TransferRefused(PlugshareError):
@@ -388,8 +391,18 @@ class AttachmentFetcher:
                                            rev=doc["_rev"], fetched_bytes=fetched,
                                            held_chunks=self._held_chunks))
 
+    async def fetch_attachment(self, share: str, doc: Doc, name: str, stub: Mapping[str, Any],
+                               claimed: list[bytes], progress: ChunkProgress) -> list[bytes]:
+        """Fetch the chunks of one attachment this store lacks, as the kept revisions' are
+        (checked, staged; those it holds claimed), apart from them: a read that needs the
+        data now (`node/on_read.py`). `progress(hashes, staged)` is called with the
+        manifest's chunk addresses and each set of chunks staged, first those held. The
+        caller writes the data and releases `claimed`."""
+        return await self._fetch_attachment(share, doc, name, stub, claimed, progress)
+
     async def _fetch_attachment(self, share: str, doc: Doc, name: str, stub: Mapping[str, Any],
-                                claimed: list[bytes]) -> list[bytes]:
+                                claimed: list[bytes],
+                                progress: ChunkProgress | None = None) -> list[bytes]:
         if not isinstance(stub, Mapping) or type(stub.get("length")) is not int:
             raise transfer.TransferError(f"attachment {name!r} of {doc['_id']!r} has no stub")
         req = next(self._reqs)
@@ -404,6 +417,8 @@ class AttachmentFetcher:
             claimed.extend(held)
             fetch.held(held)
             self._held_chunks += len(held)
+            if progress is not None:
+                progress(hashes, held)
             logger.info("fetching attachment %r of %s from peer %s: %d chunks to fetch, %d "
                         "held here already", name, doc["_id"], self.peer, fetch.missing, len(held))
             while not fetch.complete:
@@ -424,7 +439,10 @@ class AttachmentFetcher:
                     await self._check_chunks(share, doc, name, stub["revpos"],
                                              [(m["index"], data) for m, data in zip(messages, batch)],
                                              len(hashes))
-                claimed.extend(await self._store.stage_chunks(batch))
+                staged = await self._store.stage_chunks(batch)
+                claimed.extend(staged)
+                if progress is not None:
+                    progress(hashes, staged)
                 before = self.fetched_bytes
                 self.fetched_bytes += sum(len(data) for data in batch)
                 if before // PROGRESS_BYTES != self.fetched_bytes // PROGRESS_BYTES:

@@ -82,7 +82,7 @@ from plugshare.replication.protocol import (
 )
 from plugshare.replication.retry import STREAM_BACKOFF, Ending, StreamRetry, ending_of
 from plugshare.replication.transport import PeerConnectionClosed
-from plugshare.store.base import Doc, NotFound, Seq, Store
+from plugshare.store.base import Doc, NotFound, Seq, Store, StoreError
 
 __all__ = [
     "STORE_ID_DOC",
@@ -327,6 +327,7 @@ class PeerReplication:
         other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
         config: ReplicationConfig = ReplicationConfig(),
         check_chunks: ChunkCheck | None = None,
+        on_read: Callable[[str], bool] | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -338,6 +339,7 @@ class PeerReplication:
         self._on_event = on_event
         self._other_message = other_message
         self.config = config
+        self._on_read = on_read  # shares whose attachment data is fetched on first read
         self._pushes: dict[str, _Push] = {}  # by share
         self._pushes_by_stream: dict[tuple[str, str], _Push] = {}
         self._pulls: dict[tuple[str, str], _Pull] = {}
@@ -538,12 +540,30 @@ class PeerReplication:
         lacking = [index for index, result in enumerate(results)
                    if result.get("error") == "bad_request"
                    and "missing stub" in str(result.get("reason"))]
+        if lacking and self._on_read is not None and self._on_read(share):
+            lacking = await self._write_without_data(share, docs, lacking, results)
         if lacking:
             kept = await self.attachment_fetcher.defer(share, [docs[i] for i in lacking])
             for index, ok in zip(lacking, kept):
                 if ok:
                     results[index] = {"id": docs[index]["_id"], "rev": docs[index]["_rev"], "ok": True}
         return results
+
+    async def _write_without_data(self, share: str, docs: list[Doc], lacking: list[int],
+                                  results: list[dict[str, Any]]) -> list[int]:
+        """A share fetched on read: write the revisions with their stubs alone (the data
+        comes when first read); those the store cannot keep so are left to fetch now."""
+        left = []
+        for index in lacking:
+            try:
+                await self._store.put_replicated_absent(docs[index], share)
+            except StoreError as error:  # e.g. the CouchDB backend: fetched eagerly
+                logger.info("fetching the data of %s now, not on read: %s",
+                            docs[index].get("_id"), error.reason)
+                left.append(index)
+                continue
+            results[index] = {"id": docs[index]["_id"], "rev": docs[index]["_rev"], "ok": True}
+        return left
 
     async def _may_serve(self, share: str, doc: Doc) -> Doc | str | None:
         """What of `doc` the peer may fetch attachment data of: as our push of `share` would

@@ -12,6 +12,7 @@ from plugshare.store.base import (
     Change,
     ChangesPage,
     Conflict,
+    DataAbsent,
     Doc,
     Forbidden,
     NotFound,
@@ -24,7 +25,7 @@ from plugshare.store.base import (
 )
 
 __all__ = [
-    "MAX_LEAVES", "BadRequest", "Change", "ChangesPage", "Conflict", "Doc", "Forbidden",
+    "MAX_LEAVES", "BadRequest", "Change", "ChangesPage", "Conflict", "DataAbsent", "Doc", "Forbidden",
     "RangeNotSatisfiable",
     "NotFound", "OwnerMismatch", "Seq", "Store", "StoreError", "Unavailable",
     "couchdb_database_name", "open_store",

@@ -86,6 +86,20 @@ class Forbidden(StoreError):
     error = "forbidden"
 
 
+class DataAbsent(StoreError):
+    """The attachment's data is not held here: its revision was written without it (a
+    share fetched on read, `put_replicated_absent`). `meta` describes the data, `source`
+    is what the writer tagged it with (the share it came through)."""
+
+    status = 503
+    error = "data_absent"
+
+    def __init__(self, reason: str, *, meta: AttachmentMeta, source: str | None):
+        super().__init__(reason)
+        self.meta = meta
+        self.source = source
+
+
 class OwnerMismatch(StoreError):
     """The database (or SQLite file) is recorded as belonging to another node."""
 
@@ -313,6 +327,37 @@ class Store(abc.ABC):
         streams each attachment the target lacks from `open_attachment`. Errors as
         `put_attachment`; an already known revision is a no-op (its streams are not read).
         A stub that cannot be resolved is a `BadRequest` ("missing stub")."""
+
+    # -- attachments held without their data (a share fetched on read) ----------------------
+    #
+    # A member that fetches a share's attachment data on first read writes replicated
+    # revisions with their stubs alone: each attachment it lacks is kept as an *absent*
+    # entry (its metadata and a `source` tag), `open_attachment` raises `DataAbsent` for it,
+    # and `fill_absent` brings its data in later, the revision unchanged. Only the embedded
+    # store keeps them.
+
+    keeps_absent_data = False  # whether this backend implements the methods below
+
+    async def put_replicated_absent(self, doc: Doc, source: str) -> None:
+        """Write a replicated revision (as `bulk_docs(new_edits=False)`) whose stubs this
+        store cannot resolve: those attachments are kept without their data, tagged
+        `source`. Stubs must carry `content_type`, `length`, `digest` and `revpos`."""
+        raise StoreError(f"the {self.backend} store does not keep attachments without their data")
+
+    async def absent_attachments(self, doc_id: str, rev: str) -> dict[str, str]:
+        """The attachments of revision `rev` whose data is not held here: name -> source."""
+        return {}
+
+    async def absent_documents(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """Up to `limit` (doc id, leaf rev) whose leaf holds an attachment without its data."""
+        return []
+
+    async def fill_absent(self, doc_id: str, rev: str, name: str,
+                          data: AsyncIterable[bytes]) -> bool:
+        """Stream the data of absent attachment `name` of leaf `rev` in (checked against its
+        digest and length; `BadRequest` otherwise); every leaf of the document that holds the
+        same absent attachment gets it. False when it was not absent (anymore)."""
+        raise StoreError(f"the {self.backend} store does not keep attachments without their data")
 
     # -- staged chunks: an incoming attachment transfer, resumable ---------------------------
     #

@@ -57,6 +57,7 @@ from plugshare.store.base import (
     Change,
     ChangesPage,
     Conflict,
+    DataAbsent,
     Doc,
     Forbidden,
     NotFound,
@@ -100,6 +101,17 @@ class _Staged:
     length: int
     digest: str
     revpos: int | None  # replicated: the revpos sent; None: the new revision's generation
+
+
+@attrs.frozen
+class _Absent:
+    """A replicated attachment written without its data (`put_replicated_absent`)."""
+
+    content_type: str
+    length: int
+    digest: str
+    revpos: int
+    source: str
 
 
 class _Job:
@@ -162,13 +174,16 @@ def _document(doc_id: str, rev: str, stored: str | None) -> Doc:
     attachments = body.get("_attachments")
     if attachments is not None:
         body["_attachments"] = {
-            name: {key: value for key, value in entry.items() if key != "content"}
+            name: {key: value for key, value in entry.items() if key not in _STORE_KEYS}
             | {"stub": True}
             for name, entry in attachments.items()
         }
     if deleted:
         return {"_id": doc_id, "_rev": rev, "_deleted": True, **body}
     return {"_id": doc_id, "_rev": rev, **body}
+
+
+_STORE_KEYS = ("content", "absent")  # stored in an entry, never shown in a stub
 
 
 def _has_attachments(stored: str | None) -> bool:
@@ -204,6 +219,7 @@ class SQLiteStore(Store):
     """A `Store` in one SQLite file. Open with `await SQLiteStore.open(path)`."""
 
     backend = "sqlite"
+    keeps_absent_data = True
 
     def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int):
         """Use `open()`; this takes an already opened and checked connection."""
@@ -484,6 +500,16 @@ class SQLiteStore(Store):
                     "digest": spec.digest, "revpos": spec.revpos or generation,
                     "content": spec.content,
                 }
+            elif isinstance(spec, _Absent):
+                entry = known.get(name)
+                if entry is not None and entry["digest"] == spec.digest:
+                    resolved[name] = {**entry, "revpos": spec.revpos}
+                else:  # no data here: the entry says what it is and where it may come from
+                    resolved[name] = {
+                        "content_type": spec.content_type, "length": spec.length,
+                        "digest": spec.digest, "revpos": spec.revpos, "content": None,
+                        "absent": spec.source,
+                    }
             elif isinstance(spec, Stub):
                 entry = known.get(name)
                 if entry is None or (spec.digest is not None and spec.digest != entry["digest"]):
@@ -514,7 +540,7 @@ class SQLiteStore(Store):
             for stored in record.bodies.values():
                 for name, entry in _stored_attachments(stored).items():
                     spec = doc.attachments.get(name)
-                    if isinstance(spec, Stub) and spec.digest == entry["digest"]:
+                    if isinstance(spec, (Stub, _Absent)) and spec.digest == entry["digest"]:
                         held[name] = entry
             generation = revtree.parse_rev(doc.rev)[0]
             attachments = self._resolve_attachments(doc, generation, held, replicated=True)
@@ -537,7 +563,8 @@ class SQLiteStore(Store):
             # attachment before and has none now needs no bookkeeping (the common write).
             if any(_has_attachments(stored) for stored in record.bodies.values()):
                 contents = {entry["content"] for stored in bodies.values()
-                            for entry in _stored_attachments(stored).values()}
+                            for entry in _stored_attachments(stored).values()
+                            if entry.get("content") is not None}
                 dropped |= chunks.set_doc_contents(conn, doc_id, contents)
             seq += 1
             rows.append((
@@ -754,6 +781,12 @@ class SQLiteStore(Store):
             entry = _stored_attachments(bodies[wanted]).get(name)
             if entry is None:
                 raise NotFound(f"revision {wanted} of {doc_id!r} has no attachment {name!r}")
+            if entry.get("content") is None:
+                raise DataAbsent(
+                    f"the data of attachment {name!r} of {doc_id!r} is not here yet",
+                    meta=AttachmentMeta(name, entry["content_type"], entry["length"],
+                                        entry["digest"], entry["revpos"]),
+                    source=entry.get("absent"))
             chunk_size = chunks.chunk_size_of(conn, entry["content"])
             if chunk_size is None:
                 raise StoreError(f"the data of attachment {name!r} of {doc_id!r} is missing")
@@ -868,6 +901,97 @@ class SQLiteStore(Store):
                 await self._transact(
                     chunks.collect, [item.content for item in staged], self._in_use
                 )
+
+    # -- attachments held without their data (see base.Store) --------------------------------
+
+    async def put_replicated_absent(self, doc: Doc, source: str) -> None:
+        parsed = revtree.parse_doc(doc, new_edits=False)
+        raw = doc.get("_attachments") or {}
+        specs: dict[str, Any] = {}
+        for name, spec in parsed.attachments.items():
+            entry = raw.get(name)
+            if not isinstance(spec, Stub) or not isinstance(entry, Mapping) \
+                    or type(entry.get("length")) is not int or entry["length"] < 0 \
+                    or not isinstance(entry.get("content_type"), str) \
+                    or not isinstance(spec.digest, str) or type(spec.revpos) is not int:
+                raise BadRequest(f"document {parsed.id!r}: attachment {name!r} needs a full "
+                                 "stub (content_type, length, digest, revpos)")
+            specs[name] = _Absent(entry["content_type"], entry["length"], spec.digest,
+                                  spec.revpos, source)
+        replicated = attrs.evolve(parsed, attachments=specs)
+
+        def write(conn: sqlite3.Connection) -> list[str | StoreError]:
+            return self._write_docs(conn, [replicated], False)
+
+        [result] = await self._transact(write)
+        if isinstance(result, StoreError):
+            raise result
+
+    def _leaf_bodies(self, conn: sqlite3.Connection, doc_id: str) -> dict[str, str | None]:
+        row = conn.execute("SELECT bodies FROM docs WHERE id = ?", (doc_id,)).fetchone()
+        return {} if row is None else self._bodies(doc_id, row[0])
+
+    async def absent_attachments(self, doc_id: str, rev: str) -> dict[str, str]:
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            stored = self._leaf_bodies(conn, doc_id).get(rev)
+            return {name: entry.get("absent") or "" for name, entry
+                    in _stored_attachments(stored).items() if entry.get("content") is None}
+
+        return await self._run(read)
+
+    async def absent_documents(self, limit: int = 1000) -> list[tuple[str, str]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            found = []
+            # A quick filter on the packed bodies, then the real test on each leaf.
+            for doc_id, raw in conn.execute(
+                    "SELECT id, bodies FROM docs WHERE instr(bodies, ?) > 0",
+                    (b'"absent":',)):
+                for rev, stored in self._bodies(doc_id, raw).items():
+                    if any(e.get("content") is None
+                           for e in _stored_attachments(stored).values()):
+                        found.append((doc_id, rev))
+                if len(found) >= limit:
+                    break
+            return found[:limit]
+
+        return await self._run(read)
+
+    async def fill_absent(self, doc_id: str, rev: str, name: str,
+                          data: AsyncIterable[bytes]) -> bool:
+        def absent_entry(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            entry = _stored_attachments(self._leaf_bodies(conn, doc_id).get(rev)).get(name)
+            return entry if entry is not None and entry.get("content") is None else None
+
+        entry = await self._run(absent_entry)
+        if entry is None:
+            return False
+        check = StreamCheck(digest=entry["digest"], length=entry["length"])
+        staged = await self._stage(data, check, entry["content_type"], entry["revpos"])
+
+        def write(conn: sqlite3.Connection) -> list[bool]:
+            # Every leaf holding this absent data gets it; the revisions stay as they are
+            # (their ids cover the digest, not where the data lives), so no new seq.
+            bodies = self._leaf_bodies(conn, doc_id)
+            filled = False
+            for leaf, stored in bodies.items():
+                if _is_tombstone(stored) or not _has_attachments(stored):
+                    continue
+                body = json.loads(stored)
+                found = (body.get("_attachments") or {}).get(name)
+                if found and found.get("content") is None and found["digest"] == entry["digest"]:
+                    found["content"] = staged.content
+                    del found["absent"]
+                    bodies[leaf] = _dump_body(body)
+                    filled = True
+            if filled:
+                conn.execute("UPDATE docs SET bodies = ? WHERE id = ?", (_pack(bodies), doc_id))
+                contents = {e["content"] for stored in bodies.values()
+                            for e in _stored_attachments(stored).values()
+                            if e.get("content") is not None}
+                chunks.set_doc_contents(conn, doc_id, contents)
+            return [filled]
+
+        return await self._commit_staged(write, [staged])
 
     # -- staged chunks of incoming transfers (see chunks.py) ---------------------------------
 

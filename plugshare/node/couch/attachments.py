@@ -52,6 +52,5 @@ async def serve(request: Request, view: DatabaseView, files, doc_id: str,
         return await files_api.attachment_response(
             request, stub, lambda wanted: files.open(doc_id, name, doc["_rev"], wanted,
                                                      stub=stub, seal=seal))
-    return await files_api.attachment_response(
-        request, stub, lambda wanted: view.open_attachment(doc_id, name, doc["_rev"],
-                                                           range=wanted))
+    return await files_api.attachment_response(  # fetched first if a share fetched on read
+        request, stub, lambda wanted: files.open(doc_id, name, doc["_rev"], wanted))

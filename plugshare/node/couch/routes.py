@@ -245,7 +245,7 @@ def endpoints(parts) -> list[Route]:
         revs = params.flag(request.query_params, "revs")
         results = await view.bulk_get(wanted, revs=revs)
         if params.flag(request.query_params, "attachments"):  # data inline, streamed
-            return StreamingResponse(inline.results_with_data(results, view.open_attachment),
+            return StreamingResponse(inline.results_with_data(results, _inline_data(parts.files)),
                                      media_type="application/json")
         return _json({"results": results})
 
@@ -317,7 +317,7 @@ def endpoints(parts) -> list[Route]:
         doc_id = check_doc_id(request.path_params["doc_id"])
         query = request.query_params
         if request.method in ("GET", "HEAD"):
-            return await _read(request, view, doc_id)
+            return await _read(request, view, doc_id, parts.files)
         if request.method == "DELETE":
             rev = _named_rev(request, query.get("rev"), None)
             await view.get(doc_id)  # a doc it may not read is missing, not refused
@@ -389,7 +389,7 @@ def endpoints(parts) -> list[Route]:
     ]
 
 
-async def _read(request: Request, view: DatabaseView, doc_id: str) -> Response:
+async def _read(request: Request, view: DatabaseView, doc_id: str, files) -> Response:
     query = request.query_params
     given, open_revs = params.json_value(query, "open_revs") if query.get("open_revs") != "all" \
         else (True, "all")
@@ -399,7 +399,7 @@ async def _read(request: Request, view: DatabaseView, doc_id: str) -> Response:
             raise bad_request("`open_revs` must be \"all\" or a JSON list of revisions")
         found = await view.open_revs(doc_id, None if open_revs == "all" else open_revs)
         if params.flag(query, "attachments"):  # data inline, streamed (JSON only)
-            return StreamingResponse(inline.open_revs_with_data(found, view.open_attachment),
+            return StreamingResponse(inline.open_revs_with_data(found, _inline_data(files)),
                                      media_type="application/json")
         if "application/json" in request.headers.get("accept", ""):
             return _json(found)
@@ -543,3 +543,9 @@ def _too_many(what: str) -> CouchError:
     return CouchError(413, "request_entity_too_large", f"at most {MAX_DOCS} {what} per request")
 
 
+
+
+def _inline_data(files) -> inline.OpenAttachment:
+    """Inline data read as `/couch` attachment GETs read it (fetched first when a share
+    fetched on read lacks it)."""
+    return lambda doc_id, name, rev: files.open(doc_id, name, rev, None)
