@@ -47,6 +47,7 @@ class ApiParts:
     status: Callable[[], Awaitable[dict]]
     nearby: Callable[[], list] = list  # nodes found on the LAN that are not peers (yet)
     max_attachment: int = DEFAULT_MAX_ATTACHMENT  # bytes, per attachment ([api] config)
+    spool_dir: Any = None  # where /couch spools inline attachment data (None: the temp dir)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
@@ -478,7 +479,8 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
         *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
-                                 max_body=MAX_BODY, files=files)),  # the CouchDB API
+                                 max_body=MAX_BODY, files=files,
+                                 spool_dir=node.spool_dir)),  # the CouchDB API
     ]
     spec = build_openapi(routes, version=__version__, basic_under=COUCH)
 

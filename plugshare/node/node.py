@@ -173,7 +173,8 @@ class Node:
                                  admin=self.admin, sharing=self.sharing, events=self.events,
                                  peers_status=self.peers.status, nearby=self.nearby,
                                  status=self.status,
-                                 max_attachment=self.config.api.max_attachment_size)
+                                 max_attachment=self.config.api.max_attachment_size,
+                                 spool_dir=self.home.root)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)
