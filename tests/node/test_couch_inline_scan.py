@@ -113,3 +113,64 @@ def test_a_body_cut_short_is_refused():
         scanner.feed(body[:end])
         with pytest.raises(InlineBodyError):
             scanner.finish()
+
+
+# -- multipart/related (CouchDB's replicator's doc PUT) ---------------------------------------
+
+from plugshare.node.couch.multipart import (MultipartScanner, Part, PartData, PartEnd,  # noqa: E402
+                                            boundary_of, disposition_filename)
+
+
+def multipart(boundary: bytes, parts: list[tuple[dict, bytes]]) -> bytes:
+    out = b"preamble, ignored\r\n"
+    for headers, data in parts:
+        out += b"--" + boundary + b"\r\n"
+        out += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+        out += data + b"\r\n"
+    return out + b"--" + boundary + b"--\r\nepilogue"
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=80_000), max_size=30))
+def test_multipart_parts_come_out_whole_whatever_the_pieces(cuts):
+    boundary = b"abc123"
+    # data holding near-boundaries: CRLF, "--abc12", a boundary without its CRLF
+    tricky = b"x\r\n--abc12y--abc123z\r\n-" + os.urandom(70_000)
+    parts = [({"Content-Type": "application/json"}, b'{"_id": "d"}'),
+             ({"Content-Disposition": 'attachment; filename="a \\"b\\".bin"'}, tricky),
+             ({}, b"")]
+    body = multipart(boundary, parts)
+    scanner = MultipartScanner(boundary)
+    got: list[list] = []
+    at = 0
+    for cut in sorted(c for c in set(cuts) if c < len(body)) + [len(body)]:
+        for event in scanner.feed(body[at:cut]):
+            if isinstance(event, Part):
+                got.append([event.headers, b"", False])
+            elif isinstance(event, PartData):
+                assert not got[-1][2]
+                got[-1][1] += event.piece
+            else:
+                assert isinstance(event, PartEnd)
+                got[-1][2] = True
+        at = cut
+    scanner.finish()
+    assert [(h, d, e) for h, d, e in got] == [
+        ({k.lower(): v for k, v in headers.items()}, data, True) for headers, data in parts]
+    assert disposition_filename(got[1][0]) == 'a "b".bin'
+    assert disposition_filename(got[0][0]) is None
+
+
+def test_multipart_boundaries_and_bad_bodies():
+    assert boundary_of('multipart/related; boundary="x y"') == b"x y"
+    assert boundary_of("multipart/related;boundary=abc") == b"abc"
+    for bad in ("multipart/related", "multipart/related; boundary=" + "b" * 71):
+        with pytest.raises(InlineBodyError):
+            boundary_of(bad)
+    scanner = MultipartScanner(b"b")
+    scanner.feed(b"--b\r\nContent-Type: application/json\r\n\r\n{}")
+    with pytest.raises(InlineBodyError):
+        scanner.finish()  # cut before the closing boundary
+    with pytest.raises(InlineBodyError) as refused:
+        MultipartScanner(b"b").feed(b"--b\r\n" + b"X-Pad: " + b"p" * 20_000)
+    assert refused.value.status == 413

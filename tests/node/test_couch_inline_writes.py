@@ -78,3 +78,72 @@ def test_the_nodes_cap_bounds_all_the_inline_data_of_a_request(cluster):
         taken = http.post("/couch/io.files/_bulk_docs", json={"docs": docs[:1],
                                                                "new_edits": False})
         assert taken.status_code == 201 and taken.json() == [], taken.text
+
+
+def _md5(data: bytes) -> str:
+    import hashlib
+    return "md5-" + base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _related(doc: dict, parts: list[tuple[str | None, bytes]], boundary: str = "b0und") -> bytes:
+    """A doc PUT body as CouchDB's replicator sends it: the JSON, then a part per file."""
+    import json
+    out = f"--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode() + \
+        json.dumps(doc).encode() + b"\r\n"
+    for filename, data in parts:
+        disposition = f'Content-Disposition: attachment; filename="{filename}"\r\n' \
+            if filename is not None else ""
+        out += (f"--{boundary}\r\n{disposition}Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--".encode()
+
+
+def test_a_multipart_related_doc_put_as_couchdbs_replicator_sends_it(cluster):
+    """CouchDB's replicator PUTs a revision with attachments as multipart/related
+    (?new_edits=false): the JSON with `follows` entries, then the data raw, one part each;
+    a part is matched by its filename, else by order; one that lies is refused, and the
+    document keeps what it had."""
+    alice = cluster.add("alice")
+    big, small = os.urandom(9 * 1024 * 1024 + 7), b"small file"
+
+    def revision(n: int, parent: str | None, files: dict[str, bytes], **lies) -> dict:
+        own = f"{n}{'e' * 31}"
+        return {"_id": "m1", "_rev": f"{n}-{own}", "title": f"v{n}",
+                "_revisions": {"start": n, "ids": [own] + ([parent] if parent else [])},
+                "_attachments": {name: {"follows": True, "content_type": "x/y",
+                                        "length": len(data), "digest": _md5(data),
+                                        "revpos": n, **lies}
+                                 for name, data in files.items()}}
+
+    with _http(alice) as http:
+        def put(doc: dict, parts, boundary: str = "b0und") -> httpx.Response:
+            return http.put("/couch/io.files/m1", params={"new_edits": "false"},
+                            content=_related(doc, parts, boundary),
+                            headers={"content-type":
+                                     f'multipart/related; boundary="{boundary}"'})
+
+        first = revision(1, None, {"big.bin": big, "s.txt": small})
+        # parts named, in another order than the JSON's
+        made = put(first, [("s.txt", small), ("big.bin", big)])
+        assert made.status_code == 201, made.text
+        assert http.get("/couch/io.files/m1/big.bin").content == big
+        assert http.get("/couch/io.files/m1/s.txt").content == small
+        # unnamed parts: in the JSON's order
+        second = revision(2, first["_rev"][2:], {"s.txt": b"v2"})
+        second["_attachments"]["big.bin"] = {"stub": True, "content_type": "x/y",
+                                             "length": len(big), "digest": _md5(big),
+                                             "revpos": 1}
+        assert put(second, [(None, b"v2")], boundary="other-b").status_code == 201
+        assert http.get("/couch/io.files/m1").json()["_rev"] == second["_rev"]
+        assert http.get("/couch/io.files/m1/s.txt").content == b"v2"
+        # lies: a digest, a length, a part too few
+        third = revision(3, second["_rev"][2:], {"s.txt": b"v3"})
+        for doc, parts in ((revision(3, second["_rev"][2:], {"s.txt": b"v3"},
+                                     digest=_md5(b"v4")), [("s.txt", b"v3")]),
+                           (revision(3, second["_rev"][2:], {"s.txt": b"v3"}, length=3),
+                            [("s.txt", b"v3")]),
+                           (third, [])):
+            refused = put(doc, parts)
+            assert refused.status_code == 400, refused.text
+        assert http.get("/couch/io.files/m1").json()["_rev"] == second["_rev"]
+        assert http.get("/couch/io.files/m1/big.bin").content == big

@@ -21,7 +21,7 @@ from plugshare.node.couch import attachments as files_routes
 from plugshare.node.couch import body as bodies
 from plugshare.node.couch import inline, mango, params
 from plugshare.node.couch.inline_scan import BULK_DOCS, ONE_DOC
-from plugshare.node.couch.spool import SPOOLING, inline_body
+from plugshare.node.couch.spool import SPOOLING, inline_body, multipart_body
 from plugshare.node.couch.databases import names, resolve
 from plugshare.node.couch.errors import CouchError, bad_request, forbidden
 from plugshare.node.couch.feeds import FeedSlots, follow
@@ -91,9 +91,14 @@ def endpoints(parts) -> list[Route]:
 
     def write_body(request: Request, data_path: tuple):
         """A write's body, attachment data inline spooled: JSON within the body cap, data
-        within the node's attachment cap (in all, per request)."""
-        return inline_body(request, data_path, max_json=cap, max_data=parts.files.max_size,
-                           slots=spool_slots, directory=parts.spool_dir)
+        within the node's attachment cap (in all, per request). A doc PUT may also be
+        `multipart/related` (CouchDB's replicator: the data in parts after the JSON)."""
+        limits = {"max_json": cap, "max_data": parts.files.max_size, "slots": spool_slots,
+                  "directory": parts.spool_dir}
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if data_path == ONE_DOC and request.method == "PUT" and media == "multipart/related":
+            return multipart_body(request, **limits)
+        return inline_body(request, data_path, **limits)
 
     async def open_view(request: Request) -> DatabaseView:
         opened = await call("db.list", credential=request.state.credential)

@@ -26,7 +26,9 @@ from starlette.requests import Request
 from plugshare.node.couch.body import check_json_type
 from plugshare.node.couch.errors import CouchError, bad_request
 from plugshare.node.couch.inline_scan import (Base64Stream, DataEvent, InlineBodyError,
-                                              InlineScanner)
+                                              InlineScanner, placeholder)
+from plugshare.node.couch.multipart import (MultipartScanner, Part, PartData, boundary_of,
+                                            disposition_filename)
 from plugshare.store.attachments import CHUNK_SIZE
 
 IN_MEMORY = 1024 * 1024  # spooled bytes a request keeps in memory before using a file
@@ -53,15 +55,23 @@ class Spool:
         self._file: tempfile.SpooledTemporaryFile | None = None
         self._size = 0  # bytes in the file, or on their way to it
         self._pending = bytearray()
-        self._open: tuple[int, Base64Stream, object, Spooled] | None = None
+        self._open: tuple[int, Base64Stream | None, object, Spooled] | None = None
         self._lock = trio.Lock()
         self.entries: dict[int, Spooled] = {}
 
     async def take(self, event: DataEvent) -> None:
-        if self._open is None or self._open[0] != event.index:
-            await self._begin(event.index)
+        """Base64 text of data string `event.index` (`inline_scan`)."""
+        await self._add(event.index, event.piece, event.end, base64_text=True)
+
+    async def take_raw(self, index: int, data: bytes, end: bool) -> None:
+        """Raw data of attachment `index` (a multipart part)."""
+        await self._add(index, data, end, base64_text=False)
+
+    async def _add(self, index: int, piece: bytes, end: bool, *, base64_text: bool) -> None:
+        if self._open is None or self._open[0] != index:
+            await self._begin(index, Base64Stream() if base64_text else None)
         _, decoder, md5, entry = self._open
-        data = decoder.feed(event.piece)
+        data = decoder.feed(piece) if decoder is not None else piece
         if data:
             if self._size + len(data) > self._max:
                 raise InlineBodyError(413, f"the attachments' data is over {self._max} bytes "
@@ -72,19 +82,20 @@ class Spool:
             self._pending += data
             if len(self._pending) >= WRITE_BATCH:
                 await self._flush()
-        if event.end:
-            decoder.finish()
+        if end:
+            if decoder is not None:
+                decoder.finish()
             entry.digest = "md5-" + base64.b64encode(md5.digest()).decode()
-            self.entries[event.index] = entry
+            self.entries[index] = entry
             self._open = None
 
-    async def _begin(self, index: int) -> None:
+    async def _begin(self, index: int, decoder: Base64Stream | None) -> None:
         if not self._holding_slot:
             await self._slots.acquire()
             self._holding_slot = True
         if self._file is None:
             self._file = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY, dir=self._directory)
-        self._open = (index, Base64Stream(), hashlib.md5(usedforsecurity=False),
+        self._open = (index, decoder, hashlib.md5(usedforsecurity=False),
                       Spooled(offset=self._size))
 
     async def _flush(self) -> None:
@@ -148,30 +159,108 @@ async def inline_body(request: Request, data_path: tuple, *, max_json: int, max_
     spool = Spool(max_data, slots, directory)
     try:
         try:
-            pieces = request.stream().__aiter__()
-            while True:
-                with trio.move_on_after(BODY_IDLE) as idle:
-                    try:
-                        piece = await pieces.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if idle.cancelled_caught:
-                    raise CouchError(408, "request_timeout",
-                                     f"the body stalled for {BODY_IDLE:.0f} s")
+            async for piece in _pieces(request):
                 for event in scanner.feed(piece):
                     await spool.take(event)
             skeleton = scanner.finish()
             await spool.done()
         except InlineBodyError as exc:
-            raise CouchError(exc.status, "request_entity_too_large" if exc.status == 413
-                             else "bad_request", exc.reason) from None
-        try:
-            body = json.loads(skeleton)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise bad_request("invalid UTF-8 JSON") from None
-        if not isinstance(body, dict):
-            raise bad_request("Request body must be a JSON object")
-        yield body, spool
+            raise _as_couch(exc) from None
+        yield _json_object(skeleton), spool
     finally:
         with trio.CancelScope(shield=True):
             await spool.aclose()
+
+
+@asynccontextmanager
+async def multipart_body(request: Request, *, max_json: int, max_data: int,
+                         slots: trio.CapacityLimiter, directory=None
+                         ) -> AsyncIterator[tuple[dict, Spool]]:
+    """A `multipart/related` doc PUT (CouchDB's replicator): its JSON part, whose `follows`
+    entries become inline entries whose data is the spooled part each names (by its
+    Content-Disposition filename, else in order), as `inline_body` gives them."""
+    spool = Spool(max_data, slots, directory)
+    try:
+        try:
+            scanner = MultipartScanner(boundary_of(request.headers.get("content-type", "")))
+            head = bytearray()  # the first part: the document
+            parts = 0
+            filenames: list[str | None] = []  # of each attachment part (those after it)
+            async for piece in _pieces(request):
+                for event in scanner.feed(piece):
+                    if isinstance(event, Part):
+                        parts += 1
+                        if parts > 1:
+                            filenames.append(disposition_filename(event.headers))
+                    elif isinstance(event, PartData):
+                        if parts == 1:
+                            head += event.piece
+                            if len(head) > max_json:
+                                raise InlineBodyError(413, f"the document part is over "
+                                                           f"{max_json} bytes")
+                        else:
+                            await spool.take_raw(len(filenames) - 1, event.piece, False)
+                    elif parts > 1:  # the end of an attachment part
+                        await spool.take_raw(len(filenames) - 1, b"", True)
+            scanner.finish()
+            await spool.done()
+        except InlineBodyError as exc:
+            raise _as_couch(exc) from None
+        yield _with_parts(_json_object(bytes(head)), filenames), spool
+    finally:
+        with trio.CancelScope(shield=True):
+            await spool.aclose()
+
+
+def _with_parts(doc: dict, filenames: list[str | None]) -> dict:
+    attachments = doc.get("_attachments")
+    if not isinstance(attachments, dict):
+        attachments = {}
+    follows = [n for n, e in attachments.items() if isinstance(e, dict) and e.get("follows")]
+    if len(follows) != len(filenames):
+        raise bad_request(f"{len(follows)} attachments follow the document, but "
+                          f"{len(filenames)} parts do")
+    if all(f is not None for f in filenames):
+        if sorted(filenames) != sorted(follows):
+            raise bad_request("the parts' filenames are not the attachments that follow")
+        index = {name: i for i, name in enumerate(filenames)}
+    else:
+        index = {name: i for i, name in enumerate(follows)}
+    entries = dict(attachments)
+    for name in follows:
+        entry = attachments[name]
+        if entry.get("encoding") not in (None, "identity"):
+            raise CouchError(415, "bad_content_type", f"attachment {name!r}: encoded data "
+                             f"({entry['encoding']}) is not taken: send it as it is")
+        entries[name] = {**{k: v for k, v in entry.items() if k != "follows"},
+                         "data": placeholder(index[name])}
+    return {**doc, "_attachments": entries} if follows else doc
+
+
+async def _pieces(request: Request) -> AsyncIterator[bytes]:
+    """The body's pieces; a body stalled for BODY_IDLE ends the request (408)."""
+    pieces = request.stream().__aiter__()
+    while True:
+        with trio.move_on_after(BODY_IDLE) as idle:
+            try:
+                piece = await pieces.__anext__()
+            except StopAsyncIteration:
+                return
+        if idle.cancelled_caught:
+            raise CouchError(408, "request_timeout", f"the body stalled for {BODY_IDLE:.0f} s")
+        yield piece
+
+
+def _as_couch(exc: InlineBodyError) -> CouchError:
+    return CouchError(exc.status, "request_entity_too_large" if exc.status == 413
+                      else "bad_request", exc.reason)
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise bad_request("invalid UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object")
+    return body
