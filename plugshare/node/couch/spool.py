@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from plugshare.node.couch.body import check_json_type
 from plugshare.node.couch.errors import CouchError, bad_request
@@ -238,7 +238,9 @@ def _with_parts(doc: dict, filenames: list[str | None]) -> dict:
 
 
 async def _pieces(request: Request) -> AsyncIterator[bytes]:
-    """The body's pieces; a body stalled for BODY_IDLE ends the request (408)."""
+    """The body's pieces; a body stalled for BODY_IDLE ends the request (408), one whose
+    client went away before its end is a plain refusal (no answer reaches anyone; the
+    spool goes with the request), not a server error."""
     pieces = request.stream().__aiter__()
     while True:
         with trio.move_on_after(BODY_IDLE) as idle:
@@ -246,6 +248,8 @@ async def _pieces(request: Request) -> AsyncIterator[bytes]:
                 piece = await pieces.__anext__()
             except StopAsyncIteration:
                 return
+            except ClientDisconnect:
+                raise bad_request("the client went away before the end of its body") from None
         if idle.cancelled_caught:
             raise CouchError(408, "request_timeout", f"the body stalled for {BODY_IDLE:.0f} s")
         yield piece
