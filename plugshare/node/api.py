@@ -50,6 +50,7 @@ class ApiParts:
     max_attachment: int = DEFAULT_MAX_ATTACHMENT  # bytes, per attachment ([api] config)
     open_stored: Callable[..., Awaitable[Any]] | None = None  # data, fetched if not here
     set_fetch_mode: Callable[[str, object], Awaitable[dict]] | None = None
+    spool_dir: Any = None  # where /couch spools inline attachment data (None: the temp dir)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
@@ -492,7 +493,8 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/peers", peers, methods=["GET"]),
         events_route(node.events, authorize=_owner_only(node)),
         *couch_routes(CouchParts(call=call, documents=docs, events=node.events,
-                                 max_body=MAX_BODY, files=files)),  # the CouchDB API
+                                 max_body=MAX_BODY, files=files,
+                                 spool_dir=node.spool_dir)),  # the CouchDB API
     ]
     spec = build_openapi(routes, version=__version__, basic_under=COUCH)
 

@@ -194,7 +194,8 @@ class Node:
                                  status=self.status,
                                  max_attachment=self.config.api.max_attachment_size,
                                  open_stored=self.on_read.open_attachment,
-                                 set_fetch_mode=self.set_fetch_mode)
+                                 set_fetch_mode=self.set_fetch_mode,
+                                 spool_dir=self.home.root)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)

@@ -431,6 +431,8 @@ class Door:
                 sealed = self._inline_attachment_refusal(doc)
                 if sealed is None:
                     doc, sealed = _stored_stubs(doc, current)
+            if sealed is None:
+                sealed = self._new_data_refusal(doc)
             if sealed is not None:
                 self._record(principal.label, "write", doc, Decision(False, sealed))
                 raise InvalidArgument(sealed)
@@ -495,6 +497,24 @@ class Door:
         return (f"attachments {sorted(inline)} carry data inline on a sealed document: write "
                 "them through the attachment API (/data/{doctype}/{id}/{name}), which seals "
                 "them as they stream in")
+
+    def _new_data_refusal(self, doc: Mapping[str, Any]) -> str | None:
+        """Why the attachment data a write brings (its `follows` entries, streamed in by the
+        node once the write is decided) is refused by the shares the doc is in (their size
+        and content type caps, as `att.write` applies them), else None."""
+        for name, entry in sorted((doc.get("_attachments") or {}).items()):
+            if not isinstance(entry, Mapping) or entry.get("follows") is not True:
+                continue
+            content_type = entry.get("content_type")
+            cap, refusal = self._attachment_caps(
+                doc, content_type if isinstance(content_type, str) else None)
+            if refusal is not None:
+                return f"attachment {name!r}: {refusal}"
+            length = entry.get("length")
+            if cap is not None and isinstance(length, int) and length > cap:
+                return (f"attachment {name!r} ({length} bytes) is over the share's cap of "
+                        f"{cap} bytes")
+        return None
 
     def _attachment_caps(self, doc: Mapping[str, Any], content_type: str | None
                          ) -> tuple[int | None, str | None]:

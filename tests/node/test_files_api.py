@@ -298,12 +298,36 @@ def test_the_couchdb_api_serves_and_takes_attachments(cluster, store):
         assert "digest" in refused.json()[0]["reason"]
         assert http.get("/couch/io.files/f1").json()["_rev"] == rev
         assert http.get("/couch/io.files/f1/a.bin").content == data
-        # an edit (new_edits true) with inline data is told where files go
+        # an edit (new_edits true) with inline data: one new revision, the stub kept
         edit = http.post("/couch/io.files/_bulk_docs", json={"docs": [{
-            "_id": "f1", "_rev": rev, "_attachments": {"b.txt": {
-                "content_type": "text/plain", "data": base64.b64encode(b"b").decode()}}}]})
-        assert edit.json()[0]["error"] == "forbidden", edit.text
-        assert "/couch/io.files/f1/b.txt" in edit.json()[0]["reason"]
+            "_id": "f1", "_rev": rev, "title": "two files", "_attachments": {
+                "a.bin": {"stub": True},
+                "b.txt": {"content_type": "text/plain",
+                          "data": base64.b64encode(b"b").decode()}}}]})
+        assert edit.status_code == 201 and edit.json()[0]["ok"], edit.text
+        new_rev = edit.json()[0]["rev"]
+        assert new_rev.startswith(f"{int(rev.split('-')[0]) + 1}-")
+        doc = http.get("/couch/io.files/f1").json()
+        assert doc["_rev"] == new_rev and doc["title"] == "two files"
+        assert doc["_attachments"]["b.txt"]["revpos"] == int(new_rev.split("-")[0])
+        assert doc["_attachments"]["a.bin"]["digest"] == _md5(data)
+        assert http.get("/couch/io.files/f1/b.txt").content == b"b"
+        assert http.get("/couch/io.files/f1/a.bin").content == data
+        # an edit of a revision that is no longer the current one is a conflict
+        stale = http.put("/couch/io.files/f1", params={"rev": rev}, json={
+            "_attachments": {"c.txt": {"data": base64.b64encode(b"c").decode()}}})
+        assert stale.status_code == 409, stale.text
+        assert http.get("/couch/io.files/f1").json()["_rev"] == new_rev
+        # a doc PUT with inline data makes a new document; a lying length is refused
+        made = http.put("/couch/io.files/f2", json={"_attachments": {"c.txt": {
+            "content_type": "text/plain", "data": base64.b64encode(b"ccc").decode()}}})
+        assert made.status_code == 201, made.text
+        assert http.get("/couch/io.files/f2/c.txt").content == b"ccc"
+        lie = http.put("/couch/io.files/f2", params={"rev": made.json()["rev"]}, json={
+            "_attachments": {"c.txt": {"data": base64.b64encode(b"dd").decode(),
+                                       "length": 3}}})
+        assert lie.status_code == 400 and "bytes" in lie.json()["reason"], lie.text
+        assert http.get("/couch/io.files/f2/c.txt").content == b"ccc"
 
 
 def test_the_nodes_own_cap_from_its_config_refuses_a_larger_file(cluster, store):

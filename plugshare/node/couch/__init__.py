@@ -36,6 +36,9 @@ class CouchParts:
     events: Any  # the node's event bus: API writes are published as doc.written
     max_body: int  # bytes a request body may hold
     files: Any = None  # plugshare.node.files.Files: attachments' writes (caps, decisions)
+    # where inline attachment data waits for the token's decision: the node's home (on the
+    # disk the store is on; the temp dir may be memory, a tmpfs); None: the temp dir
+    spool_dir: Any = None
     instance: str = attrs.field(factory=lambda: secrets.token_hex(16))
 
 

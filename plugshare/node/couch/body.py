@@ -17,16 +17,22 @@ def _too_large(cap: int) -> CouchError:
     return CouchError(413, "request_entity_too_large", f"the body is over {cap} bytes")
 
 
+def check_json_type(request: Request) -> None:
+    """415 `bad_content_type` for a body declared as something else than JSON (CouchDB's
+    check on writes); no declared type is taken as JSON."""
+    declared = request.headers.get("content-type", "application/json")
+    media = declared.split(";", 1)[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise CouchError(415, "bad_content_type", "Content-Type must be application/json")
+
+
 async def json_body(request: Request, cap: int, *, check_type: bool = True,
                     empty: Any = None) -> Any:
     """The request's JSON body. 415 `bad_content_type` for a body declared as something
     else than JSON (CouchDB's check on writes), 413 past `cap` bytes (nothing is read
     beyond), 400 for malformed JSON."""
     if check_type:
-        declared = request.headers.get("content-type", "application/json")
-        media = declared.split(";", 1)[0].strip().lower()
-        if media not in JSON_TYPES:
-            raise CouchError(415, "bad_content_type", "Content-Type must be application/json")
+        check_json_type(request)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > cap:
         raise _too_large(cap)

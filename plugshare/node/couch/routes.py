@@ -20,6 +20,8 @@ from plugshare import __version__
 from plugshare.node.couch import attachments as files_routes
 from plugshare.node.couch import body as bodies
 from plugshare.node.couch import inline, mango, params
+from plugshare.node.couch.inline_scan import BULK_DOCS, ONE_DOC
+from plugshare.node.couch.spool import SPOOLING, inline_body, multipart_body
 from plugshare.node.couch.databases import names, resolve
 from plugshare.node.couch.errors import CouchError, bad_request, forbidden
 from plugshare.node.couch.feeds import FeedSlots, follow
@@ -85,6 +87,18 @@ def endpoints(parts) -> list[Route]:
     counts = DocCounts()
     cap = parts.max_body
     find_slots = trio.CapacityLimiter(FIND_SLOTS)
+    spool_slots = trio.CapacityLimiter(SPOOLING)
+
+    def write_body(request: Request, data_path: tuple):
+        """A write's body, attachment data inline spooled: JSON within the body cap, data
+        within the node's attachment cap (in all, per request). A doc PUT may also be
+        `multipart/related` (CouchDB's replicator: the data in parts after the JSON)."""
+        limits = {"max_json": cap, "max_data": parts.files.max_size, "slots": spool_slots,
+                  "directory": parts.spool_dir}
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if data_path == ONE_DOC and request.method == "PUT" and media == "multipart/related":
+            return multipart_body(request, **limits)
+        return inline_body(request, data_path, **limits)
 
     async def open_view(request: Request) -> DatabaseView:
         opened = await call("db.list", credential=request.state.credential)
@@ -128,8 +142,8 @@ def endpoints(parts) -> list[Route]:
             raise CouchError(412, "file_exists", "The database could not be created, the "
                                                  "file already exists.")
         if request.method == "POST":
-            doc = await bodies.json_object(request, cap)
-            result = await _write_one(view, doc, new_edits=True)
+            async with write_body(request, ONE_DOC) as (doc, spool):
+                result = await _write_one(view, doc, new_edits=True, spool=spool)
             return _json({"ok": True, "id": result["id"], "rev": result["rev"]}, 201)
         if request.method == "DELETE":
             raise forbidden("databases are virtual: they cannot be deleted")
@@ -211,16 +225,17 @@ def endpoints(parts) -> list[Route]:
         """POST: write many documents ({"docs": [...], "new_edits": bool}); a refused or
         conflicting document is an error in its own result"""
         view = await open_view(request)
-        body = await bodies.json_object(request, cap)
-        docs = body.get("docs")
-        new_edits = body.get("new_edits", True)
-        if not isinstance(docs, list):
-            raise bad_request("POST body must include `docs` parameter.")
-        if not isinstance(new_edits, bool):
-            raise bad_request("`new_edits` parameter must be a boolean.")
-        if len(docs) > MAX_DOCS:
-            raise _too_many("documents")
-        results = [_as_refusal(r) for r in await view.write(docs, new_edits=new_edits)]
+        async with write_body(request, BULK_DOCS) as (body, spool):
+            docs = body.get("docs")
+            new_edits = body.get("new_edits", True)
+            if not isinstance(docs, list):
+                raise bad_request("POST body must include `docs` parameter.")
+            if not isinstance(new_edits, bool):
+                raise bad_request("`new_edits` parameter must be a boolean.")
+            if len(docs) > MAX_DOCS:
+                raise _too_many("documents")
+            results = [_as_refusal(r) for r in await view.write(docs, new_edits=new_edits,
+                                                                spool=spool)]
         if not new_edits:  # CouchDB answers only the failures of replicated revisions
             results = [r for r in results if "error" in r]
         return _json(results, 201)
@@ -327,13 +342,13 @@ def endpoints(parts) -> list[Route]:
                                       new_edits=True)
             return _json({"ok": True, "id": doc_id, "rev": result["rev"]},
                          headers={"etag": f'"{result["rev"]}"'})
-        doc = await bodies.json_object(request, cap)
-        if doc.get("_id", doc_id) != doc_id:
-            raise bad_request("Document id must match the id in the URL")
-        rev = _named_rev(request, query.get("rev"), doc.get("_rev"))
-        doc = {**doc, "_id": doc_id, **({"_rev": rev} if rev is not None else {})}
-        new_edits = params.flag(query, "new_edits", True)
-        result = await _write_one(view, doc, new_edits=new_edits)
+        async with write_body(request, ONE_DOC) as (doc, spool):
+            if doc.get("_id", doc_id) != doc_id:
+                raise bad_request("Document id must match the id in the URL")
+            rev = _named_rev(request, query.get("rev"), doc.get("_rev"))
+            doc = {**doc, "_id": doc_id, **({"_rev": rev} if rev is not None else {})}
+            new_edits = params.flag(query, "new_edits", True)
+            result = await _write_one(view, doc, new_edits=new_edits, spool=spool)
         return _json({"ok": True, "id": doc_id, "rev": result["rev"]}, 201,
                      headers={"etag": f'"{result["rev"]}"'})
 
@@ -454,9 +469,10 @@ def _named_rev(request: Request, query_rev: str | None, body_rev: Any) -> str | 
     return rev
 
 
-async def _write_one(view: DatabaseView, doc: dict, *, new_edits: bool) -> dict:
+async def _write_one(view: DatabaseView, doc: dict, *, new_edits: bool,
+                     spool=None) -> dict:
     """One document written through the batch path: its result, or its error raised."""
-    [result] = await view.write([doc], new_edits=new_edits)
+    [result] = await view.write([doc], new_edits=new_edits, spool=spool)
     if "error" in result:
         status = {"conflict": 409, "forbidden": 403, "bad_request": 400,
                   "not_found": 404}.get(result["error"], 400)

@@ -15,7 +15,8 @@ from typing import Any, Awaitable
 
 from plugshare.node.couch.databases import Database
 from plugshare.node.couch.errors import CouchError, as_couch, bad_request, forbidden
-from plugshare.node.couch.inline import one_piece, take_inline
+from plugshare.node.couch.inline import DataSource, take_inline
+from plugshare.node.couch.spool import Spool
 from plugshare.store import Doc
 from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq, StoreError
 
@@ -71,6 +72,39 @@ def check_doc_id(doc_id: Any) -> str:
     if doc_id.startswith("_"):
         raise bad_request(UNDERSCORE_REASON)
     return doc_id
+
+
+def child_revision(doc: Doc, current: Doc | None) -> Doc:
+    """An edit carrying attachment data, as the replicated revision it makes: the child of
+    the revision it names (which must be the current one, as for any edit; a new doc over a
+    tombstone continues it), a new rev id, its history, and its stubs resolved from the
+    current revision (those it names: the others are removed, as CouchDB does)."""
+    parent = doc.get("_rev")
+    live = current is not None and not current.get("_deleted")
+    if live:
+        conflict = parent != current["_rev"]
+    else:
+        conflict = parent is not None and (current is None or parent != current["_rev"])
+    if conflict:
+        raise CouchError(409, "conflict", CONFLICT_REASON)
+    if parent is None and current is not None:
+        parent = current["_rev"]
+    generation = int(parent.partition("-")[0]) + 1 if parent else 1
+    new_hash = uuid.uuid4().hex
+    held = (current or {}).get("_attachments") or {} if live else {}
+    attachments = {}
+    for name, entry in (doc.get("_attachments") or {}).items():
+        if isinstance(entry, dict) and entry.get("stub") is True:
+            if name not in held:
+                raise bad_request(f"attachment {name!r}: a stub of no attachment the "
+                                  "current revision has")
+            entry = {**{k: held[name][k] for k in ("content_type", "length", "digest",
+                                                   "revpos") if k in held[name]},
+                     "stub": True}
+        attachments[name] = entry
+    history = [new_hash] + ([parent.partition("-")[2]] if parent else [])
+    return {**doc, "_rev": f"{generation}-{new_hash}", "_attachments": attachments,
+            "_revisions": {"start": generation, "ids": history}}
 
 
 class DatabaseView:
@@ -307,25 +341,21 @@ class DatabaseView:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def write(self, docs: list[Any], *, new_edits: bool) -> list[dict]:
+    async def write(self, docs: list[Any], *, new_edits: bool,
+                    spool: Spool | None = None) -> list[dict]:
         """Write `docs` (decided by the token, a page of them per batch command): one result
         per doc, in order, `{"ok", "id", "rev"}` or `{"id", "error", "reason"}`; a refused or
-        conflicting doc never fails the others."""
+        conflicting doc never fails the others. Inline attachment data is read from
+        `spool` (what the request's body spooled) or decoded from the doc."""
         results: list[dict | None] = [None] * len(docs)
         prepared: list[tuple[int, Doc]] = []
-        inline: dict[int, dict[str, bytes]] = {}  # replicated attachment data, by doc
+        inline: dict[int, dict[str, DataSource]] = {}  # attachment data, by doc
         for index, doc in enumerate(docs):
             try:
                 ready = self._prepare(doc, new_edits)
-                ready, data = take_inline(ready)
-                if data and new_edits:  # an edit is one revision: files are PUT apart
-                    raise bad_request(
-                        "inline attachment data is taken from replicated writes only "
-                        "(new_edits=false); PUT each file to "
-                        + ", ".join(f"/couch/{self.db.name}/{ready['_id']}/{name}"
-                                    for name in data))
-                if data:
-                    inline[index] = data
+                ready, sources = take_inline(ready, spool, new_edits=new_edits)
+                if sources:
+                    inline[index] = sources
                 prepared.append((index, ready))
             except CouchError as exc:
                 doc_id = doc.get("_id") if isinstance(doc, dict) else None
@@ -342,7 +372,7 @@ class DatabaseView:
 
     async def _write_prepared(self, prepared: list[tuple[int, Doc]], landing: dict[str, Doc],
                               results: list[dict | None], new_edits: bool,
-                              inline: dict[int, dict[str, bytes]] | None = None) -> None:
+                              inline: dict[int, dict[str, DataSource]] | None = None) -> None:
         share = {"share": self.db.share} if self.db.share is not None else {}
         ids = {doc["_id"] for _, doc in prepared}
         answer = await self._call("doc.write_batch", credential=self._credential,
@@ -364,11 +394,15 @@ class DatabaseView:
         to_store = [(i, d) for i, d in to_store if not (inline and i in inline)]
         stored = await self._store.bulk_docs([doc for _, doc in to_store], new_edits=new_edits) \
             if to_store else []
-        for index, doc in with_data:  # a replicated revision with its attachments' data
+        for index, doc in with_data:  # a revision with its attachments' data
             try:
+                if new_edits:  # an edit: the next revision of the one it names
+                    doc = child_revision(doc, landing.get(doc["_id"]))
                 await self._store.put_replicated(
-                    doc, {name: one_piece(data) for name, data in inline[index].items()})
+                    doc, {name: source() for name, source in inline[index].items()})
                 result: dict = {"ok": True, "id": doc["_id"], "rev": doc["_rev"]}
+            except CouchError as exc:
+                result = {"error": exc.error, "reason": exc.reason}
             except StoreError as exc:
                 refusal = as_couch(exc)
                 result = {"error": refusal.error, "reason": refusal.reason}

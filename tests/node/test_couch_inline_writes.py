@@ -1,0 +1,149 @@
+"""Inline attachment data written through `/couch` meets the same caps as a file PUT to
+`/data` (issue 13): a share's size and type caps, decided by the token per document, and the
+node's own cap, on all the data of one request."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import httpx
+
+from tests.node.cluster import cluster  # noqa: F401 (fixture)
+
+
+def _http(node) -> httpx.Client:
+    return httpx.Client(base_url=node.running.api_url, timeout=120, headers={
+        "Authorization": f"Bearer {node.running.credential}"})
+
+
+def _inline(data: bytes, content_type: str) -> dict:
+    return {"content_type": content_type, "data": base64.b64encode(data).decode()}
+
+
+def test_a_shares_caps_refuse_inline_data_per_document(cluster):
+    alice = cluster.add("alice")
+    alice.api("POST", "/shares", json={"name": "pics", "doctype": "io.photos",
+                                       "max_attachment_size": 10_000,
+                                       "attachment_types": ["image/*"]})
+    with _http(alice) as http:
+        first = http.put("/couch/io.photos/p1", json={"_attachments": {
+            "small.png": _inline(b"p" * 9000, "image/png")}})
+        assert first.status_code == 201, first.text
+        rev = first.json()["rev"]
+        generation, _, parent = rev.partition("-")
+        replicated = {"_id": "p1", "_rev": f"{int(generation) + 1}-{'d' * 32}",
+                      "_revisions": {"start": int(generation) + 1, "ids": ["d" * 32, parent]}}
+        for new_edits, base in ((True, {"_id": "p1", "_rev": rev}), (False, replicated)):
+            for name, data, content_type, why in (
+                    ("big.png", b"q" * 10_001, "image/png", "10000"),
+                    ("notes.txt", b"hi", "text/plain", "text/plain")):
+                doc = {**base, "_attachments": {
+                    "small.png": {"stub": True} if new_edits else {
+                        **_inline(b"p" * 9000, "image/png"), "revpos": 1},
+                    name: _inline(data, content_type)}}
+                answer = http.post("/couch/io.photos/_bulk_docs", json={
+                    "docs": [doc, {"_id": f"other-{name}-{new_edits}"}],
+                    "new_edits": new_edits} if new_edits else {
+                    "docs": [doc], "new_edits": False})
+                assert answer.status_code == 201, answer.text
+                refused = answer.json()[0]
+                assert refused["error"] == "forbidden" and why in refused["reason"], answer.text
+                if new_edits:  # the other doc of the batch is written
+                    assert answer.json()[1]["ok"], answer.text
+        assert http.get("/couch/io.photos/p1").json()["_rev"] == rev
+        assert http.get("/couch/io.photos/p1/small.png").content == b"p" * 9000
+        # outside the share's doctype, no share cap
+        assert http.put("/couch/io.notes/n1", json={"_attachments": {
+            "big.txt": _inline(b"n" * 20_000, "text/plain")}}).status_code == 201
+
+
+def test_the_nodes_cap_bounds_all_the_inline_data_of_a_request(cluster):
+    alice = cluster.add("alice", start=False)
+    config = alice.home / "node.toml"
+    text = config.read_text()
+    config.write_text(text.replace("max_attachment_size = 4294967296",
+                                   "max_attachment_size = 100000"))
+    alice.start()
+    with _http(alice) as http:
+        docs = [{"_id": f"f{i}", "_rev": f"1-{i}{'a' * 31}",
+                 "_attachments": {"a.bin": {**_inline(os.urandom(60_000), "x/y"),
+                                            "revpos": 1}}} for i in range(2)]
+        over = http.post("/couch/io.files/_bulk_docs", json={"docs": docs,
+                                                              "new_edits": False})
+        assert over.status_code == 413, over.text
+        assert "100000" in over.json()["reason"]
+        assert http.get("/couch/io.files/_all_docs").json()["rows"] == []
+        # one of them alone is under the cap
+        taken = http.post("/couch/io.files/_bulk_docs", json={"docs": docs[:1],
+                                                               "new_edits": False})
+        assert taken.status_code == 201 and taken.json() == [], taken.text
+
+
+def _md5(data: bytes) -> str:
+    import hashlib
+    return "md5-" + base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _related(doc: dict, parts: list[tuple[str | None, bytes]], boundary: str = "b0und") -> bytes:
+    """A doc PUT body as CouchDB's replicator sends it: the JSON, then a part per file."""
+    import json
+    out = f"--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode() + \
+        json.dumps(doc).encode() + b"\r\n"
+    for filename, data in parts:
+        disposition = f'Content-Disposition: attachment; filename="{filename}"\r\n' \
+            if filename is not None else ""
+        out += (f"--{boundary}\r\n{disposition}Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--".encode()
+
+
+def test_a_multipart_related_doc_put_as_couchdbs_replicator_sends_it(cluster):
+    """CouchDB's replicator PUTs a revision with attachments as multipart/related
+    (?new_edits=false): the JSON with `follows` entries, then the data raw, one part each;
+    a part is matched by its filename, else by order; one that lies is refused, and the
+    document keeps what it had."""
+    alice = cluster.add("alice")
+    big, small = os.urandom(9 * 1024 * 1024 + 7), b"small file"
+
+    def revision(n: int, parent: str | None, files: dict[str, bytes], **lies) -> dict:
+        own = f"{n}{'e' * 31}"
+        return {"_id": "m1", "_rev": f"{n}-{own}", "title": f"v{n}",
+                "_revisions": {"start": n, "ids": [own] + ([parent] if parent else [])},
+                "_attachments": {name: {"follows": True, "content_type": "x/y",
+                                        "length": len(data), "digest": _md5(data),
+                                        "revpos": n, **lies}
+                                 for name, data in files.items()}}
+
+    with _http(alice) as http:
+        def put(doc: dict, parts, boundary: str = "b0und") -> httpx.Response:
+            return http.put("/couch/io.files/m1", params={"new_edits": "false"},
+                            content=_related(doc, parts, boundary),
+                            headers={"content-type":
+                                     f'multipart/related; boundary="{boundary}"'})
+
+        first = revision(1, None, {"big.bin": big, "s.txt": small})
+        # parts named, in another order than the JSON's
+        made = put(first, [("s.txt", small), ("big.bin", big)])
+        assert made.status_code == 201, made.text
+        assert http.get("/couch/io.files/m1/big.bin").content == big
+        assert http.get("/couch/io.files/m1/s.txt").content == small
+        # unnamed parts: in the JSON's order
+        second = revision(2, first["_rev"][2:], {"s.txt": b"v2"})
+        second["_attachments"]["big.bin"] = {"stub": True, "content_type": "x/y",
+                                             "length": len(big), "digest": _md5(big),
+                                             "revpos": 1}
+        assert put(second, [(None, b"v2")], boundary="other-b").status_code == 201
+        assert http.get("/couch/io.files/m1").json()["_rev"] == second["_rev"]
+        assert http.get("/couch/io.files/m1/s.txt").content == b"v2"
+        # lies: a digest, a length, a part too few
+        third = revision(3, second["_rev"][2:], {"s.txt": b"v3"})
+        for doc, parts in ((revision(3, second["_rev"][2:], {"s.txt": b"v3"},
+                                     digest=_md5(b"v4")), [("s.txt", b"v3")]),
+                           (revision(3, second["_rev"][2:], {"s.txt": b"v3"}, length=3),
+                            [("s.txt", b"v3")]),
+                           (third, [])):
+            refused = put(doc, parts)
+            assert refused.status_code == 400, refused.text
+        assert http.get("/couch/io.files/m1").json()["_rev"] == second["_rev"]
+        assert http.get("/couch/io.files/m1/big.bin").content == big
