@@ -545,6 +545,17 @@ class _Body:
             self.complete = True
         return message
 
+    def unread(self, scope) -> bool:
+        """Whether the request has a body (a length above 0, or chunked) not all read yet."""
+        if self.complete:
+            return False
+        for name, value in scope.get("headers", ()):
+            name = name.lower()
+            if name == b"transfer-encoding" or (
+                    name == b"content-length" and value.strip() != b"0"):
+                return True
+        return False
+
     async def drain(self) -> None:
         """Read what is queued and drop it until hypercorn's closing message gets in (it
         then closes the connection, the rest of the body unread), the body ends, or the
@@ -620,6 +631,14 @@ class _Guard:
         async with trio.open_nursery() as nursery:
 
             async def answer(message) -> None:
+                if message["type"] == "http.response.start" and body.unread(scope):
+                    # The rest of the body will not be read: hypercorn closes the connection
+                    # after this answer, so say so, or a client sends its next request on a
+                    # connection about to close and loses it (RFC 9112, 9.6).
+                    message = {**message, "headers": [
+                        *[(k, v) for k, v in message.get("headers", [])
+                          if k.lower() != b"connection"],
+                        (b"connection", b"close")]}
                 if message["type"] == "http.response.body" and \
                         not message.get("more_body", False) and not body.complete:
                     nursery.start_soon(body.drain)  # see `_Body`: the answer's end needs it
