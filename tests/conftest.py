@@ -4,6 +4,21 @@ import os
 
 import pytest
 
+# The suite runs on several pytest-xdist workers (`-n`, `--dist loadgroup`: pyproject.toml).
+# A fixture that a module or class shares between its tests (a running node, a server) would
+# be set up once on every worker that gets one of those tests: such tests go to one worker.
+_SHARED_SCOPES = {"module", "class", "package"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(items):
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(defs[-1].scope in _SHARED_SCOPES for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 # Point the CouchDB tests at a server of your own (e.g. Apache CouchDB) instead of the
 # pouchdb-server they start: PLUGSHARE_TEST_COUCHDB_URL=http://admin:pw@127.0.0.1:5984
 COUCHDB_URL_VARIABLE = "PLUGSHARE_TEST_COUCHDB_URL"

@@ -32,7 +32,10 @@ from tests.node.conftest import RunningNode, init_node, plugshare, start_node
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 30.0  # seconds any single wait_until may take before the test fails
+# Seconds any single wait_until may take before the test fails: a deadline, not a speed
+# target (a passing test never waits it out), so generous: the suite runs on several workers
+# on a machine that others may load too.
+DEFAULT_TIMEOUT = 90.0
 POLL_INTERVAL = 0.05
 
 

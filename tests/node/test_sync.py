@@ -19,7 +19,7 @@ import uuid
 import httpx
 
 from plugshare.store import couchdb_database_name
-from tests.node.cluster import Cluster, ClusterNode, cluster, share_between, wait_until  # noqa: F401
+from tests.node.cluster import DEFAULT_TIMEOUT, Cluster, ClusterNode, cluster, share_between, wait_until  # noqa: F401
 
 NOTES = "io.notes"
 
@@ -31,7 +31,7 @@ def same_docs(*nodes: ClusterNode, doctype: str = NOTES):
 
 
 def converged(*nodes: ClusterNode, doctype: str = NOTES, count: int | None = None,
-              timeout: float = 30.0) -> dict[str, str]:
+              timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
     """Wait until every node holds the same live docs (`count` of them, if given)."""
     def check():
         revs = same_docs(*nodes, doctype=doctype)
@@ -41,7 +41,8 @@ def converged(*nodes: ClusterNode, doctype: str = NOTES, count: int | None = Non
                                             f"{count if count is not None else ''} {doctype} docs")
 
 
-def arrived(node: ClusterNode, doc_id: str, rev: str | None = None, timeout: float = 30.0):
+def arrived(node: ClusterNode, doc_id: str, rev: str | None = None,
+            timeout: float = DEFAULT_TIMEOUT):
     """Wait until `node` serves `doc_id` (at `rev`, if given); the doc."""
     return wait_until(lambda: (doc := node.get(doc_id)) and (rev is None or doc["_rev"] == rev)
                       and doc, timeout, what=f"{doc_id} {rev or ''} on {node.name}")
@@ -212,7 +213,10 @@ def test_sigkill_mid_sync_loses_nothing(cluster: Cluster):
         a.put_many(NOTES, notes("a-", 2000, size=1000), concurrency=4)))
     writer.start()
     try:
-        wait_until(lambda: len(b.revs(NOTES)) >= 300, what="b to hold some of a's docs")
+        # Each look lists every doc b holds: not too often, and with time for a busy machine
+        # (30 s ran out under a load average of 20 on 2 cores).
+        wait_until(lambda: len(b.revs(NOTES)) >= 300, timeout=120, interval=0.2,
+                   what="b to hold some of a's docs")
         assert writer.is_alive(), "a finished writing before b was killed: not mid-sync"
         assert b.kill() == -signal.SIGKILL
         b.start()
@@ -221,7 +225,7 @@ def test_sigkill_mid_sync_loses_nothing(cluster: Cluster):
     # a is killed right after its last acknowledged write, b perhaps still catching up.
     assert a.kill() == -signal.SIGKILL
     a.start()
-    revs = converged(a, b, count=2050, timeout=60)
+    revs = converged(a, b, count=2050, timeout=180)
     assert revs == {**written, **b_revs}  # every acknowledged write, at its acknowledged rev
 
 

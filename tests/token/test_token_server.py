@@ -440,8 +440,10 @@ async def test_child_that_fails_to_start(sock_path: Path) -> None:
 
 
 async def test_child_that_never_gets_ready(sock_path: Path) -> None:
-    with pytest.raises(TokenUnavailable, match="not ready after 1.0 s") as caught:
-        async with echo_process(sock_path, "--hang", ready_timeout=1.0).run():
+    # Long enough for the child to start Python, import trio and say so on a loaded machine
+    # (1 s was not, under a load average of 16 on 2 cores): the timeout is waited out whole.
+    with pytest.raises(TokenUnavailable, match="not ready after 5.0 s") as caught:
+        async with echo_process(sock_path, "--hang", ready_timeout=5.0).run():
             pass
     assert "starting, slowly" in str(caught.value)
 
