@@ -54,7 +54,10 @@ from plugshare.replication.attachment_sync import AttachmentFetcher, AttachmentS
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
+    DEFAULT_INLINE_BYTES,
+    DEFAULT_INLINE_REVISIONS,
     DEFAULT_MAX_DOC_BYTES,
+    MAX_INLINE_REVISIONS,
     MAX_PENDING,
     MAX_WINDOW,
     OPEN,
@@ -121,6 +124,14 @@ class ReplicationConfig:
     """About how many bytes of docs one `rep.docs` message carries."""
     max_doc_bytes: int = attrs.field(default=DEFAULT_MAX_DOC_BYTES, validator=attrs.validators.ge(1))
     """Docs bigger than this (encoded) are not sent; keep it under the link's frame size."""
+    inline_revisions: int = attrs.field(default=DEFAULT_INLINE_REVISIONS, validator=[
+        attrs.validators.ge(0), attrs.validators.le(MAX_INLINE_REVISIONS)])
+    """Revisions a peer's push may send with their docs in one `rep.batch` (one round trip
+    instead of two); 0 has every batch diffed first."""
+    inline_bytes: int = attrs.field(default=DEFAULT_INLINE_BYTES, validator=attrs.validators.ge(0))
+    """Our push sends a batch's docs with its offer when they take about this many bytes at
+    most (and the peer takes it); bigger batches are diffed first, so docs the peer holds
+    are not sent again. 0: always diffed first."""
     inbox_size: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     """Messages queued for one incoming stream before the receive loop waits for it."""
     end_timeout: float = 2.0
@@ -464,7 +475,7 @@ class PeerReplication:
             return
         machine = TargetStream(share=share, stream=stream, peer=self.peer,
                                accept=accept if callable(accept) else None,
-                               window=self.config.window)
+                               window=self.config.window, inline=self.config.inline_revisions)
         inbox, messages = trio.open_memory_channel[Mapping[Any, Any]](self.config.inbox_size)
         # Each batch a source has in flight gets at most two replies (rep.missing, rep.ack);
         # plus rep.opened and rep.refuse. A queue that size never blocks a well-behaved peer.
@@ -627,6 +638,7 @@ class PeerReplication:
             max_in_flight=config.max_in_flight,
             docs_message_bytes=config.docs_message_bytes,
             max_doc_bytes=config.max_doc_bytes,
+            inline_bytes=config.inline_bytes,
         )
         # The target sends at most rep.opened, rep.refuse and two replies per batch in flight.
         inbox, replies = trio.open_memory_channel[Mapping[Any, Any]](2 * config.max_in_flight + 2)
