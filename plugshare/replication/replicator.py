@@ -41,6 +41,7 @@ import json
 import logging
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
@@ -258,6 +259,31 @@ def changes_after(update_seq: object, seq: object) -> int | None:
     return min(MAX_PENDING, max(0, newest - position))
 
 
+class Echoes:
+    """Revisions the peer sent us that we wrote, the most recent `limit` of them: the peer's
+    store holds each (it read it from its own feed), so our push need not offer it back.
+    Without this, every change received live goes straight back out (our feed sees it): a
+    read of the store, a token decision and a round trip, all for nothing. Bounded: a pair
+    forgotten is only offered again, and the peer's revs_diff drops it."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def add(self, pairs: list[tuple[str, str]]) -> None:
+        for pair in pairs:
+            self._pairs[pair] = None
+            self._pairs.move_to_end(pair)
+        while len(self._pairs) > self._limit:
+            self._pairs.popitem(last=False)
+
+    def __contains__(self, pair: object) -> bool:
+        return pair in self._pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
 # --- streams ------------------------------------------------------------------------------------
 
 
@@ -352,6 +378,7 @@ class PeerReplication:
         self._pushes: dict[str, _Push] = {}  # by share
         self._pushes_by_stream: dict[tuple[str, str], _Push] = {}
         self._pulls: dict[tuple[str, str], _Pull] = {}
+        self.echoes = Echoes()  # what the peer sent us: our pushes do not offer it back
         self._stream_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         # Refusals of streams that never opened; dropped (and logged) if the peer stops reading.
@@ -608,6 +635,8 @@ class PeerReplication:
                 await self._carry_out_pull(pull, machine.diff_result(output.batch, answer))
             elif isinstance(output, WriteDocs):
                 results = await self._write_guarded(machine.share, output.docs)
+                self.echoes.add([(doc["_id"], doc["_rev"]) for doc, result in zip(output.docs, results)
+                                 if result.get("ok")])
                 await self._carry_out_pull(pull, machine.write_result(output.batch, results))
             elif isinstance(output, ReplicationEvent):
                 self._emit(output)
@@ -750,8 +779,10 @@ class PeerReplication:
                 await self._carry_out_push(push, machine.feed_drained())
                 await store.wait_for_change(read_seq)
                 continue
-            docs = await store.bulk_get([(change.id, rev) for change in page.results for rev in change.revs])
-            if self._gate is not None:
+            wanted = [(change.id, rev) for change in page.results for rev in change.revs
+                      if (change.id, rev) not in self.echoes]
+            docs = await store.bulk_get(wanted) if wanted else []
+            if self._gate is not None and docs:
                 docs = await self._gate.outgoing(push.share, [d for d in docs if "_id" in d])
             read_seq = page.last_seq
             # A short page ends the feed as it stands: nothing is pending, and the store need
