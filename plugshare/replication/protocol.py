@@ -27,10 +27,10 @@ A push, message by message (the source reads its changes feed from its checkpoin
   feed still holds after this batch, for the target's progress display only: nothing depends
   on it being right (it counts updates, out-of-scope ones too, so it tends to run high; 0 on
   the page that ends the feed). A source that does not know, or an older one, leaves it out.
-* `inline` in `rep.opened` (optional, an integer in 1..`MAX_INLINE_REVISIONS`) says the target
+* `inline` in `rep.opened` (optional, an integer in 0..`MAX_INLINE_REVISIONS`) says the target
   takes `rep.batch`: a batch of at most that many revisions whose docs travel with the offer.
   The source sends one when the batch is small (`inline` revisions at most, all sendable, about
-  `inline_bytes` in all); the target diffs the docs' revisions against its store, drops those
+  `inline_bytes` in all, no more than one `rep.docs` would carry); the target diffs the docs' revisions against its store, drops those
   it already holds (neither written nor refused), checks and writes the rest as it would a
   `rep.docs`, and acknowledges: no `rep.missing` crosses. Larger batches (an initial sync) keep
   the diff-first path, so a big doc the target holds is not sent again. A target that does not
@@ -693,7 +693,7 @@ class SourceStream:
             if offer.size is None or offer.size > self._max_doc_bytes:
                 return False  # diff-first says why it is withheld, if it is asked for
             total += offer.size
-        return total <= self._inline_bytes
+        return total <= min(self._inline_bytes, self._docs_message_bytes)  # one docs message
 
     def _send_inline(self, batch: _OutgoingBatch) -> list[Output]:
         """The `rep.batch` of a small batch: every offered doc, then wait for the ack."""

@@ -146,6 +146,11 @@ def test_big_or_many_revisions_keep_the_diff_first_path():
     harness.settle()
     assert len(harness.written) == INLINE + 1
 
+    two = [revision(f"t{n}", {"blob": "x" * 600}) for n in range(2)]  # over one docs message
+    harness = opened(source=source(docs_message_bytes=1000))
+    harness.from_source(harness.source.add_batch(two, 3, now=0.0))
+    assert harness.to_target[0]["type"] == DIFF
+
 
 def test_an_older_target_or_a_source_with_inline_off_gets_diff_first_only():
     a1 = revision("a", {"n": 1})
