@@ -104,6 +104,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MAX_UNSAVED_ECHO_PAGES = 64
+"""Pages of echoes alone (see `Echoes`) a push passes before it saves its checkpoint anyway."""
+
 STORE_ID_DOC = "plugshare-store-id"
 """The `_local` doc holding a store's random instance id, sent to sources as `store`."""
 
@@ -308,6 +311,7 @@ class _Push:
     passing: bool = False  # the end's cause passes: start the push again
     stop_reason: str | None = None  # stop_push was called: never start it again
     made_progress: bool = False  # a batch was written or the feed caught up
+    unsaved_echo_pages: int = 0  # pages of echoes alone the checkpoint passed, not yet saved
 
     def end(self, reason: str, *, tell_peer: bool, passing: bool = False) -> None:
         """Stop this push for `reason` (the first reason given wins)."""
@@ -781,6 +785,7 @@ class PeerReplication:
                 continue
             wanted = [(change.id, rev) for change in page.results for rev in change.revs
                       if (change.id, rev) not in self.echoes]
+            echoes_only = not wanted
             docs = await store.bulk_get(wanted) if wanted else []
             if self._gate is not None and docs:
                 docs = await self._gate.outgoing(push.share, [d for d in docs if "_id" in d])
@@ -788,7 +793,14 @@ class PeerReplication:
             # A short page ends the feed as it stands: nothing is pending, and the store need
             # not be asked (the common case once live).
             pending = 0 if len(page.results) < limit else await self._pending_after(push, read_seq)
-            await self._carry_out_push(push, machine.add_batch(docs, read_seq, trio.current_time(), pending))
+            outputs = machine.add_batch(docs, read_seq, trio.current_time(), pending)
+            if echoes_only and push.unsaved_echo_pages < MAX_UNSAVED_ECHO_PAGES:
+                # A page of what the peer just sent us moves the checkpoint in memory only:
+                # a durable write per change received (beside the reads of it) is not worth
+                # it. The next batch's save carries it; lost, those pages are read again.
+                push.unsaved_echo_pages += 1
+                outputs = [output for output in outputs if not isinstance(output, SaveCheckpoint)]
+            await self._carry_out_push(push, outputs)
 
     async def _pending_after(self, push: _Push, seq: Seq) -> int | None:
         """`changes_after` the store's update_seq, read again only once the feed has reached
@@ -835,5 +847,6 @@ class PeerReplication:
                  "share": push.share, "peer": self.peer},
             )
             push.saved_seq = seq
+            push.unsaved_echo_pages = 0
         self._emit(CheckpointSaved(share=push.share, peer=self.peer, seq=seq))
 

@@ -786,6 +786,7 @@ async def test_a_target_breaking_the_protocol_ends_the_push_and_is_told_why(stor
         await store_a.get_local(checkpoint_id("notes", evil.id.hex()))
 
 
+@both_backends
 async def test_a_change_received_is_not_offered_back_to_the_peer_that_sent_it(stores):
     """b's feed sees what a sent it; b's push to a skips it (a holds it): no store read, gate
     decision or round trip for it. A marker written on b after it shows, by feed order, that
@@ -809,3 +810,23 @@ def test_echoes_are_bounded_oldest_forgotten_first():
     assert len(echoes) == 3
     assert ("b", "1-x") not in echoes
     assert all(pair in echoes for pair in [("a", "1-x"), ("c", "1-x"), ("d", "1-x")])
+
+
+async def test_a_page_of_echoes_alone_moves_the_checkpoint_without_a_durable_write(stores):
+    """b's feed holds what a sent it: b's push passes it in memory and saves its checkpoint
+    with its next real batch (the marker's), not once per change received."""
+    store_a, store_b = stores
+    a = Side("a", store_a, pushes={"notes": everything})
+    b = Side("b", store_b, pushes={"notes": everything})
+    async with linked(a, b):
+        rev = await store_a.put({"_id": "from-a", "doctype": "note"})
+        await wait_for_doc(b, "from-a", rev)
+        marker = await store_b.put({"_id": "marker", "doctype": "note"})
+        await wait_for_doc(a, "marker", marker)
+        newest = (await store_b.info())["update_seq"]
+        saved = await until(lambda: [event.seq for event in b.events.of(CheckpointSaved)
+                                     if event.seq == newest], b.events)
+    assert saved == [newest]
+    assert len(b.events.of(CheckpointSaved)) == 1  # none for the page holding from-a alone
+    checkpoint = await load_checkpoint(store_b, "notes", a.node.id.hex())
+    assert checkpoint is not None and checkpoint.seq == newest
