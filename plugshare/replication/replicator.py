@@ -10,7 +10,9 @@ which land (and in what form) before they are written. Non-replication messages 
 
 A push reads the changes feed from its checkpoint in batches, keeps up to `max_in_flight`
 batches in flight, then follows `store.wait_for_change` (no polling) and sends each new change
-as it lands. The checkpoint (a `_local` doc per share and peer, see `checkpoint_id`) records
+as it lands (a small batch with its docs, in one round trip: see `protocol`). What the peer
+sent us is not offered back to it (`Echoes`), and a page of such echoes alone moves the
+checkpoint without writing it. The checkpoint (a `_local` doc per share and peer, see `checkpoint_id`) records
 the source seq, the target's store id and the caller's scope tag; a push resumes from it only
 when both still match, else from the start (so a target whose store was replaced, or a share
 whose rule changed, is sent everything again; writes are idempotent).
