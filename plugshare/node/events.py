@@ -16,7 +16,8 @@ Event types the node publishes (with their `data` keys):
     share.left; share.manifest {version};
     share.join_pending {owner, reason, expires_at}; share.join_expired {owner};
     share.join_failed {reason}; share.join_cancelled; sync.batch_sent {docs, refused, bytes};
-    sync.batch_received {docs, written, refused, bytes, pending}; sync.doc_refused {id, reason};
+    sync.batch_received {docs, written, refused, bytes, pending, inline: the docs came with
+    their offer, one round trip}; sync.doc_refused {id, reason};
     sync.conflict {id, revs};
     sync.state {state: initial|live|offline|error, done, total, pending_in, pending_out}
 and, made by the bus itself: events.dropped {count}; on the wire only: heartbeat.

@@ -515,7 +515,7 @@ class PeerSession:
             state.last_sync = time.time()
             publish("sync.batch_received", share=share, peer=self.name, docs=event.written,
                     written=event.written, refused=event.refused, bytes=event.bytes,
-                    pending=event.pending)
+                    pending=event.pending, inline=event.inline)
             if state.state == "initial":
                 self._publish_state(event.share, state)
         elif isinstance(event, rp.DocRefused):

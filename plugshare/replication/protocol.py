@@ -9,11 +9,14 @@ A push, message by message (the source reads its changes feed from its checkpoin
 
     source                                             target
       rep.open {v}                                 ->
-                                                   <-  rep.opened {store, window}
+                                                   <-  rep.opened {store, window, inline?}
       rep.diff {batch, revs: {id: [rev]}, pending?} ->  (its store's revs_diff)
                                                    <-  rep.missing {batch, missing: {id: [rev]}}
       rep.docs {batch, docs: [doc], last}  (x n)   ->  (accept(peer, doc), bulk_docs new_edits=false)
                                                    <-  rep.ack {batch, written, refused: [[id, rev, reason]]}
+    or, for a small batch (one round trip; only to a target that announced `inline`):
+      rep.batch {batch, docs: [doc], pending?}     ->  (revs_diff, then as rep.docs for the missing)
+                                                   <-  rep.ack {batch, written, refused}
       rep.caught_up {}                             ->  (the source had nothing newer)
       rep.end {reason, retry?}                     ->  (the source stops)
                                                    <-  rep.refuse {reason, retry?}  (the target stops)
@@ -24,6 +27,15 @@ A push, message by message (the source reads its changes feed from its checkpoin
   feed still holds after this batch, for the target's progress display only: nothing depends
   on it being right (it counts updates, out-of-scope ones too, so it tends to run high; 0 on
   the page that ends the feed). A source that does not know, or an older one, leaves it out.
+* `inline` in `rep.opened` (optional, an integer in 0..`MAX_INLINE_REVISIONS`) says the target
+  takes `rep.batch`: a batch of at most that many revisions whose docs travel with the offer.
+  The source sends one when the batch is small (`inline` revisions at most, all sendable, about
+  `inline_bytes` in all, no more than one `rep.docs` would carry); the target diffs the docs' revisions against its store, drops those
+  it already holds (neither written nor refused), checks and writes the rest as it would a
+  `rep.docs`, and acknowledges: no `rep.missing` crosses. Larger batches (an initial sync) keep
+  the diff-first path, so a big doc the target holds is not sent again. A target that does not
+  announce it (an older one) gets diff-first batches only; a `rep.batch` it did not announce,
+  or over its count, breaks the protocol.
 * An empty `missing` completes the batch. Otherwise the source sends the asked revisions it
   offered (with `_revisions`) in one or more `rep.docs` messages, the final one with `last`
   (possibly with no docs), and the target acknowledges once every accepted doc is durable.
@@ -69,10 +81,12 @@ from plugshare.store.base import MAX_LEAVES, BadRequest, Doc, Seq
 from plugshare.store.revtree import check_doc_id, parse_history, parse_rev
 
 __all__ = [
+    "BATCH",
     "CAUGHT_UP",
     "DIFF",
     "DOCS",
     "END",
+    "MAX_INLINE_REVISIONS",
     "MISSING",
     "OPEN",
     "OPENED",
@@ -116,6 +130,7 @@ PROTOCOL_VERSION = 1
 OPEN = "rep.open"
 DIFF = "rep.diff"
 DOCS = "rep.docs"
+BATCH = "rep.batch"  # a small batch: the offer and its docs at once
 CAUGHT_UP = "rep.caught_up"
 END = "rep.end"
 # Target -> source.
@@ -124,7 +139,7 @@ MISSING = "rep.missing"
 ACK = "rep.ack"
 REFUSE = "rep.refuse"
 
-TO_TARGET = frozenset({OPEN, DIFF, DOCS, CAUGHT_UP, END})
+TO_TARGET = frozenset({OPEN, DIFF, DOCS, BATCH, CAUGHT_UP, END})
 TO_SOURCE = frozenset({OPENED, MISSING, ACK, REFUSE})
 
 MAX_SHARE_ID_LENGTH = 256
@@ -144,6 +159,13 @@ DEFAULT_DOCS_MESSAGE_BYTES = 1024 * 1024
 # document holds at most `store.MAX_LEAVES`, 100). A rep.diff at the cap is about 0.5 MB,
 # well inside a frame (`DEFAULT_MAX_FRAME_SIZE`, 16 MiB).
 MAX_BATCH_REVISIONS = 10_000
+# A `rep.batch` (docs sent with their offer) holds at most this many revisions: it is for a
+# live change or a few, and the docs it brings that the target holds already are sent for
+# nothing. The target announces its own count (`inline`), at most this.
+MAX_INLINE_REVISIONS = 64
+DEFAULT_INLINE_REVISIONS = 16
+# The source sends a batch inline when its docs take about this many bytes at most.
+DEFAULT_INLINE_BYTES = 64 * 1024
 
 Direction = Literal["push", "pull"]
 InScope = Callable[[Doc], bool]
@@ -264,13 +286,15 @@ class BatchReceived(ReplicationEvent):
     """Target: a batch is written: `written` docs, `refused` refused (here or by the store).
     `bytes` is the msgpack size of the docs written (about what they took on the wire);
     `pending` the source's estimate of the changes still to come after this batch, None when
-    it gave none."""
+    it gave none. `inline`: the docs came with the offer (`rep.batch`: one round trip, no
+    `rep.missing` asked)."""
 
     batch: int
     written: int
     refused: int
     pending: int | None = None
     bytes: int = 0
+    inline: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -435,6 +459,21 @@ def _revs_map(message: Mapping[Any, Any], field: str) -> dict[str, list[str]]:
     return revs_map
 
 
+def _offered_pair(doc: object) -> tuple[str, str] | None:
+    """A `rep.batch` doc's `(_id, _rev)` when both are valid (a replicable id, a rev), else None."""
+    if not isinstance(doc, dict):
+        return None
+    doc_id, rev = doc.get("_id"), doc.get("_rev")
+    try:
+        check_doc_id(doc_id)
+        parse_rev(rev)
+    except BadRequest:
+        return None
+    if doc_id.startswith("_"):
+        return None
+    return doc_id, rev
+
+
 def _pair(doc: object) -> tuple[str, str]:
     """A doc's `(_id, _rev)` for reports, whatever it holds."""
     if not isinstance(doc, dict):
@@ -505,11 +544,14 @@ class SourceStream:
         max_in_flight: int = 4,
         docs_message_bytes: int = DEFAULT_DOCS_MESSAGE_BYTES,
         max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+        inline_bytes: int = 0,
     ) -> None:
         if not 1 <= max_in_flight <= MAX_WINDOW:
             raise ValueError(f"max_in_flight must be in 1..{MAX_WINDOW}, not {max_in_flight}")
         if docs_message_bytes < 1 or max_doc_bytes < 1:
             raise ValueError("docs_message_bytes and max_doc_bytes must be positive")
+        if inline_bytes < 0:
+            raise ValueError("inline_bytes must not be negative")
         self.share = share
         self.stream = stream
         self.peer = peer
@@ -520,6 +562,9 @@ class SourceStream:
         """Batches allowed in flight: `max_in_flight`, lowered to the target's window."""
         self._docs_message_bytes = docs_message_bytes
         self._max_doc_bytes = max_doc_bytes
+        self._inline_bytes = inline_bytes  # 0: every batch diff-first
+        self.inline_revisions = 0
+        """The most revisions the target takes in one `rep.batch` (0: it takes none)."""
         self._state = _StreamState.OPENING
         self._pending: dict[int, _OutgoingBatch] = {}  # batch order, oldest first
         self._next_batch = 0
@@ -623,6 +668,10 @@ class SourceStream:
                 break
             if batch.phase is not _Phase.QUEUED:
                 continue
+            room -= 1
+            if self._small(batch):
+                outputs += self._send_inline(batch)
+                continue
             revs: dict[str, list[str]] = {}
             for doc_id, rev in batch.offered:
                 revs.setdefault(doc_id, []).append(rev)
@@ -630,9 +679,33 @@ class SourceStream:
             if batch.pending is not None:
                 diff["pending"] = batch.pending
             batch.phase = _Phase.DIFFING
-            room -= 1
             outputs.append(Send(diff))
         return outputs
+
+    def _small(self, batch: _OutgoingBatch) -> bool:
+        """Does `batch` go inline: the target takes it, and every doc is sendable and all of
+        them together about `inline_bytes` at most (a doc the target holds is then sent for
+        little)?"""
+        if not 0 < batch.offered_count <= self.inline_revisions:
+            return False
+        total = 0
+        for offer in batch.offered.values():
+            if offer.size is None or offer.size > self._max_doc_bytes:
+                return False  # diff-first says why it is withheld, if it is asked for
+            total += offer.size
+        return total <= min(self._inline_bytes, self._docs_message_bytes)  # one docs message
+
+    def _send_inline(self, batch: _OutgoingBatch) -> list[Output]:
+        """The `rep.batch` of a small batch: every offered doc, then wait for the ack."""
+        offers, batch.offered = list(batch.offered.values()), {}
+        message = {**self._common(BATCH), "batch": batch.number, "docs": [offer.doc for offer in offers]}
+        if batch.pending is not None:
+            message["pending"] = batch.pending
+        batch.sent = len(offers)
+        batch.sent_bytes = sum(offer.size or 0 for offer in offers)
+        batch.phase = _Phase.SENDING
+        return [Send(message), BatchSent(share=self.share, peer=self.peer, batch=batch.number,
+                                         offered=batch.offered_count, sent=batch.sent)]
 
     def feed_drained(self) -> list[Output]:
         """The changes feed has nothing after the last batch added."""
@@ -669,8 +742,12 @@ class SourceStream:
         window = message.get("window")
         if type(window) is not int or not 1 <= window <= MAX_WINDOW:
             raise ProtocolError(f"{OPENED}: window must be an integer in 1..{MAX_WINDOW}, not {window!r}")
+        inline = message.get("inline", 0)  # absent: an older target, diff-first only
+        if type(inline) is not int or not 0 <= inline <= MAX_INLINE_REVISIONS:
+            raise ProtocolError(f"{OPENED}: inline must be an integer in 0..{MAX_INLINE_REVISIONS} or absent, not {inline!r}")
         self._state = _StreamState.RUNNING
         self.window = min(self.window, window)
+        self.inline_revisions = inline if self._inline_bytes else 0
         self.target_store = store
         return [Opened(share=self.share, peer=self.peer, store=store, window=self.window)]
 
@@ -789,6 +866,7 @@ class _IncomingBatch:
     written: int = 0
     written_bytes: int = 0
     refused: list[list[str]] = attrs.Factory(list)
+    inline: list[object] | None = None  # a rep.batch's docs, held until its revs_diff answers
 
 
 class TargetStream:
@@ -800,13 +878,17 @@ class TargetStream:
     """
 
     def __init__(self, *, share: str, stream: str, peer: str, accept: Accept | None = None,
-                 window: int = 8) -> None:
+                 window: int = 8, inline: int = 0) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..{MAX_WINDOW}, not {window}")
+        if not 0 <= inline <= MAX_INLINE_REVISIONS:
+            raise ValueError(f"inline must be in 0..{MAX_INLINE_REVISIONS}, not {inline}")
         self.share = share
         self.stream = stream
         self.peer = peer
         self.window = window
+        self.inline = inline
+        """The most revisions a `rep.batch` may bring (announced); 0 refuses rep.batch."""
         self._accept = accept or _accept_all
         self._open: dict[int, _IncomingBatch] = {}
         self._awaiting: DiffRevs | WriteDocs | None = None  # the action the driver owes us
@@ -816,7 +898,10 @@ class TargetStream:
         return {"type": message_type, "share": self.share, "stream": self.stream}
 
     def opened_message(self, store_id: str) -> dict[str, Any]:
-        return {**self._common(OPENED), "store": store_id, "window": self.window}
+        message = {**self._common(OPENED), "store": store_id, "window": self.window}
+        if self.inline:
+            message["inline"] = self.inline
+        return message
 
     def refuse_message(self, reason: str, *, retry: bool = False) -> dict[str, Any]:
         """The message ending this stream; the stream accepts nothing more afterwards."""
@@ -846,14 +931,44 @@ class TargetStream:
             return [CaughtUp(share=self.share, peer=self.peer, direction="pull")]
         if message_type == DIFF:
             return self._receive_diff(message)
+        if message_type == BATCH:
+            return self._receive_inline(message)
         return self._receive_docs(message)
 
-    def _receive_diff(self, message: Mapping[Any, Any]) -> list[Output]:
+    def _new_batch_number(self, message: Mapping[Any, Any]) -> int:
+        """The number of a batch `message` opens, if the window has room for it."""
         number = _batch_number(message)
+        kind = message["type"]
         if number in self._open:
-            raise ProtocolError(f"{DIFF} for batch {number}, which is already open")
+            raise ProtocolError(f"{kind} for batch {number}, which is already open")
         if len(self._open) >= self.window:
-            raise ProtocolError(f"{DIFF} for batch {number} while {len(self._open)} batches are open (window {self.window})")
+            raise ProtocolError(f"{kind} for batch {number} while {len(self._open)} batches are open (window {self.window})")
+        return number
+
+    def _receive_inline(self, message: Mapping[Any, Any]) -> list[Output]:
+        """A `rep.batch`: its docs are held while the store says which revisions it lacks."""
+        if not self.inline:
+            raise ProtocolError(f"{BATCH} on a stream that did not offer it (inline is off here)")
+        docs = message.get("docs")
+        if not isinstance(docs, list) or not docs:
+            raise ProtocolError(f"{BATCH} needs docs (a non-empty list)")
+        if len(docs) > self.inline:  # counted before anything else is looked at
+            raise ProtocolError(f"{BATCH} brings {len(docs)} docs, over the {self.inline} this node takes in one")
+        number = self._new_batch_number(message)
+        pending = _pending(message)
+        # What the store is asked about: each well-formed doc's (id, rev); the others are
+        # refused one by one when the answer comes (as a rep.docs would have them).
+        revs: dict[str, list[str]] = {}
+        for doc in docs:
+            pair = _offered_pair(doc)
+            if pair is not None and pair[1] not in revs.get(pair[0], ()):
+                revs.setdefault(pair[0], []).append(pair[1])
+        self._open[number] = _IncomingBatch(number, pending, inline=docs)
+        self._awaiting = DiffRevs(number, revs)
+        return [self._awaiting]
+
+    def _receive_diff(self, message: Mapping[Any, Any]) -> list[Output]:
+        number = self._new_batch_number(message)
         offered = message.get("revs")
         if isinstance(offered, dict):  # counted before anything else is looked at
             count = sum(len(revs) if isinstance(revs, list) else 1 for revs in offered.values())
@@ -881,9 +996,38 @@ class TargetStream:
             if revs:
                 missing[doc_id] = revs
                 incoming.asked.update((doc_id, rev) for rev in revs)
+        if incoming.inline is not None:
+            return self._write_inline(incoming)
         if not missing:
             del self._open[batch]
         return [Send({**self._common(MISSING), "batch": batch, "missing": missing})]
+
+    def _write_inline(self, incoming: _IncomingBatch) -> list[Output]:
+        """A `rep.batch` once diffed: the docs the store lacks are checked and written as
+        if asked for; the others (held already, over a doc's leaf cap, or a second copy in
+        this batch) are dropped: neither written nor refused, as diff-first never sends them."""
+        docs, incoming.inline = incoming.inline or [], []
+        incoming.received = len(docs)
+        outputs: list[Output] = []
+        accepted = []
+        for doc in docs:
+            pair = _offered_pair(doc)
+            if pair is None:
+                reason = (f"not a document but a {type(doc).__name__}" if not isinstance(doc, dict)
+                          else "no valid _id and _rev: it cannot be offered")
+            elif pair not in incoming.asked:
+                continue
+            else:
+                reason = self._check_doc(incoming, doc)
+            if reason is None:
+                accepted.append(doc)
+                continue
+            doc_id, rev = _pair(doc)
+            outputs.append(DocRefused(share=self.share, peer=self.peer, direction="pull",
+                                      doc_id=doc_id, rev=rev, reason=reason))
+            incoming.refused.append([doc_id, rev, reason])
+        self._awaiting = WriteDocs(incoming.number, accepted, True)
+        return [*outputs, self._awaiting]
 
     def _receive_docs(self, message: Mapping[Any, Any]) -> list[Output]:
         number = _batch_number(message)
@@ -962,7 +1106,9 @@ class TargetStream:
             return outputs
         del self._open[batch]
         ack = {**self._common(ACK), "batch": batch, "written": incoming.written, "refused": incoming.refused}
+        if incoming.inline is not None and not incoming.written and not incoming.refused:
+            return [*outputs, Send(ack)]  # all held already: nothing was received, as diff-first
         received = BatchReceived(share=self.share, peer=self.peer, batch=batch, written=incoming.written,
                                  refused=len(incoming.refused), pending=incoming.pending,
-                                 bytes=incoming.written_bytes)
+                                 bytes=incoming.written_bytes, inline=incoming.inline is not None)
         return [*outputs, Send(ack), received]

@@ -10,7 +10,9 @@ which land (and in what form) before they are written. Non-replication messages 
 
 A push reads the changes feed from its checkpoint in batches, keeps up to `max_in_flight`
 batches in flight, then follows `store.wait_for_change` (no polling) and sends each new change
-as it lands. The checkpoint (a `_local` doc per share and peer, see `checkpoint_id`) records
+as it lands (a small batch with its docs, in one round trip: see `protocol`). What the peer
+sent us is not offered back to it (`Echoes`), and a page of such echoes alone moves the
+checkpoint without writing it. The checkpoint (a `_local` doc per share and peer, see `checkpoint_id`) records
 the source seq, the target's store id and the caller's scope tag; a push resumes from it only
 when both still match, else from the start (so a target whose store was replaced, or a share
 whose rule changed, is sent everything again; writes are idempotent).
@@ -41,6 +43,7 @@ import json
 import logging
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
@@ -54,7 +57,10 @@ from plugshare.replication.attachment_sync import AttachmentFetcher, AttachmentS
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.protocol import (
     DEFAULT_DOCS_MESSAGE_BYTES,
+    DEFAULT_INLINE_BYTES,
+    DEFAULT_INLINE_REVISIONS,
     DEFAULT_MAX_DOC_BYTES,
+    MAX_INLINE_REVISIONS,
     MAX_PENDING,
     MAX_WINDOW,
     OPEN,
@@ -100,6 +106,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MAX_UNSAVED_ECHO_PAGES = 64
+"""Pages of echoes alone (see `Echoes`) a push passes before it saves its checkpoint anyway."""
+
 STORE_ID_DOC = "plugshare-store-id"
 """The `_local` doc holding a store's random instance id, sent to sources as `store`."""
 
@@ -121,6 +130,14 @@ class ReplicationConfig:
     """About how many bytes of docs one `rep.docs` message carries."""
     max_doc_bytes: int = attrs.field(default=DEFAULT_MAX_DOC_BYTES, validator=attrs.validators.ge(1))
     """Docs bigger than this (encoded) are not sent; keep it under the link's frame size."""
+    inline_revisions: int = attrs.field(default=DEFAULT_INLINE_REVISIONS, validator=[
+        attrs.validators.ge(0), attrs.validators.le(MAX_INLINE_REVISIONS)])
+    """Revisions a peer's push may send with their docs in one `rep.batch` (one round trip
+    instead of two); 0 has every batch diffed first."""
+    inline_bytes: int = attrs.field(default=DEFAULT_INLINE_BYTES, validator=attrs.validators.ge(0))
+    """Our push sends a batch's docs with its offer when they take about this many bytes at
+    most (and the peer takes it); bigger batches are diffed first, so docs the peer holds
+    are not sent again. 0: always diffed first."""
     inbox_size: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     """Messages queued for one incoming stream before the receive loop waits for it."""
     end_timeout: float = 2.0
@@ -247,6 +264,31 @@ def changes_after(update_seq: object, seq: object) -> int | None:
     return min(MAX_PENDING, max(0, newest - position))
 
 
+class Echoes:
+    """Revisions the peer sent us that we wrote, the most recent `limit` of them: the peer's
+    store holds each (it read it from its own feed), so our push need not offer it back.
+    Without this, every change received live goes straight back out (our feed sees it): a
+    read of the store, a token decision and a round trip, all for nothing. Bounded: a pair
+    forgotten is only offered again, and the peer's revs_diff drops it."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def add(self, pairs: list[tuple[str, str]]) -> None:
+        for pair in pairs:
+            self._pairs[pair] = None
+            self._pairs.move_to_end(pair)
+        while len(self._pairs) > self._limit:
+            self._pairs.popitem(last=False)
+
+    def __contains__(self, pair: object) -> bool:
+        return pair in self._pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
 # --- streams ------------------------------------------------------------------------------------
 
 
@@ -271,6 +313,7 @@ class _Push:
     passing: bool = False  # the end's cause passes: start the push again
     stop_reason: str | None = None  # stop_push was called: never start it again
     made_progress: bool = False  # a batch was written or the feed caught up
+    unsaved_echo_pages: int = 0  # pages of echoes alone the checkpoint passed, not yet saved
 
     def end(self, reason: str, *, tell_peer: bool, passing: bool = False) -> None:
         """Stop this push for `reason` (the first reason given wins)."""
@@ -343,6 +386,7 @@ class PeerReplication:
         self._pushes: dict[str, _Push] = {}  # by share
         self._pushes_by_stream: dict[tuple[str, str], _Push] = {}
         self._pulls: dict[tuple[str, str], _Pull] = {}
+        self.echoes = Echoes()  # what the peer sent us: our pushes do not offer it back
         self._stream_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         # Refusals of streams that never opened; dropped (and logged) if the peer stops reading.
@@ -466,7 +510,7 @@ class PeerReplication:
             return
         machine = TargetStream(share=share, stream=stream, peer=self.peer,
                                accept=accept if callable(accept) else None,
-                               window=self.config.window)
+                               window=self.config.window, inline=self.config.inline_revisions)
         inbox, messages = trio.open_memory_channel[Mapping[Any, Any]](self.config.inbox_size)
         # Each batch a source has in flight gets at most two replies (rep.missing, rep.ack);
         # plus rep.opened and rep.refuse. A queue that size never blocks a well-behaved peer.
@@ -617,6 +661,8 @@ class PeerReplication:
                 await self._carry_out_pull(pull, machine.diff_result(output.batch, answer))
             elif isinstance(output, WriteDocs):
                 results = await self._write_guarded(machine.share, output.docs)
+                self.echoes.add([(doc["_id"], doc["_rev"]) for doc, result in zip(output.docs, results)
+                                 if result.get("ok")])
                 await self._carry_out_pull(pull, machine.write_result(output.batch, results))
             elif isinstance(output, ReplicationEvent):
                 self._emit(output)
@@ -647,6 +693,7 @@ class PeerReplication:
             max_in_flight=config.max_in_flight,
             docs_message_bytes=config.docs_message_bytes,
             max_doc_bytes=config.max_doc_bytes,
+            inline_bytes=config.inline_bytes,
         )
         # The target sends at most rep.opened, rep.refuse and two replies per batch in flight.
         inbox, replies = trio.open_memory_channel[Mapping[Any, Any]](2 * config.max_in_flight + 2)
@@ -758,14 +805,24 @@ class PeerReplication:
                 await self._carry_out_push(push, machine.feed_drained())
                 await store.wait_for_change(read_seq)
                 continue
-            docs = await store.bulk_get([(change.id, rev) for change in page.results for rev in change.revs])
-            if self._gate is not None:
+            wanted = [(change.id, rev) for change in page.results for rev in change.revs
+                      if (change.id, rev) not in self.echoes]
+            echoes_only = not wanted
+            docs = await store.bulk_get(wanted) if wanted else []
+            if self._gate is not None and docs:
                 docs = await self._gate.outgoing(push.share, [d for d in docs if "_id" in d])
             read_seq = page.last_seq
             # A short page ends the feed as it stands: nothing is pending, and the store need
             # not be asked (the common case once live).
             pending = 0 if len(page.results) < limit else await self._pending_after(push, read_seq)
-            await self._carry_out_push(push, machine.add_batch(docs, read_seq, trio.current_time(), pending))
+            outputs = machine.add_batch(docs, read_seq, trio.current_time(), pending)
+            if echoes_only and push.unsaved_echo_pages < MAX_UNSAVED_ECHO_PAGES:
+                # A page of what the peer just sent us moves the checkpoint in memory only:
+                # a durable write per change received (beside the reads of it) is not worth
+                # it. The next batch's save carries it; lost, those pages are read again.
+                push.unsaved_echo_pages += 1
+                outputs = [output for output in outputs if not isinstance(output, SaveCheckpoint)]
+            await self._carry_out_push(push, outputs)
 
     async def _pending_after(self, push: _Push, seq: Seq) -> int | None:
         """`changes_after` the store's update_seq, read again only once the feed has reached
@@ -812,5 +869,6 @@ class PeerReplication:
                  "share": push.share, "peer": self.peer},
             )
             push.saved_seq = seq
+            push.unsaved_echo_pages = 0
         self._emit(CheckpointSaved(share=push.share, peer=self.peer, seq=seq))
 

@@ -37,6 +37,7 @@ from plugshare.replication.protocol import (
     StreamStarted,
 )
 from plugshare.replication.replicator import (
+    Echoes,
     PeerReplication,
     ReplicationConfig,
     changes_after,
@@ -389,7 +390,10 @@ async def test_big_docs_both_ways_through_tiny_transport_buffers_converge(stores
         await converge(a, b, lambda leaves: len(leaves) == 300)
     assert len(await store_a.all_docs()) == len(await store_b.all_docs()) == 300
     # The first batch reads `batch_size` changes; once doc sizes are known, about 32 KB each.
-    offered = [event.offered for event in a.events.of(BatchSent) if event.offered]
+    # (in batch order: a small batch's docs go with its offer, so it may be sent before an
+    # earlier, diff-first batch's rep.missing comes back)
+    offered = [event.offered for event in sorted(a.events.of(BatchSent), key=lambda e: e.batch)
+               if event.offered]
     assert offered[0] == 10 and set(offered[1:]) == {4}  # 32 KB // ~8.1 KB
 
 
@@ -780,3 +784,49 @@ async def test_a_target_breaking_the_protocol_ends_the_push_and_is_told_why(stor
     assert told == [{"type": "rep.end", "share": "notes", "stream": "1", "reason": ended.reason}]
     with pytest.raises(NotFound):
         await store_a.get_local(checkpoint_id("notes", evil.id.hex()))
+
+
+@both_backends
+async def test_a_change_received_is_not_offered_back_to_the_peer_that_sent_it(stores):
+    """b's feed sees what a sent it; b's push to a skips it (a holds it): no store read, gate
+    decision or round trip for it. A marker written on b after it shows, by feed order, that
+    it would have been offered by then."""
+    store_a, store_b = stores
+    a = Side("a", store_a, pushes={"notes": everything})
+    b = Side("b", store_b, pushes={"notes": everything})
+    async with linked(a, b):
+        rev = await store_a.put({"_id": "from-a", "doctype": "note"})
+        await wait_for_doc(b, "from-a", rev)
+        marker = await store_b.put({"_id": "marker", "doctype": "note"})
+        await wait_for_doc(a, "marker", marker)
+    assert sum(event.offered for event in b.events.of(BatchSent)) == 1  # the marker alone
+    assert sum(event.offered for event in a.events.of(BatchSent)) == 1  # from-a alone
+
+
+def test_echoes_are_bounded_oldest_forgotten_first():
+    echoes = Echoes(limit=3)
+    echoes.add([("a", "1-x"), ("b", "1-x"), ("c", "1-x")])
+    echoes.add([("a", "1-x"), ("d", "1-x")])  # a again: now the most recent
+    assert len(echoes) == 3
+    assert ("b", "1-x") not in echoes
+    assert all(pair in echoes for pair in [("a", "1-x"), ("c", "1-x"), ("d", "1-x")])
+
+
+async def test_a_page_of_echoes_alone_moves_the_checkpoint_without_a_durable_write(stores):
+    """b's feed holds what a sent it: b's push passes it in memory and saves its checkpoint
+    with its next real batch (the marker's), not once per change received."""
+    store_a, store_b = stores
+    a = Side("a", store_a, pushes={"notes": everything})
+    b = Side("b", store_b, pushes={"notes": everything})
+    async with linked(a, b):
+        rev = await store_a.put({"_id": "from-a", "doctype": "note"})
+        await wait_for_doc(b, "from-a", rev)
+        marker = await store_b.put({"_id": "marker", "doctype": "note"})
+        await wait_for_doc(a, "marker", marker)
+        newest = (await store_b.info())["update_seq"]
+        saved = await until(lambda: [event.seq for event in b.events.of(CheckpointSaved)
+                                     if event.seq == newest], b.events)
+    assert saved == [newest]
+    assert len(b.events.of(CheckpointSaved)) == 1  # none for the page holding from-a alone
+    checkpoint = await load_checkpoint(store_b, "notes", a.node.id.hex())
+    assert checkpoint is not None and checkpoint.seq == newest
