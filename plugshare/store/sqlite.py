@@ -38,6 +38,7 @@ import msgpack
 import trio
 
 from plugshare.store import chunks, revtree
+from plugshare.store.packs import ChunkPacks
 from plugshare.store.attachments import (
     CHUNK_SIZE,
     AttachmentMeta,
@@ -70,7 +71,7 @@ from plugshare.store.revtree import ParsedDoc, RevTree
 T = TypeVar("T")
 
 APPLICATION_ID = 0x706C7368  # "plsh": marks the file as a plugshare store
-SCHEMA_VERSION = 2  # 2: attachment chunk tables (a version 1 file gets them when opened)
+SCHEMA_VERSION = 3  # 2: attachment chunk tables; 3: chunks kept in packs (older files get them when opened)
 UPLOAD_BATCH = 16  # chunks written per transaction while an attachment streams in (4 MiB)
 _SQL_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's variable limit
 
@@ -205,9 +206,11 @@ class SQLiteStore(Store):
 
     backend = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int):
+    def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int,
+                 packs: ChunkPacks):
         """Use `open()`; this takes an already opened and checked connection."""
         self.path = path
+        self._packs = packs  # staged chunk data (packs.py)
         self.revs_limit = revs_limit
         self._conn: sqlite3.Connection | None = conn
         self._limiter = trio.CapacityLimiter(1)
@@ -240,8 +243,8 @@ class SQLiteStore(Store):
         if owner is not None and (not isinstance(owner, str) or not owner):
             raise BadRequest(f"owner must be a node id, not {owner!r}")
         path = Path(path)
-        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path, owner)
-        return cls(conn, path, revs_limit, update_seq)
+        conn, update_seq, packs = await trio.to_thread.run_sync(_open_connection, path, owner)
+        return cls(conn, path, revs_limit, update_seq, packs)
 
     async def aclose(self) -> None:
         if self._conn is None:
@@ -253,6 +256,7 @@ class SQLiteStore(Store):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+            self._packs.close()
 
     # -- running SQLite off the trio thread ----------------------------------------------
 
@@ -336,6 +340,14 @@ class SQLiteStore(Store):
                     self._txn_seq = seq_before
                     job.error = self._store_error(exc) if isinstance(exc, sqlite3.Error) else exc
                 conn.execute("RELEASE job")
+            try:
+                self._packs.sync()  # chunk data the rows name is durable before they are
+            except StoreError as exc:
+                conn.execute("ROLLBACK")
+                self._txn_seq = self._seq
+                for job in jobs:
+                    job.error, job.result = exc, None
+                return
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -354,6 +366,7 @@ class SQLiteStore(Store):
             raise
         self.commits += 1
         self._seq = self._txn_seq
+        self._packs.reclaim(conn)
 
     def _wake_waiters(self) -> None:
         self._changed.set()
@@ -553,7 +566,7 @@ class SQLiteStore(Store):
             "VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
-        chunks.collect(conn, dropped, self._in_use)  # the data no leaf references anymore
+        chunks.collect(conn, self._packs, dropped, self._in_use)  # the data no leaf references anymore
         self._txn_seq = seq
         return seq
 
@@ -640,7 +653,8 @@ class SQLiteStore(Store):
     async def compact(self) -> None:
         """Only leaf bodies are ever kept; this collects attachment data no leaf references
         (uploads cut when the process died, data that was being read when dropped)."""
-        await self._transact(chunks.sweep, self._in_use)
+        await self._transact(chunks.sweep, self._packs, self._in_use)
+        await self._run(self._packs.reclaim_all)  # packs left by a crash
 
     # -- attachments (Store API) -----------------------------------------------------------
 
@@ -774,7 +788,7 @@ class SQLiteStore(Store):
         self._in_use[content] += 1
         try:
             for index in range(start // chunk_size, (stop - 1) // chunk_size + 1 if stop else 0):
-                data = await self._run(chunks.read_chunk, content, index)
+                data = await self._run(chunks.read_chunk, self._packs, content, index)
                 if data is None:
                     raise NotFound(f"attachment {name!r} of {doc_id!r} was removed while read")
                 offset = index * chunk_size
@@ -866,7 +880,7 @@ class SQLiteStore(Store):
         if collect and staged and self._conn is not None:
             with trio.CancelScope(shield=True):  # also after a cancel: no orphan left
                 await self._transact(
-                    chunks.collect, [item.content for item in staged], self._in_use
+                    chunks.collect, self._packs, [item.content for item in staged], self._in_use
                 )
 
     # -- staged chunks of incoming transfers (see chunks.py) ---------------------------------
@@ -892,16 +906,16 @@ class SQLiteStore(Store):
         return await self._transact(chunks.claim_chunks, hashes)
 
     async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
-        return await self._transact(chunks.stage_chunks, pieces)
+        return await self._transact(chunks.stage_chunks, self._packs, pieces)
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
-        data = await self._run(chunks.read_staged, digest)
+        data = await self._run(chunks.read_staged, self._packs, digest)
         if data is None:
             raise NotFound(f"no staged chunk {digest.hex()}")
         return data
 
     async def release_chunks(self, hashes: list[bytes]) -> None:
-        await self._transact(chunks.unstage, hashes)
+        await self._transact(chunks.unstage, self._packs, hashes)
 
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:
@@ -1120,8 +1134,9 @@ def _make_private(path: Path) -> None:
             raise StoreError(f"cannot make store file {file} private (mode 0600): {exc}") from exc
 
 
-def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int]:
-    """Open and check (or create) the store file; return the connection and its update seq."""
+def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int, ChunkPacks]:
+    """Open and check (or create) the store file; return the connection, its update seq and
+    its chunk packs (those no row names anymore removed)."""
     if path.is_dir():
         raise StoreError(f"cannot open store {path}: it is a directory")
     if not path.parent.is_dir():
@@ -1134,6 +1149,8 @@ def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection,
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     try:
         update_seq = _prepare(conn, path, owner)
+        packs = ChunkPacks(path)
+        packs.reclaim_all(conn)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -1143,7 +1160,7 @@ def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection,
         if isinstance(exc, sqlite3.DatabaseError):
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         raise
-    return conn, update_seq
+    return conn, update_seq, packs
 
 
 def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
@@ -1156,7 +1173,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
     new = application_id == 0 and version == 0 and tables == 0
     if not new and application_id != APPLICATION_ID:  # checked before anything is changed
         raise StoreError(f"cannot open store {path}: it is an SQLite file of another program")
-    if not new and version not in (1, SCHEMA_VERSION):
+    if not new and version not in (1, 2, SCHEMA_VERSION):
         raise StoreError(
             f"cannot open store {path}: schema version {version}, this program reads "
             f"version {SCHEMA_VERSION}"
@@ -1175,8 +1192,8 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         if new or version == 1:
             chunks.create_tables(conn)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         chunks.create_staging(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if owner is not None:
             _claim(conn, path, owner)
         (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()

@@ -112,3 +112,53 @@ async def test_chunk_addresses_are_the_sha256_of_each_chunk_when_the_backend_kee
         assert addresses is None  # the caller hashes the data itself
     with pytest.raises(NotFound):
         await store.chunk_addresses("d", "nope", rev)
+
+
+# -- where the embedded store keeps staged chunk data (issue 13's speed) -----------------------
+
+
+def _sqlite_bytes(path) -> int:
+    """The SQLite file and its WAL, in bytes."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+async def test_staged_chunk_data_is_written_once_to_an_append_only_pack_not_into_sqlite(tmp_path):
+    """A transfer's chunks go to an append-only pack file (one write, one fsync per staged
+    batch), not into SQLite rows (written to the WAL, then again to the file, each synced)."""
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    try:
+        before = _sqlite_bytes(path)
+        data = random_bytes(32 * CHUNK_SIZE, seed=11)
+        hashes = await store.stage_chunks(pieces(data))
+        assert _sqlite_bytes(path) - before < len(data) // 4
+        packs = list((tmp_path / "store.sqlite-chunks").iterdir())
+        assert sum(p.stat().st_size for p in packs) == len(data)
+        assert [await store.read_staged_chunk(h) for h in hashes] == pieces(data)
+        assert (await store.info())["attachment_bytes"] == len(data)
+    finally:
+        await store.aclose()
+    store = await SQLiteStore.open(path)  # durable: found again after a restart
+    try:
+        assert await store.claim_chunks(hashes) == set(hashes)
+        assert [await store.read_staged_chunk(h) for h in hashes] == pieces(data)
+    finally:
+        await store.aclose()
+
+
+async def test_a_pack_whose_chunks_are_all_released_is_removed(tmp_path):
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    try:
+        hashes = await store.stage_chunks(pieces(random_bytes(4 * CHUNK_SIZE, seed=12)))
+    finally:
+        await store.aclose()
+    store = await SQLiteStore.open(path)  # a new pack for new chunks; the first is closed
+    try:
+        kept = await store.stage_chunks([b"kept"])
+        assert len(list((tmp_path / "store.sqlite-chunks").iterdir())) == 2
+        await store.release_chunks(hashes)
+        assert len(list((tmp_path / "store.sqlite-chunks").iterdir())) == 1
+        assert await store.read_staged_chunk(kept[0]) == b"kept"
+    finally:
+        await store.aclose()
