@@ -126,7 +126,7 @@ def test_the_node_cuts_clear_data_as_the_token_seals_it():
     assert sealed_files.SEALED_CHUNK == chunkseal.CHUNK_SIZE
     assert sealed_files.OVERHEAD == chunkseal.OVERHEAD
     assert sealed_files.PLAIN_CHUNK == chunkseal.PLAINTEXT_CHUNK
-    assert sealed_files.BATCH <= MAX_CHUNKS
+    assert sealed_files.BATCH <= MAX_CHUNKS and sealed_files.CHECK_BATCH <= MAX_CHUNKS
     plain = sealed_files.PLAIN_CHUNK
     for clear in (1, plain, plain + 1, 10 * plain - 3):
         chunks = -(-clear // plain)
