@@ -403,17 +403,11 @@ class AttachmentFetcher:
         self._held_chunks = 0
         addresses = {name: await self._fetch_attachment(share, doc, name, stub, claimed)
                      for name, stub in attachments.items()}
-
-        async def staged(hashes: list[bytes]):
-            for digest in hashes:
-                yield await self._store.read_staged_chunk(digest)
-
         follows = {name: {"follows": True, "content_type": stub["content_type"],
                           "length": stub["length"], "digest": stub["digest"],
                           "revpos": stub["revpos"]}
                    for name, stub in attachments.items()}
-        await self._store.put_replicated({**doc, "_attachments": follows},
-                                         {name: staged(h) for name, h in addresses.items()})
+        await self._store.put_staged({**doc, "_attachments": follows}, addresses)
         fetched = self.fetched_bytes - fetched_before
         logger.info("wrote revision %s of %s with its attachments from peer %s (%d bytes "
                     "fetched)", doc["_rev"], doc["_id"], self.peer, fetched)

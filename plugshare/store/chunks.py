@@ -177,6 +177,18 @@ def add_chunks(conn: sqlite3.Connection, content: int, first: int, pieces: list[
         )
 
 
+def link_chunks(conn: sqlite3.Connection, content: int, first: int, hashes: list[bytes]) -> None:
+    """Make the stored chunks `hashes` chunks `first`, `first + 1`... of `content`."""
+    for index, digest in enumerate(hashes, first):
+        linked = conn.execute(
+            "INSERT INTO content_chunks (content, idx, chunk) "
+            "SELECT ?, ?, id FROM chunks WHERE hash = ?",
+            (content, index, digest),
+        ).rowcount
+        if linked != 1:
+            raise sqlite3.IntegrityError(f"chunk {digest.hex()} is not stored")
+
+
 def finish_content(conn: sqlite3.Connection, content: int, length: int, digest: str) -> None:
     conn.execute(
         "UPDATE contents SET length = ?, digest = ? WHERE id = ?", (length, digest, content)
