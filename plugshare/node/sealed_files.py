@@ -24,6 +24,7 @@ SEALED_CHUNK = CHUNK_SIZE
 OVERHEAD = 4 + 16 + 12 + 16  # magic, key id, nonce, tag
 PLAIN_CHUNK = SEALED_CHUNK - OVERHEAD
 BATCH = 8  # chunks per token command (its MAX_CHUNKS)
+CHECK_BATCH = 32  # chunks per check of received ones (the token's MAX_CHUNKS; nothing comes back)
 
 Call = Callable[..., Awaitable[Any]]
 

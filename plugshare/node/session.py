@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from plugshare.errors import PlugshareError
+from plugshare.node import sealed_files
 from plugshare.node.access import Identity, ShareView
 from plugshare.node.events import EventBus
 from plugshare.replication import protocol as rp
@@ -215,9 +216,10 @@ class PeerSession:
         manifest = self.shares.get(share_id)
         if manifest is None or not manifest.encrypted:
             return
-        runs: list[tuple[int, list[bytes]]] = []  # consecutive chunks, 8 per token command
+        runs: list[tuple[int, list[bytes]]] = []  # consecutive chunks, per token command
         for index, data in chunks:
-            if runs and runs[-1][0] + len(runs[-1][1]) == index and len(runs[-1][1]) < 8:
+            if (runs and runs[-1][0] + len(runs[-1][1]) == index
+                    and len(runs[-1][1]) < sealed_files.CHECK_BATCH):
                 runs[-1][1].append(data)
             else:
                 runs.append((index, [data]))
@@ -225,7 +227,7 @@ class PeerSession:
             try:
                 await self._call("share.open_chunks", share=share_id, doc_id=doc["_id"],
                                  name=name, revpos=revpos, first=first,
-                                 last=first + len(run) == count, chunks=run)
+                                 last=first + len(run) == count, chunks=run, check_only=True)
             except IntegrityError as exc:
                 raise ChunkRefused(str(exc)) from exc
             except (TokenUnavailable, TokenError) as exc:  # e.g. the share key not here yet

@@ -101,6 +101,8 @@ class AttachmentServer:
         # req -> (want, length, hashes) once its manifest is sent; None while it is made.
         self._open: dict[int, tuple[transfer.Want, int, list[bytes]] | None] = {}
         self._served: dict[int, list[int]] = {}  # req -> [chunks, bytes] sent
+        self._asked: dict[int, int] = {}  # req -> chunks asked and not yet sent
+        # A job per att.get; each asks >= 1 chunk, and a request has <= WINDOW asked.
         bound = transfer.MAX_OPEN_REQUESTS * (transfer.WINDOW + 2)
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, ...]](bound)
         self.sent_bytes = 0  # chunk data sent to this peer, all requests
@@ -122,10 +124,14 @@ class AttachmentServer:
             if opened is None:
                 raise transfer.TransferError(f"{transfer.GET} for request {req!r}, which has no manifest")
             _, indexes = transfer.parse_get(message, len(opened[2]))
-            for index in indexes:
-                _send_or_break(self._jobs_send, ("chunk", req, index), "chunk requests")
+            asked = self._asked.get(req, 0) + len(indexes)
+            if asked > transfer.WINDOW:
+                raise transfer.TransferError(f"more than {transfer.WINDOW} chunks asked of request {req}")
+            self._asked[req] = asked
+            _send_or_break(self._jobs_send, ("chunks", req, indexes), "chunk requests")
         elif kind == transfer.DONE:
             req = message.get("req")
+            self._asked.pop(req, None)
             if self._open.pop(req, None) is not None:
                 chunks, size = self._served.pop(req, [0, 0])
                 logger.info("served %d chunks (%d bytes) of an attachment to peer %s",
@@ -138,7 +144,7 @@ class AttachmentServer:
                 if job[0] == "want":
                     await self._manifest(job[1])
                 else:
-                    await self._chunk(job[1], job[2])
+                    await self._chunks(job[1], job[2])
         except PeerConnectionClosed:
             pass
 
@@ -180,24 +186,52 @@ class AttachmentServer:
         self._served[want.req] = [0, 0]
         await self._connection.send(transfer.manifest_message(want.req, meta.length, meta.digest, hashes))
 
-    async def _chunk(self, req: int, index: int) -> None:
-        opened = self._open.get(req)
-        if opened is None:
-            return  # done or failed meanwhile
-        want, length, _ = opened
-        try:
-            _, data = await self._store.open_attachment(
-                want.doc_id, want.name, rev=want.rev, range=transfer.chunk_range(index, length))
-            piece = b"".join([part async for part in data])
-        except StoreError as error:
-            self._open.pop(req, None)
-            await self._connection.send(transfer.fail_message(req, error.reason, retry=True))
-            return
+    async def _chunks(self, req: int, indexes: list[int]) -> None:
+        """Send the chunks of one att.get: each run of consecutive indexes read as one range
+        (one store read per run, not one per chunk)."""
+        runs: list[list[int]] = []
+        for index in indexes:
+            if runs and runs[-1][-1] + 1 == index:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        for run in runs:
+            opened = self._open.get(req)
+            if opened is None:
+                return  # done or failed meanwhile
+            want, length, _ = opened
+            start, stop = transfer.chunk_range(run[0], length)[0], transfer.chunk_range(run[-1], length)[1]
+            try:
+                _, data = await self._store.open_attachment(want.doc_id, want.name, rev=want.rev,
+                                                            range=(start, stop))
+                pieces = rechunk(data)
+                try:
+                    for index in run:
+                        piece = await anext(pieces, b"")
+                        first, end = transfer.chunk_range(index, length)
+                        if len(piece) != end - first:
+                            raise StoreError(f"attachment {want.name!r} of {want.doc_id!r} "
+                                             "is shorter than it says")
+                        if req not in self._open:
+                            return
+                        self._sent(req, len(piece))
+                        await self._connection.send(transfer.chunk_message(req, index, piece))
+                finally:
+                    await pieces.aclose()
+                    await data.aclose()
+            except StoreError as error:
+                self._open.pop(req, None)
+                self._asked.pop(req, None)
+                await self._connection.send(transfer.fail_message(req, error.reason, retry=True))
+                return
+
+    def _sent(self, req: int, size: int) -> None:
         served = self._served.setdefault(req, [0, 0])
         served[0] += 1
-        served[1] += len(piece)
-        self.sent_bytes += len(piece)
-        await self._connection.send(transfer.chunk_message(req, index, piece))
+        served[1] += size
+        self.sent_bytes += size
+        if req in self._asked:
+            self._asked[req] -= 1
 
 
 # --- fetching the peer's ---------------------------------------------------------------------
@@ -372,17 +406,11 @@ class AttachmentFetcher:
         self._held_chunks = 0
         addresses = {name: await self._fetch_attachment(share, doc, name, stub, claimed)
                      for name, stub in attachments.items()}
-
-        async def staged(hashes: list[bytes]):
-            for digest in hashes:
-                yield await self._store.read_staged_chunk(digest)
-
         follows = {name: {"follows": True, "content_type": stub["content_type"],
                           "length": stub["length"], "digest": stub["digest"],
                           "revpos": stub["revpos"]}
                    for name, stub in attachments.items()}
-        await self._store.put_replicated({**doc, "_attachments": follows},
-                                         {name: staged(h) for name, h in addresses.items()})
+        await self._store.put_staged({**doc, "_attachments": follows}, addresses)
         fetched = self.fetched_bytes - fetched_before
         logger.info("wrote revision %s of %s with its attachments from peer %s (%d bytes "
                     "fetched)", doc["_rev"], doc["_id"], self.peer, fetched)

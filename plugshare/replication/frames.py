@@ -170,10 +170,13 @@ class FrameDecoder:
             self._body_length = length
         if len(self._buffer) < self._body_length:
             return None
-        body = bytes(self._buffer[: self._body_length])
-        del self._buffer[: self._body_length]  # bytearray drops a prefix without copying the rest
-        self._body_length = None
-        return _decode_body(body)
+        length, self._body_length = self._body_length, None
+        # Decoded in place (a chunk's frame is 256 KiB: no copy of it before msgpack's own);
+        # the view must be released before the buffer can shrink.
+        with memoryview(self._buffer) as view, view[:length] as body:
+            message = _decode_body(body)
+        del self._buffer[:length]  # bytearray drops a prefix without copying the rest
+        return message
 
     def __iter__(self) -> Iterator[dict[str | bytes, Any]]:
         while (message := self.next_message()) is not None:

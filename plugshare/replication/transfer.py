@@ -11,7 +11,7 @@ document streams, so a large file never holds up small documents::
                                                       <-  att.manifest {req, length, digest,
                                                                         chunks: [sha256, ...]}
       (the store's claim_chunks: which it holds already)
-      att.get {req, indexes: [i, ...]}  (<= WINDOW in flight)  ->
+      att.get {req, indexes: [i, ...]}  (<= WINDOW in flight, <= MAX_GET_INDEXES each)  ->
                                                       <-  att.chunk {req, index, data}   (each)
       (checked against the manifest, staged durably)
       att.done {req}                                  ->  (the request is closed)
@@ -49,8 +49,10 @@ FAIL = "att.fail"
 TO_SERVER = frozenset({WANT, GET, DONE})
 TO_FETCHER = frozenset({MANIFEST, CHUNK, FAIL})
 
-WINDOW = 16  # chunks asked and not yet received, per request (4 MiB)
-MAX_GET_INDEXES = WINDOW
+# Chunks asked and not yet received, per request (16 MiB): enough to keep the link busy while
+# the target stages what arrived (a durable write), which 4 MiB were not (issue 13).
+WINDOW = 64
+MAX_GET_INDEXES = 16  # per att.get (what a source that predates the larger window accepts)
 MAX_OPEN_REQUESTS = 4  # requests a peer may have open at a source at once
 # Chunks one manifest may list: 32 bytes each, 8 MiB of hashes at most in one frame (a
 # 64 GiB file). A bigger attachment is refused (it would need a paged manifest).
@@ -197,14 +199,15 @@ class ChunkFetch:
         return not self._awaited
 
     def asks(self) -> list[dict[str, Any]]:
-        """The `att.get` to send now (none when the window is full or nothing is left)."""
+        """The `att.get`s to send now (none when the window is full or nothing is left)."""
         room = WINDOW - len(self._asked)
         indexes = []
         while room > 0 and self._to_ask:
             indexes.append(self._to_ask.pop())
             room -= 1
         self._asked.update(indexes)
-        return [{"type": GET, "req": self.req, "indexes": indexes}] if indexes else []
+        return [{"type": GET, "req": self.req, "indexes": indexes[start:start + MAX_GET_INDEXES]}
+                for start in range(0, len(indexes), MAX_GET_INDEXES)]
 
     def chunk(self, message: Mapping[Any, Any]) -> bytes:
         """The checked data of an `att.chunk`; `TransferError` when it was not asked for or

@@ -389,6 +389,18 @@ class Store(abc.ABC):
         """A staged chunk's data; `NotFound` when it is not staged."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
+    async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]]) -> None:
+        """`put_replicated` of `doc`, the data of each attachment that `follows` being the
+        staged chunks `addresses[name]`, in order (checked against its length and digest as
+        ever). Here: streamed back from staging; the embedded store links them where they
+        are. `NotFound` for a chunk that is not staged."""
+
+        async def staged(hashes: list[bytes]) -> AsyncIterator[bytes]:
+            for digest in hashes:
+                yield await self.read_staged_chunk(digest)
+
+        await self.put_replicated(doc, {name: staged(h) for name, h in addresses.items()})
+
     async def release_chunks(self, hashes: list[bytes]) -> None:
         """Release staged chunks (their transfer is done or abandoned); chunks no
         attachment holds go."""

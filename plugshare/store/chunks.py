@@ -22,6 +22,11 @@ marked in `staged_chunks` (as is a chunk already held that the transfer will reu
 survives a restart and is never collected (by `collect` or `sweep`) until the transfer that
 needs it releases it (`unstage`), once its revision is written or abandoned.
 
+Where a chunk's bytes are: in its row (`data`: chunks uploaded here), or, for chunks staged
+by a transfer, in an append-only pack file beside the store (`pack`, `pack_offset`, `pack_size`, and an
+empty `data`; see `packs.py`), written once and synced before the row commits. Every reader
+takes either.
+
 Every function runs inside the caller's transaction, on the store's worker thread.
 """
 
@@ -32,6 +37,7 @@ import sqlite3
 from collections.abc import Collection, Iterable
 
 from plugshare.store.attachments import CHUNK_SIZE
+from plugshare.store.packs import ChunkPacks
 
 SCHEMA = """
 CREATE TABLE chunks (
@@ -75,8 +81,25 @@ def create_tables(conn: sqlite3.Connection) -> None:
 
 
 def create_staging(conn: sqlite3.Connection) -> None:
-    """The staging table (added after schema version 2: created when missing)."""
+    """The staging table (added after schema version 2: created when missing), and the
+    columns of chunks kept in packs (schema version 3: added when missing)."""
     conn.execute(STAGING_SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(chunks)")}
+    if "pack" not in columns:
+        for column in ("pack", "pack_offset", "pack_size"):
+            conn.execute(f"ALTER TABLE chunks ADD COLUMN {column} INTEGER")
+    conn.execute("CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks (pack) WHERE pack IS NOT NULL")
+
+
+def _data(packs: ChunkPacks, row: tuple) -> bytes:
+    """A chunk's bytes from its `(data, pack, pack_offset, pack_size)`."""
+    data, pack, offset, size = row
+    return data if pack is None else packs.read(pack, offset, size)
+
+
+def _dropped(packs: ChunkPacks, rows: Iterable[tuple]) -> None:
+    """Rows of chunks just deleted (`RETURNING pack`): their packs may be empty now."""
+    packs.released.update(row[0] for row in rows if row[0] is not None)
 
 
 def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> set[bytes]:
@@ -90,16 +113,18 @@ def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> set[bytes
     return held
 
 
-def stage_chunks(conn: sqlite3.Connection, pieces: list[bytes]) -> list[bytes]:
-    """Store `pieces` as staged chunks (each once, however often it is staged); their
-    SHA-256s."""
+def stage_chunks(conn: sqlite3.Connection, packs: ChunkPacks, pieces: list[bytes]) -> list[bytes]:
+    """Store `pieces` as staged chunks (each once, however often it is staged), their bytes
+    appended to the current pack; their SHA-256s."""
     digests = []
     for data in pieces:
         digest = hashlib.sha256(data).digest()
-        conn.execute(
-            "INSERT INTO chunks (hash, data) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
-            (digest, data),
-        )
+        if conn.execute("SELECT 1 FROM chunks WHERE hash = ?", (digest,)).fetchone() is None:
+            pack, offset = packs.append(data)
+            conn.execute(
+                "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) VALUES (?, x'', ?, ?, ?)",
+                (digest, pack, offset, len(data)),
+            )
         conn.execute(
             "INSERT OR IGNORE INTO staged_chunks (chunk) SELECT id FROM chunks WHERE hash = ?",
             (digest,),
@@ -108,25 +133,25 @@ def stage_chunks(conn: sqlite3.Connection, pieces: list[bytes]) -> list[bytes]:
     return digests
 
 
-def read_staged(conn: sqlite3.Connection, digest: bytes) -> bytes | None:
+def read_staged(conn: sqlite3.Connection, packs: ChunkPacks, digest: bytes) -> bytes | None:
     row = conn.execute(
-        "SELECT data FROM chunks JOIN staged_chunks ON staged_chunks.chunk = chunks.id "
-        "WHERE hash = ?", (digest,)
+        "SELECT data, pack, pack_offset, pack_size FROM chunks "
+        "JOIN staged_chunks ON staged_chunks.chunk = chunks.id WHERE hash = ?", (digest,)
     ).fetchone()
-    return None if row is None else row[0]
+    return None if row is None else _data(packs, row)
 
 
-def unstage(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
+def unstage(conn: sqlite3.Connection, packs: ChunkPacks, hashes: Iterable[bytes]) -> None:
     """Release staged chunks; those no content holds are removed."""
     for digest in hashes:
         row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
         if row is None:
             continue
         conn.execute("DELETE FROM staged_chunks WHERE chunk = ?", (row[0],))
-        conn.execute(
+        _dropped(packs, conn.execute(
             "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
-            "(SELECT 1 FROM content_chunks WHERE chunk = ?1)", (row[0],)
-        )
+            "(SELECT 1 FROM content_chunks WHERE chunk = ?1) RETURNING pack", (row[0],)
+        ).fetchall())
 
 
 def new_content(conn: sqlite3.Connection) -> int:
@@ -150,6 +175,18 @@ def add_chunks(conn: sqlite3.Connection, content: int, first: int, pieces: list[
             "SELECT ?, ?, id FROM chunks WHERE hash = ?",
             (content, index, digest),
         )
+
+
+def link_chunks(conn: sqlite3.Connection, content: int, first: int, hashes: list[bytes]) -> None:
+    """Make the stored chunks `hashes` chunks `first`, `first + 1`... of `content`."""
+    for index, digest in enumerate(hashes, first):
+        linked = conn.execute(
+            "INSERT INTO content_chunks (content, idx, chunk) "
+            "SELECT ?, ?, id FROM chunks WHERE hash = ?",
+            (content, index, digest),
+        ).rowcount
+        if linked != 1:
+            raise sqlite3.IntegrityError(f"chunk {digest.hex()} is not stored")
 
 
 def finish_content(conn: sqlite3.Connection, content: int, length: int, digest: str) -> None:
@@ -176,13 +213,13 @@ def chunk_hashes(conn: sqlite3.Connection, content: int) -> list[bytes]:
     )]
 
 
-def read_chunk(conn: sqlite3.Connection, content: int, index: int) -> bytes | None:
+def read_chunk(conn: sqlite3.Connection, packs: ChunkPacks, content: int, index: int) -> bytes | None:
     row = conn.execute(
-        "SELECT data FROM content_chunks JOIN chunks ON chunks.id = content_chunks.chunk "
-        "WHERE content = ? AND idx = ?",
+        "SELECT data, pack, pack_offset, pack_size FROM content_chunks "
+        "JOIN chunks ON chunks.id = content_chunks.chunk WHERE content = ? AND idx = ?",
         (content, index),
     ).fetchone()
-    return None if row is None else row[0]
+    return None if row is None else _data(packs, row)
 
 
 def set_doc_contents(conn: sqlite3.Connection, doc_id: str, contents: set[int]) -> set[int]:
@@ -203,7 +240,8 @@ def set_doc_contents(conn: sqlite3.Connection, doc_id: str, contents: set[int]) 
     return dropped
 
 
-def collect(conn: sqlite3.Connection, candidates: Iterable[int], in_use: Collection[int]) -> int:
+def collect(conn: sqlite3.Connection, packs: ChunkPacks, candidates: Iterable[int],
+            in_use: Collection[int]) -> int:
     """Remove the candidate contents no document references and nobody is using, and the
     chunks no other content holds; return how many contents went."""
     removed = 0
@@ -220,29 +258,29 @@ def collect(conn: sqlite3.Connection, candidates: Iterable[int], in_use: Collect
         )]
         conn.execute("DELETE FROM content_chunks WHERE content = ?", (content,))
         conn.execute("DELETE FROM contents WHERE id = ?", (content,))
-        conn.executemany(
-            "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
-            "(SELECT 1 FROM content_chunks WHERE chunk = ?1) AND NOT EXISTS "
-            "(SELECT 1 FROM staged_chunks WHERE chunk = ?1)",
-            ((chunk,) for chunk in chunk_ids),
-        )
+        for chunk in chunk_ids:
+            _dropped(packs, conn.execute(
+                "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
+                "(SELECT 1 FROM content_chunks WHERE chunk = ?1) AND NOT EXISTS "
+                "(SELECT 1 FROM staged_chunks WHERE chunk = ?1) RETURNING pack", (chunk,)
+            ).fetchall())
         removed += 1
     return removed
 
 
-def sweep(conn: sqlite3.Connection, in_use: Collection[int]) -> int:
+def sweep(conn: sqlite3.Connection, packs: ChunkPacks, in_use: Collection[int]) -> int:
     """`collect` every content no document references (compaction)."""
     orphans = [row[0] for row in conn.execute(
         "SELECT id FROM contents WHERE NOT EXISTS "
         "(SELECT 1 FROM doc_contents WHERE content = contents.id)"
     )]
-    return collect(conn, orphans, in_use)
+    return collect(conn, packs, orphans, in_use)
 
 
 def usage(conn: sqlite3.Connection) -> dict[str, int]:
     """How much attachment data is stored: distinct chunks, their bytes, contents."""
     chunks, size = conn.execute(
-        "SELECT count(*), coalesce(sum(length(data)), 0) FROM chunks"
+        "SELECT count(*), coalesce(sum(coalesce(pack_size, length(data))), 0) FROM chunks"
     ).fetchone()
     (contents,) = conn.execute("SELECT count(*) FROM contents").fetchone()
     return {"attachment_chunks": chunks, "attachment_bytes": size,

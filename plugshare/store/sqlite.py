@@ -29,7 +29,7 @@ import json
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ import msgpack
 import trio
 
 from plugshare.store import chunks, revtree
+from plugshare.store.packs import ChunkPacks
 from plugshare.store.attachments import (
     CHUNK_SIZE,
     AttachmentMeta,
@@ -71,8 +72,10 @@ from plugshare.store.revtree import ParsedDoc, RevTree
 T = TypeVar("T")
 
 APPLICATION_ID = 0x706C7368  # "plsh": marks the file as a plugshare store
-SCHEMA_VERSION = 2  # 2: attachment chunk tables (a version 1 file gets them when opened)
+SCHEMA_VERSION = 3  # 2: attachment chunk tables; 3: chunks kept in packs (older files get them when opened)
 UPLOAD_BATCH = 16  # chunks written per transaction while an attachment streams in (4 MiB)
+READ_BATCH = 32  # staged chunks read per hop to the worker for a revision's digest (8 MiB)
+LINK_BATCH = 256  # staged chunks linked to a content per transaction (64 MiB of data)
 _SQL_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's variable limit
 
 _SCHEMA = """
@@ -221,9 +224,11 @@ class SQLiteStore(Store):
     backend = "sqlite"
     keeps_absent_data = True
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int):
+    def __init__(self, conn: sqlite3.Connection, path: Path, revs_limit: int, update_seq: int,
+                 packs: ChunkPacks):
         """Use `open()`; this takes an already opened and checked connection."""
         self.path = path
+        self._packs = packs  # staged chunk data (packs.py)
         self.revs_limit = revs_limit
         self._conn: sqlite3.Connection | None = conn
         self._limiter = trio.CapacityLimiter(1)
@@ -256,8 +261,8 @@ class SQLiteStore(Store):
         if owner is not None and (not isinstance(owner, str) or not owner):
             raise BadRequest(f"owner must be a node id, not {owner!r}")
         path = Path(path)
-        conn, update_seq = await trio.to_thread.run_sync(_open_connection, path, owner)
-        return cls(conn, path, revs_limit, update_seq)
+        conn, update_seq, packs = await trio.to_thread.run_sync(_open_connection, path, owner)
+        return cls(conn, path, revs_limit, update_seq, packs)
 
     async def aclose(self) -> None:
         if self._conn is None:
@@ -269,6 +274,7 @@ class SQLiteStore(Store):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+            self._packs.close()
 
     # -- running SQLite off the trio thread ----------------------------------------------
 
@@ -352,6 +358,14 @@ class SQLiteStore(Store):
                     self._txn_seq = seq_before
                     job.error = self._store_error(exc) if isinstance(exc, sqlite3.Error) else exc
                 conn.execute("RELEASE job")
+            try:
+                self._packs.sync()  # chunk data the rows name is durable before they are
+            except StoreError as exc:
+                conn.execute("ROLLBACK")
+                self._txn_seq = self._seq
+                for job in jobs:
+                    job.error, job.result = exc, None
+                return
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -370,6 +384,7 @@ class SQLiteStore(Store):
             raise
         self.commits += 1
         self._seq = self._txn_seq
+        self._packs.reclaim(conn)
 
     def _wake_waiters(self) -> None:
         self._changed.set()
@@ -580,7 +595,7 @@ class SQLiteStore(Store):
             "VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
-        chunks.collect(conn, dropped, self._in_use)  # the data no leaf references anymore
+        chunks.collect(conn, self._packs, dropped, self._in_use)  # the data no leaf references anymore
         self._txn_seq = seq
         return seq
 
@@ -667,7 +682,8 @@ class SQLiteStore(Store):
     async def compact(self) -> None:
         """Only leaf bodies are ever kept; this collects attachment data no leaf references
         (uploads cut when the process died, data that was being read when dropped)."""
-        await self._transact(chunks.sweep, self._in_use)
+        await self._transact(chunks.sweep, self._packs, self._in_use)
+        await self._run(self._packs.reclaim_all)  # packs left by a crash
 
     # -- attachments (Store API) -----------------------------------------------------------
 
@@ -716,11 +732,28 @@ class SQLiteStore(Store):
     async def put_replicated(
         self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
     ) -> None:
+        async def stage(name: str, check: StreamCheck, spec: Follows) -> _Staged:
+            return await self._stage(streams[name], check, spec.content_type, spec.revpos)
+
+        await self._replicate(doc, set(streams), stage)
+
+    async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]]) -> None:
+        """Staged chunks are linked where they are (a pack, or a row): their bytes are read
+        once, in the worker, for the md5 digest, and not hashed or written again."""
+        async def stage(name: str, check: StreamCheck, spec: Follows) -> _Staged:
+            return await self._link_staged(addresses[name], check, spec.content_type, spec.revpos)
+
+        await self._replicate(doc, set(addresses), stage)
+
+    async def _replicate(
+        self, doc: Doc, given: set[str],
+        stage: Callable[[str, StreamCheck, Follows], Awaitable[_Staged]],
+    ) -> None:
         parsed = revtree.parse_doc(doc, new_edits=False)
         follows = {n: s for n, s in parsed.attachments.items() if isinstance(s, Follows)}
-        if set(streams) != set(follows):
+        if given != set(follows):
             raise BadRequest(
-                f"document {parsed.id!r}: streams given for {sorted(streams)}, but the "
+                f"document {parsed.id!r}: data given for {sorted(given)}, but the "
                 f"attachments that follow are {sorted(follows)}"
             )
 
@@ -734,9 +767,7 @@ class SQLiteStore(Store):
             try:
                 for name, spec in follows.items():
                     check = StreamCheck(digest=spec.digest, length=spec.length)
-                    specs[name] = await self._stage(
-                        streams[name], check, spec.content_type, spec.revpos
-                    )
+                    specs[name] = await stage(name, check, spec)
                     staged.append(specs[name])
             except BaseException:
                 await self._release(staged, collect=True)
@@ -807,7 +838,7 @@ class SQLiteStore(Store):
         self._in_use[content] += 1
         try:
             for index in range(start // chunk_size, (stop - 1) // chunk_size + 1 if stop else 0):
-                data = await self._run(chunks.read_chunk, content, index)
+                data = await self._run(chunks.read_chunk, self._packs, content, index)
                 if data is None:
                     raise NotFound(f"attachment {name!r} of {doc_id!r} was removed while read")
                 offset = index * chunk_size
@@ -876,6 +907,40 @@ class SQLiteStore(Store):
                 await self._release([_Staged(content, content_type, 0, "", None)], collect=True)
         return staged
 
+    async def _link_staged(
+        self, hashes: list[bytes], check: StreamCheck, content_type: str, revpos: int | None,
+    ) -> _Staged:
+        """A new content made of staged chunks, in order: each read once in the worker for
+        the digest (8 MiB per hop, so other writes wait little), linked 64 MiB per
+        transaction. Every chunk but the last must be a full `CHUNK_SIZE` one."""
+        content = await self._transact(chunks.new_content)
+        self._in_use[content] += 1
+        staged = None
+
+        def digest_of(conn: sqlite3.Connection, batch: list[bytes], last: int) -> None:
+            for index, digest in enumerate(batch, last - len(batch) + 1):
+                data = chunks.read_staged(conn, self._packs, digest)
+                if data is None:
+                    raise NotFound(f"no staged chunk {digest.hex()}")
+                if not 0 < len(data) <= CHUNK_SIZE or (len(data) < CHUNK_SIZE and index != len(hashes) - 1):
+                    raise BadRequest(f"staged chunk {index} is {len(data)} bytes: not a chunk of a file")
+                check.update(data)
+
+        try:
+            for first in range(0, len(hashes), LINK_BATCH):
+                batch = hashes[first : first + LINK_BATCH]
+                for start in range(0, len(batch), READ_BATCH):
+                    part = batch[start : start + READ_BATCH]
+                    await self._run(digest_of, part, first + start + len(part) - 1)
+                await self._transact(chunks.link_chunks, content, first, batch)
+            digest = check.finish()
+            await self._transact(chunks.finish_content, content, check.length, digest)
+            staged = _Staged(content, content_type, check.length, digest, revpos)
+        finally:
+            if staged is None:
+                await self._release([_Staged(content, content_type, 0, "", None)], collect=True)
+        return staged
+
     async def _commit_staged(
         self, write: Callable[[sqlite3.Connection], list[str | StoreError]],
         staged: list[_Staged],
@@ -899,7 +964,7 @@ class SQLiteStore(Store):
         if collect and staged and self._conn is not None:
             with trio.CancelScope(shield=True):  # also after a cancel: no orphan left
                 await self._transact(
-                    chunks.collect, [item.content for item in staged], self._in_use
+                    chunks.collect, self._packs, [item.content for item in staged], self._in_use
                 )
 
     # -- attachments held without their data (see base.Store) --------------------------------
@@ -1016,16 +1081,16 @@ class SQLiteStore(Store):
         return await self._transact(chunks.claim_chunks, hashes)
 
     async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
-        return await self._transact(chunks.stage_chunks, pieces)
+        return await self._transact(chunks.stage_chunks, self._packs, pieces)
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
-        data = await self._run(chunks.read_staged, digest)
+        data = await self._run(chunks.read_staged, self._packs, digest)
         if data is None:
             raise NotFound(f"no staged chunk {digest.hex()}")
         return data
 
     async def release_chunks(self, hashes: list[bytes]) -> None:
-        await self._transact(chunks.unstage, hashes)
+        await self._transact(chunks.unstage, self._packs, hashes)
 
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:
@@ -1244,8 +1309,9 @@ def _make_private(path: Path) -> None:
             raise StoreError(f"cannot make store file {file} private (mode 0600): {exc}") from exc
 
 
-def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int]:
-    """Open and check (or create) the store file; return the connection and its update seq."""
+def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection, int, ChunkPacks]:
+    """Open and check (or create) the store file; return the connection, its update seq and
+    its chunk packs (those no row names anymore removed)."""
     if path.is_dir():
         raise StoreError(f"cannot open store {path}: it is a directory")
     if not path.parent.is_dir():
@@ -1258,6 +1324,8 @@ def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection,
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     try:
         update_seq = _prepare(conn, path, owner)
+        packs = ChunkPacks(path)
+        packs.reclaim_all(conn)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -1267,7 +1335,7 @@ def _open_connection(path: Path, owner: str | None) -> tuple[sqlite3.Connection,
         if isinstance(exc, sqlite3.DatabaseError):
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         raise
-    return conn, update_seq
+    return conn, update_seq, packs
 
 
 def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
@@ -1280,7 +1348,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
     new = application_id == 0 and version == 0 and tables == 0
     if not new and application_id != APPLICATION_ID:  # checked before anything is changed
         raise StoreError(f"cannot open store {path}: it is an SQLite file of another program")
-    if not new and version not in (1, SCHEMA_VERSION):
+    if not new and version not in (1, 2, SCHEMA_VERSION):
         raise StoreError(
             f"cannot open store {path}: schema version {version}, this program reads "
             f"version {SCHEMA_VERSION}"
@@ -1299,8 +1367,8 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         if new or version == 1:
             chunks.create_tables(conn)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         chunks.create_staging(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if owner is not None:
             _claim(conn, path, owner)
         (update_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM docs").fetchone()

@@ -40,7 +40,7 @@ DELEGATION_LIFETIME = 7 * 86400  # seconds a certified TLS key stays valid
 
 _ALLOWED = Decision(True, "the owner may do everything")
 _CHUNKS = "node:attachments"  # who seals and opens attachment chunks: the node's data path
-MAX_CHUNKS = 8  # chunks per seal/open command (2 MiB)
+MAX_CHUNKS = 32  # chunks per seal/open command (8 MiB): one audit entry, one settle each
 
 
 def _arg(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *,
@@ -1218,25 +1218,28 @@ class Door:
         return {"chunks": sealed, "addresses": [keys.address(c) for c in chunks]}
 
     def _cmd_share_open_chunks(self, args: Mapping[str, Any]) -> dict:
-        """{share | doctype, doc_id, name, revpos, first, last, chunks} -> {chunks}: the
-        plaintext of sealed chunks, each checked where it stands (index, attachment,
-        document, revision, scope, end of file). A chunk that fails is `IntegrityError`,
-        audited as refused; nothing of the call is returned."""
+        """{share | doctype, doc_id, name, revpos, first, last, chunks, check_only?} ->
+        {chunks}: the plaintext of sealed chunks, each checked where it stands (index,
+        attachment, document, revision, scope, end of file); with `check_only`, {checked: n}
+        and no plaintext (a node checking what it receives has no use for it). A chunk that
+        fails is `IntegrityError`, audited as refused; nothing of the call is returned."""
         doc_id, name, revpos, first, last, chunks = self._chunk_args(args, sealed=True)
+        check_only = _arg(args, "check_only", bool, optional=True) is True
         final = len(chunks) - 1
         opened, scope, doctype = [], None, _arg(args, "doctype", str, optional=True)
         try:
             for i, chunk in enumerate(chunks):
                 scope, doctype, keys = self._chunk_keys(args, chunkseal.sealed_kid(chunk))
-                opened.append(keys.open(scope, doc_id, name, revpos, first + i,
-                                        last and i == final, chunk))
+                clear = keys.open(scope, doc_id, name, revpos, first + i, last and i == final, chunk)
+                if not check_only:
+                    opened.append(clear)
         except IntegrityError as exc:
             self._token._audit_record(_CHUNKS, "attachment-open", doctype, doc_id, False,
                                       f"tampered chunk refused: {exc}")
             raise
         self._token._audit_record(_CHUNKS, "attachment-open", doctype, doc_id, True,
                                   f"{len(chunks)} chunks of {name!r} in {scope}")
-        return {"chunks": opened}
+        return {"checked": len(chunks)} if check_only else {"chunks": opened}
 
     def _incoming_form(self, share_id: str, doc: dict) -> dict:
         token = self._token

@@ -34,17 +34,32 @@ def _marked(size: int) -> bytes:
     return (unit * (size // len(unit) + 1))[:size]
 
 
+def _stored_bytes(home) -> bytes:
+    """Everything the embedded store wrote: its file, and the packs of chunks it received."""
+    packs = sorted((home / "store.sqlite-chunks").glob("pack-*"))
+    return b"".join(path.read_bytes() for path in [home / "store.sqlite", *packs])
+
+
 def _tamper_one_chunk(home) -> None:
     """Flip one byte in the middle of one stored chunk of the embedded store."""
     db = sqlite3.connect(home / "store.sqlite")
     try:
         with db:
-            chunk_id, data = db.execute("SELECT id, data FROM chunks ORDER BY id LIMIT 1").fetchone()
-            flipped = bytearray(data)
-            flipped[len(flipped) // 2] ^= 0x01
-            db.execute("UPDATE chunks SET data = ? WHERE id = ?", (bytes(flipped), chunk_id))
+            chunk_id, data, pack, offset, size = db.execute(
+                "SELECT id, data, pack, pack_offset, pack_size FROM chunks ORDER BY id LIMIT 1"
+            ).fetchone()
+            if pack is None:  # in its row
+                flipped = bytearray(data)
+                flipped[len(flipped) // 2] ^= 0x01
+                db.execute("UPDATE chunks SET data = ? WHERE id = ?", (bytes(flipped), chunk_id))
+                return
     finally:
         db.close()
+    with (home / "store.sqlite-chunks" / f"pack-{pack:08d}").open("r+b") as packed:  # in a pack
+        packed.seek(offset + size // 2)
+        byte = packed.read(1)[0]
+        packed.seek(offset + size // 2)
+        packed.write(bytes([byte ^ 0x01]))
 
 
 def _refused_opens(node) -> list[dict]:
@@ -69,7 +84,7 @@ def test_an_attachment_on_a_sensitive_doctype_is_sealed_at_write_and_opened_at_r
         tail = http.get("/data/io.health/h1/scan.pdf", headers={"range": "bytes=-10"})
         assert tail.status_code == 206 and tail.content == data[-10:]
     alice.stop()
-    assert MARKER not in (alice.home / "store.sqlite").read_bytes()
+    assert MARKER not in _stored_bytes(alice.home)
 
     _tamper_one_chunk(alice.home)
     alice.start()
@@ -98,9 +113,9 @@ def test_an_encrypted_share_syncs_a_sealed_20mb_attachment_the_member_reads_equa
         assert got.status_code == 200, got.text
         assert hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
     alice.stop()
-    assert MARKER not in (alice.home / "store.sqlite").read_bytes()
+    assert MARKER not in _stored_bytes(alice.home)
     bob.stop()
-    assert MARKER not in (bob.home / "store.sqlite").read_bytes()
+    assert MARKER not in _stored_bytes(bob.home)
 
 
 def test_the_node_cuts_clear_data_as_the_token_seals_it():
@@ -111,7 +126,7 @@ def test_the_node_cuts_clear_data_as_the_token_seals_it():
     assert sealed_files.SEALED_CHUNK == chunkseal.CHUNK_SIZE
     assert sealed_files.OVERHEAD == chunkseal.OVERHEAD
     assert sealed_files.PLAIN_CHUNK == chunkseal.PLAINTEXT_CHUNK
-    assert sealed_files.BATCH <= MAX_CHUNKS
+    assert sealed_files.BATCH <= MAX_CHUNKS and sealed_files.CHECK_BATCH <= MAX_CHUNKS
     plain = sealed_files.PLAIN_CHUNK
     for clear in (1, plain, plain + 1, 10 * plain - 3):
         chunks = -(-clear // plain)
@@ -187,7 +202,7 @@ def test_bad_input_on_a_sealed_file_is_refused_and_leaves_the_previous_revision(
         assert http.get("/data/io.health/h1/scan.pdf").content == data
         assert http.get("/data/io.health/h1/notes.txt").content == b"PLAINTEXT-MARKER-7f3c notes"
     alice.stop()
-    assert MARKER not in (alice.home / "store.sqlite").read_bytes()
+    assert MARKER not in _stored_bytes(alice.home)
 
 
 def test_a_member_writes_a_sealed_file_in_an_encrypted_share_the_owner_reads_it(cluster):
@@ -203,7 +218,7 @@ def test_a_member_writes_a_sealed_file_in_an_encrypted_share_the_owner_reads_it(
     with _http(alice) as http:
         assert http.get("/data/io.files/b1/from-bob.bin").content == data
     bob.stop()
-    assert MARKER not in (bob.home / "store.sqlite").read_bytes()
+    assert MARKER not in _stored_bytes(bob.home)
 
 
 def test_an_empty_sealed_file_reads_empty(cluster):

@@ -30,12 +30,25 @@ def test_only_missing_chunks_are_asked_each_once_and_at_most_a_window_at_a_time(
     asked = []
     while not fetch.complete:
         for ask in fetch.asks():
-            assert len(ask["indexes"]) <= transfer.WINDOW
+            assert len(ask["indexes"]) <= transfer.MAX_GET_INDEXES
             asked += ask["indexes"]
         assert len(asked) - fetch.fetched <= transfer.WINDOW
         index = asked[fetch.fetched]
         fetch.chunk(transfer.chunk_message(1, index, pieces(data)[index]))
     assert sorted(asked) == [0, *range(3, 21)]  # not the held ones, not chunk 21 again
+
+
+def test_a_fetch_keeps_16_mib_in_flight_in_gets_a_peer_of_before_accepts():
+    """Issue 13's speed: 4 MiB in flight left the link idle while the target staged a batch
+    durably; 16 MiB keep it busy. Each `att.get` still lists at most the 16 indexes a source
+    that predates this accepts."""
+    fetch, _ = fetch_of(random_bytes(CHUNK_SIZE * 100, seed=9))
+    fetch.held(set())
+    asks = fetch.asks()
+    asked = [index for ask in asks for index in ask["indexes"]]
+    assert asked == list(range(64)) and transfer.WINDOW * CHUNK_SIZE == 16 * 1024 * 1024
+    assert all(len(ask["indexes"]) <= 16 for ask in asks) and transfer.MAX_GET_INDEXES == 16
+    assert fetch.asks() == []  # the window is full
 
 
 def test_a_tampered_or_swapped_chunk_or_one_not_asked_for_is_refused():

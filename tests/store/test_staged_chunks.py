@@ -9,7 +9,7 @@ import hashlib
 import pytest
 
 from plugshare.store.attachments import CHUNK_SIZE
-from plugshare.store.base import NotFound
+from plugshare.store.base import BadRequest, NotFound
 from plugshare.store.sqlite import SQLiteStore
 from tests.store.test_attachments import md5_digest, put_doc_with_file, random_bytes
 
@@ -112,3 +112,90 @@ async def test_chunk_addresses_are_the_sha256_of_each_chunk_when_the_backend_kee
         assert addresses is None  # the caller hashes the data itself
     with pytest.raises(NotFound):
         await store.chunk_addresses("d", "nope", rev)
+
+
+# -- where the embedded store keeps staged chunk data (issue 13's speed) -----------------------
+
+
+def _sqlite_bytes(path) -> int:
+    """The SQLite file and its WAL, in bytes."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+async def test_staged_chunk_data_is_written_once_to_an_append_only_pack_not_into_sqlite(tmp_path):
+    """A transfer's chunks go to an append-only pack file (one write, one fsync per staged
+    batch), not into SQLite rows (written to the WAL, then again to the file, each synced)."""
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    try:
+        before = _sqlite_bytes(path)
+        data = random_bytes(32 * CHUNK_SIZE, seed=11)
+        hashes = await store.stage_chunks(pieces(data))
+        assert _sqlite_bytes(path) - before < len(data) // 4
+        packs = list((tmp_path / "store.sqlite-chunks").iterdir())
+        assert sum(p.stat().st_size for p in packs) == len(data)
+        assert [await store.read_staged_chunk(h) for h in hashes] == pieces(data)
+        assert (await store.info())["attachment_bytes"] == len(data)
+    finally:
+        await store.aclose()
+    store = await SQLiteStore.open(path)  # durable: found again after a restart
+    try:
+        assert await store.claim_chunks(hashes) == set(hashes)
+        assert [await store.read_staged_chunk(h) for h in hashes] == pieces(data)
+    finally:
+        await store.aclose()
+
+
+async def test_a_pack_whose_chunks_are_all_released_is_removed(tmp_path):
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    try:
+        hashes = await store.stage_chunks(pieces(random_bytes(4 * CHUNK_SIZE, seed=12)))
+    finally:
+        await store.aclose()
+    store = await SQLiteStore.open(path)  # a new pack for new chunks; the first is closed
+    try:
+        kept = await store.stage_chunks([b"kept"])
+        assert len(list((tmp_path / "store.sqlite-chunks").iterdir())) == 2
+        await store.release_chunks(hashes)
+        assert len(list((tmp_path / "store.sqlite-chunks").iterdir())) == 1
+        assert await store.read_staged_chunk(kept[0]) == b"kept"
+    finally:
+        await store.aclose()
+
+
+def _follows(doc_id, gen_id, data):
+    return {"_id": doc_id, "_rev": "1-" + gen_id * 32, "_revisions": {"start": 1, "ids": [gen_id * 32]},
+            "_attachments": {"f": {"follows": True, "content_type": "x/y", "length": len(data),
+                                   "digest": md5_digest(data), "revpos": 1}}}
+
+
+async def test_a_revision_is_written_from_its_staged_chunks_in_a_few_commits(store):
+    """Issue 13's speed: writing a fetched revision streamed every staged chunk back through
+    `put_replicated` (hashed again, one commit per 4 MiB). `put_staged` links them where
+    they are, checking the length and md5 digest; on every backend."""
+    data = random_bytes(48 * CHUNK_SIZE + 5, seed=13)
+    hashes = await store.stage_chunks(pieces(data))
+    before = getattr(store, "commits", 0)
+    await store.put_staged(_follows("d", "c", data), {"f": hashes})
+    if store.backend == "sqlite":
+        # the content, its links (per 256 chunks), its digest, the revision, the release:
+        # put_replicated took 8 here (a commit per 16 chunks: 260 for a GiB, 20 now)
+        assert store.commits - before <= 5
+    await store.release_chunks(hashes)
+    _, body = await store.open_attachment("d", "f")
+    assert b"".join([p async for p in body]) == data
+    assert (await store.get("d"))["_attachments"]["f"]["digest"] == md5_digest(data)
+
+
+async def test_staged_chunks_that_do_not_make_the_declared_file_are_refused(store):
+    data = random_bytes(3 * CHUNK_SIZE, seed=14)
+    hashes = await store.stage_chunks(pieces(data))
+    with pytest.raises(BadRequest, match="digest"):
+        await store.put_staged(_follows("d", "e", data), {"f": [hashes[1], hashes[0], hashes[2]]})
+    with pytest.raises(BadRequest):
+        await store.put_staged(_follows("d", "e", data), {"f": hashes[:2]})
+    with pytest.raises(NotFound):
+        await store.get("d")
+    await store.put_staged(_follows("d", "e", data), {"f": hashes})
+    await store.release_chunks(hashes)

@@ -14,7 +14,7 @@ from plugshare.store.attachments import CHUNK_SIZE
 from plugshare.token import IntegrityError, InvalidArgument
 from plugshare.token.chunkseal import CHUNK_SIZE as SEAL_CHUNK_SIZE
 from plugshare.token.chunkseal import PLAINTEXT_CHUNK
-from plugshare.token.door import Door
+from plugshare.token.door import MAX_CHUNKS, Door
 
 NOTES = "io.notes"
 
@@ -126,4 +126,25 @@ def test_plain_scopes_and_bad_arguments_are_refused(door, token):
     with pytest.raises(InvalidArgument):
         seal(d, [b"x" * (PLAINTEXT_CHUNK + 1)], doctype="io.health")
     with pytest.raises(InvalidArgument):
-        seal(d, [b"x"] * 9, doctype="io.health")
+        seal(d, [b"x"] * (MAX_CHUNKS + 1), doctype="io.health")
+
+
+def test_chunks_are_checked_32_at_a_time_without_their_plaintext_coming_back(door, token,
+                                                                          encrypted_share):
+    """Issue 13's speed: a node receiving a sealed file only checks its chunks (the plaintext
+    was sent back to it and dropped, 8 chunks per command, each with a durable audit entry):
+    32 per command now, and nothing but the count comes back."""
+    d, _ = door
+    plain = [bytes([i]) * PLAINTEXT_CHUNK for i in range(31)] + [b"end"]
+    sealed = []
+    for start in range(0, len(plain), 8):
+        sealed += seal(d, plain[start:start + 8], first=start,
+                       last=start + 8 >= len(plain), share=encrypted_share)["chunks"]
+    args = {"share": encrypted_share, "doc_id": "d1", "name": "f.bin", "revpos": 2,
+            "first": 0, "last": True, "check_only": True}
+    assert _wire(d.handle("share.open_chunks", {**args, "chunks": sealed})) == {"checked": 32}
+    sealed[30] = sealed[30][:-1] + bytes([sealed[30][-1] ^ 1])
+    before = len(refusals(token))
+    with pytest.raises(IntegrityError):
+        d.handle("share.open_chunks", {**args, "chunks": sealed})
+    assert len(refusals(token)) == before + 1
