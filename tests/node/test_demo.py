@@ -162,31 +162,44 @@ def test_sighup_stops_the_demo_and_removes_it(tmp_path):
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_tmux_kill_session_stops_the_full_screen_demo(tmp_path):
     """`tmux kill-session` with the full-screen demo in it: nodes stopped, temp dir gone."""
-    session = f"plugshare-demo-test-{os.getpid()}"
+    # A tmux server of the test's own (its socket in tmp_path): the demo inherits this
+    # environment whatever other tmux servers run. A demo that ends by itself leaves its last
+    # words on screen (the shell stays) so a failure can say what it printed.
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock"), "-f", "/dev/null"]
+    session = "plugshare-demo-test"
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo's temp dir lands in tmp_path
-    command = " ".join(shlex.quote(part) for part in (sys.executable, "-c", CLI, "demo"))
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "36",
-                    command], check=True, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (roots := list(tmp_path.glob("plugshare-demo-*"))):
-            assert time.monotonic() < deadline, "the demo made no temp dir"
-            time.sleep(0.1)
-        root = roots[0]
-        pids = _demo_nodes(root, timeout=180)
-        deadline = time.monotonic() + 60
-        while "notes" not in subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
-                                            capture_output=True, text=True).stdout:
-            assert time.monotonic() < deadline, "the full-screen view did not show the share"
+    demo = " ".join(shlex.quote(part) for part in (sys.executable, "-c", CLI, "demo"))
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "120", "-y", "36",
+                    f"{demo}; echo DEMO-ENDED $?; sleep 600"], check=True, env=env)
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", session],
+                              capture_output=True, text=True).stdout
+
+    def wait_for(ready, what: str, timeout: float):
+        deadline = time.monotonic() + timeout
+        while not (found := ready()):
+            shown = screen()
+            assert "DEMO-ENDED" not in shown, f"the demo ended before {what}:\n{shown}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout:g} s:\n{shown}"
             time.sleep(0.2)
-        subprocess.run(["tmux", "kill-session", "-t", session], check=True)
+        return found
+
+    try:
+        root = wait_for(lambda: next(tmp_path.glob("plugshare-demo-*"), None),
+                        "temp dir", 60)
+        wait_for(lambda: all((root / name / "run.json").exists() for name in ("alice", "bob")),
+                 "running nodes", 180)
+        pids = _demo_nodes(root)
+        wait_for(lambda: "notes" in screen(), "share in the full-screen view", 120)
+        subprocess.run([*tmux, "kill-session", "-t", session], check=True)
         assert all(wait_gone(pid) for pid in pids)
         deadline = time.monotonic() + 30
         while root.exists():
             assert time.monotonic() < deadline, f"{root} was left behind"
             time.sleep(0.1)
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
 def test_nodes_stop_when_the_demo_is_killed(tmp_path):
