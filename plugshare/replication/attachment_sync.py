@@ -45,6 +45,12 @@ FETCH_BACKOFF = Backoff(initial=1.0, maximum=60.0, multiplier=2.0, jitter=0.2)
 PRUNE_EVERY = 64  # kept revisions dropped between two rewrites of the index
 PROGRESS_BYTES = 16 * 1024 * 1024  # fetched between two progress lines in the log
 REPLY_TIMEOUT = 120.0  # seconds without a reply before a request is given up (and retried)
+# Kept revisions fetched at once: one file at a time made each cost two round trips and four
+# durable writes in a row (~30 files/s whatever their size). Lanes leave one of the source's
+# requests for a read that needs its data now (`node/on_read.py`). A revision whose data is
+# larger than LANE_BYTES goes alone, so the data in flight stays within one request's window.
+FETCH_LANES = transfer.MAX_OPEN_REQUESTS - 1
+LANE_BYTES = 4 * 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -237,6 +243,32 @@ class AttachmentServer:
 # --- fetching the peer's ---------------------------------------------------------------------
 
 
+@attrs.define
+class _Tally:
+    """Of one revision being fetched: chunk data that came for it, chunks already here."""
+
+    fetched_bytes: int = 0
+    held_chunks: int = 0
+
+
+@attrs.define
+class _Pass:
+    """One pass over the kept revisions, several fetched at once."""
+
+    lanes: trio.Semaphore
+    busy_docs: dict[str, trio.Event] = attrs.Factory(dict)  # doc id -> set when its fetch ends
+    retry_later: bool = False
+    stop: bool = False  # our store is away: start no other fetch
+
+
+def _data_bytes(doc: Doc) -> int:
+    attachments = doc.get("_attachments")
+    if not isinstance(attachments, Mapping):
+        return 0
+    return sum(stub.get("length", 0) for stub in attachments.values()
+               if isinstance(stub, Mapping) and type(stub.get("length")) is int)
+
+
 def _index_id(peer: str) -> str:
     return "plugshare-fetch-" + hashlib.sha256(peer.encode()).hexdigest()[:32]
 
@@ -260,8 +292,9 @@ class AttachmentFetcher:
         self._lock = trio.Lock()  # one writer of the index at a time
         self._wake = trio.Event()
         self._rng = random.Random()
+        # The source takes MAX_OPEN_REQUESTS at once, the kept revisions' and reads' together.
+        self._requests = trio.Semaphore(transfer.MAX_OPEN_REQUESTS)
         self.fetched_bytes = 0  # chunk data received from this peer
-        self._held_chunks = 0  # of the revision being fetched: chunks that need not travel
         self._forgotten: set[str] = set()  # kept revisions dropped, still in the index
 
     # -- the revisions kept aside, durably ------------------------------------------------
@@ -332,57 +365,87 @@ class AttachmentFetcher:
     # -- fetching -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Fetch the data of every revision kept aside, oldest first, until cancelled or the
-        connection closes; a request the source says to retry waits with a back-off."""
+        """Fetch the data of every revision kept aside, oldest first (several at once), until
+        cancelled or the connection closes; a request the source says to retry waits with a
+        back-off."""
         attempt = 0
         try:
             while True:
                 self._wake = trio.Event()
-                entries = await self._entries()
-                retry_later = False
-                for entry in entries:
-                    try:
-                        kept = await self._store.get_local(entry)
-                    except NotFound:
-                        await self._forget(entry)
-                        continue
-                    claimed: list[bytes] = []
-                    try:
-                        await self._fetch_revision(kept["share"], kept["doc"], claimed)
-                    except TransferRefused as refused:
-                        if refused.retry:  # what is staged stays: the next attempt resumes
-                            logger.info("fetching the data of %s from %s later: %s",
-                                        kept["doc"].get("_id"), self.peer, refused.reason)
-                            retry_later = True
-                            continue  # the others may be served (e.g. another share's)
-                        self._refused(kept, refused.reason)
-                    except BadRequest as error:  # the data does not check: for good
-                        self._refused(kept, error.reason)
-                    except (transfer.TransferError, ChunkRefused) as error:
-                        self._refused(kept, str(error))
-                    except StoreError as error:  # our store away: later, from what is staged
-                        logger.warning("cannot fetch the data of %s from %s now: %s",
-                                       kept["doc"].get("_id"), self.peer, error)
-                        retry_later = True
-                        break
-                    except PlugshareError as error:  # a check that failed otherwise: later
-                        logger.warning("fetching the data of %s from %s failed; again later: %s",
-                                       kept["doc"].get("_id"), self.peer, error)
-                        retry_later = True
-                        continue
-                    await self._release(claimed)
-                    await self._forget(entry)
-                    attempt = 0
+                retry_later = await self._fetch_pass()
                 await self._prune()
                 if retry_later:
                     attempt += 1
                     # New revisions kept aside meanwhile are fetched at once, not after it.
                     with trio.move_on_after(FETCH_BACKOFF.delay(attempt - 1, self._rng)):
                         await self._wake.wait()
-                elif not self._wake.is_set():
-                    await self._wake.wait()
-        except PeerConnectionClosed:
+                else:
+                    attempt = 0
+                    if not self._wake.is_set():
+                        await self._wake.wait()
+        except* PeerConnectionClosed:
             pass
+
+    async def _fetch_pass(self) -> bool:
+        """Fetch every revision kept aside now: small ones up to FETCH_LANES at once, a large
+        one alone, two revisions of one document never at once (written in the order kept).
+        True if some must be tried again later."""
+        state = _Pass(trio.Semaphore(FETCH_LANES))
+        async with trio.open_nursery() as nursery:
+            for entry in await self._entries():
+                if state.stop:
+                    break
+                try:
+                    kept = await self._store.get_local(entry)
+                except NotFound:
+                    await self._forget(entry)
+                    continue
+                doc_id = str(kept["doc"].get("_id"))
+                while doc_id in state.busy_docs:
+                    await state.busy_docs[doc_id].wait()
+                lanes = FETCH_LANES if _data_bytes(kept["doc"]) > LANE_BYTES else 1
+                for _ in range(lanes):  # only this task acquires: a large one cannot starve
+                    await state.lanes.acquire()
+                if state.stop:
+                    for _ in range(lanes):
+                        state.lanes.release()
+                    break
+                state.busy_docs[doc_id] = trio.Event()
+                nursery.start_soon(self._fetch_kept, entry, kept, state, lanes)
+        return state.retry_later
+
+    async def _fetch_kept(self, entry: str, kept: Doc, state: _Pass, lanes: int) -> None:
+        doc_id = str(kept["doc"].get("_id"))
+        claimed: list[bytes] = []
+        try:
+            await self._fetch_revision(kept["share"], kept["doc"], claimed)
+        except TransferRefused as refused:
+            if refused.retry:  # what is staged stays: the next attempt resumes
+                logger.info("fetching the data of %s from %s later: %s", doc_id, self.peer,
+                            refused.reason)
+                state.retry_later = True
+                return  # the others may be served (e.g. another share's)
+            self._refused(kept, refused.reason)
+        except BadRequest as error:  # the data does not check: for good
+            self._refused(kept, error.reason)
+        except (transfer.TransferError, ChunkRefused) as error:
+            self._refused(kept, str(error))
+        except StoreError as error:  # our store away: later, from what is staged
+            logger.warning("cannot fetch the data of %s from %s now: %s", doc_id, self.peer,
+                           error)
+            state.retry_later = state.stop = True
+            return
+        except PlugshareError as error:  # a check that failed otherwise: later
+            logger.warning("fetching the data of %s from %s failed; again later: %s",
+                           doc_id, self.peer, error)
+            state.retry_later = True
+            return
+        finally:
+            for _ in range(lanes):
+                state.lanes.release()
+            state.busy_docs.pop(doc_id).set()
+        await self._release(claimed)
+        await self._forget(entry)
 
     async def _release(self, claimed: list[bytes]) -> None:
         if claimed:
@@ -402,22 +465,21 @@ class AttachmentFetcher:
         """Fetch the chunks of every attachment of `doc` this store lacks (staging them, and
         claiming those it holds, into `claimed`), then write the revision."""
         attachments = doc.get("_attachments") or {}
-        fetched_before = self.fetched_bytes
-        self._held_chunks = 0
-        addresses = {name: await self._fetch_attachment(share, doc, name, stub, claimed)
+        tally = _Tally()
+        addresses = {name: await self._fetch_attachment(share, doc, name, stub, claimed,
+                                                        tally=tally)
                      for name, stub in attachments.items()}
         follows = {name: {"follows": True, "content_type": stub["content_type"],
                           "length": stub["length"], "digest": stub["digest"],
                           "revpos": stub["revpos"]}
                    for name, stub in attachments.items()}
         await self._store.put_staged({**doc, "_attachments": follows}, addresses)
-        fetched = self.fetched_bytes - fetched_before
         logger.info("wrote revision %s of %s with its attachments from peer %s (%d bytes "
-                    "fetched)", doc["_rev"], doc["_id"], self.peer, fetched)
+                    "fetched)", doc["_rev"], doc["_id"], self.peer, tally.fetched_bytes)
         if self._on_event is not None:
             self._on_event(RevisionFetched(share=share, peer=self.peer, doc_id=doc["_id"],
-                                           rev=doc["_rev"], fetched_bytes=fetched,
-                                           held_chunks=self._held_chunks))
+                                           rev=doc["_rev"], fetched_bytes=tally.fetched_bytes,
+                                           held_chunks=tally.held_chunks))
 
     async def fetch_attachment(self, share: str, doc: Doc, name: str, stub: Mapping[str, Any],
                                claimed: list[bytes], progress: ChunkProgress) -> list[bytes]:
@@ -429,10 +491,17 @@ class AttachmentFetcher:
         return await self._fetch_attachment(share, doc, name, stub, claimed, progress)
 
     async def _fetch_attachment(self, share: str, doc: Doc, name: str, stub: Mapping[str, Any],
-                                claimed: list[bytes],
-                                progress: ChunkProgress | None = None) -> list[bytes]:
+                                claimed: list[bytes], progress: ChunkProgress | None = None,
+                                *, tally: _Tally | None = None) -> list[bytes]:
         if not isinstance(stub, Mapping) or type(stub.get("length")) is not int:
             raise transfer.TransferError(f"attachment {name!r} of {doc['_id']!r} has no stub")
+        async with self._requests:
+            return await self._request_attachment(share, doc, name, stub, claimed, progress,
+                                                  tally or _Tally())
+
+    async def _request_attachment(self, share: str, doc: Doc, name: str,
+                                  stub: Mapping[str, Any], claimed: list[bytes],
+                                  progress: ChunkProgress | None, tally: _Tally) -> list[bytes]:
         req = next(self._reqs)
         fetch = transfer.ChunkFetch(req, share, doc["_id"], doc["_rev"], name,
                                     length=stub["length"], digest=stub.get("digest"))
@@ -444,7 +513,7 @@ class AttachmentFetcher:
             held = await self._store.claim_chunks(hashes)
             claimed.extend(held)
             fetch.held(held)
-            self._held_chunks += len(held)
+            tally.held_chunks += len(held)
             if progress is not None:
                 progress(hashes, held)
             logger.info("fetching attachment %r of %s from peer %s: %d chunks to fetch, %d "
@@ -473,6 +542,7 @@ class AttachmentFetcher:
                     progress(hashes, staged)
                 before = self.fetched_bytes
                 self.fetched_bytes += sum(len(data) for data in batch)
+                tally.fetched_bytes += sum(len(data) for data in batch)
                 if before // PROGRESS_BYTES != self.fetched_bytes // PROGRESS_BYTES:
                     logger.info("attachment %r of %s: %d chunks fetched, %d to go", name,
                                 doc["_id"], fetch.fetched, fetch.missing)
