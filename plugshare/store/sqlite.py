@@ -883,12 +883,8 @@ class SQLiteStore(Store):
         self, data: AsyncIterable[bytes], check: StreamCheck, content_type: str,
         revpos: int | None,
     ) -> _Staged:
-        """Stream `data` into a new content, `UPLOAD_BATCH` chunks per transaction. The
-        content stays in use (kept from GC) until `_release`; on failure it is removed."""
-        content = await self._transact(chunks.new_content)
-        self._in_use[content] += 1
-        staged = None
-        try:
+        """Stream `data` into a new content, `UPLOAD_BATCH` chunks per transaction."""
+        async def fill(content: int) -> None:
             batch: list[bytes] = []
             index = 0
             async for piece in rechunk(data):
@@ -899,13 +895,8 @@ class SQLiteStore(Store):
                     index, batch = index + len(batch), []
             if batch:
                 await self._transact(chunks.add_chunks, content, index, batch)
-            digest = check.finish()
-            await self._transact(chunks.finish_content, content, check.length, digest)
-            staged = _Staged(content, content_type, check.length, digest, revpos)
-        finally:
-            if staged is None:
-                await self._release([_Staged(content, content_type, 0, "", None)], collect=True)
-        return staged
+
+        return await self._new_content(fill, check, content_type, revpos)
 
     async def _link_staged(
         self, hashes: list[bytes], check: StreamCheck, content_type: str, revpos: int | None,
@@ -913,10 +904,6 @@ class SQLiteStore(Store):
         """A new content made of staged chunks, in order: each read once in the worker for
         the digest (8 MiB per hop, so other writes wait little), linked 64 MiB per
         transaction. Every chunk but the last must be a full `CHUNK_SIZE` one."""
-        content = await self._transact(chunks.new_content)
-        self._in_use[content] += 1
-        staged = None
-
         def digest_of(conn: sqlite3.Connection, batch: list[bytes], last: int) -> None:
             for index, digest in enumerate(batch, last - len(batch) + 1):
                 data = chunks.read_staged(conn, self._packs, digest)
@@ -926,13 +913,27 @@ class SQLiteStore(Store):
                     raise BadRequest(f"staged chunk {index} is {len(data)} bytes: not a chunk of a file")
                 check.update(data)
 
-        try:
+        async def fill(content: int) -> None:
             for first in range(0, len(hashes), LINK_BATCH):
                 batch = hashes[first : first + LINK_BATCH]
                 for start in range(0, len(batch), READ_BATCH):
                     part = batch[start : start + READ_BATCH]
                     await self._run(digest_of, part, first + start + len(part) - 1)
                 await self._transact(chunks.link_chunks, content, first, batch)
+
+        return await self._new_content(fill, check, content_type, revpos)
+
+    async def _new_content(
+        self, fill: Callable[[int], Awaitable[None]], check: StreamCheck, content_type: str,
+        revpos: int | None,
+    ) -> _Staged:
+        """A new content, its chunks added by `fill(content)`, then checked. It stays in use
+        (kept from GC) until `_release`; on failure it is removed."""
+        content = await self._transact(chunks.new_content)
+        self._in_use[content] += 1
+        staged = None
+        try:
+            await fill(content)
             digest = check.finish()
             await self._transact(chunks.finish_content, content, check.length, digest)
             staged = _Staged(content, content_type, check.length, digest, revpos)
