@@ -41,6 +41,7 @@ class ChunkPacks:
         self.directory = store_path.with_name(store_path.name + "-chunks")
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)  # one made loose beforehand (umask, by hand)
             numbers = [n for p in self.directory.iterdir() if (n := _pack_number(p)) is not None]
         except OSError as exc:
             raise StoreError(f"cannot open the chunk packs in {self.directory}: {exc}") from exc

@@ -48,16 +48,27 @@ def test_a_new_home_is_private(tmp_path, loose_umask):
     assert mode(root) == 0o700
 
 
+def assert_private(paths) -> None:
+    """Files 0600, directories (the chunk packs') 0700, and what those hold likewise."""
+    for path in paths:
+        expected = 0o700 if path.is_dir() else 0o600
+        assert mode(path) == expected, f"{path.name} is {oct(mode(path))}"
+        if path.is_dir():
+            assert_private(path.iterdir())
+
+
 async def test_the_sqlite_store_files_are_private(tmp_path, loose_umask):
     path = tmp_path / "store.sqlite"
     store = await SQLiteStore.open(path)
     try:
         for i in range(20):
             await store.put({"_id": f"doc{i}", "text": "x" * 1000})
+        await store.stage_chunks([b"chunk data from a peer"])  # a pack file
         files = sorted(tmp_path.glob("store.sqlite*"))
         assert path in files and path.with_name("store.sqlite-wal") in files
-        for file in files:
-            assert mode(file) == 0o600, f"{file.name} is {oct(mode(file))}"
+        packs = path.with_name("store.sqlite-chunks")
+        assert packs in files and any(packs.iterdir())
+        assert_private(files)
     finally:
         await store.aclose()
 
@@ -67,10 +78,10 @@ async def test_an_existing_loose_store_file_is_tightened(tmp_path, loose_umask):
     store = await SQLiteStore.open(path)
     await store.aclose()
     os.chmod(path, 0o644)  # as older nodes left it
+    os.chmod(path.with_name("store.sqlite-chunks"), 0o755)
     store = await SQLiteStore.open(path)
     try:
         await store.put({"_id": "doc"})
-        for file in tmp_path.glob("store.sqlite*"):
-            assert mode(file) == 0o600, f"{file.name} is {oct(mode(file))}"
+        assert_private(tmp_path.glob("store.sqlite*"))
     finally:
         await store.aclose()
