@@ -344,10 +344,13 @@ class AttachmentFetcher:
         if not self._forgotten:
             return
         async with self._lock:
+            # Those forgotten until now: others may be while the index is written (fetches
+            # run at once), and must stay to go with the next prune.
+            dropped = set(self._forgotten)
             entries = await self._entries()
             await self._store.put_local(_index_id(self.peer), {
-                "entries": [entry for entry in entries if entry not in self._forgotten]})
-            self._forgotten.clear()
+                "entries": [entry for entry in entries if entry not in dropped]})
+            self._forgotten -= dropped
 
     async def pending(self) -> int:
         return len(await self._entries())
