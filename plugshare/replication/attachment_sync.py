@@ -249,6 +249,7 @@ class _Tally:
 
     fetched_bytes: int = 0
     held_chunks: int = 0
+    digests: dict[str, str] = attrs.Factory(dict)  # md5s computed on the way, per attachment
 
 
 @attrs.define
@@ -476,7 +477,8 @@ class AttachmentFetcher:
                           "length": stub["length"], "digest": stub["digest"],
                           "revpos": stub["revpos"]}
                    for name, stub in attachments.items()}
-        await self._store.put_staged({**doc, "_attachments": follows}, addresses)
+        await self._store.put_staged({**doc, "_attachments": follows}, addresses,
+                                     digests=tally.digests)
         logger.info("wrote revision %s of %s with its attachments from peer %s (%d bytes "
                     "fetched)", doc["_rev"], doc["_id"], self.peer, tally.fetched_bytes)
         if self._on_event is not None:
@@ -532,7 +534,11 @@ class AttachmentFetcher:
                         messages.append(self._checked(replies.receive_nowait(), transfer.CHUNK))
                     except trio.WouldBlock:
                         break
-                batch = [fetch.chunk(message) for message in messages]
+                taken = [fetch.take(message) for message in messages]
+                # Checked (SHA-256, and the file's md5 on the way) beside the trio thread,
+                # which goes on reading the link meanwhile.
+                await trio.to_thread.run_sync(fetch.check, taken)
+                batch = [data for _, data in taken]
                 for ask in fetch.asks():
                     await self._connection.send(ask)
                 if self._check_chunks is not None:
@@ -552,6 +558,8 @@ class AttachmentFetcher:
             logger.info("fetched attachment %r of %s from peer %s: %d chunks (%d bytes) "
                         "fetched, %d held here already", name, doc["_id"], self.peer,
                         fetch.fetched, fetch.fetched_bytes, len(set(hashes)) - fetch.fetched)
+            if (digest := fetch.data_digest()) is not None:
+                tally.digests[name] = digest
             return hashes
         finally:
             del self._replies[req]

@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 
 from plugshare.errors import PlugshareError
-from plugshare.store.attachments import CHUNK_SIZE
+from plugshare.store.attachments import CHUNK_SIZE, digest_of
 
 WANT = "att.want"
 MANIFEST = "att.manifest"
@@ -144,8 +144,11 @@ class ChunkFetch:
 
     Use: send `want_message()`; hand the `att.manifest` to `manifest(message)` and the
     chunks the store already holds to `held(...)`; send what `asks()` returns; hand each
-    `att.chunk` to `chunk(message)` (it returns the checked data to stage), then send
-    `asks()` again, until `complete`.
+    `att.chunk` to `chunk(message)` (it returns the checked data to stage) — or to `take`,
+    then a batch of them to `check` (pure CPU: it may run in a worker thread) — then send
+    `asks()` again, until `complete`. When every chunk came, each once and in order,
+    `data_digest()` is the file's md5 digest, computed on the way (the store then need not
+    read the file again to check it).
     """
 
     def __init__(self, req: int, share: str, doc_id: str, rev: str, name: str, *,
@@ -158,6 +161,8 @@ class ChunkFetch:
         self._awaited: set[bytes] = set()  # the distinct chunks still to come
         self.fetched = 0  # chunks received
         self.fetched_bytes = 0
+        self._md5: Any = None  # of the chunks checked so far, while they come in order
+        self._next = 0  # the index the md5 has reached
 
     def want_message(self) -> dict[str, Any]:
         return {"type": WANT, "req": self.req, "share": self.share, "id": self.doc_id,
@@ -188,6 +193,8 @@ class ChunkFetch:
                 self._to_ask.append(index)
         self._awaited = seen
         self._to_ask.reverse()  # popped from the end: in file order
+        if len(seen) == len(self.hashes):  # every chunk will come, each once
+            self._md5 = hashlib.md5(usedforsecurity=False)
 
     @property
     def missing(self) -> int:
@@ -211,18 +218,52 @@ class ChunkFetch:
 
     def chunk(self, message: Mapping[Any, Any]) -> bytes:
         """The checked data of an `att.chunk`; `TransferError` when it was not asked for or
-        its SHA-256 is not the manifest's (tampered, or another chunk)."""
+        its SHA-256 is not the manifest's (tampered, or another chunk), and then the request
+        is as it was."""
+        index, data = self._asked_for(message)
+        self.check([(index, data)])
+        self._arrived(index, data)
+        return data
+
+    def take(self, message: Mapping[Any, Any]) -> tuple[int, bytes]:
+        """The index and data of an `att.chunk` that was asked for (`TransferError` if not),
+        counted as arrived; its data still to `check` (a chunk that fails it breaks the
+        request)."""
+        index, data = self._asked_for(message)
+        self._arrived(index, data)
+        return index, data
+
+    def _asked_for(self, message: Mapping[Any, Any]) -> tuple[int, bytes]:
         index, data = message.get("index"), message.get("data")
         if type(index) is not int or index not in self._asked or not isinstance(data, bytes):
             raise TransferError(f"{CHUNK} {index!r} of {self.name!r} of {self.doc_id!r} was not asked for")
-        if hashlib.sha256(data).digest() != self.hashes[index]:
-            raise TransferError(f"chunk {index} of {self.name!r} of {self.doc_id!r} does not "
-                                "match its address in the manifest")
+        return index, data
+
+    def _arrived(self, index: int, data: bytes) -> None:
         self._asked.discard(index)
         self._awaited.discard(self.hashes[index])
         self.fetched += 1
         self.fetched_bytes += len(data)
-        return data
+
+    def check(self, chunks: list[tuple[int, bytes]]) -> None:
+        """`TransferError` unless each chunk's SHA-256 is the manifest's at its index
+        (tampered, or another chunk); the md5 goes on while they come in order."""
+        for index, data in chunks:
+            if hashlib.sha256(data).digest() != self.hashes[index]:
+                raise TransferError(f"chunk {index} of {self.name!r} of {self.doc_id!r} does "
+                                    "not match its address in the manifest")
+            if self._md5 is not None:
+                if index == self._next:
+                    self._md5.update(data)
+                    self._next += 1
+                else:
+                    self._md5 = None  # out of order: the store hashes the file instead
+
+    def data_digest(self) -> str | None:
+        """The md5 digest of the whole file if every chunk came here in order, else None."""
+        if self._md5 is None or self._next != len(self.hashes) or not self.complete:
+            return None
+        return digest_of(self._md5)
 
     def done_message(self) -> dict[str, Any]:
         return {"type": DONE, "req": self.req}

@@ -225,13 +225,23 @@ class StreamCheck:
             )
         self._md5.update(piece)
 
-    def finish(self) -> str:
-        """The digest of the whole stream, once checked."""
+    def count(self, size: int) -> None:
+        """A piece of `size` bytes hashed elsewhere: counted and checked for length only (its
+        digest comes to `finish`)."""
+        self.length += size
+        if self.declared_length is not None and self.length > self.declared_length:
+            raise BadRequest(
+                f"attachment data is longer than its declared length {self.declared_length}"
+            )
+
+    def finish(self, hashed_as: str | None = None) -> str:
+        """The digest of the whole stream, once checked: the md5 of the pieces given to
+        `update`, or `hashed_as` when they were counted only and hashed elsewhere."""
         if self.declared_length is not None and self.length != self.declared_length:
             raise BadRequest(
                 f"attachment data is {self.length} bytes, not the declared {self.declared_length}"
             )
-        digest = digest_of(self._md5)
+        digest = digest_of(self._md5) if hashed_as is None else check_digest(hashed_as)
         if self.declared_digest is not None and digest != self.declared_digest:
             raise BadRequest(
                 f"attachment digest mismatch: the data is {digest}, "

@@ -389,11 +389,16 @@ class Store(abc.ABC):
         """A staged chunk's data; `NotFound` when it is not staged."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
-    async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]]) -> None:
+    async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]], *,
+                         digests: Mapping[str, str] | None = None) -> None:
         """`put_replicated` of `doc`, the data of each attachment that `follows` being the
         staged chunks `addresses[name]`, in order (checked against its length and digest as
         ever). Here: streamed back from staging; the embedded store links them where they
-        are. `NotFound` for a chunk that is not staged."""
+        are. `NotFound` for a chunk that is not staged.
+
+        `digests[name]`, where given, is the md5 digest of those chunks in order as the
+        caller computed it while checking each against its address: a store that would read
+        them back only to hash them may take it instead (the embedded one does)."""
 
         async def staged(hashes: list[bytes]) -> AsyncIterator[bytes]:
             for digest in hashes:

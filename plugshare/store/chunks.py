@@ -141,6 +141,15 @@ def read_staged(conn: sqlite3.Connection, packs: ChunkPacks, digest: bytes) -> b
     return None if row is None else _data(packs, row)
 
 
+def staged_size(conn: sqlite3.Connection, digest: bytes) -> int | None:
+    """The size of a staged chunk, its data unread; None if it is not staged."""
+    row = conn.execute(
+        "SELECT coalesce(pack_size, length(data)) FROM chunks "
+        "JOIN staged_chunks ON staged_chunks.chunk = chunks.id WHERE hash = ?", (digest,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
 def unstage(conn: sqlite3.Connection, packs: ChunkPacks, hashes: Iterable[bytes]) -> None:
     """Release staged chunks; those no content holds are removed."""
     for digest in hashes:

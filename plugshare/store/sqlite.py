@@ -737,11 +737,14 @@ class SQLiteStore(Store):
 
         await self._replicate(doc, set(streams), stage)
 
-    async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]]) -> None:
-        """Staged chunks are linked where they are (a pack, or a row): their bytes are read
-        once, in the worker, for the md5 digest, and not hashed or written again."""
+    async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]], *,
+                         digests: Mapping[str, str] | None = None) -> None:
+        """Staged chunks are linked where they are (a pack, or a row), not hashed or written
+        again: their bytes are read once, in the worker, for the md5 digest, or not at all
+        when the caller hashed them on the way in (`digests`)."""
         async def stage(name: str, check: StreamCheck, spec: Follows) -> _Staged:
-            return await self._link_staged(addresses[name], check, spec.content_type, spec.revpos)
+            return await self._link_staged(addresses[name], check, spec.content_type,
+                                           spec.revpos, (digests or {}).get(name))
 
         await self._replicate(doc, set(addresses), stage)
 
@@ -900,18 +903,27 @@ class SQLiteStore(Store):
 
     async def _link_staged(
         self, hashes: list[bytes], check: StreamCheck, content_type: str, revpos: int | None,
+        hashed_as: str | None = None,
     ) -> _Staged:
         """A new content made of staged chunks, in order: each read once in the worker for
-        the digest (8 MiB per hop, so other writes wait little), linked 64 MiB per
-        transaction. Every chunk but the last must be a full `CHUNK_SIZE` one."""
+        the digest (8 MiB per hop, so other writes wait little) unless the caller hashed
+        them (`hashed_as`: only their sizes are read then), linked 64 MiB per transaction.
+        Every chunk but the last must be a full `CHUNK_SIZE` one."""
         def digest_of(conn: sqlite3.Connection, batch: list[bytes], last: int) -> None:
             for index, digest in enumerate(batch, last - len(batch) + 1):
-                data = chunks.read_staged(conn, self._packs, digest)
-                if data is None:
+                if hashed_as is None:
+                    data = chunks.read_staged(conn, self._packs, digest)
+                    size = None if data is None else len(data)
+                else:
+                    size = chunks.staged_size(conn, digest)
+                if size is None:
                     raise NotFound(f"no staged chunk {digest.hex()}")
-                if not 0 < len(data) <= CHUNK_SIZE or (len(data) < CHUNK_SIZE and index != len(hashes) - 1):
-                    raise BadRequest(f"staged chunk {index} is {len(data)} bytes: not a chunk of a file")
-                check.update(data)
+                if not 0 < size <= CHUNK_SIZE or (size < CHUNK_SIZE and index != len(hashes) - 1):
+                    raise BadRequest(f"staged chunk {index} is {size} bytes: not a chunk of a file")
+                if hashed_as is None:
+                    check.update(data)
+                else:
+                    check.count(size)
 
         async def fill(content: int) -> None:
             for first in range(0, len(hashes), LINK_BATCH):
@@ -921,11 +933,11 @@ class SQLiteStore(Store):
                     await self._run(digest_of, part, first + start + len(part) - 1)
                 await self._transact(chunks.link_chunks, content, first, batch)
 
-        return await self._new_content(fill, check, content_type, revpos)
+        return await self._new_content(fill, check, content_type, revpos, hashed_as)
 
     async def _new_content(
         self, fill: Callable[[int], Awaitable[None]], check: StreamCheck, content_type: str,
-        revpos: int | None,
+        revpos: int | None, hashed_as: str | None = None,
     ) -> _Staged:
         """A new content, its chunks added by `fill(content)`, then checked. It stays in use
         (kept from GC) until `_release`; on failure it is removed."""
@@ -934,7 +946,7 @@ class SQLiteStore(Store):
         staged = None
         try:
             await fill(content)
-            digest = check.finish()
+            digest = check.finish(hashed_as)
             await self._transact(chunks.finish_content, content, check.length, digest)
             staged = _Staged(content, content_type, check.length, digest, revpos)
         finally:

@@ -79,3 +79,33 @@ def test_a_manifest_that_disagrees_with_the_stub_is_refused():
         fetch.manifest(transfer.manifest_message(1, len(data), md5_digest(data), hashes[:1]))
     with pytest.raises(transfer.TransferError, match="2 SHA-256"):
         fetch.manifest(transfer.manifest_message(1, len(data), md5_digest(data), [b"x", b"y"]))
+
+
+def _fed(fetch, data, order):
+    for index in order:
+        fetch.check([fetch.take(transfer.chunk_message(1, index, pieces(data)[index]))])
+
+
+def test_the_file_md5_is_computed_on_the_way_when_every_chunk_comes_once_in_order():
+    data = random_bytes(5 * CHUNK_SIZE + 9, seed=5)
+    fetch, _ = fetch_of(data)
+    fetch.held(set())
+    fetch.asks()
+    _fed(fetch, data, range(6))
+    assert fetch.complete and fetch.data_digest() == md5_digest(data)
+
+
+@pytest.mark.parametrize("case", ["out of order", "one held", "a chunk twice in the file",
+                                  "incomplete"])
+def test_no_md5_on_the_way_when_the_chunks_do_not_all_come_in_order(case):
+    data = random_bytes(4 * CHUNK_SIZE, seed=6)
+    if case == "a chunk twice in the file":
+        data = data[:CHUNK_SIZE] * 2 + data[2 * CHUNK_SIZE:]
+    fetch, hashes = fetch_of(data)
+    fetch.held({hashes[2]} if case == "one held" else set())
+    fetch.asks()
+    order = {"out of order": [1, 0, 2, 3], "one held": [0, 1, 3],
+             "a chunk twice in the file": [0, 2, 3], "incomplete": [0, 1, 2]}[case]
+    _fed(fetch, data, order)
+    assert fetch.complete == (case != "incomplete")
+    assert fetch.data_digest() is None

@@ -199,3 +199,35 @@ async def test_staged_chunks_that_do_not_make_the_declared_file_are_refused(stor
         await store.get("d")
     await store.put_staged(_follows("d", "e", data), {"f": hashes})
     await store.release_chunks(hashes)
+
+
+async def test_a_digest_computed_on_the_way_in_is_taken_and_still_checked(store, monkeypatch):
+    """The fetcher hashes a file's chunks as they arrive in order: `put_staged` may take that
+    md5 instead of reading the file back (the embedded store reads only the chunks' sizes),
+    and still refuses one that is not the declared digest or chunks that are not a file."""
+    from plugshare.store import chunks as chunk_rows
+
+    data = random_bytes(9 * CHUNK_SIZE + 77, seed=15)
+    hashes = await store.stage_chunks(pieces(data))
+    reads = []
+    read_staged = chunk_rows.read_staged
+    monkeypatch.setattr(chunk_rows, "read_staged",
+                        lambda *args: reads.append(args[-1]) or read_staged(*args))
+    if store.backend == "sqlite":  # a store that hashes the file itself need not take it
+        wrong = md5_digest(b"another file")
+        with pytest.raises(BadRequest, match="digest"):
+            await store.put_staged(_follows("d", "b", data), {"f": hashes},
+                                   digests={"f": wrong})
+    with pytest.raises(BadRequest):  # the sizes still count: one chunk short
+        await store.put_staged(_follows("d", "b", data), {"f": hashes[:-1]},
+                               digests={"f": md5_digest(data)})
+    with pytest.raises(NotFound):
+        await store.get("d")
+    await store.put_staged(_follows("d", "b", data), {"f": hashes},
+                           digests={"f": md5_digest(data)})
+    if store.backend == "sqlite":
+        assert reads == []  # the file was not read back to be hashed again
+    await store.release_chunks(hashes)
+    _, body = await store.open_attachment("d", "f")
+    assert b"".join([p async for p in body]) == data
+    assert (await store.get("d"))["_attachments"]["f"]["digest"] == md5_digest(data)
