@@ -1021,11 +1021,8 @@ class TargetStream:
                 reason = self._check_doc(incoming, doc)
             if reason is None:
                 accepted.append(doc)
-                continue
-            doc_id, rev = _pair(doc)
-            outputs.append(DocRefused(share=self.share, peer=self.peer, direction="pull",
-                                      doc_id=doc_id, rev=rev, reason=reason))
-            incoming.refused.append([doc_id, rev, reason])
+            else:
+                outputs.append(self._refused(incoming, doc, reason))
         self._awaiting = WriteDocs(incoming.number, accepted, True)
         return [*outputs, self._awaiting]
 
@@ -1051,16 +1048,20 @@ class TargetStream:
                 reason = self._check_doc(incoming, doc)
             if reason is None:
                 accepted.append(doc)
-                continue
-            doc_id, rev = _pair(doc)
-            outputs.append(DocRefused(share=self.share, peer=self.peer, direction="pull",
-                                      doc_id=doc_id, rev=rev, reason=reason))
-            if incoming is not None:
-                incoming.refused.append([doc_id, rev, reason])
+            else:
+                outputs.append(self._refused(incoming, doc, reason))
         if incoming is None:
             return outputs  # nothing is written, and there is no batch to acknowledge
         self._awaiting = WriteDocs(number, accepted, last)
         return [*outputs, self._awaiting]
+
+    def _refused(self, incoming: _IncomingBatch | None, doc: object, reason: str) -> DocRefused:
+        """A doc of a batch refused: announced, and kept for the batch's ack if it is open."""
+        doc_id, rev = _pair(doc)
+        if incoming is not None:
+            incoming.refused.append([doc_id, rev, reason])
+        return DocRefused(share=self.share, peer=self.peer, direction="pull", doc_id=doc_id,
+                          rev=rev, reason=reason)
 
     def _check_doc(self, incoming: _IncomingBatch, doc: object) -> str | None:
         """Why `doc` is refused, or None to write it."""

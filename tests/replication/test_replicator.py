@@ -786,6 +786,14 @@ async def test_a_target_breaking_the_protocol_ends_the_push_and_is_told_why(stor
         await store_a.get_local(checkpoint_id("notes", evil.id.hex()))
 
 
+async def _a_change_then_a_marker(a, b) -> None:
+    """`from-a` written on a and received by b, then `marker` written on b and received by a."""
+    rev = await a.store.put({"_id": "from-a", "doctype": "note"})
+    await wait_for_doc(b, "from-a", rev)
+    marker = await b.store.put({"_id": "marker", "doctype": "note"})
+    await wait_for_doc(a, "marker", marker)
+
+
 @both_backends
 async def test_a_change_received_is_not_offered_back_to_the_peer_that_sent_it(stores):
     """b's feed sees what a sent it; b's push to a skips it (a holds it): no store read, gate
@@ -795,10 +803,7 @@ async def test_a_change_received_is_not_offered_back_to_the_peer_that_sent_it(st
     a = Side("a", store_a, pushes={"notes": everything})
     b = Side("b", store_b, pushes={"notes": everything})
     async with linked(a, b):
-        rev = await store_a.put({"_id": "from-a", "doctype": "note"})
-        await wait_for_doc(b, "from-a", rev)
-        marker = await store_b.put({"_id": "marker", "doctype": "note"})
-        await wait_for_doc(a, "marker", marker)
+        await _a_change_then_a_marker(a, b)
     assert sum(event.offered for event in b.events.of(BatchSent)) == 1  # the marker alone
     assert sum(event.offered for event in a.events.of(BatchSent)) == 1  # from-a alone
 
@@ -819,10 +824,7 @@ async def test_a_page_of_echoes_alone_moves_the_checkpoint_without_a_durable_wri
     a = Side("a", store_a, pushes={"notes": everything})
     b = Side("b", store_b, pushes={"notes": everything})
     async with linked(a, b):
-        rev = await store_a.put({"_id": "from-a", "doctype": "note"})
-        await wait_for_doc(b, "from-a", rev)
-        marker = await store_b.put({"_id": "marker", "doctype": "note"})
-        await wait_for_doc(a, "marker", marker)
+        await _a_change_then_a_marker(a, b)
         newest = (await store_b.info())["update_seq"]
         saved = await until(lambda: [event.seq for event in b.events.of(CheckpointSaved)
                                      if event.seq == newest], b.events)
