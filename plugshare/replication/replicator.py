@@ -831,7 +831,7 @@ class PeerReplication:
             return None
         pending = changes_after(push.update_seq, seq)  # None before the first read
         if not pending:
-            push.update_seq = (await self._store.info()).get("update_seq")
+            push.update_seq = await self._store.update_seq()
             pending = changes_after(push.update_seq, seq)
         return pending
 

@@ -157,7 +157,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def info(self) -> dict[str, Any]:
-        """`{"backend", "doc_count" (live docs), "update_seq"}`."""
+        """`{"backend", "doc_count" (live docs), "update_seq"}`. Counting may read every
+        doc: what needs the seq alone asks `update_seq()`."""
+
+    async def update_seq(self) -> Seq:
+        """The seq of the latest change, as `info()` says it, without counting anything."""
+        return (await self.info())["update_seq"]
 
     # -- documents (new_edits=True: the store makes the revision) --------------------
 

@@ -293,6 +293,9 @@ class CouchDBStore(Store):
                 "database": self._db_url.rsplit("/", 1)[-1],
                 "writes_below_quorum": self._writes_below_quorum}
 
+    async def update_seq(self) -> Seq:
+        return (await self._call("GET", ""))["update_seq"]  # without info()'s design-doc count
+
     # -- documents ------------------------------------------------------------------------
 
     async def put(self, doc: Doc) -> str:

@@ -617,6 +617,9 @@ class SQLiteStore(Store):
         return {"backend": self.backend, "doc_count": doc_count, "update_seq": self._seq,
                 **usage}
 
+    async def update_seq(self) -> int:
+        return self._seq  # kept by the worker as it commits: no hop, no count
+
     async def put(self, doc: Doc) -> str:
         parsed = revtree.parse_doc(doc)
         [result] = await self._transact(self._write_docs, [parsed], True)

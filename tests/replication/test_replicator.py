@@ -832,3 +832,30 @@ async def test_a_page_of_echoes_alone_moves_the_checkpoint_without_a_durable_wri
     assert len(b.events.of(CheckpointSaved)) == 1  # none for the page holding from-a alone
     checkpoint = await load_checkpoint(store_b, "notes", a.node.id.hex())
     assert checkpoint is not None and checkpoint.seq == newest
+
+
+async def test_a_catch_up_never_counts_the_store(stores):
+    """A push whose feed caught up asked the store's `info()` for its update_seq, and the
+    embedded store's info counts every live doc: on the receiving side of an initial sync
+    (its own push following the feed the pull writes) that was a full scan per page, in the
+    store's one worker: a 100k-doc sync ran 60% slower per doc than a 10k one. The seq alone
+    is asked now (`update_seq()`), which costs nothing."""
+    store_a, store_b = stores
+    for n in range(300):
+        await store_a.put({"_id": f"n{n:03}", "doctype": "note"})
+    counted = []
+    for store in stores:
+        info = store.info
+
+        async def counting(info=info):
+            counted.append(1)
+            return await info()
+
+        store.info = counting
+    a = Side("a", store_a, pushes={"notes": everything})
+    b = Side("b", store_b, pushes={"notes": everything})
+    async with linked(a, b):
+        await wait_for_doc(b, "n299")
+        marker = await store_b.put({"_id": "marker", "doctype": "note"})
+        await wait_for_doc(a, "marker", marker)
+    assert counted == []
