@@ -106,6 +106,8 @@ class StoreSection:
     url: str | list[str] | None = attrs.field(default=None, validator=_check_url)
     database_prefix: str = attrs.field(default="plugshare", validator=_check_prefix)
     revs_limit: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    # how long chunks of a cut incoming file transfer are kept for it to resume
+    resume_window_hours: int = attrs.field(default=72, validator=attrs.validators.ge(0))
 
     def __attrs_post_init__(self) -> None:
         if self.backend == "couchdb" and not self.url:

@@ -53,6 +53,8 @@ def test_dump_then_load_round_trips(tmp_path):
         ({"node": {"name": "a b"}}, "name 'a b' must be"),
         ({"node": "x"}, "[node]: must be a table"),
         ({"store": {"revs_limit": 0}}, "'revs_limit' must be >= 1"),
+        ({"store": {"resume_window_hours": -1}}, "'resume_window_hours' must be >= 0"),
+        ({"store": {"resume_window_hours": "3d"}}, "[store] resume_window_hours: '3d' is not an integer"),
         ({"token": {"keystore": "tpm"}}, "[token] keystore: 'tpm' is not one of"),
         ({"token": {"pin": "1234"}}, "must be env:VARIABLE or file:PATH"),
     ],

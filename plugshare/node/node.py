@@ -50,6 +50,7 @@ GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
 
 
 EXPIRY_CHECK_EVERY = 30.0  # seconds between two looks at share expiry (the token enforces)
+STAGED_EXPIRY_EVERY = 3600.0  # seconds between two sweeps of staged chunks past their window
 
 
 class Node:
@@ -207,6 +208,7 @@ class Node:
                 await nursery.start(self.on_read.run)
                 await nursery.start(self.peers.run)
                 nursery.start_soon(self._follow_expiry)
+                nursery.start_soon(self._expire_staged_chunks)
                 nursery.start_soon(self.sharing.retry_pending_joins)
                 if self.config.peer.discovery:
                     await nursery.start(self._discover)
@@ -243,6 +245,23 @@ class Node:
                     await self.peers.refresh()
             except Exception as exc:  # the token restarting: try again next time
                 log.info("could not re-read the shares: %s", exc)
+
+    async def _expire_staged_chunks(self) -> None:
+        """Chunks an incoming file transfer staged stay for it to resume; a transfer cut for
+        good (the node killed mid-transfer, then its share left or its read never made
+        again) would hold them for ever. At start, then hourly, those unused for the
+        resume window go."""
+        window = self.config.store.resume_window_hours * 3600
+        while True:
+            try:
+                removed = await self.store.expire_staged(window)
+            except StoreError as exc:  # the store away: next time
+                log.warning("could not expire staged chunks: %s", exc)
+            else:
+                if removed:
+                    log.info("removed %d staged chunks of file transfers cut more than %d "
+                             "hours ago", removed, self.config.store.resume_window_hours)
+            await trio.sleep(STAGED_EXPIRY_EVERY)
 
     async def _discover(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Announce this node and find members' current addresses on the LAN."""

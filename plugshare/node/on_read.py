@@ -276,10 +276,10 @@ class OnRead:
             fetch.answered.set()
             fetch.finished.set()
             fetch.notify()
-            if claimed:
+            if claimed:  # a fetch that failed keeps them staged: the next read resumes
                 with trio.CancelScope(shield=True):
                     try:
-                        await self._store.release_chunks(claimed)
+                        await self._store.release_chunks(claimed, keep_staged=not fetch.filled)
                     except StoreError as error:
                         log.warning("could not release staged chunks: %s", error)
 

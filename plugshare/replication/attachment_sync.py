@@ -423,11 +423,13 @@ class AttachmentFetcher:
         claimed: list[bytes] = []
         try:
             await self._fetch_revision(kept["share"], kept["doc"], claimed)
+        # On "later", what is staged stays staged (`keep_staged`): the next attempt resumes.
         except TransferRefused as refused:
-            if refused.retry:  # what is staged stays: the next attempt resumes
+            if refused.retry:
                 logger.info("fetching the data of %s from %s later: %s", doc_id, self.peer,
                             refused.reason)
                 state.retry_later = True
+                await self._release(claimed, keep_staged=True)
                 return  # the others may be served (e.g. another share's)
             self._refused(kept, refused.reason)
         except BadRequest as error:  # the data does not check: for good
@@ -438,12 +440,17 @@ class AttachmentFetcher:
             logger.warning("cannot fetch the data of %s from %s now: %s", doc_id, self.peer,
                            error)
             state.retry_later = state.stop = True
+            await self._release(claimed, keep_staged=True)
             return
         except PlugshareError as error:  # a check that failed otherwise: later
             logger.warning("fetching the data of %s from %s failed; again later: %s",
                            doc_id, self.peer, error)
             state.retry_later = True
+            await self._release(claimed, keep_staged=True)
             return
+        except BaseException:  # cancelled (the link went): the next attempt resumes
+            await self._release(claimed, keep_staged=True)
+            raise
         finally:
             for _ in range(lanes):
                 state.lanes.release()
@@ -451,10 +458,13 @@ class AttachmentFetcher:
         await self._release(claimed)
         await self._forget(entry)
 
-    async def _release(self, claimed: list[bytes]) -> None:
+    async def _release(self, claimed: list[bytes], *, keep_staged: bool = False) -> None:
         if claimed:
             with trio.CancelScope(shield=True):
-                await self._store.release_chunks(claimed)
+                try:
+                    await self._store.release_chunks(claimed, keep_staged=keep_staged)
+                except StoreError as error:  # staged chunks stay; the resume window ends them
+                    logger.warning("could not release staged chunks: %s", error)
 
     def _refused(self, kept: Doc, reason: str) -> None:
         logger.warning("refused revision %s of %s from peer %s: %s", kept["doc"].get("_rev"),

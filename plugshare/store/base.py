@@ -411,7 +411,17 @@ class Store(abc.ABC):
 
         await self.put_replicated(doc, {name: staged(h) for name, h in addresses.items()})
 
-    async def release_chunks(self, hashes: list[bytes]) -> None:
-        """Release staged chunks (their transfer is done or abandoned); chunks no
-        attachment holds go."""
+    async def release_chunks(self, hashes: list[bytes], *, keep_staged: bool = False) -> None:
+        """Release staged chunks (their transfer is done or abandoned), each as often as
+        it was claimed or staged. A chunk another transfer of this process still holds stays
+        staged (`staging.StagingHolds`); the others are unstaged, and those no attachment
+        holds go. With `keep_staged` (a transfer to be tried again: it resumes) they all stay
+        staged, until claimed and released again or expired (`expire_staged`)."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
+
+    async def expire_staged(self, older_than: float) -> int:
+        """Unstage every chunk no transfer has staged or claimed for `older_than` seconds
+        and none of this process holds: what a transfer cut for good left (its node killed,
+        or its share left, before it could resume). Those no attachment holds go; returns
+        how many. A backend that cannot list its staged chunks keeps them (0)."""
+        return 0

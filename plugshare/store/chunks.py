@@ -20,7 +20,9 @@ Staged chunks: a replicated attachment arrives a chunk at a time, possibly over 
 connections (a transfer cut by a crash resumes). Each chunk received is stored at once and
 marked in `staged_chunks` (as is a chunk already held that the transfer will reuse), so it
 survives a restart and is never collected (by `collect` or `sweep`) until the transfer that
-needs it releases it (`unstage`), once its revision is written or abandoned.
+needs it releases it (`unstage`), once its revision is written or abandoned, or until no
+transfer has staged or claimed it for the resume window (`expire_staged`: a transfer cut for
+good, whose node was killed and which never came back).
 
 Where a chunk's bytes are: in its row (`data`: chunks uploaded here), or, for chunks staged
 by a transfer, in an append-only pack file beside the store (`pack`, `pack_offset`, `pack_size`, and an
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Container, Iterable
 
 from plugshare.store.attachments import CHUNK_SIZE
 from plugshare.store.packs import ChunkPacks
@@ -68,22 +70,27 @@ CREATE INDEX doc_contents_by_content ON doc_contents (content);
 
 STAGING_SCHEMA = """
 CREATE TABLE IF NOT EXISTS staged_chunks (
-    chunk   INTEGER PRIMARY KEY          -- a chunk an incoming transfer holds on to
+    chunk       INTEGER PRIMARY KEY,     -- a chunk an incoming transfer holds on to
+    staged_at   REAL                     -- when a transfer last staged or claimed it (Unix time)
 )
 """
 
 
-def create_tables(conn: sqlite3.Connection) -> None:
+def create_tables(conn: sqlite3.Connection, now: float) -> None:
     for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
-    create_staging(conn)
+    create_staging(conn, now)
 
 
-def create_staging(conn: sqlite3.Connection) -> None:
-    """The staging table (added after schema version 2: created when missing), and the
-    columns of chunks kept in packs (schema version 3: added when missing)."""
+def create_staging(conn: sqlite3.Connection, now: float) -> None:
+    """The staging table (added after schema version 2: created when missing; its
+    `staged_at`, added later, set to `now` for chunks staged before), and the columns of
+    chunks kept in packs (schema version 3: added when missing)."""
     conn.execute(STAGING_SCHEMA)
+    if "staged_at" not in {row[1] for row in conn.execute("PRAGMA table_info(staged_chunks)")}:
+        conn.execute("ALTER TABLE staged_chunks ADD COLUMN staged_at REAL")
+        conn.execute("UPDATE staged_chunks SET staged_at = ?", (now,))
     columns = {row[1] for row in conn.execute("PRAGMA table_info(chunks)")}
     if "pack" not in columns:
         for column in ("pack", "pack_offset", "pack_size"):
@@ -102,33 +109,37 @@ def _dropped(packs: ChunkPacks, rows: Iterable[tuple]) -> None:
     packs.released.update(row[0] for row in rows if row[0] is not None)
 
 
-def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes]) -> set[bytes]:
-    """Mark every chunk of `hashes` that is stored as staged; return those stored."""
+_MARK = ("INSERT INTO staged_chunks (chunk, staged_at) VALUES (?, ?) "
+         "ON CONFLICT (chunk) DO UPDATE SET staged_at = excluded.staged_at")
+
+
+def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes], now: float) -> set[bytes]:
+    """Mark every chunk of `hashes` that is stored as staged at `now`; return those stored."""
     held = set()
-    for digest in hashes:
+    for digest in dict.fromkeys(hashes):
         row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
         if row is not None:
-            conn.execute("INSERT OR IGNORE INTO staged_chunks (chunk) VALUES (?)", (row[0],))
+            conn.execute(_MARK, (row[0], now))
             held.add(digest)
     return held
 
 
-def stage_chunks(conn: sqlite3.Connection, packs: ChunkPacks, pieces: list[bytes]) -> list[bytes]:
-    """Store `pieces` as staged chunks (each once, however often it is staged), their bytes
-    appended to the current pack; their SHA-256s."""
+def stage_chunks(conn: sqlite3.Connection, packs: ChunkPacks, pieces: list[bytes],
+                 now: float) -> list[bytes]:
+    """Store `pieces` as staged chunks at `now` (each once, however often it is staged), their
+    bytes appended to the current pack; their SHA-256s."""
     digests = []
     for data in pieces:
         digest = hashlib.sha256(data).digest()
-        if conn.execute("SELECT 1 FROM chunks WHERE hash = ?", (digest,)).fetchone() is None:
+        row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        if row is None:
             pack, offset = packs.append(data)
-            conn.execute(
-                "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) VALUES (?, x'', ?, ?, ?)",
+            row = conn.execute(
+                "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) "
+                "VALUES (?, x'', ?, ?, ?) RETURNING id",
                 (digest, pack, offset, len(data)),
-            )
-        conn.execute(
-            "INSERT OR IGNORE INTO staged_chunks (chunk) SELECT id FROM chunks WHERE hash = ?",
-            (digest,),
-        )
+            ).fetchone()
+        conn.execute(_MARK, (row[0], now))
         digests.append(digest)
     return digests
 
@@ -161,6 +172,27 @@ def unstage(conn: sqlite3.Connection, packs: ChunkPacks, hashes: Iterable[bytes]
             "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
             "(SELECT 1 FROM content_chunks WHERE chunk = ?1) RETURNING pack", (row[0],)
         ).fetchall())
+
+
+def expire_staged(conn: sqlite3.Connection, packs: ChunkPacks, before: float,
+                  held: Container[bytes]) -> int:
+    """Unstage every chunk last staged or claimed before `before` (a transfer cut for good)
+    but those in `held` (a transfer of this process holds them); those no content holds
+    are removed. How many were removed."""
+    expired = [chunk for chunk, digest in conn.execute(
+        "SELECT chunk, hash FROM staged_chunks JOIN chunks ON chunks.id = staged_chunks.chunk "
+        "WHERE staged_at < ?", (before,)
+    ).fetchall() if digest not in held]
+    removed = 0
+    for chunk in expired:
+        conn.execute("DELETE FROM staged_chunks WHERE chunk = ?", (chunk,))
+        rows = conn.execute(
+            "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
+            "(SELECT 1 FROM content_chunks WHERE chunk = ?1) RETURNING pack", (chunk,)
+        ).fetchall()
+        _dropped(packs, rows)
+        removed += len(rows)
+    return removed
 
 
 def new_content(conn: sqlite3.Connection) -> int:

@@ -85,6 +85,7 @@ from plugshare.store.base import (
     Unavailable,
     owner_mismatch,
 )
+from plugshare.store.staging import StagingHolds
 from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
     ParsedDoc,
@@ -147,6 +148,8 @@ class CouchDBStore(Store):
         self._history_limit: int | None = None  # set when the server cannot stem for us
         self._writes_below_quorum = 0  # writes returned though still short of a quorum
         self._closed = False
+        self._holds = StagingHolds()  # staged chunks the transfers of this process hold
+        self._staging = trio.Lock()
 
     @property
     def _db_url(self) -> str:
@@ -984,20 +987,28 @@ class CouchDBStore(Store):
     # SHA-256, its data in base64. CouchDB's own attachments are not chunk-addressed, so only
     # chunks staged by a transfer (one that was cut, or another revision's) are found held.
 
+    # One staging call at a time (`_staging`): a release's delete never runs between
+    # another transfer's claim or stage of the same chunk and its hold.
+
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
-        held = set()
-        for digest in dict.fromkeys(hashes):
-            if await self._local_rev(_staged_id(digest)) is not None:
-                held.add(digest)
-        return held
+        async with self._staging:
+            held = set()
+            for digest in dict.fromkeys(hashes):
+                if await self._local_rev(_staged_id(digest)) is not None:
+                    held.add(digest)
+            self._holds.take(held)
+            return held
 
     async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
-        digests = []
-        for data in pieces:
-            digest = hashlib.sha256(data).digest()
-            await self._put_local(_staged_id(digest), {"data": base64.b64encode(data).decode()})
-            digests.append(digest)
-        return digests
+        async with self._staging:
+            digests = []
+            for data in pieces:
+                digest = hashlib.sha256(data).digest()
+                await self._put_local(_staged_id(digest),
+                                      {"data": base64.b64encode(data).decode()})
+                digests.append(digest)
+                self._holds.take([digest])
+            return digests
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
         status, doc = await self._request("GET", _local_path(_staged_id(digest)))
@@ -1010,12 +1021,14 @@ class CouchDBStore(Store):
             raise StoreError(f"staged chunk {digest.hex()} was altered in the database")
         return data
 
-    async def release_chunks(self, hashes: list[bytes]) -> None:
-        for digest in dict.fromkeys(hashes):
-            try:
-                await self.delete_local(_staged_id(digest))
-            except NotFound:
-                pass
+    async def release_chunks(self, hashes: list[bytes], *, keep_staged: bool = False) -> None:
+        async with self._staging:
+            free = self._holds.give_back(hashes)
+            for digest in [] if keep_staged else free:
+                try:
+                    await self.delete_local(_staged_id(digest))
+                except NotFound:
+                    pass
 
     # -- HTTP ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ import trio
 
 from plugshare.store import chunks, revtree
 from plugshare.store.packs import ChunkPacks
+from plugshare.store.staging import StagingHolds
 from plugshare.store.attachments import (
     CHUNK_SIZE,
     AttachmentMeta,
@@ -240,6 +242,7 @@ class SQLiteStore(Store):
         self._notified_seq = update_seq
         self._changed = trio.Event()  # set (and replaced) when the feed grows
         self._in_use: Counter[int] = Counter()  # contents being written or read: kept by GC
+        self._holds = StagingHolds()
 
     @classmethod
     async def open(
@@ -1093,11 +1096,24 @@ class SQLiteStore(Store):
             return None
         return hashes
 
+    # Holds are counted inside the transactions, which run one at a time: a release and a
+    # claim of one chunk never interleave between the count and the staged mark.
+
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
-        return await self._transact(chunks.claim_chunks, hashes)
+        def claim(conn: sqlite3.Connection) -> set[bytes]:
+            held = chunks.claim_chunks(conn, hashes, time.time())
+            self._holds.take(held)
+            return held
+
+        return await self._transact(claim)
 
     async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
-        return await self._transact(chunks.stage_chunks, self._packs, pieces)
+        def stage(conn: sqlite3.Connection) -> list[bytes]:
+            digests = chunks.stage_chunks(conn, self._packs, pieces, time.time())
+            self._holds.take(digests)
+            return digests
+
+        return await self._transact(stage)
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
         data = await self._run(chunks.read_staged, self._packs, digest)
@@ -1105,8 +1121,17 @@ class SQLiteStore(Store):
             raise NotFound(f"no staged chunk {digest.hex()}")
         return data
 
-    async def release_chunks(self, hashes: list[bytes]) -> None:
-        await self._transact(chunks.unstage, self._packs, hashes)
+    async def release_chunks(self, hashes: list[bytes], *, keep_staged: bool = False) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            free = self._holds.give_back(hashes)
+            if not keep_staged:
+                chunks.unstage(conn, self._packs, free)
+
+        await self._transact(release)
+
+    async def expire_staged(self, older_than: float) -> int:
+        return await self._transact(chunks.expire_staged, self._packs,
+                                    time.time() - older_than, self._holds)
 
     async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
         for doc_id in doc_ids:
@@ -1382,8 +1407,8 @@ def _prepare(conn: sqlite3.Connection, path: Path, owner: str | None) -> int:
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         if new or version == 1:
-            chunks.create_tables(conn)
-        chunks.create_staging(conn)
+            chunks.create_tables(conn, time.time())
+        chunks.create_staging(conn, time.time())
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if owner is not None:
             _claim(conn, path, owner)

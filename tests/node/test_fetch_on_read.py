@@ -217,16 +217,13 @@ def test_a_first_read_streams_the_data_as_it_arrives(cluster):
     assert _fetches_on_read(bob, "f6") == 1
 
 
-def test_a_member_killed_mid_fetch_resumes_with_the_chunks_it_staged(cluster):
-    alice, bob = _on_read_member(cluster)
-    data = _data(48 * MB + 11, seed=7)
-    chunks = -(-len(data) // CHUNK)
-    rev = _put_file(alice, "f7", data)
-    wait_until(lambda: (bob.get("f7") or {}).get("_rev") == rev, 120, what="f7's doc on bob")
+def _kill_mid_fetch(bob, doc_id: str) -> None:
+    """Read `doc_id`'s file on `bob` and kill `bob` once part of it is fetched."""
 
     def read_until_cut():
         try:
-            with _http(bob) as http, http.stream("GET", f"/data/{FILES}/f7/file.bin") as response:
+            with _http(bob) as http, \
+                    http.stream("GET", f"/data/{FILES}/{doc_id}/file.bin") as response:
                 for _ in response.iter_bytes():
                     pass
         except httpx.HTTPError:
@@ -234,10 +231,20 @@ def test_a_member_killed_mid_fetch_resumes_with_the_chunks_it_staged(cluster):
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         reading = pool.submit(read_until_cut)
-        wait_until(lambda: re.search(r"attachment 'file.bin' of f7: \d+ chunks fetched",
-                                     bob.log()), 120, what="bob to have fetched part of f7")
+        wait_until(lambda: re.search(rf"attachment 'file.bin' of {doc_id}: \d+ chunks fetched",
+                                     bob.log()), 120, what=f"bob to have fetched part of {doc_id}")
         bob.kill()
         reading.result(timeout=60)
+
+
+def test_a_member_killed_mid_fetch_resumes_with_the_chunks_it_staged(cluster):
+    alice, bob = _on_read_member(cluster)
+    data = _data(48 * MB + 11, seed=7)
+    chunks = -(-len(data) // CHUNK)
+    rev = _put_file(alice, "f7", data)
+    wait_until(lambda: (bob.get("f7") or {}).get("_rev") == rev, 120, what="f7's doc on bob")
+
+    _kill_mid_fetch(bob, "f7")
     bob.start()
     wait_until(lambda: bob.peer_connected(alice), 120, what="bob linked to alice again")
     with _http(bob) as http:
@@ -248,3 +255,29 @@ def test_a_member_killed_mid_fetch_resumes_with_the_chunks_it_staged(cluster):
     # (the log is the restarted node's)
     [(to_fetch, held)] = [(int(a), int(b)) for a, b in re.findall(pattern, bob.log())]
     assert held >= 64 and to_fetch + held == chunks  # what was staged did not travel again
+
+
+def test_chunks_a_cut_fetch_staged_go_once_it_has_not_resumed_within_the_window(cluster):
+    """Nothing releases what a fetch killed mid-way staged: it waits for the next read to
+    resume. If none comes within `[store] resume_window_hours`, the node removes it."""
+    alice, bob = _on_read_member(cluster)
+    data = _data(48 * MB + 5, seed=8)
+    rev = _put_file(alice, "f8", data)
+    wait_until(lambda: (bob.get("f8") or {}).get("_rev") == rev, 120, what="f8's doc on bob")
+    _kill_mid_fetch(bob, "f8")
+    config = bob.home / "node.toml"
+    text = config.read_text()
+    assert "\nresume_window_hours = 72\n" in text  # the default, as init writes it
+    config.write_text(text.replace("\nresume_window_hours = 72\n", "\nresume_window_hours = 0\n"))
+    bob.start()
+    wait_until(lambda: "staged chunks of file transfers cut" in bob.log(), 60,
+               what="bob to expire the cut fetch's chunks")
+    [removed] = re.findall(r"removed (\d+) staged chunks of file transfers cut", bob.log())
+    assert int(removed) >= 64  # (the progress line comes once 16 MiB are staged)
+    assert _chunks_held(bob) == 0
+    assert not any((bob.home / "store.sqlite-chunks").iterdir())
+    wait_until(lambda: bob.peer_connected(alice), 120, what="bob linked to alice again")
+    with _http(bob) as http:  # the next read fetches it all anew
+        got = http.get(f"/data/{FILES}/f8/file.bin")
+        assert got.status_code == 200
+        assert hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()

@@ -7,6 +7,7 @@ attachments are not chunk-addressed)."""
 import hashlib
 
 import pytest
+import trio
 
 from plugshare.store.attachments import CHUNK_SIZE
 from plugshare.store.base import BadRequest, NotFound
@@ -88,6 +89,92 @@ async def test_a_released_chunk_no_attachment_holds_is_removed(store):
     with pytest.raises(NotFound):
         await store.read_staged_chunk(digest)
     assert await store.claim_chunks([digest]) == set()
+
+
+async def test_a_chunk_two_transfers_hold_stays_staged_until_both_release_it(store):
+    """Two revisions carrying the same file are fetched at once (or one revision from two
+    peers): the transfer that gives up first must not take the chunk from under the other."""
+    [digest] = await store.stage_chunks([b"a shared piece"])  # the first transfer stages it
+    assert await store.claim_chunks([digest]) == {digest}  # the second finds it held
+    await store.release_chunks([digest])  # the first gives up
+    assert await store.read_staged_chunk(digest) == b"a shared piece"
+    await store.release_chunks([digest])  # the second is done with it
+    with pytest.raises(NotFound):
+        await store.read_staged_chunk(digest)
+
+
+async def test_a_chunk_staged_twice_by_one_transfer_is_held_until_released_twice(store):
+    digests = await store.stage_chunks([b"zeros", b"zeros"])  # a file that repeats itself
+    assert digests == [hashlib.sha256(b"zeros").digest()] * 2
+    await store.release_chunks(digests[:1])
+    assert await store.read_staged_chunk(digests[0]) == b"zeros"
+    await store.release_chunks(digests[1:])
+    with pytest.raises(NotFound):
+        await store.read_staged_chunk(digests[0])
+
+
+async def test_staged_chunks_of_a_cut_transfer_go_once_older_than_the_resume_window(tmp_path):
+    """A transfer cut for good (its node killed, then the share left or the read never made
+    again) released nothing: its chunks stay for it to resume, but not forever."""
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    held_data = random_bytes(CHUNK_SIZE, seed=21)
+    await put_doc_with_file(store, "d", data=held_data)  # a chunk an attachment holds too
+    cut = pieces(random_bytes(3 * CHUNK_SIZE, seed=22))
+    staged = await store.stage_chunks(cut + [held_data])
+    await store.aclose()  # killed: nothing is released
+    store = await SQLiteStore.open(path)
+    try:
+        assert await store.expire_staged(older_than=3600) == 0  # within the window: kept
+        assert await store.claim_chunks(staged) == set(staged)  # (a resume finds them)
+        await store.release_chunks(staged)  # that resume gives up, in this process
+        staged = await store.stage_chunks(cut + [held_data])
+        await store.aclose()
+        store = await SQLiteStore.open(path)
+        await trio.sleep(0.01)
+        assert await store.expire_staged(older_than=0.005) == len(cut)  # chunks removed
+        for digest in staged:
+            with pytest.raises(NotFound):
+                await store.read_staged_chunk(digest)
+        _, body = await store.open_attachment("d", "file.bin")  # the held one stays
+        assert b"".join([p async for p in body]) == held_data
+        assert (await store.info())["attachment_chunks"] == 1
+        assert not list((tmp_path / "store.sqlite-chunks").iterdir())  # packs reclaimed
+        assert await store.expire_staged(older_than=0) == 0
+    finally:
+        await store.aclose()
+
+
+async def test_the_resume_window_counts_from_a_staged_chunks_last_claim(sqlite_store):
+    """The window is measured from a chunk's last use: a resume claims it anew."""
+    [digest] = await sqlite_store.stage_chunks([b"old"])
+    await sqlite_store.release_chunks([digest], keep_staged=True)  # to be tried again
+    await trio.sleep(0.02)
+    assert await sqlite_store.claim_chunks([digest]) == {digest}  # a resume, just now
+    await sqlite_store.release_chunks([digest], keep_staged=True)
+    assert await sqlite_store.expire_staged(older_than=0.015) == 0
+    assert await sqlite_store.read_staged_chunk(digest) == b"old"
+
+
+async def test_a_chunk_a_transfer_of_this_process_holds_never_expires(sqlite_store):
+    """A transfer longer than the window keeps the chunks it staged first."""
+    [digest] = await sqlite_store.stage_chunks([b"first of many"])
+    await trio.sleep(0.01)
+    assert await sqlite_store.expire_staged(older_than=0) == 0
+    assert await sqlite_store.read_staged_chunk(digest) == b"first of many"
+    await sqlite_store.release_chunks([digest], keep_staged=True)  # it stops, to resume
+    assert await sqlite_store.expire_staged(older_than=0) == 1  # it did not, in time
+    with pytest.raises(NotFound):
+        await sqlite_store.read_staged_chunk(digest)
+
+
+async def test_a_transfer_to_be_tried_again_keeps_its_chunks_staged(store):
+    [digest] = await store.stage_chunks([b"resume me"])
+    await store.release_chunks([digest], keep_staged=True)
+    assert await store.claim_chunks([digest]) == {digest}  # the next attempt finds it
+    await store.release_chunks([digest])  # and is done with it
+    with pytest.raises(NotFound):
+        await store.read_staged_chunk(digest)
 
 
 async def test_claiming_a_chunk_an_attachment_holds_keeps_it_after_the_attachment_goes(sqlite_store):
