@@ -555,7 +555,8 @@ class AttachmentFetcher:
                     await self._check_chunks(share, doc, name, stub["revpos"],
                                              [(m["index"], data) for m, data in zip(messages, batch)],
                                              len(hashes))
-                staged = await self._store.stage_chunks(batch)
+                staged = await self._store.stage_chunks(
+                    batch, checked=[fetch.hashes[index] for index, _ in taken])
                 claimed.extend(staged)
                 if progress is not None:
                     progress(hashes, staged)

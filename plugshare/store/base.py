@@ -385,9 +385,12 @@ class Store(abc.ABC):
         earlier transfer) and return those: they need not travel."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
-    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+    async def stage_chunks(self, pieces: list[bytes], *,
+                           checked: list[bytes] | None = None) -> list[bytes]:
         """Store chunks of an incoming transfer, durably (in one write where the backend
-        can); their SHA-256s, in order."""
+        can); their SHA-256s, in order. `checked`: those SHA-256s, as the caller computed
+        them while checking each piece against its address (then taken as they are, not
+        computed again: a SHA-256 per chunk is a measurable share of a transfer's CPU)."""
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:

@@ -125,12 +125,13 @@ def claim_chunks(conn: sqlite3.Connection, hashes: Iterable[bytes], now: float) 
 
 
 def stage_chunks(conn: sqlite3.Connection, packs: ChunkPacks, pieces: list[bytes],
-                 now: float) -> list[bytes]:
+                 now: float, checked: list[bytes] | None = None) -> list[bytes]:
     """Store `pieces` as staged chunks at `now` (each once, however often it is staged), their
-    bytes appended to the current pack; their SHA-256s."""
+    bytes appended to the current pack; their SHA-256s (`checked`: as the caller computed
+    them, taken as they are)."""
     digests = []
-    for data in pieces:
-        digest = hashlib.sha256(data).digest()
+    for position, data in enumerate(pieces):
+        digest = hashlib.sha256(data).digest() if checked is None else checked[position]
         row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
         if row is None:
             pack, offset = packs.append(data)

@@ -85,7 +85,7 @@ from plugshare.store.base import (
     Unavailable,
     owner_mismatch,
 )
-from plugshare.store.staging import StagingHolds
+from plugshare.store.staging import StagingHolds, check_addresses
 from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
     ParsedDoc,
@@ -999,11 +999,14 @@ class CouchDBStore(Store):
             self._holds.take(held)
             return held
 
-    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+    async def stage_chunks(self, pieces: list[bytes], *,
+                           checked: list[bytes] | None = None) -> list[bytes]:
+        check_addresses(pieces, checked)
         async with self._staging:
             digests = []
-            for data in pieces:
-                digest = hashlib.sha256(data).digest()
+            for position, data in enumerate(pieces):
+                digest = (hashlib.sha256(data).digest() if checked is None
+                          else checked[position])
                 await self._put_local(_staged_id(digest),
                                       {"data": base64.b64encode(data).decode()})
                 digests.append(digest)

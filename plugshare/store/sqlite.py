@@ -40,7 +40,7 @@ import trio
 
 from plugshare.store import chunks, revtree
 from plugshare.store.packs import ChunkPacks
-from plugshare.store.staging import StagingHolds
+from plugshare.store.staging import StagingHolds, check_addresses
 from plugshare.store.attachments import (
     CHUNK_SIZE,
     AttachmentMeta,
@@ -1107,9 +1107,12 @@ class SQLiteStore(Store):
 
         return await self._transact(claim)
 
-    async def stage_chunks(self, pieces: list[bytes]) -> list[bytes]:
+    async def stage_chunks(self, pieces: list[bytes], *,
+                           checked: list[bytes] | None = None) -> list[bytes]:
+        check_addresses(pieces, checked)
+
         def stage(conn: sqlite3.Connection) -> list[bytes]:
-            digests = chunks.stage_chunks(conn, self._packs, pieces, time.time())
+            digests = chunks.stage_chunks(conn, self._packs, pieces, time.time(), checked)
             self._holds.take(digests)
             return digests
 

@@ -12,6 +12,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from plugshare.store.base import BadRequest
+
+
+def check_addresses(pieces: list[bytes], checked: list[bytes] | None) -> None:
+    """`stage_chunks`' `checked`, where given, is one SHA-256 per piece (`BadRequest`)."""
+    if checked is not None and (len(checked) != len(pieces) or any(
+            not isinstance(digest, bytes) or len(digest) != 32 for digest in checked)):
+        raise BadRequest("checked addresses must be one SHA-256 per chunk staged")
+
 
 class StagingHolds:
     def __init__(self) -> None:

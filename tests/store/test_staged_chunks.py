@@ -318,3 +318,37 @@ async def test_a_digest_computed_on_the_way_in_is_taken_and_still_checked(store,
     _, body = await store.open_attachment("d", "f")
     assert b"".join([p async for p in body]) == data
     assert (await store.get("d"))["_attachments"]["f"]["digest"] == md5_digest(data)
+
+
+async def test_addresses_the_caller_checked_are_taken_not_hashed_again(store, monkeypatch):
+    """The fetcher checks each chunk's SHA-256 against the manifest as it arrives: staging
+    takes those addresses instead of hashing every chunk a second time."""
+    import hashlib as real_hashlib
+
+    from plugshare.store import chunks as chunk_rows
+    from plugshare.store import couchdb as couch_rows
+
+    data = pieces(random_bytes(3 * CHUNK_SIZE, seed=31))
+    addresses = [real_hashlib.sha256(p).digest() for p in data]
+    with pytest.raises(BadRequest, match="one SHA-256 per chunk"):
+        await store.stage_chunks(data, checked=addresses[:2])
+    with pytest.raises(BadRequest, match="one SHA-256 per chunk"):
+        await store.stage_chunks(data, checked=[a.hex() for a in addresses])
+    hashed = []
+
+    class CountingHashlib:
+        @staticmethod
+        def sha256(piece=b""):
+            hashed.append(piece)
+            return real_hashlib.sha256(piece)
+
+    for module in (chunk_rows, couch_rows):
+        monkeypatch.setattr(module, "hashlib", CountingHashlib)
+    assert await store.stage_chunks(data, checked=addresses) == addresses
+    assert hashed == []
+    assert [await store.read_staged_chunk(a) for a in addresses[:2]] == data[:2]
+    await store.release_chunks(addresses)
+    hashed.clear()  # (a CouchDB-backed read checks what the database gave back)
+    assert await store.stage_chunks(data[:1]) == addresses[:1]  # without: hashed here
+    assert hashed == [data[0]]
+    await store.release_chunks(addresses[:1])
