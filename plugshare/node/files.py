@@ -165,7 +165,8 @@ class Files:
                 for address in staged:
                     yield await self.store.read_staged_chunk(address)
 
-            await self.store.put_replicated(doc, {name: staged_data()})
+            # (a conflict if another write landed on the document while the data came in)
+            await self.store.put_replicated(doc, {name: staged_data()}, edit=True)
             return new_rev
         finally:
             if staged:

@@ -322,7 +322,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_replicated(
-        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
+        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]], *, edit: bool = False
     ) -> None:
         """Write one replicated revision (as `bulk_docs(new_edits=False)`) with the data of
         its new attachments: each `_attachments` entry is a stub this store can resolve (the
@@ -331,7 +331,14 @@ class Store(abc.ABC):
         checked against that digest and length. `bulk_get` gives stubs; the replicator
         streams each attachment the target lacks from `open_attachment`. Errors as
         `put_attachment`; an already known revision is a no-op (its streams are not read).
-        A stub that cannot be resolved is a `BadRequest` ("missing stub")."""
+        A stub that cannot be resolved is a `BadRequest` ("missing stub").
+
+        `edit`: the revision is an edit its caller made a replicated one (an app's edit
+        with inline data): `Conflict`, writing nothing, unless the revision its `_revisions`
+        names as parent is still the document's winner (no parent: the document does not
+        exist), as for any edit, and never a second branch (`revtree.continues_winner`).
+        The embedded store checks in the write's transaction; CouchDB has no conditional
+        replicated write, so that backend checks just before it writes."""
 
     # -- attachments held without their data (a share fetched on read) ----------------------
     #

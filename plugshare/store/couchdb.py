@@ -85,17 +85,18 @@ from plugshare.store.base import (
     Unavailable,
     owner_mismatch,
 )
-from plugshare.store.staging import StagingHolds, check_addresses
 from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
     ParsedDoc,
     check_doc_id,
     check_local_id,
+    continues_winner,
     history_of,
     parse_doc,
     parse_local_doc,
     parse_rev,
 )
+from plugshare.store.staging import StagingHolds, check_addresses
 
 logger = logging.getLogger("plugshare.store")
 
@@ -347,6 +348,12 @@ class CouchDBStore(Store):
         if answer.below_quorum:
             await self._ensure_quorum([(doc_id, answer.data["rev"])])
         return answer.data["rev"]
+
+    async def _winner_rev(self, doc_id: str) -> str | None:
+        """The winning revision of `doc_id`, a deleted one too; None when it does not exist."""
+        answer = await self._call("POST", "/_all_docs", body={"keys": [doc_id]})
+        [row] = answer["rows"]
+        return (row.get("value") or {}).get("rev")
 
     async def compact(self) -> None:
         """Ask the server to compact the database (it does so in the background)."""
@@ -750,7 +757,7 @@ class CouchDBStore(Store):
         return answer.data["rev"]
 
     async def put_replicated(
-        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
+        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]], *, edit: bool = False
     ) -> None:
         parsed = parse_doc(doc, new_edits=False)
         follows = {n: s for n, s in parsed.attachments.items() if isinstance(s, Follows)}
@@ -760,6 +767,10 @@ class CouchDBStore(Store):
                 f"attachments that follow are {sorted(follows)}"
             )
         assert parsed.rev is not None
+        # No conditional replicated write in CouchDB: checked just before (see base.Store).
+        if edit and not continues_winner(parsed, await self._winner_rev(parsed.id)):
+            raise Conflict(f"document {parsed.id!r}: the revision this edit continues is no "
+                           "longer the current one")
         diff = await self.revs_diff({parsed.id: [parsed.rev]})
         stubs = {n: Stub(s.digest, s.revpos) if isinstance(s, Follows) else s
                  for n, s in parsed.attachments.items()}

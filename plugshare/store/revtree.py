@@ -166,6 +166,15 @@ class ParsedDoc:
         return self.id.startswith(LOCAL_PREFIX)
 
 
+def continues_winner(parsed: ParsedDoc, winner: str | None) -> bool:
+    """Whether a replicated revision made from an edit (its path: itself, then the revision
+    it edits) still continues the document's winning revision `winner` (a deleted one
+    included), or, with no parent, makes a document that does not exist (`winner` None).
+    False: another write came first, and the edit is a conflict."""
+    assert parsed.path is not None
+    return (parsed.path[1] if len(parsed.path) > 1 else None) == winner
+
+
 def check_doc_id(doc_id: object) -> str:
     """A document id is a non-empty string; only `_local/<name>` may start with `_`."""
     if not isinstance(doc_id, str) or not doc_id:

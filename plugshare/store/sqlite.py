@@ -736,12 +736,12 @@ class SQLiteStore(Store):
         return result
 
     async def put_replicated(
-        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]]
+        self, doc: Doc, streams: Mapping[str, AsyncIterable[bytes]], *, edit: bool = False
     ) -> None:
         async def stage(name: str, check: StreamCheck, spec: Follows) -> _Staged:
             return await self._stage(streams[name], check, spec.content_type, spec.revpos)
 
-        await self._replicate(doc, set(streams), stage)
+        await self._replicate(doc, set(streams), stage, edit=edit)
 
     async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]], *,
                          digests: Mapping[str, str] | None = None) -> None:
@@ -756,7 +756,7 @@ class SQLiteStore(Store):
 
     async def _replicate(
         self, doc: Doc, given: set[str],
-        stage: Callable[[str, StreamCheck, Follows], Awaitable[_Staged]],
+        stage: Callable[[str, StreamCheck, Follows], Awaitable[_Staged]], *, edit: bool = False,
     ) -> None:
         parsed = revtree.parse_doc(doc, new_edits=False)
         follows = {n: s for n, s in parsed.attachments.items() if isinstance(s, Follows)}
@@ -786,6 +786,12 @@ class SQLiteStore(Store):
         replicated = attrs.evolve(parsed, attachments=specs)
 
         def write(conn: sqlite3.Connection) -> list[str | StoreError]:
+            if edit:
+                record = self._load_records(conn, [parsed.id]).get(parsed.id)
+                winner = record.tree.winner().rev if record and record.tree.leaves() else None
+                if not revtree.continues_winner(parsed, winner):
+                    return [Conflict(f"document {parsed.id!r}: the revision this edit "
+                                     "continues is no longer the current one")]
             return self._write_docs(conn, [replicated], False)
 
         await self._commit_staged(write, staged)

@@ -147,3 +147,41 @@ def test_a_multipart_related_doc_put_as_couchdbs_replicator_sends_it(cluster):
             assert refused.status_code == 400, refused.text
         assert http.get("/couch/io.files/m1").json()["_rev"] == second["_rev"]
         assert http.get("/couch/io.files/m1/big.bin").content == big
+
+
+def test_an_inline_edit_racing_another_write_is_a_409_never_a_second_branch(cluster):
+    """An app's edit carrying 24 MiB inline and a plain edit of the same revision, sent at
+    once: whichever lands first wins and the other is a 409 conflict, as for any two edits,
+    whatever the moment the plain one comes in (here at several points of the inline
+    request's life: read, decided, its data being stored). Never both, as two branches."""
+    import json
+    import threading
+    import time
+
+    alice = cluster.add("alice")
+    data = os.urandom(24 * 1024 * 1024)
+    for attempt, delay in enumerate((0.0, 0.3, 0.6, 0.9, 1.2, 1.5, 1.8)):
+        doc_id = f"race-{attempt}"
+        with _http(alice) as http:
+            rev = http.put(f"/couch/io.notes/{doc_id}", json={"n": 0}).json()["rev"]
+            body = json.dumps({"_rev": rev, "n": "inline", "_attachments": {
+                "big.bin": _inline(data, "application/octet-stream")}}).encode()
+            answers = {}
+
+            def inline():
+                with _http(alice) as own:
+                    answers["inline"] = own.put(f"/couch/io.notes/{doc_id}", content=body,
+                                                headers={"content-type": "application/json"})
+
+            writer = threading.Thread(target=inline)
+            writer.start()
+            time.sleep(delay)
+            answers["plain"] = http.put(f"/couch/io.notes/{doc_id}", json={"_rev": rev, "n": 1})
+            writer.join(120)
+            codes = sorted(a.status_code for a in answers.values())
+            assert codes == [201, 409], {k: (a.status_code, a.text[:200])
+                                         for k, a in answers.items()}
+            stored = http.get(f"/couch/io.notes/{doc_id}", params={"conflicts": "true"}).json()
+            assert "_conflicts" not in stored, stored
+            winner = "inline" if answers["inline"].status_code == 201 else "plain"
+            assert stored["_rev"] == answers[winner].json()["rev"]

@@ -10,6 +10,7 @@ import hashlib
 import sqlite3
 
 import httpx
+import pytest
 
 from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401 (fixture)
 
@@ -230,3 +231,44 @@ def test_an_empty_sealed_file_reads_empty(cluster):
         assert http.get("/data/io.health/e1").json()["_attachments"]["empty.txt"]["length"] == 0
         got = http.get("/data/io.health/e1/empty.txt")
         assert got.status_code == 200 and got.content == b""
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "clear"])
+def test_an_upload_another_write_overtook_is_a_409_never_a_second_branch(cluster, sealed):
+    """The upload is decided on the current revision, then its data streams in for as long as
+    it takes: an edit that lands meanwhile wins, and the upload is refused as any stale edit
+    is (409), leaving that edit's revision alone, without a conflict."""
+    import threading
+
+    alice = cluster.add("alice")
+    if sealed:
+        alice.cli_ok("encrypt", "io.health")
+    rev = alice.put("io.health", {"title": "scan"}, "h9")
+    data = _marked(12 * MB)
+    streaming, overtaken = threading.Event(), threading.Event()
+
+    def slow_body():
+        yield data[:MB]
+        yield data[MB:10 * MB]  # more than loopback buffers hold: the node is reading it
+        streaming.set()
+        assert overtaken.wait(60)
+        yield data[10 * MB:]
+
+    answers = {}
+
+    def upload():
+        with _http(alice) as http:
+            answers["upload"] = http.put(f"/data/io.health/h9/scan.pdf?rev={rev}",
+                                         content=slow_body(),
+                                         headers={"content-type": "application/pdf"})
+
+    uploading = threading.Thread(target=upload)
+    uploading.start()
+    assert streaming.wait(60)  # decided on `rev`, its data coming in
+    edited = alice.put("io.health", {"title": "renamed"}, "h9", rev)
+    overtaken.set()
+    uploading.join(120)
+    assert answers["upload"].status_code == 409, answers["upload"].text
+    stored = alice.get("h9", conflicts=True)
+    assert stored["_rev"] == edited and stored["title"] == "renamed"
+    assert "_conflicts" not in stored and "_attachments" not in stored

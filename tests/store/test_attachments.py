@@ -495,6 +495,48 @@ async def test_replicated_bad_data_is_refused_and_writes_nothing(store):
     assert await read_all(chunks) == data
 
 
+def _edit_with_data(doc_id: str, parent: str | None, data: bytes, gen_id: str) -> dict:
+    """An edit carrying new attachment data, made a replicated revision by its caller (the
+    `/couch` API's inline data): the child of `parent`."""
+    generation = int(parent.partition("-")[0]) + 1 if parent else 1
+    ids = [gen_id * 32] + ([parent.partition("-")[2]] if parent else [])
+    return {"_id": doc_id, "_rev": f"{generation}-{gen_id * 32}",
+            "_revisions": {"start": generation, "ids": ids}, "title": gen_id,
+            "_attachments": {"f": {"follows": True, "content_type": "text/plain",
+                                   "length": len(data), "digest": md5_digest(data),
+                                   "revpos": generation}}}
+
+
+async def test_an_edit_with_data_whose_parent_is_no_longer_current_is_a_conflict(store):
+    """Another write landed between the edit's read of the current revision and its write:
+    a 409, as for any edit, never a second branch."""
+    rev1 = await store.put({"_id": "doc", "title": "first"})
+    rev2 = await store.put({"_id": "doc", "_rev": rev1, "title": "the other writer"})
+    before = await feed_and_doc(store, "doc")
+    with pytest.raises(Conflict):
+        await store.put_replicated(_edit_with_data("doc", rev1, b"late", "b"),
+                                   {"f": stream(b"late")}, edit=True)
+    with pytest.raises(Conflict):  # a new doc over one that exists
+        await store.put_replicated(_edit_with_data("doc", None, b"new", "c"),
+                                   {"f": stream(b"new")}, edit=True)
+    assert await feed_and_doc(store, "doc") == before
+    await store.put_replicated(_edit_with_data("doc", rev2, b"on time", "d"),
+                               {"f": stream(b"on time")}, edit=True)
+    assert (await store.get("doc", conflicts=True))["_rev"].startswith("3-")
+    assert "_conflicts" not in await store.get("doc", conflicts=True)
+    await store.put_replicated(_edit_with_data("fresh", None, b"x", "e"), {"f": stream(b"x")},
+                               edit=True)
+    _, chunks = await store.open_attachment("fresh", "f")
+    assert await read_all(chunks) == b"x"
+    gone = await store.delete("fresh", (await store.get("fresh"))["_rev"])
+    with pytest.raises(Conflict):  # a deleted winner is continued, not started over
+        await store.put_replicated(_edit_with_data("fresh", None, b"y", "f"),
+                                   {"f": stream(b"y")}, edit=True)
+    await store.put_replicated(_edit_with_data("fresh", gone, b"y", "f"), {"f": stream(b"y")},
+                               edit=True)
+    assert (await store.get("fresh"))["_rev"].startswith("3-")
+
+
 # -- the embedded store: chunks outside the JSON rows, deduplicated, collected ---------------
 
 

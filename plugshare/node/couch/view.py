@@ -398,8 +398,9 @@ class DatabaseView:
             try:
                 if new_edits:  # an edit: the next revision of the one it names
                     doc = child_revision(doc, landing.get(doc["_id"]))
-                await self._store.put_replicated(
-                    doc, {name: source() for name, source in inline[index].items()})
+                await self._store.put_replicated(  # a conflict if another write came first
+                    doc, {name: source() for name, source in inline[index].items()},
+                    edit=new_edits)
                 result: dict = {"ok": True, "id": doc["_id"], "rev": doc["_rev"]}
             except CouchError as exc:
                 result = {"error": exc.error, "reason": exc.reason}
