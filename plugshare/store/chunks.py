@@ -24,10 +24,10 @@ needs it releases it (`unstage`), once its revision is written or abandoned, or 
 transfer has staged or claimed it for the resume window (`expire_staged`: a transfer cut for
 good, whose node was killed and which never came back).
 
-Where a chunk's bytes are: in its row (`data`: chunks uploaded here), or, for chunks staged
-by a transfer, in an append-only pack file beside the store (`pack`, `pack_offset`, `pack_size`, and an
-empty `data`; see `packs.py`), written once and synced before the row commits. Every reader
-takes either.
+Where a chunk's bytes are: in an append-only pack file beside the store (`pack`,
+`pack_offset`, `pack_size`, and an empty `data`; see `packs.py`), written once and synced
+before the row commits; or in its row (`data`: chunks uploaded by earlier versions, which
+wrote every byte twice, to the WAL then to the database). Every reader takes either.
 
 Every function runs inside the caller's transaction, on the store's worker thread.
 """
@@ -203,20 +203,23 @@ def new_content(conn: sqlite3.Connection) -> int:
     ).fetchone()[0]
 
 
-def add_chunks(conn: sqlite3.Connection, content: int, first: int, pieces: list[bytes]) -> None:
+def add_chunks(conn: sqlite3.Connection, packs: ChunkPacks, content: int, first: int,
+               pieces: list[bytes]) -> None:
     """Append `pieces` to `content` as its chunks `first`, `first + 1`...; a chunk already
-    stored (by any content) is referenced, not stored again."""
+    stored (by any content) is referenced, not stored again; a new one's bytes go to the
+    current pack (written once, synced before the rows commit), not into the database."""
     for index, piece in enumerate(pieces, first):
         digest = hashlib.sha256(piece).digest()
-        conn.execute(
-            "INSERT INTO chunks (hash, data) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
-            (digest, piece),
-        )
-        conn.execute(
-            "INSERT INTO content_chunks (content, idx, chunk) "
-            "SELECT ?, ?, id FROM chunks WHERE hash = ?",
-            (content, index, digest),
-        )
+        row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        if row is None:
+            pack, offset = packs.append(piece)
+            row = conn.execute(
+                "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) "
+                "VALUES (?, x'', ?, ?, ?) RETURNING id",
+                (digest, pack, offset, len(piece)),
+            ).fetchone()
+        conn.execute("INSERT INTO content_chunks (content, idx, chunk) VALUES (?, ?, ?)",
+                     (content, index, row[0]))
 
 
 def link_chunks(conn: sqlite3.Connection, content: int, first: int, hashes: list[bytes]) -> None:

@@ -906,10 +906,10 @@ class SQLiteStore(Store):
                 check.update(piece)
                 batch.append(piece)
                 if len(batch) == UPLOAD_BATCH:
-                    await self._transact(chunks.add_chunks, content, index, batch)
+                    await self._transact(chunks.add_chunks, self._packs, content, index, batch)
                     index, batch = index + len(batch), []
             if batch:
-                await self._transact(chunks.add_chunks, content, index, batch)
+                await self._transact(chunks.add_chunks, self._packs, content, index, batch)
 
         return await self._new_content(fill, check, content_type, revpos)
 

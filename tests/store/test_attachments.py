@@ -556,6 +556,35 @@ async def usage(store):
     return info["attachment_chunks"], info["attachment_bytes"], info["attachment_contents"]
 
 
+async def test_sqlite_writes_an_uploads_bytes_once_to_a_pack_not_through_the_database(tmp_path):
+    """Chunk bytes written into SQLite rows went twice to disk (the WAL, then the database
+    at checkpoint); an upload now appends them to a pack, and a deleted file's pack goes."""
+    from plugshare.store.sqlite import SQLiteStore
+
+    path = tmp_path / "store.sqlite"
+    store = await SQLiteStore.open(path)
+    try:
+        def database_bytes() -> int:
+            return sum(p.stat().st_size for p in (path, path.with_name("store.sqlite-wal"))
+                       if p.exists())
+
+        before = database_bytes()
+        data = random_bytes(24 * CHUNK_SIZE + 1, seed=41)
+        _, rev = await put_doc_with_file(store, "big", data=data)
+        assert database_bytes() - before < len(data) // 4
+        packs = list((tmp_path / "store.sqlite-chunks").iterdir())
+        assert sum(p.stat().st_size for p in packs) == len(data)
+        _, chunks = await store.open_attachment("big", "file.bin")
+        assert await read_all(chunks) == data
+        await store.delete("big", rev)
+        assert (await usage(store))[:2] == (0, 0)
+        await store.aclose()
+        store = await SQLiteStore.open(path)  # (the pack being appended to is kept till then)
+        assert not list((tmp_path / "store.sqlite-chunks").iterdir())
+    finally:
+        await store.aclose()
+
+
 async def test_sqlite_stores_a_file_shared_by_two_docs_once_and_collects_it_with_its_last_leaf(
     sqlite_store,
 ):
