@@ -132,17 +132,23 @@ def stage_chunks(conn: sqlite3.Connection, packs: ChunkPacks, pieces: list[bytes
     digests = []
     for position, data in enumerate(pieces):
         digest = hashlib.sha256(data).digest() if checked is None else checked[position]
-        row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
-        if row is None:
-            pack, offset = packs.append(data)
-            row = conn.execute(
-                "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) "
-                "VALUES (?, x'', ?, ?, ?) RETURNING id",
-                (digest, pack, offset, len(data)),
-            ).fetchone()
-        conn.execute(_MARK, (row[0], now))
+        conn.execute(_MARK, (_store_chunk(conn, packs, digest, data), now))
         digests.append(digest)
     return digests
+
+
+def _store_chunk(conn: sqlite3.Connection, packs: ChunkPacks, digest: bytes, data: bytes) -> int:
+    """The id of the chunk `digest`; stored first if it is not (its bytes appended to the
+    current pack: written once, synced before the rows commit, not into the database)."""
+    row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
+    if row is None:
+        pack, offset = packs.append(data)
+        row = conn.execute(
+            "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) "
+            "VALUES (?, x'', ?, ?, ?) RETURNING id",
+            (digest, pack, offset, len(data)),
+        ).fetchone()
+    return row[0]
 
 
 def read_staged(conn: sqlite3.Connection, packs: ChunkPacks, digest: bytes) -> bytes | None:
@@ -206,20 +212,11 @@ def new_content(conn: sqlite3.Connection) -> int:
 def add_chunks(conn: sqlite3.Connection, packs: ChunkPacks, content: int, first: int,
                pieces: list[bytes]) -> None:
     """Append `pieces` to `content` as its chunks `first`, `first + 1`...; a chunk already
-    stored (by any content) is referenced, not stored again; a new one's bytes go to the
-    current pack (written once, synced before the rows commit), not into the database."""
+    stored (by any content) is referenced, not stored again."""
     for index, piece in enumerate(pieces, first):
-        digest = hashlib.sha256(piece).digest()
-        row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
-        if row is None:
-            pack, offset = packs.append(piece)
-            row = conn.execute(
-                "INSERT INTO chunks (hash, data, pack, pack_offset, pack_size) "
-                "VALUES (?, x'', ?, ?, ?) RETURNING id",
-                (digest, pack, offset, len(piece)),
-            ).fetchone()
+        chunk = _store_chunk(conn, packs, hashlib.sha256(piece).digest(), piece)
         conn.execute("INSERT INTO content_chunks (content, idx, chunk) VALUES (?, ?, ?)",
-                     (content, index, row[0]))
+                     (content, index, chunk))
 
 
 def link_chunks(conn: sqlite3.Connection, content: int, first: int, hashes: list[bytes]) -> None:
