@@ -545,9 +545,18 @@ class AttachmentFetcher:
                     except trio.WouldBlock:
                         break
                 taken = [fetch.take(message) for message in messages]
-                # Checked (SHA-256, and the file's md5 on the way) beside the trio thread,
-                # which goes on reading the link meanwhile.
-                await trio.to_thread.run_sync(fetch.check, taken)
+                # Checked (SHA-256) and hashed (the file's md5) in two threads beside the
+                # trio thread, which goes on reading the link meanwhile; hashlib lets go of
+                # the GIL, so the two overlap on a second core.
+                refused: list[transfer.TransferError] = []  # raised as is, not in a group
+                async with trio.open_nursery() as hashing:
+                    hashing.start_soon(trio.to_thread.run_sync, fetch.hash_in_order, taken)
+                    try:
+                        await trio.to_thread.run_sync(fetch.check_addresses, taken)
+                    except transfer.TransferError as error:
+                        refused.append(error)
+                if refused:
+                    raise refused[0]
                 batch = [data for _, data in taken]
                 for ask in fetch.asks():
                     await self._connection.send(ask)

@@ -246,12 +246,23 @@ class ChunkFetch:
         self.fetched_bytes += len(data)
 
     def check(self, chunks: list[tuple[int, bytes]]) -> None:
+        """`check_addresses`, then `hash_in_order`."""
+        self.check_addresses(chunks)
+        self.hash_in_order(chunks)
+
+    def check_addresses(self, chunks: list[tuple[int, bytes]]) -> None:
         """`TransferError` unless each chunk's SHA-256 is the manifest's at its index
-        (tampered, or another chunk); the md5 goes on while they come in order."""
+        (tampered, or another chunk)."""
         for index, data in chunks:
             if hashlib.sha256(data).digest() != self.hashes[index]:
                 raise TransferError(f"chunk {index} of {self.name!r} of {self.doc_id!r} does "
                                     "not match its address in the manifest")
+
+    def hash_in_order(self, chunks: list[tuple[int, bytes]]) -> None:
+        """The file's md5 goes on while chunks come in order. It may run beside
+        `check_addresses` (another thread: each touches its own state); chunks that fail
+        that check break the request, and its digest with it."""
+        for index, data in chunks:
             if self._md5 is not None:
                 if index == self._next:
                     self._md5.update(data)
