@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ import httpx
 import pytest
 
 from tests.node.conftest import RunningNode, init_node, plugshare, start_node
+from tests.support.ports import free_loopback_port
 
 T = TypeVar("T")
 
@@ -48,10 +48,8 @@ class ApiError(Exception):
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port nothing listens on right now (see tests/support/ports.py)."""
+    return free_loopback_port()
 
 
 class Loopback:

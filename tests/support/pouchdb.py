@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -44,6 +43,8 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.ports import free_loopback_port
 
 POUCHDB_SERVER_VERSION = "4.2.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -119,10 +120,6 @@ def _npm_install(install_dir: Path, spec: str) -> None:
         )
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(url: str, server_uuid: str) -> bool:
@@ -211,7 +208,7 @@ def running_pouchdb_server(*, stock: bool = False) -> Iterator[str]:
         }
         (workdir / "config.json").write_text(json.dumps(config))
         for _ in range(_PORT_ATTEMPTS):
-            port = _free_loopback_port()
+            port = free_loopback_port()
             url = f"http://127.0.0.1:{port}"
             process = _start(node, main, workdir, port, stock=stock)
             if _wait_until_answering(process, url, server_uuid, workdir):
