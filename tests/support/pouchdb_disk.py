@@ -22,10 +22,10 @@ from tests.support.pouchdb import (
     _LAUNCHER_JS,
     PouchDBServerError,
     _answers,
-    _free_loopback_port,
     _stop,
     ensure_installed,
 )
+from tests.support.ports import free_loopback_port
 
 STARTUP_TIMEOUT = 60.0
 
@@ -36,7 +36,7 @@ class PouchDBOnDisk:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_loopback_port()
+        self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._uuid = uuid.uuid4().hex
         self._process: subprocess.Popen | None = None
