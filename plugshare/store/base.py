@@ -336,7 +336,7 @@ class Store(abc.ABC):
         `edit`: the revision is an edit its caller made a replicated one (an app's edit
         with inline data): `Conflict`, writing nothing, unless the revision its `_revisions`
         names as parent is still the document's winner (no parent: the document does not
-        exist), as for any edit, and never a second branch (`revtree.continues_winner`).
+        exist), as for any edit, and never a second branch (`revtree.overtaken_edit`).
         The embedded store checks in the write's transaction; CouchDB has no conditional
         replicated write, so that backend checks just before it writes."""
 

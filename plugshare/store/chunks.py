@@ -172,13 +172,8 @@ def unstage(conn: sqlite3.Connection, packs: ChunkPacks, hashes: Iterable[bytes]
     """Release staged chunks; those no content holds are removed."""
     for digest in hashes:
         row = conn.execute("SELECT id FROM chunks WHERE hash = ?", (digest,)).fetchone()
-        if row is None:
-            continue
-        conn.execute("DELETE FROM staged_chunks WHERE chunk = ?", (row[0],))
-        _dropped(packs, conn.execute(
-            "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
-            "(SELECT 1 FROM content_chunks WHERE chunk = ?1) RETURNING pack", (row[0],)
-        ).fetchall())
+        if row is not None:
+            _unstage_chunk(conn, packs, row[0])
 
 
 def expire_staged(conn: sqlite3.Connection, packs: ChunkPacks, before: float,
@@ -190,16 +185,19 @@ def expire_staged(conn: sqlite3.Connection, packs: ChunkPacks, before: float,
         "SELECT chunk, hash FROM staged_chunks JOIN chunks ON chunks.id = staged_chunks.chunk "
         "WHERE staged_at < ?", (before,)
     ).fetchall() if digest not in held]
-    removed = 0
-    for chunk in expired:
-        conn.execute("DELETE FROM staged_chunks WHERE chunk = ?", (chunk,))
-        rows = conn.execute(
-            "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
-            "(SELECT 1 FROM content_chunks WHERE chunk = ?1) RETURNING pack", (chunk,)
-        ).fetchall()
-        _dropped(packs, rows)
-        removed += len(rows)
-    return removed
+    return sum(_unstage_chunk(conn, packs, chunk) for chunk in expired)
+
+
+def _unstage_chunk(conn: sqlite3.Connection, packs: ChunkPacks, chunk: int) -> bool:
+    """Drop chunk `chunk`'s staged mark, and the chunk if no content holds it (whether it
+    went)."""
+    conn.execute("DELETE FROM staged_chunks WHERE chunk = ?", (chunk,))
+    rows = conn.execute(
+        "DELETE FROM chunks WHERE id = ?1 AND NOT EXISTS "
+        "(SELECT 1 FROM content_chunks WHERE chunk = ?1) RETURNING pack", (chunk,)
+    ).fetchall()
+    _dropped(packs, rows)
+    return bool(rows)
 
 
 def new_content(conn: sqlite3.Connection) -> int:

@@ -90,8 +90,8 @@ from plugshare.store.revtree import (
     ParsedDoc,
     check_doc_id,
     check_local_id,
-    continues_winner,
     history_of,
+    overtaken_edit,
     parse_doc,
     parse_local_doc,
     parse_rev,
@@ -768,9 +768,8 @@ class CouchDBStore(Store):
             )
         assert parsed.rev is not None
         # No conditional replicated write in CouchDB: checked just before (see base.Store).
-        if edit and not continues_winner(parsed, await self._winner_rev(parsed.id)):
-            raise Conflict(f"document {parsed.id!r}: the revision this edit continues is no "
-                           "longer the current one")
+        if edit and (overtaken := overtaken_edit(parsed, await self._winner_rev(parsed.id))):
+            raise overtaken
         diff = await self.revs_diff({parsed.id: [parsed.rev]})
         stubs = {n: Stub(s.digest, s.revpos) if isinstance(s, Follows) else s
                  for n, s in parsed.attachments.items()}

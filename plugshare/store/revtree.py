@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from plugshare.store.attachments import parse_attachments
-from plugshare.store.base import LOCAL_PREFIX, RESERVED_FIELDS, BadRequest, Forbidden
+from plugshare.store.base import LOCAL_PREFIX, RESERVED_FIELDS, BadRequest, Conflict, Forbidden
 
 DEFAULT_REVS_LIMIT = 1000
 
@@ -166,13 +166,16 @@ class ParsedDoc:
         return self.id.startswith(LOCAL_PREFIX)
 
 
-def continues_winner(parsed: ParsedDoc, winner: str | None) -> bool:
-    """Whether a replicated revision made from an edit (its path: itself, then the revision
-    it edits) still continues the document's winning revision `winner` (a deleted one
-    included), or, with no parent, makes a document that does not exist (`winner` None).
-    False: another write came first, and the edit is a conflict."""
+def overtaken_edit(parsed: ParsedDoc, winner: str | None) -> Conflict | None:
+    """For a replicated revision made from an edit (its path: itself, then the revision it
+    edits): the `Conflict` to answer when it no longer continues the document's winning
+    revision `winner` (a deleted one included) or, with no parent, would make a document
+    that exists (`winner` not None): another write came first. None when it may go."""
     assert parsed.path is not None
-    return (parsed.path[1] if len(parsed.path) > 1 else None) == winner
+    if (parsed.path[1] if len(parsed.path) > 1 else None) == winner:
+        return None
+    return Conflict(f"document {parsed.id!r}: the revision this edit continues is no longer "
+                    "the current one")
 
 
 def check_doc_id(doc_id: object) -> str:

@@ -789,9 +789,8 @@ class SQLiteStore(Store):
             if edit:
                 record = self._load_records(conn, [parsed.id]).get(parsed.id)
                 winner = record.tree.winner().rev if record and record.tree.leaves() else None
-                if not revtree.continues_winner(parsed, winner):
-                    return [Conflict(f"document {parsed.id!r}: the revision this edit "
-                                     "continues is no longer the current one")]
+                if (overtaken := revtree.overtaken_edit(parsed, winner)) is not None:
+                    return [overtaken]
             return self._write_docs(conn, [replicated], False)
 
         await self._commit_staged(write, staged)
