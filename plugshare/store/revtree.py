@@ -257,7 +257,8 @@ def parse_local_doc(local_id: str, doc: object) -> dict[str, Any]:
             raise BadRequest(f"document {full_id!r} has a non-string key {key!r}")
         if not key.startswith("_"):
             body[key] = value
-        elif key not in ("_id", "_rev"):
+        elif key not in ("_id", "_rev", "_revisions"):  # a local doc has no history: the
+            # `_revisions` CouchDB's replicator sends with its checkpoint is dropped, as there
             raise BadRequest(f"document {full_id!r}: unknown special field {key!r}")
     check_json(body, f"document {full_id!r}")
     return body
