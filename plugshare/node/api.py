@@ -54,6 +54,7 @@ class ApiParts:
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
 DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
+SMALL_BODY = 64 * 1024  # bytes: a body this small, answered unread, is read first (see _Body)
 RECENTLY_AUTHENTICATED = 1024  # credentials remembered by the guard (see `_RecentCredentials`)
 RECENT_FOR = 2.0  # seconds: how long the guard trusts that a credential is known to the token
 
@@ -533,7 +534,12 @@ class _Body:
     dropped, while its answer goes out: hypercorn hands the app the body through a queue of
     10 pieces and, as the answer ends, queues one more message and waits for room before it
     closes the connection; with the queue full and nobody reading it, that connection (and
-    its client) would hang for good, its socket never closed."""
+    its client) would hang for good, its socket never closed.
+
+    A small body (`SMALL_BODY`, declared by its length) is read, and dropped, before such an
+    answer instead: the connection is then kept. Closing it with a body still coming would
+    make the kernel answer that body with a reset, which can destroy the answer before the
+    client reads it (as Apache CouchDB's replicator met on its login form to `/_session`)."""
 
     def __init__(self, receive):
         self._receive = receive
@@ -554,6 +560,17 @@ class _Body:
             if name == b"transfer-encoding" or (
                     name == b"content-length" and value.strip() != b"0"):
                 return True
+        return False
+
+    def small(self, scope) -> bool:
+        """Whether the request has a body not all read yet, of a length up to SMALL_BODY."""
+        if self.complete:
+            return False
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"transfer-encoding":
+                return False
+            if name.lower() == b"content-length":
+                return value.strip().isdigit() and 0 < int(value) <= SMALL_BODY
         return False
 
     async def drain(self) -> None:
@@ -631,6 +648,8 @@ class _Guard:
         async with trio.open_nursery() as nursery:
 
             async def answer(message) -> None:
+                if message["type"] == "http.response.start" and body.small(scope):
+                    await body.drain()  # then the connection is kept (see `_Body`)
                 if message["type"] == "http.response.start" and body.unread(scope):
                     # The rest of the body will not be read: hypercorn closes the connection
                     # after this answer, so say so, or a client sends its next request on a
