@@ -60,10 +60,19 @@ def stub_of(content_type: str, length: int, digest: str, revpos: int) -> dict[st
 @attrs.frozen
 class Stub:
     """Keep the attachment of this name (from the parent revision, or, replicated, one the
-    store holds for this document with `digest`)."""
+    store holds for this document with `digest`, else with `revpos`: see `matches`)."""
 
     digest: str | None
     revpos: int | None
+
+    def matches(self, entry: dict) -> bool:
+        """Whether a held attachment entry of this name is the one a replicated stub names:
+        the same digest, or with no digest the same revpos (as CouchDB matches stubs; the
+        digest of a file Apache CouchDB keeps gzip-encoded is the gzip bytes', held nowhere
+        else)."""
+        if self.digest is not None:
+            return entry.get("digest") == self.digest
+        return self.revpos is not None and entry.get("revpos") == self.revpos
 
 
 @attrs.frozen
@@ -154,8 +163,8 @@ def parse_attachments(
             if digest is not None:
                 check_digest(digest)
             if entry.get("stub") is True:
-                if not new_edits and digest is None:
-                    raise BadRequest("a replicated stub needs its digest")
+                if not new_edits and digest is None and revpos is None:
+                    raise BadRequest("a replicated stub needs its digest or its revpos")
                 parsed[name] = Stub(digest, revpos)
             elif entry.get("follows") is True and not new_edits:
                 if digest is None or revpos is None:

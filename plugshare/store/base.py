@@ -229,8 +229,9 @@ class Store(abc.ABC):
         merging with what is there; an already known revision is a no-op, never an error.
         A revision that would give its doc more than `MAX_LEAVES` leaves is refused for that
         doc alone: `{"id", "rev", "error": "forbidden", "reason"}` (the others are written).
-        A replicated attachment stub must name (with its digest) an attachment a leaf of the
-        same document holds here; else that doc fails with a `bad_request` "missing stub".
+        A replicated attachment stub must name an attachment a leaf of the same document
+        holds here, by its name and digest (or, without a digest, its revpos); else that doc
+        fails with a `bad_request` "missing stub".
         The write is durable when the call returns (see `put`); replicated revisions that a
         CouchDB cluster keeps accepting below its write quorum raise `Unavailable` instead of
         counting as stored: the caller delivers them again later."""

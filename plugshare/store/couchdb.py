@@ -854,7 +854,7 @@ class CouchDBStore(Store):
     async def _complete_replicated_stubs(
         self, remote: list[tuple[int, ParsedDoc]]
     ) -> list[tuple[int, ParsedDoc | StoreError]]:
-        """Replicated docs with stubs: each stub must name an attachment (name and digest)
+        """Replicated docs with stubs: each stub must name an attachment (`Stub.matches`)
         a leaf of the same document holds here, as the SQLite store requires (a server may
         resolve a digest from any document, or keep a stub whose data it lacks); it is sent
         with that attachment's metadata (pouchdb-server keeps a stub as sent)."""
@@ -886,11 +886,12 @@ class CouchDBStore(Store):
                     )
                     break
                 held = [a[name] for a in leaves_of[parsed.id]
-                        if name in a and a[name].get("digest") == spec.digest]
+                        if name in a and spec.matches(a[name])]
                 if not held:
                     error = BadRequest(
                         f"document {parsed.id!r}: missing stub: no revision held here has "
-                        f"attachment {name!r} with digest {spec.digest}"
+                        f"attachment {name!r} with " + (f"digest {spec.digest}" if spec.digest
+                                                         else f"revpos {spec.revpos}")
                     )
                     break
                 completed[name] = {**held[0], "revpos": spec.revpos or held[0]["revpos"],

@@ -534,7 +534,8 @@ class SQLiteStore(Store):
                     where = "any revision this store holds" if replicated else "the revision"
                     raise BadRequest(
                         f"document {doc.id!r}: missing stub: {where} has no attachment "
-                        f"{name!r}" + (f" with digest {spec.digest}" if spec.digest else "")
+                        f"{name!r}" + (f" with digest {spec.digest}" if spec.digest else
+                                       f" of revpos {spec.revpos}" if replicated else "")
                     )
                 resolved[name] = dict(entry)
                 if replicated and spec.revpos is not None:
@@ -558,7 +559,8 @@ class SQLiteStore(Store):
             for stored in record.bodies.values():
                 for name, entry in _stored_attachments(stored).items():
                     spec = doc.attachments.get(name)
-                    if isinstance(spec, (Stub, _Absent)) and spec.digest == entry["digest"]:
+                    if (isinstance(spec, Stub) and spec.matches(entry)) or (
+                            isinstance(spec, _Absent) and spec.digest == entry["digest"]):
                         held[name] = entry
             generation = revtree.parse_rev(doc.rev)[0]
             attachments = self._resolve_attachments(doc, generation, held, replicated=True)

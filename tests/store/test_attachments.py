@@ -495,6 +495,42 @@ async def test_replicated_bad_data_is_refused_and_writes_nothing(store):
     assert await read_all(chunks) == data
 
 
+async def test_a_replicated_stub_without_its_digest_is_matched_by_name_and_revpos(store):
+    """As CouchDB matches stubs: Apache CouchDB's stub of a file it keeps gzip-encoded
+    carries the digest of the gzip bytes, which no other server holds (the `/couch` API
+    drops it). Such a stub names the file by its name and revpos among the document's
+    revisions held here; one naming no such file is a missing stub, as before."""
+    data = b"a text file"
+    first = {"_id": "doc", "_rev": "1-" + "a" * 32,
+             "_revisions": {"start": 1, "ids": ["a" * 32]},
+             "_attachments": {"f.txt": {"follows": True, "content_type": "text/plain",
+                                        "length": len(data), "digest": md5_digest(data),
+                                        "revpos": 1}}}
+    await store.put_replicated(first, {"f.txt": stream(data)})
+
+    def child(n: int, parent: str, revpos: int | None) -> dict:
+        entry = {"stub": True, "content_type": "text/plain", "length": len(data)}
+        if revpos is not None:
+            entry["revpos"] = revpos
+        return {"_id": "doc", "_rev": f"{n}-{str(n) * 32}", "title": f"v{n}",
+                "_revisions": {"start": n, "ids": [str(n) * 32, parent]},
+                "_attachments": {"f.txt": entry}}
+
+    for refused in (child(2, "a" * 32, 2),  # no f.txt written at generation 2 here
+                    child(2, "a" * 32, None)):  # neither digest nor revpos: nothing to match
+        [result] = await store.bulk_docs([refused], new_edits=False)
+        assert result.get("error"), result
+    assert (await store.get("doc"))["_rev"] == first["_rev"]
+    [result] = await store.bulk_docs([child(2, "a" * 32, 1)], new_edits=False)
+    assert "error" not in result, result
+    doc = await store.get("doc")
+    assert doc["_rev"] == "2-" + "2" * 32
+    assert doc["_attachments"]["f.txt"]["digest"] == md5_digest(data)
+    assert doc["_attachments"]["f.txt"]["revpos"] == 1
+    _, chunks = await store.open_attachment("doc", "f.txt")
+    assert await read_all(chunks) == data
+
+
 def _edit_with_data(doc_id: str, parent: str | None, data: bytes, gen_id: str) -> dict:
     """An edit carrying new attachment data, made a replicated revision by its caller (the
     `/couch` API's inline data): the child of `parent`."""
