@@ -632,3 +632,68 @@ def test_large_documents_never_make_a_token_command_over_its_frame_cap(alice):
             for i, r in enumerate(rows.json()["results"])]})
         assert all(r.get("ok") for r in updated.json()), updated.text[:300]
 
+
+def _mime_parts(answer: httpx.Response):
+    """The parts of a multipart answer, read with the standard library's own MIME parser."""
+    import email.parser
+    import email.policy
+    raw = f"Content-Type: {answer.headers['content-type']}\r\n\r\n".encode() + answer.content
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
+    assert message.is_multipart(), answer.headers
+    return message
+
+
+def test_open_revs_with_the_data_as_apache_couchdbs_replicator_reads_it(alice):
+    """Apache CouchDB's replicator reads a revision with attachments through
+    `open_revs=[...]&attachments=true&atts_since=[...]` and `Accept: multipart/mixed`, and
+    parses the answer as multipart whatever it is: answered in JSON, it took the files for
+    stubs and failed ("missing_stub"). The answer is CouchDB's: a part per revision, one with
+    files a multipart/related of its JSON (`follows` entries) and the data, raw; the files
+    an `atts_since` ancestor already had are stubs; a missing revision says so."""
+    with couch(alice) as owner:
+        first = owner.put("/mp.notes/m1", json={"title": "v1", "_attachments": {
+            "old.txt": {"content_type": "text/plain",
+                        "data": base64.b64encode(b"from the first revision").decode()}}})
+        assert first.status_code == 201, first.text
+        rev1 = first.json()["rev"]
+        data = bytes(range(256)) * 300
+        added = owner.put("/mp.notes/m1/new.bin", params={"rev": rev1}, content=data,
+                          headers={"content-type": "application/x-test"})
+        assert added.status_code == 201, added.text
+        rev2 = added.json()["rev"]
+        absent = rev(9, "f")
+        answer = owner.get("/mp.notes/m1", params={
+            "revs": "true", "latest": "true", "attachments": "true",
+            "open_revs": json.dumps([rev2, absent]), "atts_since": json.dumps([rev1])},
+            headers={"Accept": "multipart/mixed"})
+        assert answer.status_code == 200, answer.text
+        message = _mime_parts(answer)
+        assert message.get_content_type() == "multipart/mixed"
+        found, missing = message.get_payload()
+        assert found.get_content_type() == "multipart/related"
+        head, *files = found.get_payload()
+        doc = json.loads(head.get_payload(decode=True))
+        assert doc["_rev"] == rev2 and doc["title"] == "v1"
+        atts = doc["_attachments"]
+        assert atts["old.txt"]["stub"] is True and "follows" not in atts["old.txt"]
+        assert atts["new.bin"]["follows"] is True and atts["new.bin"]["length"] == len(data)
+        assert [f.get_filename() for f in files] == ["new.bin"]
+        assert files[0].get_payload(decode=True) == data
+        assert json.loads(missing.get_payload(decode=True)) == {"missing": absent}
+        # with no atts_since, every file comes, asked for or not (as the replicator asks)
+        answer = owner.get("/mp.notes/m1", params={
+            "revs": "true", "latest": "true", "open_revs": json.dumps([rev2])},
+            headers={"Accept": "multipart/mixed"})
+        [found] = _mime_parts(answer).get_payload()
+        head, *files = found.get_payload()
+        assert sorted(f.get_filename() for f in files) == ["new.bin", "old.txt"]
+        by_name = {f.get_filename(): f.get_payload(decode=True) for f in files}
+        assert by_name == {"new.bin": data, "old.txt": b"from the first revision"}
+        # JSON still, when asked for, atts_since heeded too
+        answer = owner.get("/mp.notes/m1", params={
+            "attachments": "true", "open_revs": json.dumps([rev2]),
+            "atts_since": json.dumps([rev1])}, headers={"Accept": "application/json"})
+        [entry] = answer.json()
+        atts = entry["ok"]["_attachments"]
+        assert atts["old.txt"].get("stub") is True and "data" not in atts["old.txt"]
+        assert base64.b64decode(atts["new.bin"]["data"]) == data

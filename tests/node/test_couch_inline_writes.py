@@ -8,6 +8,7 @@ import base64
 import os
 
 import httpx
+import pytest
 
 from tests.node.cluster import cluster  # noqa: F401 (fixture)
 
@@ -85,16 +86,18 @@ def _md5(data: bytes) -> str:
     return "md5-" + base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
-def _related(doc: dict, parts: list[tuple[str | None, bytes]], boundary: str = "b0und") -> bytes:
-    """A doc PUT body as CouchDB's replicator sends it: the JSON, then a part per file."""
+def _related(doc: dict, parts: list[tuple], boundary: str = "b0und") -> bytes:
+    """A doc PUT body as CouchDB's replicator sends it: the JSON, then a part per file, each
+    (filename or None, data[, extra header lines])."""
     import json
     out = f"--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode() + \
         json.dumps(doc).encode() + b"\r\n"
-    for filename, data in parts:
+    for filename, data, *extra in parts:
         disposition = f'Content-Disposition: attachment; filename="{filename}"\r\n' \
             if filename is not None else ""
+        headers = "".join(f"{line}\r\n" for line in (extra[0] if extra else ()))
         out += (f"--{boundary}\r\n{disposition}Content-Type: application/octet-stream\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n").encode() + data + b"\r\n"
+                f"Content-Length: {len(data)}\r\n{headers}\r\n").encode() + data + b"\r\n"
     return out + f"--{boundary}--".encode()
 
 
@@ -147,6 +150,118 @@ def test_a_multipart_related_doc_put_as_couchdbs_replicator_sends_it(cluster):
             assert refused.status_code == 400, refused.text
         assert http.get("/couch/io.files/m1").json()["_rev"] == second["_rev"]
         assert http.get("/couch/io.files/m1/big.bin").content == big
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "couchdb"])
+def test_a_gzip_part_as_apache_couchdbs_replicator_sends_a_text_file(cluster, backend, request):
+    """Apache CouchDB stores a compressible attachment (text/*, JSON...) gzip-encoded and its
+    replicator pushes it as it is stored: the entry says `encoding: gzip`, `length` (the
+    file's) and `encoded_length`, its digest is the md5 of the gzip bytes, and the part comes
+    with `Content-Encoding: gzip`. The node takes the file decoded (its own digest is then
+    the file's md5, as for any data it stores); gzip that is corrupt, cut short, bigger than
+    the node's cap once decoded, or that the entry and the part disagree on, is refused and
+    the document keeps what it had."""
+    import gzip
+
+    store = () if backend == "sqlite" else (
+        "--store", "couchdb", "--couchdb-url", request.getfixturevalue("couchdb_url"))
+    alice = cluster.add("alice", *store, start=False)
+    config = alice.home / "node.toml"
+    config.write_text(config.read_text().replace("max_attachment_size = 4294967296",
+                                                 "max_attachment_size = 1000000"))
+    alice.start()
+    text = b"hello plugshare, a text file compresses well. " * 4000
+    packed = gzip.compress(text)
+    other = os.urandom(5000)
+
+    def revision(n: int, parent: str | None, data: bytes, encoded: bytes, **lies) -> dict:
+        own = f"{n}{'f' * 31}"
+        return {"_id": "z1", "_rev": f"{n}-{own}", "title": f"v{n}",
+                "_revisions": {"start": n, "ids": [own] + ([parent] if parent else [])},
+                "_attachments": {
+                    "notes.txt": {"follows": True, "content_type": "text/plain",
+                                  "length": len(data), "digest": _md5(encoded),
+                                  "revpos": n, "encoding": "gzip",
+                                  "encoded_length": len(encoded), **lies},
+                    "other.bin": {"follows": True, "content_type": "x/y",
+                                  "length": len(other), "digest": _md5(other),
+                                  "revpos": n}}}
+
+    gzipped = ["Content-Encoding: gzip"]
+    with _http(alice) as http:
+        def put(doc: dict, parts) -> httpx.Response:
+            return http.put(f"/couch/io.files/{doc['_id']}", params={"new_edits": "false"},
+                            content=_related(doc, parts),
+                            headers={"content-type": 'multipart/related; boundary="b0und"'})
+
+        first = revision(1, None, text, packed)
+        made = put(first, [("notes.txt", packed, gzipped), ("other.bin", other)])
+        assert made.status_code == 201, made.text
+        assert http.get("/couch/io.files/z1/notes.txt").content == text
+        assert http.get("/couch/io.files/z1/other.bin").content == other
+        stub = http.get("/couch/io.files/z1").json()["_attachments"]["notes.txt"]
+        assert stub["length"] == len(text) and stub["digest"] == _md5(text), stub
+        assert "encoding" not in stub and "encoded_length" not in stub, stub
+
+        parent = first["_rev"].partition("-")[2]
+        v2 = b"second version " * 3000
+        v2_packed = gzip.compress(v2)
+        bomb = gzip.compress(b"\0" * 3_000_000)  # 3 MB once decoded, over the 1 MB cap
+        broken = bytearray(v2_packed)
+        broken[len(broken) // 2] ^= 0xFF
+        for doc, parts, status in (
+                (revision(2, parent, v2, v2_packed),  # corrupt
+                 [("notes.txt", bytes(broken), gzipped), ("other.bin", other)], 400),
+                (revision(2, parent, v2, v2_packed[:-20]),  # cut short
+                 [("notes.txt", v2_packed[:-20], gzipped), ("other.bin", other)], 400),
+                (revision(2, parent, v2, v2_packed, digest=_md5(v2)),  # the wrong digest
+                 [("notes.txt", v2_packed, gzipped), ("other.bin", other)], 400),
+                (revision(2, parent, v2, v2_packed, encoded_length=5),  # a lying length
+                 [("notes.txt", v2_packed, gzipped), ("other.bin", other)], 400),
+                (revision(2, parent, v2, v2_packed),  # the part says nothing of gzip
+                 [("notes.txt", v2_packed), ("other.bin", other)], 400),
+                (revision(2, parent, v2, v2_packed),  # an encoding the node does not take
+                 [("notes.txt", v2_packed, ["Content-Encoding: br"]), ("other.bin", other)],
+                 415),
+                (revision(2, parent, b"\0" * 3_000_000, bomb),
+                 [("notes.txt", bomb, gzipped), ("other.bin", other)], 413)):
+            refused = put(doc, parts)
+            assert refused.status_code == status, (parts[0][2:], refused.text)
+            assert http.get("/couch/io.files/z1").json()["_rev"] == first["_rev"]
+        assert http.get("/couch/io.files/z1/notes.txt").content == text
+        # and the good one lands
+        landed = put(revision(2, parent, v2, v2_packed),
+                     [("notes.txt", v2_packed, gzipped), ("other.bin", other)])
+        assert landed.status_code == 201, landed.text
+        assert http.get("/couch/io.files/z1/notes.txt").content == v2
+
+        # The next revision, files unchanged, comes through _bulk_docs with stubs; CouchDB's
+        # stub of the text file carries the gzip bytes' digest, which the node never held.
+        two = landed.json()["rev"]
+        third = {"_id": "z1", "_rev": f"3-{'3' * 32}", "title": "v3",
+                 "_revisions": {"start": 3, "ids": ["3" * 32, two.partition("-")[2]]},
+                 "_attachments": {
+                     "notes.txt": {"stub": True, "content_type": "text/plain",
+                                   "length": len(v2), "digest": _md5(v2_packed), "revpos": 2,
+                                   "encoding": "gzip", "encoded_length": len(v2_packed)},
+                     "other.bin": {"stub": True, "content_type": "x/y", "length": len(other),
+                                   "digest": _md5(other), "revpos": 2}}}
+        pushed = http.post("/couch/io.files/_bulk_docs", json={"docs": [third],
+                                                                "new_edits": False})
+        assert pushed.status_code == 201 and pushed.json() == [], pushed.text
+        held = http.get("/couch/io.files/z1").json()
+        assert held["_rev"] == third["_rev"], held
+        assert held["_attachments"]["notes.txt"]["digest"] == _md5(v2)
+        assert http.get("/couch/io.files/z1/notes.txt").content == v2
+        # a stub naming a revpos at which the node holds no such file is still refused
+        fourth = {**third, "_rev": f"4-{'4' * 32}",
+                  "_revisions": {"start": 4, "ids": ["4" * 32, "3" * 32]},
+                  "_attachments": {"notes.txt": {**third["_attachments"]["notes.txt"],
+                                                 "revpos": 1}}}
+        missing = http.post("/couch/io.files/_bulk_docs", json={"docs": [fourth],
+                                                                 "new_edits": False})
+        assert missing.status_code == 201 and missing.json()[0]["error"], missing.text
+        assert http.get("/couch/io.files/z1").json()["_rev"] == third["_rev"]
 
 
 def test_an_inline_edit_racing_another_write_is_a_409_never_a_second_branch(cluster):

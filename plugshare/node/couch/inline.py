@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,27 @@ OpenAttachment = Callable[[str, str, str], Awaitable[tuple[Any, AsyncIterator[by
 
 
 DataSource = Callable[[], AsyncIterator[bytes]]
+
+
+def decoded_stubs(doc: dict) -> dict:
+    """`doc` with the stubs of encoded files described as this node holds them. Apache
+    CouchDB keeps a compressible file gzip-encoded; its stub then carries `encoding`,
+    `encoded_length` and the digest of the gzip bytes. The node stores files decoded (see
+    `spool.py`): such a stub names its file by name and revpos instead, as CouchDB matches
+    stubs (`Stub.matches`)."""
+    attachments = doc.get("_attachments")
+    if not isinstance(attachments, dict) or not any(
+            isinstance(e, dict) and e.get("stub") is True and
+            e.get("encoding") not in (None, "identity") for e in attachments.values()):
+        return doc
+    entries = {}
+    for name, entry in attachments.items():
+        if isinstance(entry, dict) and entry.get("stub") is True and \
+                entry.get("encoding") not in (None, "identity"):
+            entry = {k: v for k, v in entry.items()
+                     if k not in ("encoding", "encoded_length", "digest")}
+        entries[name] = entry
+    return {**doc, "_attachments": entries}
 
 
 def take_inline(doc: dict, spool: Spool | None = None, *,
@@ -103,9 +125,10 @@ async def results_with_data(results: list[dict],
     yield b"]}"
 
 
-async def open_revs_with_data(found: list[dict],
-                              open_attachment: OpenAttachment) -> AsyncIterator[bytes]:
-    """`open_revs` as JSON, each `ok` revision's attachments inline, streamed."""
+async def open_revs_with_data(found: list[dict], open_attachment: OpenAttachment,
+                              atts_since: list[str] | None = None) -> AsyncIterator[bytes]:
+    """`open_revs` as JSON, each `ok` revision's attachments inline (those an `atts_since`
+    revision already had as stubs: `held_up_to`), streamed."""
     yield b"["
     for i, entry in enumerate(found):
         if i:
@@ -114,20 +137,47 @@ async def open_revs_with_data(found: list[dict],
             yield json.dumps(entry).encode()
             continue
         yield b'{"ok":'
-        async for piece in _doc_with_data(entry["ok"], open_attachment):
+        async for piece in _doc_with_data(entry["ok"], open_attachment,
+                                          held_up_to(entry["ok"], atts_since)):
             yield piece
         yield b"}"
     yield b"]"
 
 
-async def _doc_with_data(doc: dict, open_attachment: OpenAttachment) -> AsyncIterator[bytes]:
+def held_up_to(doc: dict, atts_since: list[str] | None) -> int:
+    """The generation up to which a reader holds `doc`'s files: that of the newest revision
+    of `atts_since` in the doc's history (`_revisions`), 0 if none. Files of a revpos up to
+    it go as stubs, as CouchDB answers `atts_since`."""
+    history = doc.get("_revisions")
+    if not atts_since or not isinstance(history, dict):
+        return 0
+    start, ids, wanted = history.get("start", 0), history.get("ids") or [], set(atts_since)
+    return max((start - i for i, rev_id in enumerate(ids) if f"{start - i}-{rev_id}" in wanted),
+               default=0)
+
+
+def _sent(doc: dict, since: int) -> list[str]:
+    """The names of `doc`'s files whose data goes with it (newer than `since`)."""
+    if doc.get("_deleted"):
+        return []
+    return [name for name, stub in (doc.get("_attachments") or {}).items()
+            if not isinstance(stub.get("revpos"), int) or stub["revpos"] > since]
+
+
+async def _doc_with_data(doc: dict, open_attachment: OpenAttachment,
+                         since: int = 0) -> AsyncIterator[bytes]:
     attachments = doc.get("_attachments") or {}
-    if not attachments or doc.get("_deleted"):
+    sent = set(_sent(doc, since))
+    if not sent:
         yield json.dumps(doc).encode()
         return
     rest = json.dumps({k: v for k, v in doc.items() if k != "_attachments"}).encode()
     yield rest[:-1] + (b"," if rest != b"{}" else b"") + b'"_attachments":{'
     for i, (name, stub) in enumerate(attachments.items()):
+        if name not in sent:
+            yield (b"," if i else b"") + json.dumps(name).encode() + b":" + \
+                json.dumps(stub).encode()
+            continue
         meta = {k: v for k, v in stub.items() if k not in ("stub", "length", "data")}
         head = json.dumps(meta).encode()
         yield (b"," if i else b"") + json.dumps(name).encode() + b":" + head[:-1] + \
@@ -141,3 +191,47 @@ async def _doc_with_data(doc: dict, open_attachment: OpenAttachment) -> AsyncIte
             await chunks.aclose()
         yield b'"}'
     yield b"}}"
+
+
+async def open_revs_multipart(found: list[dict], open_attachment: OpenAttachment,
+                              boundary: str, atts_since: list[str] | None = None
+                              ) -> AsyncIterator[bytes]:
+    """`open_revs` as CouchDB answers `Accept: multipart/mixed` (its replicator reads no
+    other form): a part per revision; one with files to send is a multipart/related of its
+    JSON (those files as `follows` entries) and then each file's data raw, streamed; a
+    missing revision is a JSON part marked `error="true"`."""
+    outer = boundary.encode()
+    yield b"--" + outer
+    for entry in found:
+        if "ok" not in entry:
+            yield (b'\r\nContent-Type: application/json; error="true"\r\n\r\n' +
+                   json.dumps(entry).encode() + b"\r\n--" + outer)
+            continue
+        doc = entry["ok"]
+        sent = _sent(doc, held_up_to(doc, atts_since))
+        if not sent:
+            yield (b"\r\nContent-Type: application/json\r\n\r\n" + json.dumps(doc).encode() +
+                   b"\r\n--" + outer)
+            continue
+        inner = secrets.token_hex(16).encode()
+        attachments = dict(doc["_attachments"])
+        for name in sent:
+            attachments[name] = {**{k: v for k, v in attachments[name].items()
+                                    if k not in ("stub", "data")}, "follows": True}
+        yield (b'\r\nContent-Type: multipart/related; boundary="' + inner + b'"\r\n\r\n'
+               b"--" + inner + b"\r\nContent-Type: application/json\r\n\r\n" +
+               json.dumps({**doc, "_attachments": attachments}).encode())
+        for name in sent:
+            stub = attachments[name]
+            quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+            yield (f'\r\n--{inner.decode()}\r\nContent-Disposition: attachment; '
+                   f'filename="{quoted}"\r\nContent-Type: {stub.get("content_type")}\r\n'
+                   f'Content-Length: {stub.get("length")}\r\n\r\n').encode("utf-8")
+            _meta, chunks = await open_attachment(doc["_id"], name, doc["_rev"])
+            try:
+                async for piece in chunks:
+                    yield piece
+            finally:
+                await chunks.aclose()
+        yield b"\r\n--" + inner + b"--\r\n--" + outer
+    yield b"--"

@@ -4,9 +4,18 @@ entries), the data raw.
 
 `MultipartScanner.feed` turns pieces of the body into `Part` starts (their headers) and data
 pieces; a part's data is never gathered here, and what is held between two pieces is at
-most a boundary's length, or one part's headers (capped)."""
+most a boundary's length, or one part's headers (capped).
+
+Apache CouchDB keeps a compressible attachment (text, JSON...) gzip-encoded and its
+replicator sends it so, the part marked `Content-Encoding: gzip`: `GzipStream` decodes such a
+part as it comes, in bounded slices (a small part may decode to a great deal)."""
 
 from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from collections.abc import Iterator
 
 import attrs
 
@@ -14,6 +23,7 @@ from plugshare.node.couch.inline_scan import InlineBodyError
 
 MAX_HEADERS = 16 * 1024  # bytes of one part's headers
 MAX_BOUNDARY = 70  # RFC 2046
+DECODED_SLICE = 1024 * 1024  # bytes of decoded data produced at a time
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -131,3 +141,51 @@ def disposition_filename(headers: dict[str, str]) -> str | None:
                 value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
             return value
     return None
+
+
+def part_encoding(headers: dict[str, str]) -> str:
+    """`identity` or `gzip`, the encoding of a part's data (415 for any other)."""
+    encoding = headers.get("content-encoding", "identity").strip().lower() or "identity"
+    if encoding not in ("identity", "gzip"):
+        raise InlineBodyError(415, f"an attachment part is encoded as {encoding!r}: only "
+                                   "gzip is taken, or the data as it is")
+    return encoding
+
+
+class GzipStream:
+    """A gzip-encoded part decoded as it comes, any piece sizes, never more than
+    `DECODED_SLICE` bytes of output at once; the md5 and length of the encoded bytes are
+    counted on the way (CouchDB's digest of a gzip-encoded attachment is theirs)."""
+
+    def __init__(self):
+        self._inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self.encoded_length = 0
+
+    @property
+    def encoded_digest(self) -> str:
+        return "md5-" + base64.b64encode(self._md5.digest()).decode()
+
+    def feed(self, piece: bytes) -> Iterator[bytes]:
+        self._md5.update(piece)
+        self.encoded_length += len(piece)
+        data = piece
+        while data or not self._inflate.eof:
+            if self._inflate.eof:
+                raise InlineBodyError(400, "an attachment part has data after its gzip end")
+            try:
+                out = self._inflate.decompress(data, DECODED_SLICE)
+            except zlib.error:
+                raise InlineBodyError(400, "an attachment part is not valid gzip") from None
+            data = self._inflate.unconsumed_tail
+            if out:
+                yield out
+            # A full slice may leave output behind with no input left: ask again.
+            if not data and len(out) < DECODED_SLICE:
+                break
+        if self._inflate.unused_data:
+            raise InlineBodyError(400, "an attachment part has data after its gzip end")
+
+    def finish(self) -> None:
+        if not self._inflate.eof:
+            raise InlineBodyError(400, "an attachment part's gzip data is cut short")

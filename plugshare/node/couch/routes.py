@@ -413,12 +413,22 @@ async def _read(request: Request, view: DatabaseView, doc_id: str, files) -> Res
                                    or not all(isinstance(r, str) for r in open_revs)):
             raise bad_request("`open_revs` must be \"all\" or a JSON list of revisions")
         found = await view.open_revs(doc_id, None if open_revs == "all" else open_revs)
-        if params.flag(query, "attachments"):  # data inline, streamed (JSON only)
-            return StreamingResponse(inline.open_revs_with_data(found, _inline_data(files)),
-                                     media_type="application/json")
-        if "application/json" in request.headers.get("accept", ""):
-            return _json(found)
-        return _multipart(found)
+        _, since = params.json_value(query, "atts_since")
+        if since is not None and (not isinstance(since, list) or len(since) > MAX_DOCS
+                                  or not all(isinstance(r, str) for r in since)):
+            raise bad_request("`atts_since` must be a JSON list of revisions")
+        if "application/json" not in request.headers.get("accept", ""):
+            # As CouchDB answers it, the files' data always with it (its replicator reads
+            # open_revs so, never asking for attachments): those of `atts_since` as stubs.
+            boundary = secrets.token_hex(16)
+            return StreamingResponse(
+                inline.open_revs_multipart(found, _inline_data(files), boundary, since),
+                media_type=f'multipart/mixed; boundary="{boundary}"')
+        if params.flag(query, "attachments"):  # with the data, streamed
+            return StreamingResponse(
+                inline.open_revs_with_data(found, _inline_data(files), since),
+                media_type="application/json")
+        return _json(found)
     revs = params.flag(query, "revs")
     revs_info = params.flag(query, "revs_info")
     doc = await view.get(doc_id, query.get("rev"), conflicts=params.flag(query, "conflicts"),
@@ -434,17 +444,6 @@ async def _read(request: Request, view: DatabaseView, doc_id: str, files) -> Res
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"etag": etag})
     return _json(doc, headers={"etag": etag})
-
-
-def _multipart(found: list[dict]) -> Response:
-    """CouchDB's `multipart/mixed` answer to `open_revs` (one JSON part per revision)."""
-    boundary = secrets.token_hex(16)
-    parts = []
-    for entry in found:
-        parts.append(f"--{boundary}\r\nContent-Type: application/json\r\n\r\n"
-                     f"{json.dumps(entry['ok'] if 'ok' in entry else entry)}\r\n")
-    body = "".join(parts) + f"--{boundary}--"
-    return Response(body, media_type=f'multipart/mixed; boundary="{boundary}"')
 
 
 def _named_rev(request: Request, query_rev: str | None, body_rev: Any) -> str | None:

@@ -16,7 +16,7 @@ import base64
 import hashlib
 import json
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -27,8 +27,8 @@ from plugshare.node.couch.body import check_json_type
 from plugshare.node.couch.errors import CouchError, bad_request
 from plugshare.node.couch.inline_scan import (Base64Stream, DataEvent, InlineBodyError,
                                               InlineScanner, placeholder)
-from plugshare.node.couch.multipart import (MultipartScanner, Part, PartData, boundary_of,
-                                            disposition_filename)
+from plugshare.node.couch.multipart import (GzipStream, MultipartScanner, Part, PartData,
+                                            boundary_of, disposition_filename, part_encoding)
 from plugshare.store.attachments import CHUNK_SIZE
 
 IN_MEMORY = 1024 * 1024  # spooled bytes a request keeps in memory before using a file
@@ -44,6 +44,9 @@ class Spooled:
     offset: int
     length: int = 0
     digest: str = ""  # md5-<base64>, as CouchDB computes it
+    encoding: str = "identity"  # how it came: gzip-encoded data is spooled decoded,
+    encoded_length: int | None = None  # ...and these are of the bytes that came
+    encoded_digest: str | None = None
 
 
 class Spool:
@@ -55,7 +58,7 @@ class Spool:
         self._file: tempfile.SpooledTemporaryFile | None = None
         self._size = 0  # bytes in the file, or on their way to it
         self._pending = bytearray()
-        self._open: tuple[int, Base64Stream | None, object, Spooled] | None = None
+        self._open: tuple[int, Base64Stream | GzipStream | None, object, Spooled] | None = None
         self._lock = trio.Lock()
         self.entries: dict[int, Spooled] = {}
 
@@ -63,16 +66,20 @@ class Spool:
         """Base64 text of data string `event.index` (`inline_scan`)."""
         await self._add(event.index, event.piece, event.end, base64_text=True)
 
-    async def take_raw(self, index: int, data: bytes, end: bool) -> None:
-        """Raw data of attachment `index` (a multipart part)."""
-        await self._add(index, data, end, base64_text=False)
+    async def take_raw(self, index: int, data: bytes, end: bool,
+                       encoding: str = "identity") -> None:
+        """Data of attachment `index` (a multipart part) as it came: raw, or gzip-encoded
+        (`encoding`), spooled decoded."""
+        await self._add(index, data, end, base64_text=False, encoding=encoding)
 
-    async def _add(self, index: int, piece: bytes, end: bool, *, base64_text: bool) -> None:
+    async def _add(self, index: int, piece: bytes, end: bool, *, base64_text: bool,
+                   encoding: str = "identity") -> None:
         if self._open is None or self._open[0] != index:
-            await self._begin(index, Base64Stream() if base64_text else None)
+            decoder = Base64Stream() if base64_text else \
+                GzipStream() if encoding == "gzip" else None
+            await self._begin(index, decoder, encoding)
         _, decoder, md5, entry = self._open
-        data = decoder.feed(piece) if decoder is not None else piece
-        if data:
+        for data in _decoded(decoder, piece):
             if self._size + len(data) > self._max:
                 raise InlineBodyError(413, f"the attachments' data is over {self._max} bytes "
                                            "(this node's cap)")
@@ -85,18 +92,22 @@ class Spool:
         if end:
             if decoder is not None:
                 decoder.finish()
+            if isinstance(decoder, GzipStream):
+                entry.encoded_length = decoder.encoded_length
+                entry.encoded_digest = decoder.encoded_digest
             entry.digest = "md5-" + base64.b64encode(md5.digest()).decode()
             self.entries[index] = entry
             self._open = None
 
-    async def _begin(self, index: int, decoder: Base64Stream | None) -> None:
+    async def _begin(self, index: int, decoder: Base64Stream | GzipStream | None,
+                     encoding: str) -> None:
         if not self._holding_slot:
             await self._slots.acquire()
             self._holding_slot = True
         if self._file is None:
             self._file = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY, dir=self._directory)
         self._open = (index, decoder, hashlib.md5(usedforsecurity=False),
-                      Spooled(offset=self._size))
+                      Spooled(offset=self._size, encoding=encoding))
 
     async def _flush(self) -> None:
         if not self._pending:
@@ -129,6 +140,15 @@ class Spool:
         if self._holding_slot:
             self._holding_slot = False
             self._slots.release()
+
+
+def _decoded(decoder: Base64Stream | GzipStream | None, piece: bytes) -> Iterable[bytes]:
+    if decoder is None:
+        return (piece,) if piece else ()
+    if isinstance(decoder, GzipStream):
+        return decoder.feed(piece)  # lazily: one bounded slice at a time
+    data = decoder.feed(piece)
+    return (data,) if data else ()
 
 
 def _append(file, data: bytes) -> None:
@@ -186,12 +206,14 @@ async def multipart_body(request: Request, *, max_json: int, max_data: int,
             head = bytearray()  # the first part: the document
             parts = 0
             filenames: list[str | None] = []  # of each attachment part (those after it)
+            encodings: list[str] = []  # ...and how each one's data is encoded
             async for piece in _pieces(request):
                 for event in scanner.feed(piece):
                     if isinstance(event, Part):
                         parts += 1
                         if parts > 1:
                             filenames.append(disposition_filename(event.headers))
+                            encodings.append(part_encoding(event.headers))
                     elif isinstance(event, PartData):
                         if parts == 1:
                             head += event.piece
@@ -199,20 +221,21 @@ async def multipart_body(request: Request, *, max_json: int, max_data: int,
                                 raise InlineBodyError(413, f"the document part is over "
                                                            f"{max_json} bytes")
                         else:
-                            await spool.take_raw(len(filenames) - 1, event.piece, False)
+                            await spool.take_raw(len(filenames) - 1, event.piece, False,
+                                                 encodings[-1])
                     elif parts > 1:  # the end of an attachment part
-                        await spool.take_raw(len(filenames) - 1, b"", True)
+                        await spool.take_raw(len(filenames) - 1, b"", True, encodings[-1])
             scanner.finish()
             await spool.done()
         except InlineBodyError as exc:
             raise _as_couch(exc) from None
-        yield _with_parts(_json_object(bytes(head)), filenames), spool
+        yield _with_parts(_json_object(bytes(head)), filenames, spool), spool
     finally:
         with trio.CancelScope(shield=True):
             await spool.aclose()
 
 
-def _with_parts(doc: dict, filenames: list[str | None]) -> dict:
+def _with_parts(doc: dict, filenames: list[str | None], spool: Spool) -> dict:
     attachments = doc.get("_attachments")
     if not isinstance(attachments, dict):
         attachments = {}
@@ -229,11 +252,29 @@ def _with_parts(doc: dict, filenames: list[str | None]) -> dict:
     entries = dict(attachments)
     for name in follows:
         entry = attachments[name]
-        if entry.get("encoding") not in (None, "identity"):
+        spooled = spool.entries[index[name]]
+        encoding = entry.get("encoding") or "identity"
+        if encoding not in ("identity", "gzip"):
             raise CouchError(415, "bad_content_type", f"attachment {name!r}: encoded data "
-                             f"({entry['encoding']}) is not taken: send it as it is")
-        entries[name] = {**{k: v for k, v in entry.items() if k != "follows"},
-                         "data": placeholder(index[name])}
+                             f"({encoding}) is not taken: send it as it is, or gzip")
+        if encoding != spooled.encoding:
+            raise bad_request(f"attachment {name!r}: its entry says {encoding}, its part "
+                              f"{spooled.encoding}")
+        kept = {k: v for k, v in entry.items() if k != "follows"}
+        if encoding == "gzip":
+            # The declared digest and encoded_length are the gzip bytes': checked against
+            # them here; the data is stored decoded, and described as such.
+            if entry.get("digest", spooled.encoded_digest) != spooled.encoded_digest:
+                raise bad_request(f"attachment {name!r}: digest mismatch: the gzip data is "
+                                  f"{spooled.encoded_digest}, not the declared "
+                                  f"{entry['digest']}")
+            if entry.get("encoded_length", spooled.encoded_length) != spooled.encoded_length:
+                raise bad_request(f"attachment {name!r}: the gzip data is "
+                                  f"{spooled.encoded_length} bytes, not the declared "
+                                  f"{entry['encoded_length']!r}")
+            kept = {k: v for k, v in kept.items()
+                    if k not in ("encoding", "encoded_length", "digest")}
+        entries[name] = {**kept, "data": placeholder(index[name])}
     return {**doc, "_attachments": entries} if follows else doc
 
 
@@ -256,8 +297,9 @@ async def _pieces(request: Request) -> AsyncIterator[bytes]:
 
 
 def _as_couch(exc: InlineBodyError) -> CouchError:
-    return CouchError(exc.status, "request_entity_too_large" if exc.status == 413
-                      else "bad_request", exc.reason)
+    error = {413: "request_entity_too_large", 415: "bad_content_type"}.get(exc.status,
+                                                                          "bad_request")
+    return CouchError(exc.status, error, exc.reason)
 
 
 def _json_object(raw: bytes) -> dict:

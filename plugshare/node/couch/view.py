@@ -15,7 +15,7 @@ from typing import Any, Awaitable
 
 from plugshare.node.couch.databases import Database
 from plugshare.node.couch.errors import CouchError, as_couch, bad_request, forbidden
-from plugshare.node.couch.inline import DataSource, take_inline
+from plugshare.node.couch.inline import DataSource, decoded_stubs, take_inline
 from plugshare.node.couch.spool import Spool
 from plugshare.store import Doc
 from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq, StoreError
@@ -352,7 +352,7 @@ class DatabaseView:
         inline: dict[int, dict[str, DataSource]] = {}  # attachment data, by doc
         for index, doc in enumerate(docs):
             try:
-                ready = self._prepare(doc, new_edits)
+                ready = decoded_stubs(self._prepare(doc, new_edits))
                 ready, sources = take_inline(ready, spool, new_edits=new_edits)
                 if sources:
                     inline[index] = sources
