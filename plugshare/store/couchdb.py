@@ -201,6 +201,7 @@ class CouchDBStore(Store):
         )
         store = cls(pool, nodes, revs_limit)
         try:
+            await store._refuse_compression()  # before anything is made on the server
             await store._create_database()
             if owner is not None:
                 await store._claim(db_name, owner)
@@ -228,6 +229,38 @@ class CouchDBStore(Store):
             )
         elif status >= 400:
             raise self._error(status, data, "set the database's _revs_limit")
+
+    async def _refuse_compression(self) -> None:
+        """Refuse a server that stores some attachments gzip-encoded (Apache CouchDB's
+        `[attachments] compressible_types`, text/* and JSON by default): it gives them the
+        digest of the compressed bytes, which no peer can check against the file, so their
+        sync would fail. A server without that setting (pouchdb-server) never compresses;
+        one that does not show its settings to these credentials is taken as it is, with a
+        warning."""
+        status, data = await self._request("GET", "/_membership", server=True)
+        nodes = data.get("all_nodes") if status == 200 and isinstance(data, dict) else None
+        compressing, unread = [], []
+        for node in nodes if isinstance(nodes, list) and nodes else ["_local"]:
+            path = f"/_node/{quote(str(node), safe='')}/_config/attachments/compressible_types"
+            status, value = await self._request("GET", path, server=True)
+            if status == 200 and isinstance(value, str) and value.strip():
+                compressing.append(f"{node}: {value.strip()}")
+            elif status in (401, 403):
+                unread.append(str(node))
+        if compressing:
+            raise StoreError(
+                f"CouchDB at {self._db_url} stores attachments of these types gzip-encoded "
+                f"([attachments] compressible_types; {'; '.join(compressing)}), with the "
+                "digest of the compressed bytes, which the node's peers cannot check. Turn "
+                "it off on every CouchDB node, e.g. curl -X PUT "
+                "http://ADMIN:PASSWORD@HOST:5984/_node/_local/_config/attachments/"
+                "compressible_types -d '\"\"' (files stored compressed before keep that "
+                "digest)")
+        if unread:
+            logger.warning(
+                "CouchDB at %s: these credentials cannot read whether %s compress "
+                "attachments ([attachments] compressible_types); if they do, files of those "
+                "types will not sync to peers", self._db_url, ", ".join(unread))
 
     def _stem_here(self, why: str) -> None:
         self._history_limit = self.revs_limit
@@ -1074,10 +1107,12 @@ class CouchDBStore(Store):
         body: Any = None,
         read_timeout: float = READ_TIMEOUT,
         idempotent: bool = True,
+        server: bool = False,
     ) -> tuple[int, Any]:
         """Send a request to the node in use; when it cannot be reached, or answers 5xx, send
         it to the next node (each node once). A request that is not `idempotent` (a write
-        that makes a revision) goes to the next node only if it never reached this one."""
+        that makes a revision) goes to the next node only if it never reached this one.
+        `path` is the database's, or with `server` the server's (`/_membership`...)."""
         if self._closed:
             raise StoreError(f"the store on {self._db_url} is closed")
         query = "?" + urlencode(params) if params else ""
@@ -1094,9 +1129,10 @@ class CouchDBStore(Store):
             last = attempt == len(self._nodes) - 1
             node = self._node
             db_url, headers = self._nodes[node]
+            base = db_url.rsplit("/", 1)[0] if server else db_url
             try:
                 response = await self._pool.request(
-                    method, db_url + path + query, headers=headers, content=content,
+                    method, base + path + query, headers=headers, content=content,
                     extensions={"timeout": timeouts},
                 )
             except _REQUEST_FAILURES as exc:

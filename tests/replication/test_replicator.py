@@ -52,6 +52,7 @@ from plugshare.store.base import NotFound
 from plugshare.store.revtree import compute_rev, history_of
 from plugshare.store.sqlite import SQLiteStore
 from plugshare.token.tls import client_auth_payload, client_ssl_context, make_tls_credentials, server_ssl_context
+from tests.store.conftest import unique_db_name
 
 TRANSPORT = TransportConfig(link=LinkConfig(handshake_timeout=5.0, ping_interval=1.0, dead_after=10.0), close_timeout=1.0)
 SMALL_BATCHES = ReplicationConfig(batch_size=50, max_in_flight=4)
@@ -188,7 +189,9 @@ async def open_store(backend, request, tmp_path):
         return await SQLiteStore.open(tmp_path / f"store-{next(_names)}.sqlite")
     from plugshare.store.couchdb import CouchDBStore
 
-    return await CouchDBStore.open(request.getfixturevalue("couchdb_url"), f"replication-{next(_names)}")
+    # unique per run: a server of one's own (PLUGSHARE_TEST_COUCHDB_URL) keeps past runs' dbs
+    return await CouchDBStore.open(request.getfixturevalue("couchdb_url"),
+                                   unique_db_name("replication"))
 
 
 @pytest.fixture

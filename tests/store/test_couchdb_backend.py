@@ -268,3 +268,28 @@ async def test_bad_open_arguments_are_bad_requests(url, db_name, revs_limit):
     with pytest.raises(BadRequest) as caught:
         await CouchDBStore.open(url, db_name, revs_limit=revs_limit)
     assert "pw-secret" not in caught.value.reason
+
+
+async def test_a_server_that_compresses_attachments_is_refused_with_the_fix(couchdb_url):
+    """Apache CouchDB stores the attachments of its `[attachments] compressible_types`
+    (text/*, JSON... by default) gzip-encoded and gives them the digest of the compressed
+    bytes: no other node could check such a file, and its sync to peers failed ("digest
+    mismatch"). Opening a store on such a server is refused, naming the setting and how to
+    turn it off; a server that does not compress (pouchdb-server, a CouchDB set so) opens."""
+    async with httpx.AsyncClient(base_url=couchdb_url) as http:
+        setting = "/_node/_local/_config/attachments/compressible_types"
+        before = await http.get(setting)
+        if before.status_code != 200:  # a server that never compresses: nothing to refuse
+            store = await CouchDBStore.open(couchdb_url, fresh_name())
+            await store.aclose()
+            return
+        try:
+            assert (await http.put(setting, json="text/*")).status_code == 200
+            with pytest.raises(StoreError, match="compressible_types") as refused:
+                await CouchDBStore.open(couchdb_url, fresh_name())
+            assert "text/*" in str(refused.value) and "_config" in str(refused.value)
+            assert (await http.put(setting, json="")).status_code == 200
+            store = await CouchDBStore.open(couchdb_url, fresh_name())
+            await store.aclose()
+        finally:
+            await http.put(setting, json=before.json())
