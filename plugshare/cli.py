@@ -622,6 +622,28 @@ def file_ls(ctx: Context, doc_id: str) -> None:
              "\n".join(lines) if lines else "(no attachments)")
 
 
+@file_group.command("pin")
+@click.argument("doc_id", metavar="ID")
+@click.option("--off", is_flag=True, help="Unpin it (its data stays here).")
+@pass_ctx
+def file_pin(ctx: Context, doc_id: str, off: bool) -> None:
+    """Pin a document for eager download: in a share this node fetches on read, its
+    attachment data is fetched now and as its revisions arrive, not when first read."""
+    with ctx.client() as client:
+        result = client.request("DELETE" if off else "PUT", f"/pins/{_quote(doc_id)}")
+    ctx.emit(result, f"{result['id']}: " + ("pinned, its data fetched as it arrives"
+                                            if result["pinned"] else "unpinned"))
+
+
+@file_group.command("pins")
+@pass_ctx
+def file_pins(ctx: Context) -> None:
+    """List the documents pinned for eager download."""
+    with ctx.client() as client:
+        result = client.request("GET", "/pins")
+    ctx.emit(result, "\n".join(result["pins"]) or "(no pinned documents)")
+
+
 # -- the token: apps, rules, encryption, audit ------------------------------------------
 
 

@@ -50,6 +50,8 @@ class ApiParts:
     max_attachment: int = DEFAULT_MAX_ATTACHMENT  # bytes, per attachment ([api] config)
     open_stored: Callable[..., Awaitable[Any]] | None = None  # data, fetched if not here
     set_fetch_mode: Callable[[str, object], Awaitable[dict]] | None = None
+    pin: Callable[[object, bool], Awaitable[dict]] | None = None  # for eager download
+    pins: Callable[[], list[str]] | None = None
     spool_dir: Any = None  # where /couch spools inline attachment data (None: the temp dir)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
@@ -387,6 +389,23 @@ def create_app(node: ApiParts) -> Starlette:
         return JSONResponse(await node.set_fetch_mode(request.path_params["name"],
                                                       body.get("fetch")))
 
+    async def pins(request: Request) -> Response:
+        """GET: the documents this node pins for eager download (their attachment data
+        fetched as they arrive, in a share it fetches on read)"""
+        await owner_only(request, "pins")
+        if node.pins is None:
+            raise ApiError(404, "not_found", "this node does not pin documents")
+        return JSONResponse({"pins": node.pins()})
+
+    async def pin(request: Request) -> Response:
+        """PUT: pin a document for eager download
+        DELETE: unpin it (its data stays; its next revisions follow their share's fetch mode)"""
+        await owner_only(request, "pin")
+        if node.pin is None:
+            raise ApiError(404, "not_found", "this node does not pin documents")
+        return JSONResponse(await node.pin(request.path_params["doc_id"],
+                                           request.method == "PUT"))
+
     async def share_leave(request: Request) -> Response:
         """POST: leave a share this node is a member of"""
         await owner_only(request, "share_leave")  # before the share is looked up
@@ -488,6 +507,8 @@ def create_app(node: ApiParts) -> Starlette:
         Route("/shares/{name}/revoke", share_revoke, methods=["POST"]),
         Route("/shares/{name}/leave", share_leave, methods=["POST"]),
         Route("/shares/{name}/fetch", share_fetch, methods=["PUT"]),
+        Route("/pins", pins, methods=["GET"]),
+        Route("/pins/{doc_id:path}", pin, methods=["PUT", "DELETE"]),
         Route("/join", join, methods=["POST"]),
         Route("/joins", joins, methods=["GET"]),
         Route("/joins/{share}", join_item, methods=["DELETE"]),

@@ -22,7 +22,7 @@ from plugshare.node.documents import Documents
 from plugshare.node.events import EventBus
 from plugshare.node.home import Home
 from plugshare.node.listen import bind_listener
-from plugshare.node.on_read import EAGER, FetchModes, OnRead
+from plugshare.node.on_read import FetchModes, OnRead
 from plugshare.node.peers import PeerManager
 from plugshare.node.session import PeerSession, SessionParts
 from plugshare.node.sharing import Sharing
@@ -80,8 +80,7 @@ class Node:
                                documents=self.documents, events=self.events, peers=self.peers,
                                node_name=config.node.name)
         # Attachment data fetched on first read, for the shares this member keeps so.
-        self.fetch_modes = FetchModes(store, on_change=lambda share, mode: (
-            self.on_read.wake_sweep() if mode == EAGER else None))
+        self.fetch_modes = FetchModes(store, on_change=lambda: self.on_read.wake_sweep())
         self.on_read = OnRead(store, self.fetch_modes, sessions=lambda: self.peers.sessions,
                               common=self.shares.common, share_name=self._share_name)
         self.sharing.fetch_mode = self.fetch_modes.mode
@@ -122,6 +121,10 @@ class Node:
         manifest = self.shares.find(name)
         mode = await self.fetch_modes.set(manifest.share_id, mode)
         return {"share": manifest.name, "fetch": mode}
+
+    async def pin(self, doc_id: object, pinned: bool) -> dict:
+        """Pin a document for eager download in the shares this node fetches on read."""
+        return {"id": doc_id, "pinned": await self.fetch_modes.pin(doc_id, pinned)}
 
     async def status(self) -> dict:
         return {
@@ -196,6 +199,7 @@ class Node:
                                  max_attachment=self.config.api.max_attachment_size,
                                  open_stored=self.on_read.open_attachment,
                                  set_fetch_mode=self.set_fetch_mode,
+                                 pin=self.pin, pins=self.fetch_modes.pins,
                                  spool_dir=self.home.root)
                 await hypercorn_serve(create_app(parts), hconfig,
                                       shutdown_trigger=self._stopping.wait,

@@ -1,9 +1,11 @@
 """Attachment data fetched on first read, for the shares a member keeps so.
 
 `FetchModes` is the member's setting per share (`plugshare share fetch NAME on-read|eager`),
-kept in its store (`_local/plugshare-share-fetch`, by share id), eager by default. While a
-share is on-read, its revisions replicate with their stubs alone (the replicator writes them
-with `Store.put_replicated_absent`, tagged with the share's id).
+kept in its store (`_local/plugshare-share-fetch`, by share id), eager by default, and the
+documents it pins (`plugshare file pin ID`): fetched eagerly whatever their share's mode.
+While a share is on-read, the revisions of its unpinned documents replicate with their stubs
+alone (the replicator writes them with `Store.put_replicated_absent`, tagged with the share's
+id).
 
 `OnRead` opens an attachment's data for a reader (`/data`, `/couch`, `plugshare file get`,
 sealed or clear): data the store holds comes from the store; data a revision came without
@@ -15,8 +17,8 @@ once all are there the store takes the data in (`fill_absent`: md5 and length ch
 the next read is local. The last chunk of the file goes out only after that check, so a
 reader never gets a whole file that does not match its digest. With no member of the share
 connected, or none that serves the data, a read fails after a bounded wait with a 503 naming
-the share. Data still absent in a share that is eager (switched back) is fetched in the
-background.
+the share. Data still absent in a share that is eager (switched back), or of a document
+pinned since, is fetched in the background.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from plugshare.errors import PlugshareError
 from plugshare.replication.transport import PeerConnectionClosed
 from plugshare.store import DataAbsent, NotFound, Store, StoreError
 from plugshare.store.attachments import CHUNK_SIZE, AttachmentMeta, check_range
+from plugshare.store.revtree import check_doc_id
 
 log = logging.getLogger("plugshare.on_read")
 
@@ -46,6 +49,7 @@ SWEEP_PAGE = 1000  # documents with absent data looked at per round
 # Attachments fetched at once: a source serves 4 requests per peer (the eager fetcher
 # holds one); more reads of other files wait their turn.
 MAX_FETCHES = 3
+MAX_PINS = 10_000  # documents a node may pin (they are all kept in one local doc)
 
 
 class DataUnavailable(PlugshareError):
@@ -73,12 +77,14 @@ def check_mode(mode: object) -> str:
 
 
 class FetchModes:
-    """Each share's fetch mode on this node (a member's own choice: nothing is decided by
-    it, so it lives with the data it is about, in the store)."""
+    """Each share's fetch mode on this node, and the documents pinned for eager download (a
+    member's own choice: nothing is decided by it, so it lives with the data it is about, in
+    the store). `on_change()` is told when more may now be fetched eagerly."""
 
-    def __init__(self, store: Store, on_change: Callable[[str, str], None] | None = None):
+    def __init__(self, store: Store, on_change: Callable[[], None] | None = None):
         self._store = store
         self._modes: dict[str, str] = {}
+        self._pins: set[str] = set()
         self._on_change = on_change
 
     async def load(self) -> None:
@@ -88,12 +94,40 @@ class FetchModes:
             stored = {}
         modes = stored.get("modes") if isinstance(stored.get("modes"), dict) else {}
         self._modes = {share: mode for share, mode in modes.items() if mode in MODES}
+        pins = stored.get("pins") if isinstance(stored.get("pins"), list) else []
+        self._pins = {doc_id for doc_id in pins if isinstance(doc_id, str)}
 
     def mode(self, share_id: str) -> str:
         return self._modes.get(share_id, EAGER)
 
-    def on_read(self, share_id: str) -> bool:
-        return self.mode(share_id) == ON_READ
+    def on_read(self, share_id: str, doc_id: str | None = None) -> bool:
+        """Whether data of `share_id` (of document `doc_id`) waits for its first read."""
+        return self.mode(share_id) == ON_READ and doc_id not in self._pins
+
+    def pins(self) -> list[str]:
+        return sorted(self._pins)
+
+    async def pin(self, doc_id: object, pinned: bool) -> bool:
+        """Pin a document for eager download (or unpin it: its data stays, its next
+        revisions follow their share's mode); `doc_id` need not be here yet."""
+        try:
+            doc_id = check_doc_id(doc_id)
+        except StoreError as error:
+            raise BadFetchMode(error.reason) from None
+        if doc_id.startswith("_"):
+            raise BadFetchMode(f"{doc_id!r} is not a document that replicates")
+        pins = self._pins | {doc_id} if pinned else self._pins - {doc_id}
+        if len(pins) > MAX_PINS:
+            raise BadFetchMode(f"this node pins {MAX_PINS} documents at most")
+        if pins != self._pins:
+            await self._save(self._modes, pins)
+        if pinned and self._on_change is not None:
+            self._on_change()
+        return pinned
+
+    async def _save(self, modes: dict[str, str], pins: set[str]) -> None:
+        await self._store.put_local(MODES_LOCAL_ID, {"modes": modes, "pins": sorted(pins)})
+        self._modes, self._pins = modes, pins
 
     async def set(self, share_id: str, mode: object) -> str:
         mode = check_mode(mode)
@@ -104,10 +138,9 @@ class FetchModes:
         modes = {**self._modes, share_id: mode}
         if mode == EAGER:
             del modes[share_id]  # the default is not kept
-        await self._store.put_local(MODES_LOCAL_ID, {"modes": modes})
-        self._modes = modes
-        if self._on_change is not None:
-            self._on_change(share_id, mode)
+        await self._save(modes, self._pins)
+        if mode == EAGER and self._on_change is not None:
+            self._on_change()
         return mode
 
 
@@ -322,7 +355,7 @@ class OnRead:
                     f"this node and share {share!r} could not give it: {why}")
             await trio.sleep(0.2)
 
-    # -- shares switched back to eager ---------------------------------------------------
+    # -- shares switched back to eager, documents pinned ---------------------------------
 
     async def _sweep(self) -> None:
         while True:
@@ -333,7 +366,7 @@ class OnRead:
                 left = len(found) >= SWEEP_PAGE
                 for doc_id, rev in found:
                     for name, share in (await self._store.absent_attachments(doc_id, rev)).items():
-                        if self.modes.on_read(share):
+                        if self.modes.on_read(share, doc_id):
                             continue
                         if not self._members_connected(share):
                             left = True

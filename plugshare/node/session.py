@@ -124,7 +124,8 @@ class SessionParts:
     events: EventBus
     peers: Any  # the PeerManager: address book and hints
     manifest_changed: Callable[..., Awaitable[None]]  # (manifest, source=session)
-    on_read: Callable[[str], bool] = lambda share_id: False  # its data fetched on first read
+    # (share, doc id): whether its attachment data is fetched on first read
+    on_read: Callable[[str, str], bool] = lambda share_id, doc_id: False
 
 
 class PeerSession:

@@ -370,7 +370,7 @@ class PeerReplication:
         other_message: Callable[[Mapping[Any, Any]], Awaitable[None]] | None = None,
         config: ReplicationConfig = ReplicationConfig(),
         check_chunks: ChunkCheck | None = None,
-        on_read: Callable[[str], bool] | None = None,
+        on_read: Callable[[str, str], bool] | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -382,7 +382,7 @@ class PeerReplication:
         self._on_event = on_event
         self._other_message = other_message
         self.config = config
-        self._on_read = on_read  # shares whose attachment data is fetched on first read
+        self._on_read = on_read  # (share, doc id): its attachment data fetched on first read
         self._pushes: dict[str, _Push] = {}  # by share
         self._pushes_by_stream: dict[tuple[str, str], _Push] = {}
         self._pulls: dict[tuple[str, str], _Pull] = {}
@@ -584,8 +584,10 @@ class PeerReplication:
         lacking = [index for index, result in enumerate(results)
                    if result.get("error") == "bad_request"
                    and "missing stub" in str(result.get("reason"))]
-        if lacking and self._on_read is not None and self._on_read(share):
-            lacking = await self._write_without_data(share, docs, lacking, results)
+        if lacking and self._on_read is not None:
+            later = [i for i in lacking if self._on_read(share, docs[i]["_id"])]
+            left = await self._write_without_data(share, docs, later, results) if later else []
+            lacking = [i for i in lacking if i not in later] + left
         if lacking:
             kept = await self.attachment_fetcher.defer(share, [docs[i] for i in lacking])
             for index, ok in zip(lacking, kept):

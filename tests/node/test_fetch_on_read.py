@@ -281,3 +281,59 @@ def test_chunks_a_cut_fetch_staged_go_once_it_has_not_resumed_within_the_window(
         got = http.get(f"/data/{FILES}/f8/file.bin")
         assert got.status_code == 200
         assert hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_pinned_document_of_an_on_read_share_has_its_data_fetched_eagerly(cluster):
+    """Issue 13 item 3: a member may pin documents for eager download in a share it fetches
+    on read (`plugshare file pin ID`). Pinning fetches what the doc's revision lacks at once;
+    its next revisions come with their data; the other documents stay on read; unpinned, the
+    next revision comes with its stubs alone again. Pins are the owner's, and bounded."""
+    alice, bob = _on_read_member(cluster)
+    first, other = _data(MB + 5, seed=11), _data(MB + 7, seed=12)
+    rev = _put_file(alice, "pinned", first)
+    other_rev = _put_file(alice, "loose", other)
+    wait_until(lambda: (bob.get("pinned") or {}).get("_rev") == rev
+               and (bob.get("loose") or {}).get("_rev") == other_rev, 120, what="docs on bob")
+    assert bob.get("pinned")["_attachments"]["file.bin"]["local"] is False
+
+    answer = bob.cli_json("file", "pin", "pinned")
+    assert answer == {"id": "pinned", "pinned": True}
+    assert "pinned" in bob.cli_json("file", "pins")["pins"]
+    wait_until(lambda: "local" not in bob.get("pinned")["_attachments"]["file.bin"], 120,
+               what="the pinned doc's data fetched without a read")
+    assert bob.get("loose")["_attachments"]["file.bin"]["local"] is False  # still on read
+    served = _served_chunks(alice)
+
+    # its next revision comes with its data
+    with _http(alice) as http:
+        second = _data(MB + 9, seed=13)
+        made = http.put(f"/data/{FILES}/pinned/more.bin", params={"rev": rev}, content=second,
+                        headers={"content-type": "application/octet-stream"})
+        assert made.status_code == 201, made.text
+        rev2 = made.json()["rev"]
+    wait_until(lambda: (bob.get("pinned") or {}).get("_rev") == rev2, 120, what="rev 2 on bob")
+    stubs = bob.get("pinned")["_attachments"]
+    assert "local" not in stubs["more.bin"] and "local" not in stubs["file.bin"], stubs
+    assert _served_chunks(alice) > served
+    with _http(bob) as http:
+        assert http.get(f"/data/{FILES}/pinned/more.bin").content == second
+
+    # unpinned: the next revision comes on read again
+    assert bob.cli_json("file", "pin", "pinned", "--off") == {"id": "pinned", "pinned": False}
+    assert "pinned" not in bob.cli_json("file", "pins")["pins"]
+    with _http(alice) as http:
+        third = _data(MB + 11, seed=14)
+        made = http.put(f"/data/{FILES}/pinned/late.bin", params={"rev": rev2}, content=third,
+                        headers={"content-type": "application/octet-stream"})
+        rev3 = made.json()["rev"]
+    wait_until(lambda: (bob.get("pinned") or {}).get("_rev") == rev3, 120, what="rev 3 on bob")
+    assert bob.get("pinned")["_attachments"]["late.bin"]["local"] is False
+
+    # the owner's alone; a bad id is refused
+    reader = bob.cli_json("app", "add", "reader", "--doctype", FILES, "--perm", "read")
+    with httpx.Client(base_url=bob.running.api_url, timeout=30, headers={
+            "Authorization": f"Bearer {reader['credential']}"}) as http:
+        assert http.put("/pins/loose").status_code == 403
+    with _http(bob) as http:
+        assert http.put("/pins/_design%2Fx").status_code == 400
+    assert bob.get("loose")["_attachments"]["file.bin"]["local"] is False
