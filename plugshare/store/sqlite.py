@@ -120,7 +120,8 @@ class _Absent:
 
 
 class _Job:
-    """One write waiting for (or inside) a group commit: `fn(conn, *args)` and its outcome."""
+    """One call waiting for (or inside) a group commit or a group of calls: `fn(conn,
+    *args)` and its outcome."""
 
     __slots__ = ("fn", "args", "result", "error", "done")
 
@@ -238,6 +239,8 @@ class SQLiteStore(Store):
         self._txn_seq = update_seq  # the last seq used inside the open transaction
         self._queue: list[_Job] = []  # writes waiting for the next group commit
         self._commit_lock = trio.Lock()  # held by the task running a group commit
+        self._calls: list[_Job] = []  # other calls (reads...) waiting for the worker
+        self._calls_lock = trio.Lock()  # held by the task running a group of them
         self.commits = 0  # write transactions committed (group commit shares them)
         self._notified_seq = update_seq
         self._changed = trio.Event()  # set (and replaced) when the feed grows
@@ -282,13 +285,46 @@ class SQLiteStore(Store):
     # -- running SQLite off the trio thread ----------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` on the worker; then wake `wait_for_change` if it wrote."""
+        """Run `fn(conn, *args)` on the worker, in one trip with the calls queued meanwhile
+        (each on its own, in order); then wake `wait_for_change` if it wrote.
+
+        The one connection runs one thing at a time: under concurrent requests each call
+        used to wait its turn for a trip of its own to the worker thread (the PUTs of 8
+        clients spent 13 of their 25 ms in their two reads). The first caller to find no
+        group in flight takes the queue; those queued behind it find theirs done."""
+        job = _Job(fn, args)
+        self._calls.append(job)
         try:
-            return await trio.to_thread.run_sync(self._call, fn, args, limiter=self._limiter)
+            async with self._calls_lock:
+                if not job.done.is_set():
+                    group, self._calls = self._calls, []
+                    try:
+                        # shielded: the group holds other tasks' calls, which it must run
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(self._call_group, group,
+                                                          limiter=self._limiter)
+                    finally:
+                        for queued in group:
+                            queued.done.set()
+        except trio.Cancelled:
+            if job in self._calls:  # never started
+                self._calls.remove(job)
+                raise
+            with trio.CancelScope(shield=True):  # in another task's group: it completes
+                await job.done.wait()
+            raise
         finally:
             if self._seq > self._notified_seq:
                 self._notified_seq = self._seq
                 self._wake_waiters()
+        return job.outcome()
+
+    def _call_group(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            try:
+                job.result = self._call(job.fn, job.args)
+            except Exception as exc:  # raised in its own task
+                job.error = exc
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._conn
