@@ -169,18 +169,9 @@ class Documents:
 
     async def landing(self, doc_ids: list[str]) -> dict[str, Doc]:
         """What a write of each of `doc_ids` lands on: its live winner, else the winning
-        tombstone of a deleted doc (it keeps the doctype a new write may not change), in
-        three store calls whatever the count; ids the store never held are left out."""
-        found = await self.store.winners(doc_ids)
-        gone = [doc_id for doc_id in doc_ids if doc_id not in found]
-        if not gone:
-            return found
-        newest = [(doc_id, max(leaves, key=lambda r: (_rev_generation(r), r)))
-                  for doc_id, leaves in (await self.leaves(gone)).items()]
-        for tombstone in await self.store.bulk_get(newest) if newest else []:
-            found[tombstone["_id"]] = {k: v for k, v in tombstone.items() if k != "_revisions"}
-        return found
-
+        tombstone of a deleted doc (it keeps the doctype a new write may not change), in one
+        store call whatever the count; ids the store never held are left out."""
+        return await self.store.winners(doc_ids, tombstones=True)
 
 def _next_generation(rev: str | None, leaves: list[str]) -> int:
     """The generation the store will give this write: sealed docs bind it as associated data.

@@ -162,30 +162,6 @@ batch is written, for each incoming doc whose id already names a live local doc;
 keeps the doc out (e.g. the local doc lies outside the share: a peer may not overwrite it)."""
 
 
-async def deleted_winners(store: Store, doc_ids: list[str]) -> dict[str, Doc]:
-    """The winning tombstone of each of `doc_ids` that is deleted (ids never seen and live
-    docs are left out): two store calls, the second only if there are any."""
-    if not doc_ids:
-        return {}
-    # revs_diff of an impossibly late revision lists every leaf as a possible ancestor.
-    probe = f"{2**31}-{'0' * 32}"
-    known = await store.revs_diff({doc_id: [probe] for doc_id in dict.fromkeys(doc_ids)})
-    wanted = []
-    for doc_id, answer in known.items():
-        leaves = answer.get("possible_ancestors") or []
-        if leaves:
-            wanted.append((doc_id, max(leaves, key=_rev_order)))
-    if not wanted:
-        return {}
-    return {doc["_id"]: doc for doc in await store.bulk_get(wanted)
-            if "_id" in doc and doc.get("_deleted") is True}
-
-
-def _rev_order(rev: str) -> tuple[int, str]:
-    head, _, tail = rev.partition("-")
-    return (int(head) if head.isdigit() else -1, tail)
-
-
 # --- store ids and checkpoints ----------------------------------------------------------------
 
 
@@ -555,9 +531,8 @@ class PeerReplication:
         refusals: dict[int, dict[str, Any]] = {}
         if self._gate is not None:
             ids = [doc["_id"] for doc in docs]
-            local = await self._store.winners(ids)
             # A deleted doc's tombstone too: it keeps the doctype no write may change.
-            local.update(await deleted_winners(self._store, [i for i in ids if i not in local]))
+            local = await self._store.winners(ids, tombstones=True)
             decided = await self._gate.incoming(share, docs, local)
             if len(decided) != len(docs):
                 raise LocalProtocolError("the gate answered for another number of docs")

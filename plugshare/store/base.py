@@ -202,9 +202,10 @@ class Store(abc.ABC):
         clear copy stays behind in the database's history)."""
 
     @abc.abstractmethod
-    async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
+    async def winners(self, doc_ids: list[str], *, tombstones: bool = False) -> dict[str, Doc]:
         """The winning revision of each of `doc_ids` that exists and is live (missing and
-        deleted docs are left out): what a replicated write would land on."""
+        deleted docs are left out). With `tombstones`, a deleted doc's winning tombstone too
+        (with its body, no `_revisions`): what a write lands on."""
 
     @abc.abstractmethod
     async def all_docs(self) -> list[Doc]:

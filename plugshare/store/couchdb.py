@@ -392,15 +392,23 @@ class CouchDBStore(Store):
         """Ask the server to compact the database (it does so in the background)."""
         await self._call("POST", "/_compact", body={})
 
-    async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
+    async def winners(self, doc_ids: list[str], *, tombstones: bool = False) -> dict[str, Doc]:
         for doc_id in doc_ids:
             check_doc_id(doc_id)
         if not doc_ids:
             return {}
         answer = await self._call("POST", "/_all_docs", params={"include_docs": "true"},
                                   body={"keys": list(dict.fromkeys(doc_ids))})
-        return {row["id"]: row["doc"] for row in answer["rows"]
-                if row.get("doc") and not row.get("value", {}).get("deleted")}
+        found = {row["id"]: row["doc"] for row in answer["rows"]
+                 if row.get("doc") and not row.get("value", {}).get("deleted")}
+        # A deleted doc's row names its winning tombstone (no body): read it.
+        deleted = [(row["id"], row["value"]["rev"]) for row in answer["rows"]
+                   if tombstones and isinstance(row.get("value"), dict)
+                   and row["value"].get("deleted") and isinstance(row["value"].get("rev"), str)]
+        for doc in await self.bulk_get(deleted) if deleted else []:
+            if doc.get("_deleted") is True:
+                found[doc["_id"]] = {k: v for k, v in doc.items() if k != "_revisions"}
+        return found
 
     async def all_docs(self) -> list[Doc]:
         answer = await self._call("GET", "/_all_docs", params={"include_docs": "true"})

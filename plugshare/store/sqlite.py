@@ -1179,7 +1179,7 @@ class SQLiteStore(Store):
         return await self._transact(chunks.expire_staged, self._packs,
                                     time.time() - older_than, self._holds)
 
-    async def winners(self, doc_ids: list[str]) -> dict[str, Doc]:
+    async def winners(self, doc_ids: list[str], *, tombstones: bool = False) -> dict[str, Doc]:
         for doc_id in doc_ids:
             revtree.check_doc_id(doc_id)
 
@@ -1187,7 +1187,7 @@ class SQLiteStore(Store):
             found = {}
             for doc_id, record in self._load_records(conn, doc_ids).items():
                 winner = record.tree.winner()
-                if not winner.deleted and winner.rev in record.bodies:
+                if (tombstones or not winner.deleted) and winner.rev in record.bodies:
                     found[doc_id] = _document(doc_id, winner.rev, record.bodies[winner.rev])
             return found
 

@@ -445,6 +445,30 @@ async def test_winners_gives_the_live_winner_of_each_existing_doc(store):
         await store.winners(["_bad"])
 
 
+async def test_winners_with_tombstones_gives_what_a_write_lands_on(store):
+    """`tombstones=True`: a deleted doc's winning tombstone too (it keeps the fields a write
+    may not change, e.g. a doctype), in one call whatever the mix; live docs as without it."""
+    a1 = await store.put({"_id": "a", "doctype": "t", "v": 1})
+    b1 = await store.put({"_id": "b", "doctype": "t", "v": 1})
+    b2 = await store.delete("b", b1)
+    # a doc whose every leaf is deleted: the winner is the highest tombstone
+    await store.bulk_docs([{"_id": "c", "_rev": "1-" + "a" * 32, "doctype": "t"},
+                           {"_id": "c", "_rev": "1-" + "b" * 32, "doctype": "t"}],
+                          new_edits=False)
+    await store.bulk_docs([{"_id": "c", "_rev": "2-" + "c" * 32, "_deleted": True,
+                            "doctype": "t", "_revisions": {"start": 2, "ids": ["c" * 32, "a" * 32]}},
+                           {"_id": "c", "_rev": "2-" + "d" * 32, "_deleted": True,
+                            "doctype": "t", "_revisions": {"start": 2, "ids": ["d" * 32, "b" * 32]}}],
+                          new_edits=False)
+    found = await store.winners(["a", "b", "c", "missing"], tombstones=True)
+    assert set(found) == {"a", "b", "c"}
+    assert found["a"] == {"_id": "a", "_rev": a1, "doctype": "t", "v": 1}
+    assert found["b"]["_rev"] == b2 and found["b"]["_deleted"] is True
+    assert found["c"]["_rev"] == "2-" + "d" * 32 and found["c"]["_deleted"] is True
+    assert found["c"]["doctype"] == "t" and "_revisions" not in found["c"]
+    assert set(await store.winners(["a", "b", "c"])) == {"a"}
+
+
 async def test_all_docs_lists_live_winners_sorted_by_id(store):
     for doc_id in ["b", "a", "c", "d"]:
         await store.put({"_id": doc_id, "v": doc_id})
