@@ -800,6 +800,12 @@ class PeerReplication:
                 push.unsaved_echo_pages += 1
                 outputs = [output for output in outputs if not isinstance(output, SaveCheckpoint)]
             await self._carry_out_push(push, outputs)
+            if len(page.results) < limit:
+                # A short page is the end of the feed as it stands: wait for the next change
+                # now rather than read the feed again to find it empty (a live change cost
+                # each side two reads).
+                await self._carry_out_push(push, machine.feed_drained())
+                await store.wait_for_change(read_seq)
 
     async def _pending_after(self, push: _Push, seq: Seq) -> int | None:
         """`changes_after` the store's update_seq, read again only once the feed has reached

@@ -837,6 +837,36 @@ async def test_a_page_of_echoes_alone_moves_the_checkpoint_without_a_durable_wri
     assert checkpoint is not None and checkpoint.seq == newest
 
 
+async def test_a_live_change_costs_each_side_one_read_of_its_feed(stores):
+    """Profiled on the live path: each side read its changes feed twice per live change,
+    the second read only to find it empty (0.75 ms each, in the store's one worker). A
+    page shorter than asked already says the feed is drained: the push then waits for the
+    next change at once."""
+    store_a, store_b = stores
+    a = Side("a", store_a, pushes={"notes": everything})
+    b = Side("b", store_b, pushes={"notes": everything})
+    reads = {"a": 0, "b": 0}
+    for name, store in (("a", store_a), ("b", store_b)):
+        changes = store.changes
+
+        async def counting(*args, changes=changes, name=name, **kwargs):
+            reads[name] += 1
+            return await changes(*args, **kwargs)
+
+        store.changes = counting
+    async with linked(a, b):
+        first = await store_a.put({"_id": "warm", "doctype": "note"})
+        await wait_for_doc(b, "warm", first)
+        await trio.sleep(0.2)  # both feeds settled after the first exchange
+        before = dict(reads)
+        for n in range(10):
+            rev = await store_a.put({"_id": f"live{n}", "doctype": "note"})
+            await wait_for_doc(b, f"live{n}", rev)
+        await trio.sleep(0.2)
+        assert reads["a"] - before["a"] <= 10, reads  # one read per change it sent
+        assert reads["b"] - before["b"] <= 10, reads  # one per change it wrote (an echo)
+
+
 async def test_a_catch_up_never_counts_the_store(stores):
     """A push whose feed caught up asked the store's `info()` for its update_seq, and the
     embedded store's info counts every live doc: on the receiving side of an initial sync
