@@ -254,17 +254,21 @@ class Node:
         """Chunks an incoming file transfer staged stay for it to resume; a transfer cut for
         good (the node killed mid-transfer, then its share left or its read never made
         again) would hold them for ever. At start, then hourly, those unused for the
-        resume window go."""
+        resume window go, and the store gives back the space of data no longer held."""
         window = self.config.store.resume_window_hours * 3600
         while True:
             try:
                 removed = await self.store.expire_staged(window)
+                freed = await self.store.reclaim_space()
             except StoreError as exc:  # the store away: next time
-                log.warning("could not expire staged chunks: %s", exc)
+                log.warning("could not expire staged chunks or reclaim space: %s", exc)
             else:
                 if removed:
                     log.info("removed %d staged chunks of file transfers cut more than %d "
                              "hours ago", removed, self.config.store.resume_window_hours)
+                if freed:
+                    log.info("gave back %.1f MB of attachment data no longer held",
+                             freed / 1e6)
             await trio.sleep(STAGED_EXPIRY_EVERY)
 
     async def _discover(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

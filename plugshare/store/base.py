@@ -437,3 +437,9 @@ class Store(abc.ABC):
         or its share left, before it could resume). Those no attachment holds go; returns
         how many. A backend that cannot list its staged chunks keeps them (0)."""
         return 0
+
+    async def reclaim_space(self) -> int:
+        """Give the disk back the space of attachment data no longer held, where the
+        backend keeps it in files of its own (the embedded store's packs); returns how many
+        bytes. A server that compacts its own files has nothing to do here (0)."""
+        return 0

@@ -39,7 +39,7 @@ import sqlite3
 from collections.abc import Collection, Container, Iterable
 
 from plugshare.store.attachments import CHUNK_SIZE
-from plugshare.store.packs import ChunkPacks
+from plugshare.store.packs import REPACK_BELOW, ChunkPacks
 
 SCHEMA = """
 CREATE TABLE chunks (
@@ -325,3 +325,24 @@ def usage(conn: sqlite3.Connection) -> dict[str, int]:
     (contents,) = conn.execute("SELECT count(*) FROM contents").fetchone()
     return {"attachment_chunks": chunks, "attachment_bytes": size,
             "attachment_contents": contents}
+
+
+def repack(conn: sqlite3.Connection, packs: ChunkPacks) -> int:
+    """Move the live chunks of one pack that is mostly dead space (`REPACK_BELOW`) into the
+    current pack, in the caller's transaction; the old pack, named by no row once it
+    commits, goes at `reclaim`. Returns the bytes given back (0: no such pack)."""
+    live = dict(conn.execute(
+        "SELECT pack, SUM(pack_size) FROM chunks WHERE pack IS NOT NULL GROUP BY pack"))
+    for pack, size in sorted(packs.closed_sizes().items()):
+        kept = live.get(pack, 0)
+        if not kept or kept >= size * REPACK_BELOW:
+            continue  # no row: `reclaim_all` removes it; mostly live: left as it is
+        rows = conn.execute(
+            "SELECT id, pack_offset, pack_size FROM chunks WHERE pack = ?", (pack,)).fetchall()
+        for chunk, offset, length in rows:
+            moved, at = packs.append(packs.read(pack, offset, length))
+            conn.execute("UPDATE chunks SET pack = ?, pack_offset = ? WHERE id = ?",
+                         (moved, at, chunk))
+        packs.released.add(pack)
+        return size - kept
+    return 0

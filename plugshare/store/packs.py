@@ -11,7 +11,10 @@ Crash safety: a row never names bytes that were not synced first; bytes appended
 transaction that did not commit are dead space. A store opens a new pack (the previous one's
 tail may be torn), and a pack no row names anymore (all its chunks released or collected) is
 removed after the commit that dropped its last row (`reclaim`) or when the store opens or
-compacts (`reclaim_all`). Space of single dead chunks inside a live pack is not reused.
+compacts (`reclaim_all`). A pack whose live chunks fill less than `REPACK_BELOW` of it has
+them moved into the current pack (`chunks.repack`, the store's `reclaim_space`): their rows
+then name the new place, and the old pack goes at the next `reclaim`. Dead space in the
+current pack waits until it is no longer current.
 
 Used from the store's worker thread only (one at a time), inside its transactions.
 """
@@ -26,6 +29,7 @@ from plugshare.store.base import StoreError
 
 PACK_SIZE = 64 * 1024 * 1024  # bytes appended to a pack before the next one is started
 MAX_OPEN_READERS = 16  # read descriptors kept open (least recently opened closed first)
+REPACK_BELOW = 0.5  # a pack whose live chunks fill less than this share of it is rewritten
 _PREFIX = "pack-"
 
 
@@ -124,6 +128,19 @@ class ChunkPacks:
             raise StoreError(f"pack {pack} in {self.directory} is missing chunk data "
                              f"(offset {offset}, {size} bytes)")
         return data
+
+    def closed_sizes(self) -> dict[int, int]:
+        """The size of each pack no longer appended to, by number."""
+        sizes = {}
+        for path in self.directory.iterdir():
+            pack = _pack_number(path)
+            if pack is None or (pack == self._current and self._writer is not None):
+                continue
+            try:
+                sizes[pack] = path.stat().st_size
+            except OSError:
+                continue  # removed meanwhile
+        return sizes
 
     def reclaim(self, conn: sqlite3.Connection) -> None:
         """After a commit: remove the packs that lost their last row (not the current one)."""

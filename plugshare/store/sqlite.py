@@ -1179,6 +1179,13 @@ class SQLiteStore(Store):
         return await self._transact(chunks.expire_staged, self._packs,
                                     time.time() - older_than, self._holds)
 
+    async def reclaim_space(self) -> int:
+        # A pack per transaction: each holds the worker for at most half a pack's copy.
+        freed = 0
+        while given := await self._transact(chunks.repack, self._packs):
+            freed += given
+        return freed
+
     async def winners(self, doc_ids: list[str], *, tombstones: bool = False) -> dict[str, Doc]:
         for doc_id in doc_ids:
             revtree.check_doc_id(doc_id)

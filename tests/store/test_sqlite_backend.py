@@ -435,3 +435,52 @@ async def test_a_bulk_call_stems_each_doc_once(store, monkeypatch):
     edits = [{"_id": "edited", "_rev": first, "v": 1}]
     await store.bulk_docs(edits)
     assert len(calls) == 2  # put, then the one-doc bulk call
+
+
+async def test_packs_mostly_dead_are_rewritten_and_their_space_given_back(path, monkeypatch):
+    """Chunk data lives in append-only packs; a pack that keeps one live chunk kept all its
+    dead ones' space for good (a user deleting most files got little disk back).
+    `reclaim_space` moves the live chunks of packs less than half live into the current pack,
+    in one transaction per pack, and the old packs go; every file still reads back."""
+    from plugshare.store import packs as packs_module
+
+    monkeypatch.setattr(packs_module, "PACK_SIZE", 1024 * 1024)  # 4 chunks a pack
+    store = await SQLiteStore.open(path)
+    try:
+        files = {f"f{i:02}": bytes([i]) * (256 * 1024) for i in range(16)}  # a chunk each
+        revs = {}
+        for doc_id, data in files.items():
+            async def one(data=data):
+                yield data
+            revs[doc_id] = await store.put_attachment(doc_id, None, "a.bin",
+                                                      "application/octet-stream", one())
+        directory = path.with_name(path.name + "-chunks")
+
+        def pack_bytes() -> tuple[int, int]:
+            found = [p for p in directory.iterdir() if p.name.startswith("pack-")]
+            return len(found), sum(p.stat().st_size for p in found)
+
+        count, size = pack_bytes()
+        assert count >= 4 and size >= 16 * 256 * 1024, (count, size)
+        kept = {doc_id for i, doc_id in enumerate(files) if i % 4 == 0}  # 1 in 4 stays
+        for doc_id in files:
+            if doc_id not in kept:
+                await store.delete(doc_id, revs[doc_id])
+        assert pack_bytes()[1] == size  # the dead chunks' bytes are still there
+        freed = await store.reclaim_space()
+        count_after, size_after = pack_bytes()
+        assert freed > 0 and size_after <= size - freed, (freed, size, size_after)
+        assert size_after <= 6 * 256 * 1024, (count_after, size_after)  # the 4 live ones, about
+        for doc_id in kept:
+            _, chunks = await store.open_attachment(doc_id, "a.bin")
+            assert b"".join([piece async for piece in chunks]) == files[doc_id]
+        assert await store.reclaim_space() == 0  # nothing left to do
+    finally:
+        await store.aclose()
+    reopened = await SQLiteStore.open(path)  # and after a restart
+    try:
+        for doc_id in kept:
+            _, chunks = await reopened.open_attachment(doc_id, "a.bin")
+            assert b"".join([piece async for piece in chunks]) == files[doc_id]
+    finally:
+        await reopened.aclose()
