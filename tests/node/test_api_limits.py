@@ -54,12 +54,7 @@ def _send_chunked(api_url: str, credential: str, path: str, total: int) -> tuple
                 sock.sendall(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer) < _expected_length(answer):
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
+        answer = _read_answer(sock)
     finally:
         sock.close()
     head, _, body = answer.partition(b"\r\n\r\n")
