@@ -161,12 +161,11 @@ class Files:
                    "_attachments": {**{n: {**a, "stub": True} for n, a in others.items()},
                                     name: {**new, "follows": True}}}
 
-            async def staged_data() -> AsyncIterator[bytes]:
-                for address in staged:
-                    yield await self.store.read_staged_chunk(address)
-
-            # (a conflict if another write landed on the document while the data came in)
-            await self.store.put_replicated(doc, {name: staged_data()}, edit=True)
+            # Linked where the chunks are staged, with the md5 taken on the way in (the
+            # embedded store reads nothing back); a conflict if another write landed on the
+            # document while the data came in.
+            await self.store.put_staged(doc, {name: staged}, digests={name: new["digest"]},
+                                        edit=True)
             return new_rev
         finally:
             if staged:

@@ -407,11 +407,11 @@ class Store(abc.ABC):
         raise StoreError(f"the {self.backend} store does not stage attachment chunks")
 
     async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]], *,
-                         digests: Mapping[str, str] | None = None) -> None:
-        """`put_replicated` of `doc`, the data of each attachment that `follows` being the
-        staged chunks `addresses[name]`, in order (checked against its length and digest as
-        ever). Here: streamed back from staging; the embedded store links them where they
-        are. `NotFound` for a chunk that is not staged.
+                         digests: Mapping[str, str] | None = None, edit: bool = False) -> None:
+        """`put_replicated` of `doc` (`edit` as there), the data of each attachment that
+        `follows` being the staged chunks `addresses[name]`, in order (checked against its
+        length and digest as ever). Here: streamed back from staging; the embedded store
+        links them where they are. `NotFound` for a chunk that is not staged.
 
         `digests[name]`, where given, is the md5 digest of those chunks in order as the
         caller computed it while checking each against its address: a store that would read
@@ -421,7 +421,8 @@ class Store(abc.ABC):
             for digest in hashes:
                 yield await self.read_staged_chunk(digest)
 
-        await self.put_replicated(doc, {name: staged(h) for name, h in addresses.items()})
+        await self.put_replicated(doc, {name: staged(h) for name, h in addresses.items()},
+                                  edit=edit)
 
     async def release_chunks(self, hashes: list[bytes], *, keep_staged: bool = False) -> None:
         """Release staged chunks (their transfer is done or abandoned), each as often as

@@ -782,7 +782,7 @@ class SQLiteStore(Store):
         await self._replicate(doc, set(streams), stage, edit=edit)
 
     async def put_staged(self, doc: Doc, addresses: Mapping[str, list[bytes]], *,
-                         digests: Mapping[str, str] | None = None) -> None:
+                         digests: Mapping[str, str] | None = None, edit: bool = False) -> None:
         """Staged chunks are linked where they are (a pack, or a row), not hashed or written
         again: their bytes are read once, in the worker, for the md5 digest, or not at all
         when the caller hashed them on the way in (`digests`)."""
@@ -790,7 +790,7 @@ class SQLiteStore(Store):
             return await self._link_staged(addresses[name], check, spec.content_type,
                                            spec.revpos, (digests or {}).get(name))
 
-        await self._replicate(doc, set(addresses), stage)
+        await self._replicate(doc, set(addresses), stage, edit=edit)
 
     async def _replicate(
         self, doc: Doc, given: set[str],
