@@ -231,36 +231,39 @@ class CouchDBStore(Store):
             raise self._error(status, data, "set the database's _revs_limit")
 
     async def _refuse_compression(self) -> None:
-        """Refuse a server that stores some attachments gzip-encoded (Apache CouchDB's
-        `[attachments] compressible_types`, text/* and JSON by default): it gives them the
-        digest of the compressed bytes, which no peer can check against the file, so their
-        sync would fail. A server without that setting (pouchdb-server) never compresses;
-        one that does not show its settings to these credentials is taken as it is, with a
-        warning."""
+        """Refuse a server that stores some attachments gzip-encoded: Apache CouchDB does so
+        for the types of `[attachments] compressible_types` (text/* and JSON by default,
+        also when the setting is unset or empty, as an empty value reads after a restart)
+        unless `compression_level` is 0. It gives them the digest of the compressed bytes,
+        which no peer can check against the file, so their sync would fail. A server
+        without that configuration (pouchdb-server) never compresses; one that does not show
+        it to these credentials is taken as it is, with a warning."""
         status, data = await self._request("GET", "/_membership", server=True)
         nodes = data.get("all_nodes") if status == 200 and isinstance(data, dict) else None
         compressing, unread = [], []
         for node in nodes if isinstance(nodes, list) and nodes else ["_local"]:
-            path = f"/_node/{quote(str(node), safe='')}/_config/attachments/compressible_types"
-            status, value = await self._request("GET", path, server=True)
-            if status == 200 and isinstance(value, str) and value.strip():
-                compressing.append(f"{node}: {value.strip()}")
-            elif status in (401, 403):
+            path = f"/_node/{quote(str(node), safe='')}/_config/attachments"
+            status, section = await self._request("GET", path, server=True)
+            if status in (401, 403):
                 unread.append(str(node))
+            elif status == 200 and isinstance(section, dict):
+                level = str(section.get("compression_level", "8")).strip()
+                types = str(section.get("compressible_types", "")).strip() or "the default types"
+                if level not in ("0", ""):
+                    compressing.append(f"{node}: compression_level {level}, {types}")
         if compressing:
             raise StoreError(
-                f"CouchDB at {self._db_url} stores attachments of these types gzip-encoded "
-                f"([attachments] compressible_types; {'; '.join(compressing)}), with the "
-                "digest of the compressed bytes, which the node's peers cannot check. Turn "
-                "it off on every CouchDB node, e.g. curl -X PUT "
+                f"CouchDB at {self._db_url} stores some attachments gzip-encoded ([attachments] "
+                f"{'; '.join(compressing)}), with the digest of the compressed bytes, which the "
+                "node's peers cannot check. Turn it off on every CouchDB node: curl -X PUT "
                 "http://ADMIN:PASSWORD@HOST:5984/_node/_local/_config/attachments/"
-                "compressible_types -d '\"\"' (files stored compressed before keep that "
+                "compression_level -d '\"0\"' (files stored compressed before keep that "
                 "digest)")
         if unread:
             logger.warning(
                 "CouchDB at %s: these credentials cannot read whether %s compress "
-                "attachments ([attachments] compressible_types); if they do, files of those "
-                "types will not sync to peers", self._db_url, ", ".join(unread))
+                "attachments ([attachments] compression_level); if they do, files of the "
+                "compressible types will not sync to peers", self._db_url, ", ".join(unread))
 
     def _stem_here(self, why: str) -> None:
         self._history_limit = self.revs_limit

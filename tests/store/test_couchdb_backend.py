@@ -272,24 +272,31 @@ async def test_bad_open_arguments_are_bad_requests(url, db_name, revs_limit):
 
 async def test_a_server_that_compresses_attachments_is_refused_with_the_fix(couchdb_url):
     """Apache CouchDB stores the attachments of its `[attachments] compressible_types`
-    (text/*, JSON... by default) gzip-encoded and gives them the digest of the compressed
-    bytes: no other node could check such a file, and its sync to peers failed ("digest
-    mismatch"). Opening a store on such a server is refused, naming the setting and how to
-    turn it off; a server that does not compress (pouchdb-server, a CouchDB set so) opens."""
+    (text/*, JSON... by default, also when that setting is unset or empty) gzip-encoded
+    unless `compression_level` is 0, and gives them the digest of the compressed bytes: no
+    other node could check such a file, and its sync to peers failed ("digest mismatch").
+    Opening a store on such a server is refused, naming the setting and how to turn it off;
+    a server that does not compress (pouchdb-server, a CouchDB set so) opens."""
     async with httpx.AsyncClient(base_url=couchdb_url) as http:
-        setting = "/_node/_local/_config/attachments/compressible_types"
-        before = await http.get(setting)
+        section = "/_node/_local/_config/attachments"
+        before = await http.get(section)
         if before.status_code != 200:  # a server that never compresses: nothing to refuse
             store = await CouchDBStore.open(couchdb_url, fresh_name())
             await store.aclose()
             return
+        level = f"{section}/compression_level"
         try:
-            assert (await http.put(setting, json="text/*")).status_code == 200
-            with pytest.raises(StoreError, match="compressible_types") as refused:
-                await CouchDBStore.open(couchdb_url, fresh_name())
-            assert "text/*" in str(refused.value) and "_config" in str(refused.value)
-            assert (await http.put(setting, json="")).status_code == 200
+            for value in ("8", "1"):
+                assert (await http.put(level, json=value)).status_code == 200
+                with pytest.raises(StoreError, match="compression_level") as refused:
+                    await CouchDBStore.open(couchdb_url, fresh_name())
+                assert f"compression_level {value}" in str(refused.value)
+            assert (await http.put(level, json="0")).status_code == 200
             store = await CouchDBStore.open(couchdb_url, fresh_name())
             await store.aclose()
         finally:
-            await http.put(setting, json=before.json())
+            old = before.json().get("compression_level")
+            if old is None:
+                await http.delete(level)
+            else:
+                await http.put(level, json=old)
