@@ -138,6 +138,45 @@ class _Job:
         return self.result
 
 
+class _Batcher:
+    """Calls that share trips to the store's one worker thread: the first caller to find
+    no trip in flight takes every call queued so far to the worker, in one
+    `run_group(jobs)`; those queued behind it find theirs done when they get the lock.
+
+    A trip is shielded: it holds other tasks' calls, which it must run. A cancelled
+    caller whose call has not left the queue takes it back; one already in a trip waits
+    for it (its effect happens either way) and then takes the cancellation."""
+
+    def __init__(self, run_group: Callable[[list[_Job]], None], limiter: trio.CapacityLimiter):
+        self._run_group = run_group
+        self._limiter = limiter
+        self._queue: list[_Job] = []
+        self._lock = trio.Lock()  # held by the task taking a group to the worker
+
+    async def run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        job = _Job(fn, args)
+        self._queue.append(job)
+        try:
+            async with self._lock:
+                if not job.done.is_set():
+                    group, self._queue = self._queue, []
+                    try:
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(self._run_group, group,
+                                                          limiter=self._limiter)
+                    finally:
+                        for queued in group:
+                            queued.done.set()
+        except trio.Cancelled:
+            if job in self._queue:  # never started: it has no effect
+                self._queue.remove(job)
+                raise
+            with trio.CancelScope(shield=True):  # in another task's trip: it completes
+                await job.done.wait()
+            raise
+        return job.outcome()
+
+
 class _Record:
     """A document as stored: its revision tree and the bodies of its leaves."""
 
@@ -237,10 +276,8 @@ class SQLiteStore(Store):
         self._limiter = trio.CapacityLimiter(1)
         self._seq = update_seq  # last committed seq; advanced by the worker after COMMIT
         self._txn_seq = update_seq  # the last seq used inside the open transaction
-        self._queue: list[_Job] = []  # writes waiting for the next group commit
-        self._commit_lock = trio.Lock()  # held by the task running a group commit
-        self._calls: list[_Job] = []  # other calls (reads...) waiting for the worker
-        self._calls_lock = trio.Lock()  # held by the task running a group of them
+        self._writes = _Batcher(self._commit_group, self._limiter)  # one group commit a trip
+        self._calls = _Batcher(self._call_group, self._limiter)  # reads..., each on its own
         self.commits = 0  # write transactions committed (group commit shares them)
         self._notified_seq = update_seq
         self._changed = trio.Event()  # set (and replaced) when the feed grows
@@ -290,34 +327,11 @@ class SQLiteStore(Store):
 
         The one connection runs one thing at a time: under concurrent requests each call
         used to wait its turn for a trip of its own to the worker thread (the PUTs of 8
-        clients spent 13 of their 25 ms in their two reads). The first caller to find no
-        group in flight takes the queue; those queued behind it find theirs done."""
-        job = _Job(fn, args)
-        self._calls.append(job)
+        clients spent 13 of their 25 ms in their two reads)."""
         try:
-            async with self._calls_lock:
-                if not job.done.is_set():
-                    group, self._calls = self._calls, []
-                    try:
-                        # shielded: the group holds other tasks' calls, which it must run
-                        with trio.CancelScope(shield=True):
-                            await trio.to_thread.run_sync(self._call_group, group,
-                                                          limiter=self._limiter)
-                    finally:
-                        for queued in group:
-                            queued.done.set()
-        except trio.Cancelled:
-            if job in self._calls:  # never started
-                self._calls.remove(job)
-                raise
-            with trio.CancelScope(shield=True):  # in another task's group: it completes
-                await job.done.wait()
-            raise
+            return await self._calls.run(fn, args)
         finally:
-            if self._seq > self._notified_seq:
-                self._notified_seq = self._seq
-                self._wake_waiters()
-        return job.outcome()
+            self._notify()
 
     def _call_group(self, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -345,37 +359,16 @@ class SQLiteStore(Store):
 
     async def _transact(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` in a write transaction, shared with the writes queued
-        meanwhile (group commit); return (or raise) its own outcome once committed.
-
-        The first writer to find no commit in flight runs the queue as one transaction;
-        those that queued behind it find their job done when they get the lock."""
-        job = _Job(fn, args)
-        self._queue.append(job)
+        meanwhile (group commit); return (or raise) its own outcome once committed."""
         try:
-            async with self._commit_lock:
-                if not job.done.is_set():
-                    group, self._queue = self._queue, []
-                    try:
-                        # shielded: the group holds other tasks' writes, which it must run
-                        with trio.CancelScope(shield=True):
-                            await trio.to_thread.run_sync(
-                                self._commit_group, group, limiter=self._limiter
-                            )
-                    finally:
-                        for queued in group:
-                            queued.done.set()
-        except trio.Cancelled:
-            if job in self._queue:  # never started: it is not written
-                self._queue.remove(job)
-                raise
-            with trio.CancelScope(shield=True):  # in another task's group: wait for it
-                await job.done.wait()
-            raise
+            return await self._writes.run(fn, args)
         finally:
-            if self._seq > self._notified_seq:
-                self._notified_seq = self._seq
-                self._wake_waiters()
-        return job.outcome()
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._seq > self._notified_seq:
+            self._notified_seq = self._seq
+            self._wake_waiters()
 
     def _commit_group(self, jobs: list[_Job]) -> None:
         """In the worker thread: every job in one transaction, each in a savepoint (an
