@@ -8,7 +8,6 @@ goes to `PATH.part` first and takes its name only once whole and checked.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import mimetypes
 import os
@@ -29,6 +28,7 @@ from rich.progress import (
 
 from plugshare.errors import PlugshareError
 from plugshare.node.client import ApiRefused, NodeClient
+from plugshare.store.attachments import digest_of
 
 PIECE = 1024 * 1024  # bytes read or written at a time
 
@@ -39,10 +39,6 @@ class TransferFailed(PlugshareError):
 
 def _q(text: str) -> str:
     return quote(text, safe="")
-
-
-def _digest(md5: Any) -> str:
-    return "md5-" + base64.b64encode(md5.digest()).decode()
 
 
 class _Bar:
@@ -106,9 +102,9 @@ def upload(client: NodeClient, path: Path, *, doctype: str, doc_id: str, name: s
         response.read()
         answer = response.json()
     stub = client.request("GET", f"/data/{_q(doctype)}/{_q(doc_id)}")["_attachments"][name]
-    if stub["digest"] != _digest(md5) or stub["length"] != size:
+    if stub["digest"] != digest_of(md5) or stub["length"] != size:
         raise TransferFailed(f"the node holds {stub['digest']} ({stub['length']} bytes) for "
-                             f"{name!r}, not what was sent ({_digest(md5)}, {size} bytes): "
+                             f"{name!r}, not what was sent ({digest_of(md5)}, {size} bytes): "
                              "was the file changed while it was sent?")
     return {"id": doc_id, "rev": answer["rev"], "name": name, "length": size,
             "digest": stub["digest"], "content_type": content_type}
@@ -139,8 +135,8 @@ def download(client: NodeClient, doc_id: str, name: str, out: Path, *,
                 bar.advance(len(piece))
             sink.flush()
             os.fsync(sink.fileno())
-        if _digest(md5) != stub["digest"]:
-            raise TransferFailed(f"{name!r} arrived as {_digest(md5)}, not {stub['digest']}")
+        if digest_of(md5) != stub["digest"]:
+            raise TransferFailed(f"{name!r} arrived as {digest_of(md5)}, not {stub['digest']}")
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)

@@ -35,7 +35,6 @@ from .errors import (
     InvalidNodeIdError,
     NotFound,
     RuleError,
-    TokenError,
     TokenStateError,
 )
 from .identity import (

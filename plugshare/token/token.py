@@ -23,7 +23,6 @@ import fcntl
 import os
 import secrets
 import shutil
-import ssl
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plugshare.sharing import manifest as _manifest

@@ -18,7 +18,6 @@ import os
 import random
 
 import attrs
-import pytest
 
 from tests.node.chaos import Chaos, problems, run_chaos
 

@@ -16,7 +16,6 @@ from plugshare.replication.frames import encode
 from plugshare.replication.link import LocalNode
 from plugshare.replication.transport import (
     FingerprintMismatch,
-    PeerConnectError,
     PeerRefused,
     connect_peer,
 )

@@ -15,7 +15,6 @@ import signal
 import threading
 
 import httpx
-import pytest
 
 from tests.node.cluster import ApiError, Cluster, cluster, share_between, wait_until  # noqa: F401
 

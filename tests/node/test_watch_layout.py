@@ -14,7 +14,7 @@ import pytest
 from plugshare.node.events import ApiTarget, Event
 from plugshare.node.watch import WatchApp, details, event_line
 from tests.node.test_events import CREDENTIAL, BusServer
-from tests.node.test_watch import LIVE_STATUS, screen_text, shows
+from tests.node.test_watch import LIVE_STATUS, shows
 
 SIZES = [(80, 24), (120, 36)]
 SCROLLBAR_GLYPHS = set("▁▂▃▄▅▆▇█▏▎▍▌▋▊▉▐▔")

@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from plugshare.relay import RelayAddress, RelayLimits, RelayRefused, join_relay, open_session, request_session
 from plugshare.relay.client import RelayError
-from plugshare.relay.identity import public_bytes
 from plugshare.relay.protocol import RELAY_VERSION, Connect, Conversation, encode
 from plugshare.relay.quota import TokenBucket
 from plugshare.relay.server import RelayServer

@@ -214,7 +214,6 @@ def test_refusals_of_identified_callers_stay_one_entry_each(token) -> None:
 
 
 def test_search_filters_by_outcome_principal_and_time(token, small_segments, monkeypatch) -> None:
-    import plugshare.token.audit as audit_module
 
     fill(token, 30)
     cut = token.audit_tail(1)[0].time

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Awaitable
+from typing import Awaitable
 
 import trio
 

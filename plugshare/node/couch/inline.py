@@ -23,7 +23,7 @@ from typing import Any
 from plugshare.node.couch.errors import bad_request
 from plugshare.node.couch.inline_scan import placeholder_index
 from plugshare.node.couch.spool import Spool
-from plugshare.store.attachments import CHUNK_SIZE, DEFAULT_CONTENT_TYPE, rechunk
+from plugshare.store.attachments import CHUNK_SIZE, DEFAULT_CONTENT_TYPE, digest_of, rechunk
 
 OpenAttachment = Callable[[str, str, str], Awaitable[tuple[Any, AsyncIterator[bytes]]]]
 
@@ -101,8 +101,7 @@ def _data_of(name: str, data: Any, spool: Spool | None) -> tuple[int, str, DataS
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"attachment {name!r}: data is not valid base64") from None
-    digest = "md5-" + base64.b64encode(hashlib.md5(raw, usedforsecurity=False).digest()
-                                       ).decode()
+    digest = digest_of(hashlib.md5(raw, usedforsecurity=False))
     return len(raw), digest, lambda: one_piece(raw)
 
 

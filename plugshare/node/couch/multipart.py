@@ -12,7 +12,6 @@ part as it comes, in bounded slices (a small part may decode to a great deal).""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import zlib
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 import attrs
 
 from plugshare.node.couch.inline_scan import InlineBodyError
+from plugshare.store.attachments import digest_of
 
 MAX_HEADERS = 16 * 1024  # bytes of one part's headers
 MAX_BOUNDARY = 70  # RFC 2046
@@ -164,7 +164,7 @@ class GzipStream:
 
     @property
     def encoded_digest(self) -> str:
-        return "md5-" + base64.b64encode(self._md5.digest()).decode()
+        return digest_of(self._md5)
 
     def feed(self, piece: bytes) -> Iterator[bytes]:
         self._md5.update(piece)

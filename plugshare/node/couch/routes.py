@@ -6,7 +6,6 @@ token's decision (see `view.py`). Unknown query parameters are ignored, as Couch
 
 from __future__ import annotations
 
-import json
 import secrets
 import uuid
 from typing import Any

@@ -12,7 +12,6 @@ Requests spooling at once are bounded (`SPOOLING`), so are their bytes, by the n
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import tempfile
@@ -29,7 +28,7 @@ from plugshare.node.couch.inline_scan import (Base64Stream, DataEvent, InlineBod
                                               InlineScanner, placeholder)
 from plugshare.node.couch.multipart import (GzipStream, MultipartScanner, Part, PartData,
                                             boundary_of, disposition_filename, part_encoding)
-from plugshare.store.attachments import CHUNK_SIZE
+from plugshare.store.attachments import CHUNK_SIZE, digest_of
 
 IN_MEMORY = 1024 * 1024  # spooled bytes a request keeps in memory before using a file
 WRITE_BATCH = 1024 * 1024  # decoded bytes gathered before one write to the spool
@@ -95,7 +94,7 @@ class Spool:
             if isinstance(decoder, GzipStream):
                 entry.encoded_length = decoder.encoded_length
                 entry.encoded_digest = decoder.encoded_digest
-            entry.digest = "md5-" + base64.b64encode(md5.digest()).decode()
+            entry.digest = digest_of(md5)
             self.entries[index] = entry
             self._open = None
 
