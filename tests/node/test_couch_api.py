@@ -697,3 +697,8 @@ def test_open_revs_with_the_data_as_apache_couchdbs_replicator_reads_it(alice):
         atts = entry["ok"]["_attachments"]
         assert atts["old.txt"].get("stub") is True and "data" not in atts["old.txt"]
         assert base64.b64decode(atts["new.bin"]["data"]) == data
+        # a malformed atts_since is refused before any read, as CouchDB parses the query
+        # first: a 400 even for a document not there (not a 404 that says it is not)
+        for bad in ("5", '{"a": 1}', json.dumps([1]), "["):
+            answer = owner.get("/mp.notes/nowhere", params={"open_revs": "all", "atts_since": bad})
+            assert answer.status_code == 400, (bad[:20], answer.status_code)

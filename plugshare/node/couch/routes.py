@@ -405,17 +405,12 @@ def endpoints(parts) -> list[Route]:
 
 async def _read(request: Request, view: DatabaseView, doc_id: str, files) -> Response:
     query = request.query_params
-    given, open_revs = params.json_value(query, "open_revs") if query.get("open_revs") != "all" \
-        else (True, "all")
-    if given:
-        if open_revs != "all" and (not isinstance(open_revs, list) or len(open_revs) > MAX_DOCS
-                                   or not all(isinstance(r, str) for r in open_revs)):
-            raise bad_request("`open_revs` must be \"all\" or a JSON list of revisions")
-        found = await view.open_revs(doc_id, None if open_revs == "all" else open_revs)
-        _, since = params.json_value(query, "atts_since")
-        if since is not None and (not isinstance(since, list) or len(since) > MAX_DOCS
-                                  or not all(isinstance(r, str) for r in since)):
-            raise bad_request("`atts_since` must be a JSON list of revisions")
+    if "open_revs" in query:
+        # the query is checked whole before any read (as CouchDB parses it first)
+        open_revs = None if query["open_revs"] == "all" else \
+            _rev_list(query, "open_revs", '`open_revs` must be "all" or a JSON list of revisions')
+        since = _rev_list(query, "atts_since", "`atts_since` must be a JSON list of revisions")
+        found = await view.open_revs(doc_id, open_revs)
         if "application/json" not in request.headers.get("accept", ""):
             # As CouchDB answers it, the files' data always with it (its replicator reads
             # open_revs so, never asking for attachments): those of `atts_since` as stubs.
@@ -443,6 +438,15 @@ async def _read(request: Request, view: DatabaseView, doc_id: str, files) -> Res
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"etag": etag})
     return _json(doc, headers={"etag": etag})
+
+
+def _rev_list(query, name: str, error: str) -> list[str] | None:
+    """The JSON list of revisions in parameter `name` (None when absent), else a 400."""
+    given, revs = params.json_value(query, name)
+    if given and (not isinstance(revs, list) or len(revs) > MAX_DOCS
+                  or not all(isinstance(r, str) for r in revs)):
+        raise bad_request(error)
+    return revs if given else None
 
 
 def _named_rev(request: Request, query_rev: str | None, body_rev: Any) -> str | None:
