@@ -171,16 +171,6 @@ def _peer_credentials(sock: stdlib_socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-# --- socket I/O --------------------------------------------------------------------------
-# Plain non-blocking sockets with trio's wait_readable/wait_writable rather than trio's socket
-# streams: a small frame then costs one send() and no trip through the scheduler, which
-# roughly halves a round trip. The client uses these too.
-
-
-
-
-
-
 # --- serving -----------------------------------------------------------------------------
 
 

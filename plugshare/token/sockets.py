@@ -1,4 +1,8 @@
-"""Non-blocking Unix-socket I/O on trio, shared by the token's server and its client."""
+"""Non-blocking Unix-socket I/O on trio, shared by the token's server and its client.
+
+Plain non-blocking sockets with trio's wait_readable/wait_writable rather than trio's socket
+streams: a small frame then costs one send() and no trip through the scheduler, which
+roughly halves a round trip."""
 
 from __future__ import annotations
 
