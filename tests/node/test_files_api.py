@@ -345,3 +345,33 @@ def test_the_nodes_own_cap_from_its_config_refuses_a_larger_file(cluster, store)
             assert over.status_code == 413 and "node's cap" in over.json()["reason"], over.text
         assert http.get("/data/io.files/f1").json()["_rev"] == rev
         assert http.get("/data/io.files/f1/a.bin").content == b"a" * 100_000
+
+
+def test_a_restarted_node_gives_back_the_space_of_deleted_files_in_mostly_dead_packs(cluster):
+    """The embedded store appends file data to 64 MiB packs; a pack that keeps one live chunk
+    kept its deleted files' space. The node calls `reclaim_space` at start (then hourly): a
+    pack less than half live is rewritten and its space given back; kept files read back."""
+    alice = cluster.add("alice")
+    big, kept = os.urandom(56 * MB), {"b": os.urandom(6 * MB), "c": os.urandom(4 * MB)}
+    with _http(alice) as http:
+        rev = http.put("/data/io.files/big/a.bin", content=big).json()["rev"]
+        for doc_id, data in kept.items():
+            assert http.put(f"/data/io.files/{doc_id}/a.bin", content=data).status_code == 201
+        assert http.delete("/data/io.files/big", params={"rev": rev}).status_code == 200
+    packs = alice.home / "store.sqlite-chunks"
+
+    def pack_bytes() -> int:
+        return sum(p.stat().st_size for p in packs.iterdir() if p.name.startswith("pack-"))
+
+    before = pack_bytes()
+    assert before >= 66 * MB, before  # the deleted file's chunks share the first pack
+    alice.stop()
+    alice.start()
+    wait_until(lambda: "gave back" in alice.log(), 60, what="alice to reclaim pack space")
+    after = pack_bytes()
+    assert after <= 12 * MB, (before, after)  # the kept 10 MiB, about
+    with _http(alice) as http:
+        for doc_id, data in kept.items():
+            got = http.get(f"/data/io.files/{doc_id}/a.bin")
+            assert got.status_code == 200 and got.content == data
+        assert http.get("/data/io.files/big").status_code == 404
