@@ -98,6 +98,28 @@ def _pids(node: ClusterNode) -> dict[str, int]:
     return pids
 
 
+def _reset_peaks(*nodes: ClusterNode) -> dict[str, dict[str, int]]:
+    """Each node's and token's pid, their peak RSS reset to now."""
+    pids = {node.name: _pids(node) for node in nodes}
+    for node_pids in pids.values():
+        for pid in node_pids.values():
+            reset_peak(pid)
+    return pids
+
+
+def _peaks(pids: dict[str, dict[str, int]]) -> dict[tuple[str, str], float]:
+    return {(name, what): memory_mb(pid)[1]
+            for name, node_pids in pids.items() for what, pid in node_pids.items()}
+
+
+def _report_peaks(table: Table, label: str, peaks: dict[tuple[str, str], float]) -> None:
+    for (name, what), peak in peaks.items():
+        over = "" if what != "node" or peak <= RSS_LIMIT_MB else "  OVER"
+        table.add(f"[{label}] peak RSS of {name}'s {what} during the sync", f"{peak:.0f} MB",
+                  f"(goal <= {RSS_LIMIT_MB} MB){over}" if what == "node" else "",
+                  **{f"{label}_rss_{name}_{what}_mb": peak})
+
+
 # -- plugshare ----------------------------------------------------------------------------
 
 
@@ -120,26 +142,17 @@ def big_file(root: Path, source: Path, sha: str, *, sealed: bool, table: Table) 
         table.add(f"[{label}] put {size // MB} MB on A (API, streamed)",
                   f"{size / MB / (uploaded - started):.0f} MB/s", f"({uploaded - started:.1f} s)",
                   **{f"{label}_put_mbps": size / MB / (uploaded - started)})
-        pids = {node.name: _pids(node) for node in (a, b)}
-        for node_pids in pids.values():
-            for pid in node_pids.values():
-                reset_peak(pid)
+        pids = _reset_peaks(a, b)
         started = time.perf_counter()
         wait_until(lambda: (b.get("big") or {}).get("_rev") == rev,
                    timeout=max(600, size / MB), interval=0.05, what="the file's revision on b")
         elapsed = time.perf_counter() - started
-        peaks = {(name, what): memory_mb(pid)[1]
-                 for name, node_pids in pids.items() for what, pid in node_pids.items()}
+        peaks = _peaks(pids)
         rate = size / MB / elapsed
         table.add(f"[{label}] sync {size // MB} MB A -> B", f"{rate:.0f} MB/s",
                   f"({elapsed:.1f} s; goal >= {150 if sealed else 200} MB/s)",
                   **{f"{label}_sync_mbps": rate})
-        for (name, what), peak in peaks.items():
-            over = "" if what != "node" or peak <= RSS_LIMIT_MB else "  OVER"
-            table.add(f"[{label}] peak RSS of {name}'s {what} during the sync",
-                      f"{peak:.0f} MB",
-                      f"(goal <= {RSS_LIMIT_MB} MB){over}" if what == "node" else "",
-                      **{f"{label}_rss_{name}_{what}_mb": peak})
+        _report_peaks(table, label, peaks)
         with _client(b) as http:
             check = hashlib.sha256()
             started = time.perf_counter()
@@ -189,6 +202,7 @@ def small_files(root: Path, count: int, size_kb: int, table: Table) -> None:
         table.add(f"[small] put {count} x {size_kb} KB on A", f"{count / load:.0f} files/s",
                   f"({load:.1f} s)")
         code = a.cli_json("share", "invite", "files")["code"]
+        pids = _reset_peaks(a, b)
         started = time.perf_counter()
         b.cli_json("share", "accept", "--no-progress", code)
         last = f"s{count - 1:06d}"
@@ -208,6 +222,7 @@ def small_files(root: Path, count: int, size_kb: int, table: Table) -> None:
                   **{f"small_{size_kb}kb_files_per_s": count / elapsed,
                      f"small_{size_kb}kb_mbps": total / MB / elapsed,
                      f"small_{size_kb}kb_seconds": elapsed, f"small_{size_kb}kb_bytes": total})
+        _report_peaks(table, f"small {size_kb} KB", _peaks(pids))
     finally:
         cluster.close()
         shutil.rmtree(root / f"small-{size_kb}", ignore_errors=True)
