@@ -111,6 +111,7 @@ LEAF_QUERY_IDS = 100  # ids per `_changes?filter=_doc_ids` (CouchDB scans the fe
 DESIGN_PREFIX = "_design/"
 _DB_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
 _JSON_HEADERS = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+_ERLANG_INTEGER = re.compile(r"[+-]?[0-9]+")  # what CouchDB's config reads as an integer
 _UNSUPPORTED = (400, 404, 405, 501)  # how servers without an endpoint answer it
 _REQUEST_FAILURES = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 _NOT_SENT = (httpcore.ConnectError, httpcore.ConnectTimeout)  # the request never left
@@ -246,11 +247,9 @@ class CouchDBStore(Store):
             status, section = await self._request("GET", path, server=True)
             if status in (401, 403):
                 unread.append(str(node))
-            elif status == 200 and isinstance(section, dict):
-                level = str(section.get("compression_level", "8")).strip()
-                types = str(section.get("compressible_types", "")).strip() or "the default types"
-                if level not in ("0", ""):
-                    compressing.append(f"{node}: compression_level {level}, {types}")
+            elif status == 200 and isinstance(section, dict) and \
+                    (compression := _compression(section)) is not None:
+                compressing.append(f"{node}: {compression}")
         if compressing:
             raise StoreError(
                 f"CouchDB at {self._db_url} stores some attachments gzip-encoded ([attachments] "
@@ -1270,6 +1269,20 @@ class CouchDBStore(Store):
 
 
 # -- pure helpers ----------------------------------------------------------------------------
+
+
+def _compression(section: dict[str, Any]) -> str | None:
+    """What an Apache CouchDB `[attachments]` config section compresses, or None. CouchDB
+    reads `compression_level` as an integer, and one unset, empty or unreadable as its
+    default, 8; the types of `compressible_types` (its default list when unset or empty)
+    are stored gzip-encoded unless the level reads as 0."""
+    level = str(section.get("compression_level", "")).strip()
+    if not _ERLANG_INTEGER.fullmatch(level):  # (not int(): it reads "٠" or "1_0" too)
+        level = "8"
+    elif int(level) == 0:
+        return None
+    types = str(section.get("compressible_types", "")).strip() or "the default types"
+    return f"compression_level {level}, {types}"
 
 
 def _detail(status: int, data: Any) -> str:

@@ -270,6 +270,21 @@ async def test_bad_open_arguments_are_bad_requests(url, db_name, revs_limit):
     assert "pw-secret" not in caught.value.reason
 
 
+@pytest.mark.parametrize("section, compresses", [
+    ({}, "compression_level 8, the default types"),  # unset: CouchDB's default level, 8
+    ({"compression_level": ""}, "compression_level 8, the default types"),  # empty: unset
+    ({"compression_level": "fast"}, "compression_level 8, the default types"),  # unreadable
+    ({"compression_level": "\u0660"}, "compression_level 8, the default types"),  # not ASCII
+    ({"compression_level": "1", "compressible_types": "text/*"}, "compression_level 1, text/*"),
+    ({"compression_level": "0"}, None),
+    ({"compression_level": " 0 ", "compressible_types": "text/*"}, None),
+])
+def test_what_an_attachments_section_compresses(section, compresses):
+    """Apache CouchDB reads `compression_level` as an integer, and one unset, empty or
+    unreadable as its default, 8: only a level that reads as 0 turns compression off."""
+    assert couchdb._compression(section) == compresses
+
+
 async def test_a_server_that_compresses_attachments_is_refused_with_the_fix(couchdb_url):
     """Apache CouchDB stores the attachments of its `[attachments] compressible_types`
     (text/*, JSON... by default, also when that setting is unset or empty) gzip-encoded
