@@ -49,7 +49,7 @@ import logging
 import re
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -85,6 +85,7 @@ from plugshare.store.base import (
     Unavailable,
     owner_mismatch,
 )
+from plugshare.store.edit_gate import EditGate
 from plugshare.store.revtree import (
     DEFAULT_REVS_LIMIT,
     ParsedDoc,
@@ -152,6 +153,7 @@ class CouchDBStore(Store):
         self._closed = False
         self._holds = StagingHolds()  # staged chunks the transfers of this process hold
         self._staging = trio.Lock()
+        self._edits = EditGate()  # its checked writes apart from its other edits
 
     @property
     def _db_url(self) -> str:
@@ -345,9 +347,11 @@ class CouchDBStore(Store):
         if isinstance(completed, StoreError):
             raise completed
         parsed = completed
-        answer = await self._write(
-            "PUT", _doc_path(parsed.id), body=_wire_doc(parsed), action=f"write {parsed.id!r}"
-        )
+        async with self._edits.ordinary([parsed.id]):
+            answer = await self._write(
+                "PUT", _doc_path(parsed.id), body=_wire_doc(parsed),
+                action=f"write {parsed.id!r}",
+            )
         if answer.below_quorum:
             await self._ensure_quorum([(parsed.id, answer.data["rev"])])
         return answer.data["rev"]
@@ -377,9 +381,10 @@ class CouchDBStore(Store):
             await self.delete_local(doc_id[len(LOCAL_PREFIX) :])
             return "0-0"
         parse_rev(rev)
-        answer = await self._write(
-            "DELETE", _doc_path(doc_id), params={"rev": rev}, action=f"delete {doc_id!r}"
-        )
+        async with self._edits.ordinary([doc_id]):
+            answer = await self._write(
+                "DELETE", _doc_path(doc_id), params={"rev": rev}, action=f"delete {doc_id!r}"
+            )
         if answer.below_quorum:
             await self._ensure_quorum([(doc_id, answer.data["rev"])])
         return answer.data["rev"]
@@ -484,7 +489,8 @@ class CouchDBStore(Store):
             ]
             body = {"docs": wire, "new_edits": new_edits}
             if new_edits:
-                written = await self._write("POST", "/_bulk_docs", body=body)
+                async with self._edits.ordinary(parsed.id for _, parsed in remote):
+                    written = await self._write("POST", "/_bulk_docs", body=body)
                 answer = written.data
                 # One answer per doc, in order: {"id", "rev", "ok"} or {"id", "error", "reason"}.
                 for (i, parsed), entry in zip(remote, answer, strict=True):
@@ -694,7 +700,7 @@ class CouchDBStore(Store):
         # on a rev of a missing doc).
         if rev is not None and rev not in (await self._leaves([doc_id])).get(doc_id, ()):
             raise Conflict(f"revision {rev} of {doc_id!r} is not current")
-        async with _spooled(chunks, check) as spool:
+        async with _spooled(chunks, check) as spool, self._edits.ordinary([doc_id]):
             if rev is None:
                 # A new document, or one recreated over a tombstone: the doc with its data
                 # inline, in one write (pouchdb-server's attachment PUT without a rev
@@ -791,10 +797,11 @@ class CouchDBStore(Store):
                                action=f"get {doc_id!r}")
         if name not in (doc.get("_attachments") or {}):
             raise NotFound(f"revision {rev} of {doc_id!r} has no attachment {name!r}")
-        answer = await self._write(
-            "DELETE", _attachment_path(doc_id, name), params={"rev": rev},
-            action=f"delete attachment {name!r} of {doc_id!r}",
-        )
+        async with self._edits.ordinary([doc_id]):
+            answer = await self._write(
+                "DELETE", _attachment_path(doc_id, name), params={"rev": rev},
+                action=f"delete attachment {name!r} of {doc_id!r}",
+            )
         if answer.below_quorum:
             await self._ensure_quorum([(doc_id, answer.data["rev"])])
         return answer.data["rev"]
@@ -810,9 +817,37 @@ class CouchDBStore(Store):
                 f"attachments that follow are {sorted(follows)}"
             )
         assert parsed.rev is not None
-        # No conditional replicated write in CouchDB: checked just before (see base.Store).
-        if edit and (overtaken := overtaken_edit(parsed, await self._winner_rev(parsed.id))):
-            raise overtaken
+        files: dict[str, Any] | None = None
+        async with contextlib.AsyncExitStack() as spools:
+
+            async def spooled() -> dict[str, Any]:
+                """Each stream that follows, in a checked spool file (read once)."""
+                nonlocal files
+                if files is None:
+                    files = {name: await spools.enter_async_context(_spooled(
+                        streams[name], StreamCheck(digest=spec.digest, length=spec.length)))
+                        for name, spec in follows.items()}
+                return files
+
+            if not edit:
+                await self._write_with_data(parsed, follows, spooled)
+                return
+            # No conditional replicated write in CouchDB: an edit is checked just before,
+            # its data in already (an upload takes its time), and no other edit of this
+            # process lands between the check and the write (edit_gate.py).
+            await spooled()
+            async with self._edits.checked(parsed.id):
+                if overtaken := overtaken_edit(parsed, await self._winner_rev(parsed.id)):
+                    raise overtaken
+                await self._write_with_data(parsed, follows, spooled)
+
+    async def _write_with_data(
+        self, parsed: ParsedDoc, follows: Mapping[str, Follows],
+        spooled: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> None:
+        """`put_replicated`'s write: `spooled()` gives the spool file of each attachment that
+        follows, asked for only when the server lacks the revision."""
+        assert parsed.rev is not None
         diff = await self.revs_diff({parsed.id: [parsed.rev]})
         stubs = {n: Stub(s.digest, s.revpos) if isinstance(s, Follows) else s
                  for n, s in parsed.attachments.items()}
@@ -834,36 +869,32 @@ class CouchDBStore(Store):
             raise Forbidden(refused[0][2])
         wire = _wire_doc(attrs.evolve(parsed, attachments={}), with_history=True,
                          limit=self._history_limit)
-        async with contextlib.AsyncExitStack() as spools:
-            files = {}
-            for name, spec in follows.items():
-                check = StreamCheck(digest=spec.digest, length=spec.length)
-                files[name] = await spools.enter_async_context(_spooled(streams[name], check))
-            # Sent again (from the spool files) while the server answers 202, as
-            # `_write_replicated` does; still below quorum: `Unavailable`.
-            for attempt in range(QUORUM_ATTEMPTS):
-                if attempt:
-                    await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
-                for file in files.values():
-                    await file.seek(0)
-                inline = {name: ({"content_type": spec.content_type, "revpos": spec.revpos,
-                                  "digest": spec.digest, "length": spec.length}, spec.length)
-                          for name, spec in follows.items()}
-                length, body = _streamed_doc_body(
-                    wire, checked.attachments, inline, files, replicated=True
-                )
-                status, data = await self._send_stream(
-                    "POST", "/_bulk_docs", body,
-                    [(b"Content-Type", b"application/json"),
-                     (b"Content-Length", str(length).encode())],
-                )
-                if status >= 400:
-                    raise self._error(status, data, f"write replicated {parsed.id!r}")
-                for entry in data or []:
-                    if "error" in entry:
-                        raise _result_error(_bulk_result(parsed.id, entry))
-                if status != 202:
-                    return
+        files = await spooled()
+        # Sent again (from the spool files) while the server answers 202, as
+        # `_write_replicated` does; still below quorum: `Unavailable`.
+        for attempt in range(QUORUM_ATTEMPTS):
+            if attempt:
+                await trio.sleep(QUORUM_RETRY_DELAY * 2 ** (attempt - 1))
+            for file in files.values():
+                await file.seek(0)
+            inline = {name: ({"content_type": spec.content_type, "revpos": spec.revpos,
+                              "digest": spec.digest, "length": spec.length}, spec.length)
+                      for name, spec in follows.items()}
+            length, body = _streamed_doc_body(
+                wire, checked.attachments, inline, files, replicated=True
+            )
+            status, data = await self._send_stream(
+                "POST", "/_bulk_docs", body,
+                [(b"Content-Type", b"application/json"),
+                 (b"Content-Length", str(length).encode())],
+            )
+            if status >= 400:
+                raise self._error(status, data, f"write replicated {parsed.id!r}")
+            for entry in data or []:
+                if "error" in entry:
+                    raise _result_error(_bulk_result(parsed.id, entry))
+            if status != 202:
+                return
         raise Unavailable(
             f"CouchDB at {self._db_url} accepted {parsed.id!r} {parsed.rev} on fewer nodes "
             f"than its write quorum (HTTP 202), {QUORUM_ATTEMPTS} times; deliver it again"

@@ -11,7 +11,7 @@ import trio
 
 from plugshare.store.attachments import CHUNK_SIZE
 from plugshare.store.base import BadRequest, Conflict, NotFound, RangeNotSatisfiable
-from tests.store.conftest import open_backend
+from tests.store.conftest import open_backend, proxy_of
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -208,8 +208,6 @@ async def test_a_100_mb_file_streams_in_and_out_with_low_memory(store):
 
 
 def _behind_proxy(store) -> bool:
-    from tests.store.conftest import proxy_of
-
     return proxy_of(store) is not None
 
 
@@ -571,6 +569,50 @@ async def test_an_edit_with_data_whose_parent_is_no_longer_current_is_a_conflict
     await store.put_replicated(_edit_with_data("fresh", gone, b"y", "f"), {"f": stream(b"y")},
                                edit=True)
     assert (await store.get("fresh"))["_rev"].startswith("3-")
+
+
+async def test_an_edit_with_data_and_an_ordinary_edit_at_once_make_one_revision_and_a_409(store):
+    """Two writers of this node continue the same revision at once, one of them with new
+    data: whatever the timing, one lands and the other is a 409, never a second branch.
+    The ordinary edit is started at a spread of moments across the edit with data."""
+    if (proxy := proxy_of(store)) is not None:
+        # Its every-other-write 202 is shared by all requests: one of 48 writes at once may
+        # meet it on each of its attempts. Quorum is not what this test is about.
+        proxy.writes_below_quorum = 0
+    count = 24
+    parents = {f"d{i}": await store.put({"_id": f"d{i}", "title": "first"})
+               for i in range(count)}
+    landed: dict[str, list[str]] = {doc_id: [] for doc_id in parents}
+
+    async def slow(data: bytes):
+        await trio.sleep(0.004)  # an upload that takes a moment to arrive
+        yield data
+
+    async def with_data(doc_id: str) -> None:
+        try:
+            await store.put_replicated(_edit_with_data(doc_id, parents[doc_id], b"new", "a"),
+                                       {"f": slow(b"new")}, edit=True)
+            landed[doc_id].append("with data")
+        except Conflict:
+            pass
+
+    async def ordinary(doc_id: str, delay: float) -> None:
+        await trio.sleep(delay)
+        try:
+            await store.put({"_id": doc_id, "_rev": parents[doc_id], "title": "ordinary"})
+            landed[doc_id].append("ordinary")
+        except Conflict:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for i, doc_id in enumerate(parents):
+            nursery.start_soon(with_data, doc_id)
+            nursery.start_soon(ordinary, doc_id, i * 0.002)
+    for doc_id in parents:
+        doc = await store.get(doc_id, conflicts=True)
+        assert "_conflicts" not in doc, (doc_id, landed[doc_id])
+        assert len(landed[doc_id]) == 1, (doc_id, landed[doc_id])
+        assert doc["title"] == ("a" if landed[doc_id] == ["with data"] else "ordinary")
 
 
 # -- the embedded store: chunks outside the JSON rows, deduplicated, collected ---------------
