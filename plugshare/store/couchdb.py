@@ -48,6 +48,8 @@ import json
 import logging
 import re
 import tempfile
+import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -120,6 +122,7 @@ QUORUM_ATTEMPTS = 3  # sends of a write the server keeps answering 202 (below qu
 QUORUM_RETRY_DELAY = 0.1  # seconds before the second send; doubles each time
 FEED_RETRIES = 5  # longpolls cut in a row before `wait_for_change` gives up
 FEED_RETRY_DELAY = 0.25  # seconds before asking again after the first cut; doubles each time
+LOCAL_DOCS_PAGE = 500  # staging records per `_local_docs` request
 
 
 @attrs.frozen
@@ -154,6 +157,7 @@ class CouchDBStore(Store):
         self._holds = StagingHolds()  # staged chunks the transfers of this process hold
         self._staging = trio.Lock()
         self._edits = EditGate()  # its checked writes apart from its other edits
+        self._said_unlisted = False  # warned once that the server has no `_local_docs`
 
     @property
     def _db_url(self) -> str:
@@ -1071,6 +1075,14 @@ class CouchDBStore(Store):
     # Each staged chunk is a local document (never replicated, not in the feed) named by its
     # SHA-256, its data in base64. CouchDB's own attachments are not chunk-addressed, so only
     # chunks staged by a transfer (one that was cut, or another revision's) are found held.
+    #
+    # Holds are not durable, so that what a cut transfer left is found after a crash, each
+    # stage and claim first writes a staging record: the chunks' SHA-256s and the time.
+    # Record first: a crash in between leaves a record of a chunk never staged (its removal
+    # finds nothing), never a chunk no record names. `expire_staged` lists the records
+    # (`_local_docs`, CouchDB >= 2), dates each chunk by its newest record, removes the
+    # chunks older than the window that no transfer of this process holds, then the old
+    # records that speak for no chunk still staged.
 
     # One staging call at a time (`_staging`): a release's delete never runs between
     # another transfer's claim or stage of the same chunk and its hold.
@@ -1081,20 +1093,21 @@ class CouchDBStore(Store):
             for digest in dict.fromkeys(hashes):
                 if await self._local_rev(_staged_id(digest)) is not None:
                     held.add(digest)
+            if held:
+                await self._record_staging(list(held))  # a resume: its window starts anew
             self._holds.take(held)
             return held
 
     async def stage_chunks(self, pieces: list[bytes], *,
                            checked: list[bytes] | None = None) -> list[bytes]:
         check_addresses(pieces, checked)
+        digests = ([hashlib.sha256(data).digest() for data in pieces] if checked is None
+                   else list(checked))
         async with self._staging:
-            digests = []
-            for position, data in enumerate(pieces):
-                digest = (hashlib.sha256(data).digest() if checked is None
-                          else checked[position])
+            await self._record_staging(digests)
+            for digest, data in zip(digests, pieces, strict=True):
                 await self._put_local(_staged_id(digest),
                                       {"data": base64.b64encode(data).decode()})
-                digests.append(digest)
                 self._holds.take([digest])
             return digests
 
@@ -1117,6 +1130,77 @@ class CouchDBStore(Store):
                     await self.delete_local(_staged_id(digest))
                 except NotFound:
                     pass
+
+    async def expire_staged(self, older_than: float) -> int:
+        async with self._staging:
+            records = await self._staging_records()
+            if records is None:
+                return 0
+            cutoff = time.time() - older_than
+            newest: dict[bytes, _StagingRecord] = {}
+            for record in records:
+                for digest in record.chunks:
+                    if digest not in newest or newest[digest].at < record.at:
+                        newest[digest] = record
+            removed = 0
+            speaking: set[str] = set()  # records that still date a staged chunk
+            for digest, record in newest.items():
+                if record.at > cutoff or digest in self._holds:
+                    speaking.add(record.id)
+                    continue
+                try:
+                    await self.delete_local(_staged_id(digest))
+                    removed += 1
+                except NotFound:  # released already, or never staged (a crash between)
+                    pass
+            for record in records:
+                if record.at <= cutoff and record.id not in speaking:
+                    status, data = await self._request(
+                        "DELETE", _local_path(record.id), params={"rev": record.rev})
+                    if status >= 400 and status not in (404, 409):  # (gone or rewritten)
+                        raise self._error(status, data, f"remove staging record {record.id}")
+            return removed
+
+    async def _record_staging(self, digests: list[bytes]) -> None:
+        local_id = f"{STAGING_RECORD}{uuid.uuid4().hex}"
+        status, data = await self._request(
+            "PUT", _local_path(local_id),
+            body={"at": time.time(), "chunks": [digest.hex() for digest in digests]})
+        if status >= 400:
+            raise self._error(status, data, "write a staging record")
+
+    async def _staging_records(self) -> list[_StagingRecord] | None:
+        """Every staging record, page by page; None where the server cannot list local
+        documents (pouchdb-server): its staged chunks are then kept."""
+        records: list[_StagingRecord] = []
+        start = LOCAL_PREFIX + STAGING_RECORD
+        params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
+                  "include_docs": "true", "limit": str(LOCAL_DOCS_PAGE)}
+        while True:
+            status, data = await self._request("GET", "/_local_docs", params=params)
+            if status in _UNSUPPORTED and not records:
+                if not self._said_unlisted:
+                    self._said_unlisted = True
+                    logger.warning(
+                        "CouchDB at %s cannot list local documents (_local_docs, CouchDB "
+                        ">= 2.0): staged chunks of file transfers cut for good are kept",
+                        self._db_url)
+                return None
+            if status >= 400:
+                raise self._error(status, data, "list staging records")
+            rows = data.get("rows") if isinstance(data, dict) else None
+            if not isinstance(rows, list):
+                raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
+            for row in rows:
+                record = _StagingRecord.from_row(row)
+                if record is None:
+                    logger.warning("ignoring a malformed staging record in %s: %.200r",
+                                   self._db_url, row)
+                else:
+                    records.append(record)
+            if len(rows) < LOCAL_DOCS_PAGE:
+                return records
+            params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -1351,6 +1435,37 @@ def _doc_path(doc_id: str) -> str:
 
 def _staged_id(digest: bytes) -> str:
     return "plugshare-chunk-" + digest.hex()
+
+
+STAGING_RECORD = "plugshare-staging-"  # local id prefix of a staging record
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@attrs.frozen
+class _StagingRecord:
+    """Chunks staged or claimed together, and when (see the store's staged chunks)."""
+
+    id: str  # its local id, without "_local/"
+    rev: str
+    at: float
+    chunks: tuple[bytes, ...]
+
+    @classmethod
+    def from_row(cls, row: object) -> _StagingRecord | None:
+        """A `_local_docs` row (with its doc) as a record; None for one that is not (the
+        database may have been written by anyone)."""
+        doc = row.get("doc") if isinstance(row, dict) else None
+        if not isinstance(doc, dict):
+            return None
+        local_id, rev, at, chunks = (doc.get("_id"), doc.get("_rev"), doc.get("at"),
+                                     doc.get("chunks"))
+        if not (isinstance(local_id, str) and local_id.startswith(LOCAL_PREFIX + STAGING_RECORD)
+                and isinstance(rev, str) and isinstance(at, (int, float))
+                and not isinstance(at, bool) and isinstance(chunks, list)
+                and all(isinstance(c, str) and _SHA256_HEX.fullmatch(c) for c in chunks)):
+            return None
+        return cls(local_id[len(LOCAL_PREFIX):], rev, float(at),
+                   tuple(bytes.fromhex(c) for c in chunks))
 
 
 def _local_path(local_id: str) -> str:

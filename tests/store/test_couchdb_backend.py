@@ -315,3 +315,52 @@ async def test_a_server_that_compresses_attachments_is_refused_with_the_fix(couc
                 await http.delete(level)
             else:
                 await http.put(level, json=old)
+
+
+# -- staged chunks of a transfer cut for good ---------------------------------------------
+
+
+async def test_staged_chunks_a_cut_transfer_left_go_once_older_than_the_resume_window(couchdb_url):
+    """A transfer cut for good (its node killed mid-way, nothing released) leaves staged
+    chunks; the store finds them again after a restart and removes them once unused for the
+    resume window, but not a chunk a transfer of this process holds."""
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    cut = await store.stage_chunks([b"first piece", b"second piece"])
+    await store.aclose()  # killed: nothing is released
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        assert await store.expire_staged(older_than=3600) == 0  # within the window: kept
+        assert await store.claim_chunks(cut) == set(cut)  # (a resume finds them)
+        await store.release_chunks(cut, keep_staged=True)  # and is cut again
+        [held] = await store.stage_chunks([b"a transfer still running"])
+        await trio.sleep(0.05)
+        assert await store.expire_staged(older_than=0.01) == len(cut)
+        for digest in cut:
+            with pytest.raises(NotFound):
+                await store.read_staged_chunk(digest)
+        assert await store.read_staged_chunk(held) == b"a transfer still running"
+        await store.release_chunks([held], keep_staged=True)  # it stops, to resume
+        assert await store.expire_staged(older_than=0) == 1  # it did not, in time
+        with pytest.raises(NotFound):
+            await store.read_staged_chunk(held)
+        assert await store.expire_staged(older_than=0) == 0
+        listed = (await server_get(couchdb_url, f"/{name}/_local_docs")).json()["rows"]
+        assert not [row["id"] for row in listed if row["id"].startswith(
+            ("_local/plugshare-chunk-", "_local/plugshare-staging-"))]  # the records go too
+    finally:
+        await store.aclose()
+
+
+async def test_the_resume_window_of_a_staged_chunk_counts_from_its_last_claim(couchdb_url):
+    store = await CouchDBStore.open(couchdb_url, fresh_name())
+    try:
+        [digest] = await store.stage_chunks([b"old"])
+        await store.release_chunks([digest], keep_staged=True)  # to be tried again
+        await trio.sleep(0.3)
+        assert await store.claim_chunks([digest]) == {digest}  # a resume, just now
+        await store.release_chunks([digest], keep_staged=True)
+        assert await store.expire_staged(older_than=0.2) == 0
+        assert await store.read_staged_chunk(digest) == b"old"
+    finally:
+        await store.aclose()

@@ -79,3 +79,20 @@ async def test_a_patched_server_gives_no_warning(couchdb_url, caplog):
     store = await CouchDBStore.open(couchdb_url, unique_db_name("stock"), revs_limit=3)
     await store.aclose()
     assert store_warnings(caplog) == []
+
+
+async def test_staged_chunks_are_kept_where_the_server_cannot_list_them(stock_url, caplog):
+    """Without `_local_docs` the store cannot find what a cut transfer staged: it keeps it
+    (a resume still finds it) and says so once, not each hour."""
+    store = await CouchDBStore.open(stock_url, f"stock-{next(_names)}")
+    try:
+        [digest] = await store.stage_chunks([b"left by a cut transfer"])
+        await store.release_chunks([digest], keep_staged=True)
+        assert await store.expire_staged(older_than=0) == 0
+        assert await store.expire_staged(older_than=0) == 0
+        assert await store.read_staged_chunk(digest) == b"left by a cut transfer"
+        said = [w.getMessage() for w in store_warnings(caplog)
+                if "_local_docs" in w.getMessage()]
+        assert len(said) == 1 and stock_url in said[0], said
+    finally:
+        await store.aclose()

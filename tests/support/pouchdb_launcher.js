@@ -171,12 +171,87 @@ PouchDB.prototype.revsDiff = adapterFun('revsDiff', function (request, opts, cal
   }, callback);
 });
 
+// CouchDB's `GET /{db}/_local_docs` (since 2.0), which pouchdb-server lacks: the launcher
+// counts each database's local docs as the LevelDB adapter writes and removes them (the
+// server is in memory, so they live no longer than this process) and lists them by id.
+const localIds = new Map();  // database name -> Set of local doc ids ('_local/...')
+const coreLevelPath = coreRequire.resolve('pouchdb-adapter-leveldb-core');
+const CoreLevelPouch = require(coreLevelPath);
+if (typeof CoreLevelPouch !== 'function') {
+  throw new Error('pouchdb-server launcher: pouchdb-adapter-leveldb-core is not a function');
+}
+function idsOf(name) {
+  if (!localIds.has(name)) { localIds.set(name, new Set()); }
+  return localIds.get(name);
+}
+function CountingLevelPouch(opts, callback) {
+  CoreLevelPouch.call(this, opts, callback);
+  const api = this;  // keyed by its name as the server's routes see it (no path prefix)
+  const { _putLocalNoLock: put, _removeLocalNoLock: remove, _destroy: destroy } = api;
+  for (const [method, what] of [[put, 'put'], [remove, 'remove'], [destroy, 'destroy']]) {
+    if (typeof method !== 'function') {
+      throw new Error('pouchdb-server launcher: the adapter has no ' + what + ' to count');
+    }
+  }
+  api._putLocalNoLock = function (doc, options, cb) {
+    const id = doc._id;
+    return put.call(this, doc, options, (err, res) => {
+      if (!err) { idsOf(api.name).add(id); }
+      cb(err, res);
+    });
+  };
+  api._removeLocalNoLock = function (doc, options, cb) {
+    const id = doc._id;
+    return remove.call(this, doc, options, (err, res) => {
+      if (!err) { idsOf(api.name).delete(id); }
+      cb(err, res);
+    });
+  };
+  api._destroy = function (options, cb) {
+    localIds.delete(api.name);
+    return destroy.call(this, options, cb);
+  };
+}
+Object.assign(CountingLevelPouch, CoreLevelPouch);
+require.cache[coreLevelPath].exports = CountingLevelPouch;
+
+// express-pouchdb has parsed each query value as JSON already.
+function param(req, names) {
+  return names.map((name) => req.query[name]).find((value) => value !== undefined);
+}
+
 const dbRoutesPath = expressRequire.resolve('./routes/db');
 const dbRoutes = expressRequire(dbRoutesPath);
 require.cache[dbRoutesPath].exports = function (app) {
   // A database made anew starts with the default limit.
   app.put('/:db', (req, res, next) => { limits.delete(cleanFilename(req.params.db)); next(); });
   dbRoutes(app);  // from here on req.db is set (or the answer was 404)
+  app.get('/:db/_local_docs', (req, res) => {
+    const start = param(req, ['startkey', 'start_key']);
+    const end = param(req, ['endkey', 'end_key']);
+    const limit = Number(param(req, ['limit']) ?? Infinity);
+    const skip = Number(param(req, ['skip']) ?? 0);
+    if (![start, end].every((key) => key === undefined || typeof key === 'string')
+        || !(limit >= 0) || !(skip >= 0)) {
+      res.status(400).json({ error: 'bad_request', reason: 'keys are strings, counts >= 0' });
+      return;
+    }
+    const ids = [...idsOf(req.db.name)].sort().filter(
+      (id) => (start === undefined || id >= start) && (end === undefined || id <= end),
+    ).slice(skip, skip + limit);
+    const withDocs = String(param(req, ['include_docs'])) === 'true';
+    Promise.all(ids.map((id) => req.db.get(id))).then((docs) => {
+      res.json({
+        total_rows: null,
+        offset: null,
+        rows: docs.map((doc) => {
+          const row = { id: doc._id, key: doc._id, value: { rev: doc._rev } };
+          if (withDocs) { row.doc = doc; }
+          return row;
+        }),
+      });
+    }, (err) => res.status(500).json({ error: 'unknown_error', reason: String(err) }));
+  });
   app.get('/:db/_revs_limit', (req, res) => {
     res.json(limits.get(req.db.name) || DEFAULT_REVS_LIMIT);
   });
