@@ -123,6 +123,9 @@ QUORUM_RETRY_DELAY = 0.1  # seconds before the second send; doubles each time
 FEED_RETRIES = 5  # longpolls cut in a row before `wait_for_change` gives up
 FEED_RETRY_DELAY = 0.25  # seconds before asking again after the first cut; doubles each time
 LOCAL_DOCS_PAGE = 500  # staging records per `_local_docs` request
+# Staging records one expiry looks at (each names up to a batch of chunks): whoever can write
+# the database could add millions; the rest wait for the next run.
+MAX_STAGING_RECORDS = 100_000
 
 
 @attrs.frozen
@@ -158,6 +161,8 @@ class CouchDBStore(Store):
         self._staging = trio.Lock()
         self._edits = EditGate()  # its checked writes apart from its other edits
         self._said_unlisted = False  # warned once that the server has no `_local_docs`
+        # Staging records this process wrote: local id -> (rev, chunks still staged).
+        self._records: dict[str, tuple[str, set[bytes]]] = {}
 
     @property
     def _db_url(self) -> str:
@@ -1079,10 +1084,11 @@ class CouchDBStore(Store):
     # Holds are not durable, so that what a cut transfer left is found after a crash, each
     # stage and claim first writes a staging record: the chunks' SHA-256s and the time.
     # Record first: a crash in between leaves a record of a chunk never staged (its removal
-    # finds nothing), never a chunk no record names. `expire_staged` lists the records
-    # (`_local_docs`, CouchDB >= 2), dates each chunk by its newest record, removes the
-    # chunks older than the window that no transfer of this process holds, then the old
-    # records that speak for no chunk still staged.
+    # finds nothing), never a chunk no record names. A release removes the records of this
+    # process that no longer date a staged chunk, so only a crash leaves records behind.
+    # `expire_staged` lists the records (`_local_docs`, CouchDB >= 2), dates each chunk by
+    # its newest record, removes the chunks older than the window that no transfer of this
+    # process holds, then the old records that speak for no chunk still staged.
 
     # One staging call at a time (`_staging`): a release's delete never runs between
     # another transfer's claim or stage of the same chunk and its hold.
@@ -1125,11 +1131,18 @@ class CouchDBStore(Store):
     async def release_chunks(self, hashes: list[bytes], *, keep_staged: bool = False) -> None:
         async with self._staging:
             free = self._holds.give_back(hashes)
-            for digest in [] if keep_staged else free:
+            if keep_staged:
+                return
+            for digest in free:
                 try:
                     await self.delete_local(_staged_id(digest))
                 except NotFound:
                     pass
+            gone = set(free)
+            for local_id, (rev, staged) in list(self._records.items()):
+                staged -= gone
+                if not staged:  # it dates no chunk any more
+                    await self._remove_record(local_id, rev)
 
     async def expire_staged(self, older_than: float) -> int:
         async with self._staging:
@@ -1155,10 +1168,7 @@ class CouchDBStore(Store):
                     pass
             for record in records:
                 if record.at <= cutoff and record.id not in speaking:
-                    status, data = await self._request(
-                        "DELETE", _local_path(record.id), params={"rev": record.rev})
-                    if status >= 400 and status not in (404, 409):  # (gone or rewritten)
-                        raise self._error(status, data, f"remove staging record {record.id}")
+                    await self._remove_record(record.id, record.rev)
             return removed
 
     async def _record_staging(self, digests: list[bytes]) -> None:
@@ -1168,6 +1178,13 @@ class CouchDBStore(Store):
             body={"at": time.time(), "chunks": [digest.hex() for digest in digests]})
         if status >= 400:
             raise self._error(status, data, "write a staging record")
+        self._records[local_id] = (data["rev"], set(digests))
+
+    async def _remove_record(self, local_id: str, rev: str) -> None:
+        self._records.pop(local_id, None)
+        status, data = await self._request("DELETE", _local_path(local_id), params={"rev": rev})
+        if status >= 400 and status not in (404, 409):  # (gone, or rewritten by someone)
+            raise self._error(status, data, f"remove staging record {local_id}")
 
     async def _staging_records(self) -> list[_StagingRecord] | None:
         """Every staging record, page by page; None where the server cannot list local
@@ -1199,6 +1216,11 @@ class CouchDBStore(Store):
                 else:
                     records.append(record)
             if len(rows) < LOCAL_DOCS_PAGE:
+                return records
+            if len(records) >= MAX_STAGING_RECORDS:
+                logger.warning("%s holds more than %d staging records: expiring among the "
+                               "first only, the rest at the next run", self._db_url,
+                               MAX_STAGING_RECORDS)
                 return records
             params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
 

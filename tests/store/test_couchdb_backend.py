@@ -364,3 +364,45 @@ async def test_the_resume_window_of_a_staged_chunk_counts_from_its_last_claim(co
         assert await store.read_staged_chunk(digest) == b"old"
     finally:
         await store.aclose()
+
+
+async def test_a_transfer_that_finishes_leaves_no_staging_record(couchdb_url):
+    """Records are for what a crash leaves: a transfer released in this process removes its
+    own, so the next expiry has no stale record to look through for each chunk it staged."""
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        first = await store.stage_chunks([b"one", b"two"])
+        second = await store.stage_chunks([b"three"])
+        assert await store.claim_chunks(first[:1]) == set(first[:1])  # a second transfer
+        await store.release_chunks(first + second)
+        assert await store.read_staged_chunk(first[0]) == b"one"  # the second holds it
+        await store.release_chunks(first[:1])
+        listed = (await server_get(couchdb_url, f"/{name}/_local_docs")).json()["rows"]
+        assert not [row["id"] for row in listed if row["id"].startswith(
+            ("_local/plugshare-chunk-", "_local/plugshare-staging-"))], listed
+    finally:
+        await store.aclose()
+
+
+async def test_an_expiry_looks_at_a_bounded_number_of_staging_records(couchdb_url, monkeypatch,
+                                                                       caplog):
+    """Whoever can write the database can add staging records without end: one expiry reads
+    at most a bounded number, says so, and the next goes on."""
+    monkeypatch.setattr(couchdb, "LOCAL_DOCS_PAGE", 2)
+    monkeypatch.setattr(couchdb, "MAX_STAGING_RECORDS", 4)
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    staged = [(await store.stage_chunks([f"piece {i}".encode()]))[0] for i in range(7)]
+    await store.aclose()  # killed: seven records, nothing released
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        await trio.sleep(0.01)
+        assert await store.expire_staged(older_than=0) == 4
+        assert "more than 4 staging records" in caplog.text
+        assert await store.expire_staged(older_than=0) == 3
+        for digest in staged:
+            with pytest.raises(NotFound):
+                await store.read_staged_chunk(digest)
+    finally:
+        await store.aclose()
