@@ -12,7 +12,9 @@ them, everything through the local API. Measures, for each size N in --docs:
     B's API (polled tightly; each poll costs the node a request, so this one reads higher).
     Goal p50 <= 5 ms, p99 <= 20 ms;
   - live A -> B from the PUT being *sent* on A to the doc readable on B (what a user sees);
-  - single-doc durable PUT throughput through A's API with 1, 8 and 64 concurrent clients;
+  - single-doc durable PUT throughput through A's API with 1, 8 and 64 concurrent clients
+    (light standard-library clients, as they share the two cores), and the CPU the node, its
+    token and the clients each spent per PUT;
   - side by side, PouchDB: two in-memory pouchdb-servers, the same N docs, a one-shot
     `POST /_replicate` timed, and a continuous replication's live latency (polled).
 Goals on RSS: each node stays under 150 MB; initial-sync time grows linearly with N.
@@ -30,6 +32,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
 import queue  # noqa: E402
 import statistics  # noqa: E402
@@ -37,6 +40,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -235,40 +239,67 @@ def live_latency(a: ClusterNode, b: ClusterNode, samples: int, table: Table) -> 
               "(each poll is a full API request)")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def put_throughput(node: ClusterNode, table: Table, clients: tuple[int, ...] = (1, 8, 64),
-                   per_client: int = 0, seconds: float = 5.0) -> None:
+                   seconds: float = 5.0) -> None:
     """Single-doc durable PUTs through the API, `clients` at once (one thread and one
-    keep-alive connection each), for about `seconds`: docs/s."""
-    url, credential = node.running.api_url, node.running.credential
+    keep-alive connection each), for about `seconds`: docs/s, and the CPU each process spent
+    per PUT. The clients share the node's two cores, so they are the standard library's
+    `http.client` (a fraction of httpx's CPU per request): what they spend is not the
+    node's, and it is reported beside."""
+    url = urlsplit(node.running.api_url)
+    headers = {"Authorization": f"Bearer {node.running.credential}",
+               "Content-Type": "application/json"}
+    body = json.dumps({"title": "t", "body": "x" * 900}).encode()
+    token_pid = node.status().get("token_pid")
     for count in clients:
         done = [0] * count
         start = threading.Barrier(count + 1)
         deadline = [0.0]
 
         def client(index: int) -> None:
-            with httpx.Client(base_url=url, timeout=60.0,
-                              headers={"Authorization": f"Bearer {credential}"}) as http:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60.0)
+            try:
                 start.wait()
                 n = 0
                 while time.perf_counter() < deadline[0]:
-                    answer = http.put(f"/data/{DOCTYPE}/tp{count}-{index}-{n}",
-                                      json={"title": "t", "body": "x" * 900})
-                    assert answer.status_code == 201, answer.text
+                    conn.request("PUT", f"/data/{DOCTYPE}/tp{count}-{index}-{n}", body,
+                                 headers)
+                    answer = conn.getresponse()
+                    text = answer.read()
+                    assert answer.status == 201, text
                     n += 1
                 done[index] = n
+            finally:
+                conn.close()
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
         for thread in threads:
             thread.start()
         deadline[0] = time.perf_counter() + seconds
+        cpu_before = {"node": cpu_seconds(node.pid), "client": time.process_time()}
+        if token_pid:
+            cpu_before["token"] = cpu_seconds(token_pid)
         started = time.perf_counter()
         start.wait()
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
+        cpu = {"node": cpu_seconds(node.pid) - cpu_before["node"],
+               "client": time.process_time() - cpu_before["client"]}
+        if token_pid:
+            cpu["token"] = cpu_seconds(token_pid) - cpu_before["token"]
+        total = sum(done)
+        per_put = ", ".join(f"{name} {1000 * spent / total:.2f}" for name, spent in cpu.items())
         table.add(f"single-doc PUTs, {count} client{'s' if count > 1 else ''}",
-                  f"{sum(done) / elapsed:.0f} docs/s",
-                  f"(durable; load average {os.getloadavg()[0]:.1f})")
+                  f"{total / elapsed:.0f} docs/s",
+                  f"(durable; CPU ms per PUT: {per_put}; load average "
+                  f"{os.getloadavg()[0]:.1f})")
 
 
 # -- PouchDB, side by side ----------------------------------------------------------------
