@@ -1,4 +1,6 @@
-"""Store benchmark (a script, not a test): python bench/store.py [--docs N] [--batch B] [--clients]
+"""Store benchmark (a script, not a test):
+
+    python bench/store.py [--docs N] [--batch B] [--file-mb M] [--couchdb-url URL] [--clients]
 
 For each backend (SQLite in a temporary file; CouchDB as a database on a pouchdb-server the
 script starts), with N documents of about 1 KB:
@@ -6,7 +8,10 @@ script starts), with N documents of about 1 KB:
   - get/s: `get()` one by one;
   - bulk docs/s: `bulk_docs(new_edits=False)` in batches of B into an empty store (the
     replication write path; durable when each call returns).
-Goal: SQLite bulk >= 20,000 docs/s and >= 5x the CouchDB backend.
+  - an incoming file of M MiB as replication writes it: its chunks staged 32 at a time
+    (`stage_chunks`), the revision written from them (`put_staged`), then released: MB/s.
+Goal: SQLite bulk >= 20,000 docs/s and >= 5x the CouchDB backend. `--couchdb-url` runs the
+CouchDB backend against a server of your own (e.g. Apache CouchDB) instead.
 
 With --clients it also times the HTTP clients considered for the CouchDB backend on the same
 raw work against the same server: couchdb-python (synchronous, run in trio worker threads),
@@ -25,6 +30,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -40,6 +46,7 @@ from rich.table import Table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from plugshare.store.attachments import CHUNK_SIZE, digest_of  # noqa: E402
 from plugshare.store.base import Store  # noqa: E402
 from plugshare.store.couchdb import CouchDBStore  # noqa: E402
 from plugshare.store.revtree import history_of  # noqa: E402
@@ -98,6 +105,38 @@ async def bench_store(open_store: Callable[[], Awaitable[Store]], docs: int, bat
     finally:
         await store.aclose()
     return {"put/s": docs / put_s, "get/s": docs / get_s, "bulk docs/s": docs / bulk_s}
+
+
+async def bench_file(open_store: Callable[[], Awaitable[Store]], megabytes: int) -> dict:
+    """An incoming file transfer: stage, write the revision, release; MB/s of each."""
+    data = os.urandom(megabytes * 1024 * 1024)
+    pieces = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+    md5 = digest_of(hashlib.md5(data))
+    store = await open_store()
+    try:
+        staged: list[bytes] = []
+
+        async def stage():
+            for start in range(0, len(pieces), 32):
+                staged.extend(await store.stage_chunks(pieces[start:start + 32]))
+
+        async def write():
+            rev = "1-" + hashlib.md5(b"bench file").hexdigest()
+            await store.put_staged(
+                {"_id": "file", "_rev": rev, "_revisions": history_of((rev,)),
+                 "_attachments": {"f.bin": {"follows": True, "revpos": 1, "digest": md5,
+                                            "length": len(data),
+                                            "content_type": "application/octet-stream"}}},
+                {"f.bin": staged}, digests={"f.bin": md5})
+
+        async def release():
+            await store.release_chunks(staged)
+
+        times = [await timed(stage), await timed(write), await timed(release)]
+    finally:
+        await store.aclose()
+    return {"file: stage MB/s": megabytes / times[0], "revision MB/s": megabytes / times[1],
+            "release s": times[2], "overall MB/s": megabytes / sum(times)}
 
 
 # -- the HTTP clients, on the same raw work -------------------------------------------------
@@ -215,7 +254,8 @@ def table(title: str, rows: dict[str, dict]) -> Table:
     for column in columns:
         out.add_column(column, justify="right")
     for name, rates in rows.items():
-        out.add_row(name, *(f"{rates[c]:,.0f}" for c in columns))
+        out.add_row(name, *(f"{rates[c]:,.2f}" if rates[c] < 10 else f"{rates[c]:,.0f}"
+                            for c in columns))
     return out
 
 
@@ -236,6 +276,13 @@ async def main(args: argparse.Namespace, couchdb_url: str, tmp: Path) -> None:
         f"({sqlite_bulk:,.0f}); sqlite >= 5x couchdb: "
         f"{'met' if sqlite_bulk >= 5 * couch_bulk else 'MISSED'} ({sqlite_bulk / couch_bulk:.1f}x)"
     )
+    if args.file_mb:
+        files = {
+            "sqlite": await bench_file(lambda: SQLiteStore.open(next(sqlite_files)), args.file_mb),
+            "couchdb": await bench_file(
+                lambda: CouchDBStore.open(couchdb_url, f"bench-{next(_db_names)}"), args.file_mb),
+        }
+        console.print(table(f"An incoming file of {args.file_mb} MiB", files))
     if args.clients:
         clients = {
             "couchdb-python (threads)": await bench_couchdb_python(couchdb_url, docs, batch),
@@ -249,7 +296,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=10_000, help="documents per run")
     parser.add_argument("--batch", type=int, default=500, help="docs per bulk_docs call")
+    parser.add_argument("--file-mb", type=int, default=64,
+                        help="size of the incoming file (0: none)")
+    parser.add_argument("--couchdb-url", help="a CouchDB of your own (default: pouchdb-server)")
     parser.add_argument("--clients", action="store_true", help="also compare HTTP clients")
     arguments = parser.parse_args()
-    with running_pouchdb_server() as url, tempfile.TemporaryDirectory() as tmp_dir:
-        trio.run(main, arguments, url, Path(tmp_dir))
+    with contextlib.ExitStack() as stack:
+        url = arguments.couchdb_url or stack.enter_context(running_pouchdb_server())
+        tmp_dir = stack.enter_context(tempfile.TemporaryDirectory())
+        trio.run(main, arguments, url.rstrip("/"), Path(tmp_dir))

@@ -1059,6 +1059,53 @@ class CouchDBStore(Store):
             return data["rev"]
         raise Conflict(f"local document {local_id!r} kept changing while being written")
 
+    async def _put_locals(self, bodies: dict[str, dict[str, Any]]) -> None:
+        """Write local documents in one `_bulk_docs`; one the server refuses (changed
+        elsewhere, or a rev this process did not know) is then written by itself."""
+        ids = list(bodies)
+        docs = [{**bodies[local_id], "_id": LOCAL_PREFIX + local_id}
+                | ({"_rev": self._local_revs[local_id]} if local_id in self._local_revs else {})
+                for local_id in ids]
+        again = []
+        for local_id, entry in zip(ids, await self._bulk_locals(docs), strict=True):
+            if entry.get("ok") and isinstance(entry.get("rev"), str):
+                self._local_revs[local_id] = entry["rev"]
+            else:
+                again.append(local_id)
+        for local_id in again:
+            await self._put_local(local_id, bodies[local_id])
+
+    async def _delete_locals(self, local_ids: list[str]) -> None:
+        """Delete local documents: those whose rev this process knows in one `_bulk_docs`,
+        the others (and any the server refuses) one by one; a missing one is no error."""
+        known = [local_id for local_id in local_ids if local_id in self._local_revs]
+        again = [local_id for local_id in local_ids if local_id not in self._local_revs]
+        docs = [{"_id": LOCAL_PREFIX + local_id, "_rev": self._local_revs[local_id],
+                 "_deleted": True} for local_id in known]
+        for local_id, entry in zip(known, await self._bulk_locals(docs), strict=True):
+            if entry.get("ok"):
+                self._local_revs.pop(local_id, None)
+            else:
+                again.append(local_id)
+        for local_id in again:
+            try:
+                await self.delete_local(local_id)
+            except NotFound:
+                pass
+
+    async def _bulk_locals(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`_bulk_docs` of local documents: one answer per doc, in order."""
+        if not docs:
+            return []
+        status, data = await self._request("POST", "/_bulk_docs", body={"docs": docs})
+        if status >= 400:
+            raise self._error(status, data, "write local documents")
+        if not (isinstance(data, list) and len(data) == len(docs)
+                and all(isinstance(entry, dict) for entry in data)):
+            raise StoreError(f"CouchDB at {self._db_url}: _bulk_docs of {len(docs)} local "
+                             f"documents answered {str(data)[:200]}")
+        return data
+
     async def _local_rev(self, local_id: str) -> str | None:
         status, data = await self._request("GET", _local_path(local_id))
         if status == 404:
@@ -1111,10 +1158,9 @@ class CouchDBStore(Store):
                    else list(checked))
         async with self._staging:
             await self._record_staging(digests)
-            for digest, data in zip(digests, pieces, strict=True):
-                await self._put_local(_staged_id(digest),
-                                      {"data": base64.b64encode(data).decode()})
-                self._holds.take([digest])
+            await self._put_locals({_staged_id(digest): {"data": base64.b64encode(data).decode()}
+                                    for digest, data in zip(digests, pieces, strict=True)})
+            self._holds.take(digests)
             return digests
 
     async def read_staged_chunk(self, digest: bytes) -> bytes:
@@ -1133,11 +1179,7 @@ class CouchDBStore(Store):
             free = self._holds.give_back(hashes)
             if keep_staged:
                 return
-            for digest in free:
-                try:
-                    await self.delete_local(_staged_id(digest))
-                except NotFound:
-                    pass
+            await self._delete_locals([_staged_id(digest) for digest in free])
             gone = set(free)
             for local_id, (rev, staged) in list(self._records.items()):
                 staged -= gone

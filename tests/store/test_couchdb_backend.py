@@ -406,3 +406,29 @@ async def test_an_expiry_looks_at_a_bounded_number_of_staging_records(couchdb_ur
                 await store.read_staged_chunk(digest)
     finally:
         await store.aclose()
+
+
+async def test_chunks_staged_again_after_a_restart_replace_what_was_left(couchdb_url):
+    """Staged in one `_bulk_docs`: a chunk a crashed process left (its rev unknown here) or
+    one altered in the database is written again by itself, and the transfer goes on."""
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    left = await store.stage_chunks([b"left behind", b"altered"])
+    await store.aclose()  # killed
+    async with httpx.AsyncClient(base_url=couchdb_url) as http:
+        path = f"/{name}/_local/plugshare-chunk-{left[1].hex()}"
+        doc = (await http.get(path)).json()
+        doc["data"] = "dGFtcGVyZWQ="  # "tampered"
+        assert (await http.put(path, json=doc)).status_code in (200, 201)
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        again = await store.stage_chunks([b"left behind", b"altered", b"new"])
+        assert again[:2] == left
+        assert [await store.read_staged_chunk(d) for d in again] == [
+            b"left behind", b"altered", b"new"]
+        await store.release_chunks(again)
+        for digest in again:
+            with pytest.raises(NotFound):
+                await store.read_staged_chunk(digest)
+    finally:
+        await store.aclose()
