@@ -352,20 +352,6 @@ async def test_staged_chunks_a_cut_transfer_left_go_once_older_than_the_resume_w
         await store.aclose()
 
 
-async def test_the_resume_window_of_a_staged_chunk_counts_from_its_last_claim(couchdb_url):
-    store = await CouchDBStore.open(couchdb_url, fresh_name())
-    try:
-        [digest] = await store.stage_chunks([b"old"])
-        await store.release_chunks([digest], keep_staged=True)  # to be tried again
-        await trio.sleep(0.3)
-        assert await store.claim_chunks([digest]) == {digest}  # a resume, just now
-        await store.release_chunks([digest], keep_staged=True)
-        assert await store.expire_staged(older_than=0.2) == 0
-        assert await store.read_staged_chunk(digest) == b"old"
-    finally:
-        await store.aclose()
-
-
 async def test_a_transfer_that_finishes_leaves_no_staging_record(couchdb_url):
     """Records are for what a crash leaves: a transfer released in this process removes its
     own, so the next expiry has no stale record to look through for each chunk it staged."""

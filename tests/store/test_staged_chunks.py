@@ -147,15 +147,15 @@ async def test_staged_chunks_of_a_cut_transfer_go_once_older_than_the_resume_win
         await store.aclose()
 
 
-async def test_the_resume_window_counts_from_a_staged_chunks_last_claim(sqlite_store):
+async def test_the_resume_window_counts_from_a_staged_chunks_last_claim(store):
     """The window is measured from a chunk's last use: a resume claims it anew."""
-    [digest] = await sqlite_store.stage_chunks([b"old"])
-    await sqlite_store.release_chunks([digest], keep_staged=True)  # to be tried again
-    await trio.sleep(0.02)
-    assert await sqlite_store.claim_chunks([digest]) == {digest}  # a resume, just now
-    await sqlite_store.release_chunks([digest], keep_staged=True)
-    assert await sqlite_store.expire_staged(older_than=0.015) == 0
-    assert await sqlite_store.read_staged_chunk(digest) == b"old"
+    [digest] = await store.stage_chunks([b"old"])
+    await store.release_chunks([digest], keep_staged=True)  # to be tried again
+    await trio.sleep(0.3)
+    assert await store.claim_chunks([digest]) == {digest}  # a resume, just now
+    await store.release_chunks([digest], keep_staged=True)
+    assert await store.expire_staged(older_than=0.2) == 0
+    assert await store.read_staged_chunk(digest) == b"old"
 
 
 async def test_a_chunk_a_transfer_of_this_process_holds_never_expires(sqlite_store):
