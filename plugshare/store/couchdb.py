@@ -124,8 +124,9 @@ FEED_RETRIES = 5  # longpolls cut in a row before `wait_for_change` gives up
 FEED_RETRY_DELAY = 0.25  # seconds before asking again after the first cut; doubles each time
 LOCAL_DOCS_PAGE = 500  # staging records per `_local_docs` request
 # Staging records one expiry looks at (each names up to a batch of chunks): whoever can write
-# the database could add millions; the rest wait for the next run.
+# the database could add millions. Those beyond are not looked at (their chunks stay).
 MAX_STAGING_RECORDS = 100_000
+CLOCK_SKEW = 86_400.0  # seconds a staging record may seem to come from the future (clock set back)
 
 
 @attrs.frozen
@@ -1232,6 +1233,8 @@ class CouchDBStore(Store):
         """Every staging record, page by page; None where the server cannot list local
         documents (pouchdb-server): its staged chunks are then kept."""
         records: list[_StagingRecord] = []
+        seen = malformed = 0
+        latest = time.time() + CLOCK_SKEW  # a record dated later than this is not one of ours
         start = LOCAL_PREFIX + STAGING_RECORD
         params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
                   "include_docs": "true", "limit": str(LOCAL_DOCS_PAGE)}
@@ -1250,19 +1253,23 @@ class CouchDBStore(Store):
             rows = data.get("rows") if isinstance(data, dict) else None
             if not isinstance(rows, list):
                 raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
+            seen += len(rows)
             for row in rows:
                 record = _StagingRecord.from_row(row)
-                if record is None:
-                    logger.warning("ignoring a malformed staging record in %s: %.200r",
-                                   self._db_url, row)
+                if record is None or record.at > latest:
+                    malformed += 1
                 else:
                     records.append(record)
+            last = len(rows) < LOCAL_DOCS_PAGE or seen >= MAX_STAGING_RECORDS
+            if malformed and last:
+                logger.warning("ignoring %d malformed staging records in %s (not as this "
+                               "store writes them, or dated in the future)", malformed,
+                               self._db_url)
             if len(rows) < LOCAL_DOCS_PAGE:
                 return records
-            if len(records) >= MAX_STAGING_RECORDS:
+            if seen >= MAX_STAGING_RECORDS:
                 logger.warning("%s holds more than %d staging records: expiring among the "
-                               "first only, the rest at the next run", self._db_url,
-                               MAX_STAGING_RECORDS)
+                               "first only", self._db_url, MAX_STAGING_RECORDS)
                 return records
             params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
 

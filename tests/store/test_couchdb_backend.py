@@ -418,3 +418,27 @@ async def test_chunks_staged_again_after_a_restart_replace_what_was_left(couchdb
                 await store.read_staged_chunk(digest)
     finally:
         await store.aclose()
+
+
+async def test_staging_records_not_as_the_store_writes_them_are_ignored(couchdb_url, caplog):
+    """Whoever can write the database may add records: one dated in the future (which would
+    keep a chunk, or itself, for ever) or malformed counts for nothing, said in one line."""
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        [digest] = await store.stage_chunks([b"cut"])
+        await store.release_chunks([digest], keep_staged=True)
+        async with httpx.AsyncClient(base_url=couchdb_url) as http:
+            for i, body in enumerate([{"at": 1e12, "chunks": [digest.hex()]},
+                                      {"at": "yesterday", "chunks": []},
+                                      {"at": 1.0, "chunks": ["not hex"]}]):
+                answer = await http.put(f"/{name}/_local/plugshare-staging-forged{i}", json=body)
+                assert answer.status_code in (200, 201), answer.text
+        await trio.sleep(0.01)
+        assert await store.expire_staged(older_than=0) == 1
+        with pytest.raises(NotFound):
+            await store.read_staged_chunk(digest)
+        said = [r.getMessage() for r in caplog.records if "malformed staging" in r.getMessage()]
+        assert len(said) == 1 and "ignoring 3 " in said[0], said
+    finally:
+        await store.aclose()
