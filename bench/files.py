@@ -7,7 +7,10 @@ Two `plugshare run` subprocesses on 127.0.0.1 (embedded store), a share between 
 everything through the local API. Measures, side by side in one run:
   - one big file (--size-mb) put on A (`PUT /data/...`, streamed from disk), then synced to B:
     MB/s from the PUT returning on A to the revision written on B, and the peak RSS (VmHWM,
-    reset after the upload) of each node process and its token during the sync;
+    reset after the upload) of each node process and its token during the sync; and, all
+    along the sync, a 1 KB doc written on A every 50 ms, one at a time: from its PUT sent to
+    B's batch event for it, beside the same measured idle after the sync (issue 13: a large
+    file never delays small documents);
     clear (a plain share), then sealed (an encrypted share: chunks sealed in A's token as
     they stream in, each opened and checked by B's token as it arrives);
   - the same file copied by `rsync -e ssh` between two directories over loopback, through a
@@ -33,6 +36,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -46,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, _HERE)
 
-from sync import Table, memory_mb  # noqa: E402
+from sync import EventFollower, Table, memory_mb, ms, percentile  # noqa: E402
 
 from tests.node.cluster import Cluster, ClusterNode, share_between, wait_until  # noqa: E402
 
@@ -123,6 +127,56 @@ def _report_peaks(table: Table, label: str, peaks: dict[tuple[str, str], float])
 # -- plugshare ----------------------------------------------------------------------------
 
 
+class LiveProbe:
+    """1 KB docs written on A one at a time, each timed from its PUT sent to the batch event
+    on B that brought it (B's /events stream, checked by one read of the doc on B: no
+    polling, which would load B). Runs in a thread until `stop()`; `samples` in seconds."""
+
+    def __init__(self, a: ClusterNode, b: ClusterNode, share: str, prefix: str):
+        self.a, self.b, self.prefix = a, b, prefix
+        self.samples: list[float] = []
+        self.put_times: list[float] = []  # PUT sent -> its answer on A
+        self.follower = EventFollower(b, share)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LiveProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(60)
+        self.follower.stop.set()
+        return self.samples
+
+    def _run(self) -> None:
+        with _client(self.a) as on_a, _client(self.b) as on_b:
+            for i in range(1_000_000):
+                if self._stop.is_set():
+                    return
+                doc_id = f"{self.prefix}-{i}"
+                self.follower.drain()
+                sent = time.perf_counter()
+                on_a.put(f"/data/{DOCTYPE}/{doc_id}",
+                         json={"title": "probe", "body": "x" * 900}).raise_for_status()
+                returned = time.perf_counter()
+                while True:  # the next batch event that brought it (not the file's)
+                    arrived, _ = self.follower.events.get(timeout=60)
+                    if on_b.get(f"/data/{DOCTYPE}/{doc_id}").status_code == 200:
+                        break
+                self.samples.append(arrived - sent)
+                self.put_times.append(returned - sent)
+                self._stop.wait(0.05)
+
+
+def _latency(samples: list[float]) -> str:
+    if not samples:
+        return "no sample"
+    return (f"p50 {ms(statistics.median(samples))} / "
+            f"p99 {ms(percentile(samples, 99))} ms ({len(samples)} docs)")
+
+
 def big_file(root: Path, source: Path, sha: str, *, sealed: bool, table: Table) -> float:
     """A and B sharing DOCTYPE (encrypted when `sealed`); the file put on A, timed until B
     holds its revision; B's copy read back and compared. Returns MB/s of the sync."""
@@ -143,16 +197,27 @@ def big_file(root: Path, source: Path, sha: str, *, sealed: bool, table: Table) 
                   f"{size / MB / (uploaded - started):.0f} MB/s", f"({uploaded - started:.1f} s)",
                   **{f"{label}_put_mbps": size / MB / (uploaded - started)})
         pids = _reset_peaks(a, b)
+        probe = LiveProbe(a, b, "files", "during").start()
         started = time.perf_counter()
         wait_until(lambda: (b.get("big") or {}).get("_rev") == rev,
                    timeout=max(600, size / MB), interval=0.05, what="the file's revision on b")
         elapsed = time.perf_counter() - started
+        during = probe.stop()
+        during_puts = probe.put_times
         peaks = _peaks(pids)
         rate = size / MB / elapsed
         table.add(f"[{label}] sync {size // MB} MB A -> B", f"{rate:.0f} MB/s",
                   f"({elapsed:.1f} s; goal >= {150 if sealed else 200} MB/s)",
                   **{f"{label}_sync_mbps": rate})
         _report_peaks(table, label, peaks)
+        probe = LiveProbe(a, b, "files", "idle").start()
+        time.sleep(min(10.0, max(3.0, elapsed)))
+        idle = probe.stop()
+        numbers = {f"{label}_live_{when}_p50_ms": 1000 * statistics.median(samples)
+                   for when, samples in (("during", during), ("idle", idle)) if samples}
+        table.add(f"[{label}] live 1 KB doc A -> B during the sync, PUT sent -> on B",
+                  _latency(during), f"(the PUT on A alone: {_latency(during_puts)}; idle, same "
+                  f"nodes after the sync: {_latency(idle)})", **numbers)
         with _client(b) as http:
             check = hashlib.sha256()
             started = time.perf_counter()
