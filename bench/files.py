@@ -33,6 +33,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -137,6 +138,7 @@ class LiveProbe:
         self.samples: list[float] = []
         self.put_times: list[float] = []  # PUT sent -> its answer on A
         self.follower = EventFollower(b, share)
+        self.error: BaseException | None = None  # what stopped the thread early, if anything
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -148,11 +150,19 @@ class LiveProbe:
         self._stop.set()
         self._thread.join(60)
         self.follower.stop.set()
+        if self.error is not None:
+            raise RuntimeError(f"the live probe stopped early: {self.error!r}") from self.error
         return self.samples
 
     def _run(self) -> None:
+        try:
+            self._probe()
+        except BaseException as exc:  # said by stop(), in the main thread
+            self.error = exc
+
+    def _probe(self) -> None:
         with _client(self.a) as on_a, _client(self.b) as on_b:
-            for i in range(1_000_000):
+            for i in itertools.count():
                 if self._stop.is_set():
                     return
                 doc_id = f"{self.prefix}-{i}"
