@@ -1143,10 +1143,14 @@ class CouchDBStore(Store):
 
     async def claim_chunks(self, hashes: list[bytes]) -> set[bytes]:
         async with self._staging:
-            held = set()
-            for digest in dict.fromkeys(hashes):
-                if await self._local_rev(_staged_id(digest)) is not None:
-                    held.add(digest)
+            wanted = list(dict.fromkeys(hashes))
+            revs = await self._current_local_revs([_staged_id(digest) for digest in wanted])
+            if revs is None:  # the server cannot list local docs: a read each
+                held = {digest for digest in wanted
+                        if await self._local_rev(_staged_id(digest)) is not None}
+            else:
+                self._local_revs.update(revs)
+                held = {digest for digest in wanted if _staged_id(digest) in revs}
             if held:
                 await self._record_staging(list(held))  # a resume: its window starts anew
             self._holds.take(held)
@@ -1213,6 +1217,29 @@ class CouchDBStore(Store):
                 if record.at <= cutoff and record.id not in speaking:
                     await self._remove_record(record.id, record.rev)
             return removed
+
+    async def _current_local_revs(self, local_ids: list[str]) -> dict[str, str] | None:
+        """The current rev of each of `local_ids` that exists, `LOCAL_DOCS_PAGE` ids per
+        `_local_docs` request; None where the server cannot list local documents."""
+        revs: dict[str, str] = {}
+        for start in range(0, len(local_ids), LOCAL_DOCS_PAGE):
+            keys = [LOCAL_PREFIX + local_id for local_id in local_ids[start:start + LOCAL_DOCS_PAGE]]
+            status, data = await self._request("POST", "/_local_docs", body={"keys": keys})
+            if status in _UNSUPPORTED:
+                return None
+            if status >= 400:
+                raise self._error(status, data, "look up local documents")
+            rows = data.get("rows") if isinstance(data, dict) else None
+            if not isinstance(rows, list):
+                raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
+            asked = set(keys)
+            for row in rows:
+                if not isinstance(row, dict) or row.get("id") not in asked:
+                    continue  # a missing one ({"key", "error": "not_found"}), or not asked
+                rev = (row.get("value") or {}).get("rev")
+                if isinstance(rev, str):
+                    revs[row["id"][len(LOCAL_PREFIX):]] = rev
+        return revs
 
     async def _record_staging(self, digests: list[bytes]) -> None:
         local_id = f"{STAGING_RECORD}{uuid.uuid4().hex}"

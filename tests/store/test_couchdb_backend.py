@@ -6,6 +6,7 @@ Runs against a real pouchdb-server (the session's `couchdb_url`, or a private on
 test stops it or changes its settings); server-side state is checked with plain HTTP.
 """
 
+import hashlib
 import os
 import socket
 from urllib.parse import quote, urlsplit
@@ -442,3 +443,29 @@ async def test_staging_records_not_as_the_store_writes_them_are_ignored(couchdb_
         assert len(said) == 1 and "ignoring 3 " in said[0], said
     finally:
         await store.aclose()
+
+
+async def test_a_resume_finds_the_chunks_left_staged_in_one_listing(couchdb_url):
+    """A transfer resumed after a crash asks which of its chunks are staged already: one
+    `_local_docs` request per page of them, not a read per chunk (4,096 for a 1 GiB file)."""
+    from tests.support.couch_proxy import running_couch_proxy
+
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    left = await store.stage_chunks([f"piece {i}".encode() for i in range(40)])
+    await store.aclose()  # killed
+    with running_couch_proxy(couchdb_url) as proxy:
+        store = await CouchDBStore.open(proxy.url, name)
+        try:
+            asked = left + [hashlib.sha256(b"never staged").digest()]
+            before = len(proxy.requests)
+            assert await store.claim_chunks(asked) == set(left)
+            made = proxy.requests[before:]
+            reads = [path for method, path in made if method == "GET" and "plugshare-chunk-" in path]
+            assert not reads, reads[:3]
+            await store.release_chunks(left)  # known revs: released in one request
+            for digest in left:
+                with pytest.raises(NotFound):
+                    await store.read_staged_chunk(digest)
+        finally:
+            await store.aclose()

@@ -83,7 +83,7 @@ async def test_a_patched_server_gives_no_warning(couchdb_url, caplog):
 
 async def test_staged_chunks_are_kept_where_the_server_cannot_list_them(stock_url, caplog):
     """Without `_local_docs` the store cannot find what a cut transfer staged: it keeps it
-    (a resume still finds it) and says so once, not each hour."""
+    (a resume still finds it, a read per chunk) and says so once, not each hour."""
     store = await CouchDBStore.open(stock_url, f"stock-{next(_names)}")
     try:
         [digest] = await store.stage_chunks([b"left by a cut transfer"])
@@ -91,6 +91,8 @@ async def test_staged_chunks_are_kept_where_the_server_cannot_list_them(stock_ur
         assert await store.expire_staged(older_than=0) == 0
         assert await store.expire_staged(older_than=0) == 0
         assert await store.read_staged_chunk(digest) == b"left by a cut transfer"
+        assert await store.claim_chunks([digest]) == {digest}  # a read each, found
+        await store.release_chunks([digest])
         said = [w.getMessage() for w in store_warnings(caplog)
                 if "_local_docs" in w.getMessage()]
         assert len(said) == 1 and stock_url in said[0], said

@@ -23,9 +23,10 @@ pouchdb-server 4.2.0 departs from CouchDB where the store relies on it; the laun
   appears at two generations (never made by real edits: a hash covers its parent, but made by
   the contract suite's random histories) gets the wrong flag. The launcher matches the
   generation too;
-- it has no `GET /{db}/_local_docs` (CouchDB >= 2.0), which the store lists its staging
-  records with. The launcher counts each database's local docs as the adapter writes and
-  removes them, and lists them by id (start and end keys, limit, skip, include_docs).
+- it has no `/{db}/_local_docs` (CouchDB >= 2.0), which the store lists its staging records
+  with (GET) and finds staged chunks with (POST, by keys). The launcher counts each
+  database's local docs as the adapter writes and removes them, and lists them by id (start
+  and end keys, limit, skip, include_docs) or by the keys asked for.
 
 `running_pouchdb_server(stock=True)` starts it without the launcher, as npm ships it: what a
 node meets on a pouchdb-server nobody patched (tests/store/test_couchdb_stock_server.py).

@@ -252,6 +252,32 @@ require.cache[dbRoutesPath].exports = function (app) {
       });
     }, (err) => res.status(500).json({ error: 'unknown_error', reason: String(err) }));
   });
+  app.post('/:db/_local_docs', (req, res) => {  // {"keys": [...]}: one row per key, in order
+    let body = '';
+    req.setEncoding('utf8');
+    req.on('data', (chunk) => { body += chunk; });
+    req.on('end', () => {
+      let keys;
+      try {
+        keys = JSON.parse(body).keys;
+      } catch (err) {
+        keys = undefined;
+      }
+      if (!Array.isArray(keys) || !keys.every((key) => typeof key === 'string')) {
+        res.status(400).json({ error: 'bad_request', reason: '`keys` must be a list of ids' });
+        return;
+      }
+      const known = idsOf(req.db.name);
+      Promise.all(keys.map((key) => (known.has(key) ? req.db.get(key) : null))).then((docs) => {
+        res.json({
+          total_rows: null,
+          offset: null,
+          rows: keys.map((key, i) => (docs[i] === null ? { key, error: 'not_found' }
+            : { id: key, key, value: { rev: docs[i]._rev } })),
+        });
+      }, (err) => res.status(500).json({ error: 'unknown_error', reason: String(err) }));
+    });
+  });
   app.get('/:db/_revs_limit', (req, res) => {
     res.json(limits.get(req.db.name) || DEFAULT_REVS_LIMIT);
   });
