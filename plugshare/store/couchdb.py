@@ -1223,15 +1223,11 @@ class CouchDBStore(Store):
         `_local_docs` request; None where the server cannot list local documents."""
         revs: dict[str, str] = {}
         for start in range(0, len(local_ids), LOCAL_DOCS_PAGE):
-            keys = [LOCAL_PREFIX + local_id for local_id in local_ids[start:start + LOCAL_DOCS_PAGE]]
-            status, data = await self._request("POST", "/_local_docs", body={"keys": keys})
-            if status in _UNSUPPORTED:
+            keys = [LOCAL_PREFIX + local_id
+                    for local_id in local_ids[start:start + LOCAL_DOCS_PAGE]]
+            rows = await self._local_docs("look up local documents", body={"keys": keys})
+            if rows is None:
                 return None
-            if status >= 400:
-                raise self._error(status, data, "look up local documents")
-            rows = data.get("rows") if isinstance(data, dict) else None
-            if not isinstance(rows, list):
-                raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
             asked = set(keys)
             for row in rows:
                 if not isinstance(row, dict) or row.get("id") not in asked:
@@ -1240,6 +1236,21 @@ class CouchDBStore(Store):
                 if isinstance(rev, str):
                     revs[row["id"][len(LOCAL_PREFIX):]] = rev
         return revs
+
+    async def _local_docs(self, action: str, *, params: dict[str, str] | None = None,
+                          body: Any = None) -> list[Any] | None:
+        """The rows of one `_local_docs` request (GET with `params`, or POST with `body`);
+        None where the server has no `_local_docs` (CouchDB < 2, pouchdb-server)."""
+        status, data = await self._request("GET" if body is None else "POST", "/_local_docs",
+                                           params=params, body=body)
+        if status in _UNSUPPORTED:
+            return None
+        if status >= 400:
+            raise self._error(status, data, action)
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
+        return rows
 
     async def _record_staging(self, digests: list[bytes]) -> None:
         local_id = f"{STAGING_RECORD}{uuid.uuid4().hex}"
@@ -1266,8 +1277,10 @@ class CouchDBStore(Store):
         params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
                   "include_docs": "true", "limit": str(LOCAL_DOCS_PAGE)}
         while True:
-            status, data = await self._request("GET", "/_local_docs", params=params)
-            if status in _UNSUPPORTED and not records:
+            rows = await self._local_docs("list staging records", params=params)
+            if rows is None:
+                if records:
+                    raise StoreError(f"CouchDB at {self._db_url}: _local_docs stopped answering")
                 if not self._said_unlisted:
                     self._said_unlisted = True
                     logger.warning(
@@ -1275,11 +1288,6 @@ class CouchDBStore(Store):
                         ">= 2.0): staged chunks of file transfers cut for good are kept",
                         self._db_url)
                 return None
-            if status >= 400:
-                raise self._error(status, data, "list staging records")
-            rows = data.get("rows") if isinstance(data, dict) else None
-            if not isinstance(rows, list):
-                raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
             seen += len(rows)
             for row in rows:
                 record = _StagingRecord.from_row(row)
