@@ -47,6 +47,10 @@ _hypercorn_log = logging.getLogger("plugshare.api")
 _hypercorn_log.addFilter(_not_hypercorn_banner)
 
 GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
+# Seconds an idle keep-alive connection stays open. Clients drop theirs from their pools after
+# their own delay (httpx 5 s, Node's agents about as long): a server that closes first races
+# a request sent at that moment, which then meets a reset. Hypercorn's default is 5 s.
+API_KEEP_ALIVE = 30.0
 
 
 EXPIRY_CHECK_EVERY = 30.0  # seconds between two looks at share expiry (the token enforces)
@@ -188,6 +192,7 @@ class Node:
         hconfig.accesslog = None
         hconfig.errorlog = _hypercorn_log  # one logging setup, and one "serving on" line
         hconfig.graceful_timeout = GRACEFUL_TIMEOUT
+        hconfig.keep_alive_timeout = API_KEEP_ALIVE
         api_done = trio.Event()
 
         async def serve_api(task_status) -> None:

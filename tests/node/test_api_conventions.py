@@ -86,3 +86,30 @@ def test_if_match_stands_for_the_rev_on_put_and_delete(api):
     gone = api.delete("/data/io.notes/m1", headers={"if-match": f'"{rev2}"'})
     assert gone.status_code == 200 and gone.json()["ok"] is True
     assert api.get("/data/io.notes/m1").status_code == 404
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_pools_expiry(node):
+    """Seen under load: httpx keeps an idle connection in its pool for 5 s, and the API
+    closed idle connections after 5 s too, so a PUT sent on one at that moment met a reset
+    ("Connection reset by peer"). The API keeps them well past common pool expiries: a
+    connection idle for 6 s still serves the next request, on the same socket."""
+    import http.client
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(node.api_url)
+    headers = {"Authorization": f"Bearer {node.credential}"}
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    try:
+        conn.request("GET", "/status", headers=headers)
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        sock = conn.sock
+        time.sleep(6)
+        conn.request("GET", "/status", headers=headers)
+        again = conn.getresponse()  # RemoteDisconnected when the node had closed it
+        again.read()
+        assert again.status == 200 and conn.sock is sock
+    finally:
+        conn.close()
