@@ -140,6 +140,10 @@ class CouchProxy:
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):
+    # A CouchDB node listens with a queue of 128 or more, the socketserver default is 5: a
+    # store opening 48 connections at once on a busy machine then met resets (syncookies).
+    request_queue_size = 1024
+
     def handle_error(self, request, client_address) -> None:
         pass  # a client gone mid-answer (a cancelled longpoll, a cut): nothing to report
 
