@@ -1186,10 +1186,12 @@ class CouchDBStore(Store):
                 return
             await self._delete_locals([_staged_id(digest) for digest in free])
             gone = set(free)
-            for local_id, (rev, staged) in list(self._records.items()):
+            done = []  # the records that date no chunk any more
+            for local_id, (rev, staged) in self._records.items():
                 staged -= gone
-                if not staged:  # it dates no chunk any more
-                    await self._remove_record(local_id, rev)
+                if not staged:
+                    done.append((local_id, rev))
+            await self._remove_records(done)
 
     async def expire_staged(self, older_than: float) -> int:
         async with self._staging:
@@ -1202,21 +1204,21 @@ class CouchDBStore(Store):
                 for digest in record.chunks:
                     if digest not in newest or newest[digest].at < record.at:
                         newest[digest] = record
-            removed = 0
+            expired: list[str] = []
             speaking: set[str] = set()  # records that still date a staged chunk
             for digest, record in newest.items():
                 if record.at > cutoff or digest in self._holds:
                     speaking.add(record.id)
-                    continue
-                try:
-                    await self.delete_local(_staged_id(digest))
-                    removed += 1
-                except NotFound:  # released already, or never staged (a crash between)
-                    pass
-            for record in records:
-                if record.at <= cutoff and record.id not in speaking:
-                    await self._remove_record(record.id, record.rev)
-            return removed
+                else:
+                    expired.append(_staged_id(digest))
+            # Only those staged: a record may name a chunk released already, or never
+            # staged (a crash between the two).
+            staged = await self._current_local_revs(expired) or {}
+            self._local_revs.update(staged)
+            await self._delete_locals(list(staged))
+            await self._remove_records([(record.id, record.rev) for record in records
+                                        if record.at <= cutoff and record.id not in speaking])
+            return len(staged)
 
     async def _current_local_revs(self, local_ids: list[str]) -> dict[str, str] | None:
         """The current rev of each of `local_ids` that exists, `LOCAL_DOCS_PAGE` ids per
@@ -1261,11 +1263,13 @@ class CouchDBStore(Store):
             raise self._error(status, data, "write a staging record")
         self._records[local_id] = (data["rev"], set(digests))
 
-    async def _remove_record(self, local_id: str, rev: str) -> None:
-        self._records.pop(local_id, None)
-        status, data = await self._request("DELETE", _local_path(local_id), params={"rev": rev})
-        if status >= 400 and status not in (404, 409):  # (gone, or rewritten by someone)
-            raise self._error(status, data, f"remove staging record {local_id}")
+    async def _remove_records(self, records: list[tuple[str, str]]) -> None:
+        """Delete staging records `(local id, rev)` in one `_bulk_docs`; one gone already, or
+        rewritten by someone else, stays as it is."""
+        for local_id, _ in records:
+            self._records.pop(local_id, None)
+        await self._bulk_locals([{"_id": LOCAL_PREFIX + local_id, "_rev": rev, "_deleted": True}
+                                 for local_id, rev in records])
 
     async def _staging_records(self) -> list[_StagingRecord] | None:
         """Every staging record, page by page; None where the server cannot list local
