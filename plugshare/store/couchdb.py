@@ -122,10 +122,13 @@ QUORUM_ATTEMPTS = 3  # sends of a write the server keeps answering 202 (below qu
 QUORUM_RETRY_DELAY = 0.1  # seconds before the second send; doubles each time
 FEED_RETRIES = 5  # longpolls cut in a row before `wait_for_change` gives up
 FEED_RETRY_DELAY = 0.25  # seconds before asking again after the first cut; doubles each time
-LOCAL_DOCS_PAGE = 500  # staging records per `_local_docs` request
-# Staging records one expiry looks at (each names up to a batch of chunks): whoever can write
-# the database could add millions. Those beyond are not looked at (their chunks stay).
+LOCAL_DOCS_PAGE = 500  # local ids per `_local_docs` request
+RECORDS_PAGE = 64  # staging records, with their docs, per `_local_docs` request
+RECORD_CHUNKS = 4096  # chunks one staging record names at most (a claim of more writes several)
+# What one expiry looks at: whoever can write the database could add millions of records,
+# or of chunks. Those beyond are not looked at (their chunks stay until a later expiry).
 MAX_STAGING_RECORDS = 100_000
+MAX_NAMED_CHUNKS = 262_144  # digests held in memory by one expiry (about 40 MB at most)
 CLOCK_SKEW = 86_400.0  # seconds a staging record may seem to come from the future (clock set back)
 
 
@@ -1195,9 +1198,12 @@ class CouchDBStore(Store):
 
     async def expire_staged(self, older_than: float) -> int:
         async with self._staging:
-            records = await self._staging_records()
-            if records is None:
+            listed = await self._staging_records()
+            if listed is None:
                 return 0
+            records, complete = listed
+            if complete:
+                await self._date_unrecorded(records)
             cutoff = time.time() - older_than
             newest: dict[bytes, _StagingRecord] = {}
             for record in records:
@@ -1254,14 +1260,53 @@ class CouchDBStore(Store):
             raise StoreError(f"CouchDB at {self._db_url}: _local_docs answered no rows")
         return rows
 
+    async def _date_unrecorded(self, records: list[_StagingRecord]) -> None:
+        """Give the staged chunks no record names (staged before the store wrote records, or
+        by someone else) a record dated now: they expire one window from now. Only after a
+        complete listing of the records, or chunks whose record was not read would be dated
+        again at each expiry."""
+        named = {digest for record in records for digest in record.chunks}
+        found = await self._staged_digests()
+        if found is None:
+            return
+        unrecorded = [digest for digest in found
+                      if digest not in named and digest not in self._holds]
+        if unrecorded:
+            logger.info("%s: %d staged chunks no staging record names; they expire one "
+                        "resume window from now", self._db_url, len(unrecorded))
+            await self._record_staging(unrecorded)
+
+    async def _staged_digests(self) -> list[bytes] | None:
+        """The digests of the staged chunks, at most MAX_NAMED_CHUNKS of them; None where
+        the server cannot list local documents or there are more."""
+        digests: list[bytes] = []
+        start = LOCAL_PREFIX + _staged_id(b"")
+        params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
+                  "limit": str(LOCAL_DOCS_PAGE)}
+        while True:
+            rows = await self._local_docs("list staged chunks", params=params)
+            if rows is None:
+                return None
+            for row in rows:
+                tail = str(row.get("id", ""))[len(start):] if isinstance(row, dict) else ""
+                if _SHA256_HEX.fullmatch(tail):
+                    digests.append(bytes.fromhex(tail))
+            if len(rows) < LOCAL_DOCS_PAGE:
+                return digests
+            if len(digests) >= MAX_NAMED_CHUNKS:
+                return None
+            params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
+
     async def _record_staging(self, digests: list[bytes]) -> None:
-        local_id = f"{STAGING_RECORD}{uuid.uuid4().hex}"
-        status, data = await self._request(
-            "PUT", _local_path(local_id),
-            body={"at": time.time(), "chunks": [digest.hex() for digest in digests]})
-        if status >= 400:
-            raise self._error(status, data, "write a staging record")
-        self._records[local_id] = (data["rev"], set(digests))
+        for first in range(0, len(digests), RECORD_CHUNKS):
+            part = digests[first:first + RECORD_CHUNKS]
+            local_id = f"{STAGING_RECORD}{uuid.uuid4().hex}"
+            status, data = await self._request(
+                "PUT", _local_path(local_id),
+                body={"at": time.time(), "chunks": [digest.hex() for digest in part]})
+            if status >= 400:
+                raise self._error(status, data, "write a staging record")
+            self._records[local_id] = (data["rev"], set(part))
 
     async def _remove_records(self, records: list[tuple[str, str]]) -> None:
         """Delete staging records `(local id, rev)` in one `_bulk_docs`; one gone already, or
@@ -1271,15 +1316,16 @@ class CouchDBStore(Store):
         await self._bulk_locals([{"_id": LOCAL_PREFIX + local_id, "_rev": rev, "_deleted": True}
                                  for local_id, rev in records])
 
-    async def _staging_records(self) -> list[_StagingRecord] | None:
-        """Every staging record, page by page; None where the server cannot list local
-        documents (pouchdb-server): its staged chunks are then kept."""
+    async def _staging_records(self) -> tuple[list[_StagingRecord], bool] | None:
+        """The staging records, page by page, and whether that is all of them (not cut at
+        MAX_STAGING_RECORDS rows or MAX_NAMED_CHUNKS chunks); None where the server cannot
+        list local documents (pouchdb-server): its staged chunks are then kept."""
         records: list[_StagingRecord] = []
-        seen = malformed = 0
+        seen = malformed = named = 0
         latest = time.time() + CLOCK_SKEW  # a record dated later than this is not one of ours
         start = LOCAL_PREFIX + STAGING_RECORD
         params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
-                  "include_docs": "true", "limit": str(LOCAL_DOCS_PAGE)}
+                  "include_docs": "true", "limit": str(RECORDS_PAGE)}
         while True:
             rows = await self._local_docs("list staging records", params=params)
             if rows is None:
@@ -1299,17 +1345,20 @@ class CouchDBStore(Store):
                     malformed += 1
                 else:
                     records.append(record)
-            last = len(rows) < LOCAL_DOCS_PAGE or seen >= MAX_STAGING_RECORDS
-            if malformed and last:
+                    named += len(record.chunks)
+            complete = len(rows) < RECORDS_PAGE
+            cut = not complete and (seen >= MAX_STAGING_RECORDS or named >= MAX_NAMED_CHUNKS)
+            if malformed and (complete or cut):
                 logger.warning("ignoring %d malformed staging records in %s (not as this "
                                "store writes them, or dated in the future)", malformed,
                                self._db_url)
-            if len(rows) < LOCAL_DOCS_PAGE:
-                return records
-            if seen >= MAX_STAGING_RECORDS:
-                logger.warning("%s holds more than %d staging records: expiring among the "
-                               "first only", self._db_url, MAX_STAGING_RECORDS)
-                return records
+            if complete:
+                return records, True
+            if cut:
+                logger.warning("%s holds more than %d staging records or %d staged chunks: "
+                               "expiring among the first only", self._db_url,
+                               MAX_STAGING_RECORDS, MAX_NAMED_CHUNKS)
+                return records, False
             params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
 
     # -- HTTP ----------------------------------------------------------------------------
@@ -1572,6 +1621,7 @@ class _StagingRecord:
         if not (isinstance(local_id, str) and local_id.startswith(LOCAL_PREFIX + STAGING_RECORD)
                 and isinstance(rev, str) and isinstance(at, (int, float))
                 and not isinstance(at, bool) and isinstance(chunks, list)
+                and len(chunks) <= RECORD_CHUNKS
                 and all(isinstance(c, str) and _SHA256_HEX.fullmatch(c) for c in chunks)):
             return None
         return cls(local_id[len(LOCAL_PREFIX):], rev, float(at),

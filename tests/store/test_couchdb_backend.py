@@ -372,12 +372,13 @@ async def test_a_transfer_that_finishes_leaves_no_staging_record(couchdb_url):
         await store.aclose()
 
 
+@pytest.mark.parametrize("bound", ["MAX_STAGING_RECORDS", "MAX_NAMED_CHUNKS"])
 async def test_an_expiry_looks_at_a_bounded_number_of_staging_records(couchdb_url, monkeypatch,
-                                                                       caplog):
-    """Whoever can write the database can add staging records without end: one expiry reads
-    at most a bounded number, says so, and the next goes on."""
-    monkeypatch.setattr(couchdb, "LOCAL_DOCS_PAGE", 2)
-    monkeypatch.setattr(couchdb, "MAX_STAGING_RECORDS", 4)
+                                                                       caplog, bound):
+    """Whoever can write the database can add staging records without end, or records that
+    name many chunks: one expiry reads a bounded number, says so, and the next goes on."""
+    monkeypatch.setattr(couchdb, "RECORDS_PAGE", 2)
+    monkeypatch.setattr(couchdb, bound, 4)
     name = fresh_name()
     store = await CouchDBStore.open(couchdb_url, name)
     staged = [(await store.stage_chunks([f"piece {i}".encode()]))[0] for i in range(7)]
@@ -386,7 +387,7 @@ async def test_an_expiry_looks_at_a_bounded_number_of_staging_records(couchdb_ur
     try:
         await trio.sleep(0.01)
         assert await store.expire_staged(older_than=0) == 4
-        assert "more than 4 staging records" in caplog.text
+        assert "staging records or" in caplog.text and "expiring among the first" in caplog.text
         assert await store.expire_staged(older_than=0) == 3
         for digest in staged:
             with pytest.raises(NotFound):
@@ -441,6 +442,68 @@ async def test_staging_records_not_as_the_store_writes_them_are_ignored(couchdb_
             await store.read_staged_chunk(digest)
         said = [r.getMessage() for r in caplog.records if "malformed staging" in r.getMessage()]
         assert len(said) == 1 and "ignoring 3 " in said[0], said
+    finally:
+        await store.aclose()
+
+
+async def _staging_record_ids(http: httpx.AsyncClient, name: str) -> list[str]:
+    start = "_local/plugshare-staging-"
+    answer = await http.get(f"/{name}/_local_docs", params={
+        "startkey": f'"{start}"', "endkey": f'"{start}\uffff"'})
+    assert answer.status_code == 200, answer.text
+    return [row["id"] for row in answer.json()["rows"]]
+
+
+async def test_chunks_staged_with_no_record_expire_one_window_after_expiry_finds_them(
+        couchdb_url):
+    """A chunk no staging record names (staged before the store wrote records, or by
+    someone else with access to the database) is not kept for ever: expiry dates it from
+    when it first finds it, and removes it one resume window later."""
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        old = await store.stage_chunks([b"left before records existed", b"another"])
+        await store.release_chunks(old, keep_staged=True)
+        async with httpx.AsyncClient(base_url=couchdb_url) as http:
+            for local_id in await _staging_record_ids(http, name):
+                rev = (await http.get(f"/{name}/{local_id}")).json()["_rev"]
+                gone = await http.delete(f"/{name}/{local_id}", params={"rev": rev})
+                assert gone.status_code == 200, gone.text
+            assert await store.expire_staged(older_than=3600) == 0
+            assert await store.read_staged_chunk(old[0]) == b"left before records existed"
+            assert len(await _staging_record_ids(http, name)) == 1  # found, and dated
+            assert await store.expire_staged(older_than=3600) == 0  # dated once, not again
+            assert len(await _staging_record_ids(http, name)) == 1
+        await trio.sleep(0.01)
+        assert await store.expire_staged(older_than=0) == 2
+        for digest in old:
+            with pytest.raises(NotFound):
+                await store.read_staged_chunk(digest)
+    finally:
+        await store.aclose()
+
+
+async def test_a_record_naming_more_chunks_than_the_store_writes_is_ignored(couchdb_url,
+                                                                            caplog):
+    """The store writes at most RECORD_CHUNKS chunks per record (a claim of more takes
+    several): a record naming more was not written by it, and is not held in memory."""
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        many = [hashlib.sha256(b"%d" % i).hexdigest()
+                for i in range(couchdb.RECORD_CHUNKS + 1)]
+        async with httpx.AsyncClient(base_url=couchdb_url) as http:
+            answer = await http.put(f"/{name}/_local/plugshare-staging-forged",
+                                    json={"at": 1.0, "chunks": many})
+            assert answer.status_code in (200, 201), answer.text
+        assert await store.expire_staged(older_than=0) == 0
+        said = [r.getMessage() for r in caplog.records if "malformed staging" in r.getMessage()]
+        assert len(said) == 1 and "ignoring 1 " in said[0], said
+        pieces = [b"piece %d" % i for i in range(couchdb.RECORD_CHUNKS + 3)]
+        staged = await store.stage_chunks(pieces)  # split over several records of its own
+        await store.release_chunks(staged, keep_staged=True)
+        await trio.sleep(0.01)
+        assert await store.expire_staged(older_than=0) == len(pieces)
     finally:
         await store.aclose()
 
