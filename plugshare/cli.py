@@ -383,7 +383,7 @@ def _configure_logging(level: str) -> None:
     layout = ("%(levelname)s %(name)s: %(message)s" if stderr_is_journal()
               else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.basicConfig(level=getattr(logging, level.upper()), format=layout, stream=sys.stderr)
-    for noisy in ("hypercorn.error", "httpx", "httpcore"):
+    for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 

@@ -15,7 +15,6 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 import attrs
-import trio
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -55,8 +54,6 @@ class ApiParts:
     spool_dir: Any = None  # where /couch spools inline attachment data (None: the temp dir)
 
 MAX_BODY = 8 * 1024 * 1024  # a document larger than this is refused (413)
-DRAIN_IDLE = 5.0  # seconds: a client silent this long in the middle of an unread body is left
-SMALL_BODY = 64 * 1024  # bytes: a body this small, answered unread, is read first (see _Body)
 RECENTLY_AUTHENTICATED = 1024  # credentials remembered by the guard (see `_RecentCredentials`)
 RECENT_FOR = 2.0  # seconds: how long the guard trusts that a credential is known to the token
 
@@ -548,63 +545,6 @@ def _owner_only(node: ApiParts):
     return authorize
 
 
-class _Body:
-    """The request's `receive`, noting whether the body has all come in.
-
-    A request answered before its body was read (401, 413...) must have its queue read, and
-    dropped, while its answer goes out: hypercorn hands the app the body through a queue of
-    10 pieces and, as the answer ends, queues one more message and waits for room before it
-    closes the connection; with the queue full and nobody reading it, that connection (and
-    its client) would hang for good, its socket never closed.
-
-    A small body (`SMALL_BODY`, declared by its length) is read, and dropped, before such an
-    answer instead: the connection is then kept. Closing it with a body still coming would
-    make the kernel answer that body with a reset, which can destroy the answer before the
-    client reads it (as Apache CouchDB's replicator met on its login form to `/_session`)."""
-
-    def __init__(self, receive):
-        self._receive = receive
-        self.complete = False
-
-    async def __call__(self):
-        message = await self._receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self.complete = True
-        return message
-
-    def unread(self, scope) -> bool:
-        """Whether the request has a body (a length above 0, or chunked) not all read yet."""
-        if self.complete:
-            return False
-        for name, value in scope.get("headers", ()):
-            name = name.lower()
-            if name == b"transfer-encoding" or (
-                    name == b"content-length" and value.strip() != b"0"):
-                return True
-        return False
-
-    def small(self, scope) -> bool:
-        """Whether the request has a body not all read yet, of a length up to SMALL_BODY."""
-        if self.complete:
-            return False
-        for name, value in scope.get("headers", ()):
-            if name.lower() == b"transfer-encoding":
-                return False
-            if name.lower() == b"content-length":
-                return value.strip().isdigit() and 0 < int(value) <= SMALL_BODY
-        return False
-
-    async def drain(self) -> None:
-        """Read what is queued and drop it until hypercorn's closing message gets in (it
-        then closes the connection, the rest of the body unread), the body ends, or the
-        client falls silent (nothing is queued then)."""
-        while not self.complete:
-            with trio.move_on_after(DRAIN_IDLE) as idle:
-                await self()
-            if idle.cancelled_caught:
-                return
-
-
 class _RecentCredentials:
     """Digests of the credentials the token authenticated in the last RECENT_FOR seconds,
     at most RECENTLY_AUTHENTICATED of them (oldest forgotten first).
@@ -665,28 +605,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         if scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)  # describes the API; holds no data
-        body = _Body(receive)
-        async with trio.open_nursery() as nursery:
-
-            async def answer(message) -> None:
-                if message["type"] == "http.response.start" and body.small(scope):
-                    await body.drain()  # then the connection is kept (see `_Body`)
-                if message["type"] == "http.response.start" and body.unread(scope):
-                    # The rest of the body will not be read: hypercorn closes the connection
-                    # after this answer, so say so, or a client sends its next request on a
-                    # connection about to close and loses it (RFC 9112, 9.6).
-                    message = {**message, "headers": [
-                        *[(k, v) for k, v in message.get("headers", [])
-                          if k.lower() != b"connection"],
-                        (b"connection", b"close")]}
-                if message["type"] == "http.response.body" and \
-                        not message.get("more_body", False) and not body.complete:
-                    nursery.start_soon(body.drain)  # see `_Body`: the answer's end needs it
-                await send(message)
-
-            await self._serve(scope, body, answer)
-
-    async def _serve(self, scope, receive, send) -> None:
+        # (A body left unread by a 401 or 413 is the HTTP server's to handle.)
         request = Request(scope, receive)
         try:
             credential = bearer(request.headers.get("authorization"))

@@ -10,8 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from plugshare import __version__
 from plugshare.config import Address, Config
@@ -20,6 +18,7 @@ from plugshare.node.admin import Admin
 from plugshare.node.discovery import Discovery, DiscoveryError, local_addresses
 from plugshare.node.documents import Documents
 from plugshare.node.events import EventBus
+from plugshare.node import http_server
 from plugshare.node.home import Home
 from plugshare.node.listen import bind_listener
 from plugshare.node.on_read import FetchModes, OnRead
@@ -37,19 +36,10 @@ from plugshare.token.supervisor import TokenProcess
 log = logging.getLogger("plugshare.node")
 
 
-def _not_hypercorn_banner(record: logging.LogRecord) -> bool:
-    """The node logs where its API is itself (with its name and id): drop hypercorn's own
-    "Running on ..." line so the address is said once."""
-    return not str(record.msg).startswith("Running on")
-
-
-_hypercorn_log = logging.getLogger("plugshare.api")
-_hypercorn_log.addFilter(_not_hypercorn_banner)
-
 GRACEFUL_TIMEOUT = 2.0  # seconds requests in flight get to finish at shutdown
 # Seconds an idle keep-alive connection stays open. Clients drop theirs from their pools after
 # their own delay (httpx 5 s, Node's agents about as long): a server that closes first races
-# a request sent at that moment, which then meets a reset. Hypercorn's default is 5 s.
+# a request sent at that moment, which then meets a reset.
 API_KEEP_ALIVE = 30.0
 
 
@@ -187,12 +177,7 @@ class Node:
         api_sock = bind_listener(self.config.api.listen, "local API")
         host, port = api_sock.getsockname()[:2]
         self.api_url = f"http://{Address(host, port)}"
-        hconfig = HypercornConfig()
-        hconfig.bind = [f"fd://{api_sock.detach()}"]  # hypercorn owns (and closes) the fd now
-        hconfig.accesslog = None
-        hconfig.errorlog = _hypercorn_log  # one logging setup, and one "serving on" line
-        hconfig.graceful_timeout = GRACEFUL_TIMEOUT
-        hconfig.keep_alive_timeout = API_KEEP_ALIVE
+        limits = http_server.Limits(keep_alive=API_KEEP_ALIVE, graceful=GRACEFUL_TIMEOUT)
         api_done = trio.Event()
 
         async def serve_api(task_status) -> None:
@@ -206,9 +191,9 @@ class Node:
                                  set_fetch_mode=self.set_fetch_mode,
                                  pin=self.pin, pins=self.fetch_modes.pins,
                                  spool_dir=self.home.root)
-                await hypercorn_serve(create_app(parts), hconfig,
-                                      shutdown_trigger=self._stopping.wait,
-                                      task_status=task_status)
+                await http_server.serve(create_app(parts), api_sock, limits=limits,
+                                        shutdown_trigger=self._stopping.wait,
+                                        task_status=task_status)
             finally:
                 api_done.set()
 

@@ -1,5 +1,5 @@
-"""The events bus, the NDJSON wire format, `GET /events` over real HTTP (hypercorn on
-loopback) and the stream readers `watch` and the progress display use.
+"""The events bus, the NDJSON wire format, `GET /events` over real HTTP (the node's
+own server on loopback) and the stream readers `watch` and the progress display use.
 
 `BusServer` (a Starlette app with the real `events_route` and a `/status` answer, behind a
 bearer check) is also used by test_watch.py."""
@@ -15,13 +15,12 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from plugshare.node import http_server
 from plugshare.node.events import (
     DROPPED,
     HEARTBEAT,
@@ -44,7 +43,7 @@ from tests.node.conftest import init_node, start_node
 
 CREDENTIAL = "test-credential-0123456789abcdef"
 
-# -- a small real server: the real route on hypercorn, on loopback ------------------------
+# -- a small real server: the real route on the node's HTTP server, on loopback ------------------------
 
 
 def make_app(bus: EventBus, status: dict, *, heartbeat: float = 10.0, authorize=None):
@@ -74,13 +73,10 @@ async def serve_app(app, *, port: int = 0, task_status=trio.TASK_STATUS_IGNORED)
     sock.listen(64)
     sock.setblocking(False)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = HypercornConfig()
-    config.bind = [f"fd://{sock.detach()}"]
-    config.accesslog = None
-    config.graceful_timeout = 0.5
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: hypercorn_serve(app, config,
-                                                                task_status=task_status))
+        await nursery.start(lambda task_status: http_server.serve(
+            app, sock, limits=http_server.Limits(graceful=0.5),
+            shutdown_trigger=trio.sleep_forever, task_status=task_status))
         task_status.started(url)
 
 
