@@ -13,7 +13,8 @@ from typing import Awaitable
 
 import trio
 
-from plugshare.node.couch.errors import CouchError
+from plugshare.errors import PlugshareError
+from plugshare.node.couch.errors import CouchError, as_couch
 from plugshare.store.base import Seq
 
 MAX_FEEDS_PER_PRINCIPAL = 16  # PouchDB's live sync holds one or two per database
@@ -72,15 +73,24 @@ async def follow(page: ChangesPage, wait_for_change: Callable[[Seq], Awaitable[N
                  timeout: float | None) -> AsyncIterator[str]:
     """The text of a live feed. `page(since, n)` is (rows, last_seq) of at most n visible
     changes after `since`; `wait_for_change(seq)` returns once the store has one after it."""
+    # The status line is sent by now: a refusal (the credential revoked meanwhile, the
+    # store gone) ends the feed with CouchDB's error object, not with a connection cut.
+    try:
+        async for line in _follow(page, wait_for_change, feed=feed, since=since, limit=limit,
+                                  heartbeat=heartbeat, timeout=timeout):
+            yield line
+    except PlugshareError as exc:
+        yield _error_line(as_couch(exc), feed)
+
+
+async def _follow(page: ChangesPage, wait_for_change: Callable[[Seq], Awaitable[None]], *,
+                  feed: str, since: Seq, limit: int | None, heartbeat: float | None,
+                  timeout: float | None) -> AsyncIterator[str]:
     deadline = math.inf if timeout is None else trio.current_time() + timeout
     remaining = math.inf if limit is None else limit
     seq = since
     while True:
-        try:
-            rows, seq = await page(seq, int(min(remaining, 10_000)))
-        except CouchError as exc:  # the status line is sent: the feed ends with the error
-            yield _error_line(exc, feed)
-            return
+        rows, seq = await page(seq, int(min(remaining, 10_000)))
         if feed == "longpoll" and rows:
             yield json.dumps({"results": rows, "last_seq": seq}) + "\n"
             return
