@@ -47,11 +47,12 @@ App = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable
 @attrs.frozen
 class Limits:
     keep_alive: float = 30.0  # seconds an idle connection is kept between requests
-    header_timeout: float = 10.0  # seconds from a request's first byte to its last header
+    header_timeout: float = 10.0  # seconds for a request's headers (a new connection's first
+    # request: from the connect; later ones: from their first byte)
     body_idle: float = 60.0  # seconds of silence allowed in the middle of a request body
     send_idle: float = 60.0  # seconds a client may leave an answer unread before it is cut
     max_header_bytes: int = 64 * 1024  # request line and headers (431 above)
-    max_connections: int = 512  # more wait in the kernel's listen queue
+    max_connections: int = 512  # at the cap an idle one is closed, else new ones wait
     linger: float = 1.0  # seconds an unread body is read and dropped before the close
     graceful: float = 2.0  # seconds requests in flight get to finish at shutdown
 
@@ -86,20 +87,27 @@ class _Server:
         self.all_closed = trio.Event()
         self.all_closed.set()
         self._slots = trio.Semaphore(limits.max_connections)
-        self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
+        # Connections waiting for their next request, the longest waiting first.
+        self._idle: dict[trio.CancelScope, None] = {}
+        self._room_wanted = False  # a connection accepted at the cap waits for a slot
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            await self._slots.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                self._slots.release()
                 if exc.errno not in _CAPACITY_ERRNOS:
                     raise
                 log.error("cannot accept a connection now (%s); trying again shortly", exc)
                 await trio.sleep(0.1)
                 continue
+            if self._slots.value == 0:
+                # Idle keep-alive connections must not lock new clients out: the one idle
+                # the longest goes (its client reconnects), now or as soon as one is idle.
+                self._room_wanted = True
+                self._make_room()
+            await self._slots.acquire()
+            self._room_wanted = False
             self.open += 1
             self.all_closed = trio.Event() if self.open == 1 else self.all_closed
             nursery.start_soon(self._run, stream)
@@ -121,9 +129,15 @@ class _Server:
 
     def waiting(self, scope: trio.CancelScope, waiting: bool) -> None:
         if waiting:
-            self._idle.add(scope)
+            self._idle[scope] = None
+            if self._room_wanted:
+                self._make_room()
         else:
-            self._idle.discard(scope)
+            self._idle.pop(scope, None)
+
+    def _make_room(self) -> None:
+        if self._idle:
+            next(iter(self._idle)).cancel()
 
 
 class _Connection:
@@ -134,6 +148,7 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER,
                                   max_incomplete_event_size=self.limits.max_header_bytes)
         self.gone = trio.Event()  # the client closed, or an exchange with it failed
+        self.served = 0  # requests answered on this connection
         try:
             self.client = stream.socket.getpeername()[:2]
             self.local = stream.socket.getsockname()[:2]
@@ -147,6 +162,7 @@ class _Connection:
                 if request is None:
                     break
                 await _Exchange(self, request).run()
+                self.served += 1
                 if self.gone.is_set():
                     break
                 if not self._body_read():
@@ -187,7 +203,9 @@ class _Connection:
             return None
         try:
             event = self.h11.next_event()  # one pipelined already?
-            if event is h11.NEED_DATA:
+            # Between requests a connection may wait `keep_alive` (and is the first to go
+            # when new ones need room); its first request is due within `header_timeout`.
+            if event is h11.NEED_DATA and self.served:
                 with trio.CancelScope(deadline=trio.current_time() + self.limits.keep_alive) \
                         as idle:
                     self.server.waiting(idle, True)
@@ -197,6 +215,7 @@ class _Connection:
                         self.server.waiting(idle, False)
                 if idle.cancelled_caught:
                     return None
+            if event is h11.NEED_DATA:
                 with trio.move_on_after(self.limits.header_timeout) as slow:
                     event = await self.next_event(math.inf)
                 if slow.cancelled_caught:

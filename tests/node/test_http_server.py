@@ -116,6 +116,8 @@ async def test_headers_that_trickle_in_are_answered_408_and_the_connection_close
         await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
         answer = await read_until_closed(stream)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
+        silent = await connect(port)  # a new connection owes its first request as soon
+        assert (await read_until_closed(silent, limit=3)).startswith(b"HTTP/1.1 408 ")
 
 
 async def test_headers_over_the_cap_get_431_and_bad_requests_400_and_others_are_served():
@@ -225,17 +227,42 @@ async def test_head_sends_the_headers_of_get_and_no_body():
 
 
 async def test_connections_beyond_the_cap_wait_their_turn():
-    async with running(echo_app, max_connections=2) as (port, _):
+    release = trio.Event()
+
+    async def slow(scope, receive, send):
+        if scope["path"] == "/slow":
+            await release.wait()
+        await echo_app(scope, receive, send)
+
+    async with running(slow, max_connections=2) as (port, _):
         first, second, third = [await connect(port) for _ in range(3)]
-        for stream in (first, second, third):
-            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        await read_answer(first)
-        await read_answer(second)
+        for stream in (first, second):
+            await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(0.2)
+        await third.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         with trio.move_on_after(0.5) as waited:
             await third.receive_some(100)
-        assert waited.cancelled_caught  # not served while two are open
-        await first.aclose()
+        assert waited.cancelled_caught  # not served while two requests are in flight
+        release.set()
         assert (await read_answer(third)).endswith(b"GET / 0")
+
+
+async def test_at_the_cap_the_oldest_idle_connection_makes_room():
+    """Idle keep-alive connections must not lock others out: at the cap, the one idle the
+    longest is closed (a client reconnects; a request in flight is never cut)."""
+    async with running(echo_app, max_connections=2) as (port, _):
+        oldest, newer = await connect(port), await connect(port)
+        for stream in (oldest, newer):
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await read_answer(stream)
+        third = await connect(port)
+        await third.send_all(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_answer(third)).endswith(b"GET /third 0")
+        with trio.fail_after(3):
+            assert await oldest.receive_some(100) == b""
+        await newer.send_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.move_on_after(0.5):  # at the cap again: newer is the idle one now, or kept
+            await read_answer(newer)
 
 
 async def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connections():
