@@ -202,7 +202,8 @@ class Node:
                 await nursery.start(self.on_read.run)
                 await nursery.start(self.peers.run)
                 nursery.start_soon(self._follow_expiry)
-                nursery.start_soon(self._expire_staged_chunks)
+                nursery.start_soon(sweep_staged_chunks, self.store,
+                                   self.config.store.resume_window_hours)
                 nursery.start_soon(self.sharing.retry_pending_joins)
                 if self.config.peer.discovery:
                     await nursery.start(self._discover)
@@ -239,27 +240,6 @@ class Node:
                     await self.peers.refresh()
             except Exception as exc:  # the token restarting: try again next time
                 log.info("could not re-read the shares: %s", exc)
-
-    async def _expire_staged_chunks(self) -> None:
-        """Chunks an incoming file transfer staged stay for it to resume; a transfer cut for
-        good (the node killed mid-transfer, then its share left or its read never made
-        again) would hold them for ever. At start, then hourly, those unused for the
-        resume window go, and the store gives back the space of data no longer held."""
-        window = self.config.store.resume_window_hours * 3600
-        while True:
-            try:
-                removed = await self.store.expire_staged(window)
-                freed = await self.store.reclaim_space()
-            except StoreError as exc:  # the store away: next time
-                log.warning("could not expire staged chunks or reclaim space: %s", exc)
-            else:
-                if removed:
-                    log.info("removed %d staged chunks of file transfers cut more than %d "
-                             "hours ago", removed, self.config.store.resume_window_hours)
-                if freed:
-                    log.info("gave back %.1f MB of attachment data no longer held",
-                             freed / 1e6)
-            await trio.sleep(STAGED_EXPIRY_EVERY)
 
     async def _discover(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Announce this node and find members' current addresses on the LAN."""
@@ -332,3 +312,24 @@ async def _probe(path) -> dict | None:
             return await probe.call("info")
     except Exception:
         return None
+
+
+async def sweep_staged_chunks(store: Store, resume_window_hours: float) -> None:
+    """Chunks an incoming file transfer staged stay for it to resume; a transfer cut for
+    good (the node killed mid-transfer, then its share left or its read never made
+    again) would hold them for ever. At start, then every STAGED_EXPIRY_EVERY seconds, those
+    unused for the resume window go, and the store gives back the space of data no longer
+    held."""
+    while True:
+        try:
+            removed = await store.expire_staged(resume_window_hours * 3600)
+            freed = await store.reclaim_space()
+        except StoreError as exc:  # the store away: next time
+            log.warning("could not expire staged chunks or reclaim space: %s", exc)
+        else:
+            if removed:
+                log.info("removed %d staged chunks of file transfers cut more than %g "
+                         "hours ago", removed, resume_window_hours)
+            if freed:
+                log.info("gave back %.1f MB of attachment data no longer held", freed / 1e6)
+        await trio.sleep(STAGED_EXPIRY_EVERY)
