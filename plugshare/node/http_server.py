@@ -106,7 +106,12 @@ class _Server:
                 # the longest goes (its client reconnects), now or as soon as one is idle.
                 self._room_wanted = True
                 self._make_room()
-            await self._slots.acquire()
+            try:
+                await self._slots.acquire()
+            except BaseException:  # shutting down while it waited for a slot
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
             self._room_wanted = False
             self.open += 1
             self.all_closed = trio.Event() if self.open == 1 else self.all_closed
@@ -315,12 +320,11 @@ class _Exchange:
         self.connection = connection
         self.request = request
         self.head = request.method == b"HEAD"
-        self.declared: int | None = 0  # the body's length (none said: none; None: chunked)
-        for name, value in request.headers:
-            if name == b"content-length":
-                self.declared = int(value)  # h11 checked it is one well-formed number
-            elif name == b"transfer-encoding":
-                self.declared = None
+        # the body's length: none said, none; None when chunked (which h11 then follows)
+        headers = dict(request.headers)
+        self.declared: int | None = (
+            None if b"transfer-encoding" in headers
+            else int(headers.get(b"content-length", 0)))  # h11 checked it is a number
         self.received = 0
         self.body_done = False
         self.started = False

@@ -288,3 +288,24 @@ async def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connectio
         release.set()
         answer = await read_until_closed(busy)
         assert answer.endswith(b"GET /slow 0") and b"connection: close" in answer.lower()
+
+
+async def test_a_chunked_body_that_also_claims_a_small_length_is_not_read_to_its_end():
+    """With both headers h11 follows the chunks: a body declared small by its
+    Content-Length but chunked without end is not read and dropped for ever."""
+    async with running(echo_app) as (port, _):
+        stream = await connect(port)
+        await stream.send_all(b"PUT /early HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                              b"Content-Length: 5\r\n\r\n")
+
+        async def chunks_without_end():
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    await stream.send_all(b"4000\r\n" + b"x" * 0x4000 + b"\r\n")
+                    await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chunks_without_end)
+            answer = await read_until_closed(stream)
+            nursery.cancel_scope.cancel()
+        assert answer.endswith(b"PUT /early 0") and b"connection: close" in answer.lower()
