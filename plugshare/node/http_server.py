@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import errno
 import http
+import json
 import logging
 import math
 import socket
@@ -38,6 +39,7 @@ SMALL_BODY = 64 * 1024
 # accept() errors that mean "out of file descriptors or memory now": wait, then accept again
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _DISCONNECT = {"type": "http.disconnect"}
+_ERRORS = {408: "timeout", 431: "headers_too_large", 500: "internal"}
 
 Scope = dict[str, Any]
 App = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]],
@@ -300,8 +302,10 @@ class _Connection:
         """Answer a request that cannot be served (when h11 still allows an answer)."""
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = (reason + "\n").encode("utf-8", "replace")
-        headers = [(b"content-type", b"text/plain; charset=utf-8"),
+        # the API's error shape, also for what never reached it
+        error = _ERRORS.get(status, "bad_request" if status < 500 else "internal")
+        body = json.dumps({"error": error, "reason": reason}).encode()
+        headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close"), (b"date", _date())]
         try:

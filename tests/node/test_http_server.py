@@ -6,6 +6,7 @@ that leaves a live answer, an answer given before its body was read, and shutdow
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 
 import pytest
@@ -127,7 +128,9 @@ async def test_headers_over_the_cap_get_431_and_bad_requests_400_and_others_are_
         assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 431 ")
         stream = await connect(port)
         await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
-        assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 400 ")
+        answer = await read_until_closed(stream)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
         stream = await connect(port)
         await stream.send_all(b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n")  # not UTF-8: replaced
         assert (await read_answer(stream)).startswith(b"HTTP/1.1 200 ")
