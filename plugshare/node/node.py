@@ -17,8 +17,8 @@ from plugshare.node.access import Identity, ShareView
 from plugshare.node.admin import Admin
 from plugshare.node.discovery import Discovery, DiscoveryError, local_addresses
 from plugshare.node.documents import Documents
-from plugshare.node.events import EventBus
 from plugshare.node import http_server
+from plugshare.node.events import EventBus
 from plugshare.node.home import Home
 from plugshare.node.listen import bind_listener
 from plugshare.node.on_read import FetchModes, OnRead

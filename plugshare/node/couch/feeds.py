@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Awaitable
 
 import trio
@@ -75,10 +76,12 @@ async def follow(page: ChangesPage, wait_for_change: Callable[[Seq], Awaitable[N
     changes after `since`; `wait_for_change(seq)` returns once the store has one after it."""
     # The status line is sent by now: a refusal (the credential revoked meanwhile, the
     # store gone) ends the feed with CouchDB's error object, not with a connection cut.
+    lines = _follow(page, wait_for_change, feed=feed, since=since, limit=limit,
+                    heartbeat=heartbeat, timeout=timeout)
     try:
-        async for line in _follow(page, wait_for_change, feed=feed, since=since, limit=limit,
-                                  heartbeat=heartbeat, timeout=timeout):
-            yield line
+        async with aclosing(lines):  # closed with this one when the client goes
+            async for line in lines:
+                yield line
     except PlugshareError as exc:
         yield _error_line(as_couch(exc), feed)
 
