@@ -13,11 +13,11 @@ import trio
 
 from plugshare import __version__
 from plugshare.config import Address, Config
+from plugshare.node import http_server
 from plugshare.node.access import Identity, ShareView
 from plugshare.node.admin import Admin
 from plugshare.node.discovery import Discovery, DiscoveryError, local_addresses
 from plugshare.node.documents import Documents
-from plugshare.node import http_server
 from plugshare.node.events import EventBus
 from plugshare.node.home import Home
 from plugshare.node.listen import bind_listener
