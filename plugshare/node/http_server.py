@@ -49,8 +49,8 @@ App = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable
 @attrs.frozen
 class Limits:
     keep_alive: float = 30.0  # seconds an idle connection is kept between requests
-    header_timeout: float = 10.0  # seconds for a request's headers (a new connection's first
-    # request: from the connect; later ones: from their first byte)
+    header_timeout: float = 10.0  # seconds from a request's first byte to its last header
+    # (and from a new connection's connect to its first byte)
     body_idle: float = 60.0  # seconds of silence allowed in the middle of a request body
     send_idle: float = 60.0  # seconds a client may leave an answer unread before it is cut
     max_header_bytes: int = 64 * 1024  # request line and headers (431 above)
@@ -89,8 +89,10 @@ class _Server:
         self.all_closed = trio.Event()
         self.all_closed.set()
         self._slots = trio.Semaphore(limits.max_connections)
-        # Connections waiting for their next request, the longest waiting first.
+        # Connections waiting for their next request, the longest waiting first; and new
+        # ones waiting for their first (not closed to make room: they have had no turn yet).
         self._idle: dict[trio.CancelScope, None] = {}
+        self._new: set[trio.CancelScope] = set()
         self._room_wanted = False  # a connection accepted at the cap waits for a slot
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
@@ -131,16 +133,20 @@ class _Server:
     def drain(self) -> None:
         """Stop keeping connections alive, and close those waiting for a request now."""
         self.draining = True
-        for scope in list(self._idle):
+        for scope in [*self._idle, *self._new]:
             scope.cancel()
 
-    def waiting(self, scope: trio.CancelScope, waiting: bool) -> None:
-        if waiting:
+    def waiting(self, scope: trio.CancelScope, waiting: bool, *, served: bool) -> None:
+        """A connection waits for the first byte of a request (`waiting`), or no longer."""
+        if not waiting:
+            self._idle.pop(scope, None)
+            self._new.discard(scope)
+        elif not served:
+            self._new.add(scope)
+        else:
             self._idle[scope] = None
             if self._room_wanted:
                 self._make_room()
-        else:
-            self._idle.pop(scope, None)
 
     def _make_room(self) -> None:
         if self._idle:
@@ -211,17 +217,21 @@ class _Connection:
         try:
             event = self.h11.next_event()  # one pipelined already?
             # Between requests a connection may wait `keep_alive` (and is the first to go
-            # when new ones need room); its first request is due within `header_timeout`.
-            if event is h11.NEED_DATA and self.served:
-                with trio.CancelScope(deadline=trio.current_time() + self.limits.keep_alive) \
-                        as idle:
-                    self.server.waiting(idle, True)
+            # when new ones need room); a new one's first request is due within
+            # `header_timeout`. Either is closed at once when the server shuts down.
+            if event is h11.NEED_DATA and not self.h11.trailing_data[0]:
+                wait = self.limits.keep_alive if self.served else self.limits.header_timeout
+                with trio.CancelScope(deadline=trio.current_time() + wait) as idle:
+                    self.server.waiting(idle, True, served=bool(self.served))
                     try:
                         await self.receive()
                     finally:
-                        self.server.waiting(idle, False)
+                        self.server.waiting(idle, False, served=bool(self.served))
                 if idle.cancelled_caught:
+                    if not self.served and not self.server.draining:
+                        await self.refuse(408, "no request came")
                     return None
+                event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 with trio.move_on_after(self.limits.header_timeout) as slow:
                     event = await self.next_event(math.inf)

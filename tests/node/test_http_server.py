@@ -282,10 +282,12 @@ async def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connectio
         await read_answer(idle)
         busy = await connect(port)
         await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        fresh = await connect(port)  # connected, nothing sent yet
         await trio.sleep(0.1)
         stop.set()
         with trio.fail_after(3):
             assert await idle.receive_some(100) == b""  # closed at once
+            assert await fresh.receive_some(100) == b""  # and so is this one
         with pytest.raises(OSError):
             await connect(port)  # no longer listening
         release.set()
