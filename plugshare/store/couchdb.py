@@ -1281,20 +1281,42 @@ class CouchDBStore(Store):
         the server cannot list local documents or there are more."""
         digests: list[bytes] = []
         start = LOCAL_PREFIX + _staged_id(b"")
-        params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
-                  "limit": str(LOCAL_DOCS_PAGE)}
-        while True:
-            rows = await self._local_docs("list staged chunks", params=params)
-            if rows is None:
-                return None
+
+        def take(rows: list[Any]) -> bool:
             for row in rows:
                 tail = str(row.get("id", ""))[len(start):] if isinstance(row, dict) else ""
                 if _SHA256_HEX.fullmatch(tail):
                     digests.append(bytes.fromhex(tail))
-            if len(rows) < LOCAL_DOCS_PAGE:
-                return digests
-            if len(digests) >= MAX_NAMED_CHUNKS:
+            return len(digests) < MAX_NAMED_CHUNKS
+
+        listed = await self._list_locals(_staged_id(b""), "list staged chunks", take,
+                                         page=LOCAL_DOCS_PAGE)
+        return digests if listed else None
+
+    async def _list_locals(self, prefix: str, action: str,
+                           take: Callable[[list[Any]], bool], *, page: int,
+                           include_docs: bool = False) -> bool | None:
+        """Hand `take` the `_local_docs` rows of the local ids starting with `prefix`, `page`
+        at a time, until it returns False. True once every row was handed over, False when
+        `take` stopped first, None where the server cannot list local documents."""
+        start = LOCAL_PREFIX + prefix
+        params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
+                  "limit": str(page)}
+        if include_docs:
+            params["include_docs"] = "true"
+        first = True
+        while True:
+            rows = await self._local_docs(action, params=params)
+            if rows is None:
+                if not first:
+                    raise StoreError(f"CouchDB at {self._db_url}: _local_docs stopped answering")
                 return None
+            first = False
+            go_on = take(rows)
+            if len(rows) < page:
+                return True
+            if not go_on:
+                return False
             params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
 
     async def _record_staging(self, digests: list[bytes]) -> None:
@@ -1317,27 +1339,15 @@ class CouchDBStore(Store):
                                  for local_id, rev in records])
 
     async def _staging_records(self) -> tuple[list[_StagingRecord], bool] | None:
-        """The staging records, page by page, and whether that is all of them (not cut at
+        """The staging records, and whether that is all of them (not cut at
         MAX_STAGING_RECORDS rows or MAX_NAMED_CHUNKS chunks); None where the server cannot
         list local documents (pouchdb-server): its staged chunks are then kept."""
         records: list[_StagingRecord] = []
         seen = malformed = named = 0
         latest = time.time() + CLOCK_SKEW  # a record dated later than this is not one of ours
-        start = LOCAL_PREFIX + STAGING_RECORD
-        params = {"startkey": json.dumps(start), "endkey": json.dumps(start + "\uffff"),
-                  "include_docs": "true", "limit": str(RECORDS_PAGE)}
-        while True:
-            rows = await self._local_docs("list staging records", params=params)
-            if rows is None:
-                if records:
-                    raise StoreError(f"CouchDB at {self._db_url}: _local_docs stopped answering")
-                if not self._said_unlisted:
-                    self._said_unlisted = True
-                    logger.warning(
-                        "CouchDB at %s cannot list local documents (_local_docs, CouchDB "
-                        ">= 2.0): staged chunks of file transfers cut for good are kept",
-                        self._db_url)
-                return None
+
+        def take(rows: list[Any]) -> bool:
+            nonlocal seen, malformed, named
             seen += len(rows)
             for row in rows:
                 record = _StagingRecord.from_row(row)
@@ -1346,20 +1356,27 @@ class CouchDBStore(Store):
                 else:
                     records.append(record)
                     named += len(record.chunks)
-            complete = len(rows) < RECORDS_PAGE
-            cut = not complete and (seen >= MAX_STAGING_RECORDS or named >= MAX_NAMED_CHUNKS)
-            if malformed and (complete or cut):
-                logger.warning("ignoring %d malformed staging records in %s (not as this "
-                               "store writes them, or dated in the future)", malformed,
-                               self._db_url)
-            if complete:
-                return records, True
-            if cut:
-                logger.warning("%s holds more than %d staging records or %d staged chunks: "
-                               "expiring among the first only", self._db_url,
-                               MAX_STAGING_RECORDS, MAX_NAMED_CHUNKS)
-                return records, False
-            params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
+            return seen < MAX_STAGING_RECORDS and named < MAX_NAMED_CHUNKS
+
+        complete = await self._list_locals(STAGING_RECORD, "list staging records", take,
+                                           page=RECORDS_PAGE, include_docs=True)
+        if complete is None:
+            if not self._said_unlisted:
+                self._said_unlisted = True
+                logger.warning(
+                    "CouchDB at %s cannot list local documents (_local_docs, CouchDB "
+                    ">= 2.0): staged chunks of file transfers cut for good are kept",
+                    self._db_url)
+            return None
+        if malformed:
+            logger.warning("ignoring %d malformed staging records in %s (not as this "
+                           "store writes them, or dated in the future)", malformed,
+                           self._db_url)
+        if not complete:
+            logger.warning("%s holds more than %d staging records or %d staged chunks: "
+                           "expiring among the first only", self._db_url,
+                           MAX_STAGING_RECORDS, MAX_NAMED_CHUNKS)
+        return records, complete
 
     # -- HTTP ----------------------------------------------------------------------------
 
