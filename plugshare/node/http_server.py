@@ -15,7 +15,6 @@ the node 1.43 ms of CPU per single-document PUT with 8 clients (1.10 with 64), t
 from __future__ import annotations
 
 import email.utils
-import errno
 import http
 import json
 import logging
@@ -30,14 +29,14 @@ import attrs
 import h11
 import trio
 
+from plugshare.accepting import accept
+
 log = logging.getLogger("plugshare.api")
 
 RECEIVE_SIZE = 64 * 1024
 # An answer given before its request's body was all read: if no more than this is still to
 # come, it is read (and dropped) first, so the connection can be kept; else it is closed.
 SMALL_BODY = 64 * 1024
-# accept() errors that mean "out of file descriptors or memory now": wait, then accept again
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _DISCONNECT = {"type": "http.disconnect"}
 _ERRORS = {408: "timeout", 431: "headers_too_large", 500: "internal"}
 
@@ -97,14 +96,7 @@ class _Server:
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _CAPACITY_ERRNOS:
-                    raise
-                log.error("cannot accept a connection now (%s); trying again shortly", exc)
-                await trio.sleep(0.1)
-                continue
+            stream = await accept(listener, "API connections", log)
             if self._slots.value == 0:
                 # Idle keep-alive connections must not lock new clients out: the one idle
                 # the longest goes (its client reconnects), now or as soon as one is idle.

@@ -23,7 +23,6 @@ receiver stops reading while the inbox is full, so memory stays bounded in both 
 
 from __future__ import annotations
 
-import errno
 import inspect
 import logging
 import math
@@ -37,6 +36,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from plugshare.accepting import accept
 from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import (
@@ -548,11 +548,6 @@ def _source_host(stream: trio.SocketStream) -> str:
         return ""
 
 
-# accept() failures that say the process or system is out of something, not that the
-# listener is broken: wait and try again (trio.serve_listeners does too, but logs each retry).
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
 async def _accept_forever(
     listener: trio.SocketListener,
     nursery: trio.Nursery,
@@ -561,25 +556,10 @@ async def _accept_forever(
 ) -> NoReturn:
     """Accept connections, each handled in `nursery`. Running out of file descriptors is
     logged once per episode; the loop backs off and keeps serving."""
-    delay = 0.0
     async with listener:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as error:
-                if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                if not delay:
-                    logger.error(
-                        "cannot accept peer connections: %s; retrying until it passes",
-                        errno.errorcode.get(error.errno, error.errno),
-                    )
-                delay = min(max(delay * 2, config.accept_retry), config.accept_retry_max)
-                await trio.sleep(delay)
-                continue
-            if delay:
-                logger.warning("accepting peer connections again")
-                delay = 0.0
+            stream = await accept(listener, "peer connections", logger,
+                                  retry=config.accept_retry, retry_max=config.accept_retry_max)
             nursery.start_soon(handle, stream)
 
 
