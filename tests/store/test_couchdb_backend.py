@@ -26,6 +26,12 @@ from tests.support.pouchdb import running_pouchdb_server
 HANG_GUARD = 30  # seconds; a hang guard, not a timing assertion
 
 
+async def assert_not_staged(store, digests) -> None:
+    for digest in digests:
+        with pytest.raises(NotFound):
+            await store.read_staged_chunk(digest)
+
+
 def fresh_name() -> str:
     return unique_db_name("backend")
 
@@ -337,9 +343,7 @@ async def test_staged_chunks_a_cut_transfer_left_go_once_older_than_the_resume_w
         [held] = await store.stage_chunks([b"a transfer still running"])
         await trio.sleep(0.05)
         assert await store.expire_staged(older_than=0.01) == len(cut)
-        for digest in cut:
-            with pytest.raises(NotFound):
-                await store.read_staged_chunk(digest)
+        await assert_not_staged(store, cut)
         assert await store.read_staged_chunk(held) == b"a transfer still running"
         await store.release_chunks([held], keep_staged=True)  # it stops, to resume
         assert await store.expire_staged(older_than=0) == 1  # it did not, in time
@@ -389,9 +393,7 @@ async def test_an_expiry_looks_at_a_bounded_number_of_staging_records(couchdb_ur
         assert await store.expire_staged(older_than=0) == 4
         assert "staging records or" in caplog.text and "expiring among the first" in caplog.text
         assert await store.expire_staged(older_than=0) == 3
-        for digest in staged:
-            with pytest.raises(NotFound):
-                await store.read_staged_chunk(digest)
+        await assert_not_staged(store, staged)
     finally:
         await store.aclose()
 
@@ -415,9 +417,7 @@ async def test_chunks_staged_again_after_a_restart_replace_what_was_left(couchdb
         assert [await store.read_staged_chunk(d) for d in again] == [
             b"left behind", b"altered", b"new"]
         await store.release_chunks(again)
-        for digest in again:
-            with pytest.raises(NotFound):
-                await store.read_staged_chunk(digest)
+        await assert_not_staged(store, again)
     finally:
         await store.aclose()
 
@@ -476,9 +476,7 @@ async def test_chunks_staged_with_no_record_expire_one_window_after_expiry_finds
             assert len(await _staging_record_ids(http, name)) == 1
         await trio.sleep(0.01)
         assert await store.expire_staged(older_than=0) == 2
-        for digest in old:
-            with pytest.raises(NotFound):
-                await store.read_staged_chunk(digest)
+        await assert_not_staged(store, old)
     finally:
         await store.aclose()
 
@@ -527,9 +525,7 @@ async def test_a_resume_finds_the_chunks_left_staged_in_one_listing(couchdb_url)
             reads = [path for method, path in made if method == "GET" and "plugshare-chunk-" in path]
             assert not reads, reads[:3]
             await store.release_chunks(left)  # known revs: released in one request
-            for digest in left:
-                with pytest.raises(NotFound):
-                    await store.read_staged_chunk(digest)
+            await assert_not_staged(store, left)
         finally:
             await store.aclose()
 
@@ -551,9 +547,7 @@ async def test_expiry_removes_the_chunks_a_crash_left_in_a_few_requests(couchdb_
             assert await store.expire_staged(older_than=0) == len(left)
             made = proxy.requests[before:]
             assert len(made) <= 6, made[:12]
-            for digest in left:
-                with pytest.raises(NotFound):
-                    await store.read_staged_chunk(digest)
+            await assert_not_staged(store, left)
             assert await store.expire_staged(older_than=0) == 0  # the records went too
         finally:
             await store.aclose()
