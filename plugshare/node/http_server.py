@@ -364,17 +364,13 @@ class _Exchange:
             await connection.server.app(scope, self.receive, self.send)
         except Exception:
             log.exception("the API failed on %s %s", scope["method"], scope["path"])
+        else:
             if not self.started:
-                self.pending = b""
-                await connection.refuse(500, "internal error")
-            else:
-                connection.gone.set()  # an answer cut short: only closing says so
-            return
+                log.error("the API gave no answer to %s %s", scope["method"], scope["path"])
         if not self.started:
-            log.error("the API gave no answer to %s %s", scope["method"], scope["path"])
             await connection.refuse(500, "internal error")
         elif not self.finished:
-            connection.gone.set()
+            connection.gone.set()  # an answer cut short: only closing says so
 
     async def receive(self) -> dict:
         connection = self.connection
