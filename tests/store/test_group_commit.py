@@ -160,3 +160,34 @@ async def test_no_acknowledged_write_is_lost_when_the_process_is_killed(tmp_path
             assert not lost, f"round {round_}: {len(lost)} acknowledged writes lost: {lost[:5]}"
         finally:
             await store.aclose()
+
+
+async def test_a_read_never_sees_a_write_group_before_it_commits(store):
+    # Small reads run on the event loop's thread when the worker is idle (`_read`);
+    # run while a group is between its BEGIN and its COMMIT, on the same connection, they
+    # would see half of it. Here a reader keeps asking for the first and last doc of a
+    # batch while the batch is written: it sees neither, or both, never one.
+    ids = [f"b{i:05d}" for i in range(20000)]
+    reads, halves = 0, []
+    written = trio.Event()
+
+    async def read() -> None:
+        nonlocal reads
+        while not written.is_set():
+            found = await store.winners([ids[0], ids[-1]])
+            reads += 1
+            if len(found) == 1:
+                halves.append(sorted(found))
+
+    async def write() -> None:
+        await trio.sleep(0.01)  # the reader is looping by now
+        results = await store.bulk_docs([{"_id": doc_id, "n": i} for i, doc_id in enumerate(ids)])
+        assert all(result.get("ok") for result in results)
+        written.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        nursery.start_soon(write)
+    assert reads > 10  # the reader did run while the batch was being written
+    assert halves == []
+    assert len(await store.winners([ids[0], ids[-1]])) == 2
