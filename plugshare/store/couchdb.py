@@ -52,7 +52,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import attrs
@@ -101,10 +102,17 @@ from plugshare.store.revtree import (
 )
 from plugshare.store.staging import StagingHolds, check_addresses
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 logger = logging.getLogger("plugshare.store")
 
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails within this
 READ_TIMEOUT = 120.0  # a large _bulk_docs on a busy server can take a while
+# The most of one answer read whole (JSON): a document as large as CouchDB's default
+# max_document_size (8 MB) fits twice. Pages of documents over it are asked in halves.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+ALL_DOCS_PAGE = 1000  # docs per `_all_docs` page when listing them all
 HEARTBEAT_MS = 10_000  # longpoll keep-alive newlines; a feed silent for 3x this is dead
 KEEPALIVE_EXPIRY = 4.0  # below Node's 5 s server-side keep-alive: never reuse a closing socket
 MAX_CONNECTIONS = 100  # every waiting `wait_for_change` holds one
@@ -417,12 +425,11 @@ class CouchDBStore(Store):
             check_doc_id(doc_id)
         if not doc_ids:
             return {}
-        answer = await self._call("POST", "/_all_docs", params={"include_docs": "true"},
-                                  body={"keys": list(dict.fromkeys(doc_ids))})
-        found = {row["id"]: row["doc"] for row in answer["rows"]
+        rows = await self._in_halves(list(dict.fromkeys(doc_ids)), self._rows_with_docs)
+        found = {row["id"]: row["doc"] for row in rows
                  if row.get("doc") and not row.get("value", {}).get("deleted")}
         # A deleted doc's row names its winning tombstone (no body): read it.
-        deleted = [(row["id"], row["value"]["rev"]) for row in answer["rows"]
+        deleted = [(row["id"], row["value"]["rev"]) for row in rows
                    if tombstones and isinstance(row.get("value"), dict)
                    and row["value"].get("deleted") and isinstance(row["value"].get("rev"), str)]
         for doc in await self.bulk_get(deleted) if deleted else []:
@@ -431,8 +438,28 @@ class CouchDBStore(Store):
         return found
 
     async def all_docs(self) -> list[Doc]:
-        answer = await self._call("GET", "/_all_docs", params={"include_docs": "true"})
-        docs = [row["doc"] for row in answer["rows"] if not _is_design(row["id"])]
+        # In pages by id, each answer under the cap: a page over it is asked again smaller.
+        # A page starts at the last id of the one before (its row, if still there, is
+        # dropped): `skip=1` would skip another doc if that one was deleted meanwhile.
+        docs: list[Doc] = []
+        limit, last = ALL_DOCS_PAGE, None
+        while True:
+            params = {"include_docs": "true", "limit": str(limit)}
+            if last is not None:
+                params["startkey"] = json.dumps(last)
+            try:
+                answer = await self._call("GET", "/_all_docs", params=params)
+            except ResponseTooLarge:
+                if limit <= 2:  # two docs of over half the cap each, after each other
+                    raise
+                limit //= 2
+                continue
+            rows = answer["rows"]
+            docs += [row["doc"] for row in rows
+                     if row["id"] != last and not _is_design(row["id"])]
+            if len(rows) < limit:
+                break
+            last = rows[-1]["id"]
         # Servers collate ids differently (CouchDB raw bytes, PouchDB UTF-16): code point order.
         docs.sort(key=lambda doc: doc["_id"])
         return docs
@@ -595,16 +622,33 @@ class CouchDBStore(Store):
             pairs.append({"id": doc_id, "rev": rev})
         if not pairs:
             return []
+        return [self._stemmed(doc) for doc in await self._in_halves(pairs, self._bulk_get)]
+
+    async def _bulk_get(self, pairs: list[dict[str, str]]) -> list[Doc]:
         answer = await self._call(
             "POST", "/_bulk_get", params={"revs": "true"}, body={"docs": pairs}
         )
         # Each result holds {"ok": doc}, or {"error": ...} / {"missing": rev} for what is not here.
-        return [
-            self._stemmed(item["ok"])
-            for result in answer["results"]
-            for item in result["docs"]
-            if "ok" in item
-        ]
+        return [item["ok"] for result in answer["results"] for item in result["docs"]
+                if "ok" in item]
+
+    async def _rows_with_docs(self, doc_ids: list[str], **params: str) -> list[dict[str, Any]]:
+        """`_all_docs` rows of `doc_ids`, with their winning docs."""
+        answer = await self._call("POST", "/_all_docs", params={"include_docs": "true", **params},
+                                  body={"keys": doc_ids})
+        return answer["rows"]
+
+    async def _in_halves(self, items: list[T], read: Callable[[list[T]], Awaitable[list[R]]]
+                         ) -> list[R]:
+        """`read(items)`; when its answer is over the cap, each half of `items` read apart
+        (down to one item, whose answer over the cap is the error)."""
+        try:
+            return await read(items)
+        except ResponseTooLarge:
+            if len(items) <= 1:
+                raise
+            half = len(items) // 2
+            return await self._in_halves(items[:half], read) + await self._in_halves(items[half:], read)
 
     async def changes(self, since: Seq = 0, *, limit: int | None = None) -> ChangesPage:
         params = {"style": "all_docs", "since": _seq_param(since)}
@@ -637,15 +681,10 @@ class CouchDBStore(Store):
         which leaves are tombstones, and pouchdb-server does not list the winner first."""
         if not doc_ids:
             return {}
-        answer = await self._call(
-            "POST",
-            "/_all_docs",
-            params={"include_docs": "true", "conflicts": "true"},
-            body={"keys": doc_ids},
-        )
+        rows = await self._in_halves(doc_ids, partial(self._rows_with_docs, conflicts="true"))
         return {
             row["id"]: (row["value"]["rev"], row["doc"].get("_conflicts", []))
-            for row in answer["rows"]
+            for row in rows
             if "value" in row and row.get("doc")
         }
 
@@ -1432,10 +1471,16 @@ class CouchDBStore(Store):
             db_url, headers = self._nodes[node]
             base = db_url.rsplit("/", 1)[0] if server else db_url
             try:
-                response = await self._pool.request(
+                async with self._pool.stream(
                     method, base + path + query, headers=headers, content=content,
                     extensions={"timeout": timeouts},
-                )
+                ) as response:
+                    status = response.status
+                    if status >= 500 and idempotent and not last:
+                        self._leave(node, f"HTTP {status}")
+                        continue
+                    raw = await _read_whole(response, f"CouchDB at {db_url} answered {method} "
+                                                      f"{path or '/'}")
             except _REQUEST_FAILURES as exc:
                 failure = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, httpcore.PoolTimeout):  # our own pool is full, not the node
@@ -1445,20 +1490,17 @@ class CouchDBStore(Store):
                 if last or not (idempotent or isinstance(exc, _NOT_SENT)):
                     raise Unavailable(f"CouchDB at {db_url} is unreachable ({failure})") from exc
                 continue
-            if response.status >= 500 and idempotent and not last:
-                self._leave(node, f"HTTP {response.status}")
-                continue
             break
         try:
-            data = json.loads(response.content)
+            data = json.loads(raw)
         except ValueError:
-            if response.status < 400:
+            if status < 400:
                 raise StoreError(
                     f"CouchDB at {db_url} answered {method} {path or '/'} with "
-                    f"HTTP {response.status} and a body that is not JSON"
+                    f"HTTP {status} and a body that is not JSON"
                 ) from None
             data = None  # e.g. an HTML error page from a proxy: the status says enough
-        return response.status, data
+        return status, data
 
     def _leave(self, node: int, why: str) -> None:
         """Use the next node from now on, if `node` is still the one in use (requests that
@@ -1776,6 +1818,29 @@ async def _spooled(chunks: AsyncIterable[bytes], check: StreamCheck) -> AsyncIte
 async def _read_spool(file: Any, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
     while piece := await file.read(size):
         yield piece
+
+
+class ResponseTooLarge(StoreError):
+    """An answer over MAX_RESPONSE_BYTES: not read further (the connection is dropped)."""
+
+
+async def _read_whole(response: Any, what: str) -> bytes:
+    """The body of `response`, refused once over MAX_RESPONSE_BYTES (said in a
+    Content-Length, or counted as it comes): whoever can write the database, or answers in
+    the server's place, must not make the node hold any amount of memory."""
+    limit = MAX_RESPONSE_BYTES
+    declared = next((v for k, v in response.headers if k.lower() == b"content-length"), b"")
+    too_large = ResponseTooLarge(
+        f"{what} with more than {limit} bytes: not read (the most this store reads at once)")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    pieces, size = [], 0
+    async for piece in response.aiter_stream():
+        size += len(piece)
+        if size > limit:
+            raise too_large
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 async def _bounded(response: Any, limit: int) -> AsyncIterator[bytes]:

@@ -21,6 +21,7 @@ from plugshare.store.base import BadRequest, NotFound, StoreError, Unavailable
 from plugshare.store.couchdb import CouchDBStore
 from plugshare.store.revtree import history_of
 from tests.store.conftest import unique_db_name
+from tests.support.couch_proxy import running_couch_proxy
 from tests.support.pouchdb import running_pouchdb_server
 
 HANG_GUARD = 30  # seconds; a hang guard, not a timing assertion
@@ -509,8 +510,6 @@ async def test_a_record_naming_more_chunks_than_the_store_writes_is_ignored(couc
 async def test_a_resume_finds_the_chunks_left_staged_in_one_listing(couchdb_url):
     """A transfer resumed after a crash asks which of its chunks are staged already: one
     `_local_docs` request per page of them, not a read per chunk (4,096 for a 1 GiB file)."""
-    from tests.support.couch_proxy import running_couch_proxy
-
     name = fresh_name()
     store = await CouchDBStore.open(couchdb_url, name)
     left = await store.stage_chunks([f"piece {i}".encode() for i in range(40)])
@@ -533,7 +532,6 @@ async def test_a_resume_finds_the_chunks_left_staged_in_one_listing(couchdb_url)
 async def test_expiry_removes_the_chunks_a_crash_left_in_a_few_requests(couchdb_url):
     """The chunks and records a killed transfer left are looked up and deleted a page at a
     time, not with a read and a delete each (8,192 requests for a 1 GiB file)."""
-    from tests.support.couch_proxy import running_couch_proxy
 
     name = fresh_name()
     store = await CouchDBStore.open(couchdb_url, name)
@@ -551,3 +549,57 @@ async def test_expiry_removes_the_chunks_a_crash_left_in_a_few_requests(couchdb_
             assert await store.expire_staged(older_than=0) == 0  # the records went too
         finally:
             await store.aclose()
+
+
+async def test_an_answer_that_never_ends_is_cut_at_the_cap_and_the_store_goes_on(couchdb_url):
+    # Whatever answers for the server (a proxy, a compromised node) may send a body without
+    # end: the store stops reading it at MAX_RESPONSE_BYTES instead of holding it all.
+    with running_couch_proxy(couchdb_url) as proxy:
+        store = await CouchDBStore.open(proxy.url, fresh_name())
+        try:
+            rev = await store.put({"_id": "kept", "n": 1})
+            proxy.endless_answers = 1
+            with trio.fail_after(HANG_GUARD):
+                with pytest.raises(StoreError, match=f"more than {couchdb.MAX_RESPONSE_BYTES} bytes"):
+                    await store.get("kept")
+                assert await store.get("kept") == {"_id": "kept", "_rev": rev, "n": 1}
+        finally:
+            await store.aclose()
+
+
+async def test_a_document_over_the_answer_cap_is_a_clear_error_and_the_others_are_served(
+        couchdb_url, monkeypatch):
+    # Whoever can write the database can make a document as large as the server takes; a
+    # read of it over the cap (lowered here) fails, naming the request, and nothing else does.
+    monkeypatch.setattr(couchdb, "MAX_RESPONSE_BYTES", 64 * 1024)
+    name = fresh_name()
+    store = await CouchDBStore.open(couchdb_url, name)
+    try:
+        async with httpx.AsyncClient(base_url=couchdb_url) as client:
+            put = await client.put(f"/{name}/huge", json={"pad": "x" * 200_000})
+            assert put.status_code == 201
+        with pytest.raises(StoreError, match="more than 65536 bytes") as refused:
+            await store.get("huge")
+        assert "GET /huge" in str(refused.value)
+        rev = await store.put({"_id": "small", "n": 1})
+        assert await store.get("small") == {"_id": "small", "_rev": rev, "n": 1}
+    finally:
+        await store.aclose()
+
+
+async def test_pages_of_documents_over_the_answer_cap_are_read_in_parts(couchdb_url, monkeypatch):
+    # Twelve docs of 20 KB: any page of four or more is over the (lowered) cap; every read
+    # of them still answers, asking for fewer at a time.
+    monkeypatch.setattr(couchdb, "MAX_RESPONSE_BYTES", 64 * 1024)
+    store = await CouchDBStore.open(couchdb_url, fresh_name())
+    try:
+        revs = {}
+        for i in range(12):
+            revs[f"d{i:02d}"] = await store.put({"_id": f"d{i:02d}", "pad": "x" * 20_000})
+        got = await store.bulk_get(list(revs.items()))
+        assert {doc["_id"]: doc["_rev"] for doc in got} == revs
+        winners = await store.winners(list(revs))
+        assert {doc_id: doc["_rev"] for doc_id, doc in winners.items()} == revs
+        assert [doc["_id"] for doc in await store.all_docs()] == sorted(revs)
+    finally:
+        await store.aclose()

@@ -22,6 +22,9 @@ says exactly what happens; a negative count means every other time, for as long 
   reset instead of answered (a node that failed between doing a write and saying so);
 - `server_errors = n`: the next n requests are answered `503` without reaching the server
   (a node that is up but cannot serve, e.g. lost its quorum);
+- `endless_answers = n`: the next n requests for a document (`GET /db/id`) are answered
+  `200` with a JSON body that never ends (streamed until the client hangs up): a server, or
+  whoever sits before it, that would make the client hold any amount of memory;
 - `refuse_shards = n`: the next n database creations with `?q=` are refused with `400`
   (a server that is not a CouchDB cluster and does not know the parameter);
 - `go_down()` / `come_up()`: stop listening and reset every open connection (a node that
@@ -70,6 +73,7 @@ class CouchProxy:
         self.server_errors = 0
         self.cut_writes = 0
         self.refuse_shards = 0
+        self.endless_answers = 0
         self.requests: list[tuple[str, str]] = []
         self._seqs: dict[str, object] = {}  # seq handed out -> the server's own
         self._connections: set[socket.socket] = set()
@@ -192,6 +196,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             proxy.requests.append((self.command, self.path))
         if proxy.take("server_errors"):
             return self._refuse(503, "internal_server_error", "the node cannot serve now")
+        segments = [s for s in parts.path.split("/") if s]
+        if (self.command == "GET" and len(segments) == 2 and not segments[1].startswith("_")
+                and proxy.take("endless_answers")):
+            return self._endless()
         if (self.command == "PUT" and any(k == "q" for k, _ in params)
                 and proxy.take("refuse_shards")):
             return self._refuse(400, "bad_request", "unknown parameter q")
@@ -229,6 +237,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
         self.wfile.write(content)
+
+    def _endless(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = b"a" * 65536
+        self.wfile.write(b'%x\r\n{"_id":"x","pad":"\r\n' % len(b'{"_id":"x","pad":"'))
+        with contextlib.suppress(OSError):  # until the client hangs up
+            while True:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.close_connection = True
 
     def _send_head(self, status: int, response: http.client.HTTPResponse, extra: dict) -> None:
         self.send_response(status)
