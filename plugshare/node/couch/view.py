@@ -7,26 +7,22 @@ page of documents goes to the token as one `doc.list` (reads) or one `doc.write_
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Awaitable
 
 from plugshare.node.couch.databases import Database
 from plugshare.node.couch.errors import CouchError, as_couch, bad_request, forbidden
 from plugshare.node.couch.inline import DataSource, decoded_stubs, take_inline
 from plugshare.node.couch.spool import Spool
+from plugshare.node.token_pages import json_size, token_pages
 from plugshare.store import Doc
 from plugshare.store.base import LOCAL_PREFIX, NotFound, Seq, StoreError
 
 log = logging.getLogger("plugshare.couch")
 
 TokenCall = Callable[..., Awaitable[Any]]
-TOKEN_BATCH = 10_000  # documents the token takes in one command
-# About this much JSON per token command: a quarter of its 64 MiB frame cap, a margin that
-# covers msgpack's wider encodings (a float is 9 bytes, "0.5" is 3 characters).
-TOKEN_BYTES = 16 * 1024 * 1024
 SCAN_PAGE = 1_000  # store changes read per step while filling a filtered page, at most
 MIN_SCAN = 50  # ...and at least (a page of few visible rows in a busy store)
 ALL_DOCS_PAGE = 200  # stored documents shown to the token at a time for _all_docs
@@ -34,29 +30,6 @@ LOCAL_NAMESPACE = "couch"  # local docs of this API: couch/<principal>/<db>/<id>
 CONFLICT_REASON = "Document update conflict."
 DESIGN_REASON = "design documents are not supported"
 UNDERSCORE_REASON = "Only reserved document ids may start with underscore."
-
-
-def json_size(doc: Any) -> int:
-    """About how many bytes `doc` takes on the wire (JSON escapes non-ASCII text, so text
-    never counts for less than its UTF-8)."""
-    return len(json.dumps(doc, separators=(",", ":"))) if doc is not None else 0
-
-
-def token_pages(items: list, size: Callable[[Any], int] = json_size) -> Iterator[list]:
-    """`items` cut into pages the token takes in one command: at most TOKEN_BATCH of them
-    and about TOKEN_BYTES (a page holds one item at least), so large documents never make
-    a command over the token's frame cap."""
-    page: list = []
-    used = 0
-    for item in items:
-        weight = size(item)
-        if page and (len(page) >= TOKEN_BATCH or used + weight > TOKEN_BYTES):
-            yield page
-            page, used = [], 0
-        page.append(item)
-        used += weight
-    if page:
-        yield page
 
 
 def without_history(doc: Doc) -> Doc:
