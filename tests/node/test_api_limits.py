@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import socket
 import time
@@ -294,3 +295,34 @@ def test_sealing_a_doctype_larger_than_one_token_frame_rewrites_every_doc(node):
         docs = listing.json()["docs"]
         assert sorted(doc["_id"] for doc in docs) == ids
         assert all(doc["pad"] == pad and doc["_rev"].startswith("2-") for doc in docs)
+
+
+def test_an_api_out_of_file_descriptors_serves_again_once_they_are_back(node):
+    # The peer port's flood test covers the shared accept loop through that port; this one
+    # runs the local API itself out of descriptors: idle connections until accept() fails.
+    pid = node.process.pid
+    limit = len(os.listdir(f"/proc/{pid}/fd")) + 8
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+    address = urlsplit(node.api_url)
+    log = node.home / "node.log"
+    held = []
+    try:
+        for _ in range(40):  # the kernel completes them; the node cannot take them all
+            held.append(socket.create_connection((address.hostname, address.port), timeout=10))
+        wait_until(lambda: "cannot accept API connections" in log.read_text()
+                   or node.process.poll() is not None, what="the node out of descriptors")
+        assert node.process.poll() is None, log.read_text()[-3000:]
+    finally:
+        for sock in held:
+            sock.close()
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{node.api_url}/status", timeout=5, headers={
+                "Authorization": f"Bearer {node.credential}"}).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, what="the API answering again, under the same limit")
+    assert "accepting API connections again" in log.read_text()
+    assert node.process.poll() is None
