@@ -1,5 +1,5 @@
 """Accepting connections through a shortage of file descriptors or memory, for the servers
-on trio listeners (the peer port, the local API)."""
+on trio listeners (the peer port, the local API, the relay)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from plugshare.accepting import accept
 from plugshare.relay.identity import InvalidJoin, public_bytes, relay_id_of, verify_join
 from plugshare.relay.protocol import (
     ALPN_PROTOCOL,
@@ -159,12 +160,8 @@ class RelayServer:
         assert self._nursery is not None
         async with listener:
             while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as error:  # out of descriptors: wait, the others are served
-                    log.warning("cannot accept: %s", error)
-                    await trio.sleep(0.5)
-                    continue
+                # out of descriptors: said once, retried until it passes; the others are served
+                stream = await accept(listener, "relay connections", log)
                 self._nursery.start_soon(self._handle, stream)
 
     async def _handle(self, stream: trio.SocketStream) -> None:

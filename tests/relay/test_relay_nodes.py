@@ -1,11 +1,19 @@
 """Real nodes and a real `plugshare relay` process on loopback: nodes that tell each other no
 direct address (as behind NAT) share and sync both ways through the relay, and come back by
-themselves after the relay restarts; a node that can be reached directly is upgraded to it."""
+themselves after the relay restarts; a node that can be reached directly is upgraded to it;
+the relay out of file descriptors serves again once they are back."""
 
 from __future__ import annotations
 
+import os
+import resource
+import socket
+import struct
+import time
+
 import pytest
 
+from plugshare.relay.protocol import RELAY_VERSION
 from plugshare.sharing.invitation import Invitation
 
 from tests.node.cluster import cluster, share_between, wait_until  # noqa: F401
@@ -132,3 +140,36 @@ def test_members_behind_nat_reach_each_other_through_the_relay_the_owner_tells_t
     wait_until(lambda: linked_via(bob, carol, "relay"), LONG, what="bob and carol linked from the manifest")
     carol.put("io.notes", {"title": "carol to bob"}, "m2")
     wait_until(lambda: synced(bob, "m2", "title", "carol to bob"), LONG, what="carol's note at bob")
+
+
+def test_a_relay_out_of_file_descriptors_says_so_once_and_serves_again(relay):
+    # Idle connections run the relay out of descriptors: it keeps running, says so once
+    # (not at every retry: a flood must not fill its log), and once they close it answers
+    # again under the same limit.
+    pid = relay.process.pid
+    limit = len(os.listdir(f"/proc/{pid}/fd")) + 8
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+    log = relay.key.parent / "relay.log"
+    held = []
+    try:
+        for _ in range(40):
+            held.append(socket.create_connection((relay.host, relay.port), timeout=10))
+        wait_until(lambda: "cannot accept" in log.read_text() or relay.process.poll() is not None,
+                   what="the relay out of descriptors")
+        time.sleep(3)  # time for retries: a warning each would show here
+        assert relay.process.poll() is None, log.read_text()[-3000:]
+        assert log.read_text().count("cannot accept") == 1, log.read_text()[-3000:]
+    finally:
+        for sock in held:
+            sock.close()
+
+    def refuses_an_oversize_frame() -> bool:
+        try:
+            with socket.create_connection((relay.host, relay.port), timeout=5) as sock:
+                sock.sendall(struct.pack(">BH", RELAY_VERSION, 65535))
+                return bool(sock.recv(4096))
+        except OSError:
+            return False
+
+    wait_until(refuses_an_oversize_frame, what="the relay answering again")
+    assert "accepting relay connections again" in log.read_text()
