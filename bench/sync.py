@@ -5,7 +5,8 @@
 Two `plugshare run` subprocesses on 127.0.0.1 (embedded store, durable writes), a share between
 them, everything through the local API. Measures, for each size N in --docs:
   - initial sync: A holds N docs of about 1 KB; docs/s from B's `POST /join` (share accept)
-    to all N docs present on B, and the peak RSS (VmHWM) of each node process;
+    to all N docs written on B (summed from B's batch events; `--probe poll` polls B's API
+    for the last doc instead, which loads B), and the peak RSS (VmHWM) of each node process;
   - the same with an encrypted share (`--encrypt`): ratio to the clear run (goal >= 80%);
   - live propagation A -> B, one doc at a time (--samples): from the PUT returning on A to
     (1) B's `sync.batch_received` event (B's /events stream) and (2) the doc readable through
@@ -107,7 +108,7 @@ class Table:
 
 
 def initial_sync(root: Path, n: int, *, encrypt: bool, table: Table,
-                 keep: bool = False) -> tuple[float, tuple[ClusterNode, ClusterNode, Cluster]
+                 keep: bool = False, probe: str = "events") -> tuple[float, tuple[ClusterNode, ClusterNode, Cluster]
                                                | None]:
     """Fresh nodes A and B; A holds N docs in a share; time B's join until it holds them all.
     Returns docs/s (and the running nodes when `keep`)."""
@@ -127,14 +128,26 @@ def initial_sync(root: Path, n: int, *, encrypt: bool, table: Table,
         code = a.api("POST", "/shares/bench/invite", json={"read_only": False})["code"]
         last_id = docs[-1][0]
 
+        # B's batch events count the docs as they are written (no load on B); polling the
+        # last doc instead costs B a request, and its token a decision, every 5 ms.
+        follower = EventFollower(b, "bench") if probe == "events" else None
         started = time.perf_counter()
         b.api("POST", "/join", json={"code": code})
         joined = time.perf_counter()
-        # A pushes in changes-feed order and B writes batches in order: the last doc written
-        # on A arrives last. Polling one doc keeps the probe light on B.
-        wait_until(lambda: b.get(last_id), timeout=max(120, n / 100), interval=0.005,
-                   what=f"{last_id} on b")
-        elapsed = time.perf_counter() - started
+        if follower is not None:
+            written, done = 0, started
+            while written < n:
+                done, event = follower.events.get(timeout=max(120, n / 100))
+                written += event["data"]["docs"]
+            follower.stop.set()
+            elapsed = done - started
+            assert b.get(last_id), f"{last_id} is not readable on b once all were written"
+        else:
+            # A pushes in changes-feed order and B writes batches in order: the last doc
+            # written on A arrives last.
+            wait_until(lambda: b.get(last_id), timeout=max(120, n / 100), interval=0.005,
+                       what=f"{last_id} on b")
+            elapsed = time.perf_counter() - started
         # Peaks now, before /status: it reads every doc to count a share's (see the report).
         memory = {node.name: memory_mb(node.pid) for node in (a, b)}
         statuses = {node.name: node.status() for node in (a, b)}
@@ -358,6 +371,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="live latency samples")
     parser.add_argument("--no-encrypted", action="store_true", help="skip the encrypted run")
     parser.add_argument("--no-pouchdb", action="store_true", help="skip PouchDB")
+    parser.add_argument("--probe", choices=("events", "poll"), default="events",
+                        help="how the initial sync's end is seen: B's batch events, or "
+                             "polling B's API for the last doc every 5 ms (loads B)")
     parser.add_argument("--put-seconds", type=float, default=5.0,
                         help="how long each PUT throughput run (1, 8, 64 clients) lasts")
     args = parser.parse_args()
@@ -369,7 +385,8 @@ def main() -> None:
         root = Path(tmp)
         for index, n in enumerate(sizes):
             keep = index == 0
-            rate, running = initial_sync(root, n, encrypt=False, table=table, keep=keep)
+            rate, running = initial_sync(root, n, encrypt=False, table=table, keep=keep,
+                                         probe=args.probe)
             clear_rates[n] = rate
             if running is not None:
                 a, b, cluster = running
@@ -379,7 +396,7 @@ def main() -> None:
                 finally:
                     cluster.close()
             if not args.no_encrypted:
-                encrypted, _ = initial_sync(root, n, encrypt=True, table=table)
+                encrypted, _ = initial_sync(root, n, encrypt=True, table=table, probe=args.probe)
                 table.add(f"[N={n}] encrypted / clear initial sync", f"{encrypted / rate:.0%}",
                           "(goal >= 80%)")
             if not args.no_pouchdb:
