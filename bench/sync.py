@@ -114,8 +114,9 @@ def initial_sync(root: Path, n: int, *, encrypt: bool, table: Table,
     Returns docs/s (and the running nodes when `keep`)."""
     label = "encrypted" if encrypt else "clear"
     cluster = Cluster(root / f"{label}-{n}")
-    a, b = cluster.add("a"), cluster.add("b")
+    kept = False  # handed to the caller, which closes it
     try:
+        a, b = cluster.add("a"), cluster.add("b")
         create = ["share", "create", "bench", "--doctype", DOCTYPE] + (["--encrypt"] if encrypt else [])
         a.cli_json(*create)  # before the docs: an encrypted share's docs are sealed as written
         docs = make_docs(n)
@@ -169,10 +170,11 @@ def initial_sync(root: Path, n: int, *, encrypt: bool, table: Table,
                 table.add(f"[{label} N={n}] RSS of {node.name}'s token process",
                           f"{peak:.0f} MB peak", f"(now {rss:.0f} MB)")
         if keep:
+            kept = True
             return rate, (a, b, cluster)
         return rate, None
     finally:
-        if not keep:
+        if not kept:  # a failure too: no node process left behind
             cluster.close()
 
 

@@ -612,6 +612,11 @@ class SourceStream:
         return self._state is _StreamState.RUNNING and len(self._pending) < self.window
 
     @property
+    def caught_up(self) -> bool:
+        """The feed had nothing after the last batch, and every batch is acknowledged."""
+        return self._drained and not self._pending
+
+    @property
     def pending_docs(self) -> int:
         """Revisions offered in batches the checkpoint has not passed."""
         return sum(batch.offered_count for batch in self._pending.values())

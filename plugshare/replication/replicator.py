@@ -109,6 +109,11 @@ logger = logging.getLogger(__name__)
 MAX_UNSAVED_ECHO_PAGES = 64
 """Pages of echoes alone (see `Echoes`) a push passes before it saves its checkpoint anyway."""
 
+# While a push catches up, its checkpoint is written at most this often (as CouchDB's
+# replicator does, every checkpoint_interval), and always once it is caught up: a durable
+# write per batch cost the source's store a commit beside each read of the next batch.
+CHECKPOINT_INTERVAL = 1.0  # seconds
+
 STORE_ID_DOC = "plugshare-store-id"
 """The `_local` doc holding a store's random instance id, sent to sources as `store`."""
 
@@ -281,6 +286,7 @@ class _Push:
     progress: trio.Event = attrs.Factory(trio.Event)  # set when a reply was handled
     checkpoint_lock: trio.Lock = attrs.Factory(trio.Lock)
     saved_seq: Seq | None = None
+    saved_at: float = float("-inf")  # trio time of the last checkpoint write
     update_seq: Seq | None = None  # the store's newest seq, as last read for `pending`
     end_reason: str | None = None
     tell_peer: bool = False  # send rep.end with end_reason
@@ -830,7 +836,9 @@ class PeerReplication:
             if isinstance(output, Send):
                 await self._connection.send(output.message)
             elif isinstance(output, SaveCheckpoint):
-                await self._save_checkpoint(push)
+                if (push.machine.caught_up
+                        or trio.current_time() - push.saved_at >= CHECKPOINT_INTERVAL):
+                    await self._save_checkpoint(push)
             elif isinstance(output, ReplicationEvent):
                 if isinstance(output, (BatchAcked, CaughtUp)):
                     push.made_progress = True
@@ -852,6 +860,7 @@ class PeerReplication:
                  "share": push.share, "peer": self.peer},
             )
             push.saved_seq = seq
+            push.saved_at = trio.current_time()
             push.unsaved_echo_pages = 0
         self._emit(CheckpointSaved(share=push.share, peer=self.peer, seq=seq))
 
