@@ -256,18 +256,30 @@ def test_a_small_body_answered_early_keeps_its_connection(node):
             sock.close()
 
 
+def _many_docs(client: httpx.Client, doctype: str, count: int, pad: str) -> list[str]:
+    """`count` docs of `doctype` written through /couch in requests under the 8 MiB body
+    cap; their ids."""
+    ids = [f"{doctype}-{i:05d}" for i in range(count)]
+    per_request = max(1, 6 * MiB // len(pad))
+    for start in range(0, count, per_request):
+        written = client.post(f"/couch/{doctype}/_bulk_docs", json={"docs": [
+            {"_id": doc_id, "doctype": doctype, "pad": pad}
+            for doc_id in ids[start:start + per_request]]})
+        assert written.status_code == 201, written.text
+    return ids
+
+
+def _owner(node) -> httpx.Client:
+    return httpx.Client(base_url=node.api_url, timeout=120,
+                        headers={"Authorization": f"Bearer {node.credential}"})
+
+
 def test_a_listing_larger_than_one_token_frame_is_served_whole(node):
     # 4,500 docs of 16 KB: 72 MB of documents, over the 64 MiB a single message to the
     # token may carry. The listing used to hand them all to the token at once and fail.
-    client = httpx.Client(base_url=node.api_url, timeout=120,
-                          headers={"Authorization": f"Bearer {node.credential}"})
     pad = "x" * 16_000
-    ids = [f"big-{i:05d}" for i in range(4500)]
-    with client:
-        for start in range(0, len(ids), 300):  # each request under the 8 MiB body cap
-            written = client.post("/couch/io.many/_bulk_docs", json={"docs": [
-                {"_id": doc_id, "doctype": "io.many", "pad": pad} for doc_id in ids[start:start + 300]]})
-            assert written.status_code == 201, written.text
+    with _owner(node) as client:
+        ids = _many_docs(client, "io.many", 4500, pad)
         listing = client.get("/data/io.many/")
         assert listing.status_code == 200, listing.text[:500]
         docs = listing.json()["docs"]
@@ -279,15 +291,9 @@ def test_a_listing_larger_than_one_token_frame_is_served_whole(node):
 def test_sealing_a_doctype_larger_than_one_token_frame_rewrites_every_doc(node):
     # `encrypt DOCTYPE` hands the live docs to the token to seal: 520 docs of 130 KB are
     # 68 MB, over the 64 MiB a single message to the token may carry.
-    client = httpx.Client(base_url=node.api_url, timeout=120,
-                          headers={"Authorization": f"Bearer {node.credential}"})
     pad = "y" * 130_000
-    ids = [f"wide-{i:04d}" for i in range(520)]
-    with client:
-        for start in range(0, len(ids), 50):
-            written = client.post("/couch/io.wide/_bulk_docs", json={"docs": [
-                {"_id": doc_id, "doctype": "io.wide", "pad": pad} for doc_id in ids[start:start + 50]]})
-            assert written.status_code == 201, written.text
+    with _owner(node) as client:
+        ids = _many_docs(client, "io.wide", 520, pad)
         done = node.cli("encrypt", "io.wide", timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         listing = client.get("/data/io.wide/")
