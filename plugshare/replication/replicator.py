@@ -287,6 +287,7 @@ class _Push:
     checkpoint_lock: trio.Lock = attrs.Factory(trio.Lock)
     saved_seq: Seq | None = None
     saved_at: float = float("-inf")  # trio time of the last checkpoint write
+    checkpoint_behind: bool = False  # a batch's checkpoint left for later (the interval)
     update_seq: Seq | None = None  # the store's newest seq, as last read for `pending`
     end_reason: str | None = None
     tell_peer: bool = False  # send rep.end with end_reason
@@ -839,9 +840,14 @@ class PeerReplication:
                 if (push.machine.caught_up
                         or trio.current_time() - push.saved_at >= CHECKPOINT_INTERVAL):
                     await self._save_checkpoint(push)
+                else:
+                    push.checkpoint_behind = True
             elif isinstance(output, ReplicationEvent):
                 if isinstance(output, (BatchAcked, CaughtUp)):
                     push.made_progress = True
+                if isinstance(output, CaughtUp) and push.checkpoint_behind:
+                    # the last ack came before the feed found its end: save it now
+                    await self._save_checkpoint(push)
                 self._emit(output)
             else:
                 raise AssertionError(f"a source stream asked for {output!r}")
@@ -851,6 +857,7 @@ class PeerReplication:
         # checkpoint, so a slower write can never put an older one back.
         async with push.checkpoint_lock:
             seq = push.machine.checkpoint
+            push.checkpoint_behind = False
             if seq == push.saved_seq:
                 return
             assert push.machine.target_store is not None
