@@ -1829,16 +1829,19 @@ async def _read_whole(response: Any, what: str) -> bytes:
     Content-Length, or counted as it comes): whoever can write the database, or answers in
     the server's place, must not make the node hold any amount of memory."""
     limit = MAX_RESPONSE_BYTES
+
+    def too_large() -> ResponseTooLarge:  # made only when raised: every request comes by
+        return ResponseTooLarge(
+            f"{what} with more than {limit} bytes: not read (the most this store reads at once)")
+
     declared = next((v for k, v in response.headers if k.lower() == b"content-length"), b"")
-    too_large = ResponseTooLarge(
-        f"{what} with more than {limit} bytes: not read (the most this store reads at once)")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise too_large()
     pieces, size = [], 0
     async for piece in response.aiter_stream():
         size += len(piece)
         if size > limit:
-            raise too_large
+            raise too_large()
         pieces.append(piece)
     return b"".join(pieces)
 
