@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import trio
 
@@ -34,3 +36,15 @@ async def accept(listener: trio.SocketListener, what: str, log: logging.Logger, 
         if delay:
             log.warning("accepting %s again", what)
         return stream
+
+
+async def accept_forever(listener: trio.SocketListener, nursery: trio.Nursery,
+                         handle: Callable[[trio.SocketStream], Awaitable[None]], what: str,
+                         log: logging.Logger, *, retry: float = 0.1,
+                         retry_max: float = 2.0) -> NoReturn:
+    """Accept connections on `listener` (closed when this ends), each handled in `nursery`,
+    through any shortage of descriptors or memory (see `accept`)."""
+    async with listener:
+        while True:
+            stream = await accept(listener, what, log, retry=retry, retry_max=retry_max)
+            nursery.start_soon(handle, stream)

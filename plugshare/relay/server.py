@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from plugshare.accepting import accept
+from plugshare.accepting import accept_forever
 from plugshare.relay.identity import InvalidJoin, public_bytes, relay_id_of, verify_join
 from plugshare.relay.protocol import (
     ALPN_PROTOCOL,
@@ -152,17 +152,11 @@ class RelayServer:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for listener in listeners:
-                nursery.start_soon(self._accept_forever, listener)
+                # out of descriptors: said once, retried until it passes; the others are served
+                nursery.start_soon(accept_forever, listener, nursery, self._handle,
+                                   "relay connections", log)
             task_status.started(listeners)
         raise AssertionError("the accept loops never return")
-
-    async def _accept_forever(self, listener: trio.SocketListener) -> NoReturn:
-        assert self._nursery is not None
-        async with listener:
-            while True:
-                # out of descriptors: said once, retried until it passes; the others are served
-                stream = await accept(listener, "relay connections", log)
-                self._nursery.start_soon(self._handle, stream)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from plugshare.accepting import accept
+from plugshare.accepting import accept_forever
 from plugshare.replication.admission import Admission
 from plugshare.replication.backoff import Backoff
 from plugshare.replication.link import (
@@ -534,7 +534,9 @@ async def serve_peers(
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_forever, listener, nursery, run_one, config)
+            nursery.start_soon(partial(accept_forever, retry=config.accept_retry,
+                                       retry_max=config.accept_retry_max),
+                               listener, nursery, run_one, "peer connections", logger)
         if incoming is not None:
             nursery.start_soon(take_incoming, nursery)
         task_status.started(listeners)
@@ -546,21 +548,6 @@ def _source_host(stream: trio.SocketStream) -> str:
         return str(stream.socket.getpeername()[0])
     except OSError:
         return ""
-
-
-async def _accept_forever(
-    listener: trio.SocketListener,
-    nursery: trio.Nursery,
-    handle: Callable[[trio.SocketStream], Awaitable[None]],
-    config: TransportConfig,
-) -> NoReturn:
-    """Accept connections, each handled in `nursery`. Running out of file descriptors is
-    logged once per episode; the loop backs off and keeps serving."""
-    async with listener:
-        while True:
-            stream = await accept(listener, "peer connections", logger,
-                                  retry=config.accept_retry, retry_max=config.accept_retry_max)
-            nursery.start_soon(handle, stream)
 
 
 # --- connecting ---------------------------------------------------------------------------------
