@@ -1343,20 +1343,24 @@ class CouchDBStore(Store):
                   "limit": str(page)}
         if include_docs:
             params["include_docs"] = "true"
-        first = True
+        assert page >= 2, "a page repeats the last row of the one before"
+        last = None
         while True:
             rows = await self._local_docs(action, params=params)
             if rows is None:
-                if not first:
+                if last is not None:
                     raise StoreError(f"CouchDB at {self._db_url}: _local_docs stopped answering")
                 return None
-            first = False
-            go_on = take(rows)
+            # As in all_docs: a page starts at the last id of the one before, whose row (if
+            # still there) is dropped; `skip=1` would skip another if that one went meanwhile.
+            go_on = take(rows if last is None else
+                         [row for row in rows if not (isinstance(row, dict) and row.get("id") == last)])
             if len(rows) < page:
                 return True
             if not go_on:
                 return False
-            params = {**params, "startkey": json.dumps(rows[-1]["id"]), "skip": "1"}
+            last = rows[-1]["id"]
+            params = {**params, "startkey": json.dumps(last)}
 
     async def _record_staging(self, digests: list[bytes]) -> None:
         for first in range(0, len(digests), RECORD_CHUNKS):
